@@ -1,0 +1,119 @@
+"""Model presets: every weight a pipeline run needs, by Hugging Face id or local path.
+
+``sd15`` names real weights (fetched once by ``likeness models pull``); ``tiny`` names
+random-weight stand-ins that :func:`materialize` builds locally in the same layouts,
+so code paths are identical and tests download nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from pipelines.errors import InvalidConfig
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    base_model: str  # diffusers pipeline folder or hub id (SD 1.x layout today; SDXL later)
+    clip: str  # CLIP dual encoder: class-token choice, ranking, evaluation (ViT-L/14 in production)
+    aesthetic_head: str  # safetensors MLP/linear head over CLIP image embeddings (LAION aesthetic)
+    upscaler_x2: str  # Real-ESRGAN weights file, loaded with spandrel
+    upscaler_x4: str
+    vae: str | None = None  # improved VAE (sd-vae-ft-mse) swapped in at generation
+    controlnets: dict[str, str] = field(default_factory=dict)  # condition kind -> ControlNet folder/id
+    resolution: int = 512  # training and generation resolution of the base model
+    revision: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SD15 = ModelPreset(
+    name="sd15",
+    base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    clip="openai/clip-vit-large-patch14",
+    aesthetic_head="hf://camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth",
+    upscaler_x2="hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
+    upscaler_x4="hf://ai-forever/Real-ESRGAN/RealESRGAN_x4.pth",
+    vae="stabilityai/sd-vae-ft-mse",
+    controlnets={
+        "pose": "lllyasviel/control_v11p_sd15_openpose",
+        "depth": "lllyasviel/control_v11f1p_sd15_depth",
+    },
+    resolution=512,
+)
+
+
+def _tiny(root: Path) -> ModelPreset:
+    return ModelPreset(
+        name="tiny",
+        base_model=str(root / "sd"),
+        clip=str(root / "clip"),
+        aesthetic_head=str(root / "aesthetic.safetensors"),
+        upscaler_x2=str(root / "realesrgan_x2.safetensors"),
+        upscaler_x4=str(root / "realesrgan_x4.safetensors"),
+        vae=str(root / "vae"),
+        controlnets={"pose": str(root / "controlnet_pose"), "depth": str(root / "controlnet_depth")},
+        resolution=128,
+    )
+
+
+PRESET_NAMES = ("tiny", "sd15")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LIKENESS_MODEL_CACHE", Path.home() / ".cache" / "likeness" / "models"))
+
+
+def get_preset(name: str, cache_dir: Path | None = None) -> ModelPreset:
+    """The preset called ``name``; for ``tiny``, its models are built on first use."""
+    if name == "sd15":
+        return SD15
+    if name == "tiny":
+        return materialize_tiny((cache_dir or default_cache_dir()) / "tiny")
+    raise InvalidConfig(f"unknown model preset {name!r}", {"known": list(PRESET_NAMES)})
+
+
+def materialize_tiny(root: Path) -> ModelPreset:
+    """Build the tiny models into ``root`` unless a complete build is already there.
+
+    Building goes to a temporary sibling folder that is renamed into place, so
+    concurrent processes (API, several workers, tests) never see half a build.
+    """
+    import shutil
+    import tempfile
+
+    preset = _tiny(root)
+    marker = root / ".complete"
+    if marker.exists():
+        return preset
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
+    try:
+        from pipelines.models import tiny
+
+        tiny.build_stable_diffusion(staging / "sd")
+        tiny.build_vae(staging / "vae")
+        tiny.build_clip(staging / "clip")
+        tiny.build_aesthetic_head(staging / "aesthetic.safetensors")
+        tiny.build_realesrgan(staging / "realesrgan_x2.safetensors", scale=2)
+        tiny.build_realesrgan(staging / "realesrgan_x4.safetensors", scale=4)
+        for offset, kind in enumerate(("pose", "depth")):
+            tiny.build_controlnet(staging / f"controlnet_{kind}", seed_offset=offset)
+        (staging / ".complete").write_text("ok\n")
+        try:
+            staging.rename(root)
+        except OSError:
+            if not marker.exists():  # lost a race to another builder only if theirs is complete
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return preset
+
+
+def with_overrides(preset: ModelPreset, **changes) -> ModelPreset:
+    return replace(preset, **changes)

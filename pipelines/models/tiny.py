@@ -1,0 +1,220 @@
+"""Tiny random-weight models, built locally from configs, saved in the same on-disk
+layouts as the real ones (diffusers folders, a CLIP folder, a Real-ESRGAN state dict).
+
+The ``tiny`` preset points at these folders, so every loader in the project is
+exercised exactly as in production while nothing is downloaded. Images they make are
+noise. Building is deterministic (fixed seed), so two builds are bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SEED = 1234
+# Words that get a whole-word BPE token, so prompts and the init word `face` behave
+# like they do with the real CLIP vocabulary (one token per common word).
+_WORDS = (
+    "a photo of face girl man boy baby woman person portrait in the style with and on at "
+    "studio headshot business suit oil painting anime cyberpunk fantasy astronaut watercolor "
+    "black white film high quality detailed background city light blurry lowres ugly "
+    "deformed bad art skin sharp focus space helmet armor neon canvas paper dog cat"
+).split()
+
+CROSS_ATTENTION_DIM = 32
+TEXT_HIDDEN = 32
+CLIP_PROJECTION = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The GPT-2/CLIP byte-to-printable-unicode table (a fixed public mapping).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A CLIP BPE tokenizer with a small vocabulary: every byte, and whole-word merges for _WORDS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in _WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = f"{symbols[0]} {symbols[1]}"
+            merged = symbols[0] + symbols[1]
+            if pair not in merges:
+                merges.append(pair)
+            if merged not in vocab:
+                vocab.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+            }
+        )
+    )
+
+
+def load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+
+
+def vocab_size(folder: Path) -> int:
+    return len(json.loads((folder / "vocab.json").read_text()))
+
+
+def build_stable_diffusion(folder: Path) -> None:
+    """A Stable-Diffusion-1.x-shaped pipeline (U-Net, VAE, CLIP text encoder, tokenizer, Euler)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    write_tokenizer(folder / "tokenizer")
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_ATTENTION_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading",
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def build_vae(folder: Path) -> None:
+    """A stand-alone VAE with the pipeline's shape, standing in for sd-vae-ft-mse."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED + 1)
+    AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    ).save_pretrained(str(folder), safe_serialization=True)
+
+
+def build_controlnet(folder: Path, seed_offset: int) -> None:
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(SEED + 10 + seed_offset)
+    ControlNetModel(
+        in_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=CROSS_ATTENTION_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        conditioning_embedding_out_channels=(16, 32),
+    ).save_pretrained(str(folder), safe_serialization=True)
+
+
+def build_clip(folder: Path) -> None:
+    """A CLIP dual encoder (stand-in for ViT-L/14) with processor, for class choice, ranking and eval."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    write_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    torch.manual_seed(SEED + 2)
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ).to_dict(),
+        projection_dim=CLIP_PROJECTION,
+    )
+    CLIPModel(config).save_pretrained(str(folder), safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+
+
+def build_aesthetic_head(path: Path) -> None:
+    """LAION-aesthetic-shaped MLP head over CLIP image embeddings (random weights)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(SEED + 3)
+    dims = [CLIP_PROJECTION, 16, 8, 1]
+    tensors = {}
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layer = torch.nn.Linear(d_in, d_out)
+        tensors[f"layers.{i}.weight"] = layer.weight.detach().contiguous()
+        tensors[f"layers.{i}.bias"] = layer.bias.detach().contiguous()
+    save_file(tensors, str(path))
+
+
+def build_realesrgan(path: Path, scale: int) -> None:
+    """An RRDB (Real-ESRGAN-shaped) upscaler state dict that spandrel recognises."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+    from safetensors.torch import save_file
+
+    torch.manual_seed(SEED + 20 + scale)
+    # Real-ESRGAN x2 feeds pixel-unshuffled input (shuffle_factor=2) to an x4 body, as the real weights do.
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale,
+                   shuffle_factor=2 if scale == 2 else None)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
