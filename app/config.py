@@ -1,0 +1,106 @@
+"""One settings object for API, workers and CLI, read from environment / `.env`.
+
+Every variable is ``LIKENESS_<FIELD>``; the README's configuration table lists them.
+Embedded mode (the default) needs no Postgres, Redis or GPU: SQLite, a local blob
+folder and a broker kept in the same SQLite-backed data dir.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "dev-insecure-secret-change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIKENESS_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production", "test"] = "development"
+    data_dir: Path = Path("./data")
+
+    # Data and queues. Empty means "embedded default under data_dir".
+    database_url: str = ""
+    broker_url: str = ""  # redis://... in production
+    result_backend: str = ""
+    redis_url: str = ""  # rate/idempotency/queue-depth metrics; optional in embedded mode
+    queue_prefix: str = ""  # isolates queues (and Redis keys) of several deployments/test runs
+
+    # Blob storage
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None
+    s3_bucket: str = "likeness"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    # Security
+    secret_key: str = DEV_SECRET  # signs download URLs; HMAC for webhooks uses per-client secrets
+    signed_url_ttl_s: int = 300
+    bootstrap_admin_key: str | None = None  # creates an admin client with this key at start if set
+
+    # Upload limits
+    max_file_bytes: int = 25 * 1024 * 1024
+    max_request_bytes: int = 200 * 1024 * 1024
+    max_pixels: int = 60_000_000
+    max_photos_per_request: int = 30
+    max_candidates_per_request: int = 64
+
+    # ML
+    model_preset: Literal["tiny", "sd15"] = "tiny"
+    model_cache_dir: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    # Jobs
+    max_attempts: int = 3
+    job_heartbeat_s: int = 30
+    job_stale_after_s: int = 300
+    webhook_max_attempts: int = 6
+
+    # API server
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @model_validator(mode="after")
+    def _refuse_dev_secret_in_production(self) -> "Settings":
+        if self.environment == "production" and self.secret_key == DEV_SECRET:
+            raise ValueError("LIKENESS_SECRET_KEY must be set in production")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'likeness.sqlite3').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        # Embedded mode: kombu's SQLAlchemy transport on a SQLite file, so no Redis is needed.
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite3').resolve()}"
+
+    @property
+    def resolved_result_backend(self) -> str:
+        return self.result_backend or f"db+sqlite:///{(self.data_dir / 'results.sqlite3').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return (self.model_cache_dir or self.data_dir / "models").resolve()
+
+    def queue(self, name: Literal["gpu", "cpu"]) -> str:
+        return f"{self.queue_prefix}{name}"
+
+
+@functools.lru_cache
+def get_settings() -> Settings:
+    return Settings()
