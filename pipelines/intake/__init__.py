@@ -1,0 +1,1 @@
+"""Photo intake: raw uploads -> clean, labelled training set (issue 3)."""

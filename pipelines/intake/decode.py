@@ -1,0 +1,250 @@
+"""Decode an uploaded photo safely into an upright sRGB ``PIL.Image`` in mode RGB.
+
+Imported by the API at upload time, so this module must stay light: Pillow,
+pillow-heif and numpy only (no torch, no mediapipe).
+
+Decisions a client can observe:
+
+* Formats: JPEG, PNG, WebP, HEIC/HEIF and AVIF, recognised by their magic bytes (the
+  file name and the declared content type are ignored). GIF, BMP and TIFF are known
+  but refused as ``unsupported_format``; anything else is ``not_an_image``.
+* Animated or multi-image files (animated WebP/PNG, HEIC bursts) are **accepted, first
+  frame** (the primary image): a phone's "live" or burst photo still shows the
+  subject, and refusing it would only make the user convert it by hand.
+* The pixel count is read from the header and checked against
+  ``DecodeLimits.max_pixels`` before any pixel is decoded, so a tiny file declaring
+  30,000 x 30,000 pixels is refused as ``decompression_bomb`` without allocating.
+* EXIF orientation is applied; embedded ICC profiles (CMYK, Display P3) are converted
+  to sRGB; palette, grey, 16-bit and alpha images become 8-bit RGB, with transparency
+  composited on neutral grey (128, 128, 128) so it reads as neither skin nor sky.
+* Stored copies are re-encoded by :func:`encode_clean` without any metadata (EXIF with
+  GPS position, XMP, ICC), because the pixels are already sRGB.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from pipelines.errors import PipelineError
+from pipelines.intake.reasons import ReasonCode
+
+try:  # HEIC/HEIF opener; registering twice is harmless.
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
+    pillow_heif = None
+
+SUPPORTED_FORMATS = ("jpeg", "png", "webp", "heif", "avif")
+KNOWN_UNSUPPORTED_FORMATS = ("gif", "bmp", "tiff")
+BACKGROUND_GREY = (128, 128, 128)
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int = 40 * 1024 * 1024
+    # 100 MP admits every phone camera up to 108 MP sensors; a decoded RGB frame of
+    # that size is 300 MB, the most one worker should allocate for one photo.
+    max_pixels: int = 100_000_000
+    min_side: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0 or self.max_pixels <= 0 or self.min_side < 1:
+            raise ValueError(f"invalid decode limits: {self}")
+
+
+class PhotoRejected(PipelineError):
+    """One photo cannot be used; ``reason`` says why (a :class:`ReasonCode`)."""
+
+    code = "photo_rejected"
+    user_error = True
+
+    def __init__(self, reason: ReasonCode | str, message: str | None = None, details: dict[str, Any] | None = None):
+        reason = ReasonCode(reason)
+        super().__init__(message or reason.default_message, {"reason": reason.value, **(details or {})}, reason.value)
+
+    @property
+    def reason(self) -> ReasonCode:
+        return ReasonCode(self.details["reason"])
+
+    def __reduce__(self):
+        extra = {k: v for k, v in self.details.items() if k != "reason"}
+        return (type(self), (self.reason, self.message, extra))
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the file's magic bytes, or None when it is not an image we know."""
+    head = bytes(data[:32])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[4:8] == b"ftyp":
+        box_size = int.from_bytes(head[0:4], "big")
+        brands = {head[8:12]}
+        # Compatible brands follow the minor version, up to the end of the ftyp box.
+        for offset in range(16, min(max(box_size, 16), len(head)) - 3, 4):
+            brands.add(head[offset : offset + 4])
+        if brands & _AVIF_BRANDS:
+            return "avif"
+        if brands & _HEIF_BRANDS:
+            return "heif"
+        return None  # MP4/MOV video and other ISO-BMFF files
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+    """Upright 8-bit sRGB RGB image from an uploaded file, or :class:`PhotoRejected`."""
+    # 1. cheap checks on the bytes
+    if not data:
+        raise PhotoRejected(ReasonCode.EMPTY_FILE)
+    if len(data) > limits.max_bytes:
+        raise PhotoRejected(
+            ReasonCode.TOO_LARGE_BYTES,
+            f"The file is too large ({len(data) / 2**20:.1f} MiB; at most {limits.max_bytes / 2**20:.0f} MiB).",
+            {"bytes": len(data), "max_bytes": limits.max_bytes},
+        )
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise PhotoRejected(ReasonCode.NOT_AN_IMAGE)
+    if fmt not in SUPPORTED_FORMATS:
+        raise PhotoRejected(ReasonCode.UNSUPPORTED_FORMAT, details={"format": fmt})
+
+    # 2. header only: size checks before any pixel is decoded
+    image = _open_header(data, limits)
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise _bomb(width, height, limits)
+    if min(width, height) < limits.min_side:
+        raise PhotoRejected(
+            ReasonCode.TOO_SMALL,
+            f"The image is too small ({width}x{height}); the short side must be at least {limits.min_side} pixels.",
+            {"width": width, "height": height, "min_side": limits.min_side},
+        )
+
+    # 3. decode the first frame, then normalise orientation, colour and mode
+    try:
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_srgb_rgb(image)
+    except PhotoRejected:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, RuntimeError) as exc:
+        raise PhotoRejected(ReasonCode.CORRUPT_IMAGE, details={"error": str(exc)[:200]}) from None
+
+
+def encode_clean(image: Image.Image, fmt: str = "JPEG", quality: int = 95) -> bytes:
+    """Re-encode pixels only: no EXIF (GPS), XMP, ICC or comments survive."""
+    pixels = image.convert("RGB") if image.mode not in ("RGB", "L") else image
+    clean = Image.frombytes(pixels.mode, pixels.size, pixels.tobytes())  # fresh image: empty .info
+    buf = io.BytesIO()
+    options: dict[str, Any] = {"quality": quality} if fmt.upper() in ("JPEG", "WEBP") else {}
+    clean.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _bomb(width: int, height: int, limits: DecodeLimits) -> PhotoRejected:
+    return PhotoRejected(
+        ReasonCode.DECOMPRESSION_BOMB,
+        f"The image declares {width}x{height} pixels; at most {limits.max_pixels / 1e6:.0f} megapixels are allowed.",
+        {"width": width, "height": height, "max_pixels": limits.max_pixels},
+    )
+
+
+def _open_header(data: bytes, limits: DecodeLimits) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb guard warns (and errors at 2x) on its global limit;
+            # ours is the per-call limit checked right after, so silence the warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        width, height = _size_from_message(str(exc))
+        raise _bomb(width, height, limits) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, RuntimeError) as exc:
+        raise PhotoRejected(ReasonCode.CORRUPT_IMAGE, details={"error": str(exc)[:200]}) from None
+
+
+def _size_from_message(message: str) -> tuple[int, int]:
+    # Pillow says "Image size (N pixels) exceeds limit ..." without the sides.
+    match = re.search(r"\((\d+) pixels\)", message)
+    total = int(match.group(1)) if match else 0
+    side = int(total**0.5)
+    return side, side
+
+
+def _to_srgb_rgb(image: Image.Image) -> Image.Image:
+    image = _apply_icc(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        mode = image.mode
+    if mode == "PA":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _high_depth_to_l(image)
+        mode = "L"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND_GREY, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK without profile, YCbCr, LAB, HSV
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit) grey to 8-bit by scaling, not clipping: Pillow's convert clips at 255."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        scaled = np.clip(array, 0.0, 1.0) * 255.0 if array.max(initial=0) <= 1.0 else np.clip(array, 0, 65535) / 257.0
+    else:
+        scaled = np.clip(array.astype(np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+
+
+def _apply_icc(image: Image.Image) -> Image.Image:
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        output_mode = "RGBA" if image.mode == "RGBA" else "RGB"
+        converted = ImageCms.profileToProfile(
+            image, source, _srgb_profile(), outputMode=output_mode, renderingIntent=ImageCms.Intent.PERCEPTUAL
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return image  # a broken profile is not worth rejecting the photo; Pillow's conversion follows
+    converted.info.pop("icc_profile", None)
+    return converted
+
+
+_SRGB = None
+
+
+def _srgb_profile():
+    global _SRGB
+    if _SRGB is None:
+        _SRGB = ImageCms.createProfile("sRGB")
+    return _SRGB
