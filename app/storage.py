@@ -1,0 +1,286 @@
+"""Blob storage: one interface, a local-directory backend and an S3-compatible backend.
+
+Keys are built only from ids (see the ``*_key`` helpers), never from user-supplied names,
+and everything a subject owns lives under ``subjects/{subject_id}/`` so deleting a
+subject is one ``delete_prefix``.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from app.config import Settings, get_settings
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
+CHUNK = 1024 * 1024
+
+
+class BlobNotFound(KeyError):
+    pass
+
+
+class InvalidKey(ValueError):
+    pass
+
+
+def validate_key(key: str) -> str:
+    """Reject anything that could escape the store: absolute paths, ``..``, odd characters."""
+    if not key or len(key) > 500 or not _KEY_RE.match(key) or key.startswith("/") or "//" in key:
+        raise InvalidKey(f"invalid blob key: {key!r}")
+    if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
+        raise InvalidKey(f"invalid blob key: {key!r}")
+    return key
+
+
+# ---- key layout -------------------------------------------------------------------------------------------
+
+def subject_prefix(subject_id: str) -> str:
+    return f"subjects/{subject_id}/"
+
+
+def photo_original_key(subject_id: str, photo_id: str) -> str:
+    return f"subjects/{subject_id}/photos/{photo_id}/original.jpg"
+
+
+def photo_crop_key(subject_id: str, photo_id: str) -> str:
+    return f"subjects/{subject_id}/photos/{photo_id}/crop.png"
+
+
+def photo_mask_key(subject_id: str, photo_id: str) -> str:
+    return f"subjects/{subject_id}/photos/{photo_id}/mask.png"
+
+
+def adapter_prefix(subject_id: str, version: int) -> str:
+    return f"subjects/{subject_id}/adapters/{version}/"
+
+
+def image_key(subject_id: str, image_id: str) -> str:
+    return f"subjects/{subject_id}/images/{image_id}.png"
+
+
+def upscaled_image_key(subject_id: str, image_id: str) -> str:
+    return f"subjects/{subject_id}/images/{image_id}.upscaled.png"
+
+
+# ---- interface ---------------------------------------------------------------------------------------------
+
+class BlobStore(abc.ABC):
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """The blob's bytes; raises :class:`BlobNotFound`."""
+
+    @abc.abstractmethod
+    def open_stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The blob in chunks (for streamed downloads); raises :class:`BlobNotFound` before the first chunk."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one blob; deleting a missing blob is not an error."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every blob under ``prefix``; returns how many were deleted."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix``, sorted."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise if the store is unreachable (readiness probe)."""
+
+
+def _validate_prefix(prefix: str) -> str:
+    if prefix:
+        validate_key(prefix.rstrip("/") or "x")
+        if not prefix.endswith("/"):
+            raise InvalidKey(f"a prefix must end with '/': {prefix!r}")
+    return prefix
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as files under ``root``; writes are atomic (temp file in the same folder + rename)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / validate_key(key)).resolve()
+        if self.root not in path.parents:
+            raise InvalidKey(f"invalid blob key: {key!r}")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise BlobNotFound(key) from None
+
+    def open_stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        try:
+            f: BinaryIO = open(self._path(key), "rb")  # noqa: SIM115 - closed by the generator
+        except (FileNotFoundError, IsADirectoryError):
+            raise BlobNotFound(key) from None
+
+        def chunks() -> Iterator[bytes]:
+            with f:
+                while block := f.read(chunk_size):
+                    yield block
+
+        return chunks()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        folder = self.root / _validate_prefix(prefix) if prefix else None
+        if folder is not None and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)  # leftover empty folders and stray temp files
+        return len(keys)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        _validate_prefix(prefix)
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def ping(self) -> None:
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK):
+            raise OSError(f"blob folder {self.root} is not writable")
+
+
+class S3BlobStore(BlobStore):
+    """S3 or any S3-compatible store (MinIO: set ``endpoint_url``)."""
+
+    def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str = "us-east-1",
+                 access_key_id: str | None = None, secret_access_key: str | None = None, client=None):  # noqa: ANN001
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.client = client or boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}),
+        )
+
+    def _missing(self, exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        return code in ("NoSuchKey", "404", "NotFound")
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=validate_key(key))["Body"].read()
+        except self.client.exceptions.ClientError as exc:
+            if self._missing(exc):
+                raise BlobNotFound(key) from None
+            raise
+
+    def open_stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=validate_key(key))["Body"]
+        except self.client.exceptions.ClientError as exc:
+            if self._missing(exc):
+                raise BlobNotFound(key) from None
+            raise
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from body.iter_chunks(chunk_size)
+            finally:
+                body.close()
+
+        return chunks()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=validate_key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=validate_key(key))
+            return True
+        except self.client.exceptions.ClientError as exc:
+            if self._missing(exc):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        _validate_prefix(prefix)
+        keys: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def ping(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except self.client.exceptions.ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+_STORES: dict[tuple, BlobStore] = {}
+
+
+def get_blob_store(settings: Settings | None = None) -> BlobStore:
+    """The blob store the settings describe (one instance per configuration per process)."""
+    settings = settings or get_settings()
+    if settings.storage_backend == "s3":
+        cache_key: tuple = ("s3", settings.s3_bucket, settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id)
+        if cache_key not in _STORES:
+            _STORES[cache_key] = S3BlobStore(
+                settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                access_key_id=settings.s3_access_key_id, secret_access_key=settings.s3_secret_access_key,
+            )
+        return _STORES[cache_key]
+    cache_key = ("local", str(settings.resolved_storage_dir))
+    if cache_key not in _STORES:
+        _STORES[cache_key] = LocalBlobStore(settings.resolved_storage_dir)
+    return _STORES[cache_key]
