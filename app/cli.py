@@ -1,0 +1,303 @@
+"""``likeness`` command line: serve, worker, migrate, create-client, models, run.
+
+Errors print one human line and exit non-zero; ``--debug`` shows the traceback.
+Heavy imports (torch, uvicorn, celery worker) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Model weights of a preset: prefetch and check.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+console = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+class CliError(Exception):
+    """An error the user can act on: printed as one line."""
+
+
+class Role(str, Enum):
+    app = "app"
+    bot = "bot"
+    admin = "admin"
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+    if debug:
+        import logging
+
+        logging.basicConfig(level=logging.INFO)
+
+
+def _settings():
+    from app.config import get_settings
+
+    return get_settings()
+
+
+# ---- database ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def migrate(down: Annotated[bool, typer.Option("--down", help="Drop every table (downgrade to base).")] = False) -> None:
+    """Create or upgrade the database schema (or remove it with --down)."""
+    from app.db.migrate import downgrade_to_base, upgrade_to_head
+
+    settings = _settings()
+    if down:
+        downgrade_to_base()
+        console.print(f"database downgraded to base: {_safe_url(settings.resolved_database_url)}")
+    else:
+        upgrade_to_head()
+        console.print(f"database at head: {_safe_url(settings.resolved_database_url)}")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _create_client(name: str, role: str) -> str:
+    """Create a client; returns its API key (only its hash is stored)."""
+    try:
+        from app.services.clients import create_client  # the API's own way, once it exists
+    except ImportError:
+        create_client = None
+    if create_client is not None:
+        from app.db.session import session_scope
+
+        with session_scope() as session:
+            created = create_client(session, name=name, role=role)
+        return created[1] if isinstance(created, tuple) else created.api_key
+    import hashlib
+    import secrets
+
+    from app.db.models import Client, Role as DbRole
+    from app.db.session import session_scope
+
+    key = "lk_" + secrets.token_urlsafe(32)
+    with session_scope() as session:
+        session.add(Client(name=name, role=DbRole(role), api_key_hash=hashlib.sha256(key.encode()).hexdigest()))
+    return key
+
+
+@app.command("create-client")
+def create_client(
+    name: str,
+    role: Annotated[Role, typer.Option("--role", help="app | bot | admin")] = Role.app,
+) -> None:
+    """Create an API client and print its key (shown once; only a hash is stored)."""
+    key = _create_client(name, role.value)
+    console.print(f"client [bold]{name}[/] ({role.value}) created. API key (shown once):")
+    print(key)
+
+
+# ---- processes ---------------------------------------------------------------------------------------------
+
+
+def worker_command(queues: list[str], concurrency: int, settings, loglevel: str = "info") -> list[str]:
+    names = ",".join(settings.queue(q) for q in queues)
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", names,
+            "--concurrency", str(concurrency), "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+            "-n", f"likeness-{'-'.join(queues)}-{os.getpid()}@%h"]
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option("--queues", "-q", help="Comma-separated: gpu, cpu.")] = "gpu,cpu",
+    concurrency: Annotated[Optional[int], typer.Option(help="Default: 1 when serving gpu, else CPU count.")] = None,
+    loglevel: str = "info",
+) -> None:
+    """Start a Celery worker on the given queues (GPU workers run one job at a time)."""
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = set(names) - {"gpu", "cpu"}
+    if unknown or not names:
+        raise CliError(f"unknown queue(s) {sorted(unknown)}; use gpu and/or cpu")
+    if concurrency is None:
+        concurrency = 1 if "gpu" in names else (os.cpu_count() or 1)
+    cmd = worker_command(names, concurrency, _settings(), loglevel)
+    os.execv(sys.executable, cmd)
+
+
+def _admin_key(settings) -> tuple[str, bool]:
+    """The embedded admin key: created once and kept under data_dir (mode 600)."""
+    path = settings.data_dir / "admin_api_key"
+    if path.exists():
+        return path.read_text().strip(), False
+    key = settings.bootstrap_admin_key or _create_client("admin", "admin")
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key, True
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Default: LIKENESS_HOST.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Default: LIKENESS_PORT.")] = None,
+    embedded_worker: Annotated[bool, typer.Option("--worker/--no-worker",
+                                                  help="Also start a local worker on both queues.")] = True,
+) -> None:
+    """Run the API (and, by default, a local worker): migrations first, Ctrl-C stops both."""
+    settings = _settings()
+    host, port = host or settings.host, port or settings.port
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from app.db.migrate import upgrade_to_head
+
+    upgrade_to_head()
+    key, created = _admin_key(settings)
+    children: list[subprocess.Popen] = []
+    try:
+        if embedded_worker:
+            children.append(subprocess.Popen(worker_command(["gpu", "cpu"], 1, settings, "warning")))
+        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host,
+                                          "--port", str(port), "--log-level", "warning"]))
+        url = f"http://{host}:{port}"
+        console.print(f"Likeness listening on [bold]{url}[/]  (API docs: {url}/docs)")
+        console.print(f"mode: {'embedded' if settings.embedded else 'distributed'}, data: {settings.data_dir.resolve()}, "
+                      f"preset: {settings.model_preset}")
+        if created:
+            console.print("admin API key (created now, kept in data_dir/admin_api_key):")
+            print(key, flush=True)
+        else:
+            console.print(f"admin API key: see {settings.data_dir.resolve() / 'admin_api_key'}")
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        raise CliError("a service process exited unexpectedly; see its log above")
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        _stop(children)
+
+
+def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)  # celery: warm shutdown; uvicorn: graceful
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+# ---- models ------------------------------------------------------------------------------------------------
+
+
+@models_app.command("pull")
+def models_pull(
+    preset: Annotated[Optional[str], typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+) -> None:
+    """Fetch every weight the preset needs into the local cache (tiny: build them)."""
+    from worker.weights import pull
+
+    settings = _settings()
+    pull(preset or settings.model_preset, settings.resolved_model_cache_dir, console)
+
+
+@models_app.command("check")
+def models_check(
+    preset: Annotated[Optional[str], typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+) -> None:
+    """Report what the preset still needs locally; exit 1 if anything is missing."""
+    from worker.weights import check
+
+    settings = _settings()
+    missing = check(preset or settings.model_preset, settings.resolved_model_cache_dir)
+    name = preset or settings.model_preset
+    if missing:
+        for item in missing:
+            console.print(f"[red]missing[/] {item}")
+        console.print(f"run: likeness models pull --preset {name}")
+        raise typer.Exit(1)
+    console.print(f"preset {name}: every weight is available locally")
+
+
+# ---- one-shot run --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    photos_dir: Annotated[Path, typer.Argument(help="Folder of 5-20 photos of one person.")],
+    style: Annotated[str, typer.Option(help="Style pack name (see pipelines/styles).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for images and report.json.")],
+    preset: Annotated[str, typer.Option(help="tiny (random weights: images are noise) | sd15")] = "tiny",
+    n: Annotated[int, typer.Option(help="Candidates generated.")] = 8,
+    k: Annotated[int, typer.Option(help="Best candidates kept (and upscaled).")] = 4,
+    seed: int = 0,
+    device: str = "auto",
+    train_steps: Annotated[Optional[int], typer.Option(help="Override total training steps (quick demos).")] = None,
+) -> None:
+    """Photos folder -> portraits folder, locally, through the same pipeline as the service."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from worker.local import LocalRunConfig, run_local
+
+    overrides = {"max_train_steps": train_steps} if train_steps else {}
+    config = LocalRunConfig(style=style, n=n, k=k, preset=preset, device=device, seed=seed, train_overrides=overrides)
+    with Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bars:
+        tasks: dict[str, int] = {}
+
+        def on_progress(event) -> None:
+            if event.stage not in tasks:
+                for stage, task_id in tasks.items():  # earlier stages are finished
+                    bars.update(task_id, completed=100)
+                tasks[event.stage] = bars.add_task(event.stage, total=100)
+            bars.update(tasks[event.stage], completed=100 * event.fraction)
+
+        report = run_local(photos_dir, out, config, _settings().resolved_model_cache_dir, on_progress=on_progress)
+        for task_id in tasks.values():
+            bars.update(task_id, completed=100)
+    accepted = sum(1 for p in report["photos"] if p.get("status") == "accepted")
+    console.print(f"{accepted}/{len(report['photos'])} photos used, class token [bold]{report['class_token']}[/]; "
+                  f"{sum(1 for c in report['candidates'] if 'file' in c)} images and report.json in {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # one line for humans, the trace only with --debug
+        if _state["debug"] or "--debug" in sys.argv:
+            raise
+        err.print(f"[red]error:[/] {_describe(exc)}")
+        sys.exit(1)
+
+
+def _describe(exc: Exception) -> str:
+    from pipelines.errors import PipelineError
+
+    if isinstance(exc, PipelineError):
+        return f"{exc.message} ({exc.error_code})"
+    if isinstance(exc, CliError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+if __name__ == "__main__":
+    main()
