@@ -78,25 +78,11 @@ def _safe_url(url: str) -> str:
 
 def _create_client(name: str, role: str) -> str:
     """Create a client; returns its API key (only its hash is stored)."""
-    try:
-        from app.services.clients import create_client  # the API's own way, once it exists
-    except ImportError:
-        create_client = None
-    if create_client is not None:
-        from app.db.session import session_scope
-
-        with session_scope() as session:
-            created = create_client(session, name=name, role=role)
-        return created[1] if isinstance(created, tuple) else created.api_key
-    import hashlib
-    import secrets
-
-    from app.db.models import Client, Role as DbRole
     from app.db.session import session_scope
+    from app.services.clients import create_client as create
 
-    key = "lk_" + secrets.token_urlsafe(32)
     with session_scope() as session:
-        session.add(Client(name=name, role=DbRole(role), api_key_hash=hashlib.sha256(key.encode()).hexdigest()))
+        _, key = create(session, name, role)
     return key
 
 

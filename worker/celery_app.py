@@ -83,10 +83,3 @@ def enqueue_job(job_id: str, kind: str, phase: str | None = None) -> None:
     queue = job_queue(kind, phase)
     celery_app.send_task(RUN_JOB_TASK, args=[str(job_id)], queue=queue, routing_key=queue, exchange=queue)
 
-
-def enqueue_webhook(delivery_id: str, countdown: float = 0) -> None:
-    """Send one webhook delivery (a ``webhook_deliveries`` row) to the CPU queue."""
-    queue = get_settings().queue("cpu")
-    celery_app.send_task(
-        DELIVER_WEBHOOK_TASK, args=[str(delivery_id)], queue=queue, routing_key=queue, exchange=queue, countdown=countdown
-    )

@@ -104,6 +104,15 @@ class Claim:
     outcome: ClaimOutcome
     job: JobSnapshot | None = None
     previous_state: str | None = None
+    webhook: str | None = None  # delivery id to send after the commit
+
+
+def queue_webhook(session, job: Job) -> str | None:
+    """Queue the webhook of the job's new state in the transaction that changed it."""
+    from app.webhooks import queue_job_event
+
+    session.flush()
+    return queue_job_event(session, job)
 
 
 WORKER_LOST_MESSAGE = "the worker running this job stopped unexpectedly {n} times; giving up"
@@ -122,8 +131,8 @@ def claim(job_id: str, stale_after_s: float) -> Claim:
         if job.state in TERMINAL:
             return Claim(ClaimOutcome.skip, JobSnapshot.of(job), previous)
         if job.cancel_requested:
-            _finish(job, JobState.canceled, "canceled", "canceled by request", now)
-            return Claim(ClaimOutcome.canceled, JobSnapshot.of(job), previous)
+            set_terminal(job, JobState.canceled, "canceled", "canceled by request", now)
+            return Claim(ClaimOutcome.canceled, JobSnapshot.of(job), previous, queue_webhook(session, job))
         if job.state == JobState.queued:
             job.attempts = (job.attempts or 0) + 1
             job.started_at = now
@@ -135,16 +144,17 @@ def claim(job_id: str, stale_after_s: float) -> Claim:
         else:
             log.warning("job %s: worker %s was lost (attempt %d/%d)", job_id, job.worker, job.attempts, job.max_attempts)
             if job.attempts >= job.max_attempts:
-                _finish(job, JobState.failed, "worker_lost", WORKER_LOST_MESSAGE.format(n=job.attempts), now)
-                return Claim(ClaimOutcome.lost, JobSnapshot.of(job), previous)
+                set_terminal(job, JobState.failed, "worker_lost", WORKER_LOST_MESSAGE.format(n=job.attempts), now)
+                return Claim(ClaimOutcome.lost, JobSnapshot.of(job), previous, queue_webhook(session, job))
             job.attempts += 1
         job.state = JobState.running
         job.worker = me
         job.heartbeat_at = now
-        return Claim(ClaimOutcome.run, JobSnapshot.of(job), previous)
+        webhook = queue_webhook(session, job) if previous == JobState.queued.value else None
+        return Claim(ClaimOutcome.run, JobSnapshot.of(job), previous, webhook)
 
 
-def _finish(job: Job, state: JobState, code: str | None, message: str | None, now: datetime) -> None:
+def set_terminal(job: Job, state: JobState, code: str | None, message: str | None, now: datetime) -> None:
     job.state = state
     job.error_code = code if state != JobState.succeeded else None
     job.error_message = message if state != JobState.succeeded else None
@@ -199,19 +209,24 @@ def complete_stages(job_id: str, stages: list[str], result: dict[str, Any] | Non
         return True
 
 
+@dataclass(frozen=True)
+class Finished:
+    webhook: str | None  # delivery id to send after the commit
+
+
 def finish(job_id: str, state: JobState, code: str | None = None, message: str | None = None,
-           result: dict[str, Any] | None = None) -> bool:
-    """Move an owned job to a terminal state; False when another process owns it now."""
+           result: dict[str, Any] | None = None) -> Finished | None:
+    """Move an owned job to a terminal state; None when another process owns it now."""
     with session_scope() as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
         if job is None or job.worker != worker_id() or job.state != JobState.running:
-            return False
-        _finish(job, state, code, message, utcnow())
+            return None
+        set_terminal(job, state, code, message, utcnow())
         if state == JobState.succeeded:
             job.progress = 100.0
         if result:
             job.result = {**(job.result or {}), **result}
-        return True
+        return Finished(queue_webhook(session, job))
 
 
 def release(job_id: str) -> None:

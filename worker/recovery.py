@@ -25,7 +25,8 @@ from sqlalchemy import or_, select
 from app.config import Settings, get_settings
 from app.db.models import Job, JobState, utcnow
 from app.db.session import session_scope
-from worker import jobs, notify
+from app.webhooks import send_deliveries
+from worker import jobs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def sweep(settings: Settings | None = None, enqueue=None) -> SweepReport:
     cutoff = utcnow() - timedelta(seconds=stale_after)
     report = SweepReport()
     to_enqueue: list[tuple[str, str, str | None]] = []
+    webhooks: list[str | None] = []
     with session_scope() as session:
         candidates = session.execute(
             select(Job)
@@ -61,7 +63,8 @@ def sweep(settings: Settings | None = None, enqueue=None) -> SweepReport:
                 if jobs.owner_alive(job.worker, job.heartbeat_at, stale_after):
                     continue
                 if job.attempts >= job.max_attempts:
-                    jobs._finish(job, JobState.failed, "worker_lost", jobs.WORKER_LOST_MESSAGE.format(n=job.attempts), now)
+                    jobs.set_terminal(job, JobState.failed, "worker_lost", jobs.WORKER_LOST_MESSAGE.format(n=job.attempts), now)
+                    webhooks.append(jobs.queue_webhook(session, job))
                     report.failed.append(job.id)
                     continue
                 log.warning("job %s: worker %s is gone; requeueing", job.id, job.worker)
@@ -74,8 +77,7 @@ def sweep(settings: Settings | None = None, enqueue=None) -> SweepReport:
             report.requeued.append(job.id)
     for job_id, kind, phase in to_enqueue:  # after the commit
         enqueue(job_id, kind, phase)
-    for job_id in report.failed:
-        notify.job_changed(job_id)
+    send_deliveries(webhooks)
     if report.requeued or report.failed:
         log.info("recovery sweep: requeued %s, failed %s", report.requeued, report.failed)
     return report

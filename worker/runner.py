@@ -16,7 +16,8 @@ from app.config import Settings, get_settings
 from app.db.models import JobState
 from app.storage import get_blob_store
 from pipelines.errors import Canceled, PipelineError
-from worker import jobs, notify
+from app.webhooks import send_deliveries
+from worker import jobs
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
 from worker.stages import PLANS, StageContext
 
@@ -102,14 +103,10 @@ def run_job(
     if enqueue is None:
         from worker.celery_app import enqueue_job as enqueue
     claim = jobs.claim(job_id, settings.job_stale_after_s)
-    if claim.outcome in (jobs.ClaimOutcome.canceled, jobs.ClaimOutcome.lost):
-        notify.job_changed(job_id)
+    send_deliveries([claim.webhook])
+    if claim.outcome is not jobs.ClaimOutcome.run:
         return claim.outcome.value
-    if claim.outcome is jobs.ClaimOutcome.skip:
-        return "skip"
     job = claim.job
-    if claim.previous_state == JobState.queued.value:
-        notify.job_changed(job_id)
 
     workdir = settings.data_dir.resolve() / "work" / job.id
     workdir.mkdir(parents=True, exist_ok=True)
@@ -169,10 +166,11 @@ def run_job(
 
 
 def _end(job_id: str, state: JobState, code: str | None = None, message: str | None = None) -> str:
-    if not jobs.finish(job_id, state, code, message):
+    finished = jobs.finish(job_id, state, code, message)
+    if finished is None:
         log.warning("job %s: no longer owned by this process; outcome %s dropped", job_id, state.value)
         return "lost"
-    notify.job_changed(job_id)
+    send_deliveries([finished.webhook])
     return state.value
 
 

@@ -6,6 +6,7 @@ Imported by the worker only (``include=["worker.tasks"]``); the API enqueues by 
 from __future__ import annotations
 
 import logging
+import os
 
 from celery import Task
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
@@ -16,7 +17,8 @@ from worker.celery_app import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, SWEEP_TASK, ce
 log = logging.getLogger(__name__)
 
 JOB_RETRY_BACKOFF_S = (5, 30, 120, 300)
-WEBHOOK_BACKOFF_BASE_S = 2.0
+# Integration tests shrink webhook backoff (10 s, 30 s, ...) to keep the suite short.
+WEBHOOK_BACKOFF_SCALE = float(os.environ.get("LIKENESS_TEST_WEBHOOK_BACKOFF_SCALE", "1"))
 
 
 def _consumed_queues(task: Task) -> set[str] | None:
@@ -39,23 +41,20 @@ def run_job(self: Task, job_id: str) -> str:
 
 @celery_app.task(name=DELIVER_WEBHOOK_TASK, bind=True, acks_late=True, max_retries=None)
 def deliver_webhook(self: Task, delivery_id: str) -> str:
-    """POST one delivery; on failure retry with exponential backoff up to ``webhook_max_attempts``."""
-    from app.webhooks import deliver
+    """POST one delivery; retry with ``app.webhooks.backoff_s`` until ``webhook_max_attempts``.
 
-    settings = get_settings()
-    ok = deliver(delivery_id)
-    if ok:
-        return "delivered"
-    attempt = self.request.retries + 1
-    if attempt >= settings.webhook_max_attempts:
-        log.warning("webhook delivery %s gave up after %d attempts", delivery_id, attempt)
-        return "gave_up"
-    raise self.retry(countdown=webhook_backoff_s(attempt))
+    The attempt count lives on the delivery row (``app.webhooks.record_and_send`` keeps
+    it), so a redelivered message continues the series instead of restarting it.
+    """
+    from app.db.models import WebhookDelivery
+    from app.db.session import session_scope
+    from app.webhooks import backoff_s, record_and_send
 
-
-def webhook_backoff_s(attempt: int, base_s: float = WEBHOOK_BACKOFF_BASE_S) -> float:
-    """1st retry after ``base_s``, then doubling (2, 4, 8, ... s), capped at an hour."""
-    return min(base_s * 2 ** (attempt - 1), 3600.0)
+    if not record_and_send(delivery_id):
+        return "done"
+    with session_scope() as session:
+        attempt = session.get(WebhookDelivery, delivery_id).attempt
+    raise self.retry(countdown=backoff_s(attempt) * WEBHOOK_BACKOFF_SCALE)
 
 
 @celery_app.task(name=SWEEP_TASK)
