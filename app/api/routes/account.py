@@ -1,0 +1,42 @@
+"""The caller's account: webhook registration and delivery log; style packs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from app.api.deps import CurrentClient, SessionDep
+from app.api.routes._common import errors
+from app.api.schemas import DeliveryPublic, Page, StylePublic, WebhookIn, WebhookOut
+from app.services import webhooks
+
+router = APIRouter(tags=["account"])
+
+
+@router.put("/webhook", response_model=WebhookOut, responses=errors(),
+            summary="Register the webhook URL for job events; returns a new signing secret (shown once)",
+            description="Each job state change is POSTed as JSON with `X-Likeness-Signature: t=<ts>,v1=<hex>`, "
+                        "hex = HMAC-SHA256(secret, `<ts>.` + body). Failed deliveries are retried with backoff.")
+def put_webhook(body: WebhookIn, session: SessionDep, caller: CurrentClient):
+    client = webhooks.set_webhook(session, caller, body.url)
+    out = WebhookOut(url=client.webhook_url, secret=client.webhook_secret)
+    session.commit()
+    return out
+
+
+@router.get("/webhook/deliveries", response_model=Page[DeliveryPublic], responses=errors(),
+            summary="Webhook delivery log (newest first)")
+def list_deliveries(session: SessionDep, caller: CurrentClient, job_id: str | None = None,
+                    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+    rows, count = webhooks.list_deliveries(session, caller, job_id=job_id, limit=limit, offset=offset)
+    return {"data": rows, "count": count}
+
+
+@router.get("/styles", response_model=Page[StylePublic], responses=errors(), summary="Available style packs")
+def list_styles(caller: CurrentClient):
+    try:
+        from pipelines.generation.styles import list_styles as load_styles
+    except ImportError:  # generation package not installed: nothing to list
+        return {"data": [], "count": 0}
+    data = [StylePublic(name=s.name, version=s.version, title=s.title, description=s.description, aspect=s.aspect,
+                        controlnet=s.controlnet.model_dump() if s.controlnet else None) for s in load_styles()]
+    return {"data": data, "count": len(data)}

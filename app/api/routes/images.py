@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import mimetypes
+from typing import Literal
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import CurrentClient, SessionDep, SettingsDep, StoreDep
+from app.api.routes._common import errors
+from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
+from app.errors import Forbidden, NotFound
+from app.services import images
+from app.signing import check_signature, signed_url
+from app.storage import BlobNotFound, BlobStore, InvalidKey
+
+router = APIRouter(tags=["images"])
+
+_IMAGE_RESPONSE = {200: {"content": {"image/png": {}}, "description": "The image bytes."}}
+
+
+def _stream(store: BlobStore, key: str, filename: str) -> StreamingResponse:
+    try:
+        chunks = store.open_stream(key)
+    except (BlobNotFound, InvalidKey):
+        raise NotFound("The image file is gone.", code="blob_not_found") from None
+    media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    return StreamingResponse(chunks, media_type=media_type,
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                                      "Cache-Control": "private, max-age=300"})
+
+
+@router.get("/subjects/{subject_id}/images", response_model=Page[ImagePublic], responses=errors(404),
+            summary="A subject's result images with scores and ranks (newest jobs first, rank 1 = best)")
+def list_images(subject_id: str, session: SessionDep, caller: CurrentClient, job_id: str | None = None,
+                limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0)):
+    rows, count = images.list_images(session, caller, subject_id, job_id=job_id, limit=limit, offset=offset)
+    data = [ImagePublic.model_validate(i).model_copy(update={"has_upscaled": i.upscaled_key is not None}) for i in rows]
+    return {"data": data, "count": count}
+
+
+@router.get("/images/{image_id}/download", response_class=StreamingResponse, responses={**_IMAGE_RESPONSE, **errors(404)},
+            summary="Download an image (streamed)")
+def download_image(image_id: str, session: SessionDep, caller: CurrentClient, store: StoreDep,
+                   variant: Literal["original", "upscaled"] = "original"):
+    image = images.get_image(session, caller, image_id)
+    key = images.image_blob_key(image, variant)
+    session.close()  # don't hold a DB connection while streaming
+    return _stream(store, key, f"{image_id}{'-upscaled' if variant == 'upscaled' else ''}.png")
+
+
+@router.post("/images/{image_id}/url", response_model=SignedUrl, responses=errors(404),
+             summary="A short-lived signed URL for an image (no API key needed to GET it)")
+def image_url(image_id: str, session: SessionDep, caller: CurrentClient, settings: SettingsDep,
+              body: SignedUrlRequest | None = Body(None)):
+    image = images.get_image(session, caller, image_id)
+    key = images.image_blob_key(image, (body or SignedUrlRequest()).variant)
+    url, expires_at = signed_url(key, settings.secret_key, settings.signed_url_ttl_s)
+    return SignedUrl(url=url, expires_at=expires_at)
+
+
+@router.get("/blobs/signed", response_class=StreamingResponse, responses={**_IMAGE_RESPONSE, 403: errors(403)[403],
+            404: errors(404)[404]}, summary="Fetch a blob through a signed URL (expires; any change voids it)")
+def signed_blob(settings: SettingsDep, store: StoreDep, key: str = Query(max_length=500), exp: int = Query(),
+                sig: str = Query(max_length=128)):
+    problem = check_signature(key, exp, sig, settings.secret_key)
+    if problem is not None:
+        raise Forbidden("This link is invalid." if problem == "invalid_signature" else "This link has expired.",
+                        code=problem)
+    return _stream(store, key, key.rsplit("/", 1)[-1])

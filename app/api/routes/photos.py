@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import hashlib
+
+from fastapi import APIRouter, File, Request, UploadFile
+
+from app.api.deps import CurrentClient, IdempotencyKey, SessionDep, SettingsDep, StoreDep
+from app.api.routes._common import errors, replayable
+from app.api.schemas import Page, PhotoPublic, UploadResponse, UploadResult
+from app.db.session import session_scope
+from app.errors import InvalidRequest
+from app.services import idempotency, photos
+
+router = APIRouter(prefix="/subjects/{subject_id}/photos", tags=["photos"])
+
+
+def _read_files(files: list[UploadFile], max_bytes: int) -> list[photos.UploadedFile]:
+    read: list[photos.UploadedFile] = []
+    for upload in files:
+        data = upload.file.read(max_bytes + 1)  # never hold more than the limit of one file
+        read.append(photos.UploadedFile(upload.filename or "", data[: max_bytes + 1], truncated=len(data) > max_bytes))
+    return read
+
+
+@router.post(
+    "", status_code=201, response_model=UploadResponse, responses=errors(404, 413),
+    summary="Upload 1-30 photos; each file is validated on its own",
+    description=("Formats are recognised from the file's content (JPEG, PNG, WebP, HEIC, AVIF). A bad file is "
+                 "rejected with its own `reason_code` (`empty_file`, `not_an_image`, `too_large_bytes`, "
+                 "`decompression_bomb`, ...) while the good files of the same request are stored. Stored originals "
+                 "are re-encoded without metadata (no EXIF/GPS). Face and quality checks run in the training "
+                 "job's intake; see `GET .../photos`."),
+)
+def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep, store: StoreDep, request: Request,
+                  idempotency_key: IdempotencyKey, files: list[UploadFile] = File(description="1-30 image files")):
+    if not 1 <= len(files) <= settings.max_photos_per_request:
+        raise InvalidRequest(f"Upload between 1 and {settings.max_photos_per_request} files per request.",
+                             {"files": len(files), "max": settings.max_photos_per_request}, code="invalid_file_count")
+    uploaded = _read_files(files, settings.max_file_bytes)
+    fp = idempotency.fingerprint(f"POST {request.url.path}",
+                                 [[f.filename, hashlib.sha256(f.data).hexdigest()] for f in uploaded])
+
+    def action() -> idempotency.StoredResponse:
+        with session_scope() as session:
+            outcomes = photos.upload_photos(session, caller, subject_id, uploaded, store, settings)
+        results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,
+                                message=o.message) for o in outcomes]
+        stored = sum(r.status == "stored" for r in results)
+        body = UploadResponse(subject_id=subject_id, stored=stored, rejected=len(results) - stored, files=results)
+        return idempotency.StoredResponse(201, body.model_dump(mode="json"))
+
+    response, replayed = idempotency.run_idempotent(caller.id, idempotency_key, fp, action)
+    return replayable(response.status, response.body, replayed)
+
+
+@router.get("", response_model=Page[PhotoPublic], responses=errors(404),
+            summary="List a subject's photos with their validation results (intake fills them in)")
+def list_photos(subject_id: str, session: SessionDep, caller: CurrentClient):
+    rows = photos.list_photos(session, caller, subject_id)
+    data = [PhotoPublic.model_validate(p).model_copy(update={"has_crop": p.crop_key is not None}) for p in rows]
+    return {"data": data, "count": len(data)}

@@ -1,0 +1,65 @@
+"""Domain errors. Services raise them; one exception handler maps them to
+``{code, message, details}`` JSON with the error's HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AppError(Exception):
+    status: int = 400
+    code: str = "bad_request"
+    default_message: str = "The request cannot be processed."
+
+    def __init__(self, message: str | None = None, details: dict[str, Any] | None = None, *,
+                 code: str | None = None, status: int | None = None):
+        self.message = message or self.default_message
+        self.details = details or {}
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class Unauthorized(AppError):
+    status, code, default_message = 401, "unauthorized", "A valid API key is required."
+
+
+class Forbidden(AppError):
+    status, code, default_message = 403, "forbidden", "This action is not allowed."
+
+
+class NotFound(AppError):
+    """Also raised for another client's resources, so their existence never leaks."""
+
+    status, code, default_message = 404, "not_found", "Not found."
+
+
+class Conflict(AppError):
+    status, code, default_message = 409, "conflict", "The request conflicts with the current state."
+
+
+class InvalidRequest(AppError):
+    status, code, default_message = 422, "validation_error", "The request is invalid."
+
+
+class IdempotencyKeyReused(AppError):
+    status, code = 422, "idempotency_key_reused"
+    default_message = "This Idempotency-Key was already used with a different request."
+
+
+class IdempotencyInProgress(AppError):
+    status, code = 409, "idempotency_request_in_progress"
+    default_message = "A request with this Idempotency-Key is still being processed; retry shortly."
+
+
+class PayloadTooLarge(AppError):
+    status, code, default_message = 413, "request_too_large", "The request body is too large."
+
+
+class ServiceUnavailable(AppError):
+    status, code, default_message = 503, "service_unavailable", "A dependency is unavailable; retry later."

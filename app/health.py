@@ -1,0 +1,41 @@
+"""Readiness checks: each returns "ok" or a short error string; none takes more than a few seconds."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from app.config import Settings
+from app.db.session import get_engine
+from app.storage import get_blob_store
+
+TIMEOUT_S = 2.0
+
+
+def check_database(settings: Settings) -> str:
+    with get_engine(settings.resolved_database_url).connect() as conn:
+        conn.execute(text("SELECT 1"))
+    return "ok"
+
+
+def check_broker(settings: Settings) -> str:
+    from kombu import Connection
+
+    with Connection(settings.resolved_broker_url, connect_timeout=TIMEOUT_S,
+                    transport_options={"socket_timeout": TIMEOUT_S}) as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, timeout=TIMEOUT_S)
+    return "ok"
+
+
+def check_storage(settings: Settings) -> str:
+    get_blob_store(settings).ping()
+    return "ok"
+
+
+def check_all(settings: Settings) -> dict[str, str]:
+    results: dict[str, str] = {}
+    for name, check in (("database", check_database), ("broker", check_broker), ("storage", check_storage)):
+        try:
+            results[name] = check(settings)
+        except Exception as exc:  # noqa: BLE001 - report, don't raise
+            results[name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+    return results

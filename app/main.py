@@ -1,0 +1,153 @@
+"""The FastAPI application: ``create_app()``; run with ``uvicorn app.main:create_app --factory``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.routes import account, admin, images, jobs, photos, subjects
+from app.api.schemas import ErrorBody
+from app.config import Settings, get_settings
+from app.db.session import SessionLocal, session_scope
+from app.errors import AppError, PayloadTooLarge
+from app.metrics import RequestMetricsMiddleware, render, scrape_registry
+
+log = logging.getLogger("likeness.api")
+
+API_DESCRIPTION = """
+Likeness learns a person from a few selfies and returns ranked portraits in chosen styles.
+
+Flow: create a subject -> upload photos -> start training -> poll the job (or receive webhooks)
+-> start generations -> list and download images.
+
+Authenticate with `Authorization: Bearer <api key>` or `X-API-Key: <api key>`. Every error is
+`{code, message, details}` JSON; `code` is stable. POSTs that create work accept an
+`Idempotency-Key` header: retrying with the same key and body replays the first response.
+"""
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, whether or not Content-Length is sent (uploads get the big limit)."""
+
+    def __init__(self, app, settings: Settings, default_limit: int = 1024 * 1024):  # noqa: ANN001
+        self.app = app
+        self.upload_limit = settings.max_request_bytes
+        self.default_limit = default_limit
+
+    async def __call__(self, scope, receive, send):  # noqa: ANN001
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload_limit if scope["path"].endswith("/photos") else self.default_limit
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_error(send, PayloadTooLarge(details={"max_bytes": limit}))
+            return
+        received = 0
+
+        async def limited_receive():  # noqa: ANN202
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(details={"max_bytes": limit})
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_error(send, error: AppError) -> None:  # noqa: ANN001
+    response = JSONResponse(error.body(), status_code=error.status)
+    await response({"type": "http"}, None, send)  # type: ignore[arg-type]
+
+
+def _request_id(request: Request) -> str:
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def app_error(request: Request, exc: AppError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                    for e in exc.errors()]
+        return JSONResponse({"code": "validation_error", "message": "The request is invalid.",
+                             "details": {"errors": problems}}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, AppError):  # e.g. body limit hit while FastAPI parsed the form
+            return await app_error(request, exc.__cause__)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"code": code, "message": str(exc.detail), "details": {}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        request_id = _request_id(request)
+        log.exception("unhandled error (request_id=%s) on %s %s", request_id, request.method, request.url.path)
+        return JSONResponse({"code": "internal_error", "message": "Internal server error.",
+                             "details": {"request_id": request_id}}, status_code=500)
+
+
+def _bootstrap_admin(settings: Settings) -> None:
+    if not settings.bootstrap_admin_key:
+        return
+    from app.services.clients import ensure_client_with_key
+
+    with session_scope() as session:
+        ensure_client_with_key(session, "bootstrap-admin", "admin", settings.bootstrap_admin_key)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        _bootstrap_admin(settings)
+        yield
+
+    app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
+                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}})
+    app.state.settings = settings
+    app.state.scrape_registry = scrape_registry(settings, SessionLocal)
+    install_error_handlers(app)
+    for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
+        app.include_router(router, prefix="/v1")
+    _install_probes(app, settings)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(RequestMetricsMiddleware)
+    return app
+
+
+def _install_probes(app: FastAPI, settings: Settings) -> None:
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers", response_model=dict[str, str])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="Readiness: database, broker and blob storage reachable",
+             responses={503: {"model": ErrorBody, "description": "A dependency is down (details say which)."}},
+             response_model=dict[str, object])
+    def readyz():  # noqa: ANN202
+        from app.health import check_all
+
+        checks = check_all(settings)
+        if all(c == "ok" for c in checks.values()):
+            return {"status": "ok", "checks": checks}
+        return JSONResponse({"code": "not_ready", "message": "A dependency is unavailable.",
+                             "details": {"checks": checks}}, status_code=503)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render(app.state.scrape_registry), media_type="text/plain; version=0.0.4")
+

@@ -1,0 +1,160 @@
+"""Prometheus metrics.
+
+* ``likeness_http_request_duration_seconds{method,route,status}``: observed by the API middleware,
+  labelled by route *template* (``/v1/jobs/{job_id}``) so ids don't explode cardinality;
+* ``likeness_jobs{kind,state}`` and ``likeness_stage_duration_seconds{kind,stage}``: computed from the
+  jobs table at scrape time, so every API replica reports the same numbers, whichever worker ran the job;
+* ``likeness_queue_depth{queue}``: Redis ``LLEN`` of the job queues when the broker is Redis.
+
+Workers call :func:`record_stage_duration` when a stage ends: it stores the duration on the job
+record (``job.result["stage_durations_s"][stage]``, merged, never replacing the rest of ``result``)
+and observes the process-local histogram too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+STAGE_DURATIONS_KEY = "stage_durations_s"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUEST_LATENCY = Histogram("likeness_http_request_duration_seconds", "HTTP request latency by route template.",
+                            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+
+# Process-local (a worker may expose its own registry); /metrics reports the DB-derived histogram below.
+STAGE_DURATION_LOCAL = Histogram("likeness_worker_stage_duration_seconds", "Stage durations seen by this process.",
+                                 ["kind", "stage"], buckets=STAGE_BUCKETS)
+
+
+def record_stage_duration(job: Any, stage: str, seconds: float) -> None:
+    """Store a finished stage's duration on ``job`` (an ORM Job; caller commits) and observe it."""
+    result = dict(job.result or {})
+    durations = dict(result.get(STAGE_DURATIONS_KEY) or {})
+    durations[stage] = round(float(seconds), 3)
+    result[STAGE_DURATIONS_KEY] = durations
+    job.result = result  # a new dict, so SQLAlchemy sees the change
+    kind = job.kind.value if hasattr(job.kind, "value") else str(job.kind)
+    STAGE_DURATION_LOCAL.labels(kind=kind, stage=stage).observe(seconds)
+
+
+def _histogram(name: str, doc: str, labels: list[str], samples: dict[tuple[str, ...], list[float]],
+               buckets: tuple[float, ...]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for label_values, values in sorted(samples.items()):
+        counts = [sum(v <= b for v in values) for b in buckets]
+        family.add_metric(list(label_values), [(str(float(b)), c) for b, c in zip(buckets, counts)]
+                          + [("+Inf", len(values))], sum(values))
+    return family
+
+
+class JobsCollector(Collector):
+    """Jobs by state and stage durations, read from the database at scrape time."""
+
+    def __init__(self, session_factory):  # noqa: ANN001
+        self.session_factory = session_factory
+
+    def collect(self):  # noqa: ANN201
+        from sqlalchemy import func, select
+
+        from app.db.models import Job, JobKind, JobState
+
+        by_state = GaugeMetricFamily("likeness_jobs", "Jobs by kind and state.", labels=["kind", "state"])
+        stages: dict[tuple[str, ...], list[float]] = {}
+        try:
+            with self.session_factory() as session:
+                counts = {(k.value, s.value): 0 for k in JobKind for s in JobState}
+                for kind, state, count in session.execute(
+                        select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)):
+                    counts[(kind.value, state.value)] = count
+                for (kind, state), count in sorted(counts.items()):
+                    by_state.add_metric([kind, state], count)
+                rows = session.execute(select(Job.kind, Job.result).where(Job.finished_at.is_not(None)))
+                for kind, result in rows:
+                    for stage, seconds in ((result or {}).get(STAGE_DURATIONS_KEY) or {}).items():
+                        stages.setdefault((kind.value, stage), []).append(float(seconds))
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is briefly away
+            log.warning("jobs metrics unavailable", exc_info=True)
+            return
+        yield by_state
+        yield _histogram("likeness_stage_duration_seconds", "Pipeline stage durations of finished jobs.",
+                         ["kind", "stage"], stages, STAGE_BUCKETS)
+
+
+class QueueDepthCollector(Collector):
+    """``LLEN`` of each job queue on a Redis broker (kombu keeps a queue as one list)."""
+
+    def __init__(self, settings):  # noqa: ANN001
+        self.settings = settings
+        self._client = None
+
+    def queue_keys(self) -> dict[str, str]:
+        s = self.settings
+        # kombu's global_keyprefix (set to queue_prefix by worker.celery_app) prefixes every Redis key.
+        return {name: f"{s.queue_prefix}{s.queue(name)}" for name in ("gpu", "cpu")}
+
+    def collect(self):  # noqa: ANN201
+        if not self.settings.resolved_broker_url.startswith(("redis://", "rediss://")):
+            return
+        import redis
+
+        family = GaugeMetricFamily("likeness_queue_depth", "Messages waiting in each job queue.", labels=["queue"])
+        try:
+            if self._client is None:
+                self._client = redis.Redis.from_url(self.settings.resolved_broker_url, socket_timeout=1,
+                                                    socket_connect_timeout=1)
+            for name, key in self.queue_keys().items():
+                family.add_metric([name], self._client.llen(key))
+        except Exception:  # noqa: BLE001
+            log.warning("queue depth unavailable", exc_info=True)
+            return
+        yield family
+
+
+def scrape_registry(settings, session_factory) -> CollectorRegistry:  # noqa: ANN001
+    """A registry with the DB- and broker-derived collectors (build once per app)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobsCollector(session_factory))
+    registry.register(QueueDepthCollector(settings))
+    return registry
+
+
+def render(scrape: CollectorRegistry) -> bytes:
+    """The exposition text: request latencies plus the DB- and broker-derived metrics."""
+    return generate_latest(REGISTRY) + generate_latest(scrape)
+
+
+class RequestMetricsMiddleware:
+    """Pure ASGI middleware (no BaseHTTPMiddleware overhead on the status-poll path)."""
+
+    def __init__(self, app):  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send):  # noqa: ANN001
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):  # noqa: ANN001
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            REQUEST_LATENCY.labels(scope["method"], template, str(status["code"])).observe(time.perf_counter() - start)

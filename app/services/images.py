@@ -1,0 +1,42 @@
+"""Result images of a subject's generation jobs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db.models import Image, Subject
+from app.errors import NotFound
+from app.services.clients import Caller
+from app.services.subjects import get_subject
+
+
+def list_images(session: Session, caller: Caller, subject_id: str, *, job_id: str | None = None, limit: int = 100,
+                offset: int = 0) -> tuple[list[Image], int]:
+    subject = get_subject(session, caller, subject_id)
+    conditions = [Image.subject_id == subject.id]
+    if job_id is not None:
+        conditions.append(Image.job_id == job_id)
+    count = session.scalar(select(func.count()).select_from(Image).where(*conditions)) or 0
+    rows = session.scalars(select(Image).where(*conditions)
+                           .order_by(Image.created_at.desc(), Image.job_id, Image.rank).limit(limit).offset(offset)).all()
+    return list(rows), count
+
+
+def get_image(session: Session, caller: Caller, image_id: str) -> Image:
+    image = session.scalar(
+        select(Image).join(Subject, Subject.id == Image.subject_id).where(Image.id == image_id, Subject.client_id == caller.id)
+    )
+    if image is None:
+        raise NotFound("Image not found.", {"image_id": image_id})
+    return image
+
+
+def image_blob_key(image: Image, variant: Literal["original", "upscaled"]) -> str:
+    if variant == "upscaled":
+        if not image.upscaled_key:
+            raise NotFound("This image has no upscaled variant.", {"image_id": image.id}, code="variant_not_found")
+        return image.upscaled_key
+    return image.key

@@ -1,0 +1,78 @@
+"""Photo upload (per-file validation, metadata-stripped storage) and listing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db.models import Photo, PhotoStatus, new_id
+from app.services.clients import Caller
+from app.services.subjects import get_subject
+from app.storage import BlobStore, photo_original_key
+from pipelines.intake.decode import DecodeLimits, PhotoRejected, decode_photo, encode_clean, sniff_format
+from pipelines.intake.reasons import ReasonCode
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    filename: str
+    data: bytes  # at most max_file_bytes + 1 bytes: a longer file was cut while reading
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    filename: str
+    status: str  # accepted_for_intake (stored, pending intake) | rejected
+    photo_id: str | None = None
+    reason_code: str | None = None
+    message: str | None = None
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    return DecodeLimits(max_bytes=settings.max_file_bytes, max_pixels=settings.max_pixels)
+
+
+def upload_photos(session: Session, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
+                  settings: Settings) -> list[FileOutcome]:
+    """Store each decodable file as a clean JPEG; each bad file gets its own reason.
+
+    The blob is written before the row is flushed: a crash in between leaves an orphan
+    blob under the subject's prefix (removed with the subject), never a row without blob.
+    """
+    subject = get_subject(session, caller, subject_id)
+    limits = decode_limits(settings)
+    outcomes: list[FileOutcome] = []
+    for upload in files:
+        name = (upload.filename or "")[:255]
+        try:
+            if upload.truncated or len(upload.data) > limits.max_bytes:
+                raise PhotoRejected(ReasonCode.TOO_LARGE_BYTES,
+                                    f"The file is larger than {limits.max_bytes} bytes.", {"max_bytes": limits.max_bytes})
+            fmt = sniff_format(upload.data)
+            image = decode_photo(upload.data, limits)
+        except PhotoRejected as exc:
+            outcomes.append(FileOutcome(name, "rejected", reason_code=exc.reason.value, message=exc.message))
+            continue
+        photo_id = new_id()
+        key = photo_original_key(subject.id, photo_id)
+        store.put(key, encode_clean(image), "image/jpeg")
+        session.add(Photo(id=photo_id, subject_id=subject.id, original_key=key, format=fmt or "unknown",
+                          width=image.width, height=image.height, status=PhotoStatus.pending))
+        outcomes.append(FileOutcome(name, "stored", photo_id=photo_id))
+    session.flush()
+    return outcomes
+
+
+def list_photos(session: Session, caller: Caller, subject_id: str) -> list[Photo]:
+    subject = get_subject(session, caller, subject_id)
+    return list(session.scalars(select(Photo).where(Photo.subject_id == subject.id).order_by(Photo.created_at, Photo.id)))
+
+
+def count_photos(session: Session, subject_id: str) -> int:
+    from sqlalchemy import func
+
+    return session.scalar(select(func.count()).select_from(Photo).where(Photo.subject_id == subject_id)) or 0

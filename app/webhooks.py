@@ -1,0 +1,159 @@
+"""Webhooks: signed job events, one delivery row per attempt series.
+
+Signature header ``X-Likeness-Signature: t=<unix ts>,v1=<hex>`` where ``hex`` is
+HMAC-SHA256 over ``f"{t}." + body`` with the client's webhook secret (the timestamp is
+signed so a captured request cannot be replayed later; receivers should refuse old ``t``).
+
+Flow: a job changes state -> :func:`queue_job_event` adds a delivery row in the same
+transaction -> after commit :func:`send_deliveries` hands the ids to the worker's
+``likeness.deliver_webhook`` task, which calls :func:`record_and_send` with backoff.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy.orm import Session
+
+from app.config import get_settings
+from app.db.models import Client, Job, WebhookDelivery, utcnow
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Likeness-Signature"
+TIMEOUT_S = 10.0
+DEFAULT_TOLERANCE_S = 300
+
+
+def sign(body: bytes, secret: str, timestamp: int) -> str:
+    """The signature header value for ``body`` sent at ``timestamp``."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify(body: bytes, secret: str, header: str, *, tolerance_s: int = DEFAULT_TOLERANCE_S,
+           now: float | None = None) -> bool:
+    """Whether ``header`` is a valid signature of ``body`` made less than ``tolerance_s`` ago."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp = int(parts["t"])
+        given = parts["v1"]
+    except (KeyError, ValueError):
+        return False
+    if abs((now if now is not None else time.time()) - timestamp) > tolerance_s:
+        return False
+    expected = sign(body, secret, timestamp).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, given)
+
+
+def build_event(job: Job) -> dict[str, Any]:
+    state = job.state.value if hasattr(job.state, "value") else job.state
+    return {
+        "type": f"job.{state}",
+        "job_id": job.id,
+        "subject_id": job.subject_id,
+        "kind": job.kind.value if hasattr(job.kind, "value") else job.kind,
+        "state": state,
+        "stage": job.stage,
+        "progress": job.progress,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "timestamp": int(time.time()),
+    }
+
+
+def queue_job_event(session: Session, job: Job) -> str | None:
+    """Add a delivery row for ``job``'s current state if its client has a webhook; returns its id.
+
+    Call in the transaction that changed the job; after commit pass the id to :func:`send_deliveries`.
+    """
+    client = session.get(Client, job.client_id)
+    if client is None or not client.webhook_url:
+        return None
+    event = build_event(job)
+    delivery = WebhookDelivery(client_id=client.id, job_id=job.id, event=event["type"], payload=event,
+                               next_attempt_at=utcnow())
+    session.add(delivery)
+    session.flush()
+    return delivery.id
+
+
+def send_deliveries(delivery_ids: Iterable[str | None]) -> None:
+    """Hand committed deliveries to the worker (never raises: a broker hiccup must not fail the request)."""
+    ids = [d for d in delivery_ids if d]
+    if not ids:
+        return
+    try:
+        from worker.celery_app import DELIVER_WEBHOOK_TASK, celery_app
+
+        queue = get_settings().queue("cpu")
+        for delivery_id in ids:
+            celery_app.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id], queue=queue)
+    except Exception:  # noqa: BLE001
+        log.exception("could not enqueue webhook deliveries %s", ids)
+
+
+def backoff_s(attempt: int) -> float:
+    """Delay before retry ``attempt`` (1-based): 10 s, 30 s, 90 s, ... capped at one hour."""
+    return min(3600.0, 10.0 * 3 ** max(0, attempt - 1))
+
+
+def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool:
+    """POST one delivery, log the attempt on its row; returns True when it should be retried.
+
+    2xx -> delivered; 4xx other than 408/429 -> given up (the receiver refuses it);
+    5xx, 408, 429 and network errors -> retry until ``webhook_max_attempts``.
+    """
+    from app.db.session import session_scope
+
+    if session is None:
+        with session_scope() as own:
+            return record_and_send(delivery_id, session=own)
+
+    delivery = session.get(WebhookDelivery, delivery_id)
+    if delivery is None or delivery.delivered_at is not None:
+        return False
+    client = session.get(Client, delivery.client_id)
+    if client is None or not client.webhook_url or not client.webhook_secret:
+        delivery.error = "webhook no longer configured"
+        delivery.next_attempt_at = None
+        return False
+
+    body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "Likeness-Webhooks/1",
+        "X-Likeness-Event": delivery.event,
+        "X-Likeness-Delivery": delivery.id,
+        SIGNATURE_HEADER: sign(body, client.webhook_secret, int(time.time())),
+    }
+    delivery.attempt += 1
+    delivery.status_code = None
+    delivery.error = None
+    retryable: bool
+    try:
+        response = httpx.post(client.webhook_url, content=body, headers=headers, timeout=TIMEOUT_S,
+                              follow_redirects=False)
+        delivery.status_code = response.status_code
+        if 200 <= response.status_code < 300:
+            delivery.delivered_at = utcnow()
+            delivery.next_attempt_at = None
+            return False
+        delivery.error = f"receiver answered HTTP {response.status_code}"
+        retryable = response.status_code >= 500 or response.status_code in (408, 429)
+    except httpx.HTTPError as exc:
+        delivery.error = f"{type(exc).__name__}: {exc}"[:1000]
+        retryable = True
+
+    if retryable and delivery.attempt < get_settings().webhook_max_attempts:
+        delivery.next_attempt_at = utcnow() + timedelta(seconds=backoff_s(delivery.attempt))
+        return True
+    delivery.next_attempt_at = None
+    return False
