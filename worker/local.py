@@ -78,10 +78,14 @@ def run_local(
     timer: StageTimer | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline; writes ``rank_XX.png``, ``rank_XX_x2.png`` and ``report.json`` to ``out_dir``."""
-    from pipelines.generation import GenerationEngine, GenerationRequest
-    from pipelines.intake import IntakeConfig, PhotoInput, prepare_dataset
+    from pipelines.generation.engine import GenerationEngine
+    from pipelines.generation.request import GenerationRequest
+    from pipelines.intake import prepare_dataset
+    from pipelines.intake.config import IntakeConfig
+    from pipelines.intake.dataset import PhotoInput
     from pipelines.models.presets import get_preset
-    from pipelines.training import TrainConfig, train
+    from pipelines.training import train
+    from pipelines.training.config import TrainConfig
     from worker.model_cache import resolve_device
 
     timer = timer or StageTimer()
@@ -91,27 +95,32 @@ def run_local(
         on_progress(event)
 
     # 1. check inputs before any model loads
+    from pipelines.generation.request import check_request
+
     photos = read_photos(photos_dir)
     request = GenerationRequest(style=config.style, n=config.n, k=config.k, seed=config.seed, upscale=config.upscale,
                                 **config.generation_overrides)
+    check_request(request)
+    train_config = TrainConfig.from_dict(dict(config.train_overrides))
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = get_preset(config.preset, model_cache_dir)
     device = resolve_device(config.device)
 
     # 2. intake
+    intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device)
     dataset = prepare_dataset(
-        [PhotoInput(photo_id=name, data=data) for name, data in photos], IntakeConfig(),
+        [PhotoInput(photo_id=name, data=data) for name, data in photos], intake,
         on_progress=progress, should_stop=should_stop,
     )
     # 3. training (caching, training:stage1, training:stage2)
     work = out_dir / ".work"
     trained = train(
-        dataset.training_examples(), dataset.token_spec(), TrainConfig(**config.train_overrides), preset,
+        dataset.training_examples(), dataset.token_spec(), train_config, preset,
         work / "adapter", on_progress=progress, should_stop=should_stop,
     )
     adapter_dir = Path(getattr(trained, "adapter_dir", work / "adapter"))
     # 4. generation (generating, ranking, upscaling)
-    engine = GenerationEngine(preset, device)
+    engine = GenerationEngine(preset, device)  # the CLI is one job: no model cache needed
     references = [item.crop for item in dataset.items]
     results = engine.generate(request, adapter_dir, references, on_progress=progress, should_stop=should_stop)
     # 5. delivering
@@ -119,11 +128,10 @@ def run_local(
     candidates = []
     for result in sorted(results, key=lambda r: r.rank):
         entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
-                 "scores": dict(result.scores)}
-        if result.image is not None:
-            entry["file"] = f"rank_{result.rank:02d}.png"
-            result.image.save(out_dir / entry["file"])
-        if getattr(result, "upscaled", None) is not None:
+                 "scores": dict(result.scores), "width": result.image.width, "height": result.image.height}
+        entry["file"] = f"rank_{result.rank:02d}.png"
+        result.image.save(out_dir / entry["file"])
+        if result.upscaled is not None:
             entry["upscaled_file"] = f"rank_{result.rank:02d}_x{config.upscale}.png"
             result.upscaled.save(out_dir / entry["upscaled_file"])
         candidates.append(entry)
@@ -134,6 +142,7 @@ def run_local(
         "photos": [r.to_dict() for r in dataset.report],
         "class_token": dataset.class_token,
         "class_scores": dict(dataset.class_scores),
+        "checks": dict(dataset.checks),
         "training": _to_jsonable(getattr(trained, "metrics", {})),
         "candidates": candidates,
     }

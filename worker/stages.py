@@ -130,14 +130,26 @@ def _png(image) -> bytes:
 # ---- train: intake ---------------------------------------------------------------------------------------
 
 
-def run_intake(ctx: StageContext) -> dict[str, Any]:
-    prepare_dataset, IntakeConfig, PhotoInput = _require(
-        "pipelines.intake", "prepare_dataset", "IntakeConfig", "PhotoInput"
+def intake_config(ctx: StageContext):
+    """The intake settings of a train job: the preset's CLIP/upscaler plus the client's class token."""
+    (IntakeConfig,) = _require("pipelines.intake.config", "IntakeConfig")
+    preset = _preset(ctx.settings)
+    values = dict(ctx.job.request.get("intake", {}))
+    if ctx.job.request.get("class_token"):
+        values["class_token"] = ctx.job.request["class_token"]
+    return IntakeConfig.from_dict(
+        {"clip_model": preset.clip, "upscaler_model": preset.upscaler_x2, "device": resolve_device(ctx.settings.device),
+         **values}
     )
+
+
+def run_intake(ctx: StageContext) -> dict[str, Any]:
+    (prepare_dataset,) = _require("pipelines.intake", "prepare_dataset")
+    (PhotoInput,) = _require("pipelines.intake.dataset", "PhotoInput")
     from pipelines.errors import DatasetRejected
 
     job = ctx.job
-    config = IntakeConfig(**job.request.get("intake", {}))
+    config = intake_config(ctx)
     with session_scope() as session:
         photos = session.execute(
             select(Photo.id, Photo.original_key).where(Photo.subject_id == job.subject_id).order_by(Photo.created_at)
@@ -149,26 +161,35 @@ def run_intake(ctx: StageContext) -> dict[str, Any]:
     try:
         dataset = prepare_dataset(inputs, config, on_progress=ctx.on_progress, should_stop=ctx.should_stop)
     except DatasetRejected as exc:
-        _write_photo_reports(ctx, exc.details.get("report") or exc.details.get("photos") or [], crops={})
+        _write_photo_reports(ctx, list(exc.details.get("report") or []), crops={})
         raise
-    crops = {item.photo_id: item for item in dataset.items}
-    _write_photo_reports(ctx, [r.to_dict() for r in dataset.report], crops)
+    reports = [r.to_dict() for r in dataset.report]
+    _write_photo_reports(ctx, reports, {item.photo_id: item for item in dataset.items})
     folder = ctx.workdir / "dataset"
     shutil.rmtree(folder, ignore_errors=True)
     dataset.save(folder)
     upload_folder(ctx.store, folder, dataset_prefix(job.subject_id, job.id))
-    accepted = sum(1 for r in dataset.report if r.to_dict().get("status") == "accepted")
+    accepted = sum(1 for r in reports if r["accepted"])
     return {
         "intake": {
             "accepted": accepted,
-            "rejected": len(dataset.report) - accepted,
+            "rejected": len(reports) - accepted,
             "class_token": dataset.class_token,
-            "class_scores": dict(dataset.class_scores),
+            "class_scores": {k: round(float(v), 4) for k, v in dataset.class_scores.items()},
+            "checks": dict(getattr(dataset, "checks", {}) or {}),
         }
     }
 
 
-def _write_photo_reports(ctx: StageContext, reports: list[dict], crops: dict[str, Any]) -> None:
+def _face_box(box: Any) -> list[float] | None:
+    if not box:
+        return None
+    if isinstance(box, dict):
+        return [round(float(box[k]), 1) for k in ("x0", "y0", "x1", "y1")]
+    return [round(float(v), 1) for v in box]
+
+
+def _write_photo_reports(ctx: StageContext, reports: list, crops: dict[str, Any]) -> None:
     """Per-photo status/reason/measurements on the ``photos`` rows, crop and mask blobs."""
     subject_id = ctx.job.subject_id
     with session_scope() as session:
@@ -177,15 +198,14 @@ def _write_photo_reports(ctx: StageContext, reports: list[dict], crops: dict[str
             photo = session.get(Photo, report.get("photo_id"))
             if photo is None or photo.subject_id != subject_id:
                 continue
-            status = report.get("status", "rejected")
-            photo.status = PhotoStatus(status) if status in PhotoStatus._value2member_map_ else PhotoStatus.rejected
-            photo.reason_code = report.get("reason_code") or report.get("reason")
+            photo.status = PhotoStatus.accepted if report.get("accepted") else PhotoStatus.rejected
+            photo.reason_code = str(report.get("reason_code") or "") or None
             photo.message = report.get("message")
-            photo.face_box = report.get("face_box")
+            photo.face_box = _face_box(report.get("face_box"))
             photo.blur = report.get("blur")
             photo.identity_distance = report.get("identity_distance")
             item = crops.get(photo.id)
-            if item is not None:
+            if item is not None:  # deterministic keys: a rerun overwrites
                 photo.crop_key = photo_crop_key(subject_id, photo.id)
                 ctx.store.put(photo.crop_key, _png(item.crop), "image/png")
                 if getattr(item, "mask", None) is not None:
@@ -196,11 +216,22 @@ def _write_photo_reports(ctx: StageContext, reports: list[dict], crops: dict[str
 # ---- train: caching + training ---------------------------------------------------------------------------
 
 
+def train_config(request: dict[str, Any]):
+    """API train request (mode, steps, advanced ``training`` overrides) -> TrainConfig."""
+    (TrainConfig,) = _require("pipelines.training.config", "TrainConfig")
+    values = dict(request.get("training", {}))
+    if request.get("mode"):
+        values["mode"] = request["mode"]
+    if request.get("steps"):
+        values["max_train_steps"] = int(request["steps"])
+    return TrainConfig.from_dict(values)
+
+
 def run_training(ctx: StageContext) -> dict[str, Any]:
-    train, TrainConfig = _require("pipelines.training", "train", "TrainConfig")
-    (Dataset,) = _require("pipelines.intake", "Dataset")
+    (train,) = _require("pipelines.training", "train")
+    (Dataset,) = _require("pipelines.intake.dataset", "Dataset")
     job = ctx.job
-    config = TrainConfig(**job.request.get("training", {}))
+    config = train_config(job.request)
     dataset = Dataset.load(download_folder(ctx.store, dataset_prefix(job.subject_id, job.id), ctx.workdir / "dataset-in"))
     preset = _preset(ctx.settings)
     output_dir = ctx.workdir / "adapter"  # kept across attempts on this machine: train() resumes its checkpoint
@@ -250,11 +281,12 @@ def _jsonable(value: Any) -> Any:
 # ---- generate --------------------------------------------------------------------------------------------
 
 
-def latest_adapter(subject_id: str, adapter_id: str | None = None) -> tuple[str, str] | None:
+def find_adapter(subject_id: str, version: int | None = None) -> tuple[str, str] | None:
+    """(id, blob prefix) of the subject's adapter ``version`` (default: the newest)."""
     with session_scope() as session:
         query = select(Adapter.id, Adapter.blob_prefix).where(Adapter.subject_id == subject_id)
-        if adapter_id:
-            query = query.where(Adapter.id == adapter_id)
+        if version is not None:
+            query = query.where(Adapter.version == int(version))
         row = session.execute(query.order_by(Adapter.version.desc()).limit(1)).one_or_none()
     return (row.id, row.blob_prefix) if row else None
 
@@ -274,22 +306,22 @@ def _adapter_dir(ctx: StageContext, adapter_id: str, prefix: str) -> Path:
 
 
 def _engine(settings: Settings):
-    (GenerationEngine,) = _require("pipelines.generation", "GenerationEngine")
+    (GenerationEngine,) = _require("pipelines.generation.engine", "GenerationEngine")
     device = resolve_device(settings.device)
     preset = _preset(settings)
     return models.borrow(("generation", preset.name, device), lambda: GenerationEngine(preset, device))
 
 
 def run_generation(ctx: StageContext) -> dict[str, Any]:
-    (GenerationRequest,) = _require("pipelines.generation", "GenerationRequest")
+    (GenerationRequest,) = _require("pipelines.generation.request", "GenerationRequest")
     from PIL import Image as PILImage
 
     job = ctx.job
-    found = latest_adapter(job.subject_id, job.request.get("adapter_id"))
+    found = find_adapter(job.subject_id, job.request.get("adapter_version"))
     if found is None:
-        raise InvalidConfig("the subject has no trained adapter; train it first", code="not_trained")
+        raise InvalidConfig("the subject has no trained adapter; train it first", code="subject_not_trained")
     adapter_id, prefix = found
-    request = GenerationRequest(**{k: v for k, v in job.request.items() if k != "adapter_id"})
+    request = GenerationRequest(**{k: v for k, v in job.request.items() if k != "adapter_version"})
     adapter_dir = _adapter_dir(ctx, adapter_id, prefix)
     with session_scope() as session:
         crop_keys = session.execute(
