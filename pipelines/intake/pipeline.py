@@ -1,0 +1,288 @@
+"""``prepare_dataset``: uploaded photos -> face crops, masks, captions, class token, report.
+
+Steps (issue 3), in order:
+
+1. decode (safe, upright, sRGB)            per photo
+2. person check: exactly one person        per photo
+3. face detection, square crop, resize     per photo
+4. set-level checks: near-duplicates, blur, identity outliers, minimum usable photos
+5. class token with CLIP (or the client's override, scores still computed)
+6. captions (background tokens or BLIP)
+7. person masks
+
+Detection runs on a reduced decode (JPEG DCT scaling to ~1024 px); the crop is taken
+from a decode just fine enough that the face square needs no upsampling, so a 12 MP
+photo is never fully decoded unless its face is small. Only the crop of each photo
+is kept in memory.
+
+Every photo gets a :class:`PhotoReport`; rejections never raise, except the set-level
+:class:`DatasetRejected` when fewer than ``min_photos`` remain (its
+``details["report"]`` holds every photo's report).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipelines.errors import DatasetRejected, InvalidConfig
+from pipelines.intake.config import IntakeConfig
+from pipelines.intake.crops import blur_score, crop_square, hamming, perceptual_hash, resize_square, square_around
+from pipelines.intake.dataset import Dataset, DatasetItem, PhotoInput, PhotoReport
+from pipelines.intake.decode import PhotoRejected, decode_photo
+from pipelines.intake.reasons import ReasonCode
+from pipelines.progress import CancelFn, ProgressFn, StageProgress, raise_if_canceled
+from pipelines.vision.faces import FaceBox
+
+#: long side of the reduced decode that the detectors look at
+DETECTION_SIDE = 1024
+
+
+@dataclass
+class _Candidate:
+    """A photo that passed the per-photo checks, waiting for the set-level ones."""
+
+    index: int
+    photo_id: str
+    crop: Image.Image
+    face_box: FaceBox  # full-resolution upright photo pixels
+    face_in_crop: FaceBox  # the same face in crop pixels
+    blur: float
+    phash: int
+    identity_distance: float | None = None
+
+    def report(self, reason: ReasonCode = ReasonCode.ACCEPTED, message: str | None = None) -> PhotoReport:
+        return PhotoReport(
+            photo_id=self.photo_id,
+            accepted=reason is ReasonCode.ACCEPTED,
+            reason_code=reason,
+            message=message or reason.default_message,
+            face_box=self.face_box,
+            blur=self.blur,
+            identity_distance=self.identity_distance,
+        )
+
+
+def check_inputs(photos: Sequence[PhotoInput], config: IntakeConfig) -> None:
+    config.check()
+    if not photos:
+        raise InvalidConfig("no photos given", code="no_photos")
+    if len(photos) > config.max_photos:
+        raise InvalidConfig(
+            f"{len(photos)} photos given; at most {config.max_photos} are accepted",
+            {"count": len(photos), "max_photos": config.max_photos},
+            code="too_many_photos",
+        )
+    ids = [p.photo_id for p in photos]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise InvalidConfig(f"photo ids must be unique: {duplicates}", {"duplicate_ids": duplicates})
+
+
+def prepare_dataset(
+    photos: Sequence[PhotoInput],
+    config: IntakeConfig,
+    on_progress: ProgressFn | None = None,
+    should_stop: CancelFn | None = None,
+) -> Dataset:
+    # 0. inputs, before any model loads
+    check_inputs(photos, config)
+    progress = StageProgress(on_progress, "intake", total=len(photos))
+    progress.start(f"checking {len(photos)} photos")
+
+    # 1-3. per photo: decode, person check, face crop
+    reports: dict[str, PhotoReport] = {}
+    candidates: list[_Candidate] = []
+    for index, photo in enumerate(photos):
+        raise_if_canceled(should_stop)
+        try:
+            candidates.append(examine_photo(index, photo, config))
+        except PhotoRejected as rejected:
+            box = rejected.details.get("face_box")
+            reports[photo.photo_id] = PhotoReport(
+                photo.photo_id, False, rejected.reason, rejected.message, FaceBox(**box) if box else None
+            )
+        progress.advance(message=f"checked photo {photo.photo_id}", accepted=float(len(candidates)))
+
+    # 4. set-level checks
+    raise_if_canceled(should_stop)
+    checks: dict[str, str] = {}
+    candidates = _drop_duplicates(candidates, config, reports)
+    candidates = _drop_blurry(candidates, config, reports)
+    raise_if_canceled(should_stop)
+    candidates = _drop_identity_outliers(candidates, config, reports, checks)
+    for candidate in candidates:
+        reports[candidate.photo_id] = candidate.report()
+    report = [reports[p.photo_id] for p in photos]
+    if len(candidates) < config.min_photos:
+        raise DatasetRejected(_rejection_summary(report, config.min_photos), _rejection_details(report, config.min_photos))
+
+    # 5. class token
+    raise_if_canceled(should_stop)
+    from pipelines.intake.class_token import choose_class, clip_class_scores
+
+    crops = [c.crop for c in candidates]
+    scores = clip_class_scores(crops, config.class_candidates, config.clip_model, config.device)
+    class_token = config.class_token.strip() if config.class_token else choose_class(scores)
+
+    # 6. captions
+    raise_if_canceled(should_stop)
+    from pipelines.intake import captions
+
+    if config.context_mode == "blip":
+        contexts = captions.blip_contexts(crops, config.blip_model, config.device)
+    else:
+        contexts = captions.background_tokens(len(candidates))
+
+    # 7. person masks
+    raise_if_canceled(should_stop)
+    from pipelines.vision.segmentation import person_mask
+
+    items = [DatasetItem(c.photo_id, c.crop, person_mask(c.crop), ctx) for c, ctx in zip(candidates, contexts)]
+    return Dataset(
+        items=items,
+        instance_token=config.instance_token,
+        class_token=class_token,
+        class_scores=scores,
+        report=report,
+        context_mode=config.context_mode,
+        checks=checks,
+    )
+
+
+def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig) -> _Candidate:
+    """Steps 1-3 for one photo; raises :class:`PhotoRejected` with the reason."""
+    from pipelines.vision.faces import detect_faces
+    from pipelines.vision.persons import detect_persons
+
+    # 1. decode, reduced for detection
+    image = decode_photo(photo.data, config.limits, reduce_to=DETECTION_SIDE)
+    full_width, full_height = image.info["original_size"]
+
+    # 2. exactly one person
+    persons = detect_persons(image, min_score=config.person_min_score, backend=config.person_backend)
+    if not persons:
+        raise PhotoRejected(ReasonCode.NO_PERSON)
+    if len(persons) > 1:
+        raise PhotoRejected(
+            ReasonCode.MULTIPLE_PEOPLE,
+            f"{len(persons)} people are in the photo; use photos of the subject alone.",
+            {"persons": len(persons)},
+        )
+
+    # 3. the face (the largest, if a second one is a picture in the picture), in full-resolution pixels
+    faces = detect_faces(image, min_score=config.face_min_score, backend=config.face_backend)
+    if not faces:
+        raise PhotoRejected(ReasonCode.NO_FACE)
+    scale = image.width / full_width
+    face = max(faces, key=lambda f: (f.area, f.score)).scaled(1.0 / scale)
+    if max(face.width, face.height) < config.min_face_px:
+        raise PhotoRejected(
+            ReasonCode.FACE_TOO_SMALL,
+            f"The face is too small ({max(face.width, face.height):.0f} px; at least {config.min_face_px} px).",
+            {"face_box": face.to_dict(), "min_face_px": config.min_face_px},
+        )
+
+    left, top, side = square_around(face, config.face_margin)
+    needed_scale = min(1.0, config.crop_size / side)
+    if scale < needed_scale:  # the reduced decode is too coarse for this face: decode finer
+        image = decode_photo(photo.data, config.limits, reduce_to=math.ceil(max(full_width, full_height) * needed_scale))
+        scale = image.width / full_width
+    square = crop_square(image, round(left * scale), round(top * scale), max(1, round(side * scale)))
+    del image
+    if config.upscale_small_faces and square.width < config.crop_size:
+        square = _upscale(square, config)
+    crop = resize_square(square, config.crop_size)
+
+    to_crop = config.crop_size / side
+    face_in_crop = FaceBox(
+        (face.x0 - left) * to_crop, (face.y0 - top) * to_crop, (face.x1 - left) * to_crop, (face.y1 - top) * to_crop, face.score
+    )
+    return _Candidate(index, photo.photo_id, crop, face, face_in_crop, blur_score(crop), perceptual_hash(crop))
+
+
+def _upscale(square: Image.Image, config: IntakeConfig) -> Image.Image:
+    from pipelines.upscale import upscale
+
+    return upscale([square], factor=2, model_path=config.upscaler_model, device=config.device)[0]
+
+
+def _drop_duplicates(candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport]) -> list[_Candidate]:
+    """Of each group of near-duplicates keep the one with the most face pixels (the earliest on ties).
+
+    Not the "sharpest": JPEG artefacts of a recompressed copy raise the blur score.
+    """
+    kept: list[_Candidate] = []
+    for candidate in sorted(candidates, key=lambda c: (-round(c.face_box.width), c.index)):
+        twin = next((k for k in kept if hamming(k.phash, candidate.phash) <= config.duplicate_hamming), None)
+        if twin is None:
+            kept.append(candidate)
+        else:
+            reports[candidate.photo_id] = candidate.report(
+                ReasonCode.DUPLICATE, f"The photo is a near-duplicate of photo {twin.photo_id!r}, which is kept."
+            )
+    return sorted(kept, key=lambda c: c.index)
+
+
+def _drop_blurry(candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport]) -> list[_Candidate]:
+    kept = []
+    for candidate in candidates:
+        if candidate.blur < config.blur_threshold:
+            reports[candidate.photo_id] = candidate.report(ReasonCode.BLURRY)
+        else:
+            kept.append(candidate)
+    return kept
+
+
+def _drop_identity_outliers(
+    candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport], checks: dict[str, str]
+) -> list[_Candidate]:
+    """Flag faces far from the set's median face embedding ("looks like a different person")."""
+    from pipelines.vision.identity import get_face_embedder
+
+    embedder = get_face_embedder(config.identity_backend)
+    if not embedder.available:
+        checks["identity"] = f"not available ({getattr(embedder, 'why', '') or embedder.name})"
+        return candidates
+    embeddings = {c.photo_id: embedder.embed(c.crop, c.face_in_crop) for c in candidates}
+    measured = [c for c in candidates if embeddings[c.photo_id] is not None]
+    if len(measured) < 3:
+        checks["identity"] = "skipped: fewer than 3 faces to compare"
+        return candidates
+    median = np.median(np.stack([embeddings[c.photo_id] for c in measured]), axis=0)
+    threshold = config.identity_threshold if config.identity_threshold is not None else embedder.threshold
+    kept = []
+    for candidate in candidates:
+        vector = embeddings[candidate.photo_id]
+        if vector is not None:
+            candidate.identity_distance = embedder.distance(vector, median)
+        if candidate.identity_distance is not None and candidate.identity_distance >= threshold:
+            reports[candidate.photo_id] = candidate.report(ReasonCode.IDENTITY_OUTLIER)
+        else:
+            kept.append(candidate)
+    checks["identity"] = f"ok ({embedder.name}, threshold {threshold:g})"
+    return kept
+
+
+def _rejection_summary(report: list[PhotoReport], min_photos: int) -> str:
+    accepted = sum(r.accepted for r in report)
+    reasons = Counter(r.reason_code.value for r in report if not r.accepted)
+    why = ", ".join(f"{n} {code}" for code, n in sorted(reasons.items()))
+    return f"Only {accepted} of {len(report)} photos are usable; at least {min_photos} are needed ({why})."
+
+
+def _rejection_details(report: list[PhotoReport], min_photos: int) -> dict:
+    return {
+        "accepted": sum(r.accepted for r in report),
+        "min_photos": min_photos,
+        "reasons": dict(Counter(r.reason_code.value for r in report if not r.accepted)),
+        "report": [r.to_dict() for r in report],
+    }
+
+
+__all__ = ["check_inputs", "examine_photo", "prepare_dataset"]
