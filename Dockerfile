@@ -34,4 +34,4 @@ ENV LIKENESS_DATA_DIR=/data LIKENESS_MODEL_CACHE_DIR=/data/models HF_HOME=/data/
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s CMD curl -fsS http://localhost:8000/healthz || exit 1
 # API by default; workers override the command (see docker-compose.yml).
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

@@ -154,7 +154,7 @@ def serve(
     try:
         if embedded_worker:
             children.append(subprocess.Popen(worker_command(["gpu", "cpu"], 1, settings, "warning")))
-        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host,
+        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
                                           "--port", str(port), "--log-level", "warning"]))
         url = f"http://{host}:{port}"
         console.print(f"Likeness listening on [bold]{url}[/]  (API docs: {url}/docs)")

@@ -1,0 +1,187 @@
+"""Real PostgreSQL, Redis and Celery worker processes for the integration tests.
+
+* a fresh database per run, created from the ``postgres`` database and dropped after;
+* a random queue prefix (Celery queues and Redis keys) so runs never see each other;
+* worker subprocesses (``celery -A ... worker``) started with the test environment.
+
+Settings are passed explicitly (``Settings(...)``, ``make_celery(settings)``) instead of
+through this process's environment, so other test folders' cached settings are untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MODEL_CACHE
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_ADMIN_URL = os.environ.get("LIKENESS_TEST_PG_URL", "postgresql+psycopg://postgres@localhost:5432/postgres")
+REDIS_URL = os.environ.get("LIKENESS_TEST_REDIS_URL", "redis://localhost:6379/0")
+
+pytestmark = pytest.mark.integration
+
+
+def _reachable() -> str | None:
+    import psycopg
+    import redis
+
+    try:
+        with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), connect_timeout=3):
+            pass
+    except Exception as exc:  # noqa: BLE001
+        return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}"
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except Exception as exc:  # noqa: BLE001
+        return f"Redis not reachable at {REDIS_URL}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated database for this run."""
+    import psycopg
+
+    if problem := _reachable():
+        pytest.fail(problem)
+    name = f"likeness_it_{uuid.uuid4().hex[:10]}"
+    admin = PG_ADMIN_URL.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    from app.db.migrate import upgrade_to_head
+
+    upgrade_to_head(url)
+    yield url
+    from app.db.session import dispose_engines
+
+    dispose_engines()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def it_env(pg_url: str, tmp_path_factory) -> dict[str, str]:
+    """LIKENESS_* variables of every process of this run (API, workers)."""
+    prefix = f"it{uuid.uuid4().hex[:8]}."
+    data_dir = tmp_path_factory.mktemp("likeness-data")
+    return {
+        "LIKENESS_ENVIRONMENT": "test",
+        "LIKENESS_DATA_DIR": str(data_dir),
+        "LIKENESS_DATABASE_URL": pg_url,
+        "LIKENESS_BROKER_URL": REDIS_URL,
+        "LIKENESS_RESULT_BACKEND": REDIS_URL,
+        "LIKENESS_REDIS_URL": REDIS_URL,
+        "LIKENESS_QUEUE_PREFIX": prefix,
+        "LIKENESS_STORAGE_BACKEND": "local",
+        "LIKENESS_MODEL_PRESET": "tiny",
+        "LIKENESS_MODEL_CACHE_DIR": str(MODEL_CACHE),
+        "LIKENESS_DEVICE": "cpu",
+        "LIKENESS_JOB_HEARTBEAT_S": "1",
+        "LIKENESS_JOB_STALE_AFTER_S": "4",
+        "LIKENESS_MAX_ATTEMPTS": "3",
+        "LIKENESS_WEBHOOK_MAX_ATTEMPTS": "4",
+        "LIKENESS_TEST_WEBHOOK_BACKOFF_SCALE": "0.1",  # 1 s, 3 s, ... instead of 10 s, 30 s
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def it_settings(it_env):
+    from app.config import Settings
+
+    return Settings(**{k.removeprefix("LIKENESS_").lower(): v for k, v in it_env.items()
+                       if k.startswith("LIKENESS_") and not k.startswith("LIKENESS_TEST_")})
+
+
+@pytest.fixture(scope="session")
+def sender(it_settings):
+    """A Celery app bound to this run's broker and queues (for enqueueing from the test)."""
+    from worker.celery_app import make_celery
+
+    app = make_celery(it_settings)
+    yield app
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    for key in r.scan_iter(f"{it_settings.queue_prefix}*"):
+        r.delete(key)
+
+
+def enqueue(sender, settings, job_id: str, queue: str) -> None:
+    q = settings.queue(queue)
+    sender.send_task("likeness.run_job", args=[job_id], queue=q, routing_key=q, exchange=q)
+
+
+class WorkerProcess:
+    """``celery -A <app> worker`` in its own process group, logging to a file."""
+
+    def __init__(self, app: str, env: dict[str, str], queues: str, log_path: Path):
+        self.app, self.env, self.queues, self.log_path = app, env, queues, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60) -> "WorkerProcess":
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")
+        cmd = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-Q", self.queues, "--concurrency", "1",
+               "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+               "-n", f"it-{uuid.uuid4().hex[:6]}@%h"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=log,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited at start:\n{self.log()}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout_s}s:\n{self.log()}")
+
+    def log(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_bytes()[self._offset:].decode(errors="replace")
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole worker (main process and pool): nothing gets to clean up."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+
+
+@pytest.fixture(scope="session")
+def lifecycle_worker(it_env, it_settings, tmp_path_factory) -> Iterator[WorkerProcess]:
+    """One worker on both queues running the scripted job plan, shared by the lifecycle tests."""
+    queues = f"{it_settings.queue('gpu')},{it_settings.queue('cpu')}"
+    log_path = tmp_path_factory.mktemp("logs") / "lifecycle-worker.log"
+    worker = WorkerProcess("tests.integration.lifecycle_app", it_env, queues, log_path).start()
+    yield worker
+    worker.stop()
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 30, interval_s: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

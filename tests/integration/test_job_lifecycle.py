@@ -1,0 +1,184 @@
+"""Job lifecycle through a real Celery worker, Redis and PostgreSQL (scripted, timed job plan).
+
+What a client would notice: a job moves queued -> running -> succeeded through its named
+stages with progress that never goes back; cancel stops it; a worker killed with SIGKILL
+never leaves it ``running``; webhooks arrive signed, even after the receiver failed.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from app.db.models import Client, Job, JobKind, JobState, Subject, WebhookDelivery
+from app.db.session import session_scope
+from tests.integration.conftest import WorkerProcess, enqueue, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def make_job(pg_url, it_settings, sender):
+    def make(*, webhook_url: str | None = None, secret: str | None = None, max_attempts: int = 3) -> str:
+        with session_scope(pg_url) as session:
+            client = Client(name="it", api_key_hash=os.urandom(16).hex(), webhook_url=webhook_url, webhook_secret=secret)
+            session.add(client)
+            session.flush()
+            subject = Subject(client_id=client.id, name="grace")
+            session.add(subject)
+            session.flush()
+            job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.train, request={},
+                      max_attempts=max_attempts, completed_stages=[])
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        enqueue(sender, it_settings, job_id, "cpu")
+        return job_id
+
+    return make
+
+
+def read_job(pg_url: str, job_id: str) -> Job:
+    with session_scope(pg_url) as session:
+        return session.get(Job, job_id)
+
+
+def phase_runs(it_settings, job_id: str) -> list[str]:
+    path = Path(it_settings.data_dir) / "phase_runs.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.split()[1] for line in lines if line.startswith(job_id)]
+
+
+def watch(pg_url: str, job_id: str, until: set[str], timeout_s: float = 60) -> list[tuple[str, str, float]]:
+    """(state, stage, progress) samples until the job reaches a state in ``until``."""
+    samples: list[tuple[str, str, float]] = []
+
+    def done() -> bool:
+        job = read_job(pg_url, job_id)
+        samples.append((job.state.value, job.stage, job.progress))
+        return job.state.value in until
+
+    wait_for(done, timeout_s, 0.05, f"job {job_id} to reach {until}")
+    return samples
+
+
+def test_job_runs_through_named_stages_with_monotonic_progress(lifecycle_worker, make_job, pg_url, it_settings):
+    job_id = make_job()
+    samples = watch(pg_url, job_id, {"succeeded", "failed"})
+    job = read_job(pg_url, job_id)
+    assert job.state == JobState.succeeded, (job.error_code, job.error_message, lifecycle_worker.log()[-3000:])
+    assert job.progress == 100.0 and job.attempts == 1 and job.finished_at is not None
+    assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2"]
+    seen = [stage for _, stage, _ in samples if stage]
+    order = list(dict.fromkeys(seen))
+    assert order == ["intake", "caching", "training:stage1", "training:stage2"][-len(order):]
+    assert len(order) >= 3  # polled fast enough to see most stages
+    progresses = [p for _, _, p in samples]
+    assert progresses == sorted(progresses), "progress went backwards"
+    assert job.result["training"] == {"steps": 20}
+
+
+def test_cancel_stops_a_running_job_at_the_next_step(lifecycle_worker, make_job, pg_url):
+    job_id = make_job()
+    wait_for(lambda: read_job(pg_url, job_id).stage == "caching", 30, 0.05, "training to start")
+    with session_scope(pg_url) as session:
+        session.get(Job, job_id).cancel_requested = True
+    asked = time.monotonic()
+    watch(pg_url, job_id, {"canceled", "succeeded", "failed"}, timeout_s=15)
+    job = read_job(pg_url, job_id)
+    assert job.state == JobState.canceled and job.error_code == "canceled"
+    assert time.monotonic() - asked < 5  # at the next step boundary, not at the end of the job
+    assert job.progress < 100 and "training:stage2" not in job.completed_stages
+
+
+def test_pool_process_killed_mid_job_resumes_from_last_completed_stage(lifecycle_worker, make_job, pg_url, it_settings):
+    job_id = make_job()
+    wait_for(lambda: read_job(pg_url, job_id).stage == "training:stage1", 30, 0.05, "training:stage1")
+    owner = read_job(pg_url, job_id).worker
+    os.kill(int(owner.rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process running the job
+    watch(pg_url, job_id, {"succeeded", "failed"}, timeout_s=60)
+    job = read_job(pg_url, job_id)
+    assert job.state == JobState.succeeded, (job.error_code, job.error_message)
+    assert job.attempts == 2 and job.worker != owner
+    assert phase_runs(it_settings, job_id) == ["intake", "training", "training"]  # intake not redone
+
+
+def test_job_fails_with_worker_lost_after_max_attempts(lifecycle_worker, make_job, pg_url):
+    job_id = make_job(max_attempts=1)
+    wait_for(lambda: read_job(pg_url, job_id).stage == "caching", 30, 0.05, "training to start")
+    os.kill(int(read_job(pg_url, job_id).worker.rsplit(":", 1)[1]), signal.SIGKILL)
+    watch(pg_url, job_id, {"succeeded", "failed"}, timeout_s=30)
+    job = read_job(pg_url, job_id)
+    assert job.state == JobState.failed and job.error_code == "worker_lost"
+    assert "stopped unexpectedly" in job.error_message
+
+
+@pytest.mark.slow
+def test_whole_worker_killed_is_recovered_by_the_sweep_of_a_new_worker(
+    lifecycle_worker: WorkerProcess, make_job, pg_url, it_settings
+):
+    """SIGKILL of main and pool process: the Redis message waits out its visibility timeout
+    (an hour); the new worker's start-up sweep sees the stale heartbeat and requeues it."""
+    job_id = make_job()
+    wait_for(lambda: read_job(pg_url, job_id).stage == "training:stage1", 30, 0.05, "training:stage1")
+    lifecycle_worker.kill_all()
+    assert read_job(pg_url, job_id).state == JobState.running
+    lifecycle_worker.start()
+    watch(pg_url, job_id, {"succeeded", "failed"}, timeout_s=60)
+    job = read_job(pg_url, job_id)
+    assert job.state == JobState.succeeded, (job.error_code, job.error_message)
+    assert job.attempts == 2
+    assert phase_runs(it_settings, job_id).count("intake") == 1
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    fail_first = 1
+    received: list[tuple[int, dict, bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        status = 500 if len(self.received) < self.fail_first else 200
+        self.received.append((status, dict(self.headers), body))
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_webhook_is_retried_after_500_and_arrives_signed(lifecycle_worker, make_job, pg_url):
+    from app.webhooks import SIGNATURE_HEADER, verify
+
+    _Receiver.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "whsec-test"
+    try:
+        job_id = make_job(webhook_url=f"http://127.0.0.1:{server.server_port}/hook", secret=secret)
+        watch(pg_url, job_id, {"succeeded", "failed"})
+
+        def delivered() -> list:
+            with session_scope(pg_url) as session:
+                rows = session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)).all()
+                return rows if rows and all(r.delivered_at for r in rows) else []
+
+        rows = wait_for(delivered, 30, 0.2, "every webhook delivered")
+    finally:
+        server.shutdown()
+    assert sorted(r.event for r in rows) == ["job.running", "job.succeeded"]
+    assert max(r.attempt for r in rows) == 2  # the first POST got a 500 and was retried
+    ok = [(headers, body) for status, headers, body in _Receiver.received if status == 200]
+    assert len(ok) == 2
+    for headers, body in ok:
+        assert verify(body, secret, headers[SIGNATURE_HEADER])
+        assert not verify(body, "wrong-secret", headers[SIGNATURE_HEADER])
+    final = [json.loads(body) for _, body in ok if json.loads(body)["state"] == "succeeded"][0]
+    assert final["job_id"] == job_id and final["progress"] == 100.0
