@@ -34,7 +34,7 @@ def _api_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def current_client(request: Request, session: Annotated[Session, Depends(get_session)]) -> Caller:
+def current_client(request: Request, session: Annotated[Session, Depends(get_session, scope="function")]) -> Caller:
     key = _api_key(request)
     if key is None:
         raise Unauthorized("Send your API key as 'Authorization: Bearer <key>' or 'X-API-Key'.")
@@ -55,7 +55,7 @@ def get_store() -> BlobStore:
     return get_blob_store(get_settings())
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # commit before the response is sent
 CurrentClient = Annotated[Caller, Depends(current_client)]
 AdminClient = Annotated[Caller, Depends(admin_client)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -29,7 +29,7 @@ def _create_and_enqueue(create) -> idempotency.StoredResponse:  # noqa: ANN001
              description="409 `no_photos` without photos, 409 `training_in_progress` while another training of the "
                          "subject is queued or running. Intake runs first inside the job and judges each photo.")
 def start_training(subject_id: str, caller: CurrentClient, settings: SettingsDep, request: Request,
-                   idempotency_key: IdempotencyKey, body: TrainRequest | None = Body(None)):
+                   idempotency_key: IdempotencyKey = None, body: TrainRequest | None = Body(None)):
     params = (body or TrainRequest()).model_dump(mode="json")
     fp = idempotency.fingerprint(f"POST {request.url.path}", params)
     response, replayed = idempotency.run_idempotent(caller.id, idempotency_key, fp, lambda: _create_and_enqueue(
@@ -59,7 +59,7 @@ def to_generation_request(body: GenerateRequest) -> GenerationRequest:
                          "`unknown_style`, `unknown_aspect`, `unknown_template`, `prompt_missing_instance`, ...; "
                          "409 `subject_not_trained` when the subject has no trained adapter yet.")
 def start_generation(subject_id: str, body: GenerateRequest, caller: CurrentClient, settings: SettingsDep,
-                     request: Request, idempotency_key: IdempotencyKey):
+                     request: Request, idempotency_key: IdempotencyKey = None):
     generation = to_generation_request(body)
     fp = idempotency.fingerprint(f"POST {request.url.path}", body.model_dump(mode="json"))
     response, replayed = idempotency.run_idempotent(caller.id, idempotency_key, fp, lambda: _create_and_enqueue(

@@ -32,7 +32,7 @@ def _read_files(files: list[UploadFile], max_bytes: int) -> list[photos.Uploaded
                  "job's intake; see `GET .../photos`."),
 )
 def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep, store: StoreDep, request: Request,
-                  idempotency_key: IdempotencyKey, files: list[UploadFile] = File(description="1-30 image files")):
+                  idempotency_key: IdempotencyKey = None, files: list[UploadFile] = File(description="1-30 image files")):
     if not 1 <= len(files) <= settings.max_photos_per_request:
         raise InvalidRequest(f"Upload between 1 and {settings.max_photos_per_request} files per request.",
                              {"files": len(files), "max": settings.max_photos_per_request}, code="invalid_file_count")

@@ -14,7 +14,7 @@ router = APIRouter(prefix="/subjects", tags=["subjects"])
 
 @router.post("", status_code=201, summary="Create a subject (a person to learn)", response_model=SubjectPublic,
              responses=errors())
-def create_subject(body: SubjectCreate, caller: CurrentClient, request: Request, idempotency_key: IdempotencyKey):
+def create_subject(body: SubjectCreate, caller: CurrentClient, request: Request, idempotency_key: IdempotencyKey = None):
     def action() -> idempotency.StoredResponse:
         with session_scope() as session:
             subject = subjects.create_subject(session, caller, body.name, body.class_token_override)

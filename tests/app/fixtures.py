@@ -1,0 +1,130 @@
+"""Reusable test infrastructure for anything that talks to the API or the database.
+
+Importing this module configures the process for tests (``LIKENESS_*`` variables, each
+only if not already set): a fresh PostgreSQL database name ``likeness_test_<random>``,
+the local Redis as broker with a random ``queue_prefix``, blobs in a temp folder. Import
+it before ``worker.celery_app`` (``tests/app/conftest.py`` does), then use the fixtures.
+
+The database itself is created (and migrated, and dropped at the end) by the
+``pg_url`` session fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+PG_HOST = os.environ.get("LIKENESS_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("LIKENESS_TEST_PG_PORT", "5432"))
+REDIS_URL = os.environ.get("LIKENESS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _pg_user() -> str:
+    for user in (os.environ.get("LIKENESS_TEST_PG_USER"), "postgres", "root"):
+        if not user:
+            continue
+        try:
+            with psycopg.connect(host=PG_HOST, port=PG_PORT, user=user, dbname="postgres", connect_timeout=3):
+                return user
+        except psycopg.OperationalError:
+            continue
+    raise RuntimeError(f"no PostgreSQL at {PG_HOST}:{PG_PORT} accepting user postgres or root")
+
+
+def pg_admin_connection() -> psycopg.Connection:
+    return psycopg.connect(host=PG_HOST, port=PG_PORT, user=_pg_user(), dbname="postgres", autocommit=True)
+
+
+def pg_url_for(dbname: str) -> str:
+    return f"postgresql+psycopg://{_pg_user()}@{PG_HOST}:{PG_PORT}/{dbname}"
+
+
+def create_database(dbname: str) -> str:
+    with pg_admin_connection() as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    return pg_url_for(dbname)
+
+
+def drop_database(dbname: str) -> None:
+    with pg_admin_connection() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def configure_test_environment() -> None:
+    """Point settings at a fresh test DB name, the local Redis, a random queue prefix and temp blobs."""
+    run_id = secrets.token_hex(4)
+    tmp = Path(tempfile.mkdtemp(prefix=f"likeness-test-{run_id}-"))
+    os.environ.setdefault("LIKENESS_ENVIRONMENT", "test")
+    os.environ.setdefault("LIKENESS_DATABASE_URL", pg_url_for(f"likeness_test_{run_id}"))
+    os.environ.setdefault("LIKENESS_BROKER_URL", REDIS_URL)
+    os.environ.setdefault("LIKENESS_RESULT_BACKEND", REDIS_URL)
+    os.environ.setdefault("LIKENESS_REDIS_URL", REDIS_URL)
+    os.environ.setdefault("LIKENESS_QUEUE_PREFIX", f"test-{run_id}-")
+    os.environ.setdefault("LIKENESS_DATA_DIR", str(tmp))
+    os.environ.setdefault("LIKENESS_STORAGE_DIR", str(tmp / "blobs"))
+    os.environ.setdefault("LIKENESS_SECRET_KEY", "test-secret-" + run_id)
+    from app.config import get_settings
+
+    get_settings.cache_clear()
+
+
+@dataclass
+class ApiClient:
+    """A client row plus an HTTP client that sends its key."""
+
+    id: str
+    key: str
+    http: object  # fastapi.testclient.TestClient
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def get(self, url: str, **kw):  # noqa: ANN003, ANN201
+        return self.http.get(url, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def post(self, url: str, **kw):  # noqa: ANN003, ANN201
+        return self.http.post(url, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def put(self, url: str, **kw):  # noqa: ANN003, ANN201
+        return self.http.put(url, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def delete(self, url: str, **kw):  # noqa: ANN003, ANN201
+        return self.http.delete(url, headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+
+def new_api_client(http, role: str = "app", name: str | None = None, max_candidates: int = 64) -> ApiClient:  # noqa: ANN001
+    from app.db.session import session_scope
+    from app.services.clients import create_client
+
+    with session_scope() as session:
+        client, key = create_client(session, name or f"test-{secrets.token_hex(3)}", role,
+                                    max_candidates=max_candidates)
+        client_id = client.id
+    return ApiClient(client_id, key, http)
+
+
+def migrated_database() -> Iterator[str]:
+    """Create the configured test database, migrate it to head, drop it afterwards."""
+    from sqlalchemy.engine import make_url
+
+    from app.config import get_settings
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import dispose_engines
+
+    url = get_settings().resolved_database_url
+    dbname = make_url(url).database
+    assert dbname and dbname.startswith("likeness_test_"), f"refusing to use {dbname!r} as a throwaway test DB"
+    create_database(dbname)
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        dispose_engines()
+        drop_database(dbname)

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from tests.app.helpers import create_subject, jpeg, jpeg_with_gps, png_bomb, upload
+
+
+def test_one_request_keeps_good_files_and_gives_each_bad_file_its_reason(client_a, settings, store, monkeypatch):
+    monkeypatch.setattr(settings, "max_file_bytes", 2_000_000)
+    subject_id = create_subject(client_a)
+    oversized = jpeg(1800, seed=3)  # noise JPEG of ~2.5 MB
+    assert len(oversized) > settings.max_file_bytes
+    files = [
+        ("good1.jpg", jpeg(320, 1)),
+        ("empty.jpg", b""),
+        ("notes.jpg", b"these are my notes, not a photo\n" * 20),
+        ("huge.jpg", oversized),
+        ("bomb.png", png_bomb()),
+        ("good2.png", _png(300)),
+    ]
+    response = upload(client_a, subject_id, files)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    by_name = {f["filename"]: f for f in body["files"]}
+    assert body["stored"] == 2 and body["rejected"] == 4
+    assert by_name["good1.jpg"]["status"] == "stored" and by_name["good2.png"]["photo_id"]
+    assert by_name["empty.jpg"]["reason_code"] == "empty_file"
+    assert by_name["notes.jpg"]["reason_code"] == "not_an_image"
+    assert by_name["huge.jpg"]["reason_code"] == "too_large_bytes"
+    assert by_name["bomb.png"]["reason_code"] == "decompression_bomb"
+    assert all(by_name[n]["photo_id"] is None and by_name[n]["message"] for n in ("empty.jpg", "notes.jpg", "huge.jpg"))
+
+    listed = client_a.get(f"/v1/subjects/{subject_id}/photos").json()
+    assert listed["count"] == 2
+    assert {p["status"] for p in listed["data"]} == {"pending"}
+    assert {p["format"] for p in listed["data"]} == {"jpeg", "png"}
+    keys = store.list(f"subjects/{subject_id}/")
+    assert sorted(keys) == sorted(f"subjects/{subject_id}/photos/{p['id']}/original.jpg" for p in listed["data"])
+
+
+def test_stored_original_has_no_metadata_and_keys_ignore_filenames(client_a, store):
+    subject_id = create_subject(client_a)
+    response = upload(client_a, subject_id, [("../../etc/passwd.jpg", jpeg_with_gps())])
+    photo_id = response.json()["files"][0]["photo_id"]
+    key = f"subjects/{subject_id}/photos/{photo_id}/original.jpg"
+    stored = Image.open(io.BytesIO(store.get(key)))
+    assert stored.format == "JPEG" and not stored.getexif()
+    assert all("passwd" not in k for k in store.list(f"subjects/{subject_id}/"))
+
+
+def test_file_count_and_request_size_limits(client_a, settings, monkeypatch):
+    subject_id = create_subject(client_a)
+    too_many = [(f"{i}.jpg", b"x") for i in range(settings.max_photos_per_request + 1)]
+    response = upload(client_a, subject_id, too_many)
+    assert response.status_code == 422 and response.json()["code"] == "invalid_file_count"
+
+    from app.main import BodyLimitMiddleware
+
+    monkeypatch.setattr(BodyLimitMiddleware, "__init__", _limited_init(50_000))
+    from app.main import create_app
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as small:
+        response = small.post(f"/v1/subjects/{subject_id}/photos", headers=client_a.headers,
+                              files=[("files", ("a.jpg", jpeg(400, 1), "image/jpeg")),
+                                     ("files", ("b.jpg", jpeg(400, 2), "image/jpeg"))])
+    assert response.status_code == 413 and response.json()["code"] == "request_too_large"
+    assert client_a.get(f"/v1/subjects/{subject_id}/photos").json()["count"] == 0
+
+
+def _limited_init(limit: int):
+    def init(self, app, settings, default_limit=1024 * 1024):  # noqa: ANN001
+        self.app, self.upload_limit, self.default_limit = app, limit, default_limit
+
+    return init
+
+
+def _png(size: int) -> bytes:
+    from tests.conftest import encode, noise_image
+
+    return encode(noise_image(size, 11), "PNG")
