@@ -1,0 +1,112 @@
+"""Face squares, border replication, blur and hashes; the CLIP class-word rule."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from pipelines.intake.class_token import choose_class, class_scores, clip_class_scores
+from pipelines.intake.config import IntakeConfig
+from pipelines.intake.crops import blur_score, crop_square, hamming, perceptual_hash, square_around
+from pipelines.intake.dataset import PhotoInput
+from pipelines.intake.pipeline import examine_photo
+from pipelines.vision.faces import detect_faces
+from tests.conftest import encode
+
+
+def _config(**changes) -> IntakeConfig:
+    return IntakeConfig(clip_model="unused-here", **changes)
+
+
+def test_crop_square_replicates_edge_pixels():
+    image = Image.fromarray(np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3))
+    square = np.asarray(crop_square(image, -5, -4, 16))
+    original = np.asarray(image)
+    assert square.shape == (16, 16, 3)
+    assert (square[:4, 5:] == original[0, :11]).all()  # rows above the image repeat its first row
+    assert (square[4:, :5] == original[:12, :1]).all()  # columns left of it repeat its first column
+    assert (square[4:, 5:] == original[:12, :11]).all()
+
+
+def test_face_is_centred_and_upright_in_the_crop(astronaut):
+    candidate = examine_photo(0, PhotoInput("a", encode(astronaut.resize((1024, 1024)))), _config())
+    assert candidate.crop.size == (512, 512) and candidate.crop.mode == "RGB"
+    faces = detect_faces(candidate.crop)
+    assert len(faces) == 1
+    cx, cy = faces[0].center
+    assert abs(cx - 256) < 512 * 0.06 and abs(cy - 256) < 512 * 0.06
+    # face_margin 0.75 -> the face box is 1 / 2.5 of the crop
+    assert faces[0].width == pytest.approx(512 / 2.5, rel=0.2)
+
+
+def test_face_at_the_image_edge_gets_replicated_border(astronaut):
+    # Cut the photo just above the eyebrows: the head square must leave the image at the top.
+    face = detect_faces(astronaut)[0]
+    photo = astronaut.crop((0, int(face.y0) + 10, 512, 512)).resize((1024, 2 * (512 - int(face.y0) - 10)))
+    candidate = examine_photo(0, PhotoInput("edge", encode(photo, "PNG")), _config())
+    crop = np.asarray(candidate.crop, dtype=np.int16)
+    _, top, side = square_around(candidate.face_box, _config().face_margin)
+    first_photo_row = round(-top * 512 / side)  # where the photo's row 0 lands in the crop
+    assert first_photo_row > 40
+    # Above it every crop row repeats the photo's first row (resampled alike).
+    top = crop[: first_photo_row - 4]
+    assert np.abs(top - top[0]).max() <= 2
+    assert np.abs(crop[first_photo_row + 30] - crop[0]).max() > 30  # below it, the photo itself
+
+
+def test_small_face_is_refused_with_its_box(astronaut):
+    from pipelines.intake.decode import PhotoRejected
+    from pipelines.intake.reasons import ReasonCode
+
+    with pytest.raises(PhotoRejected) as info:
+        examine_photo(0, PhotoInput("far", encode(astronaut)), _config(min_face_px=150))
+    assert info.value.reason is ReasonCode.FACE_TOO_SMALL
+    assert info.value.details["face_box"]["x1"] > info.value.details["face_box"]["x0"]
+
+
+def test_blur_score_orders_sharpness(astronaut):
+    sharp = blur_score(astronaut)
+    assert sharp > blur_score(astronaut.filter(ImageFilter.GaussianBlur(2))) > blur_score(astronaut.filter(ImageFilter.GaussianBlur(5)))
+    assert blur_score(astronaut.filter(ImageFilter.GaussianBlur(5))) < _config().blur_threshold < sharp
+
+
+def test_perceptual_hash_matches_recompressed_copies_only(astronaut, grace_hopper):
+    recompressed = Image.open(io.BytesIO(encode(astronaut, quality=60)))
+    brighter = Image.eval(astronaut, lambda v: min(255, int(v * 1.15)))
+    h = perceptual_hash(astronaut)
+    assert hamming(h, perceptual_hash(recompressed)) <= 2
+    assert hamming(h, perceptual_hash(brighter)) <= 4
+    assert hamming(h, perceptual_hash(astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))) > 12
+    assert hamming(h, perceptual_hash(grace_hopper)) > 12
+
+
+def test_class_is_argmin_of_mean_cosine_distance():
+    words = ["girl", "man", "boy", "baby"]
+    texts = np.eye(4, 8)
+    # Two images near "man", one exactly on "girl": the mean still favours "man".
+    images = np.array([[0.1, 1, 0, 0, 0, 0, 0, 0], [0, 1, 0.2, 0, 0, 0, 0, 0], [1, 0.5, 0, 0, 0, 0, 0, 0]])
+    scores = class_scores(images, texts, words)
+    assert choose_class(scores) == "man"
+    expected = 1 - (images / np.linalg.norm(images, axis=1, keepdims=True)) @ texts.T
+    assert scores == pytest.approx(dict(zip(words, expected.mean(axis=0))))
+
+
+def test_class_ties_go_to_the_earlier_candidate():
+    words = ["girl", "man", "boy", "baby"]
+    images = np.array([[1.0, 1.0, 0.0, 0.0]])
+    scores = class_scores(images, np.eye(4), words)
+    assert scores["girl"] == pytest.approx(scores["man"])
+    assert choose_class(scores) == "girl"
+    assert choose_class(dict(reversed(list(scores.items())))) == "man"
+
+
+def test_tiny_clip_scores_every_candidate(tiny_preset, astronaut, grace_hopper):
+    words = ("girl", "man", "boy", "baby")
+    scores = clip_class_scores([astronaut, grace_hopper], words, tiny_preset.clip)
+    assert list(scores) == list(words)
+    assert all(0.0 <= s <= 2.0 for s in scores.values())
+    assert len({round(s, 6) for s in scores.values()}) > 1  # words embed differently
+    assert scores == clip_class_scores([astronaut, grace_hopper], words, tiny_preset.clip)  # deterministic
