@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.scrape_registry = scrape_registry(settings, SessionLocal)
     install_error_handlers(app)
     for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
-        app.include_router(router, prefix="/v1")
+        app.include_router(router)
     _install_probes(app, settings)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware)

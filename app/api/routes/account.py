@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentClient, SessionDep
+from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import DeliveryPublic, Page, StylePublic, WebhookIn, WebhookOut
 from app.services import webhooks
 
-router = APIRouter(tags=["account"])
+router = APIRouter(prefix=API_PREFIX, tags=["account"])
 
 
 @router.put("/webhook", response_model=WebhookOut, responses=errors(),

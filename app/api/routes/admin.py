@@ -3,12 +3,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from app.api.deps import AdminClient, SessionDep
+from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import AdminJobPublic, ClientCreate, ClientCreated, ClientPublic, Page
 from app.db.models import JobKind, JobState
 from app.services import clients, jobs
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix=f"{API_PREFIX}/admin", tags=["admin"])
 
 
 @router.post("/clients", status_code=201, response_model=ClientCreated, responses=errors(403),

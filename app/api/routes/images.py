@@ -7,6 +7,7 @@ from fastapi import APIRouter, Body, Query
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import CurrentClient, SessionDep, SettingsDep, StoreDep
+from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
 from app.errors import Forbidden, NotFound
@@ -14,7 +15,7 @@ from app.services import images
 from app.signing import check_signature, signed_url
 from app.storage import BlobNotFound, BlobStore, InvalidKey
 
-router = APIRouter(tags=["images"])
+router = APIRouter(prefix=API_PREFIX, tags=["images"])
 
 _IMAGE_RESPONSE = {200: {"content": {"image/png": {}}, "description": "The image bytes."}}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Query, Request
 
 from app.api.deps import CurrentClient, IdempotencyKey, SessionDep, SettingsDep
+from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, replayable
 from app.api.schemas import GenerateRequest, JobPublic, Page, TrainRequest
 from app.db.models import JobKind, JobState
@@ -12,7 +13,7 @@ from app.webhooks import send_deliveries
 from pipelines.generation.request import ControlNetSpec, GenerationRequest
 from worker.celery_app import enqueue_job
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(prefix=API_PREFIX, tags=["jobs"])
 
 
 def _create_and_enqueue(create) -> idempotency.StoredResponse:  # noqa: ANN001

@@ -5,13 +5,14 @@ import hashlib
 from fastapi import APIRouter, File, Request, UploadFile
 
 from app.api.deps import CurrentClient, IdempotencyKey, SessionDep, SettingsDep, StoreDep
+from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, replayable
 from app.api.schemas import Page, PhotoPublic, UploadResponse, UploadResult
 from app.db.session import session_scope
 from app.errors import InvalidRequest
 from app.services import idempotency, photos
 
-router = APIRouter(prefix="/subjects/{subject_id}/photos", tags=["photos"])
+router = APIRouter(prefix=f"{API_PREFIX}/subjects/{{subject_id}}/photos", tags=["photos"])
 
 
 def _read_files(files: list[UploadFile], max_bytes: int) -> list[photos.UploadedFile]:

@@ -3,13 +3,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 
 from app.api.deps import CurrentClient, IdempotencyKey, SessionDep, StoreDep
+from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, replayable
 from app.api.schemas import Page, SubjectCreate, SubjectPublic
 from app.db.session import session_scope
 from app.services import idempotency, subjects
 from app.webhooks import send_deliveries
 
-router = APIRouter(prefix="/subjects", tags=["subjects"])
+router = APIRouter(prefix=f"{API_PREFIX}/subjects", tags=["subjects"])
 
 
 @router.post("", status_code=201, summary="Create a subject (a person to learn)", response_model=SubjectPublic,

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import re
+
+from tests.app.helpers import subject_with_photo
+
+
+def test_healthz_and_readyz(http, settings, monkeypatch):
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+    monkeypatch.setattr(settings, "broker_url", "redis://127.0.0.1:1/0")  # nothing listens there
+    down = http.get("/readyz")
+    assert down.status_code == 503 and down.json()["code"] == "not_ready"
+    checks = down.json()["details"]["checks"]
+    assert checks["database"] == "ok" and checks["broker"].startswith("error")
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.rsplit("} ", 1)[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_metrics_report_latency_by_route_jobs_by_state_queue_depth_and_stage_durations(client_a, http):
+    from app.db.models import Job, JobState, utcnow
+    from app.db.session import session_scope
+    from app.metrics import record_stage_duration
+
+    subject_id = subject_with_photo(client_a)
+    job_id = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
+    client_a.get(f"/v1/jobs/{job_id}")
+    done_id = client_a.post(f"/v1/subjects/{subject_with_photo(client_a)}/train").json()["id"]
+    with session_scope() as session:
+        job = session.get(Job, done_id)
+        job.result = {"intake": {"accepted": 1}}
+        record_stage_duration(job, "intake", 4.0)
+        record_stage_duration(job, "training:stage1", 95.0)
+        job.state, job.finished_at = JobState.succeeded, utcnow()
+    with session_scope() as session:
+        assert session.get(Job, done_id).result["intake"] == {"accepted": 1}  # merged, not replaced
+
+    text = http.get("/metrics").text
+    assert _sample(text, "likeness_http_request_duration_seconds_count", route="/v1/jobs/{job_id}", method="GET") >= 1
+    assert job_id not in text  # ids never become labels
+    assert _sample(text, "likeness_jobs", kind="train", state="queued") >= 1
+    assert _sample(text, "likeness_jobs", kind="train", state="succeeded") >= 1
+    assert _sample(text, "likeness_queue_depth", queue="cpu") >= 1  # training starts on the CPU queue
+    assert _sample(text, "likeness_stage_duration_seconds_bucket", kind="train", stage="training:stage1", le="120.0") >= 1
+    assert _sample(text, "likeness_stage_duration_seconds_bucket", kind="train", stage="training:stage1", le="60.0") == 0
