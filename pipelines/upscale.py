@@ -1,0 +1,130 @@
+"""Real-ESRGAN upscaling (×2, ×4) with spandrel, tiled so memory stays bounded.
+
+Each tile is upscaled with ``overlap`` pixels of context on every side; overlapping
+outputs are blended with linear ramps, so seams vanish and peak memory depends on the
+tile size only, never on the image size.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.errors import InvalidConfig
+from pipelines.progress import CancelFn, ProgressFn, StageProgress, raise_if_canceled
+
+
+def check_inputs(factor: int, tile: int, overlap: int, model_path: str | None) -> None:
+    if factor not in (2, 4):
+        raise InvalidConfig(f"upscale factor must be 2 or 4, got {factor}", {"factor": factor}, code="invalid_upscale")
+    if not model_path:
+        raise InvalidConfig("upscale needs a model_path (the preset's upscaler_x2/_x4)", code="upscaler_required")
+    if tile < 16 or overlap < 0 or 2 * overlap >= tile:
+        raise InvalidConfig("tile must be >= 16 and overlap < tile / 2", {"tile": tile, "overlap": overlap},
+                            code="invalid_tiling")
+
+
+@functools.lru_cache(maxsize=4)
+def load_upscaler(model_path: str, device: str, half: bool):
+    """A spandrel ImageModelDescriptor, cached per (path, device, precision) in the warm worker."""
+    from spandrel import ModelLoader
+
+    from pipelines.ranking import resolve_weight_file
+
+    descriptor = ModelLoader(device=device).load_from_file(str(resolve_weight_file(model_path)))
+    descriptor.eval()
+    if half:
+        descriptor.half()
+    return descriptor
+
+
+def upscale(
+    images: Sequence[Image.Image],
+    factor: int = 2,
+    model_path: str | None = None,
+    tile: int = 256,
+    overlap: int = 16,
+    device: str | None = None,
+    half: bool | None = None,
+    on_progress: ProgressFn | None = None,
+    should_stop: CancelFn | None = None,
+) -> list[Image.Image]:
+    """Each image upscaled by exactly ``factor`` (output size = input size × factor)."""
+    check_inputs(factor, tile, overlap, model_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    half = (torch.device(device).type == "cuda") if half is None else half
+    model = load_upscaler(model_path, device, half)
+    if half and not model.supports_half:
+        model = load_upscaler(model_path, device, False)
+        half = False
+    if model.scale != factor:
+        raise InvalidConfig(f"{model_path} upscales ×{model.scale}, not ×{factor}",
+                            {"model_scale": model.scale, "factor": factor}, code="upscaler_scale_mismatch")
+    progress = StageProgress(on_progress, "upscaling", total=len(images))
+    progress.start(f"×{factor} on {len(images)} images")
+    out = []
+    for image in images:
+        raise_if_canceled(should_stop)
+        out.append(_upscale_one(model, image.convert("RGB"), factor, tile, overlap, half))
+        progress.advance()
+    return out
+
+
+
+@torch.inference_mode()
+def _upscale_one(model, image: Image.Image, factor: int, tile: int, overlap: int, half: bool) -> Image.Image:
+    device = next(model.model.parameters()).device
+    dtype = torch.float16 if half else torch.float32
+    x = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)[None]
+    height, width = x.shape[-2:]
+    out = torch.zeros(1, 3, height * factor, width * factor)
+    weight = torch.zeros(1, 1, height * factor, width * factor)
+    core = tile - 2 * overlap
+    for top in range(0, height, core):
+        for left in range(0, width, core):
+            # Tile with context, clipped to the image.
+            y0, x0 = max(top - overlap, 0), max(left - overlap, 0)
+            y1, x1 = min(top + core + overlap, height), min(left + core + overlap, width)
+            piece = _run(model, x[..., y0:y1, x0:x1], device, dtype)
+            ramp = _ramp(y1 - y0, x1 - x0, factor, overlap, top=y0 > 0, left=x0 > 0,
+                         bottom=y1 < height, right=x1 < width)
+            out[..., y0 * factor : y1 * factor, x0 * factor : x1 * factor] += piece * ramp
+            weight[..., y0 * factor : y1 * factor, x0 * factor : x1 * factor] += ramp
+    result = (out / weight.clamp_min(1e-8)).clamp(0, 1)
+    return Image.fromarray((result[0].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8))
+
+
+def _run(model, piece: torch.Tensor, device, dtype) -> torch.Tensor:
+    """The model on one tile, padded (reflect) to the sizes the architecture needs."""
+    h, w = piece.shape[-2:]
+    req = model.size_requirements
+    multiple = max(req.multiple_of, 1)
+    target_h = max(-(-h // multiple) * multiple, req.minimum)
+    target_w = max(-(-w // multiple) * multiple, req.minimum)
+    if (target_h, target_w) != (h, w):
+        mode = "reflect" if h > target_h - h and w > target_w - w else "replicate"
+        piece = torch.nn.functional.pad(piece, (0, target_w - w, 0, target_h - h), mode=mode)
+    result = model(piece.to(device, dtype)).float().cpu()
+    return result[..., : h * model.scale, : w * model.scale]
+
+
+def _ramp(h: int, w: int, factor: int, overlap: int, *, top: bool, left: bool, bottom: bool, right: bool):
+    """Blend weights for one tile's output: 1 inside, falling linearly across overlaps that
+    another tile also covers (edges of the image keep full weight)."""
+    size = overlap * factor
+
+    def axis(n: int, start: bool, end: bool) -> torch.Tensor:
+        ramp = torch.ones(n * factor)
+        if size > 0:
+            edge = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+            if start:
+                ramp[:size] = torch.minimum(ramp[:size], edge)
+            if end:
+                ramp[-size:] = torch.minimum(ramp[-size:], edge.flip(0))
+        return ramp
+
+    return (axis(h, top, bottom)[:, None] * axis(w, left, right)[None, :])[None, None]

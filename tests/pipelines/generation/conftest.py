@@ -1,0 +1,71 @@
+"""Fixtures for generation tests: a warm tiny engine and real adapter folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.vision.boxes import Box
+
+
+def whole_image_face(image):
+    """Random-weight models draw noise, never a face: tests of the generation flow (not of
+    the face rule, which tests/…/test_ranking.py checks with the real detector) treat the
+    whole image as one face so candidates are deliverable."""
+    return [Box(0, 0, image.width, image.height)]
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_preset):
+    from pipelines.generation import GenerationEngine
+
+    return GenerationEngine(tiny_preset, "cpu", face_detector=whole_image_face, face_embedder="none")
+
+
+def build_lora_adapter(folder: Path, preset, instance_token: str, seed: int) -> Path:
+    """A LoRA adapter in the project's format: random (non-zero) U-Net and text-encoder
+    LoRA and a random instance-token embedding, written by ``save_adapter``."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    from pipelines.adapters import AdapterManifest, LoraSpec, save_adapter
+
+    spec = LoraSpec(unet_rank=4, text_encoder_rank=4)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(preset.base_model, subfolder="unet")
+    unet.add_adapter(LoraConfig(**spec.peft_kwargs("unet"), init_lora_weights=False))
+    text_encoder = CLIPTextModel.from_pretrained(preset.base_model, subfolder="text_encoder")
+    text_encoder.add_adapter(LoraConfig(**spec.peft_kwargs("text_encoder"), init_lora_weights=False))
+    hidden = text_encoder.config.hidden_size
+    manifest = AdapterManifest(mode="lora", base_model=preset.base_model, instance_token=instance_token,
+                               class_token="girl", tokens=(instance_token,), lora=spec)
+    return save_adapter(
+        folder, manifest,
+        unet_lora=get_peft_model_state_dict(unet), text_encoder_lora=get_peft_model_state_dict(text_encoder),
+        token_embeddings={instance_token: torch.randn(hidden)},
+    )
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, tiny_preset) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": build_lora_adapter(root / "subject_a", tiny_preset, "<subj_a>", seed=1),
+        "b": build_lora_adapter(root / "subject_b", tiny_preset, "<subj_b>", seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_controlnets(engine):
+    """The tiny ControlNets are freshly initialised, so their zero convolutions are zero and
+    they cannot change anything; give those convolutions weights, as training would."""
+    generator = torch.Generator().manual_seed(0)
+    for kind in ("pose", "depth"):
+        net = engine.controlnet(kind)
+        with torch.no_grad():
+            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
+    return engine
