@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.errors import Canceled, InvalidConfig
-from pipelines.generation import ControlNetSpec, GenerationRequest
+from pipelines.generation import ControlNetSpec, GenerationRequest, aspect_size
 
 # Few steps, no CFG unless a test needs it: the tiny models are random, only the plumbing matters.
 FAST = dict(prompts=("a photo of {instance} {class}",), steps=2, guidance_scale=1.0, upscale=None, controlnets=())
@@ -61,20 +61,21 @@ def test_adapter_attach_detach_leaves_the_base_bit_for_bit(engine, adapters):
 
 
 @pytest.mark.slow
-def test_two_subjects_in_turn_do_not_leak(engine, adapters, tiny_preset):
+def test_two_subjects_in_turn_do_not_leak(engine, adapters, fast_preset):
     from pipelines.generation import GenerationEngine
 
     generate_one(engine, adapters["a"], seed=5)
     b_after_a = generate_one(engine, adapters["b"], seed=5)
-    fresh = GenerationEngine(tiny_preset, "cpu", face_detector=engine.face_detector, face_embedder="none")
+    fresh = GenerationEngine(fast_preset, "cpu", face_detector=engine.face_detector, face_embedder="none")
     b_fresh = generate_one(fresh, adapters["b"], seed=5)
     assert "<subj_b>" in b_after_a.prompt and "<subj_a>" not in b_after_a.prompt
     assert np.array_equal(pixels(b_after_a.image), pixels(b_fresh.image))
 
 
-def test_nine_by_sixteen_and_four_by_five_sizes(engine):
-    assert generate_one(engine, aspect="9:16", steps=1).image.size == (128, 224)
-    assert generate_one(engine, aspect="4:5", steps=1).image.size == (128, 160)
+def test_aspect_sizes_are_exact(engine):
+    # Short side = the preset's resolution (64 here), long side rounded to a multiple of 8.
+    assert generate_one(engine, aspect="9:16", steps=1).image.size == aspect_size("9:16", 64) == (64, 112)
+    assert generate_one(engine, aspect="4:5", steps=1).image.size == aspect_size("4:5", 64) == (64, 80)
 
 
 def test_controlnet_changes_output_and_scale_zero_equals_none(trained_controlnets):
@@ -118,7 +119,7 @@ def test_progress_covers_every_stage_and_results_are_ranked(engine):
     finally:
         engine._safety_checker = previous
     assert [r.rank for r in results] == [1, 2]
-    assert all(r.upscaled.size == (256, 256) and r.image.size == (128, 128) for r in results)
+    assert all(r.upscaled.size == (128, 128) and r.image.size == (64, 64) for r in results)
     assert results[0].scores["combined"] >= results[1].scores["combined"]
     assert {"aesthetic", "identity", "text"} <= results[0].scores.keys()
     assert results[0].scores["identity"] is None  # no face embedder: "not available", not a guess
