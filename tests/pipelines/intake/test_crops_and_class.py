@@ -110,3 +110,24 @@ def test_tiny_clip_scores_every_candidate(tiny_preset, astronaut, grace_hopper):
     assert all(0.0 <= s <= 2.0 for s in scores.values())
     assert len({round(s, 6) for s in scores.values()}) > 1  # words embed differently
     assert scores == clip_class_scores([astronaut, grace_hopper], words, tiny_preset.clip)  # deterministic
+
+
+def test_blip_captions_put_the_subject_in_place_of_the_person_word():
+    from pipelines.intake.captions import subject_caption
+    from pipelines.intake.dataset import DatasetItem
+
+    assert subject_caption("a man sitting on a bench") == "a {subject} sitting on a bench"
+    assert subject_caption("a young woman with a red hat") == "a {subject} with a red hat"
+    assert subject_caption("a red brick wall") == "{subject}, a red brick wall"
+    item = DatasetItem("p", Image.new("RGB", (8, 8)), Image.new("L", (8, 8)), subject_caption("a man on a bench"))
+    assert item.prompt("<subj>", "man") == "a <subj> man on a bench"
+    assert DatasetItem("p", item.crop, item.mask, "<bg0>").prompt("<subj>", "girl") == "<bg0> <subj> girl"
+
+
+def test_small_faces_can_go_through_real_esrgan_first(astronaut, tiny_preset):
+    photo = PhotoInput("small", encode(astronaut))  # face square ~260 px < 512
+    plain = examine_photo(0, photo, _config())
+    upscaled = examine_photo(0, photo, _config(upscale_small_faces=True, upscaler_model=tiny_preset.upscaler_x2))
+    assert upscaled.crop.size == plain.crop.size == (512, 512)
+    assert not np.array_equal(np.asarray(upscaled.crop), np.asarray(plain.crop))
+    assert upscaled.face_box == plain.face_box
