@@ -130,7 +130,7 @@ def save_adapter(
     """Write an adapter folder. LoRA dicts are peft state dicts (``get_peft_model_state_dict``).
 
     ``full_components`` maps ``unet``/``text_encoder`` to changed modules; a text encoder
-    is saved with its embedding matrix cut back to the base vocabulary.
+    must carry the base vocabulary only (the new tokens travel in ``token_embeddings``).
     """
     from safetensors.torch import save_file
 
@@ -152,10 +152,7 @@ def save_adapter(
         vector = token_embeddings[token].detach().float().reshape(-1).contiguous().cpu()
         save_file({token: vector}, str(folder / TOKENS_DIR / f"{index}.safetensors"))
     for name, module in full_components.items():
-        if name == "text_encoder":
-            _save_text_encoder_base_vocab(module, folder / name, n_added=len(manifest.tokens))
-        else:
-            module.save_pretrained(str(folder / name), safe_serialization=True)
+        module.save_pretrained(str(folder / name), safe_serialization=True)
 
     components = tuple(full_components) if full_components else tuple(
         name for name, sd in (("unet", unet_lora), ("text_encoder", text_encoder_lora)) if sd
@@ -177,22 +174,6 @@ def _save_lora(folder: Path, spec: LoraSpec, unet_lora, text_encoder_lora) -> No
         unet_lora_adapter_metadata=spec.peft_kwargs("unet") if unet_lora else None,
         text_encoder_lora_adapter_metadata=spec.peft_kwargs("text_encoder") if text_encoder_lora else None,
     )
-
-
-def _save_text_encoder_base_vocab(text_encoder: nn.Module, folder: Path, n_added: int) -> None:
-    embedding = text_encoder.get_input_embeddings()
-    base_rows = embedding.num_embeddings - n_added
-    truncated = nn.Embedding(base_rows, embedding.embedding_dim, device=embedding.weight.device,
-                             dtype=embedding.weight.dtype)
-    truncated.weight.data.copy_(embedding.weight.data[:base_rows])
-    old_vocab = text_encoder.config.vocab_size
-    text_encoder.set_input_embeddings(truncated)
-    text_encoder.config.vocab_size = base_rows
-    try:
-        text_encoder.save_pretrained(str(folder), safe_serialization=True)
-    finally:
-        text_encoder.set_input_embeddings(embedding)
-        text_encoder.config.vocab_size = old_vocab
 
 
 def _cpu_contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

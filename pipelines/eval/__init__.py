@@ -1,0 +1,1 @@
+"""Evaluation of trained adapters: alignment metrics, LPIPS, identity, reports."""
