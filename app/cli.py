@@ -255,9 +255,9 @@ def run(
         report = run_local(photos_dir, out, config, _settings().resolved_model_cache_dir, on_progress=on_progress)
         for task_id in tasks.values():
             bars.update(task_id, completed=100)
-    accepted = sum(1 for p in report["photos"] if p.get("status") == "accepted")
+    accepted = sum(1 for p in report["photos"] if p["accepted"])
     console.print(f"{accepted}/{len(report['photos'])} photos used, class token [bold]{report['class_token']}[/]; "
-                  f"{sum(1 for c in report['candidates'] if 'file' in c)} images and report.json in {out}")
+                  f"{len(report['candidates'])} images and report.json in {out}")
 
 
 def main() -> None:

@@ -76,8 +76,12 @@ def run_local(
     on_progress: ProgressFn = no_progress,
     should_stop: CancelFn = never_stop,
     timer: StageTimer | None = None,
+    engine=None,
 ) -> dict[str, Any]:
-    """Run the whole pipeline; writes ``rank_XX.png``, ``rank_XX_x2.png`` and ``report.json`` to ``out_dir``."""
+    """Run the whole pipeline; writes ``rank_XX.png``, ``rank_XX_x2.png`` and ``report.json`` to ``out_dir``.
+
+    ``engine``: an already loaded ``GenerationEngine`` (a warm worker); default: load one here.
+    """
     from pipelines.generation.engine import GenerationEngine
     from pipelines.generation.request import GenerationRequest
     from pipelines.intake import prepare_dataset
@@ -116,11 +120,11 @@ def run_local(
     work = out_dir / ".work"
     trained = train(
         dataset.training_examples(), dataset.token_spec(), train_config, preset,
-        work / "adapter", on_progress=progress, should_stop=should_stop,
+        work / "training", on_progress=progress, should_stop=should_stop, device=device,
     )
-    adapter_dir = Path(getattr(trained, "adapter_dir", work / "adapter"))
+    adapter_dir = trained.adapter_dir
     # 4. generation (generating, ranking, upscaling)
-    engine = GenerationEngine(preset, device)  # the CLI is one job: no model cache needed
+    engine = engine or GenerationEngine(preset, device)
     references = [item.crop for item in dataset.items]
     results = engine.generate(request, adapter_dir, references, on_progress=progress, should_stop=should_stop)
     # 5. delivering
@@ -143,7 +147,7 @@ def run_local(
         "class_token": dataset.class_token,
         "class_scores": dict(dataset.class_scores),
         "checks": dict(dataset.checks),
-        "training": _to_jsonable(getattr(trained, "metrics", {})),
+        "training": {"steps": trained.steps, **_to_jsonable(trained.metrics)},
         "candidates": candidates,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -234,7 +234,7 @@ def run_training(ctx: StageContext) -> dict[str, Any]:
     config = train_config(job.request)
     dataset = Dataset.load(download_folder(ctx.store, dataset_prefix(job.subject_id, job.id), ctx.workdir / "dataset-in"))
     preset = _preset(ctx.settings)
-    output_dir = ctx.workdir / "adapter"  # kept across attempts on this machine: train() resumes its checkpoint
+    output_dir = ctx.workdir / "training"  # kept across attempts on this machine: train() resumes its checkpoint
     result = train(
         dataset.training_examples(),
         dataset.token_spec(),
@@ -243,8 +243,9 @@ def run_training(ctx: StageContext) -> dict[str, Any]:
         output_dir,
         on_progress=ctx.on_progress,
         should_stop=ctx.should_stop,
+        device=resolve_device(ctx.settings.device),
     )
-    adapter_dir = Path(getattr(result, "adapter_dir", output_dir))
+    adapter_dir = Path(result.adapter_dir)
     manifest = _read_manifest(adapter_dir)
     with session_scope() as session:
         adapter = session.execute(select(Adapter).where(Adapter.job_id == job.id)).scalar_one_or_none()
@@ -261,8 +262,8 @@ def run_training(ctx: StageContext) -> dict[str, Any]:
         session.flush()
         adapter_id, version, prefix = adapter.id, adapter.version, adapter.blob_prefix
     upload_folder(ctx.store, adapter_dir, prefix)
-    metrics = getattr(result, "metrics", None) or {}
-    return {"adapter": {"id": adapter_id, "version": version}, "training": _jsonable(metrics)}
+    return {"adapter": {"id": adapter_id, "version": version},
+            "training": {"steps": result.steps, **_jsonable(result.metrics or {})}}
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def sender(it_settings):
     import redis
 
     r = redis.Redis.from_url(REDIS_URL)
-    for key in r.scan_iter(f"{it_settings.queue_prefix}*"):
+    for key in r.scan_iter(it_settings.queue_prefix.rstrip(".") + "*"):  # also the e2e module's queues
         r.delete(key)
 
 

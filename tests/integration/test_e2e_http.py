@@ -1,0 +1,164 @@
+"""The client's whole path over HTTP, tiny random-weight models, distributed topology:
+uvicorn + a CPU worker (intake) + a GPU-queue worker (training, generation), real
+PostgreSQL, Redis and local blob storage.
+
+upload -> per-photo report -> train (intake hands over to the GPU queue) -> poll through
+named stages -> generate -> poll -> list results -> download original and upscaled ->
+delete subject -> no rows, no blobs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import encode
+from tests.integration.conftest import ROOT, WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TRAIN_STAGES = ["intake", "caching", "training:stage1", "training:stage2"]
+GENERATE_STAGES = ["generating", "ranking", "upscaling", "delivering"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def e2e_env(it_env) -> dict[str, str]:
+    """The run's environment with queues of its own: the scripted lifecycle worker never takes these jobs."""
+    return {**it_env, "LIKENESS_QUEUE_PREFIX": it_env["LIKENESS_QUEUE_PREFIX"].rstrip(".") + "e2e."}
+
+
+@pytest.fixture(scope="module")
+def api(e2e_env, pg_url, tmp_path_factory):
+    """uvicorn serving the real app with the run's environment; yields (base_url, admin key)."""
+    port = _free_port()
+    admin_key = "lk_it_admin_" + os.urandom(8).hex()
+    env = {**os.environ, **e2e_env, "LIKENESS_BOOTSTRAP_ADMIN_KEY": admin_key}
+    log = open(tmp_path_factory.mktemp("logs") / "api.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port),
+                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(base + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 60, 0.2, "the API to start")
+        yield base, admin_key
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def split_workers(e2e_env, tmp_path_factory):
+    """A CPU-queue worker (intake) and a GPU-queue worker (training, generation): the production app."""
+    logs = tmp_path_factory.mktemp("worker-logs")
+    prefix = e2e_env["LIKENESS_QUEUE_PREFIX"]
+    cpu = WorkerProcess("worker.celery_app", e2e_env, f"{prefix}cpu", logs / "cpu.log").start()
+    gpu = WorkerProcess("worker.celery_app", e2e_env, f"{prefix}gpu", logs / "gpu.log").start()
+    yield cpu, gpu
+    cpu.stop()
+    gpu.stop()
+
+
+def _photos(grace_hopper: Image.Image) -> list[tuple[str, bytes]]:
+    from tests.pipelines.intake.conftest import person_variants
+
+    good = [(f"grace_{i}.jpg", encode(v, quality=92)) for i, v in enumerate(person_variants(grace_hopper, 6))]
+    return good + [("blank.png", encode(Image.new("RGB", (400, 400), "white"), "PNG")), ("notes.jpg", b"not an image")]
+
+
+def _poll(client: httpx.Client, job_id: str, timeout_s: float) -> tuple[dict, list[tuple[str, float, float | None]]]:
+    samples: list[tuple[str, float, float | None]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["stage"]:
+            samples.append((job["stage"], job["progress"], job["eta_s"]))
+        if job["state"] in ("succeeded", "failed", "canceled"):
+            return job, samples
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['state']} at {job['stage']} after {timeout_s}s")
+
+
+def _stage_order(samples) -> list[str]:
+    return list(dict.fromkeys(stage for stage, _, _ in samples))
+
+
+def test_upload_train_generate_download_delete(api, split_workers, grace_hopper, it_settings):
+    base, admin_key = api
+    cpu, gpu = split_workers
+    admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
+    created = admin.post("/v1/admin/clients", json={"name": "mobile-app", "role": "app"})
+    assert created.status_code == 201, created.text
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {created.json()['api_key']}"}, timeout=30)
+
+    subject = client.post("/v1/subjects", json={"name": "Grace"}).json()
+    sid = subject["id"]
+    upload = client.post(f"/v1/subjects/{sid}/photos",
+                         files=[("files", (name, data)) for name, data in _photos(grace_hopper)])
+    assert upload.status_code == 201, upload.text
+    assert upload.json()["stored"] == 7 and upload.json()["rejected"] == 1  # the text file
+
+    train = client.post(f"/v1/subjects/{sid}/train", json={"steps": 10}, headers={"Idempotency-Key": "train-1"})
+    assert train.status_code == 202, train.text
+    job, samples = _poll(client, train.json()["id"], timeout_s=300)
+    assert job["state"] == "succeeded", (job, cpu.log()[-2000:], gpu.log()[-3000:])
+    order = _stage_order(samples)
+    assert order == [s for s in TRAIN_STAGES if s in order] and "intake" in order
+    progress = [p for _, p, _ in samples]
+    assert progress == sorted(progress) and job["progress"] == 100.0
+    assert any(eta is not None and eta > 0 for _, _, eta in samples)
+
+    photos = {p["id"]: p for p in client.get(f"/v1/subjects/{sid}/photos").json()["data"]}
+    accepted = [p for p in photos.values() if p["status"] == "accepted"]
+    assert len(accepted) >= 5 and all(p["has_crop"] and len(p["face_box"]) == 4 for p in accepted)
+    blank = [p for p in photos.values() if p["status"] == "rejected"]
+    assert blank and all(p["reason_code"] for p in blank)
+
+    # No ControlNet and few steps: the tiny models on a 2-core CPU; images are noise.
+    gen = client.post(f"/v1/subjects/{sid}/generations",
+                      json={"style": "studio_headshot", "n": 3, "k": 2, "seed": 7, "steps": 4, "no_controlnet": True})
+    assert gen.status_code == 202, gen.text
+    job, samples = _poll(client, gen.json()["id"], timeout_s=300)
+    assert job["state"] == "succeeded", (job, gpu.log()[-3000:])
+    order = _stage_order(samples)
+    assert order == [s for s in GENERATE_STAGES if s in order]
+    progress = [p for _, p, _ in samples]
+    assert progress == sorted(progress)
+
+    images = client.get(f"/v1/subjects/{sid}/images").json()["data"]
+    # Ranking delivers only candidates with exactly one face; tiny models draw noise, so
+    # between 0 and k of them qualify: the count must match what the job reported.
+    assert len(images) == job["result"]["images"] <= 2
+    assert sorted(i["rank"] for i in images) == list(range(1, len(images) + 1))
+    for image in images:
+        assert image["scores"] and image["style"] == "studio_headshot"
+        original = client.get(f"/v1/images/{image['id']}/download", params={"variant": "original"})
+        upscaled = client.get(f"/v1/images/{image['id']}/download", params={"variant": "upscaled"})
+        assert original.status_code == 200 and upscaled.status_code == 200
+        small, big = Image.open(io.BytesIO(original.content)), Image.open(io.BytesIO(upscaled.content))
+        assert small.size == (128, 128) and big.size == (256, 256)
+
+    assert client.delete(f"/v1/subjects/{sid}").status_code == 204
+    assert client.get(f"/v1/subjects/{sid}").status_code == 404
+    blobs = Path(it_settings.resolved_storage_dir) / "subjects" / sid
+    assert not blobs.exists() or not any(p.is_file() for p in blobs.rglob("*"))
