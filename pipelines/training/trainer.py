@@ -369,6 +369,7 @@ def train(
             step = stage_end
             continue
         trainables.set_stage(plan)
+        active = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         cached_text = cached_class_text = None
         if not (plan.train_text_encoder or plan.train_tokens):
             with torch.no_grad(), autocast():
@@ -424,7 +425,6 @@ def train(
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            active = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(active, config.max_grad_norm)
             if scaler is not None:

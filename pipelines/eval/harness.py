@@ -1,0 +1,160 @@
+"""Evaluation every K training steps, and the per-run table and plot.
+
+``make_eval_callback`` returns a :class:`~pipelines.training.TrainCallback`: at step 0,
+every ``every`` steps and at the end it generates from the live pipeline and records
+Image Alignment, Text Alignment, LPIPS and identity similarity in ``metrics["eval"]``.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipelines.eval.metrics import (
+    get_lpips,
+    identity_similarity,
+    image_alignment,
+    lpips_to_references,
+    text_alignment,
+    without_token,
+)
+
+METRICS = ("image_alignment", "text_alignment", "lpips", "identity")
+
+# Background, style and composition changes, as in the published comparison.
+TEXT_PROMPTS = (
+    "a photo of {instance} {class_token} on a beach at sunset",
+    "an oil painting of {instance} {class_token}",
+    "a photo of {instance} {class_token} in a city street at night",
+    "a watercolor portrait of {instance} {class_token} wearing a hat",
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 50
+    image_prompt: str = "a photo of {instance} {class_token}"
+    text_prompts: tuple[str, ...] = TEXT_PROMPTS
+    images_per_prompt: int = 2
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    resolution: int | None = None  # None -> the training resolution
+    seed: int = 0
+    lpips: str = "auto"  # "auto" | "none"
+    identity: str = "auto"  # pipelines.vision.identity backend, "none" to skip
+
+
+class Evaluator:
+    def __init__(self, config: EvalConfig, references: Sequence[Image.Image], clip_path: str, resolution: int,
+                 device: str = "cpu"):
+        from pipelines.models.clip import get_clip
+
+        self.config = config
+        self.references = [im.convert("RGB") for im in references]
+        self.clip = get_clip(clip_path, device=device)
+        self.lpips = get_lpips(config.lpips, device=device)
+        self.resolution = config.resolution or resolution
+
+    def _generate(self, pipe, prompt: str) -> list[Image.Image]:
+        c = self.config
+        generators = [torch.Generator().manual_seed(c.seed + i) for i in range(c.images_per_prompt)]
+        return pipe(prompt, num_images_per_prompt=c.images_per_prompt, height=self.resolution, width=self.resolution,
+                    num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
+                    generator=generators).images
+
+    def evaluate(self, pipe, instance_token: str, class_token: str) -> dict[str, Any]:
+        c = self.config
+        fill = {"instance": instance_token, "class_token": class_token}
+        subject_images = self._generate(pipe, c.image_prompt.format(**fill))
+        styled, texts = [], []
+        for template in c.text_prompts:
+            prompt = template.format(**fill)
+            images = self._generate(pipe, prompt)
+            styled += images
+            texts += [without_token(prompt, instance_token)] * len(images)
+        values = {
+            "image_alignment": image_alignment(self.clip, subject_images, self.references),
+            "text_alignment": text_alignment(self.clip, styled, texts),
+            "lpips": lpips_to_references(self.lpips, subject_images, self.references),
+            "identity": identity_similarity(subject_images, self.references, c.identity) if c.identity != "none"
+            else None,
+        }
+        out: dict[str, Any] = {}
+        for name, metric in values.items():
+            out[name] = None if metric is None else metric.value
+            if metric is not None and metric.value is None:
+                out[f"{name}_note"] = metric.note
+        return out
+
+    def __call__(self, state) -> dict[str, Any]:
+        return self.evaluate(state.pipe, state.tokens.instance_token, state.tokens.class_token)
+
+
+def make_eval_callback(config: EvalConfig, references: Sequence[Image.Image], clip_path: str, resolution: int,
+                       device: str = "cpu"):
+    from pipelines.training import TrainCallback
+
+    return TrainCallback(every=config.every, fn=Evaluator(config, references, clip_path, resolution, device))
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def history_rows(run: str, history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"run": run, "step": h["step"], **{m: h.get(m) for m in METRICS}} for h in history]
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_report(runs: dict[str, Sequence[dict[str, Any]]], out_dir: str | Path, title: str = "evaluation",
+                 notes: dict[str, str] | None = None) -> dict[str, Path]:
+    """Markdown table, CSV and a PNG plot (one panel per metric, one line per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [row for run, history in runs.items() for row in history_rows(run, history)]
+    csv_path = out_dir / f"{title}.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", "step", *METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# {title}", "", "| run | step | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
+    lines += [f"| {r['run']} | {r['step']} | " + " | ".join(_fmt(r[m]) for m in METRICS) + " |" for r in rows]
+    unavailable = {m: h.get(f"{m}_note") for history in runs.values() for h in history for m in METRICS
+                   if h.get(f"{m}_note")}
+    if unavailable or notes:
+        lines += ["", *[f"- {m}: {note}" for m, note in {**unavailable, **(notes or {})}.items()]]
+    md_path = out_dir / f"{title}.md"
+    md_path.write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
+    for ax, metric in zip(axes, METRICS):
+        for run, history in runs.items():
+            points = [(h["step"], h[metric]) for h in history if h.get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=run)
+        ax.set_title(metric + ("" if any(h.get(metric) is not None for hs in runs.values() for h in hs)
+                               else " (not available)"))
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    png_path = out_dir / f"{title}.png"
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return {"markdown": md_path, "csv": csv_path, "plot": png_path}
+
+
+def eval_config_dict(config: EvalConfig) -> dict[str, Any]:
+    return asdict(config)
