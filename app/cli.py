@@ -271,7 +271,9 @@ def main() -> None:
     except Exception as exc:  # one line for humans, the trace only with --debug
         if _state["debug"] or "--debug" in sys.argv:
             raise
-        err.print(f"[red]error:[/] {_describe(exc)}")
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/] {escape(_describe(exc))}", soft_wrap=True, highlight=False)
         sys.exit(1)
 
 
