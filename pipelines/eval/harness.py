@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from pipelines.eval.metrics import (
+    IdentityScorer,
     get_lpips,
-    identity_similarity,
     image_alignment,
     lpips_to_references,
     text_alignment,
@@ -58,7 +58,9 @@ class Evaluator:
         self.config = config
         self.references = [im.convert("RGB") for im in references]
         self.clip = get_clip(clip_path, device=device)
+        self.reference_embeddings = self.clip.embed_images(self.references)
         self.lpips = get_lpips(config.lpips, device=device)
+        self.identity = IdentityScorer(self.references, config.identity) if config.identity != "none" else None
         self.resolution = config.resolution or resolution
 
     def _generate(self, pipe, prompt: str) -> list[Image.Image]:
@@ -79,11 +81,10 @@ class Evaluator:
             styled += images
             texts += [without_token(prompt, instance_token)] * len(images)
         values = {
-            "image_alignment": image_alignment(self.clip, subject_images, self.references),
+            "image_alignment": image_alignment(self.clip, subject_images, self.reference_embeddings),
             "text_alignment": text_alignment(self.clip, styled, texts),
             "lpips": lpips_to_references(self.lpips, subject_images, self.references),
-            "identity": identity_similarity(subject_images, self.references, c.identity) if c.identity != "none"
-            else None,
+            "identity": self.identity.similarity(subject_images) if self.identity is not None else None,
         }
         out: dict[str, Any] = {}
         for name, metric in values.items():

@@ -29,9 +29,12 @@ class MetricValue:
     note: str = ""  # why a value is missing, or what it was computed on
 
 
-def image_alignment(clip, generated: Sequence[Image.Image], references: Sequence[Image.Image]) -> MetricValue:
-    g, r = clip.embed_images(list(generated)), clip.embed_images(list(references))
-    return MetricValue(float((g @ r.T).mean()), f"{len(generated)} x {len(references)} pairs")
+def image_alignment(clip, generated: Sequence[Image.Image], references: Sequence[Image.Image] | torch.Tensor
+                    ) -> MetricValue:
+    """``references``: images, or their CLIP embeddings (computed once per run by the evaluator)."""
+    g = clip.embed_images(list(generated))
+    r = references if isinstance(references, torch.Tensor) else clip.embed_images(list(references))
+    return MetricValue(float((g @ r.T).mean()), f"{len(generated)} x {len(r)} pairs")
 
 
 def text_alignment(clip, generated: Sequence[Image.Image], texts: Sequence[str]) -> MetricValue:
@@ -105,29 +108,41 @@ def lpips_to_references(metric, generated: Sequence[Image.Image], references: Se
 # ---------------------------------------------------------------------------- identity
 
 
-def identity_similarity(generated: Sequence[Image.Image], references: Sequence[Image.Image],
-                        backend: str = "auto") -> MetricValue:
-    """Mean face-embedding cosine between faces found in generations and in the references."""
-    try:
-        from pipelines.vision.faces import detect_faces
-        from pipelines.vision.identity import get_face_embedder
-    except ImportError:
-        return MetricValue(None, "not available: pipelines.vision.identity missing")
-    embedder = get_face_embedder(backend)
-    if not embedder.available:
-        return MetricValue(None, f"not available: {getattr(embedder, 'why', 'no face embedder')}")
+class IdentityScorer:
+    """Face-embedding cosine to the references; reference faces are embedded once."""
 
-    def embeddings(images):
+    def __init__(self, references: Sequence[Image.Image], backend: str = "auto"):
+        self.why = ""
+        try:
+            from pipelines.vision.faces import detect_faces
+            from pipelines.vision.identity import get_face_embedder
+        except ImportError:
+            self.embedder, self.why = None, "pipelines.vision.identity missing"
+            return
+        self.detect_faces = detect_faces
+        self.embedder = get_face_embedder(backend)
+        if not self.embedder.available:
+            self.why = getattr(self.embedder, "why", "") or "no face embedder installed"
+            return
+        self.n_references = len(references)
+        self.references = self.embed(references)
+
+    def embed(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """Unit embeddings of the best face in each image that has one."""
         out = []
         for image in images:
-            faces = detect_faces(image)
-            vector = embedder.embed(image, faces[0]) if faces else None
+            faces = self.detect_faces(image)
+            vector = self.embedder.embed(image, faces[0]) if faces else None
             if vector is not None:
                 out.append(vector / (np.linalg.norm(vector) + 1e-12))
         return out
 
-    g, r = embeddings(generated), embeddings(references)
-    if not g or not r:
-        return MetricValue(None, f"not available: faces found in {len(g)}/{len(generated)} generations, "
-                                 f"{len(r)}/{len(references)} references")
-    return MetricValue(float(np.mean(np.stack(g) @ np.stack(r).T)), f"{len(g)}/{len(generated)} generations with a face")
+    def similarity(self, generated: Sequence[Image.Image]) -> MetricValue:
+        if self.why:
+            return MetricValue(None, f"not available: {self.why}")
+        g = self.embed(generated)
+        if not g or not self.references:
+            return MetricValue(None, f"not available: faces found in {len(g)}/{len(generated)} generations, "
+                                     f"{len(self.references)}/{self.n_references} references")
+        return MetricValue(float(np.mean(np.stack(g) @ np.stack(self.references).T)),
+                           f"{len(g)}/{len(generated)} generations with a face")

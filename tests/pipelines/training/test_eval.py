@@ -81,3 +81,15 @@ def test_recording_processor_matches_sdpa_and_yields_16x16_maps(tiny_preset):
     assert float(masked_attention_loss(store, outside)) == 0.0  # nothing outside the person: no penalty
     outside[:, :, :8] = 1.0
     assert float(masked_attention_loss(store, outside)) > 0.0
+
+
+def test_identity_similarity_prefers_the_same_person(astronaut, grace_hopper):
+    from pipelines.eval.metrics import IdentityScorer
+
+    scorer = IdentityScorer([astronaut])
+    if scorer.why:
+        pytest.skip(f"identity embedder not available: {scorer.why}")
+    same, other = scorer.similarity([astronaut]).value, scorer.similarity([grace_hopper]).value
+    assert same == pytest.approx(1.0, abs=1e-4) and other < same
+    missing = scorer.similarity([noise_image(128)])
+    assert missing.value is None and "faces found in 0/1" in missing.note
