@@ -1,0 +1,90 @@
+"""Embedded mode as a user starts it: ``likeness serve`` on an empty data dir (SQLite database,
+SQLite broker, local blobs), one process tree, a job carried by the SQLite broker, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import MODEL_CACHE, encode
+from tests.integration.conftest import ROOT, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _serve(env: dict[str, str], log_path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    proc.wait(timeout=30)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
+    from tests.integration.test_e2e_http import _free_port
+
+    port = _free_port()
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKENESS_")}
+    env |= {"LIKENESS_DATA_DIR": str(data_dir), "LIKENESS_PORT": str(port), "LIKENESS_MODEL_CACHE_DIR": str(MODEL_CACHE),
+            "LIKENESS_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "serve.log"
+    proc = _serve(env, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: "lk_" in log.read_text(errors="replace"), 60, 0.2, "the admin key to be printed")
+        out = log.read_text(errors="replace")
+        assert f"listening on {base}" in out.replace("\n", " ") and "embedded" in out
+        key = re.search(r"^(lk_\S+)$", out, re.M).group(1)
+        assert (data_dir / "admin_api_key").read_text().strip() == key
+
+        def ready() -> bool:
+            try:
+                return httpx.get(base + "/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 60, 0.3, "the API to be ready")
+        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        sid = client.post("/v1/subjects", json={"name": "nobody"}).json()["id"]
+        blank = encode(Image.new("RGB", (400, 400), "white"), "PNG")
+        assert client.post(f"/v1/subjects/{sid}/photos", files=[("files", ("blank.png", blank))]).status_code == 201
+        job_id = client.post(f"/v1/subjects/{sid}/train", json={}).json()["id"]
+
+        def finished() -> dict | None:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            return job if job["state"] in ("succeeded", "failed", "canceled") else None
+
+        job = wait_for(finished, 120, 0.5, "the job to go through the SQLite broker and the local worker")
+        assert job["state"] == "failed" and job["error_code"] == "dataset_rejected" and job["stage"] == "intake"
+        photo = client.get(f"/v1/subjects/{sid}/photos").json()["data"][0]
+        assert photo["status"] == "rejected" and photo["reason_code"]
+    finally:
+        _interrupt(proc)
+    assert proc.returncode is not None and not _group_alive(proc.pid)  # API and worker both gone
+
+    restart = _serve(env, tmp_path / "serve2.log")
+    try:
+        wait_for(lambda: "admin API key: see" in (tmp_path / "serve2.log").read_text(errors="replace").replace("\n", " "),
+                 60, 0.2, "the restart banner")
+        assert "lk_" not in (tmp_path / "serve2.log").read_text(errors="replace")  # no second key
+    finally:
+        _interrupt(restart)
