@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
-from app.db.session import SessionLocal
+from app.db.session import ReadSessionLocal, SessionLocal
 from app.errors import Forbidden, Unauthorized
-from app.services.clients import Caller, authenticate
+from app.services.clients import Caller, auth_cache, authenticate, hash_key
 from app.storage import BlobStore, get_blob_store
 
+T = TypeVar("T")
 
-def get_session() -> Iterator[Session]:
+
+async def get_session() -> AsyncIterator[Session]:
+    """A session for the request; closed (uncommitted work rolled back) when the handler ends.
+
+    Routes that write commit explicitly before they enqueue or respond. The dependency is
+    async on purpose: its exit runs on the event loop, so returning the connection never
+    waits for a free threadpool thread (with a sync generator, handlers blocked on an
+    exhausted pool would hold every thread and the exits that free connections could never run).
+    """
     session = SessionLocal()
     try:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     finally:
         session.close()
 
@@ -34,14 +40,39 @@ def _api_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def current_client(request: Request, session: Annotated[Session, Depends(get_session, scope="function")]) -> Caller:
+def released(session: Session, value: T) -> T:
+    """Close ``session`` and return ``value`` (an API model, already built from the rows).
+
+    Sync handlers end with it: FastAPI serialises their response in another threadpool
+    task, and holding a pooled connection across that hop can deadlock a saturated pool
+    (every thread waiting for a connection, every connection waiting for a thread).
+    """
+    session.close()
+    return value
+
+
+async def get_read_session() -> AsyncIterator[Session]:
+    """A read-only session (autocommit: one round trip per SELECT); for GET routes."""
+    session = ReadSessionLocal()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _lookup(api_key: str) -> Caller | None:
+    with ReadSessionLocal() as session:
+        return authenticate(session, api_key)
+
+
+async def current_client(request: Request) -> Caller:
+    """The caller from its API key; a cache hit costs no thread hop and no query (status polls)."""
     key = _api_key(request)
     if key is None:
         raise Unauthorized("Send your API key as 'Authorization: Bearer <key>' or 'X-API-Key'.")
-    caller = authenticate(session, key)
+    caller = auth_cache.get(hash_key(key)) or await run_in_threadpool(_lookup, key)
     if caller is None:
         raise Unauthorized("Unknown API key.")
-    request.state.client_id = caller.id
     return caller
 
 
@@ -55,7 +86,8 @@ def get_store() -> BlobStore:
     return get_blob_store(get_settings())
 
 
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # commit before the response is sent
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # closed before the response is sent
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 CurrentClient = Annotated[Caller, Depends(current_client)]
 AdminClient = Annotated[Caller, Depends(admin_client)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

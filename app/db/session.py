@@ -37,15 +37,21 @@ def _create_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=False, pool_size=10, max_overflow=20)
 
 
-def get_engine(url: str | None = None) -> Engine:
-    """The process-wide engine for ``url`` (default: the configured database)."""
-    key = normalize_url(url or get_settings().resolved_database_url)
+def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
+    """The process-wide engine for ``url`` (default: the configured database).
+
+    ``autocommit=True``: a separate pool whose connections run each statement on its own,
+    for read-only requests: no BEGIN/ROLLBACK round trips around a single SELECT (status polls).
+    """
+    url = normalize_url(url or get_settings().resolved_database_url)
+    key = f"{url}#autocommit" if autocommit else url
     with _ENGINES_LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = _create_engine(key)
+            engine = _create_engine(url)
+            _ENGINES[key] = engine.execution_options(isolation_level="AUTOCOMMIT") if autocommit else engine
         return _ENGINES[key]
 
 
@@ -55,6 +61,11 @@ _factory = sessionmaker(expire_on_commit=False)
 def SessionLocal(url: str | None = None) -> Session:  # noqa: N802 - conventional factory name
     """A new session on the configured database (or ``url``)."""
     return _factory(bind=get_engine(url))
+
+
+def ReadSessionLocal(url: str | None = None) -> Session:  # noqa: N802
+    """A session for reads only (autocommit: every SELECT sees the latest committed data)."""
+    return _factory(bind=get_engine(url, autocommit=True))
 
 
 @contextlib.contextmanager

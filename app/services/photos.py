@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -32,8 +34,34 @@ class FileOutcome:
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class CleanPhoto:
+    format: str
+    width: int
+    height: int
+    jpeg: bytes  # re-encoded without metadata
+
+
+# Decoding and re-encoding release the GIL: one pool per process, as wide as the machine,
+# bounds both the CPU and the memory (one decoded frame per thread) that uploads may take.
+_DECODE_POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="decode")
+
+
 def decode_limits(settings: Settings) -> DecodeLimits:
     return DecodeLimits(max_bytes=settings.max_file_bytes, max_pixels=settings.max_pixels)
+
+
+def clean_photo(upload: UploadedFile, limits: DecodeLimits) -> CleanPhoto | PhotoRejected:
+    """Validate one file from its content and make the stored copy (or say why not)."""
+    try:
+        if upload.truncated or len(upload.data) > limits.max_bytes:
+            raise PhotoRejected(ReasonCode.TOO_LARGE_BYTES, f"The file is larger than {limits.max_bytes} bytes.",
+                                {"max_bytes": limits.max_bytes})
+        fmt = sniff_format(upload.data) or "unknown"
+        image = decode_photo(upload.data, limits)
+        return CleanPhoto(fmt, image.width, image.height, encode_clean(image))
+    except PhotoRejected as exc:
+        return exc
 
 
 def upload_photos(session: Session, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
@@ -45,23 +73,18 @@ def upload_photos(session: Session, caller: Caller, subject_id: str, files: list
     """
     subject = get_subject(session, caller, subject_id)
     limits = decode_limits(settings)
+    cleaned = list(_DECODE_POOL.map(lambda upload: clean_photo(upload, limits), files))
     outcomes: list[FileOutcome] = []
-    for upload in files:
+    for upload, result in zip(files, cleaned):
         name = (upload.filename or "")[:255]
-        try:
-            if upload.truncated or len(upload.data) > limits.max_bytes:
-                raise PhotoRejected(ReasonCode.TOO_LARGE_BYTES,
-                                    f"The file is larger than {limits.max_bytes} bytes.", {"max_bytes": limits.max_bytes})
-            fmt = sniff_format(upload.data)
-            image = decode_photo(upload.data, limits)
-        except PhotoRejected as exc:
-            outcomes.append(FileOutcome(name, "rejected", reason_code=exc.reason.value, message=exc.message))
+        if isinstance(result, PhotoRejected):
+            outcomes.append(FileOutcome(name, "rejected", reason_code=result.reason.value, message=result.message))
             continue
         photo_id = new_id()
         key = photo_original_key(subject.id, photo_id)
-        store.put(key, encode_clean(image), "image/jpeg")
-        session.add(Photo(id=photo_id, subject_id=subject.id, original_key=key, format=fmt or "unknown",
-                          width=image.width, height=image.height, status=PhotoStatus.pending))
+        store.put(key, result.jpeg, "image/jpeg")
+        session.add(Photo(id=photo_id, subject_id=subject.id, original_key=key, format=result.format,
+                          width=result.width, height=result.height, status=PhotoStatus.pending))
         outcomes.append(FileOutcome(name, "stored", photo_id=photo_id))
     session.flush()
     return outcomes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import CurrentClient, SessionDep
+from app.api.deps import CurrentClient, ReadSessionDep, SessionDep, released
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import DeliveryPublic, Page, StylePublic, WebhookIn, WebhookOut
@@ -21,15 +21,15 @@ def put_webhook(body: WebhookIn, session: SessionDep, caller: CurrentClient):
     client = webhooks.set_webhook(session, caller, body.url)
     out = WebhookOut(url=client.webhook_url, secret=client.webhook_secret)
     session.commit()
-    return out
+    return released(session, out)
 
 
 @router.get("/webhook/deliveries", response_model=Page[DeliveryPublic], responses=errors(),
             summary="Webhook delivery log (newest first)")
-def list_deliveries(session: SessionDep, caller: CurrentClient, job_id: str | None = None,
+def list_deliveries(session: ReadSessionDep, caller: CurrentClient, job_id: str | None = None,
                     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
     rows, count = webhooks.list_deliveries(session, caller, job_id=job_id, limit=limit, offset=offset)
-    return {"data": rows, "count": count}
+    return released(session, {"data": [DeliveryPublic.model_validate(r) for r in rows], "count": count})
 
 
 @router.get("/styles", response_model=Page[StylePublic], responses=errors(), summary="Available style packs")

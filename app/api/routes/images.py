@@ -6,7 +6,7 @@ from typing import Literal
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import CurrentClient, SessionDep, SettingsDep, StoreDep
+from app.api.deps import CurrentClient, ReadSessionDep, SessionDep, SettingsDep, StoreDep, released
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
@@ -33,20 +33,20 @@ def _stream(store: BlobStore, key: str, filename: str) -> StreamingResponse:
 
 @router.get("/subjects/{subject_id}/images", response_model=Page[ImagePublic], responses=errors(404),
             summary="A subject's result images with scores and ranks (newest jobs first, rank 1 = best)")
-def list_images(subject_id: str, session: SessionDep, caller: CurrentClient, job_id: str | None = None,
+def list_images(subject_id: str, session: ReadSessionDep, caller: CurrentClient, job_id: str | None = None,
                 limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0)):
     rows, count = images.list_images(session, caller, subject_id, job_id=job_id, limit=limit, offset=offset)
     data = [ImagePublic.model_validate(i).model_copy(update={"has_upscaled": i.upscaled_key is not None}) for i in rows]
-    return {"data": data, "count": count}
+    return released(session, {"data": data, "count": count})
 
 
 @router.get("/images/{image_id}/download", response_class=StreamingResponse, responses={**_IMAGE_RESPONSE, **errors(404)},
             summary="Download an image (streamed)")
-def download_image(image_id: str, session: SessionDep, caller: CurrentClient, store: StoreDep,
+def download_image(image_id: str, session: ReadSessionDep, caller: CurrentClient, store: StoreDep,
                    variant: Literal["original", "upscaled"] = "original"):
     image = images.get_image(session, caller, image_id)
     key = images.image_blob_key(image, variant)
-    session.close()  # don't hold a DB connection while streaming
+    session.close()  # no DB connection held while streaming
     return _stream(store, key, f"{image_id}{'-upscaled' if variant == 'upscaled' else ''}.png")
 
 
@@ -57,7 +57,7 @@ def image_url(image_id: str, session: SessionDep, caller: CurrentClient, setting
     image = images.get_image(session, caller, image_id)
     key = images.image_blob_key(image, (body or SignedUrlRequest()).variant)
     url, expires_at = signed_url(key, settings.secret_key, settings.signed_url_ttl_s)
-    return SignedUrl(url=url, expires_at=expires_at)
+    return released(session, SignedUrl(url=url, expires_at=expires_at))
 
 
 @router.get("/blobs/signed", response_class=StreamingResponse, responses={**_IMAGE_RESPONSE, 403: errors(403)[403],

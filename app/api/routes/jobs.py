@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Body, Query, Request
 
-from app.api.deps import CurrentClient, IdempotencyKey, SessionDep, SettingsDep
+from app.api.deps import CurrentClient, IdempotencyKey, ReadSessionDep, SessionDep, SettingsDep, released
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, replayable
 from app.api.schemas import GenerateRequest, JobPublic, Page, TrainRequest
@@ -70,16 +70,16 @@ def start_generation(subject_id: str, body: GenerateRequest, caller: CurrentClie
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=errors(404),
             summary="Job status: state, stage, progress (0-100), ETA, error")
-def get_job(job_id: str, session: SessionDep, caller: CurrentClient):
-    return jobs.get_job(session, caller, job_id)
+def get_job(job_id: str, session: ReadSessionDep, caller: CurrentClient):
+    return released(session, JobPublic.model_validate(jobs.get_job(session, caller, job_id)))
 
 
 @router.get("/jobs", response_model=Page[JobPublic], responses=errors(), summary="List your jobs, newest first")
-def list_jobs(session: SessionDep, caller: CurrentClient, state: JobState | None = None, subject_id: str | None = None,
+def list_jobs(session: ReadSessionDep, caller: CurrentClient, state: JobState | None = None, subject_id: str | None = None,
               kind: JobKind | None = None, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
     rows, count = jobs.list_jobs(session, caller, state=state, subject_id=subject_id, kind=kind, limit=limit,
                                  offset=offset)
-    return {"data": rows, "count": count}
+    return released(session, {"data": [JobPublic.model_validate(r) for r in rows], "count": count})
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409),
@@ -88,5 +88,6 @@ def cancel_job(job_id: str, session: SessionDep, caller: CurrentClient):
     job, delivery = jobs.cancel_job(session, caller, job_id)
     public = JobPublic.model_validate(job)
     session.commit()
+    session.close()
     send_deliveries([delivery])
     return public

@@ -4,7 +4,7 @@ import hashlib
 
 from fastapi import APIRouter, File, Request, UploadFile
 
-from app.api.deps import CurrentClient, IdempotencyKey, SessionDep, SettingsDep, StoreDep
+from app.api.deps import CurrentClient, IdempotencyKey, ReadSessionDep, SettingsDep, StoreDep, released
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, replayable
 from app.api.schemas import Page, PhotoPublic, UploadResponse, UploadResult
@@ -56,7 +56,7 @@ def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep,
 
 @router.get("", response_model=Page[PhotoPublic], responses=errors(404),
             summary="List a subject's photos with their validation results (intake fills them in)")
-def list_photos(subject_id: str, session: SessionDep, caller: CurrentClient):
+def list_photos(subject_id: str, session: ReadSessionDep, caller: CurrentClient):
     rows = photos.list_photos(session, caller, subject_id)
     data = [PhotoPublic.model_validate(p).model_copy(update={"has_crop": p.crop_key is not None}) for p in rows]
-    return {"data": data, "count": len(data)}
+    return released(session, {"data": data, "count": len(data)})

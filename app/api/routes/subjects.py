@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.api.deps import CurrentClient, IdempotencyKey, SessionDep, StoreDep
+from app.api.deps import CurrentClient, IdempotencyKey, ReadSessionDep, SessionDep, StoreDep, released
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, replayable
 from app.api.schemas import Page, SubjectCreate, SubjectPublic
@@ -28,15 +28,15 @@ def create_subject(body: SubjectCreate, caller: CurrentClient, request: Request,
 
 
 @router.get("", summary="List your subjects", response_model=Page[SubjectPublic], responses=errors())
-def list_subjects(session: SessionDep, caller: CurrentClient, limit: int = Query(50, ge=1, le=500),
+def list_subjects(session: ReadSessionDep, caller: CurrentClient, limit: int = Query(50, ge=1, le=500),
                   offset: int = Query(0, ge=0)):
     rows, count = subjects.list_subjects(session, caller, limit=limit, offset=offset)
-    return {"data": rows, "count": count}
+    return released(session, {"data": [SubjectPublic.model_validate(r) for r in rows], "count": count})
 
 
 @router.get("/{subject_id}", summary="Get a subject", response_model=SubjectPublic, responses=errors(404))
-def get_subject(subject_id: str, session: SessionDep, caller: CurrentClient):
-    return subjects.get_subject(session, caller, subject_id)
+def get_subject(subject_id: str, session: ReadSessionDep, caller: CurrentClient):
+    return released(session, SubjectPublic.model_validate(subjects.get_subject(session, caller, subject_id)))
 
 
 @router.delete("/{subject_id}", status_code=204, response_class=Response, responses=errors(404),
@@ -44,6 +44,7 @@ def get_subject(subject_id: str, session: SessionDep, caller: CurrentClient):
 def delete_subject(subject_id: str, session: SessionDep, caller: CurrentClient, store: StoreDep):
     deliveries = subjects.delete_subject(session, caller, subject_id)
     session.commit()
+    session.close()
     subjects.purge_subject_blobs(store, subject_id)
     send_deliveries(deliveries)
     return Response(status_code=204)

@@ -1,0 +1,208 @@
+"""API benchmark: job-status polls under concurrency, and a 10 x 5 MB photo upload.
+
+    python bench/api.py [--levels 100,500] [--duration 10] [--workers 2]
+
+Starts the real service on 127.0.0.1 (uvicorn with ``--workers`` processes, a fresh
+PostgreSQL database ``likeness_bench_<random>``, the local Redis as broker, blobs in a temp
+folder), seeds one client, subject and job, then:
+
+* polls ``GET /v1/jobs/{id}`` from N concurrent keep-alive connections for ``--duration``
+  seconds per level and reports polls/s and p50/p99 latency (targets at 100 clients:
+  >= 1,500 polls/s, p99 <= 50 ms);
+* uploads 10 photos of ~5 MB (12 MP JPEGs) in one request and reports the server-side
+  time (``Server-Timing`` header; intake is not part of it: it runs in the training job).
+
+The load generator is raw asyncio HTTP/1.1 (no client library) so that, on a 2-core
+machine, it takes as little CPU from the server as possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.app.fixtures import REDIS_URL, create_database, drop_database, pg_url_for  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed(db_url: str) -> tuple[str, str, str]:
+    """(api key, subject id, job id) in a fresh migrated database."""
+    from app.db.migrate import upgrade_to_head
+    from app.db.models import Job, JobKind, JobState, Subject
+    from app.db.session import dispose_engines, session_scope
+    from app.services.clients import create_client
+
+    upgrade_to_head(db_url)
+    with session_scope(db_url) as session:
+        client, key = create_client(session, "bench", "app")
+        subject = Subject(client_id=client.id, name="bench")
+        session.add(subject)
+        session.flush()
+        job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.train, state=JobState.running,
+                  stage="training:stage1", progress=42.0, eta_s=300.0, request={"mode": "lora"}, completed_stages=[])
+        session.add(job)
+        session.flush()
+        ids = key, subject.id, job.id
+    dispose_engines()
+    return ids
+
+
+def start_server(env: dict[str, str], port: int, workers: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1", "--port",
+           str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning", "--loop", "uvloop",
+           "--http", "httptools"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+async def _poller(port: int, request: bytes, stop_at: float, latencies: list[float], errors: list[str]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors.append(head.split(b"\r\n", 1)[0].decode())
+            latencies.append(time.perf_counter() - start)
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        errors.append(repr(exc))
+    finally:
+        writer.close()
+
+
+async def poll_level(port: int, path: str, key: str, clients: int, duration: float) -> dict:
+    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+               "Accept: application/json\r\n\r\n").encode()
+    # Warm-up: open connections, fill caches.
+    warm: list[float] = []
+    await asyncio.gather(*(_poller(port, request, time.perf_counter() + 1.0, warm, []) for _ in range(min(clients, 50))))
+    latencies: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    await asyncio.gather(*(_poller(port, request, start + duration, latencies, errors) for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000  # noqa: E731
+    if errors:
+        print(f"{clients} clients: {len(errors)} errors, e.g. {sorted(set(errors))[:3]}", file=sys.stderr)
+    return {"clients": clients, "polls": len(latencies), "polls_per_s": len(latencies) / elapsed,
+            "p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": latencies[-1] * 1000, "errors": len(errors)}
+
+
+def photo_5mb(seed: int) -> bytes:
+    """A 12 MP phone-sized JPEG of about 5 MB (smooth content plus sensor-like noise)."""
+    rng = np.random.default_rng(seed)
+    h, w = 3000, 4000
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([128 + 60 * np.sin(x / (300 + 40 * c) + seed) * np.cos(y / 400) for c in range(3)], axis=-1)
+    noisy = np.clip(base + rng.normal(0, 9, base.shape), 0, 255).astype(np.uint8)
+    best = b""
+    for quality in (80, 85, 88, 90, 92, 94):
+        buf = io.BytesIO()
+        Image.fromarray(noisy).save(buf, "JPEG", quality=quality)
+        best = buf.getvalue()
+        if len(best) >= 4.8e6:
+            break
+    return best
+
+
+def upload_bench(port: int, key: str, subject_id: str, repeats: int = 3) -> dict:
+    photos = [photo_5mb(i) for i in range(10)]
+    files = [("files", (f"IMG_{i:04d}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
+    server_s, wall_s = [], []
+    with httpx.Client(timeout=120) as client:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            response = client.post(f"http://127.0.0.1:{port}/v1/subjects/{subject_id}/photos", files=files,
+                                   headers={"Authorization": f"Bearer {key}"})
+            wall_s.append(time.perf_counter() - start)
+            response.raise_for_status()
+            assert response.json()["stored"] == 10, response.text
+            timing = response.headers["server-timing"]  # app;dur=<ms>
+            server_s.append(float(timing.split("dur=")[1]) / 1000)
+    return {"photos": len(photos), "mb_each": round(statistics.mean(map(len, photos)) / 1e6, 2),
+            "server_s_median": statistics.median(server_s), "wall_s_median": statistics.median(wall_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="100,500")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-upload", action="store_true")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "api.json")
+    args = parser.parse_args()
+
+    run_id = secrets.token_hex(4)
+    dbname = f"likeness_bench_{run_id}"
+    db_url = create_database(dbname)
+    tmp = Path(tempfile.mkdtemp(prefix="likeness-bench-"))
+    env = {**os.environ, "LIKENESS_ENVIRONMENT": "test", "LIKENESS_DATABASE_URL": pg_url_for(dbname),
+           "LIKENESS_BROKER_URL": REDIS_URL, "LIKENESS_RESULT_BACKEND": REDIS_URL,
+           "LIKENESS_QUEUE_PREFIX": f"bench-{run_id}-", "LIKENESS_DATA_DIR": str(tmp),
+           "LIKENESS_STORAGE_DIR": str(tmp / "blobs"), "LIKENESS_SECRET_KEY": secrets.token_hex(16)}
+    server = None
+    try:
+        key, subject_id, job_id = seed(db_url)
+        port = free_port()
+        server = start_server(env, port, args.workers)
+        polls = [asyncio.run(poll_level(port, f"/v1/jobs/{job_id}", key, int(n), args.duration))
+                 for n in args.levels.split(",")]
+        upload = None if args.skip_upload else upload_bench(port, key, subject_id)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        drop_database(dbname)
+
+    print(f"\nGET /v1/jobs/{{id}}  ({args.workers} uvicorn workers, {os.cpu_count()} CPUs, {args.duration:.0f} s per level)")
+    print(f"{'clients':>8} {'polls':>8} {'polls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
+    for r in polls:
+        print(f"{r['clients']:>8} {r['polls']:>8} {r['polls_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['max_ms']:>8.1f} {r['errors']:>7}")
+    if upload:
+        print(f"\nUpload {upload['photos']} x {upload['mb_each']} MB in one request: server {upload['server_s_median']:.2f} s, "
+              f"wall {upload['wall_s_median']:.2f} s (median of 3; intake excluded)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"polls": polls, "upload": upload}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
