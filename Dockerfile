@@ -28,7 +28,7 @@ COPY pipelines ./pipelines
 COPY worker ./worker
 COPY app ./app
 RUN pip install --no-deps -e . \
- && mkdir -p /data && chown likeness:likeness /data
+ && mkdir -p /data /models && chown likeness:likeness /data /models
 USER likeness
 ENV LIKENESS_DATA_DIR=/data LIKENESS_MODEL_CACHE_DIR=/data/models HF_HOME=/data/hf LIKENESS_HOST=0.0.0.0
 EXPOSE 8000
