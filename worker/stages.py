@@ -216,6 +216,9 @@ def _write_photo_reports(ctx: StageContext, reports: list, crops: dict[str, Any]
 # ---- train: caching + training ---------------------------------------------------------------------------
 
 
+LORA_CHECKPOINT_EVERY = 100
+
+
 def train_config(request: dict[str, Any]):
     """API train request (mode, steps, advanced ``training`` overrides) -> TrainConfig."""
     (TrainConfig,) = _require("pipelines.training.config", "TrainConfig")
@@ -224,6 +227,9 @@ def train_config(request: dict[str, Any]):
         values["mode"] = request["mode"]
     if request.get("steps"):
         values["max_train_steps"] = int(request["steps"])
+    if values.get("mode", "lora") == "lora":
+        # LoRA checkpoints are a few MB: a worker killed mid-training resumes close to where it was.
+        values.setdefault("checkpoint_every", LORA_CHECKPOINT_EVERY)
     return TrainConfig.from_dict(values)
 
 
