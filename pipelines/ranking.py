@@ -195,7 +195,8 @@ def rank(
     # 2. CLIP embeddings: aesthetic and text alignment.
     image_emb = clip.embed_images(list(images))
     with torch.inference_mode():
-        aesthetic_scores = head(image_emb.to(next(head.parameters()).dtype)).float().tolist()
+        weight = next(head.parameters())
+        aesthetic_scores = head(image_emb.to(weight.device, weight.dtype)).float().cpu().tolist()
     text_emb = clip.embed_texts([strip_token(p, instance_token) for p in prompts])
     text_scores = (image_emb * text_emb).sum(-1).tolist()
     on_progress(ProgressEvent("ranking", 0.4, None, "faces"))

@@ -89,9 +89,10 @@ class GenerationEngine:
         safety_checker: SafetyCheckFn | None = None,
         face_embedder=None,
         face_detector: Callable[[Image.Image], list] | None = None,
+        pipeline=None,
     ):
-        from diffusers import StableDiffusionPipeline
-
+        """``pipeline``: an already built StableDiffusionPipeline to serve instead of loading
+        ``preset.base_model`` (benchmarks with random weights, custom loaders)."""
         self.preset = preset
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -100,14 +101,7 @@ class GenerationEngine:
         self.face_embedder = face_embedder if face_embedder is not None else "auto"
         self.face_detector = face_detector  # None: the bundled BlazeFace detector
         self._safety_checker = safety_checker
-        try:
-            self.pipe = StableDiffusionPipeline.from_pretrained(
-                preset.base_model, torch_dtype=self.dtype, revision=preset.revision,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            ).to(self.device)
-        except OSError as exc:
-            raise ModelNotFound(f"base model {preset.base_model!r} could not be loaded: {exc}",
-                                {"model": preset.base_model}) from exc
+        self.pipe = pipeline.to(self.device, self.dtype) if pipeline is not None else self._load_base()
         self.pipe.set_progress_bar_config(disable=True)
         # diffusers uses SDPA (AttnProcessor2_0) by default on torch 2; keep it explicit.
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -123,6 +117,19 @@ class GenerationEngine:
         self._improved_vae = None
         self._controlnets: dict[str, torch.nn.Module] = {}
         self._conditions: dict[tuple, Image.Image] = {}
+
+    def _load_base(self):
+        from diffusers import StableDiffusionPipeline
+
+        preset = self.preset
+        try:
+            return StableDiffusionPipeline.from_pretrained(
+                preset.base_model, torch_dtype=self.dtype, revision=preset.revision,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            ).to(self.device)
+        except OSError as exc:
+            raise ModelNotFound(f"base model {preset.base_model!r} could not be loaded: {exc}",
+                                {"model": preset.base_model}) from exc
 
     # ------------------------------------------------------------------ lazily loaded parts
 
@@ -200,7 +207,12 @@ class GenerationEngine:
         """
         on_progress = on_progress or no_progress
         # 1. Check the request and compute conditions before touching the pipeline.
-        resolved = check_request(request, self.limits)
+        manifest = None
+        if adapter_dir is not None:
+            from pipelines.adapters import load_manifest
+
+            manifest = load_manifest(adapter_dir)
+        resolved = check_request(request, self.limits, instance_token=manifest.instance_token if manifest else None)
         width, height = aspect_size(resolved.aspect, self.preset.resolution)
         conditions = [self.condition(spec, width, height) for spec in resolved.controlnets]
         raise_if_canceled(should_stop)
@@ -214,8 +226,9 @@ class GenerationEngine:
             tokens = TokenSpec(attached.manifest.instance_token, attached.manifest.class_token)
         tokens = tokens or BASE_TOKENS
         try:
+            # The variation follows the seed, so a candidate re-run alone (n=1) gets its prompt back.
             prompts = [
-                fill_prompt(resolved.prompt_template(i), tokens.instance_token, tokens.class_token)
+                fill_prompt(resolved.prompt_template(request.seed + i), tokens.instance_token, tokens.class_token)
                 for i in range(request.n)
             ]
             images = self.denoise(resolved, prompts, width, height, conditions, on_progress, should_stop)

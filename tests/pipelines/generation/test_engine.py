@@ -150,3 +150,41 @@ def test_bad_request_fails_before_any_model_work(engine, adapters):
     with pytest.raises(InvalidConfig) as err:
         engine.generate(GenerationRequest(style="anime", n=2, k=3), adapters["a"])
     assert err.value.error_code == "k_greater_than_n"
+
+
+def test_samplers_are_selectable(engine):
+    from pipelines.generation.request import check_request
+
+    expected = {"euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+                "dpmpp_2m": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
+    for name, scheduler in expected.items():
+        resolved = check_request(GenerationRequest(**{**FAST, "sampler": name}))
+        assert type(engine._call_pipeline(resolved).scheduler).__name__ == scheduler
+    assert type(engine.pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # the base keeps its own
+
+    images = {name: pixels(generate_one(engine, sampler=name, steps=4).image) for name in expected}
+    assert np.abs(images["euler_a"] - images["euler"]).mean() > 1.0
+    assert np.abs(images["dpmpp_2m"] - images["euler"]).mean() > 0.5
+    # Deterministic DDIM is Euler on the same ODE (Karras et al. 2022): it may match to the pixel.
+    assert np.abs(images["ddim"] - images["euler"]).mean() < 1.0
+    assert np.array_equal(images["euler_a"], pixels(generate_one(engine, sampler="euler_a", steps=4).image))
+
+
+def test_improved_vae_is_swapped_in_only_when_asked(engine):
+    improved = generate_one(engine)
+    default = generate_one(engine, use_improved_vae=False)
+    assert not np.array_equal(pixels(improved.image), pixels(default.image))
+    assert engine.pipe.vae is engine._base_vae  # the base pipeline keeps its own VAE
+
+
+def test_a_style_candidate_is_reproducible_alone_with_its_prompt(engine):
+    style = dict(style="oil_painting", steps=1, guidance_scale=1.0, upscale=None, controlnets=(), aspect="1:1")
+    batch = engine.generate(GenerationRequest(**style, n=2, k=2, seed=20))
+    second = next(r for r in batch if r.seed == 21)
+    (alone,) = engine.generate(GenerationRequest(**style, n=1, k=1, seed=21))
+    assert alone.prompt == second.prompt
+    assert {r.prompt for r in batch} == {"oil painting portrait of person, visible brush strokes, canvas texture, "
+                                         "rembrandt lighting, masterpiece",
+                                         "classical oil on canvas portrait of person, dark background, warm palette, "
+                                         "detailed"}
+    assert np.abs(pixels(alone.image) - pixels(second.image)).max() <= 1

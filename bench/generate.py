@@ -1,0 +1,255 @@
+"""Generation benchmark: candidates/s, ranking, ×2 upscaling, adapter swap on a warm pipeline.
+
+    python bench/generate.py                                   # CPU: tiny preset, small n
+    python bench/generate.py --device cuda --arch sd15-random  # GPU: SD 1.5 shapes, random weights
+
+``sd15-random`` builds the SD 1.5 architecture (U-Net 320/640/1280/1280, CLIP ViT-L/14
+text encoder, VAE 128/256/512/512), a CLIP ViT-L/14 dual encoder, the LAION aesthetic
+MLP and a Real-ESRGAN x2 (64 filters, 23 blocks) with random weights, so timings match
+real weights without downloading any. A rank-16 LoRA adapter with one learned token is
+attached for the generation run, as in production. Figures go to bench/RESULTS.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.adapters import AdapterManifest, LoraSpec, attach_adapter, detach_adapter, save_adapter  # noqa: E402
+from pipelines.generation import GenerationEngine, GenerationRequest  # noqa: E402
+from pipelines.generation.request import GenerationLimits, aspect_size, check_request  # noqa: E402
+from pipelines.models.presets import get_preset, with_overrides  # noqa: E402
+from pipelines.ranking import RANKING_PRESETS, AestheticHead, rank  # noqa: E402
+from pipelines.upscale import upscale  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- SD 1.5 with random weights
+
+
+def sd15_random_pipeline(work: Path):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipelines.models import tiny
+
+    # A CLIP BPE tokenizer from the tiny preset (the real 49k vocabulary is a download);
+    # token ids index the full-size 49408-row embedding all the same.
+    tiny.write_tokenizer(work / "tokenizer")
+    tokenizer = tiny.load_tokenizer(work / "tokenizer")
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512, layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading",
+    )
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+class RandomClipL14:
+    """ViT-L/14 CLIP (random weights) behind the ClipEmbedder interface."""
+
+    def __init__(self, device, dtype, tokenizer):
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
+
+        from pipelines.models.clip import ClipEmbedder
+
+        config = CLIPConfig(
+            text_config=CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                       num_attention_heads=12, max_position_embeddings=77).to_dict(),
+            vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                           num_attention_heads=16, image_size=224, patch_size=14).to_dict(),
+            projection_dim=768,
+        )
+        with torch.device(device):
+            self.model = CLIPModel(config).to(dtype).eval()
+        self.processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
+        self.device, self.dtype = torch.device(device), dtype
+        self.embed_images = ClipEmbedder.embed_images.__get__(self)
+        self.embed_texts = ClipEmbedder.embed_texts.__get__(self)
+        self.dim = 768
+
+
+def laion_aesthetic_mlp(device) -> AestheticHead:
+    dims = [768, 1024, 128, 64, 16, 1]
+    linears = [torch.nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])]
+    return AestheticHead(linears, relu=False).to(device)
+
+
+def realesrgan_x2(path: Path) -> str:
+    from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=2, shuffle_factor=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- adapter
+
+
+def lora_adapter(folder: Path, engine: GenerationEngine, rank_: int) -> Path:
+    import copy
+
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    spec = LoraSpec(unet_rank=rank_, text_encoder_rank=rank_ // 2)
+    unet = copy.deepcopy(engine.pipe.unet).float()
+    unet.add_adapter(LoraConfig(**spec.peft_kwargs("unet"), init_lora_weights="gaussian"))
+    unet_lora = get_peft_model_state_dict(unet)
+    del unet
+    hidden = engine.pipe.text_encoder.config.hidden_size
+    manifest = AdapterManifest(mode="lora", base_model="bench", instance_token="<subj>", class_token="girl",
+                               tokens=("<subj>",), lora=spec)
+    return save_adapter(folder, manifest, unet_lora=unet_lora, token_embeddings={"<subj>": torch.randn(hidden) * 0.01})
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arch", choices=("tiny", "sd15-random"), default="tiny")
+    parser.add_argument("--n", type=int, default=None, help="candidates (CPU 4, GPU 100)")
+    parser.add_argument("--k", type=int, default=None, help="images upscaled (CPU 2, GPU 16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="candidates per denoising batch (CPU 4, GPU 50)")
+    parser.add_argument("--steps", type=int, default=None, help="Euler steps (CPU 10, GPU 25)")
+    parser.add_argument("--guidance", type=float, default=7.0)
+    parser.add_argument("--resolution", type=int, default=None, help="override the preset's resolution")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--tile", type=int, default=512)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    n = args.n or (100 if gpu else 4)
+    k = args.k or (16 if gpu else 2)
+    args.steps = args.steps or (25 if gpu else 10)
+    batch_size = args.batch_size or (50 if gpu else 4)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if gpu else "fp32")]
+    work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    rows: list[tuple[str, str]] = []
+
+    t0 = time.perf_counter()
+    if args.arch == "sd15-random":
+        tiny_preset = get_preset("tiny")
+        preset = with_overrides(tiny_preset, name="sd15-random", resolution=args.resolution or 512,
+                                upscaler_x2=realesrgan_x2(work / "realesrgan_x2.safetensors"))
+        pipeline = sd15_random_pipeline(work)
+        engine = GenerationEngine(preset, device, dtype, pipeline=pipeline, batch_size=batch_size,
+                                  compile=args.compile, channels_last=args.channels_last,
+                                  limits=GenerationLimits(max_candidates=max(n, 64)))
+        clip = RandomClipL14(device, dtype, pipeline.tokenizer)
+        head = laion_aesthetic_mlp(device).to(dtype)
+    else:
+        preset = get_preset("tiny")
+        if args.resolution:
+            preset = with_overrides(preset, resolution=args.resolution)
+        engine = GenerationEngine(preset, device, dtype, batch_size=batch_size, compile=args.compile,
+                                  channels_last=args.channels_last, limits=GenerationLimits(max_candidates=max(n, 64)))
+        from pipelines.models.clip import get_clip
+
+        clip = get_clip(preset.clip, str(device))
+        head = preset.aesthetic_head
+    adapter = lora_adapter(work / "adapter", engine, rank_=16 if args.arch == "sd15-random" else 4)
+    sync(device)
+    rows.append(("setup (build/load models, make adapter)", f"{time.perf_counter() - t0:.1f} s"))
+
+    request = GenerationRequest(prompts=("portrait photo of {instance} {class}, studio light",), n=n, k=k,
+                                steps=args.steps, guidance_scale=args.guidance, upscale=None, controlnets=(),
+                                batch_size=batch_size)
+    resolved = check_request(request, engine.limits)
+    width, height = aspect_size("1:1", preset.resolution)
+    prompts = ["portrait photo of <subj> girl, studio light"] * n
+
+    # Adapter swap on the warm pipeline (attach + detach), median of 5 after a warm-up.
+    swaps = []
+    for i in range(6):
+        sync(device)
+        start = time.perf_counter()
+        attached = attach_adapter(engine.pipe, adapter)
+        detach_adapter(engine.pipe, attached)
+        sync(device)
+        swaps.append(time.perf_counter() - start)
+    swap_s = statistics.median(swaps[1:])
+
+    # Warm-up (kernels, compile), then the timed run with the adapter attached.
+    warm = check_request(request.model_copy(update={"n": min(batch_size, n), "steps": 2}), engine.limits)
+    attached = attach_adapter(engine.pipe, adapter)
+    try:
+        engine.denoise(warm, prompts[: warm.request.n], width, height)
+        sync(device)
+        start = time.perf_counter()
+        images = engine.denoise(resolved, prompts, width, height)
+        sync(device)
+        gen_s = time.perf_counter() - start
+    finally:
+        detach_adapter(engine.pipe, attached)
+
+    # Ranking: aesthetic + CLIP text + face detection of every candidate (warm models).
+    rank(images[:2], prompts[:2], [], k=1, clip=clip, aesthetic=head, instance_token="<subj>", face_embedder="none",
+         device=str(device), return_all=True)
+    sync(device)
+    start = time.perf_counter()
+    rank(images, prompts, [], k=k, weights=RANKING_PRESETS["balanced"], clip=clip, aesthetic=head,
+         instance_token="<subj>", face_embedder="none", device=str(device), return_all=True)
+    sync(device)
+    rank_s = time.perf_counter() - start
+
+    # ×2 upscaling of k images.
+    upscale(images[:1], 2, preset.upscaler_x2, tile=args.tile, overlap=16, device=str(device))
+    sync(device)
+    start = time.perf_counter()
+    upscale(images[:k], 2, preset.upscaler_x2, tile=args.tile, overlap=16, device=str(device))
+    sync(device)
+    up_s = time.perf_counter() - start
+
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    rows += [
+        ("device / arch / dtype", f"{name} / {args.arch} / {str(dtype).removeprefix('torch.')}"),
+        ("generation", f"{n} candidates {width}x{height}, {args.steps} Euler steps, guidance {args.guidance}, "
+                       f"batch {batch_size}, LoRA attached"),
+        ("generation time", f"{gen_s:.2f} s ({n / gen_s:.2f} candidates/s)"),
+        (f"ranking {n} candidates", f"{rank_s:.2f} s"),
+        (f"x2 upscale {k} images (tile {args.tile})", f"{up_s:.2f} s"),
+        ("adapter swap (attach+detach, warm)", f"{swap_s * 1000:.0f} ms"),
+    ]
+    width_col = max(len(r[0]) for r in rows)
+    print(f"| {'measure'.ljust(width_col)} | value |\n|{'-' * (width_col + 2)}|-------|")
+    for key, value in rows:
+        print(f"| {key.ljust(width_col)} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
