@@ -107,7 +107,30 @@ async def _poller(port: int, request: bytes, stop_at: float, latencies: list[flo
         writer.close()
 
 
-async def poll_level(port: int, path: str, key: str, clients: int, duration: float) -> dict:
+def cpu_seconds(pids: list[int], names: tuple[str, ...] = ()) -> float:
+    """CPU time (user + system) of ``pids`` with their children, plus every process named in ``names``."""
+    import psutil
+
+    seen: dict[int, float] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                t = proc.cpu_times()
+                seen[proc.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] and proc.info["name"].startswith(names) if names else False:
+            try:
+                t = proc.cpu_times()
+                seen[proc.pid] = t.user + t.system
+            except psutil.NoSuchProcess:
+                continue
+    return sum(seen.values())
+
+
+async def poll_level(port: int, path: str, key: str, clients: int, duration: float, server_pid: int) -> dict:
     request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
                "Accept: application/json\r\n\r\n").encode()
     # Warm-up: open connections, fill caches.
@@ -115,15 +138,24 @@ async def poll_level(port: int, path: str, key: str, clients: int, duration: flo
     await asyncio.gather(*(_poller(port, request, time.perf_counter() + 1.0, warm, []) for _ in range(min(clients, 50))))
     latencies: list[float] = []
     errors: list[str] = []
+    cpu_server0, cpu_pg0, cpu_self0 = cpu_seconds([server_pid]), cpu_seconds([], ("postgres",)), time.process_time()
     start = time.perf_counter()
     await asyncio.gather(*(_poller(port, request, start + duration, latencies, errors) for _ in range(clients)))
     elapsed = time.perf_counter() - start
+    cpu_server = cpu_seconds([server_pid]) - cpu_server0
+    cpu_pg = cpu_seconds([], ("postgres",)) - cpu_pg0
+    cpu_self = time.process_time() - cpu_self0
     latencies.sort()
     q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000  # noqa: E731
     if errors:
         print(f"{clients} clients: {len(errors)} errors, e.g. {sorted(set(errors))[:3]}", file=sys.stderr)
     return {"clients": clients, "polls": len(latencies), "polls_per_s": len(latencies) / elapsed,
-            "p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": latencies[-1] * 1000, "errors": len(errors)}
+            "p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": latencies[-1] * 1000, "errors": len(errors),
+            # CPU cost per poll: on a shared machine this, not wall time, says what an idle box can do.
+            "server_cpu_ms_per_poll": cpu_server / len(latencies) * 1000,
+            "postgres_cpu_ms_per_poll": cpu_pg / len(latencies) * 1000,
+            "loadgen_cpu_ms_per_poll": cpu_self / len(latencies) * 1000,
+            "machine_load": os.getloadavg()[0]}
 
 
 def photo_5mb(seed: int) -> bytes:
@@ -143,22 +175,25 @@ def photo_5mb(seed: int) -> bytes:
     return best
 
 
-def upload_bench(port: int, key: str, subject_id: str, repeats: int = 3) -> dict:
+def upload_bench(port: int, key: str, subject_id: str, server_pid: int, repeats: int = 3) -> dict:
     photos = [photo_5mb(i) for i in range(10)]
     files = [("files", (f"IMG_{i:04d}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
-    server_s, wall_s = [], []
+    server_s, wall_s, cpu_s = [], [], []
     with httpx.Client(timeout=120) as client:
         for _ in range(repeats):
+            cpu0 = cpu_seconds([server_pid])
             start = time.perf_counter()
             response = client.post(f"http://127.0.0.1:{port}/v1/subjects/{subject_id}/photos", files=files,
                                    headers={"Authorization": f"Bearer {key}"})
             wall_s.append(time.perf_counter() - start)
+            cpu_s.append(cpu_seconds([server_pid]) - cpu0)
             response.raise_for_status()
             assert response.json()["stored"] == 10, response.text
             timing = response.headers["server-timing"]  # app;dur=<ms>
             server_s.append(float(timing.split("dur=")[1]) / 1000)
     return {"photos": len(photos), "mb_each": round(statistics.mean(map(len, photos)) / 1e6, 2),
-            "server_s_median": statistics.median(server_s), "wall_s_median": statistics.median(wall_s)}
+            "server_s_median": statistics.median(server_s), "wall_s_median": statistics.median(wall_s),
+            "server_cpu_s_median": statistics.median(cpu_s), "machine_load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -183,9 +218,9 @@ def main() -> None:
         key, subject_id, job_id = seed(db_url)
         port = free_port()
         server = start_server(env, port, args.workers)
-        polls = [asyncio.run(poll_level(port, f"/v1/jobs/{job_id}", key, int(n), args.duration))
+        polls = [asyncio.run(poll_level(port, f"/v1/jobs/{job_id}", key, int(n), args.duration, server.pid))
                  for n in args.levels.split(",")]
-        upload = None if args.skip_upload else upload_bench(port, key, subject_id)
+        upload = None if args.skip_upload else upload_bench(port, key, subject_id, server.pid)
     finally:
         if server is not None:
             server.terminate()
@@ -193,13 +228,17 @@ def main() -> None:
         drop_database(dbname)
 
     print(f"\nGET /v1/jobs/{{id}}  ({args.workers} uvicorn workers, {os.cpu_count()} CPUs, {args.duration:.0f} s per level)")
-    print(f"{'clients':>8} {'polls':>8} {'polls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
+    print(f"{'clients':>8} {'polls':>8} {'polls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} "
+          f"{'CPU ms/poll srv+pg+gen':>24} {'load':>6}")
     for r in polls:
+        cpu = f"{r['server_cpu_ms_per_poll']:.2f}+{r['postgres_cpu_ms_per_poll']:.2f}+{r['loadgen_cpu_ms_per_poll']:.2f}"
         print(f"{r['clients']:>8} {r['polls']:>8} {r['polls_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['max_ms']:>8.1f} {r['errors']:>7}")
+              f"{r['max_ms']:>8.1f} {r['errors']:>7} {cpu:>24} {r['machine_load']:>6.1f}")
+    print("(load = 1-min load average during the run; other processes share the CPUs when it exceeds the core count)")
     if upload:
         print(f"\nUpload {upload['photos']} x {upload['mb_each']} MB in one request: server {upload['server_s_median']:.2f} s, "
-              f"wall {upload['wall_s_median']:.2f} s (median of 3; intake excluded)")
+              f"wall {upload['wall_s_median']:.2f} s, server CPU {upload['server_cpu_s_median']:.2f} s "
+              f"(median of 3; intake excluded; load {upload['machine_load']:.1f})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"polls": polls, "upload": upload}, indent=2))
 

@@ -93,6 +93,16 @@ def get_job(session: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
+def get_job_fields(session: Session, caller: Caller, job_id: str) -> dict[str, Any]:
+    """The job's columns as a dict: the status-poll path (one indexed SELECT, no ORM identity map)."""
+    row = session.execute(
+        select(Job.__table__).where(Job.id == job_id, Job.client_id == caller.id)
+    ).mappings().first()
+    if row is None:
+        raise NotFound("Job not found.", {"job_id": job_id})
+    return dict(row)
+
+
 def list_jobs(session: Session, caller: Caller | None, *, state: JobState | None = None, subject_id: str | None = None,
               kind: JobKind | None = None, client_id: str | None = None, limit: int = 50,
               offset: int = 0) -> tuple[list[Job], int]:

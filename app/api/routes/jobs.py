@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Body, Query, Request
+from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import CurrentClient, IdempotencyKey, ReadSessionDep, SessionDep, SettingsDep, released
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, replayable
 from app.api.schemas import GenerateRequest, JobPublic, Page, TrainRequest
 from app.db.models import JobKind, JobState
-from app.db.session import session_scope
+from app.db.session import ReadSessionLocal, session_scope
 from app.services import idempotency, jobs
+from app.services.clients import Caller
 from app.webhooks import send_deliveries
 from pipelines.generation.request import ControlNetSpec, GenerationRequest
 from worker.celery_app import enqueue_job
@@ -68,10 +70,17 @@ def start_generation(subject_id: str, body: GenerateRequest, caller: CurrentClie
     return replayable(response.status, response.body, replayed)
 
 
+def _job_status(caller: Caller, job_id: str) -> JobPublic:
+    with ReadSessionLocal() as session:
+        return JobPublic.model_validate(jobs.get_job_fields(session, caller, job_id))
+
+
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=errors(404),
             summary="Job status: state, stage, progress (0-100), ETA, error")
-def get_job(job_id: str, session: ReadSessionDep, caller: CurrentClient):
-    return released(session, JobPublic.model_validate(jobs.get_job(session, caller, job_id)))
+async def get_job(job_id: str, caller: CurrentClient):
+    # The hot path of every client (status polls): one thread hop, one indexed SELECT on an
+    # autocommit connection, serialisation on the event loop.
+    return await run_in_threadpool(_job_status, caller, job_id)
 
 
 @router.get("/jobs", response_model=Page[JobPublic], responses=errors(), summary="List your jobs, newest first")
