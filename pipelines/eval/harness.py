@@ -104,6 +104,27 @@ def make_eval_callback(config: EvalConfig, references: Sequence[Image.Image], cl
     return TrainCallback(every=config.every, fn=Evaluator(config, references, clip_path, resolution, device))
 
 
+def make_validation_callback(prompts: Sequence[str], out_dir: str | Path, every: int, resolution: int,
+                             num_inference_steps: int = 25, seed: int = 0):
+    """Save one image per prompt at step 0, every ``every`` steps and at the end:
+    ``out_dir/step-000050/00.png``. Prompts may use ``{instance}`` and ``{class_token}``."""
+    from pipelines.training import TrainCallback
+
+    out_dir = Path(out_dir)
+
+    def save(state) -> None:
+        folder = out_dir / f"step-{state.step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        fill = {"instance": state.tokens.instance_token, "class_token": state.tokens.class_token}
+        for i, template in enumerate(prompts):
+            image = state.pipe(template.format(**fill), height=resolution, width=resolution,
+                               num_inference_steps=num_inference_steps,
+                               generator=torch.Generator().manual_seed(seed + i)).images[0]
+            image.save(folder / f"{i:02d}.png")
+
+    return TrainCallback(every=every, fn=save)
+
+
 # ---------------------------------------------------------------------------- reports
 
 

@@ -54,7 +54,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     compile: bool = False
     seed: int = 0
-    checkpoint_every: int = 0  # 0 -> no periodic checkpoints
+    checkpoint_every: int = 200  # steps between resumable checkpoints; 0 -> none
     resume: bool = True  # continue from the newest compatible checkpoint in checkpoint_dir
     progress_every: int = 5
     eval_every: int = 0  # steps between evaluation callbacks; 0 -> only the hook's own schedule

@@ -217,6 +217,7 @@ def train(
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     load_s = time.perf_counter() - started
+    raise_if_canceled(should_stop)
 
     # 2. Add the tokens; their rows are the only part of the embedding that can change.
     from pipelines.training.tokens import TokenRowsEmbedding, add_tokens, initial_rows
@@ -303,6 +304,7 @@ def train(
         outside = torch.cat([outside_one, outside_one.flip(-1)]) if config.flip else outside_one
         outside = (outside.to(device) * has_instance.any(1).float()[prompt_of].view(-1, 1, 1, 1).to(device))
     caching_s = time.perf_counter() - caching_started
+    raise_if_canceled(should_stop)
 
     # Noise schedule, on the device once.
     schedule = pipe.scheduler.config

@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from pipelines.eval.harness import EvalConfig, make_eval_callback, write_report
+from pipelines.eval.harness import EvalConfig, make_eval_callback, make_validation_callback, write_report
 from pipelines.eval.metrics import UnavailableLpips, get_lpips, image_alignment, lpips_to_references, without_token
 from pipelines.models.presets import with_overrides
 from pipelines.training import TrainConfig, train
@@ -43,8 +43,11 @@ def test_eval_every_k_steps_writes_table_and_plot(tiny_preset, astronaut, grace_
     config = EvalConfig(every=2, text_prompts=("an oil painting of {instance} {class_token}",), images_per_prompt=1,
                         num_inference_steps=2, lpips="none")
     callback = make_eval_callback(config, [astronaut, grace_hopper], preset.clip, preset.resolution)
+    validation = make_validation_callback(["a photo of {instance} {class_token}"], tmp_path / "validation", every=4,
+                                          resolution=32, num_inference_steps=2)
     result = train(examples, tokens, TrainConfig(max_train_steps=4, unet_rank=4, text_encoder_rank=4), preset,
-                   tmp_path / "run", device="cpu", callbacks=[callback])
+                   tmp_path / "run", device="cpu", callbacks=[callback, validation])
+    assert sorted(p.parent.name for p in (tmp_path / "validation").rglob("*.png")) == ["step-000000", "step-000004"]
     history = result.metrics["eval"]
     assert [h["step"] for h in history] == [0, 2, 4]
     for h in history:

@@ -45,6 +45,11 @@ def adapter_tensors(folder):
     return tensors
 
 
+def generate(pipe, prompt="a photo of <subj> girl"):
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="pt",
+                generator=torch.Generator().manual_seed(3)).images
+
+
 def snapshot(module, only=None):
     return {n: p.detach().clone() for n, p in module.named_parameters() if only is None or only in n}
 
@@ -122,9 +127,19 @@ def test_stage1_trains_text_encoder_and_unet_stage2_only_unet(examples, preset, 
 def test_full_mode_changes_only_new_token_rows_and_saves_changed_components(examples, preset, tmp_path):
     from transformers import CLIPTextModel
 
+    final = {}
+
+    def at_end(state):
+        if state.step == state.total_steps:
+            final["image"] = generate(state.pipe)
+
     result = run(examples, preset, tmp_path, config={"mode": "full", "max_train_steps": 3, "unet_lr": 1e-3,
-                                                     "text_encoder_lr": 1e-3})
+                                                     "text_encoder_lr": 1e-3},
+                 callbacks=[TrainCallback(every=0, fn=at_end)])
     folder = result.adapter_dir
+    fresh = trainer_module.load_base_pipeline(preset, torch.device("cpu"))
+    with adapter_attached(fresh, folder):
+        assert torch.allclose(generate(fresh), final["image"], atol=1e-5), "full adapter must reproduce training"
     assert {p.name for p in folder.iterdir()} == {"manifest.json", "tokens", "unet", "text_encoder"}
     trained = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
     base = CLIPTextModel.from_pretrained(preset.base_model, subfolder="text_encoder")
@@ -166,12 +181,7 @@ def test_training_lowers_the_loss_on_its_photos(examples, preset, tmp_path, mode
 
 
 def test_saved_adapter_reproduces_the_trained_pipeline_image(examples, preset, tmp_path):
-    prompt = "a photo of <subj> girl"
     final = {}
-
-    def generate(pipe):
-        return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="pt",
-                    generator=torch.Generator().manual_seed(3)).images
 
     def at_end(state):
         if state.step == state.total_steps:
@@ -201,12 +211,12 @@ def test_cancel_stops_within_one_step_and_resume_matches_uninterrupted_run(examp
 
     def stop_after_five_steps():
         calls.append(1)
-        return len(calls) > 6  # one check before loading, then one per step
+        return len(calls) > 8  # checks before loading, after loading, after caching, then one per step
 
     with pytest.raises(Canceled):
         run(examples, preset, tmp_path, "interrupted", config=config, should_stop=stop_after_five_steps,
             callbacks=[TrainCallback(every=1, fn=lambda s: steps_seen.append(s.step))])
-    assert steps_seen[-1] == 5 and len(calls) == 7, "cancel must stop at the next step boundary"
+    assert steps_seen[-1] == 5 and len(calls) == 9, "cancel must stop at the next step boundary"
     assert not (tmp_path / "interrupted" / "adapter").exists()
     assert (tmp_path / "interrupted" / "checkpoints" / "checkpoint.pt").is_file()
 
@@ -257,9 +267,9 @@ def test_attention_penalty_and_prior_preservation_train(examples, preset, tmp_pa
 
 
 def test_same_seed_same_adapter(examples, preset, tmp_path):
-    a = run(examples, preset, tmp_path, "a", config={"max_train_steps": 3})
-    b = run(examples, preset, tmp_path, "b", config={"max_train_steps": 3})
-    c = run(examples, preset, tmp_path, "c", config={"max_train_steps": 3, "seed": 1})
+    a = run(examples, preset, tmp_path, "a", config={"max_train_steps": 2})
+    b = run(examples, preset, tmp_path, "b", config={"max_train_steps": 2})
+    c = run(examples, preset, tmp_path, "c", config={"max_train_steps": 2, "seed": 1})
     ta, tb, tc = adapter_tensors(a.adapter_dir), adapter_tensors(b.adapter_dir), adapter_tensors(c.adapter_dir)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert any(not torch.equal(ta[k], tc[k]) for k in ta)
