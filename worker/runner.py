@@ -130,6 +130,7 @@ def run_job(
         progress = JobProgress(job.kind, write, start_progress=job.progress)
         ctx = StageContext(job, settings, get_blob_store(settings), progress, should_stop, workdir)
         done = set(job.completed_stages)
+        outcome = ""
         try:
             for phase in PLANS[job.kind]:
                 if set(phase.stages) <= done:
@@ -142,12 +143,11 @@ def run_job(
                 log.info("job %s: %s (attempt %d)", job_id, phase.name, job.attempts)
                 result = phase.run(ctx)
                 if not jobs.complete_stages(job_id, list(phase.stages), result):
-                    return "lost"
+                    outcome = "lost"
+                    break
                 done |= set(phase.stages)
         except Canceled:
-            if beat.lost.is_set():
-                return "lost"
-            outcome = _end(job_id, JobState.canceled, "canceled", "canceled by request")
+            outcome = "lost" if beat.lost.is_set() else _end(job_id, JobState.canceled, "canceled", "canceled by request")
         except PipelineError as exc:
             log.info("job %s failed: %s (%s)", job_id, exc.message, exc.error_code)
             outcome = _end(job_id, JobState.failed, exc.error_code, exc.message)
@@ -159,10 +159,26 @@ def run_job(
             log.exception("job %s failed with an internal error", job_id)
             outcome = _end(job_id, JobState.failed, "internal_error", INTERNAL_ERROR_MESSAGE)
         else:
-            outcome = _end(job_id, JobState.succeeded)
-    if outcome != "lost":  # a terminal job needs no scratch space (a retry would have resumed from it)
+            outcome = outcome or _end(job_id, JobState.succeeded)
+    if outcome == "lost":
+        _purge_if_subject_deleted(ctx)
+    else:  # a terminal job needs no scratch space (a retry would have resumed from it)
         shutil.rmtree(workdir, ignore_errors=True)
     return outcome
+
+
+def _purge_if_subject_deleted(ctx: StageContext) -> None:
+    """The subject was deleted while this job wrote blobs: remove what landed after the API's purge."""
+    from app.db.models import Subject
+    from app.db.session import session_scope
+    from app.storage import subject_prefix
+
+    with session_scope() as session:
+        if session.get(Subject, ctx.job.subject_id) is not None:
+            return
+    removed = ctx.store.delete_prefix(subject_prefix(ctx.job.subject_id))
+    shutil.rmtree(ctx.workdir, ignore_errors=True)
+    log.info("job %s: subject deleted meanwhile; removed %d late blobs", ctx.job.id, removed)
 
 
 def _end(job_id: str, state: JobState, code: str | None = None, message: str | None = None) -> str:

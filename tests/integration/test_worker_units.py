@@ -233,3 +233,26 @@ def test_cli_create_client_prints_a_working_key(sqlite_db, tmp_path):
     with session_scope() as session:
         caller = authenticate(session, key)
     assert caller is not None and caller.role.value == "bot"
+
+
+def test_blobs_written_after_the_subject_was_deleted_are_removed(sqlite_db, monkeypatch):
+    """The API deletes a subject (rows + blobs) while its job is still writing: nothing may remain."""
+    from sqlalchemy import delete
+
+    from app.config import get_settings
+    from app.db.models import Subject
+    from app.db.session import session_scope
+    from app.storage import get_blob_store, subject_prefix
+    from worker import runner, stages
+
+    def write_after_delete(ctx):
+        with session_scope() as session:  # what DELETE /v1/subjects/{id} does meanwhile
+            session.execute(delete(Subject).where(Subject.id == ctx.job.subject_id))
+        ctx.store.put(subject_prefix(ctx.job.subject_id) + "late/blob.bin", b"late")
+        return {}
+
+    monkeypatch.setitem(stages.PLANS, "train", (stages.Phase("intake", "cpu", ("intake",), write_after_delete),))
+    job_id = _job()
+    subject_id = _read(job_id).subject_id
+    assert runner.run_job(job_id, settings=get_settings()) == "lost"
+    assert get_blob_store().list(subject_prefix(subject_id)) == []
