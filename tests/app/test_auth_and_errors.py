@@ -70,3 +70,25 @@ def test_openapi_documents_every_route_with_summary_and_error_schema(app):
                 err = op["responses"].get("401") or {}
                 assert err.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "").endswith(
                     "ErrorBody"), f"{method} {path} does not document its errors"
+
+
+def test_bootstrap_admin_key_creates_an_admin_at_start(settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    bootstrap = settings.model_copy(update={"bootstrap_admin_key": "lk_bootstrap-" + "x" * 20})
+    for _ in range(2):  # starting twice must not create a second client
+        with TestClient(create_app(bootstrap)) as http:
+            response = http.get("/v1/admin/jobs", headers={"X-API-Key": bootstrap.bootstrap_admin_key})
+            assert response.status_code == 200
+    from sqlalchemy import func, select
+
+    from app.db.models import Client
+    from app.db.session import session_scope
+    from app.services.clients import hash_key
+
+    with session_scope() as session:
+        count = session.scalar(select(func.count()).select_from(Client)
+                               .where(Client.api_key_hash == hash_key(bootstrap.bootstrap_admin_key)))
+    assert count == 1

@@ -65,3 +65,21 @@ def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path, monkeypatch):
         store.put("subjects/s/a.bin", b"new")
     assert store.get("subjects/s/a.bin") == b"old"
     assert [p.name for p in (tmp_path / "subjects" / "s").iterdir()] == ["a.bin"]
+
+
+def test_settings_pick_the_backend(tmp_path):
+    from moto import mock_aws
+
+    from app.config import Settings
+    from app.storage import get_blob_store
+
+    local = get_blob_store(Settings(storage_dir=tmp_path / "b", database_url="sqlite://"))
+    assert isinstance(local, LocalBlobStore) and local.root == (tmp_path / "b").resolve()
+    with mock_aws():
+        settings = Settings(storage_backend="s3", s3_bucket="likeness-settings-test", s3_access_key_id="x",
+                            s3_secret_access_key="y", s3_endpoint_url=None)
+        store = get_blob_store(settings)
+        assert isinstance(store, S3BlobStore) and store.bucket == "likeness-settings-test"
+        store.ensure_bucket()
+        store.put("subjects/s/x.bin", b"1")
+        assert store.list("subjects/") == ["subjects/s/x.bin"]
