@@ -43,8 +43,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # A message unacked for this long is handed to another worker; jobs can run
         # longer than that, but the task's claim check makes a duplicate delivery harmless.
         transport_options = {"visibility_timeout": 3600, "global_keyprefix": settings.queue_prefix}
-    elif broker_url.startswith("sqla+"):
-        transport_options = {"polling_interval": 0.5}
     app.conf.update(
         task_acks_late=True,  # a task killed mid-run is redelivered, not lost
         task_reject_on_worker_lost=True,  # ... including when its pool process is SIGKILLed
