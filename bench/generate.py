@@ -23,12 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.adapters import AdapterManifest, LoraSpec, attach_adapter, detach_adapter, save_adapter  # noqa: E402
-from pipelines.generation import GenerationEngine, GenerationRequest  # noqa: E402
-from pipelines.generation.request import GenerationLimits, aspect_size, check_request  # noqa: E402
-from pipelines.models.presets import get_preset, with_overrides  # noqa: E402
-from pipelines.ranking import RANKING_PRESETS, AestheticHead, rank  # noqa: E402
-from pipelines.upscale import upscale  # noqa: E402
+import itertools
+
+from pipelines.adapters import AdapterManifest, LoraSpec, attach_adapter, detach_adapter, save_adapter
+from pipelines.generation import GenerationEngine, GenerationRequest
+from pipelines.generation.request import GenerationLimits, aspect_size, check_request
+from pipelines.models.presets import get_preset, with_overrides
+from pipelines.ranking import RANKING_PRESETS, AestheticHead, rank
+from pipelines.upscale import upscale
 
 
 def sync(device: torch.device) -> None:
@@ -51,42 +53,94 @@ def sd15_random_pipeline(work: Path):
     tokenizer = tiny.load_tokenizer(work / "tokenizer")
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         unet = UNet2DConditionModel(
-            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            down_block_types=(
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
         vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=512, layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            latent_channels=4,
+            sample_size=512,
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
         )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, timestep_spacing="leading",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
     )
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 class RandomClipL14:
     """ViT-L/14 CLIP (random weights) behind the ClipEmbedder interface."""
 
     def __init__(self, device, dtype, tokenizer):
-        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
+        from transformers import (
+            CLIPConfig,
+            CLIPImageProcessor,
+            CLIPModel,
+            CLIPProcessor,
+            CLIPTextConfig,
+            CLIPVisionConfig,
+        )
 
         from pipelines.models.clip import ClipEmbedder
 
         config = CLIPConfig(
-            text_config=CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                       num_attention_heads=12, max_position_embeddings=77).to_dict(),
-            vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                           num_attention_heads=16, image_size=224, patch_size=14).to_dict(),
+            text_config=CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+            ).to_dict(),
+            vision_config=CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=224,
+                patch_size=14,
+            ).to_dict(),
             projection_dim=768,
         )
         with torch.device(device):
@@ -100,7 +154,7 @@ class RandomClipL14:
 
 def laion_aesthetic_mlp(device) -> AestheticHead:
     dims = [768, 1024, 128, 64, 16, 1]
-    linears = [torch.nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])]
+    linears = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(dims)]
     return AestheticHead(linears, relu=False).to(device)
 
 
@@ -127,21 +181,33 @@ def lora_adapter(folder: Path, engine: GenerationEngine, rank_: int) -> Path:
     unet_lora = get_peft_model_state_dict(unet)
     del unet
     hidden = engine.pipe.text_encoder.config.hidden_size
-    manifest = AdapterManifest(mode="lora", base_model="bench", instance_token="<subj>", class_token="girl",
-                               tokens=("<subj>",), lora=spec)
-    return save_adapter(folder, manifest, unet_lora=unet_lora, token_embeddings={"<subj>": torch.randn(hidden) * 0.01})
+    manifest = AdapterManifest(
+        mode="lora",
+        base_model="bench",
+        instance_token="<subj>",
+        class_token="girl",
+        tokens=("<subj>",),
+        lora=spec,
+    )
+    return save_adapter(
+        folder, manifest, unet_lora=unet_lora, token_embeddings={"<subj>": torch.randn(hidden) * 0.01}
+    )
 
 
 # ---------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--arch", choices=("tiny", "sd15-random"), default="tiny")
     parser.add_argument("--n", type=int, default=None, help="candidates (CPU 4, GPU 100)")
     parser.add_argument("--k", type=int, default=None, help="images upscaled (CPU 2, GPU 16)")
-    parser.add_argument("--batch-size", type=int, default=None, help="candidates per denoising batch (CPU 4, GPU 50)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="candidates per denoising batch (CPU 4, GPU 50)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (CPU 10, GPU 25)")
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--resolution", type=int, default=None, help="override the preset's resolution")
@@ -157,27 +223,47 @@ def main(argv: list[str] | None = None) -> None:
     k = args.k or (16 if gpu else 2)
     args.steps = args.steps or (25 if gpu else 10)
     batch_size = args.batch_size or (50 if gpu else 4)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if gpu else "fp32")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if gpu else "fp32")
+    ]
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     rows: list[tuple[str, str]] = []
 
     t0 = time.perf_counter()
     if args.arch == "sd15-random":
         tiny_preset = get_preset("tiny")
-        preset = with_overrides(tiny_preset, name="sd15-random", resolution=args.resolution or 512,
-                                upscaler_x2=realesrgan_x2(work / "realesrgan_x2.safetensors"))
+        preset = with_overrides(
+            tiny_preset,
+            name="sd15-random",
+            resolution=args.resolution or 512,
+            upscaler_x2=realesrgan_x2(work / "realesrgan_x2.safetensors"),
+        )
         pipeline = sd15_random_pipeline(work)
-        engine = GenerationEngine(preset, device, dtype, pipeline=pipeline, batch_size=batch_size,
-                                  compile=args.compile, channels_last=args.channels_last,
-                                  limits=GenerationLimits(max_candidates=max(n, 64)))
+        engine = GenerationEngine(
+            preset,
+            device,
+            dtype,
+            pipeline=pipeline,
+            batch_size=batch_size,
+            compile=args.compile,
+            channels_last=args.channels_last,
+            limits=GenerationLimits(max_candidates=max(n, 64)),
+        )
         clip = RandomClipL14(device, dtype, pipeline.tokenizer)
         head = laion_aesthetic_mlp(device).to(dtype)
     else:
         preset = get_preset("tiny")
         if args.resolution:
             preset = with_overrides(preset, resolution=args.resolution)
-        engine = GenerationEngine(preset, device, dtype, batch_size=batch_size, compile=args.compile,
-                                  channels_last=args.channels_last, limits=GenerationLimits(max_candidates=max(n, 64)))
+        engine = GenerationEngine(
+            preset,
+            device,
+            dtype,
+            batch_size=batch_size,
+            compile=args.compile,
+            channels_last=args.channels_last,
+            limits=GenerationLimits(max_candidates=max(n, 64)),
+        )
         from pipelines.models.clip import get_clip
 
         clip = get_clip(preset.clip, str(device))
@@ -186,9 +272,16 @@ def main(argv: list[str] | None = None) -> None:
     sync(device)
     rows.append(("setup (build/load models, make adapter)", f"{time.perf_counter() - t0:.1f} s"))
 
-    request = GenerationRequest(prompts=("portrait photo of {instance} {class}, studio light",), n=n, k=k,
-                                steps=args.steps, guidance_scale=args.guidance, upscale=None, controlnets=(),
-                                batch_size=batch_size)
+    request = GenerationRequest(
+        prompts=("portrait photo of {instance} {class}, studio light",),
+        n=n,
+        k=k,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        upscale=None,
+        controlnets=(),
+        batch_size=batch_size,
+    )
     resolved = check_request(request, engine.limits)
     width, height = aspect_size("1:1", preset.resolution)
     prompts = ["portrait photo of <subj> girl, studio light"] * n
@@ -218,12 +311,33 @@ def main(argv: list[str] | None = None) -> None:
         detach_adapter(engine.pipe, attached)
 
     # Ranking: aesthetic + CLIP text + face detection of every candidate (warm models).
-    rank(images[:2], prompts[:2], [], k=1, clip=clip, aesthetic=head, instance_token="<subj>", face_embedder="none",
-         device=str(device), return_all=True)
+    rank(
+        images[:2],
+        prompts[:2],
+        [],
+        k=1,
+        clip=clip,
+        aesthetic=head,
+        instance_token="<subj>",
+        face_embedder="none",
+        device=str(device),
+        return_all=True,
+    )
     sync(device)
     start = time.perf_counter()
-    rank(images, prompts, [], k=k, weights=RANKING_PRESETS["balanced"], clip=clip, aesthetic=head,
-         instance_token="<subj>", face_embedder="none", device=str(device), return_all=True)
+    rank(
+        images,
+        prompts,
+        [],
+        k=k,
+        weights=RANKING_PRESETS["balanced"],
+        clip=clip,
+        aesthetic=head,
+        instance_token="<subj>",
+        face_embedder="none",
+        device=str(device),
+        return_all=True,
+    )
     sync(device)
     rank_s = time.perf_counter() - start
 
@@ -238,8 +352,13 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     rows += [
         ("device / arch / dtype", f"{name} / {args.arch} / {str(dtype).removeprefix('torch.')}"),
-        ("generation", f"{n} candidates {width}x{height}, {args.steps} Euler steps, guidance {args.guidance}, "
-                       f"batch {batch_size}, LoRA attached"),
+        (
+            "generation",
+            (
+                f"{n} candidates {width}x{height}, {args.steps} Euler steps, guidance {args.guidance}, "
+                f"batch {batch_size}, LoRA attached"
+            ),
+        ),
         ("generation time", f"{gen_s:.2f} s ({n / gen_s:.2f} candidates/s)"),
         (f"ranking {n} candidates", f"{rank_s:.2f} s"),
         (f"x2 upscale {k} images (tile {args.tile})", f"{up_s:.2f} s"),

@@ -105,9 +105,13 @@ class AestheticHead(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], relu: bool) -> AestheticHead:
-        indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")})
+        indices = sorted(
+            {int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")}
+        )
         if not indices:
-            raise InvalidConfig("aesthetic head has no layers.{i}.weight tensors", code="invalid_aesthetic_head")
+            raise InvalidConfig(
+                "aesthetic head has no layers.{i}.weight tensors", code="invalid_aesthetic_head"
+            )
         linears = []
         for i in indices:
             weight = state[f"layers.{i}.weight"].float()
@@ -134,7 +138,7 @@ def resolve_weight_file(path: str) -> Path:
     """A local file for ``path``: a filesystem path, or ``hf://owner/repo/file`` from the
     Hugging Face cache (downloaded by ``likeness models pull``; offline runs never fetch)."""
     if path.startswith("hf://"):
-        owner, repo, filename = path[len("hf://"):].split("/", 2)
+        owner, repo, filename = path[len("hf://") :].split("/", 2)
         from huggingface_hub import hf_hub_download
 
         try:
@@ -177,7 +181,9 @@ def rank(
     """
     # 1. Check inputs.
     if len(images) != len(prompts):
-        raise InvalidConfig("one prompt per image is required", {"images": len(images), "prompts": len(prompts)})
+        raise InvalidConfig(
+            "one prompt per image is required", {"images": len(images), "prompts": len(prompts)}
+        )
     if k < 1:
         raise InvalidConfig(f"k must be at least 1, got {k}", {"k": k}, code="invalid_k")
     on_progress = on_progress or no_progress
@@ -188,7 +194,9 @@ def rank(
     clip = _as_clip(clip, device)
     head = load_aesthetic_head(aesthetic) if isinstance(aesthetic, str) else aesthetic
     if head is None:
-        raise InvalidConfig("rank needs an aesthetic head (the preset's aesthetic_head)", code="aesthetic_head_required")
+        raise InvalidConfig(
+            "rank needs an aesthetic head (the preset's aesthetic_head)", code="aesthetic_head_required"
+        )
     detect = face_detector or _default_face_detector()
     embedder = _as_face_embedder(face_embedder)
 
@@ -221,13 +229,22 @@ def rank(
         lpips_scores = [float(lpips(im, reference_images)) for im in images]
 
     # 5. Combine and sort.
-    raw = {"aesthetic": aesthetic_scores, "identity": identity_scores, "text": text_scores, "lpips": lpips_scores}
+    raw = {
+        "aesthetic": aesthetic_scores,
+        "identity": identity_scores,
+        "text": text_scores,
+        "lpips": lpips_scores,
+    }
     combined = combine(raw, weights)
     candidates = [
         RankedCandidate(
-            index=i, image=images[i], prompt=prompts[i], score=combined[i],
+            index=i,
+            image=images[i],
+            prompt=prompts[i],
+            score=combined[i],
             scores={name: raw[name][i] for name in SCORE_NAMES} | {"combined": combined[i]},
-            faces=len(boxes[i]), deliverable=len(boxes[i]) == 1,
+            faces=len(boxes[i]),
+            deliverable=len(boxes[i]) == 1,
         )
         for i in range(len(images))
     ]
@@ -235,8 +252,15 @@ def rank(
     delivered = [c for c in candidates if c.deliverable][:k]
     for position, candidate in enumerate(delivered, start=1):
         candidate.rank = position
-    on_progress(ProgressEvent("ranking", 1.0, 0.0, f"{len(delivered)} of {len(images)} kept",
-                              {"kept": float(len(delivered)), "total": float(len(images))}))
+    on_progress(
+        ProgressEvent(
+            "ranking",
+            1.0,
+            0.0,
+            f"{len(delivered)} of {len(images)} kept",
+            {"kept": float(len(delivered)), "total": float(len(images))},
+        )
+    )
     return candidates if return_all else delivered
 
 

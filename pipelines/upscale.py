@@ -20,12 +20,19 @@ from pipelines.progress import CancelFn, ProgressFn, StageProgress, raise_if_can
 
 def check_inputs(factor: int, tile: int, overlap: int, model_path: str | None) -> None:
     if factor not in (2, 4):
-        raise InvalidConfig(f"upscale factor must be 2 or 4, got {factor}", {"factor": factor}, code="invalid_upscale")
+        raise InvalidConfig(
+            f"upscale factor must be 2 or 4, got {factor}", {"factor": factor}, code="invalid_upscale"
+        )
     if not model_path:
-        raise InvalidConfig("upscale needs a model_path (the preset's upscaler_x2/_x4)", code="upscaler_required")
+        raise InvalidConfig(
+            "upscale needs a model_path (the preset's upscaler_x2/_x4)", code="upscaler_required"
+        )
     if tile < 16 or overlap < 0 or 2 * overlap >= tile:
-        raise InvalidConfig("tile must be >= 16 and overlap < tile / 2", {"tile": tile, "overlap": overlap},
-                            code="invalid_tiling")
+        raise InvalidConfig(
+            "tile must be >= 16 and overlap < tile / 2",
+            {"tile": tile, "overlap": overlap},
+            code="invalid_tiling",
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,8 +69,11 @@ def upscale(
         model = load_upscaler(model_path, device, False)
         half = False
     if model.scale != factor:
-        raise InvalidConfig(f"{model_path} upscales ×{model.scale}, not ×{factor}",
-                            {"model_scale": model.scale, "factor": factor}, code="upscaler_scale_mismatch")
+        raise InvalidConfig(
+            f"{model_path} upscales ×{model.scale}, not ×{factor}",
+            {"model_scale": model.scale, "factor": factor},
+            code="upscaler_scale_mismatch",
+        )
     progress = StageProgress(on_progress, "upscaling", total=len(images))
     progress.start(f"×{factor} on {len(images)} images")
     out = []
@@ -72,7 +82,6 @@ def upscale(
         out.append(_upscale_one(model, image.convert("RGB"), factor, tile, overlap, half))
         progress.advance()
     return out
-
 
 
 @torch.inference_mode()
@@ -90,8 +99,16 @@ def _upscale_one(model, image: Image.Image, factor: int, tile: int, overlap: int
             y0, x0 = max(top - overlap, 0), max(left - overlap, 0)
             y1, x1 = min(top + core + overlap, height), min(left + core + overlap, width)
             piece = _run(model, x[..., y0:y1, x0:x1], device, dtype)
-            ramp = _ramp(y1 - y0, x1 - x0, factor, overlap, top=y0 > 0, left=x0 > 0,
-                         bottom=y1 < height, right=x1 < width)
+            ramp = _ramp(
+                y1 - y0,
+                x1 - x0,
+                factor,
+                overlap,
+                top=y0 > 0,
+                left=x0 > 0,
+                bottom=y1 < height,
+                right=x1 < width,
+            )
             out[..., y0 * factor : y1 * factor, x0 * factor : x1 * factor] += piece * ramp
             weight[..., y0 * factor : y1 * factor, x0 * factor : x1 * factor] += ramp
     result = (out / weight.clamp_min(1e-8)).clamp(0, 1)

@@ -25,11 +25,45 @@ from pipelines.errors import InvalidConfig
 # l-wrist, r-hip, r-knee, r-ankle, l-hip, l-knee, l-ankle, r-eye, l-eye, r-ear, l-ear.
 # MediaPipe index of each (neck: the shoulders' midpoint).
 _MEDIAPIPE_INDEX = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
-_LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
-          (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
-_COLORS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
-           (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
-           (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
+_LIMBS = (
+    (1, 2),
+    (1, 5),
+    (2, 3),
+    (3, 4),
+    (5, 6),
+    (6, 7),
+    (1, 8),
+    (8, 9),
+    (9, 10),
+    (1, 11),
+    (11, 12),
+    (12, 13),
+    (1, 0),
+    (0, 14),
+    (14, 16),
+    (0, 15),
+    (15, 17),
+)
+_COLORS = (
+    (255, 0, 0),
+    (255, 85, 0),
+    (255, 170, 0),
+    (255, 255, 0),
+    (170, 255, 0),
+    (85, 255, 0),
+    (0, 255, 0),
+    (0, 255, 85),
+    (0, 255, 170),
+    (0, 255, 255),
+    (0, 170, 255),
+    (0, 85, 255),
+    (0, 0, 255),
+    (85, 0, 255),
+    (170, 0, 255),
+    (255, 0, 255),
+    (255, 0, 170),
+    (255, 0, 85),
+)
 _MIN_VISIBILITY = 0.3
 
 
@@ -72,8 +106,9 @@ def draw_openpose(points: list[tuple[float, float] | None], width: int, height: 
         (xa, ya), (xb, yb) = (a[0] * width, a[1] * height), (b[0] * width, b[1] * height)
         length = math.hypot(xb - xa, yb - ya)
         angle = math.degrees(math.atan2(yb - ya, xb - xa))
-        polygon = cv2.ellipse2Poly((int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick),
-                                   int(angle), 0, 360, 1)
+        polygon = cv2.ellipse2Poly(
+            (int((xa + xb) / 2), int((ya + yb) / 2)), (int(length / 2), stick), int(angle), 0, 360, 1
+        )
         cv2.fillConvexPoly(canvas, polygon, [int(c * 0.6) for c in color])
     for point, color in zip(points, _COLORS):
         if point is not None:
@@ -85,18 +120,21 @@ def pose_condition(image: Image.Image, width: int, height: int) -> Image.Image:
     framed = fit(image, width * 2, height * 2) if min(width, height) < 256 else fit(image, width, height)
     points = pose_keypoints(framed)
     if sum(p is not None for p in points) < 3:
-        raise InvalidConfig("no person pose found in the ControlNet template image", code="no_pose_in_template")
+        raise InvalidConfig(
+            "no person pose found in the ControlNet template image", code="no_pose_in_template"
+        )
     return draw_openpose(points, width, height)
 
 
 def depth_condition(image: Image.Image, width: int, height: int) -> Image.Image:
-    try:
-        from controlnet_aux import MidasDetector  # optional production annotator
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("controlnet_aux") is None:  # the optional production annotator
         raise InvalidConfig(
             "depth ControlNet needs a depth map (send it with preprocessed=true) or the optional "
-            "controlnet-aux annotator, which is not installed", code="depth_annotator_unavailable",
-        ) from None
+            "controlnet-aux annotator, which is not installed",
+            code="depth_annotator_unavailable",
+        )
     depth = _midas()(fit(image, width, height))
     return fit(depth, width, height)
 
@@ -108,7 +146,9 @@ def _midas():
     return MidasDetector.from_pretrained("lllyasviel/Annotators")
 
 
-def condition_image(kind: str, image: Image.Image, width: int, height: int, preprocessed: bool = False) -> Image.Image:
+def condition_image(
+    kind: str, image: Image.Image, width: int, height: int, preprocessed: bool = False
+) -> Image.Image:
     """The (width, height) RGB condition for ControlNet ``kind`` from a template or client image."""
     if preprocessed:
         return fit(image, width, height)

@@ -8,7 +8,6 @@ rank, upscale the best k.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,13 @@ from pipelines.generation.request import (
 )
 from pipelines.generation.styles import fill_prompt, template_path
 from pipelines.models.presets import ModelPreset
-from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, StageProgress, no_progress, raise_if_canceled
+from pipelines.progress import (
+    CancelFn,
+    ProgressFn,
+    StageProgress,
+    no_progress,
+    raise_if_canceled,
+)
 from pipelines.types import TokenSpec
 
 # Prompt tokens for base-model generation (no adapter): the placeholders become plain words.
@@ -70,7 +75,9 @@ def make_scheduler(name: str, base_config):
     if name == "ddim":
         return DDIMScheduler.from_config(base_config)
     if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+        return DPMSolverMultistepScheduler.from_config(
+            base_config, algorithm_type="dpmsolver++", solver_order=2
+        )
     raise ValueError(name)  # check_request refuses unknown samplers first
 
 
@@ -124,12 +131,17 @@ class GenerationEngine:
         preset = self.preset
         try:
             return StableDiffusionPipeline.from_pretrained(
-                preset.base_model, torch_dtype=self.dtype, revision=preset.revision,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                preset.base_model,
+                torch_dtype=self.dtype,
+                revision=preset.revision,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
             ).to(self.device)
         except OSError as exc:
-            raise ModelNotFound(f"base model {preset.base_model!r} could not be loaded: {exc}",
-                                {"model": preset.base_model}) from exc
+            raise ModelNotFound(
+                f"base model {preset.base_model!r} could not be loaded: {exc}", {"model": preset.base_model}
+            ) from exc
 
     # ------------------------------------------------------------------ lazily loaded parts
 
@@ -150,7 +162,9 @@ class GenerationEngine:
         if self._improved_vae is None:
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(self.preset.vae, torch_dtype=self.dtype).to(self.device).eval()
+            vae = (
+                AutoencoderKL.from_pretrained(self.preset.vae, torch_dtype=self.dtype).to(self.device).eval()
+            )
             if self._base_vae.use_tiling:
                 vae.enable_tiling()
             self._improved_vae = vae
@@ -175,12 +189,16 @@ class GenerationEngine:
         from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
         base = self.pipe
-        parts = dict(
-            vae=self.vae(resolved.request.use_improved_vae), text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer, unet=base.unet,
-            scheduler=make_scheduler(resolved.request.sampler, base.scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        parts = {
+            "vae": self.vae(resolved.request.use_improved_vae),
+            "text_encoder": base.text_encoder,
+            "tokenizer": base.tokenizer,
+            "unet": base.unet,
+            "scheduler": make_scheduler(resolved.request.sampler, base.scheduler.config),
+            "safety_checker": None,
+            "feature_extractor": None,
+            "requires_safety_checker": False,
+        }
         if resolved.controlnets:
             nets = [self.controlnet(spec.kind) for spec in resolved.controlnets]
             pipe = StableDiffusionControlNetPipeline(controlnet=nets, **parts)
@@ -212,7 +230,9 @@ class GenerationEngine:
             from pipelines.adapters import load_manifest
 
             manifest = load_manifest(adapter_dir)
-        resolved = check_request(request, self.limits, instance_token=manifest.instance_token if manifest else None)
+        resolved = check_request(
+            request, self.limits, instance_token=manifest.instance_token if manifest else None
+        )
         width, height = aspect_size(resolved.aspect, self.preset.resolution)
         conditions = [self.condition(spec, width, height) for spec in resolved.controlnets]
         raise_if_canceled(should_stop)
@@ -228,7 +248,9 @@ class GenerationEngine:
         try:
             # The variation follows the seed, so a candidate re-run alone (n=1) gets its prompt back.
             prompts = [
-                fill_prompt(resolved.prompt_template(request.seed + i), tokens.instance_token, tokens.class_token)
+                fill_prompt(
+                    resolved.prompt_template(request.seed + i), tokens.instance_token, tokens.class_token
+                )
                 for i in range(request.n)
             ]
             images = self.denoise(resolved, prompts, width, height, conditions, on_progress, should_stop)
@@ -248,9 +270,17 @@ class GenerationEngine:
         from pipelines.ranking import RANKING_PRESETS, rank
 
         ranked = rank(
-            images, prompts, reference_images, request.k, weights=RANKING_PRESETS[request.ranking],
-            clip=self.preset.clip, aesthetic=self.preset.aesthetic_head, instance_token=tokens.instance_token,
-            face_embedder=self.face_embedder, face_detector=self.face_detector, device=str(self.device),
+            images,
+            prompts,
+            reference_images,
+            request.k,
+            weights=RANKING_PRESETS[request.ranking],
+            clip=self.preset.clip,
+            aesthetic=self.preset.aesthetic_head,
+            instance_token=tokens.instance_token,
+            face_embedder=self.face_embedder,
+            face_detector=self.face_detector,
+            device=str(self.device),
             on_progress=on_progress,
         )
 
@@ -261,14 +291,28 @@ class GenerationEngine:
             from pipelines.upscale import upscale
 
             model_path = self.preset.upscaler_x2 if request.upscale == 2 else self.preset.upscaler_x4
-            upscaled = upscale([c.image for c in ranked], factor=request.upscale, model_path=model_path,
-                               device=str(self.device), on_progress=on_progress, should_stop=should_stop)
+            upscaled = upscale(
+                [c.image for c in ranked],
+                factor=request.upscale,
+                model_path=model_path,
+                device=str(self.device),
+                on_progress=on_progress,
+                should_stop=should_stop,
+            )
 
         style = resolved.style.name if resolved.style else None
         return [
-            Result(image=c.image, upscaled=up, seed=request.seed + c.index, prompt=prompts[c.index],
-                   negative_prompt=resolved.negative_prompt, style=style, scores=dict(c.scores),
-                   rank=c.rank, flagged=flags[c.index])
+            Result(
+                image=c.image,
+                upscaled=up,
+                seed=request.seed + c.index,
+                prompt=prompts[c.index],
+                negative_prompt=resolved.negative_prompt,
+                style=style,
+                scores=dict(c.scores),
+                rank=c.rank,
+                flagged=flags[c.index],
+            )
             for c, up in zip(ranked, upscaled)
         ]
 
@@ -292,18 +336,29 @@ class GenerationEngine:
         for start in range(0, len(prompts), batch_size):
             raise_if_canceled(should_stop)
             batch = list(prompts[start : start + batch_size])
-            generators = [torch.Generator("cpu").manual_seed(request.seed + start + i) for i in range(len(batch))]
+            generators = [
+                torch.Generator("cpu").manual_seed(request.seed + start + i) for i in range(len(batch))
+            ]
 
-            def on_step_end(_pipe, step, _timestep, callback_kwargs, _n=len(batch)):
+            batch_len = len(batch)
+
+            def on_step_end(_pipe, step, _timestep, callback_kwargs):
                 raise_if_canceled(should_stop)  # Canceled propagates out of the pipeline call
-                progress.advance(_n, candidates=float(len(images)))
+                # Called only while this batch runs, so the loop variable is the right one.
+                progress.advance(batch_len, candidates=float(len(images)))  # noqa: B023
                 return callback_kwargs
 
-            kwargs = dict(
-                prompt=batch, negative_prompt=[resolved.negative_prompt] * len(batch), width=width, height=height,
-                num_inference_steps=resolved.steps, guidance_scale=resolved.guidance_scale, generator=generators,
-                callback_on_step_end=on_step_end, output_type="pil",
-            )
+            kwargs = {
+                "prompt": batch,
+                "negative_prompt": [resolved.negative_prompt] * batch_len,
+                "width": width,
+                "height": height,
+                "num_inference_steps": resolved.steps,
+                "guidance_scale": resolved.guidance_scale,
+                "generator": generators,
+                "callback_on_step_end": on_step_end,
+                "output_type": "pil",
+            }
             if conditions:
                 kwargs["image"] = list(conditions)
                 kwargs["controlnet_conditioning_scale"] = [spec.scale for spec in resolved.controlnets]
@@ -326,22 +381,30 @@ class DiffusersSafetyChecker:
     so a false positive is visible and the caller decides what to deliver.
     """
 
-    def __init__(self, model: str = "CompVis/stable-diffusion-safety-checker", device="cpu", dtype=torch.float32):
+    def __init__(
+        self, model: str = "CompVis/stable-diffusion-safety-checker", device="cpu", dtype=torch.float32
+    ):
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
         try:
-            self.model = StableDiffusionSafetyChecker.from_pretrained(model, torch_dtype=dtype).to(device).eval()
+            self.model = (
+                StableDiffusionSafetyChecker.from_pretrained(model, torch_dtype=dtype).to(device).eval()
+            )
             self.processor = CLIPImageProcessor.from_pretrained(model)
         except OSError as exc:
-            raise ModelNotFound(f"safety checker {model!r} could not be loaded: {exc}", {"model": model}) from exc
+            raise ModelNotFound(
+                f"safety checker {model!r} could not be loaded: {exc}", {"model": model}
+            ) from exc
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image]) -> list[bool]:
         import numpy as np
 
-        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values.to(
+            self.device, self.dtype
+        )
         arrays = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in images])
         _, flags = self.model(images=arrays.copy(), clip_input=pixels)
         return [bool(f) for f in flags]

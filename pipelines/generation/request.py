@@ -113,8 +113,12 @@ def check_request(
     if request.n < 1:
         _fail("invalid_n", f"n must be at least 1, got {request.n}", n=request.n)
     if request.n > limits.max_candidates:
-        _fail("too_many_candidates", f"n={request.n} exceeds this client's limit of {limits.max_candidates}",
-              n=request.n, limit=limits.max_candidates)
+        _fail(
+            "too_many_candidates",
+            f"n={request.n} exceeds this client's limit of {limits.max_candidates}",
+            n=request.n,
+            limit=limits.max_candidates,
+        )
     if request.k < 1:
         _fail("invalid_k", f"k must be at least 1, got {request.k}", k=request.k)
     if request.k > request.n:
@@ -124,32 +128,53 @@ def check_request(
     if aspect not in ASPECTS:
         _fail("unknown_aspect", f"unknown aspect {aspect!r}", aspect=aspect, known=list(ASPECTS))
     if request.sampler not in SAMPLERS:
-        _fail("unknown_sampler", f"unknown sampler {request.sampler!r}", sampler=request.sampler, known=list(SAMPLERS))
+        _fail(
+            "unknown_sampler",
+            f"unknown sampler {request.sampler!r}",
+            sampler=request.sampler,
+            known=list(SAMPLERS),
+        )
     steps = request.steps if request.steps is not None else (style.steps if style else DEFAULT_STEPS)
     if not 1 <= steps <= limits.max_steps:
         _fail("invalid_steps", f"steps must be in 1..{limits.max_steps}, got {steps}", steps=steps)
-    guidance = request.guidance_scale if request.guidance_scale is not None else (
-        style.guidance_scale if style else DEFAULT_GUIDANCE)
+    guidance = (
+        request.guidance_scale
+        if request.guidance_scale is not None
+        else (style.guidance_scale if style else DEFAULT_GUIDANCE)
+    )
     if not 0.0 <= guidance <= 30.0:
         _fail("invalid_guidance", f"guidance_scale must be in 0..30, got {guidance}", guidance_scale=guidance)
     if request.upscale is not None and request.upscale not in UPSCALE_FACTORS:
-        _fail("invalid_upscale", f"upscale must be 2, 4 or null, got {request.upscale}", upscale=request.upscale)
+        _fail(
+            "invalid_upscale", f"upscale must be 2, 4 or null, got {request.upscale}", upscale=request.upscale
+        )
     if request.ranking not in RANKING_PRESETS:
-        _fail("unknown_ranking", f"unknown ranking preset {request.ranking!r}", ranking=request.ranking,
-              known=list(RANKING_PRESETS))
+        _fail(
+            "unknown_ranking",
+            f"unknown ranking preset {request.ranking!r}",
+            ranking=request.ranking,
+            known=list(RANKING_PRESETS),
+        )
     if request.batch_size is not None and request.batch_size < 1:
         _fail("invalid_batch_size", "batch_size must be at least 1", batch_size=request.batch_size)
 
     templates = tuple(request.prompts) if request.prompts else style.prompts
     for template in templates:
         _check_prompt(template, request, limits, instance_token)
-    negative = request.negative_prompt if request.negative_prompt is not None else (
-        style.negative_prompt if style else "")
+    negative = (
+        request.negative_prompt
+        if request.negative_prompt is not None
+        else (style.negative_prompt if style else "")
+    )
 
     controlnets = _resolve_controlnets(request, style)
     if len(controlnets) > limits.max_controlnets:
-        _fail("too_many_controlnets", f"at most {limits.max_controlnets} ControlNets per request",
-              count=len(controlnets), limit=limits.max_controlnets)
+        _fail(
+            "too_many_controlnets",
+            f"at most {limits.max_controlnets} ControlNets per request",
+            count=len(controlnets),
+            limit=limits.max_controlnets,
+        )
     kinds = [spec.kind for spec in controlnets]
     if len(set(kinds)) != len(kinds):
         _fail("duplicate_controlnet", "each ControlNet kind may appear once", kinds=kinds)
@@ -157,29 +182,48 @@ def check_request(
         _check_controlnet(spec)
 
     return ResolvedRequest(
-        request=request, style=style, prompt_templates=templates, negative_prompt=negative, aspect=aspect,
-        steps=steps, guidance_scale=guidance, controlnets=controlnets,
+        request=request,
+        style=style,
+        prompt_templates=templates,
+        negative_prompt=negative,
+        aspect=aspect,
+        steps=steps,
+        guidance_scale=guidance,
+        controlnets=controlnets,
     )
 
 
-def _check_prompt(template: str, request: GenerationRequest, limits: GenerationLimits, instance_token: str | None):
+def _check_prompt(
+    template: str, request: GenerationRequest, limits: GenerationLimits, instance_token: str | None
+):
     if not template.strip():
         _fail("empty_prompt", "prompts must not be empty")
     if len(template) > limits.max_prompt_chars:
-        _fail("prompt_too_long", f"prompt longer than {limits.max_prompt_chars} characters", length=len(template))
+        _fail(
+            "prompt_too_long",
+            f"prompt longer than {limits.max_prompt_chars} characters",
+            length=len(template),
+        )
     try:
         fields = placeholders(template)
     except ValueError as exc:  # unbalanced braces
         _fail("invalid_prompt", f"prompt {template!r} is not a valid template: {exc}", prompt=template)
     unknown = fields - {"instance", "class"}
     if unknown:
-        _fail("unknown_placeholder", f"prompt uses unknown placeholders {sorted(unknown)}; use {{instance}} and {{class}}",
-              prompt=template, placeholders=sorted(unknown))
+        _fail(
+            "unknown_placeholder",
+            f"prompt uses unknown placeholders {sorted(unknown)}; use {{instance}} and {{class}}",
+            prompt=template,
+            placeholders=sorted(unknown),
+        )
     names_subject = "instance" in fields or (instance_token is not None and instance_token in template)
     if not names_subject and not request.allow_prompt_without_instance:
-        _fail("prompt_missing_instance",
-              f"prompt {template!r} does not contain {{instance}}, so it would not show the subject; "
-              "add {instance} or set allow_prompt_without_instance", prompt=template)
+        _fail(
+            "prompt_missing_instance",
+            f"prompt {template!r} does not contain {{instance}}, so it would not show the subject; "
+            "add {instance} or set allow_prompt_without_instance",
+            prompt=template,
+        )
 
 
 def _resolve_controlnets(request: GenerationRequest, style: StylePack | None) -> tuple[ControlNetSpec, ...]:
@@ -193,12 +237,24 @@ def _resolve_controlnets(request: GenerationRequest, style: StylePack | None) ->
 
 def _check_controlnet(spec: ControlNetSpec) -> None:
     if spec.kind not in CONTROLNET_KINDS:
-        _fail("unknown_controlnet", f"unknown ControlNet kind {spec.kind!r}", kind=spec.kind, known=list(CONTROLNET_KINDS))
+        _fail(
+            "unknown_controlnet",
+            f"unknown ControlNet kind {spec.kind!r}",
+            kind=spec.kind,
+            known=list(CONTROLNET_KINDS),
+        )
     if not 0.0 <= spec.scale <= 2.0:
-        _fail("invalid_controlnet_scale", f"ControlNet scale must be in 0..2, got {spec.scale}", scale=spec.scale)
+        _fail(
+            "invalid_controlnet_scale",
+            f"ControlNet scale must be in 0..2, got {spec.scale}",
+            scale=spec.scale,
+        )
     if (spec.template is None) == (spec.image is None):
-        _fail("controlnet_condition_required", f"{spec.kind} ControlNet needs exactly one of template or image",
-              kind=spec.kind)
+        _fail(
+            "controlnet_condition_required",
+            f"{spec.kind} ControlNet needs exactly one of template or image",
+            kind=spec.kind,
+        )
     if spec.template is not None:
         template_path(spec.template)
 
@@ -211,5 +267,5 @@ def aspect_size(aspect: str, resolution: int, multiple: int = 8) -> tuple[int, i
         _fail("unknown_aspect", f"unknown aspect {aspect!r}", aspect=aspect, known=list(ASPECTS))
     w, h = (int(x) for x in aspect.split(":"))
     width = resolution
-    height = max(multiple, int(round(resolution * h / w / multiple)) * multiple)
+    height = max(multiple, round(resolution * h / w / multiple) * multiple)
     return width, height

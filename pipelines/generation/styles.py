@@ -105,5 +105,7 @@ def template_path(name: str) -> Path:
     path = (TEMPLATES_DIR / name).resolve()
     if path.parent != TEMPLATES_DIR or not path.is_file():
         known = sorted(p.name for p in TEMPLATES_DIR.iterdir() if p.is_file())
-        raise InvalidConfig(f"unknown template image {name!r}", {"template": name, "known": known}, code="unknown_template")
+        raise InvalidConfig(
+            f"unknown template image {name!r}", {"template": name, "known": known}, code="unknown_template"
+        )
     return path

@@ -48,11 +48,19 @@ def build_lora_adapter(folder: Path, preset, instance_token: str, seed: int) -> 
     text_encoder = CLIPTextModel.from_pretrained(preset.base_model, subfolder="text_encoder")
     text_encoder.add_adapter(LoraConfig(**spec.peft_kwargs("text_encoder"), init_lora_weights=False))
     hidden = text_encoder.config.hidden_size
-    manifest = AdapterManifest(mode="lora", base_model=preset.base_model, instance_token=instance_token,
-                               class_token="girl", tokens=(instance_token,), lora=spec)
+    manifest = AdapterManifest(
+        mode="lora",
+        base_model=preset.base_model,
+        instance_token=instance_token,
+        class_token="girl",
+        tokens=(instance_token,),
+        lora=spec,
+    )
     return save_adapter(
-        folder, manifest,
-        unet_lora=get_peft_model_state_dict(unet), text_encoder_lora=get_peft_model_state_dict(text_encoder),
+        folder,
+        manifest,
+        unet_lora=get_peft_model_state_dict(unet),
+        text_encoder_lora=get_peft_model_state_dict(text_encoder),
         token_embeddings={instance_token: torch.randn(hidden)},
     )
 
@@ -77,3 +85,26 @@ def trained_controlnets(engine):
             for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
     return engine
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, tiny_preset, astronaut, grace_hopper) -> Path:
+    """An adapter made by the real trainer (a few steps at 32 px), as a subject's job would."""
+    from pipelines.models.presets import with_overrides
+    from pipelines.training import TrainConfig, train
+    from pipelines.types import TokenSpec, TrainingExample
+
+    examples = [
+        TrainingExample(astronaut, "<bg0> <subj> girl", photo_id="a"),
+        TrainingExample(grace_hopper, "<bg1> <subj> girl", photo_id="g"),
+    ]
+    config = TrainConfig(max_train_steps=4, unet_rank=4, text_encoder_rank=4)
+    result = train(
+        examples,
+        TokenSpec("<subj>", "girl", ("<bg0>", "<bg1>")),
+        config,
+        with_overrides(tiny_preset, resolution=32),
+        tmp_path_factory.mktemp("trained"),
+        device="cpu",
+    )
+    return result.adapter_dir

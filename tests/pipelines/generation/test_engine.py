@@ -10,7 +10,13 @@ from pipelines.errors import Canceled, InvalidConfig
 from pipelines.generation import ControlNetSpec, GenerationRequest, aspect_size
 
 # Few steps, no CFG unless a test needs it: the tiny models are random, only the plumbing matters.
-FAST = dict(prompts=("a photo of {instance} {class}",), steps=2, guidance_scale=1.0, upscale=None, controlnets=())
+FAST = {
+    "prompts": ("a photo of {instance} {class}",),
+    "steps": 2,
+    "guidance_scale": 1.0,
+    "upscale": None,
+    "controlnets": (),
+}
 
 
 def pixels(image) -> np.ndarray:
@@ -111,7 +117,7 @@ def test_depth_from_a_photo_needs_the_optional_annotator(engine, astronaut):
 
 def test_progress_covers_every_stage_and_results_are_ranked(engine):
     events = []
-    flagged_first = lambda images: [i == 0 for i in range(len(images))]  # noqa: E731
+    flagged_first = lambda images: [i == 0 for i in range(len(images))]
     engine._safety_checker, previous = flagged_first, engine._safety_checker
     try:
         request = GenerationRequest(**{**FAST, "n": 3, "k": 2, "upscale": 2, "safety_checker": True})
@@ -138,7 +144,7 @@ def test_progress_covers_every_stage_and_results_are_ranked(engine):
 def test_cancel_stops_generation_and_detaches(engine, adapters):
     events = []
     vocab = len(engine.pipe.tokenizer)
-    stop_after_first_step = lambda: any(e.fraction > 0 for e in events)  # noqa: E731
+    stop_after_first_step = lambda: any(e.fraction > 0 for e in events)
     request = GenerationRequest(**{**FAST, "n": 4, "k": 1, "steps": 4, "batch_size": 2})
     with pytest.raises(Canceled):
         engine.generate(request, adapters["a"], on_progress=events.append, should_stop=stop_after_first_step)
@@ -155,8 +161,12 @@ def test_bad_request_fails_before_any_model_work(engine, adapters):
 def test_samplers_are_selectable(engine):
     from pipelines.generation.request import check_request
 
-    expected = {"euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-                "dpmpp_2m": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
+    expected = {
+        "euler": "EulerDiscreteScheduler",
+        "euler_a": "EulerAncestralDiscreteScheduler",
+        "dpmpp_2m": "DPMSolverMultistepScheduler",
+        "ddim": "DDIMScheduler",
+    }
     for name, scheduler in expected.items():
         resolved = check_request(GenerationRequest(**{**FAST, "sampler": name}))
         assert type(engine._call_pipeline(resolved).scheduler).__name__ == scheduler
@@ -178,13 +188,33 @@ def test_improved_vae_is_swapped_in_only_when_asked(engine):
 
 
 def test_a_style_candidate_is_reproducible_alone_with_its_prompt(engine):
-    style = dict(style="oil_painting", steps=1, guidance_scale=1.0, upscale=None, controlnets=(), aspect="1:1")
+    style = {
+        "style": "oil_painting",
+        "steps": 1,
+        "guidance_scale": 1.0,
+        "upscale": None,
+        "controlnets": (),
+        "aspect": "1:1",
+    }
     batch = engine.generate(GenerationRequest(**style, n=2, k=2, seed=20))
     second = next(r for r in batch if r.seed == 21)
     (alone,) = engine.generate(GenerationRequest(**style, n=1, k=1, seed=21))
     assert alone.prompt == second.prompt
-    assert {r.prompt for r in batch} == {"oil painting portrait of person, visible brush strokes, canvas texture, "
-                                         "rembrandt lighting, masterpiece",
-                                         "classical oil on canvas portrait of person, dark background, warm palette, "
-                                         "detailed"}
+    assert {r.prompt for r in batch} == {
+        (
+            "oil painting portrait of person, visible brush strokes, canvas texture, "
+            "rembrandt lighting, masterpiece"
+        ),
+        ("classical oil on canvas portrait of person, dark background, warm palette, detailed"),
+    }
     assert np.abs(pixels(alone.image) - pixels(second.image)).max() <= 1
+
+
+@pytest.mark.slow
+def test_a_trained_adapter_generates_reproducibly_and_detaches(engine, trained_adapter):
+    base = generate_one(engine, seed=9)
+    first = generate_one(engine, trained_adapter, seed=9)
+    again = generate_one(engine, trained_adapter, seed=9)
+    assert first.prompt == "a photo of <subj> girl"
+    assert np.array_equal(pixels(first.image), pixels(again.image))
+    assert np.array_equal(pixels(generate_one(engine, seed=9).image), pixels(base.image))

@@ -23,8 +23,17 @@ from pipelines.generation.styles import fill_prompt, template_path
 def test_shipped_style_packs_are_valid_and_cover_the_issue():
     names = {style.name for style in list_styles()}
     assert len(names) >= 12
-    assert {"studio_headshot", "business", "oil_painting", "anime", "cyberpunk", "fantasy", "astronaut",
-            "watercolor", "bw_film"} <= names
+    assert {
+        "studio_headshot",
+        "business",
+        "oil_painting",
+        "anime",
+        "cyberpunk",
+        "fantasy",
+        "astronaut",
+        "watercolor",
+        "bw_film",
+    } <= names
     for style in list_styles():
         assert style.version >= 1
         assert all("{instance}" in p for p in style.prompts)
@@ -58,10 +67,14 @@ def test_unknown_style_has_code():
         ({"style": "anime", "ranking": "random"}, "unknown_ranking"),
         ({"prompts": ("{instance} with {hat}",)}, "unknown_placeholder"),
         ({}, "style_or_prompts_required"),
-        ({"style": "anime", "controlnets": (ControlNetSpec(kind="canny", template="astronaut_tall.jpg"),)},
-         "unknown_controlnet"),
-        ({"style": "anime", "controlnets": (ControlNetSpec(kind="pose", template="../anime.yaml"),)},
-         "unknown_template"),
+        (
+            {"style": "anime", "controlnets": (ControlNetSpec(kind="canny", template="astronaut_tall.jpg"),)},
+            "unknown_controlnet",
+        ),
+        (
+            {"style": "anime", "controlnets": (ControlNetSpec(kind="pose", template="../anime.yaml"),)},
+            "unknown_template",
+        ),
         ({"style": "anime", "controlnets": (ControlNetSpec(kind="pose"),)}, "controlnet_condition_required"),
     ],
 )
@@ -81,7 +94,9 @@ def test_per_client_candidate_limit():
 
 
 def test_prompt_without_instance_is_allowed_when_asked():
-    resolved = check_request(GenerationRequest(prompts=("a photo of a dog",), allow_prompt_without_instance=True))
+    resolved = check_request(
+        GenerationRequest(prompts=("a photo of a dog",), allow_prompt_without_instance=True)
+    )
     assert resolved.prompt_templates == ("a photo of a dog",)
     # The literal instance token also names the subject.
     check_request(GenerationRequest(prompts=("a photo of <subj> girl",)), instance_token="<subj>")
@@ -99,8 +114,14 @@ def test_defaults_come_from_the_style_and_request_overrides_them():
 
 @pytest.mark.parametrize(
     ("aspect", "resolution", "size"),
-    [("1:1", 512, (512, 512)), ("9:16", 512, (512, 912)), ("4:5", 512, (512, 640)),
-     ("1:1", 128, (128, 128)), ("9:16", 128, (128, 224)), ("4:5", 128, (128, 160))],
+    [
+        ("1:1", 512, (512, 512)),
+        ("9:16", 512, (512, 912)),
+        ("4:5", 512, (512, 640)),
+        ("1:1", 128, (128, 128)),
+        ("9:16", 128, (128, 224)),
+        ("4:5", 128, (128, 160)),
+    ],
 )
 def test_aspect_sizes(aspect, resolution, size):
     assert aspect_size(aspect, resolution) == size
