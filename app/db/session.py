@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import get_settings
 
 
+@functools.lru_cache(maxsize=64)
 def normalize_url(url: str) -> str:
     """``postgresql://`` / ``postgres://`` -> the psycopg 3 driver; anything else unchanged."""
     parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)

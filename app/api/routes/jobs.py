@@ -8,7 +8,7 @@ from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, replayable
 from app.api.schemas import GenerateRequest, JobPublic, Page, TrainRequest
 from app.db.models import JobKind, JobState
-from app.db.session import ReadSessionLocal, session_scope
+from app.db.session import get_engine, session_scope
 from app.services import idempotency, jobs
 from app.services.clients import Caller
 from app.webhooks import send_deliveries
@@ -71,8 +71,8 @@ def start_generation(subject_id: str, body: GenerateRequest, caller: CurrentClie
 
 
 def _job_status(caller: Caller, job_id: str) -> JobPublic:
-    with ReadSessionLocal() as session:
-        return JobPublic.model_validate(jobs.get_job_fields(session, caller, job_id))
+    with get_engine(autocommit=True).connect() as conn:
+        return JobPublic.model_validate(jobs.get_job_fields(conn, caller, job_id))
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=errors(404),
