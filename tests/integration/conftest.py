@@ -83,6 +83,8 @@ def it_env(pg_url: str, tmp_path_factory) -> dict[str, str]:
         "LIKENESS_REDIS_URL": REDIS_URL,
         "LIKENESS_QUEUE_PREFIX": prefix,
         "LIKENESS_STORAGE_BACKEND": "local",
+        "LIKENESS_STORAGE_DIR": str(data_dir / "blobs"),
+        "LIKENESS_SECRET_KEY": "integration-" + uuid.uuid4().hex,
         "LIKENESS_MODEL_PRESET": "tiny",
         "LIKENESS_MODEL_CACHE_DIR": str(MODEL_CACHE),
         "LIKENESS_DEVICE": "cpu",
@@ -118,6 +120,11 @@ def sender(it_settings):
         r.delete(key)
 
 
+def clean_environ(**overrides: str) -> dict[str, str]:
+    """This process's environment without any LIKENESS_* (other test packages set some), plus ``overrides``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("LIKENESS_")}, **overrides}
+
+
 def enqueue(sender, settings, job_id: str, queue: str) -> None:
     q = settings.queue(queue)
     sender.send_task("likeness.run_job", args=[job_id], queue=q, routing_key=q, exchange=q)
@@ -136,7 +143,7 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-Q", self.queues, "--concurrency", "1",
                "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
                "-n", f"it-{uuid.uuid4().hex[:6]}@%h"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=log,
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_environ(**self.env), stdout=log, stderr=log,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import encode
-from tests.integration.conftest import ROOT, WorkerProcess, wait_for
+from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,7 +47,7 @@ def api(e2e_env, pg_url, tmp_path_factory):
     """uvicorn serving the real app with the run's environment; yields (base_url, admin key)."""
     port = _free_port()
     admin_key = "lk_it_admin_" + os.urandom(8).hex()
-    env = {**os.environ, **e2e_env, "LIKENESS_BOOTSTRAP_ADMIN_KEY": admin_key}
+    env = clean_environ(**e2e_env, LIKENESS_BOOTSTRAP_ADMIN_KEY=admin_key)
     log = open(tmp_path_factory.mktemp("logs") / "api.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=log)
@@ -103,7 +103,7 @@ def _stage_order(samples) -> list[str]:
     return list(dict.fromkeys(stage for stage, _, _ in samples))
 
 
-def test_upload_train_generate_download_delete(api, split_workers, grace_hopper, it_settings):
+def test_upload_train_generate_download_delete(api, split_workers, grace_hopper, e2e_env):
     base, admin_key = api
     cpu, gpu = split_workers
     admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
@@ -158,7 +158,9 @@ def test_upload_train_generate_download_delete(api, split_workers, grace_hopper,
         small, big = Image.open(io.BytesIO(original.content)), Image.open(io.BytesIO(upscaled.content))
         assert small.size == (128, 128) and big.size == (256, 256)
 
+    subject_blobs = Path(e2e_env["LIKENESS_STORAGE_DIR"]) / "subjects" / sid
+    stored = [p.relative_to(subject_blobs).parts[0] for p in subject_blobs.rglob("*") if p.is_file()]
+    assert {"photos", "datasets", "adapters"} <= set(stored)  # originals, crops, dataset, adapter (+ images)
     assert client.delete(f"/v1/subjects/{sid}").status_code == 204
     assert client.get(f"/v1/subjects/{sid}").status_code == 404
-    blobs = Path(it_settings.resolved_storage_dir) / "subjects" / sid
-    assert not blobs.exists() or not any(p.is_file() for p in blobs.rglob("*"))
+    assert not any(p.is_file() for p in subject_blobs.rglob("*"))

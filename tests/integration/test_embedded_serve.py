@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import MODEL_CACHE, encode
-from tests.integration.conftest import ROOT, wait_for
+from tests.integration.conftest import ROOT, clean_environ, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,9 +43,8 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
 
     port = _free_port()
     data_dir = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIKENESS_")}
-    env |= {"LIKENESS_DATA_DIR": str(data_dir), "LIKENESS_PORT": str(port), "LIKENESS_MODEL_CACHE_DIR": str(MODEL_CACHE),
-            "LIKENESS_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    env = clean_environ(LIKENESS_DATA_DIR=str(data_dir), LIKENESS_PORT=str(port),
+                        LIKENESS_MODEL_CACHE_DIR=str(MODEL_CACHE), LIKENESS_DEVICE="cpu", HF_HUB_OFFLINE="1")
     log = tmp_path / "serve.log"
     proc = _serve(env, log)
     base = f"http://127.0.0.1:{port}"

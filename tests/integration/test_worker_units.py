@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 
 from pipelines.progress import ProgressEvent
+from tests.integration.conftest import clean_environ
 from worker.progress import JobProgress
 
 
@@ -57,8 +58,9 @@ def sqlite_db(tmp_path, monkeypatch):
     from app.db.migrate import upgrade_to_head
     from app.db.session import dispose_engines
 
+    for name in [k for k in os.environ if k.startswith("LIKENESS_")]:  # other test packages set some
+        monkeypatch.delenv(name)
     monkeypatch.setenv("LIKENESS_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("LIKENESS_DATABASE_URL", raising=False)
     get_settings.cache_clear()
     upgrade_to_head()
     yield get_settings().resolved_database_url
@@ -205,7 +207,7 @@ def test_missing_pipeline_fails_the_stage_clearly_instead_of_faking_it(sqlite_db
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
-    env = {**os.environ, "LIKENESS_DATA_DIR": str(tmp_path)}
+    env = clean_environ(LIKENESS_DATA_DIR=str(tmp_path))
     result = subprocess.run([sys.executable, "-m", "app.cli", "run", str(tmp_path / "missing"), "--style", "x",
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1
@@ -214,18 +216,18 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_cli_models_check_reports_missing_weights(tmp_path):
-    env = {**os.environ, "LIKENESS_DATA_DIR": str(tmp_path), "LIKENESS_MODEL_CACHE_DIR": str(tmp_path / "models"),
-           "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = clean_environ(LIKENESS_DATA_DIR=str(tmp_path), LIKENESS_MODEL_CACHE_DIR=str(tmp_path / "models"),
+                        HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     result = subprocess.run([sys.executable, "-m", "app.cli", "models", "check", "--preset", "tiny"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1 and "missing" in result.stdout and "models pull --preset tiny" in result.stdout
 
 
-def test_cli_create_client_prints_a_working_key(sqlite_db, tmp_path):
+def test_cli_create_client_prints_a_working_key(sqlite_db):
     from app.db.session import session_scope
     from app.services.clients import authenticate
 
-    env = {**os.environ, "LIKENESS_DATA_DIR": str(tmp_path)}
+    env = clean_environ(LIKENESS_DATA_DIR=os.environ["LIKENESS_DATA_DIR"])  # the sqlite_db database
     result = subprocess.run([sys.executable, "-m", "app.cli", "create-client", "bot-1", "--role", "bot"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
