@@ -82,15 +82,20 @@ def admin_client(caller: Annotated[Caller, Depends(current_client)]) -> Caller:
     return caller
 
 
-def get_store() -> BlobStore:
-    return get_blob_store(get_settings())
+def app_settings(request: Request) -> Settings:
+    """The settings the app was created with (``create_app(settings)``)."""
+    return getattr(request.app.state, "settings", None) or get_settings()
+
+
+def get_store(settings: Annotated[Settings, Depends(app_settings)]) -> BlobStore:
+    return get_blob_store(settings)
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # closed before the response is sent
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 CurrentClient = Annotated[Caller, Depends(current_client)]
 AdminClient = Annotated[Caller, Depends(admin_client)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description=(
     "Makes the request safe to retry: the same key with the same body replays the first response."))]

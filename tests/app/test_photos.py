@@ -50,34 +50,47 @@ def test_stored_original_has_no_metadata_and_keys_ignore_filenames(client_a, sto
     assert all("passwd" not in k for k in store.list(f"subjects/{subject_id}/"))
 
 
-def test_file_count_and_request_size_limits(client_a, settings, monkeypatch):
+def test_file_count_and_request_size_limits(client_a, settings):
     subject_id = create_subject(client_a)
     too_many = [(f"{i}.jpg", b"x") for i in range(settings.max_photos_per_request + 1)]
     response = upload(client_a, subject_id, too_many)
     assert response.status_code == 422 and response.json()["code"] == "invalid_file_count"
 
-    from app.main import BodyLimitMiddleware
-
-    monkeypatch.setattr(BodyLimitMiddleware, "__init__", _limited_init(50_000))
-    from app.main import create_app
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(settings), raise_server_exceptions=False) as small:
-        response = small.post(f"/v1/subjects/{subject_id}/photos", headers=client_a.headers,
-                              files=[("files", ("a.jpg", jpeg(400, 1), "image/jpeg")),
-                                     ("files", ("b.jpg", jpeg(400, 2), "image/jpeg"))])
+    from app.main import create_app
+
+    small = settings.model_copy(update={"max_request_bytes": 50_000})
+    with TestClient(create_app(small), raise_server_exceptions=False) as http:
+        response = http.post(f"/v1/subjects/{subject_id}/photos", headers=client_a.headers,
+                             files=[("files", ("a.jpg", jpeg(400, 1), "image/jpeg")),
+                                    ("files", ("b.jpg", jpeg(400, 2), "image/jpeg"))])
     assert response.status_code == 413 and response.json()["code"] == "request_too_large"
     assert client_a.get(f"/v1/subjects/{subject_id}/photos").json()["count"] == 0
-
-
-def _limited_init(limit: int):
-    def init(self, app, settings, default_limit=1024 * 1024):  # noqa: ANN001
-        self.app, self.upload_limit, self.default_limit = app, limit, default_limit
-
-    return init
 
 
 def _png(size: int) -> bytes:
     from tests.conftest import encode, noise_image
 
     return encode(noise_image(size, 11), "PNG")
+
+
+def test_body_without_content_length_is_cut_at_the_limit(client_a, settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    subject_id = create_subject(client_a)
+    boundary = "b0undary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg(400, 1) + f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks():  # a generator body is sent chunked, without Content-Length
+        for i in range(0, len(part), 8192):
+            yield part[i:i + 8192]
+
+    small = settings.model_copy(update={"max_request_bytes": 20_000})
+    with TestClient(create_app(small), raise_server_exceptions=False) as http:
+        response = http.post(f"/v1/subjects/{subject_id}/photos", content=chunks(),
+                             headers={**client_a.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413 and response.json()["code"] == "request_too_large"
