@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=batch_size,
             compile=args.compile,
             channels_last=args.channels_last,
+            vae_slicing=gpu,  # bounds VAE decode memory for 50-image batches at 512²
             limits=GenerationLimits(max_candidates=max(n, 64)),
         )
         clip = RandomClipL14(device, dtype, pipeline.tokenizer)
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=batch_size,
             compile=args.compile,
             channels_last=args.channels_last,
+            vae_slicing=gpu,  # bounds VAE decode memory for 50-image batches at 512²
             limits=GenerationLimits(max_candidates=max(n, 64)),
         )
         from pipelines.models.clip import get_clip

@@ -93,6 +93,7 @@ class GenerationEngine:
         channels_last: bool = False,
         compile: bool = False,
         vae_tiling: bool = False,
+        vae_slicing: bool = False,
         safety_checker: SafetyCheckFn | None = None,
         face_embedder=None,
         face_detector: Callable[[Image.Image], list] | None = None,
@@ -118,8 +119,10 @@ class GenerationEngine:
             self.pipe.unet.to(memory_format=torch.channels_last)
         if compile:
             self.pipe.unet.compile(mode="max-autotune-no-cudagraphs", fullgraph=False)
-        if vae_tiling:
+        if vae_tiling:  # large images: decode in overlapping tiles
             self.pipe.vae.enable_tiling()
+        if vae_slicing:  # large batches: decode one image at a time
+            self.pipe.vae.enable_slicing()
         self._base_vae = self.pipe.vae
         self._improved_vae = None
         self._controlnets: dict[str, torch.nn.Module] = {}
@@ -167,6 +170,8 @@ class GenerationEngine:
             )
             if self._base_vae.use_tiling:
                 vae.enable_tiling()
+            if self._base_vae.use_slicing:
+                vae.enable_slicing()
             self._improved_vae = vae
         return self._improved_vae
 
