@@ -327,7 +327,7 @@ def train(
 
         optimizer = bnb.optim.AdamW8bit(groups)
     else:
-        optimizer = torch.optim.AdamW(groups, foreach=True)
+        optimizer = torch.optim.AdamW(groups, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     scaler = torch.amp.GradScaler(device.type) if (autocast_dtype == torch.float16 and device.type == "cuda") else None
     generator = torch.Generator(device=device).manual_seed(config.seed)
     start_step = 0
@@ -341,6 +341,11 @@ def train(
         if scaler is not None and checkpoint.scaler:
             scaler.load_state_dict(checkpoint.scaler)
         start_step = checkpoint.step
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        latents = latents.contiguous(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if config.compile:
         unet.compile()
 

@@ -89,6 +89,20 @@ def test_bad_tokens_and_examples_fail_before_any_model_loads(monkeypatch, exampl
         train(examples, TokenSpec("<other>", "girl"), fast(), preset, tmp_path, device="cpu")
 
 
+def test_config_serialises_and_plans_stages():
+    from pipelines.training import plan_stages
+
+    config = TrainConfig(mode="full", strategy="embedding_then_unet", max_train_steps=None, steps_per_photo=90)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(InvalidConfig, match="unknown training options"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    plans = plan_stages(config, n_examples=10)
+    assert [(p.name, p.steps, p.train_unet, p.train_tokens) for p in plans] == [
+        ("training:stage1", 270, False, True), ("training:stage2", 630, True, False)]
+    assert sum(p.steps for p in plan_stages(TrainConfig(), n_examples=40)) == TrainConfig().max_steps_cap
+    assert [p.name for p in plan_stages(TrainConfig(stage1_fraction=0.0, max_train_steps=10), 3)] == ["training:stage2"]
+
+
 # ------------------------------------------------------------------ what each stage changes
 
 
