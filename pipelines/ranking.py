@@ -170,6 +170,7 @@ def rank(
     device: str = "cpu",
     on_progress: ProgressFn | None = None,
     return_all: bool = False,
+    require_one_face: bool = True,
 ) -> list[RankedCandidate]:
     """Score every candidate and return the best ``k`` deliverable ones, best first.
 
@@ -177,7 +178,8 @@ def rank(
     :class:`AestheticHead` or its weight file. ``face_embedder``: an embedder with
     ``.available``/``.embed(image, box)`` or its name for ``get_face_embedder``; None or
     unavailable -> identity is "not available". ``return_all``: every candidate, ranked
-    ones first, then the undeliverable ones (rank 0).
+    ones first, then the undeliverable ones (rank 0). ``require_one_face=False`` lifts the
+    delivery rule (only for random-weight demo models whose images are noise).
     """
     # 1. Check inputs.
     if len(images) != len(prompts):
@@ -244,7 +246,7 @@ def rank(
             score=combined[i],
             scores={name: raw[name][i] for name in SCORE_NAMES} | {"combined": combined[i]},
             faces=len(boxes[i]),
-            deliverable=len(boxes[i]) == 1,
+            deliverable=len(boxes[i]) == 1 or not require_one_face,
         )
         for i in range(len(images))
     ]

@@ -287,6 +287,7 @@ class GenerationEngine:
             face_detector=self.face_detector,
             device=str(self.device),
             on_progress=on_progress,
+            require_one_face=self.preset.require_one_face,
         )
 
         # 7. Upscale the delivered images.

@@ -25,6 +25,9 @@ class ModelPreset:
     vae: str | None = None  # improved VAE (sd-vae-ft-mse) swapped in at generation
     controlnets: dict[str, str] = field(default_factory=dict)  # condition kind -> ControlNet folder/id
     resolution: int = 512  # training and generation resolution of the base model
+    # Delivery rule: a candidate must show exactly one detectable face. Off only for the
+    # random-weight ``tiny`` preset, whose images are noise and can never contain a face.
+    require_one_face: bool = True
     revision: str | None = None
 
     def to_dict(self) -> dict:
@@ -58,6 +61,7 @@ def _tiny(root: Path) -> ModelPreset:
         vae=str(root / "vae"),
         controlnets={"pose": str(root / "controlnet_pose"), "depth": str(root / "controlnet_depth")},
         resolution=128,
+        require_one_face=False,
     )
 
 
@@ -73,8 +77,19 @@ def get_preset(name: str, cache_dir: Path | None = None) -> ModelPreset:
     if name == "sd15":
         return SD15
     if name == "tiny":
-        return materialize_tiny((cache_dir or default_cache_dir()) / "tiny")
+        return materialize_tiny(tiny_dir(cache_dir or default_cache_dir()))
     raise InvalidConfig(f"unknown model preset {name!r}", {"known": list(PRESET_NAMES)})
+
+
+def tiny_dir(cache_dir: Path) -> Path:
+    """Where the tiny models of the current builder version live under ``cache_dir``."""
+    from pipelines.models.tiny import BUILD_VERSION
+
+    return cache_dir / f"tiny-v{BUILD_VERSION}"
+
+
+def tiny_is_built(cache_dir: Path) -> bool:
+    return (tiny_dir(cache_dir) / ".complete").exists()
 
 
 def materialize_tiny(root: Path) -> ModelPreset:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 SEED = 1234
+# Bump when a builder changes: presets live in a folder named after it, so stale builds are not reused.
+BUILD_VERSION = 2
 # Words that get a whole-word BPE token, so prompts and the init word `face` behave
 # like they do with the real CLIP vocabulary (one token per common word).
 _WORDS = (
@@ -158,7 +160,7 @@ def build_controlnet(folder: Path, seed_offset: int) -> None:
     from diffusers import ControlNetModel
 
     torch.manual_seed(SEED + 10 + seed_offset)
-    ControlNetModel(
+    controlnet = ControlNetModel(
         in_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -167,7 +169,14 @@ def build_controlnet(folder: Path, seed_offset: int) -> None:
         attention_head_dim=8,
         norm_num_groups=32,
         conditioning_embedding_out_channels=(16, 32),
-    ).save_pretrained(str(folder), safe_serialization=True)
+    )
+    # A fresh ControlNet's output convolutions are zero-initialised, so it could never change an
+    # image; give them small random weights so the condition and its scale are observable.
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")) or "conv_out" in name:
+                param.normal_(0.0, 0.05)
+    controlnet.save_pretrained(str(folder), safe_serialization=True)
 
 
 def build_clip(folder: Path) -> None:
