@@ -5,10 +5,11 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Job, JobState, Subject
+from app.db.models import Job, JobState, Subject, utcnow
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.storage import BlobStore, subject_prefix
+from app.webhooks import queue_job_event
 
 
 def create_subject(session: Session, caller: Caller, name: str, class_token_override: str | None = None) -> Subject:
@@ -43,13 +44,18 @@ def delete_subject(session: Session, caller: Caller, subject_id: str) -> list[st
     Returns webhook delivery ids to send after commit. After the commit, call
     :func:`purge_subject_blobs`: a worker still finishing a step then finds its job gone.
     """
-    from app.services.jobs import mark_canceled
-
     subject = get_subject(session, caller, subject_id, for_update=True)
     active = session.scalars(
         select(Job).where(Job.subject_id == subject.id, Job.state.in_([JobState.queued, JobState.running]))
     ).all()
-    deliveries = [mark_canceled(session, job, "subject deleted") for job in active]
+    deliveries = []
+    for job in active:
+        # Running jobs too are final now: their row goes with the subject, and the worker
+        # stops when it finds its job gone. The client still hears about it.
+        job.state, job.cancel_requested, job.finished_at = JobState.canceled, True, utcnow()
+        job.error_code, job.error_message = "subject_deleted", "The subject was deleted."
+        session.flush()
+        deliveries.append(queue_job_event(session, job))
     session.flush()
     session.execute(delete(Subject).where(Subject.id == subject.id))
     session.flush()

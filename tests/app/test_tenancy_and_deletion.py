@@ -70,6 +70,7 @@ def test_deleting_a_subject_leaves_no_rows_and_no_blobs(client_a, store):
     running_id = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
     with session_scope() as session:
         session.get(Job, running_id).state = JobState.running
+    client_a.put("/v1/webhook", json={"url": "http://127.0.0.1:9/hook"})  # nothing is sent from the API itself
     other = subject_with_photo(client_a)  # must survive
     assert len(store.list(f"subjects/{subject_id}/")) == 4
 
@@ -84,3 +85,6 @@ def test_deleting_a_subject_leaves_no_rows_and_no_blobs(client_a, store):
     assert client_a.get(f"/v1/jobs/{running_id}").status_code == 404
     assert client_a.get(f"/v1/subjects/{other}/photos").json()["count"] == 1
     assert len(store.list(f"subjects/{other}/")) == 1
+    events = client_a.get("/v1/webhook/deliveries").json()["data"]
+    assert [(e["event"], e["payload"]["job_id"], e["payload"]["error"]["code"]) for e in events] == [
+        ("job.canceled", running_id, "subject_deleted")]
