@@ -365,7 +365,7 @@ def export_kohya(folder: str | Path, out_file: str | Path) -> Path:
         raise InvalidConfig("only LoRA-mode adapters with LoRA weights can be exported to kohya format",
                             {"mode": manifest.mode})
     with safe_open(str(lora_file), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     spec = manifest.lora or LoraSpec()
     prefixes = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
     kohya: dict[str, torch.Tensor] = {}

@@ -20,7 +20,7 @@ class AttentionMapStore:
     def mean_map(self) -> torch.Tensor:
         """[batch, side, side] mean over recorded layers and heads."""
         mean = torch.stack(self.maps).mean(0)
-        side = int(round(self.tokens**0.5))
+        side = round(self.tokens**0.5)
         return mean.reshape(mean.shape[0], side, side)
 
     def reset(self, positions: torch.Tensor) -> None:

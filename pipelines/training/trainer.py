@@ -293,7 +293,7 @@ def train(
         from pipelines.training.attention import install_recorder
 
         store = install_recorder(unet, latent_size)
-        side = int(round(store.tokens**0.5))
+        side = round(store.tokens**0.5)
         instance_id = pipe.tokenizer.convert_tokens_to_ids(tokens.instance_token)
         has_instance = (ids == instance_id)
         instance_position = has_instance.float().argmax(1)

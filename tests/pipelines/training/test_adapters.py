@@ -176,7 +176,7 @@ def test_full_mode_swaps_components_and_restores_them(tiny_preset, base_pipe, tm
 
 def test_attach_refuses_tokens_already_in_vocabulary(base_pipe, lora_adapter):
     before = snapshot(base_pipe)
-    with adapter_attached(base_pipe, lora_adapter, adapter_name="first"):
-        with pytest.raises(InvalidConfig, match="already in the vocabulary"):
-            attach_adapter(base_pipe, lora_adapter, adapter_name="second")
+    with adapter_attached(base_pipe, lora_adapter, adapter_name="first"), \
+            pytest.raises(InvalidConfig, match="already in the vocabulary"):
+        attach_adapter(base_pipe, lora_adapter, adapter_name="second")
     assert_same_base(base_pipe, before)

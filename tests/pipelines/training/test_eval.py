@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from pipelines.eval.harness import EvalConfig, make_eval_callback, make_validation_callback, write_report
-from pipelines.eval.metrics import UnavailableLpips, get_lpips, image_alignment, lpips_to_references, without_token
+from pipelines.eval.metrics import (
+    UnavailableLpips,
+    get_lpips,
+    image_alignment,
+    lpips_to_references,
+    without_token,
+)
 from pipelines.models.presets import with_overrides
 from pipelines.training import TrainConfig, train
 from pipelines.types import TokenSpec, TrainingExample

@@ -12,7 +12,6 @@ from pipelines.models.presets import with_overrides
 from pipelines.training import TrainCallback, TrainConfig, train
 from pipelines.training import trainer as trainer_module
 from pipelines.types import TokenSpec, TrainingExample
-from tests.conftest import noise_image
 
 TOKENS = TokenSpec("<subj>", "girl", ("<bg0>", "<bg1>"))
 
@@ -122,7 +121,7 @@ def test_stage1_trains_text_encoder_and_unet_stage2_only_unet(examples, preset, 
                  callbacks=[TrainCallback(every=1, fn=watch)])
     assert result.metrics["stages"] == {"training:stage1": 3, "training:stage2": 7}
     start, boundary, end = seen[0], seen[3], seen[10]
-    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)
     assert changed(start["te"], boundary["te"]), "stage 1 must update the text encoder"
     assert changed(start["unet"], boundary["unet"]), "stage 1 must update the U-Net"
     assert not torch.equal(start["rows"], boundary["rows"]), "stage 1 must update the new token rows"
