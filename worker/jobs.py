@@ -188,12 +188,6 @@ def cancel_requested(job_id: str) -> bool:
     return row is None or bool(row.cancel_requested) or row.state in TERMINAL
 
 
-def still_owner(job_id: str) -> bool:
-    with session_scope() as session:
-        owner = session.execute(select(Job.worker, Job.state).where(Job.id == job_id)).one_or_none()
-    return owner is not None and owner.worker == worker_id() and owner.state == JobState.running
-
-
 def complete_stages(job_id: str, stages: list[str], result: dict[str, Any] | None = None, release: bool = False) -> bool:
     """Record stages whose outputs are persisted (a rerun skips them); ``release`` hands the job to another queue."""
     with session_scope() as session:

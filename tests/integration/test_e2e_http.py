@@ -99,6 +99,14 @@ def _poll(client: httpx.Client, job_id: str, timeout_s: float) -> tuple[dict, li
     raise AssertionError(f"job {job_id} still {job['state']} at {job['stage']} after {timeout_s}s")
 
 
+def _show_logs_unless(ok: bool, *workers: WorkerProcess) -> None:
+    """Print the workers' logs (pytest shows them with the failure): the job's traceback is there."""
+    if not ok:
+        for worker in workers:
+            print(f"==== {worker.log_path.name}\n" + "\n".join(
+                line for line in worker.log().splitlines() if "W0000" not in line)[-20000:])
+
+
 def _stage_order(samples) -> list[str]:
     return list(dict.fromkeys(stage for stage, _, _ in samples))
 
@@ -121,7 +129,8 @@ def test_upload_train_generate_download_delete(api, split_workers, grace_hopper,
     train = client.post(f"/v1/subjects/{sid}/train", json={"steps": 10}, headers={"Idempotency-Key": "train-1"})
     assert train.status_code == 202, train.text
     job, samples = _poll(client, train.json()["id"], timeout_s=300)
-    assert job["state"] == "succeeded", (job, cpu.log()[-2000:], gpu.log()[-3000:])
+    _show_logs_unless(job["state"] == "succeeded", cpu, gpu)
+    assert job["state"] == "succeeded", job
     order = _stage_order(samples)
     assert order == [s for s in TRAIN_STAGES if s in order] and "intake" in order
     progress = [p for _, p, _ in samples]
@@ -139,7 +148,8 @@ def test_upload_train_generate_download_delete(api, split_workers, grace_hopper,
                       json={"style": "studio_headshot", "n": 3, "k": 2, "seed": 7, "steps": 4, "no_controlnet": True})
     assert gen.status_code == 202, gen.text
     job, samples = _poll(client, gen.json()["id"], timeout_s=300)
-    assert job["state"] == "succeeded", (job, gpu.log()[-3000:])
+    _show_logs_unless(job["state"] == "succeeded", cpu, gpu)
+    assert job["state"] == "succeeded", job
     order = _stage_order(samples)
     assert order == [s for s in GENERATE_STAGES if s in order]
     progress = [p for _, p, _ in samples]
