@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.models.presets import ModelPreset, get_preset
+from pipelines.models.presets import ModelPreset, get_preset, tiny_dir, tiny_is_built
 
 # Only what diffusers/transformers load: skips duplicate .ckpt/.bin/fp16 copies of the same weights.
 ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
@@ -52,8 +52,9 @@ def available(ref: str, revision: str | None = None) -> bool:
 def check(name: str, cache_dir: Path) -> list[str]:
     """References of ``name`` that are not available offline (empty: ready)."""
     if name == "tiny":
-        marker = cache_dir / "tiny" / ".complete"
-        return [] if marker.exists() else [f"tiny models under {cache_dir / 'tiny'} (built by models pull)"]
+        if tiny_is_built(cache_dir):
+            return []
+        return [f"tiny models under {tiny_dir(cache_dir)} (built by models pull)"]
     preset = get_preset(name, cache_dir)
     return [ref for ref in references(preset) if not available(ref, preset.revision)]
 
@@ -66,7 +67,7 @@ def pull(name: str, cache_dir: Path, console=None) -> None:
     if name == "tiny":
         with console.status("building tiny random-weight models (no download)..."):
             get_preset("tiny", cache_dir)
-        console.print(f"tiny preset ready under {cache_dir / 'tiny'} (random weights: its images are noise)")
+        console.print(f"tiny preset ready under {tiny_dir(cache_dir)} (random weights: its images are noise)")
         return
     from huggingface_hub import hf_hub_download, snapshot_download
 
