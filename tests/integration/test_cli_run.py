@@ -1,0 +1,149 @@
+"""The one-shot CLI, in-process: ``likeness run PHOTOS_DIR --style STYLE --out OUT_DIR``.
+
+Tiny random-weight preset (the tests' prebuilt models, found through
+``LIKENESS_MODEL_CACHE_DIR`` as a user's install would), six distinct photos of Grace
+Hopper plus a text file named ``.jpg``. Asserts what the user gets: exit code, the
+progress per stage, ``report.json`` and the ranked images on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import MODEL_CACHE, encode
+from tests.pipelines.intake.conftest import person_variants
+
+pytestmark = [pytest.mark.integration]
+
+CLASS_WORDS = {"girl", "man", "boy", "baby"}
+TINY_SIZE = 128  # the tiny preset's resolution; rank_XX_x2.png is twice that
+
+
+# A 1:1 style without a ControlNet template: the CLI has no --steps, so the style's 25 steps
+# run for every candidate, and a pose ControlNet would double that cost on this CPU.
+STYLE = "pencil_sketch"
+N, K, TRAIN_STEPS = 4, 2, 4
+
+
+@pytest.fixture(scope="module")
+def cli_env(tiny_preset, tmp_path_factory):
+    """Settings as a user sets them: the prebuilt tiny models, a data dir of the test's own."""
+    from app.config import get_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LIKENESS_MODEL_CACHE_DIR", str(MODEL_CACHE))
+        patch.setenv("LIKENESS_DATA_DIR", str(tmp_path_factory.mktemp("cli-data")))
+        patch.setenv("LIKENESS_MODEL_PRESET", "tiny")
+        get_settings.cache_clear()
+        yield
+    get_settings.cache_clear()  # other tests read their own environment again
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory, grace_hopper) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for i, variant in enumerate(person_variants(grace_hopper, 6)):
+        (folder / f"grace_{i}.jpg").write_bytes(encode(variant, quality=92))
+    (folder / "notes.jpg").write_bytes(b"shopping list: milk, eggs\n")  # a text file renamed .jpg
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_run(cli_env, photos_dir, tmp_path_factory):
+    """One ``likeness run`` shared by the tests below: (CliRunner result, output folder, report)."""
+    from app.cli import app
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = CliRunner().invoke(app, ["run", str(photos_dir), "--style", STYLE, "--out", str(out), "--n", str(N),
+                                      "--k", str(K), "--train-steps", str(TRAIN_STEPS), "--seed", "3",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result, out, json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_run_shows_progress_per_stage_and_a_summary(cli_run):
+    result, out, _ = cli_run
+    for stage in ("intake", "caching", "training:stage1", "training:stage2", "generating", "ranking", "upscaling"):
+        assert stage in result.output, result.output
+    summary = result.output.replace("\n", "")
+    assert "class token" in summary and f"{K} images and report.json" in summary and str(out) in summary
+
+
+@pytest.mark.slow
+def test_report_has_per_photo_intake_and_class_token(cli_run):
+    _, _, report = cli_run
+    photos = {p["photo_id"]: p for p in report["photos"]}
+    assert set(photos) == {f"grace_{i}" for i in range(6)} | {"notes"}
+    assert photos["notes"]["accepted"] is False and photos["notes"]["reason_code"] == "not_an_image"
+    assert photos["notes"]["message"]
+    accepted = [p for p in photos.values() if p["accepted"]]
+    assert len(accepted) >= 5
+    assert all(p["reason_code"] == "accepted" and p["face_box"] for p in accepted)
+
+    assert report["class_token"] in CLASS_WORDS
+    assert set(report["class_scores"]) == CLASS_WORDS
+    assert all(isinstance(v, float) for v in report["class_scores"].values())
+    # The scores are mean CLIP cosine distances: the chosen word is the closest one.
+    assert report["class_token"] == min(report["class_scores"], key=report["class_scores"].get)
+
+
+@pytest.mark.slow
+def test_report_has_training_metrics(cli_run):
+    _, _, report = cli_run
+    training = report["training"]
+    assert training["steps"] == TRAIN_STEPS
+    assert training["final_loss"] > 0 and training["steps_per_s"] > 0
+    assert sum(training["stages"].values()) == TRAIN_STEPS  # split over training:stage1 and :stage2
+
+
+@pytest.mark.slow
+def test_k_ranked_images_on_disk_with_their_scores(cli_run):
+    _, out, report = cli_run
+    candidates = report["candidates"]
+    assert report["style"] == STYLE and report["preset"] == "tiny"
+    assert [c["rank"] for c in candidates] == list(range(1, K + 1))
+    for candidate in candidates:
+        assert {"aesthetic", "identity", "text", "combined"} <= set(candidate["scores"])
+        with Image.open(out / candidate["file"]) as original:
+            assert original.size == (TINY_SIZE, TINY_SIZE)
+        with Image.open(out / candidate["upscaled_file"]) as upscaled:
+            assert upscaled.size == (2 * TINY_SIZE, 2 * TINY_SIZE)
+    combined = [c["scores"]["combined"] for c in candidates]
+    assert combined == sorted(combined, reverse=True)  # rank 1 is the best
+    assert sorted(p.name for p in out.glob("rank_*.png")) == sorted(
+        [c["file"] for c in candidates] + [c["upscaled_file"] for c in candidates])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="worker/local.py's report.json lists only the k delivered images; "
+                                       "issue 6 asks for every candidate's scores (GenerationEngine.generate "
+                                       "returns only the ranked k)")
+def test_report_scores_every_candidate(cli_run):
+    _, _, report = cli_run
+    scored = report.get("all_candidates", report["candidates"])
+    assert len(scored) == N and all(c["scores"] for c in scored)
+
+
+def test_unknown_style_fails_in_one_line_before_training(cli_env, photos_dir, tmp_path, monkeypatch, capsys):
+    from app import cli
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["likeness", "run", str(photos_dir), "--style", "no_such_style", "--out", str(out)])
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code not in (0, None)
+    assert time.monotonic() - started < 20  # no model loaded, nothing trained
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no_such_style" in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert not (out / "report.json").exists() and not (out / ".work").exists()
