@@ -9,13 +9,17 @@ delete subject -> no rows, no blobs.
 
 from __future__ import annotations
 
+import http.server
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -107,17 +111,57 @@ def _show_logs_unless(ok: bool, *workers: WorkerProcess) -> None:
                 line for line in worker.log().splitlines() if "W0000" not in line)[-20000:])
 
 
+@pytest.fixture
+def webhook_receiver():
+    """A local HTTP receiver (the lifecycle tests' handler) answering 200 to every POST; yields its URL."""
+    from tests.integration.test_job_lifecycle import _Receiver
+
+    class AlwaysOk(_Receiver):
+        fail_first = 0
+        received: ClassVar[list[tuple[int, dict, bytes]]] = []
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AlwaysOk)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/likeness-hook", AlwaysOk.received
+    finally:
+        server.shutdown()
+
+
+def _assert_webhooks(received: list, secret: str, jobs: list[dict]) -> None:
+    """Each job's succeeded event arrived as the API shows the job, signed with the secret ``PUT /v1/webhook`` returned."""
+    from app.webhooks import SIGNATURE_HEADER, verify
+
+    def finals() -> dict:
+        events = [json.loads(body) for _, _, body in list(received)]
+        return {e["job_id"]: e for e in events if e["state"] == "succeeded" and e["job_id"] in by_id}
+
+    by_id = {job["id"]: job for job in jobs}
+    wait_for(lambda: len(finals()) == len(by_id), 30, 0.2, "the jobs' succeeded webhooks")
+    for _, headers, body in received:
+        assert verify(body, secret, headers[SIGNATURE_HEADER]), headers
+        assert not verify(body, secret + "x", headers[SIGNATURE_HEADER])
+    for job_id, event in finals().items():
+        assert event["type"] == "job.succeeded" and event["progress"] == 100.0
+        assert event["stage"] == by_id[job_id]["stage"] and event["stage"], event
+        assert event["subject_id"] == by_id[job_id]["subject_id"]
+
+
 def _stage_order(samples) -> list[str]:
     return list(dict.fromkeys(stage for stage, _, _ in samples))
 
 
-def test_upload_train_generate_download_delete(api, split_workers, grace_hopper, e2e_env):
+def test_upload_train_generate_download_delete(api, split_workers, grace_hopper, e2e_env, webhook_receiver):
     base, admin_key = api
     cpu, gpu = split_workers
     admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
     created = admin.post("/v1/admin/clients", json={"name": "mobile-app", "role": "app"})
     assert created.status_code == 201, created.text
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {created.json()['api_key']}"}, timeout=30)
+    hook_url, hooks_received = webhook_receiver
+    hook = client.put("/v1/webhook", json={"url": hook_url})
+    assert hook.status_code == 200 and hook.json()["url"] == hook_url, hook.text
+    secret = hook.json()["secret"]
 
     subject = client.post("/v1/subjects", json={"name": "Grace"}).json()
     sid = subject["id"]
@@ -131,6 +175,7 @@ def test_upload_train_generate_download_delete(api, split_workers, grace_hopper,
     job, samples = _poll(client, train.json()["id"], timeout_s=300)
     _show_logs_unless(job["state"] == "succeeded", cpu, gpu)
     assert job["state"] == "succeeded", job
+    train_job = job
     order = _stage_order(samples)
     assert order == [s for s in TRAIN_STAGES if s in order] and "intake" in order
     progress = [p for _, p, _ in samples]
@@ -166,6 +211,8 @@ def test_upload_train_generate_download_delete(api, split_workers, grace_hopper,
         assert original.status_code == 200 and upscaled.status_code == 200
         small, big = Image.open(io.BytesIO(original.content)), Image.open(io.BytesIO(upscaled.content))
         assert small.size == (128, 128) and big.size == (256, 256)
+
+    _assert_webhooks(hooks_received, secret, [train_job, job])
 
     subject_blobs = Path(e2e_env["LIKENESS_STORAGE_DIR"]) / "subjects" / sid
     stored = [p.relative_to(subject_blobs).parts[0] for p in subject_blobs.rglob("*") if p.is_file()]
