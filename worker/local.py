@@ -126,11 +126,14 @@ def run_local(
     # 4. generation (generating, ranking, upscaling)
     engine = engine or GenerationEngine(preset, device)
     references = [item.crop for item in dataset.items]
-    results = engine.generate(request, adapter_dir, references, on_progress=progress, should_stop=should_stop)
+    results = engine.generate(request, adapter_dir, references, on_progress=progress, should_stop=should_stop,
+                              return_all=True)
     # 5. delivering
     start = time.perf_counter()
+    scored = [{"rank": r.rank, "seed": r.seed, "prompt": r.prompt, "scores": dict(r.scores), "flagged": r.flagged}
+              for r in sorted(results, key=lambda r: r.seed)]  # every candidate; rank 0 = not delivered
     candidates = []
-    for result in sorted(results, key=lambda r: r.rank):
+    for result in sorted((r for r in results if r.rank > 0), key=lambda r: r.rank):
         entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
                  "scores": dict(result.scores), "width": result.image.width, "height": result.image.height}
         entry["file"] = f"rank_{result.rank:02d}.png"
@@ -149,6 +152,7 @@ def run_local(
         "checks": dict(dataset.checks),
         "training": {"steps": trained.steps, **_to_jsonable(trained.metrics)},
         "candidates": candidates,
+        "all_candidates": scored,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     timer.mark("delivering", start, time.perf_counter())

@@ -339,9 +339,17 @@ def run_generation(ctx: StageContext) -> dict[str, Any]:
     references = [PILImage.open(io.BytesIO(ctx.store.get(key))).convert("RGB") for key in crop_keys]
     with _engine(ctx.settings) as engine:
         results = engine.generate(
-            request, adapter_dir, references, on_progress=ctx.on_progress, should_stop=ctx.should_stop
+            request, adapter_dir, references, on_progress=ctx.on_progress, should_stop=ctx.should_stop,
+            return_all=True,
         )
-    return deliver(ctx, results, adapter_id)
+    delivered = deliver(ctx, [r for r in results if r.rank > 0], adapter_id)
+    # Every candidate's scores stay on the job record (rank 0 = not delivered), so a client or
+    # the dashboard can see why the delivered ones won.
+    delivered["candidates"] = [
+        {"seed": int(r.seed), "rank": int(r.rank), "flagged": bool(r.flagged), "scores": _jsonable(dict(r.scores))}
+        for r in sorted(results, key=lambda r: r.seed)
+    ]
+    return delivered
 
 
 def deliver(ctx: StageContext, results: list, adapter_id: str) -> dict[str, Any]:

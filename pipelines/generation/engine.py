@@ -222,11 +222,14 @@ class GenerationEngine:
         on_progress: ProgressFn | None = None,
         should_stop: CancelFn | None = None,
         tokens: TokenSpec | None = None,
+        return_all: bool = False,
     ) -> list[Result]:
         """Generate ``n`` candidates and return the best ``k`` ranked and upscaled.
 
         ``reference_images`` are the subject's face crops (identity score); ``tokens``
-        names the placeholders' words when no adapter is given.
+        names the placeholders' words when no adapter is given. ``return_all``: also return
+        the candidates that were not delivered (``rank`` 0, not upscaled) after the ranked
+        ones, so a report can show every candidate's scores.
         """
         on_progress = on_progress or no_progress
         # 1. Check the request and compute conditions before touching the pipeline.
@@ -288,17 +291,19 @@ class GenerationEngine:
             device=str(self.device),
             on_progress=on_progress,
             require_one_face=self.preset.require_one_face,
+            return_all=return_all,
         )
+        delivered = [c for c in ranked if c.rank > 0]
 
         # 7. Upscale the delivered images.
         upscaled: list[Image.Image | None] = [None] * len(ranked)
-        if request.upscale and ranked:
+        if request.upscale and delivered:
             raise_if_canceled(should_stop)
             from pipelines.upscale import upscale
 
             model_path = self.preset.upscaler_x2 if request.upscale == 2 else self.preset.upscaler_x4
-            upscaled = upscale(
-                [c.image for c in ranked],
+            upscaled[: len(delivered)] = upscale(
+                [c.image for c in delivered],
                 factor=request.upscale,
                 model_path=model_path,
                 device=str(self.device),

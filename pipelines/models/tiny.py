@@ -15,7 +15,7 @@ import torch
 
 SEED = 1234
 # Bump when a builder changes: presets live in a folder named after it, so stale builds are not reused.
-BUILD_VERSION = 2
+BUILD_VERSION = 4
 # Words that get a whole-word BPE token, so prompts and the init word `face` behave
 # like they do with the real CLIP vocabulary (one token per common word).
 _WORDS = (
@@ -107,16 +107,7 @@ def build_stable_diffusion(folder: Path) -> None:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = _tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -143,17 +134,23 @@ def build_stable_diffusion(folder: Path) -> None:
 
 def build_vae(folder: Path) -> None:
     """A stand-alone VAE with the pipeline's shape, standing in for sd-vae-ft-mse."""
+    torch.manual_seed(SEED + 1)
+    _tiny_vae().save_pretrained(str(folder), safe_serialization=True)
+
+
+def _tiny_vae():
+    """Four blocks, like SD's VAE, so images are downsampled 8x into latents (128 px -> 16x16)."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(SEED + 1)
-    AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    return AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    ).save_pretrained(str(folder), safe_serialization=True)
+        norm_num_groups=16,
+        layers_per_block=1,
+        sample_size=128,
+    )
 
 
 def build_controlnet(folder: Path, seed_offset: int) -> None:
@@ -168,7 +165,7 @@ def build_controlnet(folder: Path, seed_offset: int) -> None:
         cross_attention_dim=CROSS_ATTENTION_DIM,
         attention_head_dim=8,
         norm_num_groups=32,
-        conditioning_embedding_out_channels=(16, 32),
+        conditioning_embedding_out_channels=(8, 16, 16, 32),  # 3 stride-2 convs: matches the VAE's 8x
     )
     # A fresh ControlNet's output convolutions are zero-initialised, so it could never change an
     # image; give them small random weights so the condition and its scale are observable.

@@ -123,13 +123,12 @@ def test_k_ranked_images_on_disk_with_their_scores(cli_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="worker/local.py's report.json lists only the k delivered images; "
-                                       "issue 6 asks for every candidate's scores (GenerationEngine.generate "
-                                       "returns only the ranked k)")
 def test_report_scores_every_candidate(cli_run):
     _, _, report = cli_run
-    scored = report.get("all_candidates", report["candidates"])
+    scored = report["all_candidates"]
     assert len(scored) == N and all(c["scores"] for c in scored)
+    assert sorted(c["rank"] for c in scored if c["rank"]) == [1, 2]  # the delivered k, the rest rank 0
+    assert len({c["seed"] for c in scored}) == N
 
 
 def test_unknown_style_fails_in_one_line_before_training(cli_env, photos_dir, tmp_path, monkeypatch, capsys):

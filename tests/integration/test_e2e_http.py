@@ -203,6 +203,8 @@ def test_upload_train_generate_download_delete(api, split_workers, grace_hopper,
     images = client.get(f"/v1/subjects/{sid}/images").json()["data"]
     # The tiny preset lifts the one-face delivery rule (its images are noise): k images.
     assert len(images) == job["result"]["images"] == 2
+    scored = job["result"]["candidates"]  # every candidate's scores, delivered or not
+    assert len(scored) == 3 and sorted(c["rank"] for c in scored) == [0, 1, 2]
     assert sorted(i["rank"] for i in images) == [1, 2]
     for image in images:
         assert image["scores"] and image["style"] == "studio_headshot"
