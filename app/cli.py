@@ -151,6 +151,8 @@ def serve(
     upgrade_to_head()
     key, created = _admin_key(settings)
     children: list[subprocess.Popen] = []
+    # `docker stop`, systemd and kill send SIGTERM: stop the children as on Ctrl-C, never orphan them.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if embedded_worker:
             children.append(subprocess.Popen(worker_command(["gpu", "cpu"], 1, settings, "warning")))
@@ -172,6 +174,10 @@ def serve(
         console.print("stopping...")
     finally:
         _stop(children)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:

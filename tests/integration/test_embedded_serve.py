@@ -38,6 +38,18 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    members.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return members
+
+
 def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
     from tests.integration.test_e2e_http import _free_port
 
@@ -85,5 +97,10 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
         wait_for(lambda: "admin API key: see" in (tmp_path / "serve2.log").read_text(errors="replace").replace("\n", " "),
                  60, 0.2, "the restart banner")
         assert "lk_" not in (tmp_path / "serve2.log").read_text(errors="replace")  # no second key
+        wait_for(lambda: len(_group_members(restart.pid)) >= 3, 60, 0.2, "the API and worker children")
+        restart.send_signal(signal.SIGTERM)  # docker stop / kill: only the parent gets it
+        restart.wait(timeout=30)
+        wait_for(lambda: not _group_alive(restart.pid), 30, 0.2, "the children to stop with the parent")
     finally:
-        _interrupt(restart)
+        if _group_alive(restart.pid):
+            _interrupt(restart)
