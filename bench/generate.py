@@ -29,6 +29,7 @@ from pipelines.adapters import AdapterManifest, LoraSpec, attach_adapter, detach
 from pipelines.generation import GenerationEngine, GenerationRequest
 from pipelines.generation.request import GenerationLimits, aspect_size, check_request
 from pipelines.models.presets import get_preset, with_overrides
+from pipelines.models.sd15_random import sd15_random_pipeline
 from pipelines.ranking import RANKING_PRESETS, AestheticHead, rank
 from pipelines.upscale import upscale
 
@@ -39,74 +40,6 @@ def sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------- SD 1.5 with random weights
-
-
-def sd15_random_pipeline(work: Path):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from pipelines.models import tiny
-
-    # A CLIP BPE tokenizer from the tiny preset (the real 49k vocabulary is a download);
-    # token ids index the full-size 49408-row embedding all the same.
-    tiny.write_tokenizer(work / "tokenizer")
-    tokenizer = tiny.load_tokenizer(work / "tokenizer")
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            down_block_types=(
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "DownBlock2D",
-            ),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            latent_channels=4,
-            sample_size=512,
-            layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 class RandomClipL14:
@@ -238,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             resolution=args.resolution or 512,
             upscaler_x2=realesrgan_x2(work / "realesrgan_x2.safetensors"),
         )
-        pipeline = sd15_random_pipeline(work)
+        pipeline = sd15_random_pipeline(work, "cuda" if torch.cuda.is_available() else "cpu")
         engine = GenerationEngine(
             preset,
             device,

@@ -32,55 +32,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ---------------------------------------------------------------------------- models and data
 
 
-def sd15_random(folder: Path) -> Path:
-    """SD 1.5's architecture (U-Net, ViT-L/14 text encoder, VAE) with random weights, built once.
-
-    No real tokenizer is available offline, so the tiny preset's CLIP-BPE tokenizer stands in;
-    the text encoder keeps SD 1.5's 49,408-row vocabulary, so the embedding matrix is full size.
-    """
-    if (folder / "model_index.json").is_file():
-        return folder
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from pipelines.models import tiny
-
-    tiny.write_tokenizer(folder / "tokenizer")
-    tokenizer = tiny.load_tokenizer(folder / "tokenizer")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
-    StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                            ).save_pretrained(str(folder), safe_serialization=True)
-    return folder
-
-
 def get_bench_preset(arch: str, cache: Path, resolution: int | None = None):
     from pipelines.models.presets import get_preset, with_overrides
+    from pipelines.models.sd15_random import build_sd15_random
 
     tiny = get_preset("tiny", cache)
     if arch == "tiny":
         return with_overrides(tiny, resolution=resolution or tiny.resolution)
-    return with_overrides(tiny, name="sd15-random", base_model=str(sd15_random(cache / "sd15-random")),
+    return with_overrides(tiny, name="sd15-random", base_model=str(build_sd15_random(cache / "sd15-random")),
                           resolution=resolution or 512)
 
 

@@ -44,12 +44,7 @@ def create_train_job(session: Session, caller: Caller, subject_id: str, params: 
     request = {k: v for k, v in params.items() if v is not None}
     if "class_token" not in request and subject.class_token_override:
         request["class_token"] = subject.class_token_override
-    job = Job(client_id=caller.id, subject_id=subject.id, kind=JobKind.train, state=JobState.queued,
-              request=request, max_attempts=settings.max_attempts, idempotency_key=idempotency_key,
-              completed_stages=[])
-    session.add(job)
-    session.flush()
-    return job
+    return _queue_job(session, caller, subject.id, JobKind.train, request, settings, idempotency_key)
 
 
 def latest_adapter(session: Session, subject_id: str) -> Adapter | None:
@@ -78,9 +73,13 @@ def create_generation_job(session: Session, caller: Caller, subject_id: str, req
                        code="subject_not_trained")
     payload = request.model_dump(mode="json", exclude_none=True)
     payload["adapter_version"] = adapter.version
-    job = Job(client_id=caller.id, subject_id=subject.id, kind=JobKind.generate, state=JobState.queued,
-              request=payload, max_attempts=settings.max_attempts, idempotency_key=idempotency_key,
-              completed_stages=[])
+    return _queue_job(session, caller, subject.id, JobKind.generate, payload, settings, idempotency_key)
+
+
+def _queue_job(session: Session, caller: Caller, subject_id: str, kind: JobKind, request: dict[str, Any],
+               settings: Settings, idempotency_key: str | None) -> Job:
+    job = Job(client_id=caller.id, subject_id=subject_id, kind=kind, state=JobState.queued, request=request,
+              max_attempts=settings.max_attempts, idempotency_key=idempotency_key, completed_stages=[])
     session.add(job)
     session.flush()
     return job

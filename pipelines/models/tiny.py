@@ -89,7 +89,7 @@ def vocab_size(folder: Path) -> int:
 
 def build_stable_diffusion(folder: Path) -> None:
     """A Stable-Diffusion-1.x-shaped pipeline (U-Net, VAE, CLIP text encoder, tokenizer, Euler)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     write_tokenizer(folder / "tokenizer")
@@ -121,15 +121,22 @@ def build_stable_diffusion(folder: Path) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    pipe = assemble_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def assemble_pipeline(*, unet, vae, text_encoder, tokenizer):
+    """An SD-1.x pipeline from components, with SD 1.5's Euler schedule and no safety checker."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1, timestep_spacing="leading",
     )
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
 def build_vae(folder: Path) -> None:
