@@ -10,20 +10,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from pipelines.errors import Canceled
 
-# Stage names, in the order a client sees them (train job, then generate job).
-STAGES = (
-    "intake",
-    "caching",
-    "training:stage1",
-    "training:stage2",
-    "generating",
-    "ranking",
-    "upscaling",
-    "delivering",
-)
+class Stage(StrEnum):
+    """The steps of the pipeline a client can see, in the order they run.
+
+    Pipelines emit these names in :class:`ProgressEvent`; the job contract
+    (``likeness.contract.plan``) groups them into phases and job kinds.
+    """
+
+    INTAKE = "intake"
+    CACHING = "caching"
+    TRAINING_STAGE1 = "training:stage1"
+    TRAINING_STAGE2 = "training:stage2"
+    GENERATING = "generating"
+    RANKING = "ranking"
+    UPSCALING = "upscaling"
+    DELIVERING = "delivering"
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import InvalidConfig, ModelNotFound
-from pipelines.progress import ProgressEvent, ProgressFn, no_progress
+from pipelines.progress import ProgressEvent, ProgressFn, Stage, no_progress
 
 LpipsFn = Callable[[Image.Image, Sequence[Image.Image]], float]
 SCORE_NAMES = ("aesthetic", "identity", "text", "lpips")
@@ -189,9 +189,9 @@ def rank(
     if k < 1:
         raise InvalidConfig(f"k must be at least 1, got {k}", {"k": k}, code="invalid_k")
     on_progress = on_progress or no_progress
-    on_progress(ProgressEvent("ranking", 0.0, None, f"scoring {len(images)} candidates"))
+    on_progress(ProgressEvent(Stage.RANKING, 0.0, None, f"scoring {len(images)} candidates"))
     if not images:
-        on_progress(ProgressEvent("ranking", 1.0, 0.0))
+        on_progress(ProgressEvent(Stage.RANKING, 1.0, 0.0))
         return []
     clip = _as_clip(clip, device)
     head = load_aesthetic_head(aesthetic) if isinstance(aesthetic, str) else aesthetic
@@ -209,7 +209,7 @@ def rank(
         aesthetic_scores = head(image_emb.to(weight.device, weight.dtype)).float().cpu().tolist()
     text_emb = clip.embed_texts([strip_token(p, instance_token) for p in prompts])
     text_scores = (image_emb * text_emb).sum(-1).tolist()
-    on_progress(ProgressEvent("ranking", 0.4, None, "faces"))
+    on_progress(ProgressEvent(Stage.RANKING, 0.4, None, "faces"))
 
     # 3. Faces: count (delivery rule) and identity.
     boxes = [detect(im) for im in images]
@@ -223,7 +223,7 @@ def rank(
             face = max(found, key=_box_area)
             emb = embedder.embed(im, face)
             identity_scores[i] = NO_FACE_IDENTITY if emb is None else float(_normalise(emb) @ reference)
-    on_progress(ProgressEvent("ranking", 0.8, None, "combining"))
+    on_progress(ProgressEvent(Stage.RANKING, 0.8, None, "combining"))
 
     # 4. Optional LPIPS to the references.
     lpips_scores: list[float | None] = [None] * len(images)
@@ -256,7 +256,7 @@ def rank(
         candidate.rank = position
     on_progress(
         ProgressEvent(
-            "ranking",
+            Stage.RANKING,
             1.0,
             0.0,
             f"{len(delivered)} of {len(images)} kept",

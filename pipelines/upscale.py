@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import InvalidConfig
-from pipelines.progress import CancelFn, ProgressFn, StageProgress, raise_if_canceled
+from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 
 
 def check_inputs(factor: int, tile: int, overlap: int, model_path: str | None) -> None:
@@ -74,7 +74,7 @@ def upscale(
             {"model_scale": model.scale, "factor": factor},
             code="upscaler_scale_mismatch",
         )
-    progress = StageProgress(on_progress, "upscaling", total=len(images))
+    progress = StageProgress(on_progress, Stage.UPSCALING, total=len(images))
     progress.start(f"×{factor} on {len(images)} images")
     out = []
     for image in images:

@@ -29,6 +29,7 @@ from pipelines.models.presets import ModelPreset
 from pipelines.progress import (
     CancelFn,
     ProgressFn,
+    Stage,
     StageProgress,
     no_progress,
     raise_if_canceled,
@@ -129,22 +130,9 @@ class GenerationEngine:
         self._conditions: dict[tuple, Image.Image] = {}
 
     def _load_base(self):
-        from diffusers import StableDiffusionPipeline
+        from pipelines.models.loading import load_base_pipeline
 
-        preset = self.preset
-        try:
-            return StableDiffusionPipeline.from_pretrained(
-                preset.base_model,
-                torch_dtype=self.dtype,
-                revision=preset.revision,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            ).to(self.device)
-        except OSError as exc:
-            raise ModelNotFound(
-                f"base model {preset.base_model!r} could not be loaded: {exc}", {"model": preset.base_model}
-            ) from exc
+        return load_base_pipeline(self.preset, self.device, self.dtype)
 
     # ------------------------------------------------------------------ lazily loaded parts
 
@@ -341,7 +329,7 @@ class GenerationEngine:
         request = resolved.request
         pipe = self._call_pipeline(resolved)  # outside inference mode: lazily loaded nets stay normal tensors
         batch_size = request.batch_size or self.batch_size
-        progress = StageProgress(on_progress, "generating", total=len(prompts) * resolved.steps)
+        progress = StageProgress(on_progress, Stage.GENERATING, total=len(prompts) * resolved.steps)
         progress.start(f"{len(prompts)} candidates")
         images: list[Image.Image] = []
         for start in range(0, len(prompts), batch_size):

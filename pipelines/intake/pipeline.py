@@ -37,7 +37,7 @@ from pipelines.intake.crops import blur_score, crop_square, hamming, perceptual_
 from pipelines.intake.dataset import Dataset, DatasetItem, PhotoInput, PhotoReport
 from pipelines.intake.decode import PhotoRejected, decode_photo
 from pipelines.intake.reasons import ReasonCode
-from pipelines.progress import CancelFn, ProgressFn, StageProgress, raise_if_canceled
+from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 from pipelines.vision.faces import FaceBox
 
 #: the reduced decode that the detectors look at has at least this long side; JPEG's
@@ -97,7 +97,7 @@ def prepare_dataset(
 ) -> Dataset:
     # 0. inputs, before any model loads
     check_inputs(photos, config)
-    progress = StageProgress(on_progress, "intake", total=len(photos))
+    progress = StageProgress(on_progress, Stage.INTAKE, total=len(photos))
     progress.start(f"checking {len(photos)} photos")
 
     # 1-3. per photo: decode, person check, face crop

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InvalidConfig
+from pipelines.progress import Stage
 
 MODES = ("lora", "full")
 STRATEGIES = ("staged", "textual_inversion", "unet_only", "embedding_then_unet", "whole_model")
@@ -105,7 +106,7 @@ def plan_stages(config: TrainConfig, n_examples: int) -> list[StagePlan]:
     """The stages a strategy runs, with their step counts (stages with 0 steps dropped)."""
     total = total_steps(config, n_examples)
     first = round(total * config.stage1_fraction)
-    stage1, stage2 = "training:stage1", "training:stage2"
+    stage1, stage2 = Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2
     plans = {
         "staged": [StagePlan(stage1, first, True, True, True), StagePlan(stage2, total - first, True, False, False)],
         "embedding_then_unet": [StagePlan(stage1, first, False, False, True),

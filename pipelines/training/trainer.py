@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.adapters import AdapterManifest, LoraSpec, save_adapter
-from pipelines.errors import InvalidConfig, ModelNotFound
-from pipelines.progress import CancelFn, ProgressFn, StageProgress, raise_if_canceled
+from pipelines.errors import InvalidConfig
+from pipelines.models.loading import load_base_pipeline
+from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 from pipelines.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipelines.training.config import StagePlan, TrainConfig, check_config, plan_stages
 from pipelines.types import TokenSpec, TrainingExample
@@ -100,24 +101,6 @@ def data_fingerprint(examples: Sequence[TrainingExample], tokens: TokenSpec, pre
 
 
 # ---------------------------------------------------------------------------- models
-
-
-def load_base_pipeline(preset, device: torch.device, dtype: torch.dtype = torch.float32):
-    """The base pipeline with every component it lists (no safety checker)."""
-    from diffusers import DiffusionPipeline
-
-    extra = {}
-    index = Path(preset.base_model) / "model_index.json"
-    if not index.is_file() or "safety_checker" in json.loads(index.read_text()):
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(preset.base_model, revision=preset.revision, torch_dtype=dtype,
-                                                 **extra)
-    except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"base model {preset.base_model!r} could not be loaded: {exc}",
-                            {"base_model": preset.base_model}) from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 def text_encoder_names(pipe) -> list[str]:
@@ -210,7 +193,7 @@ def train(
     lora_spec = LoraSpec(config.unet_rank, config.text_encoder_rank, config.lora_alpha)
 
     # 1. Load the base components.
-    pipe = load_base_pipeline(preset, device)
+    pipe = load_base_pipeline(preset, device, torch.float32)
     if len(text_encoder_names(pipe)) != 1:
         raise InvalidConfig("the trainer supports bases with exactly one text encoder for now")
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
@@ -273,7 +256,7 @@ def train(
     if config.prior_preservation:
         class_pixels = torch.stack([image_tensor(im, resolution) for im in _class_images(pipe, config, tokens, preset,
                                                                                           class_images_dir)])
-    caching = StageProgress(on_progress, "caching", pixels.shape[0] + (0 if class_pixels is None else len(class_pixels)))
+    caching = StageProgress(on_progress, Stage.CACHING, pixels.shape[0] + (0 if class_pixels is None else len(class_pixels)))
     caching.start("encoding photos")
     latents = encode_latents(vae, pixels, on_batch=lambda n: caching.advance(n))
     class_latents = encode_latents(vae, class_pixels, on_batch=lambda n: caching.advance(n)) \
