@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET = "dev-insecure-secret-change-me"
@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     result_backend: str = ""
     redis_url: str = ""  # rate/idempotency/queue-depth metrics; optional in embedded mode
     queue_prefix: str = ""  # isolates queues (and Redis keys) of several deployments/test runs
+    broker_visibility_timeout_s: int = 3600  # Redis: an unacked message goes to another worker after this
 
     # Blob storage
     storage_backend: Literal["local", "s3"] = "local"
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
     port: int = 8000
 
     @model_validator(mode="after")
-    def _refuse_dev_secret_in_production(self) -> "Settings":
+    def _refuse_dev_secret_in_production(self) -> Settings:
         if self.environment == "production" and self.secret_key == DEV_SECRET:
             raise ValueError("LIKENESS_SECRET_KEY must be set in production")
         return self
@@ -97,7 +98,8 @@ class Settings(BaseSettings):
     def resolved_model_cache_dir(self) -> Path:
         return (self.model_cache_dir or self.data_dir / "models").resolve()
 
-    def queue(self, name: Literal["gpu", "cpu"]) -> str:
+    def queue(self, name: str) -> str:
+        """The broker's name of a job-plan queue (``cpu``/``gpu``), with this deployment's prefix."""
         return f"{self.queue_prefix}{name}"
 
 

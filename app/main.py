@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.routes import account, admin, images, jobs, photos, subjects
 from app.api.schemas import ErrorBody
 from app.config import Settings, get_settings
-from app.db.session import SessionLocal, session_scope
+from app.db.session import SessionLocal
+from app.db.uow import UnitOfWork
 from app.errors import AppError, PayloadTooLarge
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
 
@@ -105,8 +106,8 @@ def _bootstrap_admin(settings: Settings) -> None:
         return
     from app.services.clients import ensure_client_with_key
 
-    with session_scope() as session:
-        ensure_client_with_key(session, "bootstrap-admin", "admin", settings.bootstrap_admin_key)
+    with UnitOfWork(settings) as uow:
+        ensure_client_with_key(uow.session, "bootstrap-admin", "admin", settings.bootstrap_admin_key)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -3,19 +3,18 @@
 * ``likeness_http_request_duration_seconds{method,route,status}``: observed by the API middleware,
   labelled by route *template* (``/v1/jobs/{job_id}``) so ids don't explode cardinality;
 * ``likeness_jobs{kind,state}`` and ``likeness_stage_duration_seconds{kind,stage}``: computed from the
-  jobs table at scrape time, so every API replica reports the same numbers, whichever worker ran the job;
-* ``likeness_queue_depth{queue}``: Redis ``LLEN`` of the job queues when the broker is Redis.
-
-Workers call :func:`record_stage_duration` when a stage ends: it stores the duration on the job
-record (``job.result["stage_durations_s"][stage]``, merged, never replacing the rest of ``result``)
-and observes the process-local histogram too.
+  database at scrape time (stage runs of the last 24 hours, as the workers record them in
+  ``job_stages`` from the job plan), so every API replica reports the same numbers, whichever
+  worker ran the job;
+* ``likeness_queue_depth{queue}``: Redis ``LLEN`` of the job queues when the broker is Redis;
+* ``likeness_outbox_messages``: task messages waiting for the broker (it was down).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -23,7 +22,6 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-STAGE_DURATIONS_KEY = "stage_durations_s"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -32,20 +30,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 REQUEST_LATENCY = Histogram("likeness_http_request_duration_seconds", "HTTP request latency by route template.",
                             ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 
-# Process-local (a worker may expose its own registry); /metrics reports the DB-derived histogram below.
-STAGE_DURATION_LOCAL = Histogram("likeness_worker_stage_duration_seconds", "Stage durations seen by this process.",
-                                 ["kind", "stage"], buckets=STAGE_BUCKETS)
-
-
-def record_stage_duration(job: Any, stage: str, seconds: float) -> None:
-    """Store a finished stage's duration on ``job`` (an ORM Job; caller commits) and observe it."""
-    result = dict(job.result or {})
-    durations = dict(result.get(STAGE_DURATIONS_KEY) or {})
-    durations[stage] = round(float(seconds), 3)
-    result[STAGE_DURATIONS_KEY] = durations
-    job.result = result  # a new dict, so SQLAlchemy sees the change
-    kind = job.kind.value if hasattr(job.kind, "value") else str(job.kind)
-    STAGE_DURATION_LOCAL.labels(kind=kind, stage=stage).observe(seconds)
+#: Stage durations are reported over this window (bounded work per scrape).
+STAGE_WINDOW = timedelta(hours=24)
 
 
 def _histogram(name: str, doc: str, labels: list[str], samples: dict[tuple[str, ...], list[float]],
@@ -59,7 +45,7 @@ def _histogram(name: str, doc: str, labels: list[str], samples: dict[tuple[str, 
 
 
 class JobsCollector(Collector):
-    """Jobs by state and stage durations, read from the database at scrape time."""
+    """Jobs by state, stage durations and the outbox, read from the database at scrape time."""
 
     def __init__(self, session_factory):  # noqa: ANN001
         self.session_factory = session_factory
@@ -67,27 +53,31 @@ class JobsCollector(Collector):
     def collect(self):  # noqa: ANN201
         from sqlalchemy import func, select
 
-        from app.db.models import Job, JobKind, JobState
+        from app.db.models import Job, JobStage, OutboxMessage, utcnow
+        from likeness.contract.plan import JobKind, JobState
 
         by_state = GaugeMetricFamily("likeness_jobs", "Jobs by kind and state.", labels=["kind", "state"])
+        outbox = GaugeMetricFamily("likeness_outbox_messages", "Task messages waiting for the broker.")
         stages: dict[tuple[str, ...], list[float]] = {}
         try:
             with self.session_factory() as session:
                 counts = {(k.value, s.value): 0 for k in JobKind for s in JobState}
                 for kind, state, count in session.execute(
                         select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)):
-                    counts[(kind.value, state.value)] = count
+                    counts[(JobKind(kind).value, JobState(state).value)] = count
                 for (kind, state), count in sorted(counts.items()):
                     by_state.add_metric([kind, state], count)
-                rows = session.execute(select(Job.kind, Job.result).where(Job.finished_at.is_not(None)))
-                for kind, result in rows:
-                    for stage, seconds in ((result or {}).get(STAGE_DURATIONS_KEY) or {}).items():
-                        stages.setdefault((kind.value, stage), []).append(float(seconds))
+                rows = session.execute(select(JobStage.kind, JobStage.stage, JobStage.seconds).where(
+                    JobStage.finished_at >= utcnow() - STAGE_WINDOW, JobStage.seconds.is_not(None)))
+                for kind, stage, seconds in rows:
+                    stages.setdefault((JobKind(kind).value, stage), []).append(float(seconds))
+                outbox.add_metric([], session.scalar(select(func.count()).select_from(OutboxMessage)) or 0)
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is briefly away
             log.warning("jobs metrics unavailable", exc_info=True)
             return
         yield by_state
-        yield _histogram("likeness_stage_duration_seconds", "Pipeline stage durations of finished jobs.",
+        yield outbox
+        yield _histogram("likeness_stage_duration_seconds", "Pipeline stage durations (finished in the last 24 h).",
                          ["kind", "stage"], stages, STAGE_BUCKETS)
 
 

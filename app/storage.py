@@ -61,6 +61,11 @@ def adapter_prefix(subject_id: str, version: int) -> str:
     return f"subjects/{subject_id}/adapters/{version}/"
 
 
+def adapter_export_key(subject_id: str, version: int, fmt: str) -> str:
+    """An adapter converted for other tools (``kohya``: one safetensors file for A1111/ComfyUI)."""
+    return f"subjects/{subject_id}/exports/adapter-{version}.{fmt}.safetensors"
+
+
 def image_key(subject_id: str, image_id: str) -> str:
     return f"subjects/{subject_id}/images/{image_id}.png"
 
@@ -176,7 +181,8 @@ class LocalBlobStore(BlobStore):
         if not base.is_dir():
             return []
         return sorted(
-            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
         )
 
     def ping(self) -> None:
@@ -273,7 +279,8 @@ def get_blob_store(settings: Settings | None = None) -> BlobStore:
     """The blob store the settings describe (one instance per configuration per process)."""
     settings = settings or get_settings()
     if settings.storage_backend == "s3":
-        cache_key: tuple = ("s3", settings.s3_bucket, settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id)
+        cache_key: tuple = ("s3", settings.s3_bucket, settings.s3_endpoint_url, settings.s3_region,
+                            settings.s3_access_key_id)
         if cache_key not in _STORES:
             _STORES[cache_key] = S3BlobStore(
                 settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,

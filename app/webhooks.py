@@ -4,8 +4,8 @@ Signature header ``X-Likeness-Signature: t=<unix ts>,v1=<hex>`` where ``hex`` is
 HMAC-SHA256 over ``f"{t}." + body`` with the client's webhook secret (the timestamp is
 signed so a captured request cannot be replayed later; receivers should refuse old ``t``).
 
-Flow: a job changes state -> :func:`queue_job_event` adds a delivery row in the same
-transaction -> after commit :func:`send_deliveries` hands the ids to the worker's
+Flow: a job changes state -> :func:`notify_job` adds a delivery row and an outbox message
+in the same transaction -> after the commit the message reaches the worker's
 ``likeness.deliver_webhook`` task, which calls :func:`record_and_send` with backoff.
 """
 
@@ -16,7 +16,6 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -85,19 +84,9 @@ def queue_job_event(session: Session, job: Job) -> str | None:
     return delivery.id
 
 
-def send_deliveries(delivery_ids: Iterable[str | None]) -> None:
-    """Hand committed deliveries to the worker (never raises: a broker hiccup must not fail the request)."""
-    ids = [d for d in delivery_ids if d]
-    if not ids:
-        return
-    try:
-        from worker.celery_app import DELIVER_WEBHOOK_TASK, celery_app
-
-        queue = get_settings().queue("cpu")
-        for delivery_id in ids:
-            celery_app.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id], queue=queue)
-    except Exception:  # noqa: BLE001
-        log.exception("could not enqueue webhook deliveries %s", ids)
+def notify_job(uow, job: Job) -> None:  # noqa: ANN001 - app.db.uow.UnitOfWork (imports this module)
+    """Queue the webhook of ``job``'s current state: a delivery row now, the send after the commit."""
+    uow.notify(queue_job_event(uow.session, job))
 
 
 def backoff_s(attempt: int) -> float:
@@ -111,11 +100,11 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
     2xx -> delivered; 4xx other than 408/429 -> given up (the receiver refuses it);
     5xx, 408, 429 and network errors -> retry until ``webhook_max_attempts``.
     """
-    from app.db.session import session_scope
+    from app.db.uow import UnitOfWork
 
     if session is None:
-        with session_scope() as own:
-            return record_and_send(delivery_id, session=own)
+        with UnitOfWork() as uow:
+            return record_and_send(delivery_id, session=uow.session)
 
     delivery = session.get(WebhookDelivery, delivery_id)
     if delivery is None or delivery.delivered_at is not None:

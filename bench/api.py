@@ -61,7 +61,7 @@ def seed(db_url: str) -> tuple[str, str, str]:
         subject = Subject(client_id=client.id, name="bench")
         session.add(subject)
         session.flush()
-        job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.train, state=JobState.running,
+        job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.TRAIN, state=JobState.RUNNING,
                   stage="training:stage1", progress=42.0, eta_s=300.0, request={"mode": "lora"}, completed_stages=[])
         session.add(job)
         session.flush()

@@ -1,8 +1,10 @@
-"""Job-record operations used by the runner: claim, progress, heartbeat, finish.
+"""Job-record operations of a worker: claim, progress, heartbeat, phase completion, finish.
 
-Every write after the claim is conditional on ``worker == <this process>``, so a
-process that lost its job to a takeover (it was presumed dead) can never overwrite
-the new owner's record.
+Every write after the claim is conditional on ``worker == <this process>``, so a process
+that lost its job to a takeover (it was presumed dead) can never overwrite the new owner's
+record. State changes go through :func:`likeness.contract.plan.transition`; each stage a
+job runs leaves a ``job_stages`` row with its duration (the stage-duration metric, the
+dashboard's timeline).
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
 from sqlalchemy import select, update
 
-from app.db.models import Job, JobState, utcnow
-from app.db.session import session_scope
+from app.config import Settings
+from app.db.models import Job, JobStage, utcnow
+from app.db.uow import UnitOfWork
+from app.webhooks import notify_job
+from likeness.contract.plan import TERMINAL_STATES, JobState, transition
 
 log = logging.getLogger(__name__)
 
-TERMINAL = (JobState.succeeded, JobState.failed, JobState.canceled)
+WORKER_LOST_MESSAGE = "the worker running this job stopped unexpectedly {n} times; giving up"
 
 
 def worker_id() -> str:
@@ -30,9 +35,9 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _aware(moment: datetime | None) -> datetime | None:
+def aware(moment: datetime | None) -> datetime | None:
     if moment is not None and moment.tzinfo is None:  # SQLite returns naive UTC
-        return moment.replace(tzinfo=timezone.utc)
+        return moment.replace(tzinfo=UTC)
     return moment
 
 
@@ -54,7 +59,7 @@ def owner_alive(owner: str | None, heartbeat_at: datetime | None, stale_after_s:
     """
     if not owner:
         return False
-    fresh = heartbeat_at is not None and utcnow() - _aware(heartbeat_at) < timedelta(seconds=stale_after_s)
+    fresh = heartbeat_at is not None and utcnow() - aware(heartbeat_at) < timedelta(seconds=stale_after_s)
     host, _, pid = owner.rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
         return int(pid) != os.getpid() and _pid_alive(int(pid)) and fresh
@@ -84,19 +89,11 @@ class JobSnapshot:
     result: dict[str, Any]
 
     @classmethod
-    def of(cls, job: Job) -> "JobSnapshot":
-        return cls(
-            id=job.id,
-            client_id=job.client_id,
-            subject_id=job.subject_id,
-            kind=job.kind.value,
-            request=dict(job.request or {}),
-            completed_stages=tuple(job.completed_stages or ()),
-            attempts=job.attempts,
-            max_attempts=job.max_attempts,
-            progress=job.progress or 0.0,
-            result=dict(job.result or {}),
-        )
+    def of(cls, job: Job) -> JobSnapshot:
+        return cls(id=job.id, client_id=job.client_id, subject_id=job.subject_id, kind=job.kind.value,
+                   request=dict(job.request or {}), completed_stages=tuple(job.completed_stages or ()),
+                   attempts=job.attempts, max_attempts=job.max_attempts, progress=job.progress or 0.0,
+                   result=dict(job.result or {}))
 
 
 @dataclass(frozen=True)
@@ -104,126 +101,140 @@ class Claim:
     outcome: ClaimOutcome
     job: JobSnapshot | None = None
     previous_state: str | None = None
-    webhook: str | None = None  # delivery id to send after the commit
 
 
-def queue_webhook(session, job: Job) -> str | None:
-    """Queue the webhook of the job's new state in the transaction that changed it."""
-    from app.webhooks import queue_job_event
-
-    session.flush()
-    return queue_job_event(session, job)
+def _locked(uow: UnitOfWork, job_id: str) -> Job | None:
+    return uow.session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
 
 
-WORKER_LOST_MESSAGE = "the worker running this job stopped unexpectedly {n} times; giving up"
-
-
-def claim(job_id: str, stale_after_s: float) -> Claim:
+def claim(settings: Settings, job_id: str) -> Claim:
     """Take ownership of ``job_id`` if it needs running; see :class:`ClaimOutcome`."""
-    me = worker_id()
-    now = utcnow()
-    with session_scope() as session:
-        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+    me, now = worker_id(), utcnow()
+    with UnitOfWork(settings) as uow:
+        job = _locked(uow, job_id)
         if job is None:
             log.info("job %s no longer exists", job_id)
             return Claim(ClaimOutcome.skip)
         previous = job.state.value
-        if job.state in TERMINAL:
+        if job.state in TERMINAL_STATES:
             return Claim(ClaimOutcome.skip, JobSnapshot.of(job), previous)
         if job.cancel_requested:
-            set_terminal(job, JobState.canceled, "canceled", "canceled by request", now)
-            return Claim(ClaimOutcome.canceled, JobSnapshot.of(job), previous, queue_webhook(session, job))
-        if job.state == JobState.queued:
+            if job.state == JobState.RUNNING:
+                job.worker = me
+            transition(job, JobState.CANCELED, now, code="canceled", message="canceled by request")
+            notify_job(uow, job)
+            return Claim(ClaimOutcome.canceled, JobSnapshot.of(job), previous)
+        if job.state == JobState.QUEUED:
             job.attempts = (job.attempts or 0) + 1
-            job.started_at = now
+            transition(job, JobState.RUNNING, now)
+            notify_job(uow, job)
         elif job.worker is None:
             pass  # handed over between queues (or released by the sweep): same attempt
-        elif owner_alive(job.worker, job.heartbeat_at, stale_after_s):
+        elif owner_alive(job.worker, job.heartbeat_at, settings.job_stale_after_s):
             log.info("job %s is running on %s; duplicate delivery ignored", job_id, job.worker)
             return Claim(ClaimOutcome.skip, JobSnapshot.of(job), previous)
         else:
-            log.warning("job %s: worker %s was lost (attempt %d/%d)", job_id, job.worker, job.attempts, job.max_attempts)
+            log.warning("job %s: worker %s was lost (attempt %d/%d)", job_id, job.worker, job.attempts,
+                        job.max_attempts)
             if job.attempts >= job.max_attempts:
-                set_terminal(job, JobState.failed, "worker_lost", WORKER_LOST_MESSAGE.format(n=job.attempts), now)
-                return Claim(ClaimOutcome.lost, JobSnapshot.of(job), previous, queue_webhook(session, job))
+                fail_lost(uow, job, now)
+                return Claim(ClaimOutcome.lost, JobSnapshot.of(job), previous)
             job.attempts += 1
-        job.state = JobState.running
         job.worker = me
         job.heartbeat_at = now
-        webhook = queue_webhook(session, job) if previous == JobState.queued.value else None
-        return Claim(ClaimOutcome.run, JobSnapshot.of(job), previous, webhook)
+        return Claim(ClaimOutcome.run, JobSnapshot.of(job), previous)
 
 
-def set_terminal(job: Job, state: JobState, code: str | None, message: str | None, now: datetime) -> None:
-    job.state = state
-    job.error_code = code if state != JobState.succeeded else None
-    job.error_message = message if state != JobState.succeeded else None
-    job.finished_at = now
+def fail_lost(uow: UnitOfWork, job: Job, now: datetime) -> None:
+    """The job's worker died ``max_attempts`` times: it fails with ``worker_lost``."""
+    transition(job, JobState.FAILED, now, code="worker_lost", message=WORKER_LOST_MESSAGE.format(n=job.attempts))
     job.heartbeat_at = now
-    job.eta_s = 0.0 if state == JobState.succeeded else None
+    notify_job(uow, job)
 
 
 def _owned(job_id: str):
-    return update(Job).where(Job.id == job_id, Job.worker == worker_id(), Job.state == JobState.running)
+    return update(Job).where(Job.id == job_id, Job.worker == worker_id(), Job.state == JobState.RUNNING)
 
 
-def write_progress(job_id: str, stage: str, progress: float, eta_s: float | None) -> bool:
-    """Store progress (never lower than what is stored); False when this process no longer owns the job."""
-    with session_scope() as session:
+def write_progress(settings: Settings, job_id: str, kind: str, stage: str, progress: float, eta_s: float | None,
+                   *, stage_started: bool = False, attempt: int = 1) -> bool:
+    """Store progress (never lower than what is stored); False when this process no longer owns the job.
+
+    ``stage_started``: ``stage`` begins now; the previous stage's row is closed and a new one opened.
+    """
+    now = utcnow()
+    with UnitOfWork(settings) as uow:
+        session = uow.session
         current = session.execute(select(Job.progress).where(Job.id == job_id)).scalar_one_or_none()
-        values = dict(stage=stage, eta_s=eta_s, heartbeat_at=utcnow())
+        values: dict[str, Any] = dict(stage=stage, eta_s=eta_s, heartbeat_at=now)
         if current is None or progress >= current:
             values["progress"] = progress
-        return session.execute(_owned(job_id).values(**values)).rowcount == 1
+        if session.execute(_owned(job_id).values(**values)).rowcount != 1:
+            return False
+        if stage_started:
+            _close_open_stages(session, job_id, now)
+            session.add(JobStage(job_id=job_id, kind=kind, stage=stage, attempt=attempt, worker=worker_id(),
+                                 started_at=now))
+        return True
 
 
-def heartbeat(job_id: str) -> bool:
-    with session_scope() as session:
-        return session.execute(_owned(job_id).values(heartbeat_at=utcnow())).rowcount == 1
+def _close_open_stages(session, job_id: str, now: datetime) -> None:  # noqa: ANN001
+    for row in session.scalars(select(JobStage).where(JobStage.job_id == job_id, JobStage.finished_at.is_(None))):
+        row.finished_at = now
+        row.seconds = round((now - aware(row.started_at)).total_seconds(), 3)
 
 
-def cancel_requested(job_id: str) -> bool:
-    with session_scope() as session:
-        row = session.execute(select(Job.cancel_requested, Job.state).where(Job.id == job_id)).one_or_none()
-    return row is None or bool(row.cancel_requested) or row.state in TERMINAL
+def heartbeat(settings: Settings, job_id: str) -> bool:
+    with UnitOfWork(settings) as uow:
+        return uow.session.execute(_owned(job_id).values(heartbeat_at=utcnow())).rowcount == 1
 
 
-def complete_stages(job_id: str, stages: list[str], result: dict[str, Any] | None = None, release: bool = False) -> bool:
-    """Record stages whose outputs are persisted (a rerun skips them); ``release`` hands the job to another queue."""
-    with session_scope() as session:
-        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
-        if job is None or job.worker != worker_id() or job.state != JobState.running:
+def cancel_requested(settings: Settings, job_id: str) -> bool:
+    with UnitOfWork(settings) as uow:
+        row = uow.session.execute(select(Job.cancel_requested, Job.state).where(Job.id == job_id)).one_or_none()
+    return row is None or bool(row.cancel_requested) or row.state in TERMINAL_STATES
+
+
+def complete_phase(settings: Settings, job_id: str, stages: list[str], result: dict[str, Any] | None = None,
+                   *, hand_over: bool = False) -> bool:
+    """Record stages whose outputs are persisted (a rerun skips them).
+
+    ``hand_over``: the next phase runs on another queue; the job is released and its next
+    task queued in the same transaction.
+    """
+    with UnitOfWork(settings) as uow:
+        job = _locked(uow, job_id)
+        if job is None or job.worker != worker_id() or job.state != JobState.RUNNING:
             return False
         job.completed_stages = [*job.completed_stages, *(s for s in stages if s not in job.completed_stages)]
         if result:
             job.result = {**(job.result or {}), **result}
         job.heartbeat_at = utcnow()
-        if release:
+        _close_open_stages(uow.session, job_id, job.heartbeat_at)
+        if hand_over:
             job.worker = None
+            uow.enqueue_job(job)
         return True
 
 
-@dataclass(frozen=True)
-class Finished:
-    webhook: str | None  # delivery id to send after the commit
-
-
-def finish(job_id: str, state: JobState, code: str | None = None, message: str | None = None,
-           result: dict[str, Any] | None = None) -> Finished | None:
-    """Move an owned job to a terminal state; None when another process owns it now."""
-    with session_scope() as session:
-        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
-        if job is None or job.worker != worker_id() or job.state != JobState.running:
-            return None
-        set_terminal(job, state, code, message, utcnow())
-        if state == JobState.succeeded:
-            job.progress = 100.0
+def finish(settings: Settings, job_id: str, state: JobState, code: str | None = None, message: str | None = None,
+           result: dict[str, Any] | None = None) -> bool:
+    """Move an owned job to a terminal state; False when another process owns it now."""
+    with UnitOfWork(settings) as uow:
+        job = _locked(uow, job_id)
+        if job is None or job.worker != worker_id() or job.state != JobState.RUNNING:
+            return False
+        now = utcnow()
+        transition(job, state, now, code=code, message=message)
+        job.heartbeat_at = now
+        _close_open_stages(uow.session, job_id, now)
         if result:
             job.result = {**(job.result or {}), **result}
-        return Finished(queue_webhook(session, job))
+        notify_job(uow, job)
+        return True
 
 
-def release(job_id: str) -> None:
+def release(settings: Settings, job_id: str) -> None:
     """Give an owned job back (worker shutdown, transient error): the next delivery resumes it."""
-    with session_scope() as session:
-        session.execute(_owned(job_id).values(worker=None, heartbeat_at=utcnow()))
+    with UnitOfWork(settings) as uow:
+        uow.session.execute(_owned(job_id).values(worker=None, heartbeat_at=utcnow()))

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from likeness.contract.requests import (
+    GenerateRequest,
+    RequestRejected,
+    ResolvedTrain,
+    TrainRequest,
+    resolve_generation,
+    resolve_train,
+)
 from pipelines.errors import InvalidConfig
+from pipelines.generation.request import GenerationSpec
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, never_stop, no_progress
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif", ".tiff"}
@@ -48,24 +57,36 @@ class StageTimer:
 
 @dataclass(frozen=True)
 class LocalRunConfig:
-    style: str
-    n: int = 8
-    k: int = 4
+    """A local run: the same requests a client sends to the API, checked by the same contract."""
+
+    train: TrainRequest = field(default_factory=TrainRequest)
+    generate: GenerateRequest = field(default_factory=lambda: GenerateRequest(style="studio_headshot"))
     preset: str = "tiny"
     device: str = "auto"
-    seed: int = 0
-    upscale: int | None = 2
-    train_overrides: dict[str, Any] = field(default_factory=dict)
-    generation_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def read_photos(folder: Path) -> list[tuple[str, bytes]]:
+@dataclass(frozen=True)
+class LocalPhoto:
+    photo_id: str  # never the file name: phones reuse stems (IMG_0001.JPG and IMG_0001.HEIC)
+    path: Path
+    data: bytes
+
+
+def read_photos(folder: Path) -> list[LocalPhoto]:
     if not folder.is_dir():
         raise InvalidConfig(f"{folder} is not a folder", code="photos_not_found")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
     if not files:
         raise InvalidConfig(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {folder}", code="no_photos")
-    return [(p.stem, p.read_bytes()) for p in files]
+    return [LocalPhoto(f"photo-{i:03d}", path, path.read_bytes()) for i, path in enumerate(files, start=1)]
+
+
+def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, GenerationSpec]:
+    """Check both requests before anything loads, with the API's error codes."""
+    try:
+        return resolve_train(config.train, preset=config.preset), resolve_generation(config.generate)
+    except RequestRejected as exc:
+        raise InvalidConfig(exc.message, exc.details, code=exc.code) from None
 
 
 def run_local(
@@ -83,13 +104,11 @@ def run_local(
     ``engine``: an already loaded ``GenerationEngine`` (a warm worker); default: load one here.
     """
     from pipelines.generation.engine import GenerationEngine
-    from pipelines.generation.request import GenerationRequest
     from pipelines.intake import prepare_dataset
     from pipelines.intake.config import IntakeConfig
     from pipelines.intake.dataset import PhotoInput
     from pipelines.models.presets import get_preset
     from pipelines.training import train
-    from pipelines.training.config import TrainConfig
     from worker.model_cache import resolve_device
 
     timer = timer or StageTimer()
@@ -99,54 +118,53 @@ def run_local(
         on_progress(event)
 
     # 1. check inputs before any model loads
-    from pipelines.generation.request import check_request
-
     photos = read_photos(photos_dir)
-    request = GenerationRequest(style=config.style, n=config.n, k=config.k, seed=config.seed, upscale=config.upscale,
-                                **config.generation_overrides)
-    check_request(request)
-    train_config = TrainConfig.from_dict(dict(config.train_overrides))
+    resolved_train, spec = resolve(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = get_preset(config.preset, model_cache_dir)
     device = resolve_device(config.device)
 
     # 2. intake
-    intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device)
+    intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device,
+                          class_token=resolved_train.class_token)
     dataset = prepare_dataset(
-        [PhotoInput(photo_id=name, data=data) for name, data in photos], intake,
+        [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in photos], intake,
         on_progress=progress, should_stop=should_stop,
     )
+    files = {photo.photo_id: photo.path.name for photo in photos}
     # 3. training (caching, training:stage1, training:stage2)
     work = out_dir / ".work"
     trained = train(
-        dataset.training_examples(), dataset.token_spec(), train_config, preset,
+        dataset.training_examples(), dataset.token_spec(), resolved_train.training, preset,
         work / "training", on_progress=progress, should_stop=should_stop, device=device,
     )
     adapter_dir = trained.adapter_dir
     # 4. generation (generating, ranking, upscaling)
     engine = engine or GenerationEngine(preset, device)
     references = [item.crop for item in dataset.items]
-    results = engine.generate(request, adapter_dir, references, on_progress=progress, should_stop=should_stop,
+    results = engine.generate(spec, adapter_dir, references, on_progress=progress, should_stop=should_stop,
                               return_all=True)
     # 5. delivering
     start = time.perf_counter()
-    scored = [{"rank": r.rank, "seed": r.seed, "prompt": r.prompt, "scores": dict(r.scores), "flagged": r.flagged}
-              for r in sorted(results, key=lambda r: r.seed)]  # every candidate; rank 0 = not delivered
+    scored = [{"rank": r.rank, "seed": r.seed, "prompt": r.prompt, "faces": r.faces, "scores": dict(r.scores),
+               "flagged": r.flagged} for r in sorted(results, key=lambda r: r.seed)]  # rank 0 = not delivered
     candidates = []
+    upscale = spec.upscale
     for result in sorted((r for r in results if r.rank > 0), key=lambda r: r.rank):
         entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
                  "scores": dict(result.scores), "width": result.image.width, "height": result.image.height}
         entry["file"] = f"rank_{result.rank:02d}.png"
         result.image.save(out_dir / entry["file"])
         if result.upscaled is not None:
-            entry["upscaled_file"] = f"rank_{result.rank:02d}_x{config.upscale}.png"
+            entry["upscaled_file"] = f"rank_{result.rank:02d}_x{upscale}.png"
             result.upscaled.save(out_dir / entry["upscaled_file"])
         candidates.append(entry)
     report = {
         "preset": preset.name,
         "device": device,
-        "style": config.style,
-        "photos": [r.to_dict() for r in dataset.report],
+        "request": {"train": resolved_train.model_dump(mode="json"), "generation": spec.model_dump(mode="json")},
+        "style": spec.style,
+        "photos": [{**r.to_dict(), "file": files.get(r.photo_id)} for r in dataset.report],
         "class_token": dataset.class_token,
         "class_scores": dict(dataset.class_scores),
         "checks": dict(dataset.checks),
@@ -154,6 +172,10 @@ def run_local(
         "candidates": candidates,
         "all_candidates": scored,
     }
+    if not candidates:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        raise InvalidConfig(f"none of the {len(results)} candidates could be delivered (each must show exactly one "
+                            "face); see report.json", {"candidates": len(results)}, code="no_deliverable_image")
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     timer.mark("delivering", start, time.perf_counter())
     report["timings_s"] = timer.durations()

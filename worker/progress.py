@@ -1,8 +1,9 @@
 """Turn a pipeline's per-stage :class:`ProgressEvent` stream into one job-level progress.
 
-Each stage of a job kind owns a share (weight) of 0-100, so overall progress moves
-forward monotonically across stages, and the ETA covers the stages still to come.
-Writing to the job record is throttled; stage changes and completion always go out.
+Each stage of a job kind owns a share of 0-100 in the job plan
+(:mod:`likeness.contract.plan`), so overall progress moves forward monotonically across
+stages, and the ETA covers the stages still to come. Writing to the job record is
+throttled; stage changes and completion always go out.
 """
 
 from __future__ import annotations
@@ -11,14 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from likeness.contract.plan import plan_for
 from pipelines.progress import ProgressEvent
-
-# Shares of a job's 0-100 progress. Rough wall-time shares of the tiny/sd15 runs;
-# they only shape the bar and the ETA of stages not started yet.
-STAGE_WEIGHTS: dict[str, dict[str, float]] = {
-    "train": {"intake": 10, "caching": 10, "training:stage1": 40, "training:stage2": 40},
-    "generate": {"generating": 60, "ranking": 10, "upscaling": 20, "delivering": 10},
-}
 
 
 @dataclass(frozen=True)
@@ -27,6 +22,7 @@ class JobProgressUpdate:
     progress: float  # 0..100, never lower than the previous update
     eta_s: float | None
     message: str = ""
+    stage_started: bool = False  # the first update of this stage
 
 
 class JobProgress:
@@ -41,12 +37,9 @@ class JobProgress:
         min_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if kind not in STAGE_WEIGHTS:
-            raise ValueError(f"unknown job kind {kind!r}")
-        self.stages = list(STAGE_WEIGHTS[kind])
-        weights = STAGE_WEIGHTS[kind]
-        total = sum(weights.values())
-        self._share = {stage: 100.0 * w / total for stage, w in weights.items()}
+        plan = plan_for(kind)
+        self.stages = [str(stage) for stage in plan.stages]
+        self._share = {stage: plan.share(stage) for stage in self.stages}
         self._write = write
         self._clock = clock
         self._min_interval = min_interval_s
@@ -71,7 +64,8 @@ class JobProgress:
         if not stage_changed and fraction < 1.0 and now - self._last_write < self._min_interval:
             return
         self._last_write = now
-        self._write(JobProgressUpdate(event.stage, round(self.progress, 2), self._eta(event, now), event.message))
+        self._write(JobProgressUpdate(str(event.stage), round(self.progress, 2), self._eta(event, now), event.message,
+                                      stage_started=stage_changed))
 
     def _eta(self, event: ProgressEvent, now: float) -> float | None:
         """This stage's ETA from the pipeline plus later stages at the job's observed pace."""

@@ -11,6 +11,9 @@ the commit. This sweep runs at worker start and then every ``job_stale_after_s /
 * ``running`` without owner (handed between queues) or ``queued``, untouched for
   ``job_stale_after_s``: its message may be lost; requeue (a duplicate is ignored by
   the claim).
+
+It also sends what the outbox still holds (task messages written while the broker was
+down) and purges expired idempotency records.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 
 from app.config import Settings, get_settings
-from app.db.models import Job, JobState, utcnow
-from app.db.session import session_scope
-from app.webhooks import send_deliveries
+from app.db.models import Job, utcnow
+from app.db.uow import UnitOfWork, flush_outbox
+from app.services import idempotency
+from likeness.contract.plan import JobState
 from worker import jobs
 
 log = logging.getLogger(__name__)
@@ -35,36 +39,45 @@ log = logging.getLogger(__name__)
 class SweepReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    outbox_sent: int = 0
+    idempotency_purged: int = 0
 
 
-def sweep(settings: Settings | None = None, enqueue=None) -> SweepReport:
+def sweep(settings: Settings | None = None, queue=None) -> SweepReport:  # noqa: ANN001 - app.queue.TaskQueue
+    """One pass: requeue or fail lost jobs, send what the outbox still holds, purge old records."""
     settings = settings or get_settings()
-    if enqueue is None:
-        from worker.celery_app import enqueue_job as enqueue
+    report = SweepReport()
+    _recover_jobs(settings, report, queue)
+    report.outbox_sent = flush_outbox(settings, queue)
+    with UnitOfWork(settings) as uow:
+        report.idempotency_purged = idempotency.purge_older_than(uow.session)
+    if report.requeued or report.failed or report.outbox_sent:
+        log.info("recovery sweep: requeued %s, failed %s, %d outbox messages sent", report.requeued, report.failed,
+                 report.outbox_sent)
+    return report
+
+
+def _recover_jobs(settings: Settings, report: SweepReport, queue) -> None:  # noqa: ANN001
     stale_after = settings.job_stale_after_s
     cutoff = utcnow() - timedelta(seconds=stale_after)
-    report = SweepReport()
-    to_enqueue: list[tuple[str, str, str | None]] = []
-    webhooks: list[str | None] = []
-    with session_scope() as session:
-        candidates = session.execute(
+    with UnitOfWork(settings, queue=queue) as uow:
+        candidates = uow.session.execute(
             select(Job)
             .where(
                 or_(
-                    (Job.state == JobState.running) & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
-                    (Job.state == JobState.queued) & (Job.updated_at < cutoff),
+                    (Job.state == JobState.RUNNING) & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
+                    (Job.state == JobState.QUEUED) & (Job.updated_at < cutoff),
                 )
             )
             .with_for_update(skip_locked=True)
         ).scalars().all()
         now = utcnow()
         for job in candidates:
-            if job.state == JobState.running and job.worker:
+            if job.state == JobState.RUNNING and job.worker:
                 if jobs.owner_alive(job.worker, job.heartbeat_at, stale_after):
                     continue
                 if job.attempts >= job.max_attempts:
-                    jobs.set_terminal(job, JobState.failed, "worker_lost", jobs.WORKER_LOST_MESSAGE.format(n=job.attempts), now)
-                    webhooks.append(jobs.queue_webhook(session, job))
+                    jobs.fail_lost(uow, job, now)
                     report.failed.append(job.id)
                     continue
                 log.warning("job %s: worker %s is gone; requeueing", job.id, job.worker)
@@ -72,15 +85,8 @@ def sweep(settings: Settings | None = None, enqueue=None) -> SweepReport:
                 job.worker = None
             job.heartbeat_at = now
             job.updated_at = now
-            phase = "intake" if "intake" not in (job.completed_stages or []) and job.kind.value == "train" else "gpu"
-            to_enqueue.append((job.id, job.kind.value, phase))
+            uow.enqueue_job(job)  # the plan picks the queue of its next phase
             report.requeued.append(job.id)
-    for job_id, kind, phase in to_enqueue:  # after the commit
-        enqueue(job_id, kind, phase)
-    send_deliveries(webhooks)
-    if report.requeued or report.failed:
-        log.info("recovery sweep: requeued %s, failed %s", report.requeued, report.failed)
-    return report
 
 
 class PeriodicSweep:
@@ -92,7 +98,7 @@ class PeriodicSweep:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="likeness-recovery", daemon=True)
 
-    def start(self) -> "PeriodicSweep":
+    def start(self) -> PeriodicSweep:
         self._thread.start()
         return self
 

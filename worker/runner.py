@@ -11,15 +11,16 @@ import logging
 import shutil
 import threading
 from collections.abc import Collection
+from typing import Any
 
 from app.config import Settings, get_settings
-from app.db.models import JobState
+from app.db.uow import UnitOfWork
 from app.storage import get_blob_store
+from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
-from app.webhooks import send_deliveries
 from worker import jobs
+from worker.phases import PHASE_RUNNERS, PhaseContext
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
-from worker.stages import PLANS, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def is_transient(exc: BaseException) -> bool:
 class _Heartbeat:
     """Background thread keeping ``heartbeat_at`` fresh while a long step runs without progress events."""
 
-    def __init__(self, job_id: str, interval_s: float):
+    def __init__(self, settings: Settings, job_id: str, interval_s: float):
+        self.settings = settings
         self.job_id = job_id
         self.interval_s = interval_s
         self.lost = threading.Event()  # another process took the job over
@@ -71,13 +73,13 @@ class _Heartbeat:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                if not jobs.heartbeat(self.job_id):
+                if not jobs.heartbeat(self.settings, self.job_id):
                     self.lost.set()
                     return
             except Exception:  # a DB hiccup must not kill the job; the next beat retries
                 log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
         return self
 
@@ -86,80 +88,78 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
-def run_job(
-    job_id: str,
-    *,
-    consumes: Collection[str] | None = None,
-    settings: Settings | None = None,
-    enqueue=None,
-) -> str:
+def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: Settings | None = None) -> str:
     """Run what is left of ``job_id`` here; returns what happened (for logs and tests).
 
-    ``consumes``: queue names this worker listens to; a phase bound to another queue is
-    handed over to it (``enqueue(job_id, kind, phase_queue)``). None runs every phase here.
+    ``consumes``: broker queue names this worker listens to; when the job's next phase runs on
+    another queue, the job is handed over to it. None runs every phase here.
     Raises :class:`TransientError` after releasing the job when a retry may help.
     """
     settings = settings or get_settings()
-    if enqueue is None:
-        from worker.celery_app import enqueue_job as enqueue
-    claim = jobs.claim(job_id, settings.job_stale_after_s)
-    send_deliveries([claim.webhook])
+    claim = jobs.claim(settings, job_id)
     if claim.outcome is not jobs.ClaimOutcome.run:
         return claim.outcome.value
     job = claim.job
+    plan = plan_for(job.kind)
+
+    def runs_here(phase) -> bool:  # noqa: ANN001
+        return consumes is None or settings.queue(phase.queue) in consumes
 
     workdir = settings.data_dir.resolve() / "work" / job.id
     workdir.mkdir(parents=True, exist_ok=True)
     cancel_check = Throttle(1.0)
     cancel_seen = False
 
-    with _Heartbeat(job_id, settings.job_heartbeat_s) as beat:
+    with _Heartbeat(settings, job_id, settings.job_heartbeat_s) as beat:
 
         def should_stop() -> bool:
             nonlocal cancel_seen
             if beat.lost.is_set():
                 return True
             if not cancel_seen and cancel_check.ready():
-                cancel_seen = jobs.cancel_requested(job_id)
+                cancel_seen = jobs.cancel_requested(settings, job_id)
             return cancel_seen
 
         def write(update: JobProgressUpdate) -> None:
-            if not jobs.write_progress(job_id, update.stage, update.progress, update.eta_s):
+            if not jobs.write_progress(settings, job_id, job.kind, update.stage, update.progress, update.eta_s,
+                                       stage_started=update.stage_started, attempt=job.attempts):
                 beat.lost.set()
 
         progress = JobProgress(job.kind, write, start_progress=job.progress)
-        ctx = StageContext(job, settings, get_blob_store(settings), progress, should_stop, workdir)
-        done = set(job.completed_stages)
+        ctx = PhaseContext(job, settings, get_blob_store(settings), progress, should_stop, workdir)
         outcome = ""
         try:
-            for phase in PLANS[job.kind]:
-                if set(phase.stages) <= done:
-                    continue
-                queue = settings.queue(phase.queue)
-                if consumes is not None and queue not in consumes:
-                    if jobs.complete_stages(job_id, [], release=True):
-                        enqueue(job_id, job.kind, phase.queue)
-                    return f"handed over to {queue}"
+            remaining = list(plan.remaining_phases(job.completed_stages))
+            if remaining and not runs_here(remaining[0]):
+                jobs.complete_phase(settings, job_id, [], hand_over=True)
+                return f"handed over to {settings.queue(remaining[0].queue)}"
+            for index, phase in enumerate(remaining):
                 log.info("job %s: %s (attempt %d)", job_id, phase.name, job.attempts)
-                result = phase.run(ctx)
-                if not jobs.complete_stages(job_id, list(phase.stages), result):
+                result = PHASE_RUNNERS[(JobKind(job.kind), phase.name)](ctx)
+                following = remaining[index + 1] if index + 1 < len(remaining) else None
+                hand_over = following is not None and not runs_here(following)
+                if not jobs.complete_phase(settings, job_id, [str(s) for s in phase.stage_names], result,
+                                           hand_over=hand_over):
                     outcome = "lost"
                     break
-                done |= set(phase.stages)
+                if hand_over:
+                    return f"handed over to {settings.queue(following.queue)}"
         except Canceled:
-            outcome = "lost" if beat.lost.is_set() else _end(job_id, JobState.canceled, "canceled", "canceled by request")
+            outcome = "lost" if beat.lost.is_set() else _end(settings, job_id, JobState.CANCELED, "canceled",
+                                                             "canceled by request")
         except PipelineError as exc:
             log.info("job %s failed: %s (%s)", job_id, exc.message, exc.error_code)
-            outcome = _end(job_id, JobState.failed, exc.error_code, exc.message)
+            outcome = _end(settings, job_id, JobState.FAILED, exc.error_code, exc.message,
+                           {"error_details": exc.details} if exc.details else None)
         except Exception as exc:
             if is_transient(exc):
                 log.warning("job %s: transient error, will retry: %r", job_id, exc)
-                jobs.release(job_id)
+                jobs.release(settings, job_id)
                 raise TransientError(repr(exc)) from exc
             log.exception("job %s failed with an internal error", job_id)
-            outcome = _end(job_id, JobState.failed, "internal_error", INTERNAL_ERROR_MESSAGE)
+            outcome = _end(settings, job_id, JobState.FAILED, "internal_error", INTERNAL_ERROR_MESSAGE)
         else:
-            outcome = outcome or _end(job_id, JobState.succeeded)
+            outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED)
     if outcome == "lost":
         _purge_if_subject_deleted(ctx)
     else:  # a terminal job needs no scratch space (a retry would have resumed from it)
@@ -167,32 +167,31 @@ def run_job(
     return outcome
 
 
-def _purge_if_subject_deleted(ctx: StageContext) -> None:
+def _purge_if_subject_deleted(ctx: PhaseContext) -> None:
     """The subject was deleted while this job wrote blobs: remove what landed after the API's purge."""
     from app.db.models import Subject
-    from app.db.session import session_scope
     from app.storage import subject_prefix
 
-    with session_scope() as session:
-        if session.get(Subject, ctx.job.subject_id) is not None:
+    with UnitOfWork(ctx.settings) as uow:
+        if uow.session.get(Subject, ctx.job.subject_id) is not None:
             return
     removed = ctx.store.delete_prefix(subject_prefix(ctx.job.subject_id))
     shutil.rmtree(ctx.workdir, ignore_errors=True)
     log.info("job %s: subject deleted meanwhile; removed %d late blobs", ctx.job.id, removed)
 
 
-def _end(job_id: str, state: JobState, code: str | None = None, message: str | None = None) -> str:
-    finished = jobs.finish(job_id, state, code, message)
-    if finished is None:
+def _end(settings: Settings, job_id: str, state: JobState, code: str | None = None, message: str | None = None,
+         result: dict[str, Any] | None = None) -> str:
+    if not jobs.finish(settings, job_id, state, code, message, result):
         log.warning("job %s: no longer owned by this process; outcome %s dropped", job_id, state.value)
         return "lost"
-    send_deliveries([finished.webhook])
     return state.value
 
 
-def fail_after_retries(job_id: str, error: str) -> None:
+def fail_after_retries(job_id: str, error: str, settings: Settings | None = None) -> None:
     """A transient error outlived its retries: the job fails instead of waiting forever."""
-    if jobs.claim(job_id, stale_after_s=0).outcome is jobs.ClaimOutcome.run:
-        _end(job_id, JobState.failed, "infrastructure_error", "storage or database kept failing; try again later")
+    settings = settings or get_settings()
+    if jobs.claim(settings.model_copy(update={"job_stale_after_s": 0}), job_id).outcome is jobs.ClaimOutcome.run:
+        _end(settings, job_id, JobState.FAILED, "infrastructure_error",
+             "storage or database kept failing; try again later")
     log.error("job %s gave up after transient errors: %s", job_id, error)
-

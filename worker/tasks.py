@@ -1,6 +1,7 @@
 """Celery tasks: thin shells over :mod:`worker.runner`, :mod:`worker.recovery` and webhooks.
 
-Imported by the worker only (``include=["worker.tasks"]``); the API enqueues by task name.
+Imported by the worker only (``include=["worker.tasks"]``); the API sends them by name
+(:class:`likeness.contract.plan.Task`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from celery import Task
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from app.config import get_settings
-from worker.celery_app import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, SWEEP_TASK, celery_app
+from likeness.contract.plan import Task as TaskName
+from worker.celery_app import celery_app
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,11 @@ def _consumed_queues(task: Task) -> set[str] | None:
     return set(consumer) if consumer else None
 
 
-@celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=len(JOB_RETRY_BACKOFF_S))
+@celery_app.task(name=TaskName.RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
+                 max_retries=len(JOB_RETRY_BACKOFF_S))
 def run_job(self: Task, job_id: str) -> str:
-    from worker.runner import TransientError, fail_after_retries, run_job as run
+    from worker.runner import TransientError, fail_after_retries
+    from worker.runner import run_job as run
 
     try:
         return run(job_id, consumes=_consumed_queues(self))
@@ -36,10 +40,10 @@ def run_job(self: Task, job_id: str) -> str:
         if self.request.retries >= self.max_retries:
             fail_after_retries(job_id, str(exc))
             return "failed"
-        raise self.retry(countdown=JOB_RETRY_BACKOFF_S[self.request.retries], exc=exc)
+        raise self.retry(countdown=JOB_RETRY_BACKOFF_S[self.request.retries], exc=exc) from exc
 
 
-@celery_app.task(name=DELIVER_WEBHOOK_TASK, bind=True, acks_late=True, max_retries=None)
+@celery_app.task(name=TaskName.DELIVER_WEBHOOK, bind=True, acks_late=True, max_retries=None)
 def deliver_webhook(self: Task, delivery_id: str) -> str:
     """POST one delivery; retry with ``app.webhooks.backoff_s`` until ``webhook_max_attempts``.
 
@@ -47,22 +51,22 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
     it), so a redelivered message continues the series instead of restarting it.
     """
     from app.db.models import WebhookDelivery
-    from app.db.session import session_scope
+    from app.db.uow import UnitOfWork
     from app.webhooks import backoff_s, record_and_send
 
     if not record_and_send(delivery_id):
         return "done"
-    with session_scope() as session:
-        attempt = session.get(WebhookDelivery, delivery_id).attempt
+    with UnitOfWork() as uow:
+        attempt = uow.session.get(WebhookDelivery, delivery_id).attempt
     raise self.retry(countdown=backoff_s(attempt) * WEBHOOK_BACKOFF_SCALE)
 
 
-@celery_app.task(name=SWEEP_TASK)
-def sweep_stale_jobs() -> dict:
-    from worker.recovery import sweep
+@celery_app.task(name=TaskName.SWEEP)
+def sweep() -> dict:
+    from worker.recovery import sweep as run_sweep
 
-    report = sweep()
-    return {"requeued": report.requeued, "failed": report.failed}
+    report = run_sweep()
+    return {"requeued": report.requeued, "failed": report.failed, "outbox_sent": report.outbox_sent}
 
 
 _periodic = None

@@ -41,7 +41,8 @@ def available(ref: str, revision: str | None = None) -> bool:
             repo, filename = _split_file(ref)
             hf_hub_download(repo, filename, local_files_only=True)
         else:
-            folder = Path(snapshot_download(ref, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+            folder = Path(snapshot_download(ref, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                            local_files_only=True))
             if not any(folder.rglob("*.safetensors")):
                 return False
         return True

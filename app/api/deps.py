@@ -1,36 +1,36 @@
-"""Dependencies as aliases so route signatures stay one line."""
+"""Dependencies as aliases so route signatures stay one line.
+
+Every route reaches the database through one :class:`~app.db.uow.UnitOfWork` (``UoW``): it
+commits when the handler returns (before the response is sent) and only then sends the
+task messages and webhooks the handler queued; it rolls back if the handler raises.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated, TypeVar
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
+from fastapi.responses import JSONResponse
 
 from app.config import Settings, get_settings
-from app.db.session import ReadSessionLocal, SessionLocal
+from app.db.session import SessionLocal
+from app.db.uow import UnitOfWork
 from app.errors import Forbidden, Unauthorized
+from app.services import idempotency
 from app.services.clients import Caller, auth_cache, authenticate, hash_key
 from app.storage import BlobStore, get_blob_store
 
-T = TypeVar("T")
+
+def app_settings(request: Request) -> Settings:
+    """The settings the app was created with (``create_app(settings)``)."""
+    return getattr(request.app.state, "settings", None) or get_settings()
 
 
-async def get_session() -> AsyncIterator[Session]:
-    """A session for the request; closed (uncommitted work rolled back) when the handler ends.
-
-    Routes that write commit explicitly before they enqueue or respond. The dependency is
-    async on purpose: its exit runs on the event loop, so returning the connection never
-    waits for a free threadpool thread (with a sync generator, handlers blocked on an
-    exhausted pool would hold every thread and the exits that free connections could never run).
-    """
-    session = SessionLocal()
-    try:
-        yield session
-    finally:
-        session.close()
+def get_uow(request: Request) -> Iterator[UnitOfWork]:
+    with UnitOfWork(app_settings(request)) as uow:
+        yield uow
 
 
 def _api_key(request: Request) -> str | None:
@@ -40,28 +40,8 @@ def _api_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def released(session: Session, value: T) -> T:
-    """Close ``session`` and return ``value`` (an API model, already built from the rows).
-
-    Sync handlers end with it: FastAPI serialises their response in another threadpool
-    task, and holding a pooled connection across that hop can deadlock a saturated pool
-    (every thread waiting for a connection, every connection waiting for a thread).
-    """
-    session.close()
-    return value
-
-
-async def get_read_session() -> AsyncIterator[Session]:
-    """A read-only session (autocommit: one round trip per SELECT); for GET routes."""
-    session = ReadSessionLocal()
-    try:
-        yield session
-    finally:
-        session.close()
-
-
-def _lookup(api_key: str) -> Caller | None:
-    with ReadSessionLocal() as session:
+def _lookup(api_key: str, settings: Settings) -> Caller | None:
+    with SessionLocal(settings.resolved_database_url) as session, session.begin():
         return authenticate(session, api_key)
 
 
@@ -70,9 +50,9 @@ async def current_client(request: Request) -> Caller:
     key = _api_key(request)
     if key is None:
         raise Unauthorized("Send your API key as 'Authorization: Bearer <key>' or 'X-API-Key'.")
-    caller = auth_cache.get(hash_key(key)) or await run_in_threadpool(_lookup, key)
+    caller = auth_cache.get(hash_key(key)) or await run_in_threadpool(_lookup, key, app_settings(request))
     if caller is None:
-        raise Unauthorized("Unknown API key.")
+        raise Unauthorized("Unknown or revoked API key.")
     return caller
 
 
@@ -82,20 +62,49 @@ def admin_client(caller: Annotated[Caller, Depends(current_client)]) -> Caller:
     return caller
 
 
-def app_settings(request: Request) -> Settings:
-    """The settings the app was created with (``create_app(settings)``)."""
-    return getattr(request.app.state, "settings", None) or get_settings()
-
-
 def get_store(settings: Annotated[Settings, Depends(app_settings)]) -> BlobStore:
     return get_blob_store(settings)
 
 
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # closed before the response is sent
-ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
+class Idempotency:
+    """The request's ``Idempotency-Key`` (if any), for routes that create work.
+
+    ``replay(uow, payload)`` first: it returns the stored response of an earlier request with
+    this key, or claims the key in the unit of work; then ``respond(...)`` builds the
+    response and stores it in the same transaction as the work.
+    """
+
+    def __init__(self, caller: Caller, key: str | None, scope: str):
+        self.caller, self.key, self.scope = caller, key, scope
+        self._record = None
+
+    def replay(self, uow: UnitOfWork, payload: Any) -> JSONResponse | None:
+        if self.key is None:
+            return None
+        fp = idempotency.fingerprint(self.scope, payload)
+        outcome = idempotency.begin(uow.session, self.caller.id, self.key, fp)
+        if isinstance(outcome, idempotency.StoredResponse):
+            return JSONResponse(outcome.body, status_code=outcome.status, headers={"Idempotent-Replayed": "true"})
+        self._record = outcome
+        return None
+
+    def respond(self, status: int, body: Any) -> JSONResponse:
+        if self._record is not None:
+            idempotency.finish(self._record, idempotency.StoredResponse(status, body))
+        return JSONResponse(body, status_code=status)
+
+
+def get_idempotency(request: Request, caller: Annotated[Caller, Depends(current_client)],
+                    key: Annotated[str | None, Header(alias="Idempotency-Key", description=(
+                        "Makes the request safe to retry: the same key with the same body replays the first "
+                        "response (header Idempotent-Replayed: true) and never creates a second job."))] = None,
+                    ) -> Idempotency:
+    return Idempotency(caller, key, f"{request.method} {request.url.path}")
+
+
+UoW = Annotated[UnitOfWork, Depends(get_uow, scope="function")]  # committed before the response is sent
 CurrentClient = Annotated[Caller, Depends(current_client)]
 AdminClient = Annotated[Caller, Depends(admin_client)]
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", description=(
-    "Makes the request safe to retry: the same key with the same body replays the first response."))]
+IdempotencyDep = Annotated[Idempotency, Depends(get_idempotency)]

@@ -7,6 +7,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from likeness.contract.plan import JobKind, JobState
+
 T = TypeVar("T")
 
 
@@ -36,14 +38,20 @@ class SubjectCreate(BaseModel):
     class_token_override: str | None = Field(
         None, max_length=64, pattern=r"^[a-z]+$",
         description="Class word used in prompts (e.g. girl, man); by default chosen automatically with CLIP.")
+    external_ref: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="Your own reference of the end user this subject belongs to (e.g. `tg:12345`); "
+                    "list a user's subjects with `GET /v1/subjects?external_ref=...`.")
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "Grace", "class_token_override": None}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"name": "Grace", "class_token_override": None, "external_ref": "user-42"}]})
 
 
 class SubjectPublic(ORMModel):
     id: str
     name: str
     class_token_override: str | None
+    external_ref: str | None
     created_at: datetime
 
 
@@ -51,7 +59,8 @@ class SubjectPublic(ORMModel):
 
 class UploadResult(BaseModel):
     filename: str
-    status: Literal["stored", "rejected"] = Field(description="stored: kept and waiting for intake; rejected: not kept.")
+    status: Literal["stored", "rejected"] = Field(
+        description="stored: kept and waiting for intake; rejected: not kept.")
     photo_id: str | None = None
     reason_code: str | None = Field(None, description="Why a file was rejected (see the intake reason codes).")
     message: str | None = None
@@ -89,48 +98,11 @@ class PhotoPublic(ORMModel):
 
 # ---- jobs --------------------------------------------------------------------------------------------------
 
-class TrainRequest(BaseModel):
-    mode: Literal["lora", "full"] = Field("lora", description="LoRA adapter (small, default) or full fine-tune.")
-    steps: int | None = Field(None, ge=10, le=5000, description="Total training steps; default from the preset.")
-    class_token: str | None = Field(None, max_length=64, pattern=r"^[a-z]+$",
-                                    description="Override the automatically chosen class word.")
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"mode": "lora", "steps": 800}]})
-
-
-class ControlNetIn(BaseModel):
-    kind: Literal["pose", "depth"]
-    template: str = Field(description="Name of a shipped template image (GET /v1/styles lists them per style).")
-    scale: float = Field(1.0, ge=0.0, le=2.0)
-
-
-class GenerateRequest(BaseModel):
-    style: str | None = Field(None, description="A style pack name (GET /v1/styles).", examples=["cinematic"])
-    prompts: list[str] | None = Field(None, max_length=16,
-                                      description="Custom prompt templates using {instance} and optionally {class}.")
-    negative_prompt: str | None = Field(None, max_length=1000)
-    n: int = Field(8, description="Candidates to generate.")
-    k: int = Field(4, description="Best candidates to keep (k <= n).")
-    aspect: str | None = Field(None, description="1:1, 9:16 or 4:5; default: the style's.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    steps: int | None = None
-    guidance_scale: float | None = None
-    sampler: str = "euler"
-    controlnet: ControlNetIn | None = Field(None, description="Override the style's ControlNet template.")
-    no_controlnet: bool = Field(False, description="Disable the style's ControlNet.")
-    upscale: Literal[2, 4, "none"] = 2
-    ranking: str = "aesthetic"
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"style": "cinematic", "n": 8, "k": 4, "aspect": "4:5", "seed": 42, "upscale": 2},
-        {"prompts": ["a watercolor portrait of {instance} {class}"], "n": 4, "k": 2, "upscale": "none"}]})
-
-
 class JobPublic(ORMModel):
     id: str
     subject_id: str
-    kind: Literal["train", "generate"]
-    state: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    kind: JobKind
+    state: JobState
     stage: str | None
     progress: float = Field(description="0-100")
     eta_s: float | None
@@ -138,7 +110,7 @@ class JobPublic(ORMModel):
     error_message: str | None
     attempts: int
     cancel_requested: bool
-    request: dict[str, Any]
+    request: dict[str, Any] = Field(description="The request as it runs: every default filled in.")
     result: dict[str, Any] | None
     created_at: datetime
     started_at: datetime | None
@@ -148,7 +120,9 @@ class JobPublic(ORMModel):
     model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
         "id": "5d2f...", "subject_id": "3f0c...", "kind": "train", "state": "running", "stage": "training:stage1",
         "progress": 42.5, "eta_s": 310.0, "error_code": None, "error_message": None, "attempts": 1,
-        "cancel_requested": False, "request": {"mode": "lora"}, "result": None,
+        "cancel_requested": False, "request": {"kind": "train", "preset": "sd15", "class_token": None,
+                                               "training": {"mode": "lora", "strategy": "staged"}},
+        "result": None,
         "created_at": "2026-01-01T12:00:00Z", "started_at": "2026-01-01T12:00:02Z", "finished_at": None,
         "updated_at": "2026-01-01T12:03:00Z"}]})
 
@@ -220,17 +194,35 @@ class DeliveryPublic(ORMModel):
     created_at: datetime
 
 
-class ClientCreate(BaseModel):
+class ClientLimits(BaseModel):
+    """Per-client limits; ``null`` means the service's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_candidates: int = Field(64, ge=1, le=1024, description="Most candidates (n) per generation.")
+    requests_per_minute: int | None = Field(None, ge=1, description="API requests per minute (429 above).")
+    max_concurrent_jobs: int | None = Field(None, ge=1, description="Queued + running jobs at once.")
+    max_trainings_per_day: int | None = Field(None, ge=1, description="Training jobs per 24 hours.")
+    max_storage_bytes: int | None = Field(None, ge=0, description="Stored photos and images, in bytes.")
+
+
+class ClientCreate(ClientLimits):
     name: str = Field(min_length=1, max_length=200)
     role: Literal["app", "bot", "admin"] = "app"
-    max_candidates: int = Field(64, ge=1, le=1024)
 
 
 class ClientPublic(ORMModel):
     id: str
     name: str
     role: Literal["app", "bot", "admin"]
+    key_hint: str | None = Field(description="The first characters of the current key.")
     max_candidates: int
+    requests_per_minute: int | None
+    max_concurrent_jobs: int | None
+    max_trainings_per_day: int | None
+    max_storage_bytes: int | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
     created_at: datetime
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -28,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from likeness.contract.plan import JobKind, JobState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -45,7 +48,7 @@ def new_id() -> str:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -65,29 +68,10 @@ class PhotoStatus(str, enum.Enum):
     rejected = "rejected"
 
 
-class JobKind(str, enum.Enum):
-    train = "train"
-    generate = "generate"
-
-
-class JobState(str, enum.Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    canceled = "canceled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.succeeded, JobState.failed, JobState.canceled)
-
-
-ACTIVE_JOB_STATES = (JobState.queued, JobState.running)
-
-
-def _enum(cls: type[enum.Enum]) -> Enum:
-    # VARCHAR + CHECK instead of a native PG enum: adding a value later is a plain migration.
-    return Enum(cls, native_enum=False, create_constraint=True, length=16, name=cls.__name__.lower(),
+def _enum(cls: type[enum.Enum], *, checked: bool = True) -> Enum:
+    """VARCHAR (+ CHECK) instead of a native PG enum. Job kinds and states are unchecked: the job
+    contract (``likeness.contract.plan``) is their one definition, so a new kind needs no migration."""
+    return Enum(cls, native_enum=False, create_constraint=checked, length=16, name=cls.__name__.lower(),
                 values_callable=lambda e: [m.value for m in e])
 
 
@@ -106,19 +90,30 @@ class Client(Base):
     name: Mapped[str] = mapped_column(String(200))
     role: Mapped[Role] = mapped_column(_enum(Role), default=Role.app)
     api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex; the key is shown once
+    key_hint: Mapped[str | None] = mapped_column(String(16))  # first characters of the key, to tell keys apart
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
     webhook_secret: Mapped[str | None] = mapped_column(String(128))
     max_candidates: Mapped[int] = mapped_column(Integer, default=64)
+    # Per-client limits; NULL: the settings' default.
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_trainings_per_day: Mapped[int | None] = mapped_column(Integer)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    revoked_at: Mapped[datetime | None] = mapped_column()  # a revoked key is refused at once
+    last_used_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = _created_at()
 
 
 class Subject(Base):
     __tablename__ = "subjects"
-    __table_args__ = (Index("ix_subjects_client_created", "client_id", "created_at"),)
+    __table_args__ = (Index("ix_subjects_client_created", "client_id", "created_at"),
+                      Index("ix_subjects_client_external_ref", "client_id", "external_ref"))
 
     id: Mapped[str] = _id()
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
+    # The client's own reference of the end user this subject belongs to (e.g. ``tg:<user id>``).
+    external_ref: Mapped[str | None] = mapped_column(String(200))
     class_token_override: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _created_at()
 
@@ -146,7 +141,6 @@ class Photo(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("client_id", "idempotency_key", name="uq_jobs_client_idempotency_key"),
         Index("ix_jobs_client_created", "client_id", "created_at"),
         Index("ix_jobs_subject_state", "subject_id", "state"),
         Index("ix_jobs_state", "state"),
@@ -155,8 +149,8 @@ class Job(Base):
     id: Mapped[str] = _id()
     client_id: Mapped[str] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
     subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"))
-    kind: Mapped[JobKind] = mapped_column(_enum(JobKind))
-    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.queued)
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, checked=False))
+    state: Mapped[JobState] = mapped_column(_enum(JobState, checked=False), default=JobState.QUEUED)
     stage: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0-100
     eta_s: Mapped[float | None] = mapped_column(Float)
@@ -165,12 +159,11 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    request: Mapped[dict[str, Any]] = mapped_column(default=dict)  # train / generation parameters
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the resolved request (likeness.contract)
     result: Mapped[dict[str, Any] | None] = mapped_column()  # intake summary, training metrics, ...
     completed_stages: Mapped[list[Any]] = mapped_column(default=list)
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     worker: Mapped[str | None] = mapped_column(String(200))
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = _created_at()
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -243,3 +236,53 @@ class IdempotencyRecord(Base):
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[datetime] = _created_at()
+
+
+class JobStage(Base):
+    """One run of one stage of a job (a stage retried after a lost worker has two rows)."""
+
+    __tablename__ = "job_stages"
+    __table_args__ = (Index("ix_job_stages_job_started", "job_id", "started_at"),
+                      Index("ix_job_stages_finished", "finished_at"))
+
+    id: Mapped[str] = _id()
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, checked=False))
+    stage: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    seconds: Mapped[float | None] = mapped_column(Float)
+
+
+class OutboxMessage(Base):
+    """A task to send to the broker, written in the transaction that made it necessary.
+
+    Sent right after the commit; if the broker is down it stays here and the recovery
+    sweep sends it later, so a client always gets its job id and the job always runs.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_created", "created_at"),)
+
+    id: Mapped[str] = _id()
+    task: Mapped[str] = mapped_column(String(64))
+    args: Mapped[list[Any]] = mapped_column()
+    queue: Mapped[str] = mapped_column(String(16))  # the plan's queue name (cpu/gpu), without prefix
+    created_at: Mapped[datetime] = _created_at()
+
+
+class WorkerRecord(Base):
+    """A worker process as it last reported itself (heartbeat)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
+    queues: Mapped[list[Any]] = mapped_column(default=list)
+    state: Mapped[str] = mapped_column(String(16))  # starting | loading | idle | busy | stopped
+    current_job_id: Mapped[str | None] = mapped_column(String(32))
+    models: Mapped[list[Any]] = mapped_column(default=list)  # what it holds loaded: [{name, bytes}]
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = _created_at()
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

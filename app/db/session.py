@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from collections.abc import Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -42,46 +40,22 @@ def _create_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=False, pool_size=10, max_overflow=20)
 
 
-def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
-    """The process-wide engine for ``url`` (default: the configured database).
-
-    ``autocommit=True``: a separate pool whose connections run each statement on its own,
-    for read-only requests: no BEGIN/ROLLBACK round trips around a single SELECT (status polls).
-    """
+def get_engine(url: str | None = None) -> Engine:
+    """The process-wide engine for ``url`` (default: the configured database)."""
     url = normalize_url(url or get_settings().resolved_database_url)
-    key = f"{url}#autocommit" if autocommit else url
     with _ENGINES_LOCK:
-        if key not in _ENGINES:
-            engine = _create_engine(url)
-            _ENGINES[key] = engine.execution_options(isolation_level="AUTOCOMMIT") if autocommit else engine
-        return _ENGINES[key]
+        if url not in _ENGINES:
+            _ENGINES[url] = _create_engine(url)
+        return _ENGINES[url]
 
 
 _factory = sessionmaker(expire_on_commit=False)
 
 
 def SessionLocal(url: str | None = None) -> Session:  # noqa: N802 - conventional factory name
-    """A new session on the configured database (or ``url``)."""
+    """A new session on the configured database (or ``url``). Business operations use
+    :class:`app.db.uow.UnitOfWork`, which owns one of these."""
     return _factory(bind=get_engine(url))
-
-
-def ReadSessionLocal(url: str | None = None) -> Session:  # noqa: N802
-    """A session for reads only (autocommit: every SELECT sees the latest committed data)."""
-    return _factory(bind=get_engine(url, autocommit=True))
-
-
-@contextlib.contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """Commit on success, roll back on error, always close."""
-    session = SessionLocal(url)
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def dispose_engines() -> None:

@@ -21,13 +21,15 @@ def list_images(session: Session, caller: Caller, subject_id: str, *, job_id: st
         conditions.append(Image.job_id == job_id)
     count = session.scalar(select(func.count()).select_from(Image).where(*conditions)) or 0
     rows = session.scalars(select(Image).where(*conditions)
-                           .order_by(Image.created_at.desc(), Image.job_id, Image.rank).limit(limit).offset(offset)).all()
+                           .order_by(Image.created_at.desc(), Image.job_id, Image.rank)
+                           .limit(limit).offset(offset)).all()
     return list(rows), count
 
 
 def get_image(session: Session, caller: Caller, image_id: str) -> Image:
     image = session.scalar(
-        select(Image).join(Subject, Subject.id == Image.subject_id).where(Image.id == image_id, Subject.client_id == caller.id)
+        select(Image).join(Subject, Subject.id == Image.subject_id)
+        .where(Image.id == image_id, Subject.client_id == caller.id)
     )
     if image is None:
         raise NotFound("Image not found.", {"image_id": image_id})

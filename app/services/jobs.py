@@ -1,113 +1,115 @@
-"""Jobs: creation (training, generation), status, cancel, listing.
+"""Jobs: creation from a checked request, status, cancel, retry, listing.
 
-Routes enqueue with ``worker.celery_app.enqueue_job`` only after the transaction that
-created the job has committed.
+A request is checked and resolved once, here, through :mod:`likeness.contract.requests`;
+the resolved request is what the job stores and what the worker runs. The job's first
+task is queued in the same transaction (an outbox row) and sent after the commit.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import Adapter, Job, JobKind, JobState, utcnow
+from app.db.uow import UnitOfWork
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services.clients import Caller
 from app.services.photos import count_photos
 from app.services.subjects import get_subject
-from app.webhooks import queue_job_event
-from pipelines.errors import InvalidConfig
-from pipelines.generation.request import GenerationLimits, GenerationRequest, check_request
+from app.webhooks import notify_job
+from likeness.contract.plan import ACTIVE_STATES, transition
+from likeness.contract.requests import (
+    GenerateRequest,
+    GenerationLimits,
+    RequestRejected,
+    TrainRequest,
+    read_resolved,
+    resolve_generate,
+    resolve_train,
+)
 
 
-def _existing_for_key(session: Session, caller: Caller, idempotency_key: str | None) -> Job | None:
-    if idempotency_key is None:
-        return None
-    return session.scalar(select(Job).where(Job.client_id == caller.id, Job.idempotency_key == idempotency_key))
-
-
-def create_train_job(session: Session, caller: Caller, subject_id: str, params: dict[str, Any], settings: Settings,
-                     idempotency_key: str | None = None) -> Job:
+def create_train_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: TrainRequest,
+                     settings: Settings) -> Job:
     """A queued training job. Needs at least one uploaded photo (intake in the job decides
     which are usable) and no other active training of the subject."""
+    session = uow.session
     subject = get_subject(session, caller, subject_id, for_update=True)
-    if (existing := _existing_for_key(session, caller, idempotency_key)) is not None:
-        return existing
     if count_photos(session, subject.id) == 0:
         raise Conflict("Upload at least one photo before training.", {"subject_id": subject.id}, code="no_photos")
     active = session.scalar(select(Job.id).where(
-        Job.subject_id == subject.id, Job.kind == JobKind.train, Job.state.in_([JobState.queued, JobState.running])))
+        Job.subject_id == subject.id, Job.kind == JobKind.TRAIN, Job.state.in_(ACTIVE_STATES)))
     if active is not None:
         raise Conflict("This subject is already being trained.", {"job_id": active}, code="training_in_progress")
-    request = {k: v for k, v in params.items() if v is not None}
-    if "class_token" not in request and subject.class_token_override:
-        request["class_token"] = subject.class_token_override
-    return _queue_job(session, caller, subject.id, JobKind.train, request, settings, idempotency_key)
+    resolved = resolve_train(body, preset=settings.model_preset, class_token_override=subject.class_token_override)
+    return queue_job(uow, caller.id, subject.id, JobKind.TRAIN, resolved.model_dump(mode="json"), settings)
 
 
-def latest_adapter(session: Session, subject_id: str) -> Adapter | None:
-    return session.scalar(select(Adapter).where(Adapter.subject_id == subject_id).order_by(Adapter.version.desc()).limit(1))
+def latest_adapter(session: Session, subject_id: str, version: int | None = None) -> Adapter | None:
+    query = select(Adapter).where(Adapter.subject_id == subject_id)
+    if version is not None:
+        query = query.where(Adapter.version == version)
+    return session.scalar(query.order_by(Adapter.version.desc()).limit(1))
 
 
-def check_generation(request: GenerationRequest, caller: Caller, settings: Settings) -> None:
-    """Refuse a request that can never succeed with the pipeline's precise code (422)."""
-    limits = GenerationLimits(max_candidates=min(caller.max_candidates, settings.max_candidates_per_request))
-    try:
-        check_request(request, limits)
-    except InvalidConfig as exc:
-        raise InvalidRequest(exc.message, exc.details, code=exc.error_code) from None
+def generation_limits(caller: Caller, settings: Settings) -> GenerationLimits:
+    return GenerationLimits(max_candidates=min(caller.max_candidates, settings.max_candidates_per_request))
 
 
-def create_generation_job(session: Session, caller: Caller, subject_id: str, request: GenerationRequest,
-                          settings: Settings, idempotency_key: str | None = None) -> Job:
+def create_generation_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: GenerateRequest,
+                          settings: Settings) -> Job:
     """A queued generation job; the subject needs a trained adapter (409 ``subject_not_trained``)."""
+    session = uow.session
     subject = get_subject(session, caller, subject_id)
-    check_generation(request, caller, settings)
-    if (existing := _existing_for_key(session, caller, idempotency_key)) is not None:
-        return existing
-    adapter = latest_adapter(session, subject.id)
-    if adapter is None:
-        raise Conflict("Train this subject before generating portraits.", {"subject_id": subject.id},
-                       code="subject_not_trained")
-    payload = request.model_dump(mode="json", exclude_none=True)
-    payload["adapter_version"] = adapter.version
-    return _queue_job(session, caller, subject.id, JobKind.generate, payload, settings, idempotency_key)
+    adapter = latest_adapter(session, subject.id, body.adapter_version)
+    try:
+        if adapter is None:  # still refuse a request that could never run, first
+            resolve_generate(body, preset=settings.model_preset, adapter_version=1,
+                             limits=generation_limits(caller, settings))
+            if body.adapter_version is not None:
+                raise NotFound("This subject has no adapter of that version.",
+                               {"subject_id": subject.id, "adapter_version": body.adapter_version},
+                               code="adapter_not_found")
+            raise Conflict("Train this subject before generating portraits.", {"subject_id": subject.id},
+                           code="subject_not_trained")
+        resolved = resolve_generate(body, preset=settings.model_preset, adapter_version=adapter.version,
+                                    limits=generation_limits(caller, settings),
+                                    instance_token=(adapter.manifest or {}).get("instance_token"))
+    except RequestRejected as exc:
+        raise InvalidRequest(exc.message, exc.details, code=exc.code) from None
+    return queue_job(uow, caller.id, subject.id, JobKind.GENERATE, resolved.model_dump(mode="json"), settings)
 
 
-def _queue_job(session: Session, caller: Caller, subject_id: str, kind: JobKind, request: dict[str, Any],
-               settings: Settings, idempotency_key: str | None) -> Job:
-    job = Job(client_id=caller.id, subject_id=subject_id, kind=kind, state=JobState.queued, request=request,
-              max_attempts=settings.max_attempts, idempotency_key=idempotency_key, completed_stages=[])
-    session.add(job)
-    session.flush()
+def queue_job(uow: UnitOfWork, client_id: str, subject_id: str, kind: JobKind, resolved: dict[str, Any],
+              settings: Settings) -> Job:
+    """A new queued job running ``resolved`` (a resolved request of ``kind``), sent after the commit."""
+    read_resolved(kind, resolved)  # a stored request always parses back
+    job = Job(client_id=client_id, subject_id=subject_id, kind=kind, state=JobState.QUEUED, request=resolved,
+              max_attempts=settings.max_attempts, completed_stages=[])
+    uow.session.add(job)
+    uow.session.flush()
+    uow.enqueue_job(job)
     return job
 
 
-def get_job(session: Session, caller: Caller, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.client_id == caller.id))
+def get_job(session: Session, caller: Caller | None, job_id: str, *, for_update: bool = False) -> Job:
+    """``caller``'s job (``None``: any client's, for admins); 404 for another client's."""
+    query = select(Job).where(Job.id == job_id)
+    if caller is not None:
+        query = query.where(Job.client_id == caller.id)
+    job = session.scalar(query.with_for_update() if for_update else query)
     if job is None:
         raise NotFound("Job not found.", {"job_id": job_id})
     return job
 
 
-# Built once: constructing a statement costs more CPU than running this one.
-_JOB_FIELDS = select(Job.__table__).where(Job.id == bindparam("job_id"), Job.client_id == bindparam("client_id"))
-
-
-def get_job_fields(conn: Session | Connection, caller: Caller, job_id: str) -> dict[str, Any]:
-    """The job's columns as a dict: the status-poll path (one indexed SELECT; given a Core
-    connection it skips the ORM entirely, a third of the CPU per poll)."""
-    row = conn.execute(_JOB_FIELDS, {"job_id": job_id, "client_id": caller.id}).mappings().first()
-    if row is None:
-        raise NotFound("Job not found.", {"job_id": job_id})
-    return dict(row)
-
-
 def list_jobs(session: Session, caller: Caller | None, *, state: JobState | None = None, subject_id: str | None = None,
-              kind: JobKind | None = None, client_id: str | None = None, limit: int = 50,
-              offset: int = 0) -> tuple[list[Job], int]:
+              kind: JobKind | None = None, client_id: str | None = None, since: datetime | None = None,
+              limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
     """The caller's jobs, newest first (``caller=None``: every client's, for admins)."""
     conditions = []
     if caller is not None:
@@ -120,36 +122,39 @@ def list_jobs(session: Session, caller: Caller | None, *, state: JobState | None
         conditions.append(Job.subject_id == subject_id)
     if kind is not None:
         conditions.append(Job.kind == kind)
+    if since is not None:
+        conditions.append(Job.created_at >= since)
     count = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
     rows = session.scalars(select(Job).where(*conditions).order_by(Job.created_at.desc(), Job.id)
                            .limit(limit).offset(offset)).all()
     return list(rows), count
 
 
-def mark_canceled(session: Session, job: Job, reason: str = "canceled by client") -> str | None:
-    """Move a job to ``canceled`` now (queued) or ask its worker to stop (running).
-
-    Returns the webhook delivery id to send after commit, if any.
-    """
-    if job.state == JobState.queued:
-        job.state = JobState.canceled
+def request_cancel(uow: UnitOfWork, job: Job, code: str = "canceled", message: str = "canceled by client") -> None:
+    """Cancel a queued job now; ask a running job's worker to stop at its next step boundary."""
+    if job.state == JobState.QUEUED:
         job.cancel_requested = True
-        job.error_code = "canceled"
-        job.error_message = reason
-        job.finished_at = utcnow()
-        session.flush()
-        return queue_job_event(session, job)
-    if job.state == JobState.running:
-        job.cancel_requested = True  # the worker checks it at every step boundary
-        session.flush()
-    return None
+        transition(job, JobState.CANCELED, utcnow(), code=code, message=message)
+        uow.session.flush()
+        notify_job(uow, job)
+    elif job.state == JobState.RUNNING:
+        job.cancel_requested = True
+        uow.session.flush()
 
 
-def cancel_job(session: Session, caller: Caller, job_id: str) -> tuple[Job, str | None]:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.client_id == caller.id).with_for_update())
-    if job is None:
-        raise NotFound("Job not found.", {"job_id": job_id})
-    if job.state in (JobState.succeeded, JobState.failed):
+def cancel_job(uow: UnitOfWork, caller: Caller | None, job_id: str) -> Job:
+    job = get_job(uow.session, caller, job_id, for_update=True)
+    if job.state in (JobState.SUCCEEDED, JobState.FAILED):
         raise Conflict(f"The job already {job.state.value}.", {"job_id": job.id, "state": job.state.value},
                        code="job_already_finished")
-    return job, mark_canceled(session, job)
+    request_cancel(uow, job)
+    return job
+
+
+def retry_job(uow: UnitOfWork, job_id: str, settings: Settings) -> Job:
+    """A new job running the same resolved request as a failed or canceled one (admins)."""
+    job = get_job(uow.session, None, job_id)
+    if job.state not in (JobState.FAILED, JobState.CANCELED):
+        raise Conflict("Only a failed or canceled job can be retried.", {"job_id": job.id, "state": job.state.value},
+                       code="job_not_retryable")
+    return queue_job(uow, job.client_id, job.subject_id, job.kind, dict(job.request), settings)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import Photo, PhotoStatus, new_id
+from app.db.uow import UnitOfWork
 from app.services.clients import Caller
 from app.services.subjects import get_subject
 from app.storage import BlobStore, photo_original_key
@@ -64,13 +65,15 @@ def clean_photo(upload: UploadedFile, limits: DecodeLimits) -> CleanPhoto | Phot
         return exc
 
 
-def upload_photos(session: Session, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
+def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
                   settings: Settings) -> list[FileOutcome]:
     """Store each decodable file as a clean JPEG; each bad file gets its own reason.
 
-    The blob is written before the row is flushed: a crash in between leaves an orphan
-    blob under the subject's prefix (removed with the subject), never a row without blob.
+    The blob is written before the row is flushed and removed again if the transaction rolls
+    back: a crash in between leaves at most an orphan blob under the subject's prefix
+    (removed with the subject), never a row without its blob.
     """
+    session = uow.session
     subject = get_subject(session, caller, subject_id)
     limits = decode_limits(settings)
     cleaned = list(_DECODE_POOL.map(lambda upload: clean_photo(upload, limits), files))
@@ -83,6 +86,7 @@ def upload_photos(session: Session, caller: Caller, subject_id: str, files: list
         photo_id = new_id()
         key = photo_original_key(subject.id, photo_id)
         store.put(key, result.jpeg, "image/jpeg")
+        uow.on_rollback(lambda key=key: store.delete(key))
         session.add(Photo(id=photo_id, subject_id=subject.id, original_key=key, format=result.format,
                           width=result.width, height=result.height, status=PhotoStatus.pending))
         outcomes.append(FileOutcome(name, "stored", photo_id=photo_id))
@@ -92,7 +96,8 @@ def upload_photos(session: Session, caller: Caller, subject_id: str, files: list
 
 def list_photos(session: Session, caller: Caller, subject_id: str) -> list[Photo]:
     subject = get_subject(session, caller, subject_id)
-    return list(session.scalars(select(Photo).where(Photo.subject_id == subject.id).order_by(Photo.created_at, Photo.id)))
+    query = select(Photo).where(Photo.subject_id == subject.id).order_by(Photo.created_at, Photo.id)
+    return list(session.scalars(query))
 
 
 def count_photos(session: Session, subject_id: str) -> int:

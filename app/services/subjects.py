@@ -5,22 +5,29 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Job, JobState, Subject, utcnow
+from app.db.models import Job, Subject, utcnow
+from app.db.uow import UnitOfWork
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.storage import BlobStore, subject_prefix
-from app.webhooks import queue_job_event
+from app.webhooks import notify_job
+from likeness.contract.plan import ACTIVE_STATES, JobState, transition
 
 
-def create_subject(session: Session, caller: Caller, name: str, class_token_override: str | None = None) -> Subject:
-    subject = Subject(client_id=caller.id, name=name, class_token_override=class_token_override)
+def create_subject(session: Session, caller: Caller, name: str, class_token_override: str | None = None,
+                   external_ref: str | None = None) -> Subject:
+    subject = Subject(client_id=caller.id, name=name, class_token_override=class_token_override,
+                      external_ref=external_ref)
     session.add(subject)
     session.flush()
     return subject
 
 
-def get_subject(session: Session, caller: Caller, subject_id: str, *, for_update: bool = False) -> Subject:
-    query = select(Subject).where(Subject.id == subject_id, Subject.client_id == caller.id)
+def get_subject(session: Session, caller: Caller | None, subject_id: str, *, for_update: bool = False) -> Subject:
+    """``caller``'s subject (``None``: any client's, for admins); 404 for another client's."""
+    query = select(Subject).where(Subject.id == subject_id)
+    if caller is not None:
+        query = query.where(Subject.client_id == caller.id)
     if for_update:
         query = query.with_for_update()  # serialises job creation per subject (no-op on SQLite)
     subject = session.scalar(query)
@@ -29,37 +36,43 @@ def get_subject(session: Session, caller: Caller, subject_id: str, *, for_update
     return subject
 
 
-def list_subjects(session: Session, caller: Caller, *, limit: int = 50, offset: int = 0) -> tuple[list[Subject], int]:
-    where = Subject.client_id == caller.id
-    count = session.scalar(select(func.count()).select_from(Subject).where(where)) or 0
+def list_subjects(session: Session, caller: Caller | None, *, external_ref: str | None = None,
+                  client_id: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Subject], int]:
+    """The caller's subjects, newest first, optionally of one end user (``external_ref``)."""
+    conditions = []
+    if caller is not None:
+        conditions.append(Subject.client_id == caller.id)
+    if client_id is not None:
+        conditions.append(Subject.client_id == client_id)
+    if external_ref is not None:
+        conditions.append(Subject.external_ref == external_ref)
+    count = session.scalar(select(func.count()).select_from(Subject).where(*conditions)) or 0
     rows = session.scalars(
-        select(Subject).where(where).order_by(Subject.created_at.desc(), Subject.id).limit(limit).offset(offset)
+        select(Subject).where(*conditions).order_by(Subject.created_at.desc(), Subject.id).limit(limit).offset(offset)
     ).all()
     return list(rows), count
 
 
-def delete_subject(session: Session, caller: Caller, subject_id: str) -> list[str]:
-    """Cancel the subject's active jobs and delete its rows (photos, jobs, adapters, images cascade).
+def delete_subject(uow: UnitOfWork, caller: Caller | None, subject_id: str, store: BlobStore) -> None:
+    """Cancel the subject's active jobs, delete its rows (photos, jobs, adapters, images cascade)
+    and, once that is committed, every blob under its prefix.
 
-    Returns webhook delivery ids to send after commit. After the commit, call
-    :func:`purge_subject_blobs`: a worker still finishing a step then finds its job gone.
+    A worker still finishing a step then finds its job gone and stops; blobs it writes after
+    the purge are removed by the worker's end-of-job cleanup.
     """
+    session = uow.session
     subject = get_subject(session, caller, subject_id, for_update=True)
-    active = session.scalars(
-        select(Job).where(Job.subject_id == subject.id, Job.state.in_([JobState.queued, JobState.running]))
-    ).all()
-    deliveries = []
-    for job in active:
-        # Running jobs too are final now: their row goes with the subject, and the worker
-        # stops when it finds its job gone. The client still hears about it.
-        job.state, job.cancel_requested, job.finished_at = JobState.canceled, True, utcnow()
-        job.error_code, job.error_message = "subject_deleted", "The subject was deleted."
+    now = utcnow()
+    for job in session.scalars(select(Job).where(Job.subject_id == subject.id, Job.state.in_(ACTIVE_STATES))):
+        # Running jobs too are final now: their row goes with the subject. The client still hears about it.
+        job.cancel_requested = True
+        transition(job, JobState.CANCELED, now, code="subject_deleted", message="The subject was deleted.")
         session.flush()
-        deliveries.append(queue_job_event(session, job))
-    session.flush()
+        notify_job(uow, job)
     session.execute(delete(Subject).where(Subject.id == subject.id))
     session.flush()
-    return [d for d in deliveries if d]
+    subject_key = subject.id
+    uow.after_commit(lambda: purge_subject_blobs(store, subject_key))
 
 
 def purge_subject_blobs(store: BlobStore, subject_id: str) -> int:

@@ -1,31 +1,22 @@
-"""Generation: style packs, requests, the warm engine, ranking and upscaling glue.
+"""Generation: style packs, the generation spec, the warm engine, ranking and upscaling glue.
 
-Importing this package stays torch-free (the API uses styles and request checks);
-the engine is imported on first use of :class:`GenerationEngine` / :class:`Result`.
+Importing this package stays torch-free (the API uses styles and specs); the engine is
+imported on first use of :class:`GenerationEngine` / :class:`Result`.
 """
 
 from __future__ import annotations
 
-from pipelines.generation.request import (
-    ControlNetSpec,
-    GenerationLimits,
-    GenerationRequest,
-    ResolvedRequest,
-    aspect_size,
-    check_request,
-)
+from pipelines.generation.request import SAMPLERS, ControlNetSpec, GenerationSpec, aspect_size
 from pipelines.generation.styles import StylePack, get_style, list_styles
 
 __all__ = [
+    "SAMPLERS",
     "ControlNetSpec",
     "GenerationEngine",
-    "GenerationLimits",
-    "GenerationRequest",
-    "ResolvedRequest",
+    "GenerationSpec",
     "Result",
     "StylePack",
     "aspect_size",
-    "check_request",
     "get_style",
     "list_styles",
 ]

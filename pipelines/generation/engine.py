@@ -17,13 +17,7 @@ from PIL import Image
 
 from pipelines.errors import ModelNotFound
 from pipelines.generation.conditions import condition_image
-from pipelines.generation.request import (
-    GenerationLimits,
-    GenerationRequest,
-    ResolvedRequest,
-    aspect_size,
-    check_request,
-)
+from pipelines.generation.request import GenerationSpec, aspect_size
 from pipelines.generation.styles import fill_prompt, template_path
 from pipelines.models.presets import ModelPreset
 from pipelines.progress import (
@@ -51,8 +45,9 @@ class Result:
     negative_prompt: str
     style: str | None
     scores: dict[str, float | None] = field(default_factory=dict)
-    rank: int = 0  # 1 = best
+    rank: int = 0  # 1 = best; 0 = not delivered (see ``faces``)
     flagged: bool = False  # the safety checker's verdict (the image itself is never blanked)
+    faces: int = 0  # faces detected in the candidate (delivery needs exactly one on real models)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -89,7 +84,6 @@ class GenerationEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         *,
-        limits: GenerationLimits | None = None,
         batch_size: int = 8,
         channels_last: bool = False,
         compile: bool = False,
@@ -105,7 +99,6 @@ class GenerationEngine:
         self.preset = preset
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.limits = limits or GenerationLimits()
         self.batch_size = batch_size
         self.face_embedder = face_embedder if face_embedder is not None else "auto"
         self.face_detector = face_detector  # None: the bundled BlazeFace detector
@@ -174,7 +167,7 @@ class GenerationEngine:
             self._conditions[key] = image
         return image
 
-    def _call_pipeline(self, resolved: ResolvedRequest):
+    def _call_pipeline(self, spec: GenerationSpec):
         """A pipeline object for one request over the (possibly adapter-carrying) base modules.
 
         Built per call so a request's scheduler, VAE and ControlNets never stay on the base.
@@ -183,17 +176,17 @@ class GenerationEngine:
 
         base = self.pipe
         parts = {
-            "vae": self.vae(resolved.request.use_improved_vae),
+            "vae": self.vae(spec.use_improved_vae),
             "text_encoder": base.text_encoder,
             "tokenizer": base.tokenizer,
             "unet": base.unet,
-            "scheduler": make_scheduler(resolved.request.sampler, base.scheduler.config),
+            "scheduler": make_scheduler(spec.sampler, base.scheduler.config),
             "safety_checker": None,
             "feature_extractor": None,
             "requires_safety_checker": False,
         }
-        if resolved.controlnets:
-            nets = [self.controlnet(spec.kind) for spec in resolved.controlnets]
+        if spec.controlnets:
+            nets = [self.controlnet(c.kind) for c in spec.controlnets]
             pipe = StableDiffusionControlNetPipeline(controlnet=nets, **parts)
         else:
             pipe = StableDiffusionPipeline(**parts)
@@ -204,7 +197,7 @@ class GenerationEngine:
 
     def generate(
         self,
-        request: GenerationRequest,
+        spec: GenerationSpec,
         adapter_dir: str | Path | None = None,
         reference_images: Sequence[Image.Image] = (),
         on_progress: ProgressFn | None = None,
@@ -220,17 +213,9 @@ class GenerationEngine:
         ones, so a report can show every candidate's scores.
         """
         on_progress = on_progress or no_progress
-        # 1. Check the request and compute conditions before touching the pipeline.
-        manifest = None
-        if adapter_dir is not None:
-            from pipelines.adapters import load_manifest
-
-            manifest = load_manifest(adapter_dir)
-        resolved = check_request(
-            request, self.limits, instance_token=manifest.instance_token if manifest else None
-        )
-        width, height = aspect_size(resolved.aspect, self.preset.resolution)
-        conditions = [self.condition(spec, width, height) for spec in resolved.controlnets]
+        # 1. Conditions before touching the pipeline (the spec was checked when the job was accepted).
+        width, height = aspect_size(spec.aspect, self.preset.resolution)
+        conditions = [self.condition(c, width, height) for c in spec.controlnets]
         raise_if_canceled(should_stop)
 
         # 2. Attach the subject's adapter; 3. prompts from its tokens; 4. denoise; detach in any case.
@@ -245,11 +230,11 @@ class GenerationEngine:
             # The variation follows the seed, so a candidate re-run alone (n=1) gets its prompt back.
             prompts = [
                 fill_prompt(
-                    resolved.prompt_template(request.seed + i), tokens.instance_token, tokens.class_token
+                    spec.prompt_template(spec.seed + i), tokens.instance_token, tokens.class_token
                 )
-                for i in range(request.n)
+                for i in range(spec.n)
             ]
-            images = self.denoise(resolved, prompts, width, height, conditions, on_progress, should_stop)
+            images = self.denoise(spec, prompts, width, height, conditions, on_progress, should_stop)
         finally:
             if attached is not None:
                 from pipelines.adapters import detach_adapter
@@ -258,7 +243,7 @@ class GenerationEngine:
 
         # 5. Safety flags (never blanks an image).
         flags = [False] * len(images)
-        if request.safety_checker:
+        if spec.safety_checker:
             flags = list(self.safety_checker()(images))
 
         # 6. Rank and keep the best k.
@@ -269,8 +254,8 @@ class GenerationEngine:
             images,
             prompts,
             reference_images,
-            request.k,
-            weights=RANKING_PRESETS[request.ranking],
+            spec.k,
+            weights=RANKING_PRESETS[spec.ranking],
             clip=self.preset.clip,
             aesthetic=self.preset.aesthetic_head,
             instance_token=tokens.instance_token,
@@ -285,39 +270,39 @@ class GenerationEngine:
 
         # 7. Upscale the delivered images.
         upscaled: list[Image.Image | None] = [None] * len(ranked)
-        if request.upscale and delivered:
+        if spec.upscale and delivered:
             raise_if_canceled(should_stop)
             from pipelines.upscale import upscale
 
-            model_path = self.preset.upscaler_x2 if request.upscale == 2 else self.preset.upscaler_x4
+            model_path = self.preset.upscaler_x2 if spec.upscale == 2 else self.preset.upscaler_x4
             upscaled[: len(delivered)] = upscale(
                 [c.image for c in delivered],
-                factor=request.upscale,
+                factor=spec.upscale,
                 model_path=model_path,
                 device=str(self.device),
                 on_progress=on_progress,
                 should_stop=should_stop,
             )
 
-        style = resolved.style.name if resolved.style else None
         return [
             Result(
                 image=c.image,
                 upscaled=up,
-                seed=request.seed + c.index,
+                seed=spec.seed + c.index,
                 prompt=prompts[c.index],
-                negative_prompt=resolved.negative_prompt,
-                style=style,
+                negative_prompt=spec.negative_prompt,
+                style=spec.style,
                 scores=dict(c.scores),
                 rank=c.rank,
                 flagged=flags[c.index],
+                faces=c.faces,
             )
             for c, up in zip(ranked, upscaled)
         ]
 
     def denoise(
         self,
-        resolved: ResolvedRequest,
+        spec: GenerationSpec,
         prompts: Sequence[str],
         width: int,
         height: int,
@@ -326,17 +311,16 @@ class GenerationEngine:
         should_stop: CancelFn | None = None,
     ) -> list[Image.Image]:
         """Candidate ``i`` starts from the noise of ``seed + i`` alone, whatever the batch."""
-        request = resolved.request
-        pipe = self._call_pipeline(resolved)  # outside inference mode: lazily loaded nets stay normal tensors
-        batch_size = request.batch_size or self.batch_size
-        progress = StageProgress(on_progress, Stage.GENERATING, total=len(prompts) * resolved.steps)
+        pipe = self._call_pipeline(spec)  # outside inference mode: lazily loaded nets stay normal tensors
+        batch_size = spec.batch_size or self.batch_size
+        progress = StageProgress(on_progress, Stage.GENERATING, total=len(prompts) * spec.steps)
         progress.start(f"{len(prompts)} candidates")
         images: list[Image.Image] = []
         for start in range(0, len(prompts), batch_size):
             raise_if_canceled(should_stop)
             batch = list(prompts[start : start + batch_size])
             generators = [
-                torch.Generator("cpu").manual_seed(request.seed + start + i) for i in range(len(batch))
+                torch.Generator("cpu").manual_seed(spec.seed + start + i) for i in range(len(batch))
             ]
 
             batch_len = len(batch)
@@ -349,18 +333,18 @@ class GenerationEngine:
 
             kwargs = {
                 "prompt": batch,
-                "negative_prompt": [resolved.negative_prompt] * batch_len,
+                "negative_prompt": [spec.negative_prompt] * batch_len,
                 "width": width,
                 "height": height,
-                "num_inference_steps": resolved.steps,
-                "guidance_scale": resolved.guidance_scale,
+                "num_inference_steps": spec.steps,
+                "guidance_scale": spec.guidance_scale,
                 "generator": generators,
                 "callback_on_step_end": on_step_end,
                 "output_type": "pil",
             }
             if conditions:
                 kwargs["image"] = list(conditions)
-                kwargs["controlnet_conditioning_scale"] = [spec.scale for spec in resolved.controlnets]
+                kwargs["controlnet_conditioning_scale"] = [c.scale for c in spec.controlnets]
             with torch.inference_mode():
                 images.extend(pipe(**kwargs).images)
         return images

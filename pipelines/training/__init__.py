@@ -1,7 +1,10 @@
-"""Per-subject fine-tuning: ``train(examples, tokens, config, preset, output_dir)`` -> adapter folder."""
+"""Per-subject fine-tuning: ``train(examples, tokens, config, preset, output_dir)`` -> adapter folder.
+
+Importing this package stays torch-free (the job contract reads :class:`TrainConfig`); the
+trainer is imported on first use.
+"""
 
 from pipelines.training.config import STRATEGIES, TrainConfig, check_config, plan_stages, total_steps
-from pipelines.training.trainer import TrainCallback, TrainingState, TrainResult, check_inputs, train
 
 __all__ = [
     "STRATEGIES",
@@ -15,3 +18,13 @@ __all__ = [
     "total_steps",
     "train",
 ]
+
+_TRAINER_NAMES = {"TrainCallback", "TrainingState", "TrainResult", "check_inputs", "train"}
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_NAMES:
+        from pipelines.training import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(name)

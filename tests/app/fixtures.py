@@ -11,6 +11,7 @@ The database itself is created (and migrated, and dropped at the end) by the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from sqlalchemy.orm import Session
 
 PG_HOST = os.environ.get("LIKENESS_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("LIKENESS_TEST_PG_PORT", "5432"))
@@ -99,8 +101,18 @@ class ApiClient:
         return self.http.delete(url, headers={**self.headers, **kw.pop("headers", {})}, **kw)
 
 
+@contextlib.contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A committed transaction for test set-up and checks: the app's unit of work on ``url``."""
+    from app.config import get_settings
+    from app.db.uow import UnitOfWork
+
+    settings = get_settings() if url is None else get_settings().model_copy(update={"database_url": url})
+    with UnitOfWork(settings) as uow:
+        yield uow.session
+
+
 def new_api_client(http, role: str = "app", name: str | None = None, max_candidates: int = 64) -> ApiClient:  # noqa: ANN001
-    from app.db.session import session_scope
     from app.services.clients import create_client
 
     with session_scope() as session:

@@ -36,14 +36,14 @@ def test_upload_retry_with_same_key_stores_photos_once(client_a):
 
 def test_failed_request_does_not_burn_the_key(client_a):
     from app.db.models import Job, JobState
-    from app.db.session import session_scope
+    from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)
     running = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
     headers = {"Idempotency-Key": "after-conflict"}
     assert client_a.post(f"/v1/subjects/{subject_id}/train", headers=headers).status_code == 409
     with session_scope() as session:
-        session.get(Job, running).state = JobState.failed
+        session.get(Job, running).state = JobState.FAILED
     assert client_a.post(f"/v1/subjects/{subject_id}/train", headers=headers).status_code == 202
 
 

@@ -21,7 +21,11 @@ def test_training_needs_a_photo_and_only_one_runs_per_subject(client_a, settings
     assert response.status_code == 202, response.text
     job = response.json()
     assert job["kind"] == "train" and job["state"] == "queued" and job["progress"] == 0
-    assert job["request"] == {"mode": "lora", "steps": 100}
+    # The stored request is the resolved one: every training option, the preset it runs on.
+    resolved = job["request"]
+    assert resolved["kind"] == "train" and resolved["preset"] == settings.model_preset
+    assert resolved["training"]["mode"] == "lora" and resolved["training"]["max_train_steps"] == 100
+    assert resolved["training"]["strategy"] == "staged" and resolved["training"]["stage1_fraction"] == 0.3
     assert _queued_messages(settings) == before + 1  # really sent to the broker, after the commit
 
     again = client_a.post(f"/v1/subjects/{subject_id}/train")
@@ -46,17 +50,17 @@ def test_cancel_a_queued_job_is_immediate(client_a):
 
 def test_cancel_a_running_job_asks_the_worker_to_stop(client_a):
     from app.db.models import Job, JobState
-    from app.db.session import session_scope
+    from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)
     job_id = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
     with session_scope() as session:
-        session.get(Job, job_id).state = JobState.running
+        session.get(Job, job_id).state = JobState.RUNNING
     body = client_a.post(f"/v1/jobs/{job_id}/cancel").json()
     assert body["state"] == "running" and body["cancel_requested"] is True
     with session_scope() as session:
         job = session.get(Job, job_id)
-        job.state = JobState.succeeded
+        job.state = JobState.SUCCEEDED
     finished = client_a.post(f"/v1/jobs/{job_id}/cancel")
     assert finished.status_code == 409 and finished.json()["code"] == "job_already_finished"
 
@@ -89,8 +93,16 @@ def test_generation_requests_are_checked_before_anything_is_queued(make_client):
     ok = client.post(url, json={"style": "cinematic", "n": 4, "k": 2, "aspect": "4:5", "seed": 7, "upscale": "none"})
     assert ok.status_code == 202, ok.text
     request = ok.json()["request"]
-    assert request["style"] == "cinematic" and request["n"] == 4 and request["aspect"] == "4:5"
-    assert request["adapter_version"] == 1 and "upscale" not in request  # none -> no upscaling
+    assert request["kind"] == "generate" and request["adapter_version"] == 1
+    spec = request["generation"]
+    assert spec["style"] == "cinematic" and spec["style_version"] >= 1 and spec["n"] == 4 and spec["aspect"] == "4:5"
+    assert spec["upscale"] is None  # "none" -> no upscaling
+    # Defaults come from the style pack and are stored, so the job can be replayed exactly.
+    from pipelines.generation.styles import get_style
+
+    style = get_style("cinematic")
+    assert spec["prompts"] == list(style.prompts) and spec["negative_prompt"] == style.negative_prompt
+    assert spec["steps"] == style.steps and spec["guidance_scale"] == style.guidance_scale
 
 
 def test_styles_are_listed(client_a):

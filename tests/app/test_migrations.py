@@ -45,7 +45,7 @@ def test_migrations_match_the_models(pg_url):
 def test_embedded_sqlite_database_migrates_and_cascades(tmp_path):
     from app.db.migrate import upgrade_to_head
     from app.db.models import Client, Photo, Subject
-    from app.db.session import session_scope
+    from tests.app.fixtures import session_scope
 
     url = f"sqlite:///{tmp_path / 'db' / 'likeness.sqlite3'}"
     upgrade_to_head(url)

@@ -29,22 +29,22 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 
 
 def test_metrics_report_latency_by_route_jobs_by_state_queue_depth_and_stage_durations(client_a, http):
-    from app.db.models import Job, JobState, utcnow
-    from app.db.session import session_scope
-    from app.metrics import record_stage_duration
+    from datetime import timedelta
+
+    from app.db.models import Job, JobKind, JobStage, JobState, utcnow
+    from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)
     job_id = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
     client_a.get(f"/v1/jobs/{job_id}")
     done_id = client_a.post(f"/v1/subjects/{subject_with_photo(client_a)}/train").json()["id"]
-    with session_scope() as session:
+    now = utcnow()
+    with session_scope() as session:  # what a worker leaves behind (tests/worker checks that it does)
         job = session.get(Job, done_id)
-        job.result = {"intake": {"accepted": 1}}
-        record_stage_duration(job, "intake", 4.0)
-        record_stage_duration(job, "training:stage1", 95.0)
-        job.state, job.finished_at = JobState.succeeded, utcnow()
-    with session_scope() as session:
-        assert session.get(Job, done_id).result["intake"] == {"accepted": 1}  # merged, not replaced
+        job.state, job.finished_at = JobState.SUCCEEDED, now
+        for stage, seconds in (("intake", 4.0), ("training:stage1", 95.0)):
+            session.add(JobStage(job_id=done_id, kind=JobKind.TRAIN, stage=stage, attempt=1, worker="w:1",
+                                 started_at=now - timedelta(seconds=seconds), finished_at=now, seconds=seconds))
 
     text = http.get("/metrics").text
     assert _sample(text, "likeness_http_request_duration_seconds_count", route="/v1/jobs/{job_id}", method="GET") >= 1
@@ -52,5 +52,6 @@ def test_metrics_report_latency_by_route_jobs_by_state_queue_depth_and_stage_dur
     assert _sample(text, "likeness_jobs", kind="train", state="queued") >= 1
     assert _sample(text, "likeness_jobs", kind="train", state="succeeded") >= 1
     assert _sample(text, "likeness_queue_depth", queue="cpu") >= 1  # training starts on the CPU queue
-    assert _sample(text, "likeness_stage_duration_seconds_bucket", kind="train", stage="training:stage1", le="120.0") >= 1
-    assert _sample(text, "likeness_stage_duration_seconds_bucket", kind="train", stage="training:stage1", le="60.0") == 0
+    bucket = "likeness_stage_duration_seconds_bucket"
+    assert _sample(text, bucket, kind="train", stage="training:stage1", le="120.0") >= 1
+    assert _sample(text, bucket, kind="train", stage="training:stage1", le="60.0") == 0

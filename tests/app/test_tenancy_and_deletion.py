@@ -8,11 +8,11 @@ from tests.app.helpers import add_adapter, subject_with_photo
 def _seed_results(subject_id: str, client_id: str, store) -> tuple[str, str]:  # noqa: ANN001
     """What a finished generation leaves: a job, an image row and its blobs (as the worker writes them)."""
     from app.db.models import Image, Job, JobKind, JobState
-    from app.db.session import session_scope
     from app.storage import adapter_prefix, image_key, upscaled_image_key
+    from tests.app.fixtures import session_scope
 
     with session_scope() as session:
-        job = Job(client_id=client_id, subject_id=subject_id, kind=JobKind.generate, state=JobState.succeeded,
+        job = Job(client_id=client_id, subject_id=subject_id, kind=JobKind.GENERATE, state=JobState.SUCCEEDED,
                   request={"style": "cinematic"}, completed_stages=[], progress=100.0)
         session.add(job)
         session.flush()
@@ -62,14 +62,14 @@ def test_another_client_gets_404_on_everything(client_a, client_b, store):
 
 def test_deleting_a_subject_leaves_no_rows_and_no_blobs(client_a, store):
     from app.db.models import Adapter, Image, Job, JobState, Photo, Subject
-    from app.db.session import session_scope
+    from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)
     add_adapter(subject_id)
     _seed_results(subject_id, client_a.id, store)
     running_id = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
     with session_scope() as session:
-        session.get(Job, running_id).state = JobState.running
+        session.get(Job, running_id).state = JobState.RUNNING
     client_a.put("/v1/webhook", json={"url": "http://127.0.0.1:9/hook"})  # nothing is sent from the API itself
     other = subject_with_photo(client_a)  # must survive
     assert len(store.list(f"subjects/{subject_id}/")) == 4

@@ -60,7 +60,7 @@ def test_sign_and_verify():
 
 def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, receiver):
     from app.db.models import WebhookDelivery
-    from app.db.session import session_scope
+    from tests.app.fixtures import session_scope
 
     registered = client_a.put("/v1/webhook", json={"url": receiver.url})
     assert registered.status_code == 200
@@ -97,7 +97,7 @@ def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, r
 
 def test_unreachable_receiver_is_retried_and_a_4xx_is_not(client_a, receiver):
     from app.db.models import Job
-    from app.db.session import session_scope
+    from tests.app.fixtures import session_scope
 
     client_a.put("/v1/webhook", json={"url": "http://127.0.0.1:9/nothing"})
     subject_id = subject_with_photo(client_a)

@@ -137,7 +137,7 @@ class WorkerProcess:
         self.app, self.env, self.queues, self.log_path = app, env, queues, log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 60) -> "WorkerProcess":
+    def start(self, timeout_s: float = 60) -> WorkerProcess:
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         cmd = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-Q", self.queues, "--concurrency", "1",

@@ -14,21 +14,22 @@ import os
 import time
 from pathlib import Path
 
+from likeness.contract.plan import JobKind, Stage
 from pipelines.progress import StageProgress, raise_if_canceled
-from worker import stages
+from worker import phases
 from worker.celery_app import celery_app  # noqa: F401  (the -A target)
-from worker.stages import Phase, StageContext
+from worker.phases import PhaseContext
 
 STEP_S = float(os.environ.get("LIFECYCLE_STEP_S", "0.2"))
 STEPS = int(os.environ.get("LIFECYCLE_STEPS", "10"))
 
 
-def _log_run(ctx: StageContext, phase: str) -> None:
+def _log_run(ctx: PhaseContext, phase: str) -> None:
     with open(Path(ctx.settings.data_dir) / "phase_runs.log", "a") as log:
         log.write(f"{ctx.job.id} {phase} attempt={ctx.job.attempts}\n")
 
 
-def _steps(ctx: StageContext, stage: str) -> None:
+def _steps(ctx: PhaseContext, stage: str) -> None:
     progress = StageProgress(ctx.on_progress, stage, total=STEPS, min_interval_s=0.0)
     progress.start()
     for _ in range(STEPS):
@@ -37,23 +38,21 @@ def _steps(ctx: StageContext, stage: str) -> None:
         progress.advance()
 
 
-def scripted_intake(ctx: StageContext) -> dict:
+def scripted_intake(ctx: PhaseContext) -> dict:
     _log_run(ctx, "intake")
-    _steps(ctx, "intake")
-    key = stages.dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json"
+    _steps(ctx, Stage.INTAKE)
+    key = phases.dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json"
     ctx.store.put(key, b'{"scripted": true}')
     return {"intake": {"accepted": 0, "scripted": True}}
 
 
-def scripted_training(ctx: StageContext) -> dict:
+def scripted_training(ctx: PhaseContext) -> dict:
     _log_run(ctx, "training")
-    ctx.store.get(stages.dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json")  # intake's output
-    for stage in ("caching", "training:stage1", "training:stage2"):
+    ctx.store.get(phases.dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json")  # intake's output
+    for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
         _steps(ctx, stage)
     return {"training": {"steps": 2 * STEPS}}
 
 
-stages.PLANS["train"] = (
-    Phase("intake", "cpu", ("intake",), scripted_intake),
-    Phase("training", "gpu", ("caching", "training:stage1", "training:stage2"), scripted_training),
-)
+phases.PHASE_RUNNERS[(JobKind.TRAIN, "intake")] = scripted_intake
+phases.PHASE_RUNNERS[(JobKind.TRAIN, "training")] = scripted_training

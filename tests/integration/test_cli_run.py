@@ -29,7 +29,7 @@ TINY_SIZE = 128  # the tiny preset's resolution; rank_XX_x2.png is twice that
 # A 1:1 style without a ControlNet template: the CLI has no --steps, so the style's 25 steps
 # run for every candidate, and a pose ControlNet would double that cost on this CPU.
 STYLE = "pencil_sketch"
-N, K, TRAIN_STEPS = 4, 2, 4
+N, K, TRAIN_STEPS = 4, 2, 10  # 10: the fewest steps a TrainRequest accepts
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def photos_dir(tmp_path_factory, grace_hopper) -> Path:
 @pytest.fixture(scope="module")
 def cli_run(cli_env, photos_dir, tmp_path_factory):
     """One ``likeness run`` shared by the tests below: (CliRunner result, output folder, report)."""
-    from app.cli import app
+    from likeness.cli import app
 
     out = tmp_path_factory.mktemp("run") / "out"
     result = CliRunner().invoke(app, ["run", str(photos_dir), "--style", STYLE, "--out", str(out), "--n", str(N),
@@ -80,8 +80,9 @@ def test_run_shows_progress_per_stage_and_a_summary(cli_run):
 @pytest.mark.slow
 def test_report_has_per_photo_intake_and_class_token(cli_run):
     _, _, report = cli_run
-    photos = {p["photo_id"]: p for p in report["photos"]}
+    photos = {p["file"].removesuffix(".jpg"): p for p in report["photos"]}
     assert set(photos) == {f"grace_{i}" for i in range(6)} | {"notes"}
+    assert len({p["photo_id"] for p in photos.values()}) == 7  # ids are never file names
     assert photos["notes"]["accepted"] is False and photos["notes"]["reason_code"] == "not_an_image"
     assert photos["notes"]["message"]
     accepted = [p for p in photos.values() if p["accepted"]]
@@ -132,10 +133,11 @@ def test_report_scores_every_candidate(cli_run):
 
 
 def test_unknown_style_fails_in_one_line_before_training(cli_env, photos_dir, tmp_path, monkeypatch, capsys):
-    from app import cli
+    from likeness import cli
 
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["likeness", "run", str(photos_dir), "--style", "no_such_style", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv",
+                        ["likeness", "run", str(photos_dir), "--style", "no_such_style", "--out", str(out)])
     started = time.monotonic()
     with pytest.raises(SystemExit) as exited:
         cli.main()
@@ -146,3 +148,14 @@ def test_unknown_style_fails_in_one_line_before_training(cli_env, photos_dir, tm
     assert len(lines) == 1 and lines[0].startswith("error:") and "no_such_style" in lines[0], captured.err
     assert "Traceback" not in captured.err + captured.out
     assert not (out / "report.json").exists() and not (out / ".work").exists()
+
+
+def test_files_sharing_a_stem_are_separate_photos(tmp_path, grace_hopper):
+    """Phones name a photo and its HEIC/JPEG twin alike (IMG_0001.JPG, IMG_0001.HEIC)."""
+    from worker.local import read_photos
+
+    (tmp_path / "IMG_0001.JPG").write_bytes(encode(grace_hopper, quality=90))
+    (tmp_path / "IMG_0001.png").write_bytes(encode(grace_hopper, "PNG"))
+    photos = read_photos(tmp_path)
+    assert len(photos) == 2 and len({p.photo_id for p in photos}) == 2
+    assert {p.path.name for p in photos} == {"IMG_0001.JPG", "IMG_0001.png"}

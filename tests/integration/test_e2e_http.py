@@ -129,7 +129,8 @@ def webhook_receiver():
 
 
 def _assert_webhooks(received: list, secret: str, jobs: list[dict]) -> None:
-    """Each job's succeeded event arrived as the API shows the job, signed with the secret ``PUT /v1/webhook`` returned."""
+    """Each job's succeeded event arrived as the API shows the job, signed with the secret
+    ``PUT /v1/webhook`` returned."""
     from app.webhooks import SIGNATURE_HEADER, verify
 
     def finals() -> dict:

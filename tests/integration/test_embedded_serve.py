@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _serve(env: dict[str, str], log_path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "likeness", "serve"], cwd=ROOT, env=env,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -94,7 +93,8 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
 
     restart = _serve(env, tmp_path / "serve2.log")
     try:
-        wait_for(lambda: "admin API key: see" in (tmp_path / "serve2.log").read_text(errors="replace").replace("\n", " "),
+        log_path = tmp_path / "serve2.log"
+        wait_for(lambda: "admin API key: see" in log_path.read_text(errors="replace").replace("\n", " "),
                  60, 0.2, "the restart banner")
         assert "lk_" not in (tmp_path / "serve2.log").read_text(errors="replace")  # no second key
         wait_for(lambda: len(_group_members(restart.pid)) >= 3, 60, 0.2, "the API and worker children")

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from app.db.models import Client, Job, JobKind, JobState, Subject, WebhookDelivery
-from app.db.session import session_scope
+from tests.app.fixtures import session_scope
 from tests.integration.conftest import WorkerProcess, enqueue, wait_for
 
 pytestmark = pytest.mark.integration
@@ -29,13 +29,14 @@ pytestmark = pytest.mark.integration
 def make_job(pg_url, it_settings, sender):
     def make(*, webhook_url: str | None = None, secret: str | None = None, max_attempts: int = 3) -> str:
         with session_scope(pg_url) as session:
-            client = Client(name="it", api_key_hash=os.urandom(16).hex(), webhook_url=webhook_url, webhook_secret=secret)
+            client = Client(name="it", api_key_hash=os.urandom(16).hex(), webhook_url=webhook_url,
+                            webhook_secret=secret)
             session.add(client)
             session.flush()
             subject = Subject(client_id=client.id, name="grace")
             session.add(subject)
             session.flush()
-            job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.train, request={},
+            job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.TRAIN, request={},
                       max_attempts=max_attempts, completed_stages=[])
             session.add(job)
             session.flush()
@@ -74,7 +75,7 @@ def test_job_runs_through_named_stages_with_monotonic_progress(lifecycle_worker,
     job_id = make_job()
     samples = watch(pg_url, job_id, {"succeeded", "failed"})
     job = read_job(pg_url, job_id)
-    assert job.state == JobState.succeeded, (job.error_code, job.error_message, lifecycle_worker.log()[-3000:])
+    assert job.state == JobState.SUCCEEDED, (job.error_code, job.error_message, lifecycle_worker.log()[-3000:])
     assert job.progress == 100.0 and job.attempts == 1 and job.finished_at is not None
     assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2"]
     seen = [stage for _, stage, _ in samples if stage]
@@ -94,7 +95,7 @@ def test_cancel_stops_a_running_job_at_the_next_step(lifecycle_worker, make_job,
     asked = time.monotonic()
     watch(pg_url, job_id, {"canceled", "succeeded", "failed"}, timeout_s=15)
     job = read_job(pg_url, job_id)
-    assert job.state == JobState.canceled and job.error_code == "canceled"
+    assert job.state == JobState.CANCELED and job.error_code == "canceled"
     assert time.monotonic() - asked < 5  # at the next step boundary, not at the end of the job
     assert job.progress < 100 and "training:stage2" not in job.completed_stages
 
@@ -106,7 +107,7 @@ def test_pool_process_killed_mid_job_resumes_from_last_completed_stage(lifecycle
     os.kill(int(owner.rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process running the job
     watch(pg_url, job_id, {"succeeded", "failed"}, timeout_s=60)
     job = read_job(pg_url, job_id)
-    assert job.state == JobState.succeeded, (job.error_code, job.error_message)
+    assert job.state == JobState.SUCCEEDED, (job.error_code, job.error_message)
     assert job.attempts == 2 and job.worker != owner
     assert phase_runs(it_settings, job_id) == ["intake", "training", "training"]  # intake not redone
 
@@ -117,7 +118,7 @@ def test_job_fails_with_worker_lost_after_max_attempts(lifecycle_worker, make_jo
     os.kill(int(read_job(pg_url, job_id).worker.rsplit(":", 1)[1]), signal.SIGKILL)
     watch(pg_url, job_id, {"succeeded", "failed"}, timeout_s=30)
     job = read_job(pg_url, job_id)
-    assert job.state == JobState.failed and job.error_code == "worker_lost"
+    assert job.state == JobState.FAILED and job.error_code == "worker_lost"
     assert "stopped unexpectedly" in job.error_message
 
 
@@ -130,11 +131,11 @@ def test_whole_worker_killed_is_recovered_by_the_sweep_of_a_new_worker(
     job_id = make_job()
     wait_for(lambda: read_job(pg_url, job_id).stage == "training:stage1", 30, 0.05, "training:stage1")
     lifecycle_worker.kill_all()
-    assert read_job(pg_url, job_id).state == JobState.running
+    assert read_job(pg_url, job_id).state == JobState.RUNNING
     lifecycle_worker.start()
     watch(pg_url, job_id, {"succeeded", "failed"}, timeout_s=60)
     job = read_job(pg_url, job_id)
-    assert job.state == JobState.succeeded, (job.error_code, job.error_message)
+    assert job.state == JobState.SUCCEEDED, (job.error_code, job.error_message)
     assert job.attempts == 2
     assert phase_runs(it_settings, job_id).count("intake") == 1
 

@@ -6,16 +6,16 @@ from typing import Literal
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import CurrentClient, ReadSessionDep, SessionDep, SettingsDep, StoreDep, released
+from app.api.deps import CurrentClient, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
 from app.errors import Forbidden, NotFound
-from app.services import images
+from app.services import adapters, images
 from app.signing import check_signature, signed_url
 from app.storage import BlobNotFound, BlobStore, InvalidKey
 
-router = APIRouter(prefix=API_PREFIX, tags=["images"])
+router = APIRouter(prefix=API_PREFIX, tags=["images and adapters"])
 
 _IMAGE_RESPONSE = {200: {"content": {"image/png": {}}, "description": "The image bytes."}}
 
@@ -33,31 +33,31 @@ def _stream(store: BlobStore, key: str, filename: str) -> StreamingResponse:
 
 @router.get("/subjects/{subject_id}/images", response_model=Page[ImagePublic], responses=errors(404),
             summary="A subject's result images with scores and ranks (newest jobs first, rank 1 = best)")
-def list_images(subject_id: str, session: ReadSessionDep, caller: CurrentClient, job_id: str | None = None,
+def list_images(subject_id: str, caller: CurrentClient, uow: UoW, job_id: str | None = None,
                 limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0)):
-    rows, count = images.list_images(session, caller, subject_id, job_id=job_id, limit=limit, offset=offset)
+    rows, count = images.list_images(uow.session, caller, subject_id, job_id=job_id, limit=limit, offset=offset)
     data = [ImagePublic.model_validate(i).model_copy(update={"has_upscaled": i.upscaled_key is not None}) for i in rows]
-    return released(session, {"data": data, "count": count})
+    return {"data": data, "count": count}
 
 
-@router.get("/images/{image_id}/download", response_class=StreamingResponse, responses={**_IMAGE_RESPONSE, **errors(404)},
+@router.get("/images/{image_id}/download", response_class=StreamingResponse,
+            responses={**_IMAGE_RESPONSE, **errors(404)},
             summary="Download an image (streamed)")
-def download_image(image_id: str, session: ReadSessionDep, caller: CurrentClient, store: StoreDep,
+def download_image(image_id: str, caller: CurrentClient, uow: UoW, store: StoreDep,
                    variant: Literal["original", "upscaled"] = "original"):
-    image = images.get_image(session, caller, image_id)
-    key = images.image_blob_key(image, variant)
-    session.close()  # no DB connection held while streaming
+    image = images.get_image(uow.session, caller, image_id)
+    key = images.image_blob_key(image, variant)  # the unit of work ends before the stream starts
     return _stream(store, key, f"{image_id}{'-upscaled' if variant == 'upscaled' else ''}.png")
 
 
 @router.post("/images/{image_id}/url", response_model=SignedUrl, responses=errors(404),
              summary="A short-lived signed URL for an image (no API key needed to GET it)")
-def image_url(image_id: str, session: SessionDep, caller: CurrentClient, settings: SettingsDep,
+def image_url(image_id: str, caller: CurrentClient, uow: UoW, settings: SettingsDep,
               body: SignedUrlRequest | None = Body(None)):
-    image = images.get_image(session, caller, image_id)
+    image = images.get_image(uow.session, caller, image_id)
     key = images.image_blob_key(image, (body or SignedUrlRequest()).variant)
     url, expires_at = signed_url(key, settings.secret_key, settings.signed_url_ttl_s)
-    return released(session, SignedUrl(url=url, expires_at=expires_at))
+    return SignedUrl(url=url, expires_at=expires_at)
 
 
 @router.get("/blobs/signed", response_class=StreamingResponse, responses={**_IMAGE_RESPONSE, 403: errors(403)[403],
@@ -69,3 +69,20 @@ def signed_blob(settings: SettingsDep, store: StoreDep, key: str = Query(max_len
         raise Forbidden("This link is invalid." if problem == "invalid_signature" else "This link has expired.",
                         code=problem)
     return _stream(store, key, key.rsplit("/", 1)[-1])
+
+
+@router.get("/subjects/{subject_id}/adapter", response_class=StreamingResponse,
+            responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}},
+                             "description": "diffusers: the adapter folder as a zip (load_lora_weights + "
+                                            "load_textual_inversion); kohya: one .safetensors for A1111/ComfyUI."},
+                       **errors(404, 409)},
+            summary="Download the subject's trained adapter (owner only)")
+def download_adapter(subject_id: str, caller: CurrentClient, uow: UoW, store: StoreDep,
+                     format: Literal["diffusers", "kohya"] = "diffusers",  # noqa: A002 - the query parameter's name
+                     version: int | None = Query(None, ge=1, description="Default: the newest adapter.")):
+    adapter = adapters.get_adapter(uow.session, caller, subject_id, version)
+    name = f"likeness-{subject_id[:8]}-v{adapter.version}"
+    if format == "diffusers":
+        return StreamingResponse(adapters.zip_stream(store, adapter.blob_prefix), media_type="application/zip",
+                                 headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
+    return _stream(store, adapters.export_key(adapter, format), f"{name}-{format}.safetensors")

@@ -2,15 +2,14 @@ from __future__ import annotations
 
 import hashlib
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, UploadFile
 
-from app.api.deps import CurrentClient, IdempotencyKey, ReadSessionDep, SettingsDep, StoreDep, released
+from app.api.deps import CurrentClient, IdempotencyDep, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
-from app.api.routes._common import errors, replayable
+from app.api.routes._common import errors
 from app.api.schemas import Page, PhotoPublic, UploadResponse, UploadResult
-from app.db.session import session_scope
 from app.errors import InvalidRequest
-from app.services import idempotency, photos
+from app.services import photos
 
 router = APIRouter(prefix=f"{API_PREFIX}/subjects/{{subject_id}}/photos", tags=["photos"])
 
@@ -32,31 +31,25 @@ def _read_files(files: list[UploadFile], max_bytes: int) -> list[photos.Uploaded
                  "are re-encoded without metadata (no EXIF/GPS). Face and quality checks run in the training "
                  "job's intake; see `GET .../photos`."),
 )
-def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep, store: StoreDep, request: Request,
-                  idempotency_key: IdempotencyKey = None, files: list[UploadFile] = File(description="1-30 image files")):
+def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep, store: StoreDep, uow: UoW,
+                  idempotency: IdempotencyDep, files: list[UploadFile] = File(description="1-30 image files")):
     if not 1 <= len(files) <= settings.max_photos_per_request:
         raise InvalidRequest(f"Upload between 1 and {settings.max_photos_per_request} files per request.",
                              {"files": len(files), "max": settings.max_photos_per_request}, code="invalid_file_count")
     uploaded = _read_files(files, settings.max_file_bytes)
-    fp = idempotency.fingerprint(f"POST {request.url.path}",
-                                 [[f.filename, hashlib.sha256(f.data).hexdigest()] for f in uploaded])
-
-    def action() -> idempotency.StoredResponse:
-        with session_scope() as session:
-            outcomes = photos.upload_photos(session, caller, subject_id, uploaded, store, settings)
-        results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,
-                                message=o.message) for o in outcomes]
-        stored = sum(r.status == "stored" for r in results)
-        body = UploadResponse(subject_id=subject_id, stored=stored, rejected=len(results) - stored, files=results)
-        return idempotency.StoredResponse(201, body.model_dump(mode="json"))
-
-    response, replayed = idempotency.run_idempotent(caller.id, idempotency_key, fp, action)
-    return replayable(response.status, response.body, replayed)
+    if replay := idempotency.replay(uow, [[f.filename, hashlib.sha256(f.data).hexdigest()] for f in uploaded]):
+        return replay
+    outcomes = photos.upload_photos(uow, caller, subject_id, uploaded, store, settings)
+    results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,
+                            message=o.message) for o in outcomes]
+    stored = sum(r.status == "stored" for r in results)
+    body = UploadResponse(subject_id=subject_id, stored=stored, rejected=len(results) - stored, files=results)
+    return idempotency.respond(201, body.model_dump(mode="json"))
 
 
 @router.get("", response_model=Page[PhotoPublic], responses=errors(404),
             summary="List a subject's photos with their validation results (intake fills them in)")
-def list_photos(subject_id: str, session: ReadSessionDep, caller: CurrentClient):
-    rows = photos.list_photos(session, caller, subject_id)
+def list_photos(subject_id: str, caller: CurrentClient, uow: UoW):
+    rows = photos.list_photos(uow.session, caller, subject_id)
     data = [PhotoPublic.model_validate(p).model_copy(update={"has_crop": p.crop_key is not None}) for p in rows]
-    return released(session, {"data": data, "count": len(data)})
+    return {"data": data, "count": len(data)}

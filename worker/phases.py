@@ -1,20 +1,19 @@
-"""Stage functions: read a job's inputs from blob storage, call a pipeline, write outputs.
+"""Phase runners: read a job's inputs from blob storage, call a pipeline, write outputs.
 
 Every output goes under a deterministic key derived from ids (subject, job, rank), so a
-rerun after a crash overwrites what the first run wrote instead of adding to it.
-
-A job kind is a list of :class:`Phase` s. A phase runs on one queue and covers one or
-more client-visible stages; once its outputs are stored, its stages join the job's
-``completed_stages`` and a rerun skips it.
+rerun after a crash overwrites what the first run wrote instead of adding to it. The
+phases themselves (queues, stages, order) are the job plan's (:mod:`likeness.contract.plan`);
+this module binds each phase to the function that runs it (:data:`PHASE_RUNNERS`).
 
     train:    intake (cpu)                      -> dataset saved to subjects/<s>/datasets/<job>/
-              caching, training:stage1/2 (gpu)  -> adapter blobs + ``adapters`` row
+              caching, training:stage1/2 (gpu)  -> adapter blobs + ``adapters`` row (+ kohya export)
     generate: generating, ranking, upscaling, delivering (gpu) -> ``images`` rows + blobs
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -28,9 +27,10 @@ from sqlalchemy import delete, func, select
 
 from app.config import Settings
 from app.db.models import Adapter, Image, Photo, PhotoStatus
-from app.db.session import session_scope
+from app.db.uow import UnitOfWork
 from app.storage import (
     BlobStore,
+    adapter_export_key,
     adapter_prefix,
     image_key,
     photo_crop_key,
@@ -38,36 +38,30 @@ from app.storage import (
     subject_prefix,
     upscaled_image_key,
 )
+from likeness.contract.plan import PLANS, JobKind
+from likeness.contract.requests import ResolvedGenerate, ResolvedTrain, read_resolved
 from pipelines.errors import InvalidConfig, PipelineError
-from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, StageProgress, raise_if_canceled
+from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
 from worker.jobs import JobSnapshot
 from worker.model_cache import models, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-class StageUnavailable(PipelineError):
-    """A pipeline function this stage needs has not landed in ``pipelines/`` (never faked)."""
+class NoDeliverableImage(PipelineError):
+    """Every candidate of a generation failed the delivery rule (e.g. not exactly one face)."""
 
-    code = "stage_unavailable"
+    code = "no_deliverable_image"
 
 
 @dataclass
-class StageContext:
+class PhaseContext:
     job: JobSnapshot
     settings: Settings
     store: BlobStore
     on_progress: ProgressFn
     should_stop: CancelFn
     workdir: Path  # scratch space of this job on this machine
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    queue: str  # "cpu" | "gpu"
-    stages: tuple[str, ...]
-    run: Callable[[StageContext], dict[str, Any]]  # returns what joins the job's ``result``
 
 
 def dataset_prefix(subject_id: str, job_id: str) -> str:
@@ -79,21 +73,10 @@ def image_id(job_id: str, rank: int) -> str:
     return uuid.uuid5(uuid.UUID(hex=job_id.ljust(32, "0")[:32]), f"image-{rank}").hex
 
 
-def _require(module: str, *names: str):
-    """Import ``names`` from a pipeline module, or fail the stage with a clear error."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-        return tuple(getattr(mod, name) for name in names)
-    except (ImportError, AttributeError) as exc:
-        raise StageUnavailable(f"{module} does not provide {', '.join(names)} yet: {exc}") from exc
-
-
-def _preset(settings: Settings):
+def _preset(name: str, settings: Settings):
     from pipelines.models.presets import get_preset
 
-    return get_preset(settings.model_preset, settings.resolved_model_cache_dir)
+    return get_preset(name, settings.resolved_model_cache_dir)
 
 
 # ---- blob folders ----------------------------------------------------------------------------------------
@@ -130,28 +113,29 @@ def _png(image) -> bytes:
 # ---- train: intake ---------------------------------------------------------------------------------------
 
 
-def intake_config(ctx: StageContext):
-    """The intake settings of a train job: the preset's CLIP/upscaler plus the client's class token."""
-    (IntakeConfig,) = _require("pipelines.intake.config", "IntakeConfig")
-    preset = _preset(ctx.settings)
-    values = dict(ctx.job.request.get("intake", {}))
-    if ctx.job.request.get("class_token"):
-        values["class_token"] = ctx.job.request["class_token"]
-    return IntakeConfig.from_dict(
-        {"clip_model": preset.clip, "upscaler_model": preset.upscaler_x2, "device": resolve_device(ctx.settings.device),
-         **values}
-    )
+def _train_request(ctx: PhaseContext) -> ResolvedTrain:
+    return read_resolved(ctx.job.kind, ctx.job.request)  # type: ignore[return-value]
 
 
-def run_intake(ctx: StageContext) -> dict[str, Any]:
-    (prepare_dataset,) = _require("pipelines.intake", "prepare_dataset")
-    (PhotoInput,) = _require("pipelines.intake.dataset", "PhotoInput")
+def intake_config(ctx: PhaseContext):
+    """The intake settings of a train job: the preset's CLIP/upscaler plus the request's class word."""
+    from pipelines.intake.config import IntakeConfig
+
+    request = _train_request(ctx)
+    preset = _preset(request.preset, ctx.settings)
+    return IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, class_token=request.class_token,
+                        device=resolve_device(ctx.settings.device))
+
+
+def run_intake(ctx: PhaseContext) -> dict[str, Any]:
     from pipelines.errors import DatasetRejected
+    from pipelines.intake import prepare_dataset
+    from pipelines.intake.dataset import PhotoInput
 
     job = ctx.job
     config = intake_config(ctx)
-    with session_scope() as session:
-        photos = session.execute(
+    with UnitOfWork(ctx.settings) as uow:
+        photos = uow.session.execute(
             select(Photo.id, Photo.original_key).where(Photo.subject_id == job.subject_id).order_by(Photo.created_at)
         ).all()
     if not photos:
@@ -189,13 +173,13 @@ def _face_box(box: Any) -> list[float] | None:
     return [round(float(v), 1) for v in box]
 
 
-def _write_photo_reports(ctx: StageContext, reports: list, crops: dict[str, Any]) -> None:
+def _write_photo_reports(ctx: PhaseContext, reports: list, crops: dict[str, Any]) -> None:
     """Per-photo status/reason/measurements on the ``photos`` rows, crop and mask blobs."""
     subject_id = ctx.job.subject_id
-    with session_scope() as session:
+    with UnitOfWork(ctx.settings) as uow:
         for report in reports:
             report = report if isinstance(report, dict) else report.to_dict()
-            photo = session.get(Photo, report.get("photo_id"))
+            photo = uow.session.get(Photo, report.get("photo_id"))
             if photo is None or photo.subject_id != subject_id:
                 continue
             photo.status = PhotoStatus.accepted if report.get("accepted") else PhotoStatus.rejected
@@ -216,35 +200,20 @@ def _write_photo_reports(ctx: StageContext, reports: list, crops: dict[str, Any]
 # ---- train: caching + training ---------------------------------------------------------------------------
 
 
-LORA_CHECKPOINT_EVERY = 100
+def run_training(ctx: PhaseContext) -> dict[str, Any]:
+    from pipelines.intake.dataset import Dataset
+    from pipelines.training import train
 
-
-def train_config(request: dict[str, Any]):
-    """API train request (mode, steps, advanced ``training`` overrides) -> TrainConfig."""
-    (TrainConfig,) = _require("pipelines.training.config", "TrainConfig")
-    values = dict(request.get("training", {}))
-    if request.get("mode"):
-        values["mode"] = request["mode"]
-    if request.get("steps"):
-        values["max_train_steps"] = int(request["steps"])
-    if values.get("mode", "lora") == "lora":
-        # LoRA checkpoints are a few MB: a worker killed mid-training resumes close to where it was.
-        values.setdefault("checkpoint_every", LORA_CHECKPOINT_EVERY)
-    return TrainConfig.from_dict(values)
-
-
-def run_training(ctx: StageContext) -> dict[str, Any]:
-    (train,) = _require("pipelines.training", "train")
-    (Dataset,) = _require("pipelines.intake.dataset", "Dataset")
     job = ctx.job
-    config = train_config(job.request)
-    dataset = Dataset.load(download_folder(ctx.store, dataset_prefix(job.subject_id, job.id), ctx.workdir / "dataset-in"))
-    preset = _preset(ctx.settings)
+    request = _train_request(ctx)
+    folder = download_folder(ctx.store, dataset_prefix(job.subject_id, job.id), ctx.workdir / "dataset-in")
+    dataset = Dataset.load(folder)
+    preset = _preset(request.preset, ctx.settings)
     output_dir = ctx.workdir / "training"  # kept across attempts on this machine: train() resumes its checkpoint
     result = train(
         dataset.training_examples(),
         dataset.token_spec(),
-        config,
+        request.training,
         preset,
         output_dir,
         on_progress=ctx.on_progress,
@@ -252,8 +221,9 @@ def run_training(ctx: StageContext) -> dict[str, Any]:
         device=resolve_device(ctx.settings.device),
     )
     adapter_dir = Path(result.adapter_dir)
-    manifest = _read_manifest(adapter_dir)
-    with session_scope() as session:
+    manifest = json.loads((adapter_dir / "manifest.json").read_text())
+    with UnitOfWork(ctx.settings) as uow:
+        session = uow.session
         adapter = session.execute(select(Adapter).where(Adapter.job_id == job.id)).scalar_one_or_none()
         if adapter is None:  # first completion; a rerun reuses its version (and blob prefix)
             version = (
@@ -263,48 +233,48 @@ def run_training(ctx: StageContext) -> dict[str, Any]:
             adapter = Adapter(subject_id=job.subject_id, job_id=job.id, version=version, mode="", blob_prefix="")
             session.add(adapter)
         adapter.blob_prefix = adapter_prefix(job.subject_id, adapter.version)
-        adapter.mode = str(manifest.get("mode", getattr(config, "mode", "lora")))
+        adapter.mode = str(manifest.get("mode", request.training.mode))
         adapter.manifest = manifest
         session.flush()
         adapter_id, version, prefix = adapter.id, adapter.version, adapter.blob_prefix
     upload_folder(ctx.store, adapter_dir, prefix)
+    if adapter.mode == "lora":
+        _store_kohya_export(ctx, adapter_dir, version)
     return {"adapter": {"id": adapter_id, "version": version},
             "training": {"steps": result.steps, **_jsonable(result.metrics or {})}}
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    import json
+def _store_kohya_export(ctx: PhaseContext, adapter_dir: Path, version: int) -> None:
+    """The LoRA in kohya/A1111 naming, ready for ``GET /v1/subjects/{id}/adapter?format=kohya``."""
+    from pipelines.adapters import export_kohya
 
-    path = folder / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    out = export_kohya(adapter_dir, ctx.workdir / "exports" / "kohya.safetensors")
+    ctx.store.put(adapter_export_key(ctx.job.subject_id, version, "kohya"), out.read_bytes(),
+                  "application/octet-stream")
 
 
 def _jsonable(value: Any) -> Any:
-    import json
-
     return json.loads(json.dumps(value, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o)))
 
 
 # ---- generate --------------------------------------------------------------------------------------------
 
 
-def find_adapter(subject_id: str, version: int | None = None) -> tuple[str, str] | None:
-    """(id, blob prefix) of the subject's adapter ``version`` (default: the newest)."""
-    with session_scope() as session:
-        query = select(Adapter.id, Adapter.blob_prefix).where(Adapter.subject_id == subject_id)
-        if version is not None:
-            query = query.where(Adapter.version == int(version))
-        row = session.execute(query.order_by(Adapter.version.desc()).limit(1)).one_or_none()
+def find_adapter(settings: Settings, subject_id: str, version: int) -> tuple[str, str] | None:
+    """(id, blob prefix) of the subject's adapter ``version``."""
+    with UnitOfWork(settings) as uow:
+        row = uow.session.execute(select(Adapter.id, Adapter.blob_prefix).where(
+            Adapter.subject_id == subject_id, Adapter.version == int(version))).one_or_none()
     return (row.id, row.blob_prefix) if row else None
 
 
-def _adapter_dir(ctx: StageContext, adapter_id: str, prefix: str) -> Path:
+def _adapter_dir(ctx: PhaseContext, adapter_id: str, prefix: str) -> Path:
     """Local copy of an adapter, shared by every generation job of this machine."""
     target = ctx.settings.data_dir.resolve() / "adapters" / adapter_id
     if not (target / "manifest.json").exists():
-        staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent if target.parent.exists() else None))
-        download_folder(ctx.store, prefix, staging)
         target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
+        download_folder(ctx.store, prefix, staging)
         try:
             staging.rename(target)
         except OSError:
@@ -312,50 +282,67 @@ def _adapter_dir(ctx: StageContext, adapter_id: str, prefix: str) -> Path:
     return target
 
 
-def _engine(settings: Settings):
-    (GenerationEngine,) = _require("pipelines.generation.engine", "GenerationEngine")
+def _engine(settings: Settings, preset_name: str):
+    from pipelines.generation.engine import GenerationEngine
+
     device = resolve_device(settings.device)
-    preset = _preset(settings)
+    preset = _preset(preset_name, settings)
     return models.borrow(("generation", preset.name, device), lambda: GenerationEngine(preset, device))
 
 
-def run_generation(ctx: StageContext) -> dict[str, Any]:
-    (GenerationRequest,) = _require("pipelines.generation.request", "GenerationRequest")
+def run_generation(ctx: PhaseContext) -> dict[str, Any]:
     from PIL import Image as PILImage
 
     job = ctx.job
-    found = find_adapter(job.subject_id, job.request.get("adapter_version"))
+    request: ResolvedGenerate = read_resolved(job.kind, job.request)  # type: ignore[assignment]
+    found = find_adapter(ctx.settings, job.subject_id, request.adapter_version)
     if found is None:
-        raise InvalidConfig("the subject has no trained adapter; train it first", code="subject_not_trained")
+        raise InvalidConfig(f"the subject's adapter version {request.adapter_version} no longer exists",
+                            code="adapter_not_found")
     adapter_id, prefix = found
-    request = GenerationRequest(**{k: v for k, v in job.request.items() if k != "adapter_version"})
     adapter_dir = _adapter_dir(ctx, adapter_id, prefix)
-    with session_scope() as session:
-        crop_keys = session.execute(
+    with UnitOfWork(ctx.settings) as uow:
+        crop_keys = uow.session.execute(
             select(Photo.crop_key).where(
                 Photo.subject_id == job.subject_id, Photo.status == PhotoStatus.accepted, Photo.crop_key.is_not(None)
             )
         ).scalars().all()
     references = [PILImage.open(io.BytesIO(ctx.store.get(key))).convert("RGB") for key in crop_keys]
-    with _engine(ctx.settings) as engine:
-        results = engine.generate(
-            request, adapter_dir, references, on_progress=ctx.on_progress, should_stop=ctx.should_stop,
-            return_all=True,
-        )
-    delivered = deliver(ctx, [r for r in results if r.rank > 0], adapter_id)
+    with _engine(ctx.settings, request.preset) as engine:
+        results = engine.generate(request.generation, adapter_dir, references, on_progress=ctx.on_progress,
+                                  should_stop=ctx.should_stop, return_all=True)
     # Every candidate's scores stay on the job record (rank 0 = not delivered), so a client or
     # the dashboard can see why the delivered ones won.
-    delivered["candidates"] = [
-        {"seed": int(r.seed), "rank": int(r.rank), "flagged": bool(r.flagged), "scores": _jsonable(dict(r.scores))}
+    candidates = [
+        {"seed": int(r.seed), "rank": int(r.rank), "faces": int(r.faces), "flagged": bool(r.flagged),
+         "scores": _jsonable(dict(r.scores))}
         for r in sorted(results, key=lambda r: r.seed)
     ]
-    return delivered
+    deliverable = deliverable_results(results)
+    return {**deliver(ctx, deliverable, adapter_id), "candidates": candidates}
 
 
-def deliver(ctx: StageContext, results: list, adapter_id: str) -> dict[str, Any]:
+def deliverable_results(results: list) -> list:
+    """The ranked results to deliver; fails with ``no_deliverable_image`` (saying how many candidates
+    were dropped and why) when the delivery rule left none."""
+    deliverable = [r for r in results if r.rank > 0]
+    if deliverable:
+        return deliverable
+    dropped: dict[str, int] = {}
+    for result in results:
+        reason = "no_face" if result.faces == 0 else "several_faces"
+        dropped[reason] = dropped.get(reason, 0) + 1
+    raise NoDeliverableImage(
+        f"none of the {len(results)} candidates could be delivered ({', '.join(f'{n} {r}' for r, n in dropped.items())}"
+        "): each must show exactly one face; try another style, another seed or more candidates (n)",
+        {"candidates": len(results), "dropped": dropped},
+    )
+
+
+def deliver(ctx: PhaseContext, results: list, adapter_id: str) -> dict[str, Any]:
     """The ``delivering`` stage: store each ranked image (original + upscaled) and its row."""
     job = ctx.job
-    progress = StageProgress(ctx.on_progress, "delivering", total=len(results), min_interval_s=0.0)
+    progress = StageProgress(ctx.on_progress, Stage.DELIVERING, total=len(results), min_interval_s=0.0)
     progress.start()
     rows = []
     for result in sorted(results, key=lambda r: r.rank):
@@ -376,17 +363,21 @@ def deliver(ctx: StageContext, results: list, adapter_id: str) -> dict[str, Any]
             )
         )
         progress.advance()
-    with session_scope() as session:
-        session.execute(delete(Image).where(Image.job_id == job.id))  # a rerun replaces, never duplicates
-        session.add_all(Image(**row) for row in rows)
-    ctx.on_progress(ProgressEvent("delivering", 1.0, 0.0))
+    with UnitOfWork(ctx.settings) as uow:
+        uow.session.execute(delete(Image).where(Image.job_id == job.id))  # a rerun replaces, never duplicates
+        uow.session.add_all(Image(**row) for row in rows)
+    ctx.on_progress(ProgressEvent(Stage.DELIVERING, 1.0, 0.0))
     return {"images": len(rows), "adapter_id": adapter_id}
 
 
-PLANS: dict[str, tuple[Phase, ...]] = {
-    "train": (
-        Phase("intake", "cpu", ("intake",), run_intake),
-        Phase("training", "gpu", ("caching", "training:stage1", "training:stage2"), run_training),
-    ),
-    "generate": (Phase("generation", "gpu", ("generating", "ranking", "upscaling", "delivering"), run_generation),),
+PhaseRunner = Callable[[PhaseContext], dict[str, Any]]
+
+#: The function that runs each phase of the job plan; a kind without runners cannot be queued.
+PHASE_RUNNERS: dict[tuple[JobKind, str], PhaseRunner] = {
+    (JobKind.TRAIN, "intake"): run_intake,
+    (JobKind.TRAIN, "training"): run_training,
+    (JobKind.GENERATE, "generation"): run_generation,
 }
+
+assert {(kind, phase.name) for kind, plan in PLANS.items() for phase in plan.phases} == set(PHASE_RUNNERS), \
+    "every phase of the job plan needs a runner (and nothing else has one)"

@@ -13,7 +13,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +22,8 @@ app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.",
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Model weights of a preset: prefetch and check.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+adapters_app = typer.Typer(help="Trained adapters: convert for other tools.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
 
 console = Console()
 err = Console(stderr=True)
@@ -57,7 +59,9 @@ def _settings():
 
 
 @app.command()
-def migrate(down: Annotated[bool, typer.Option("--down", help="Drop every table (downgrade to base).")] = False) -> None:
+def migrate(
+    down: Annotated[bool, typer.Option("--down", help="Drop every table (downgrade to base).")] = False,
+) -> None:
     """Create or upgrade the database schema (or remove it with --down)."""
     from app.db.migrate import downgrade_to_base, upgrade_to_head
 
@@ -78,11 +82,11 @@ def _safe_url(url: str) -> str:
 
 def _create_client(name: str, role: str) -> str:
     """Create a client; returns its API key (only its hash is stored)."""
-    from app.db.session import session_scope
+    from app.db.uow import UnitOfWork
     from app.services.clients import create_client as create
 
-    with session_scope() as session:
-        _, key = create(session, name, role)
+    with UnitOfWork() as uow:
+        _, key = create(uow.session, name, role)
     return key
 
 
@@ -110,7 +114,7 @@ def worker_command(queues: list[str], concurrency: int, settings, loglevel: str 
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option("--queues", "-q", help="Comma-separated: gpu, cpu.")] = "gpu,cpu",
-    concurrency: Annotated[Optional[int], typer.Option(help="Default: 1 when serving gpu, else CPU count.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Default: 1 when serving gpu, else CPU count.")] = None,
     loglevel: str = "info",
 ) -> None:
     """Start a Celery worker on the given queues (GPU workers run one job at a time)."""
@@ -137,8 +141,8 @@ def _admin_key(settings) -> tuple[str, bool]:
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Default: LIKENESS_HOST.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Default: LIKENESS_PORT.")] = None,
+    host: Annotated[str | None, typer.Option(help="Default: LIKENESS_HOST.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: LIKENESS_PORT.")] = None,
     embedded_worker: Annotated[bool, typer.Option("--worker/--no-worker",
                                                   help="Also start a local worker on both queues.")] = True,
 ) -> None:
@@ -156,11 +160,13 @@ def serve(
     try:
         if embedded_worker:
             children.append(subprocess.Popen(worker_command(["gpu", "cpu"], 1, settings, "warning")))
-        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
+        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+                                          "--host", host,
                                           "--port", str(port), "--log-level", "warning"]))
         url = f"http://{host}:{port}"
         console.print(f"Likeness listening on [bold]{url}[/]  (API docs: {url}/docs)")
-        console.print(f"mode: {'embedded' if settings.embedded else 'distributed'}, data: {settings.data_dir.resolve()}, "
+        mode = "embedded" if settings.embedded else "distributed"
+        console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, "
                       f"preset: {settings.model_preset}")
         if created:
             console.print("admin API key (created now, kept in data_dir/admin_api_key):")
@@ -198,7 +204,7 @@ def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
 
 @models_app.command("pull")
 def models_pull(
-    preset: Annotated[Optional[str], typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
     from worker.weights import pull
@@ -209,7 +215,7 @@ def models_pull(
 
 @models_app.command("check")
 def models_check(
-    preset: Annotated[Optional[str], typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Report what the preset still needs locally; exit 1 if anything is missing."""
     from worker.weights import check
@@ -225,6 +231,28 @@ def models_check(
     console.print(f"preset {name}: every weight is available locally")
 
 
+# ---- adapters ------------------------------------------------------------------------------------------------
+
+
+class ExportFormat(str, Enum):
+    kohya = "kohya"
+
+
+@adapters_app.command("export")
+def adapters_export(
+    adapter_dir: Annotated[Path, typer.Argument(help="An adapter folder (manifest.json inside), e.g. from "
+                                                     "`likeness run` (OUT/.work/training/adapter) or a downloaded "
+                                                     "zip of GET /v1/subjects/{id}/adapter, unpacked.")],
+    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="kohya: one file for A1111/ComfyUI.")] = ExportFormat.kohya,  # noqa: A002,E501
+) -> None:
+    """Convert a LoRA adapter to the kohya/A1111 format (the instance token's embedding stays in the folder)."""
+    from pipelines.adapters import export_kohya
+
+    written = export_kohya(adapter_dir, out)
+    console.print(f"{format.value} LoRA written to {written}")
+
+
 # ---- one-shot run --------------------------------------------------------------------------------------------
 
 
@@ -238,22 +266,23 @@ def run(
     k: Annotated[int, typer.Option(help="Best candidates kept (and upscaled).")] = 4,
     seed: int = 0,
     device: str = "auto",
-    train_steps: Annotated[Optional[int], typer.Option(help="Override total training steps (quick demos).")] = None,
+    train_steps: Annotated[int | None, typer.Option(help="Override total training steps (quick demos).")] = None,
 ) -> None:
     """Photos folder -> portraits folder, locally, through the same pipeline as the service."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from likeness.contract.requests import GenerateRequest, TrainRequest
     from worker.local import LocalRunConfig, run_local
 
-    overrides = {"max_train_steps": train_steps} if train_steps else {}
-    config = LocalRunConfig(style=style, n=n, k=k, preset=preset, device=device, seed=seed, train_overrides=overrides)
+    config = LocalRunConfig(train=TrainRequest(steps=train_steps), preset=preset, device=device,
+                            generate=GenerateRequest(style=style, n=n, k=k, seed=seed))
     with Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bars:
         tasks: dict[str, int] = {}
 
         def on_progress(event) -> None:
             if event.stage not in tasks:
-                for stage, task_id in tasks.items():  # earlier stages are finished
+                for _stage, task_id in tasks.items():  # earlier stages are finished
                     bars.update(task_id, completed=100)
                 tasks[event.stage] = bars.add_task(event.stage, total=100)
             bars.update(tasks[event.stage], completed=100 * event.fraction)
