@@ -14,7 +14,8 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-MODEL_CACHE = Path(os.environ.get("LIKENESS_TEST_MODEL_CACHE", Path(__file__).resolve().parent.parent / ".likeness" / "test-models"))
+MODEL_CACHE = Path(os.environ.get("LIKENESS_TEST_MODEL_CACHE",
+                                  Path(__file__).resolve().parent.parent / ".likeness" / "test-models"))
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +50,20 @@ def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
 def noise_image(size: int = 256, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def sqlite_db(tmp_path, monkeypatch):
+    """A migrated SQLite database as the process-wide default (what embedded mode uses)."""
+    from app.config import get_settings
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import dispose_engines
+
+    for name in [k for k in os.environ if k.startswith("LIKENESS_")]:  # other test packages set some
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LIKENESS_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    upgrade_to_head()
+    yield get_settings().resolved_database_url
+    dispose_engines()
+    get_settings.cache_clear()

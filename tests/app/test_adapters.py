@@ -16,7 +16,7 @@ def _stored_adapter(subject_id: str, store, mode: str = "lora", version: int = 1
     from app.storage import adapter_export_key, adapter_prefix
 
     files = {"manifest.json": b'{"mode": "%s"}' % mode.encode(), "unet/adapter_model.safetensors": b"unet-lora",
-             "tokens/<subj>.safetensors": b"rows"}
+             "tokens/000.safetensors": b"rows"}
     prefix = adapter_prefix(subject_id, version)
     for name, data in files.items():
         store.put(prefix + name, data)

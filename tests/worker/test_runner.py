@@ -1,0 +1,90 @@
+"""The runner: phases from the job plan, hand-over between queues, stage timings, failures."""
+
+from __future__ import annotations
+
+from pipelines.progress import ProgressEvent
+from tests.worker.conftest import make_job, read_job, settings_with
+
+
+def test_runner_hands_the_gpu_phase_to_the_gpu_queue(sqlite_db, monkeypatch, queue):
+    """A CPU-only worker runs intake, then hands the job over instead of training on the CPU."""
+    from likeness.contract.plan import JobKind
+    from worker import phases, runner
+
+    ran = []
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: ran.append("intake") or {})
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), lambda ctx: ran.append("training") or {})
+    settings = settings_with()
+    job_id = make_job()
+    outcome = runner.run_job(job_id, consumes={settings.queue("cpu")}, settings=settings)
+    assert outcome.startswith("handed over") and ran == ["intake"]
+    assert queue.sent == [("likeness.run_job", [job_id], "gpu")]
+    job = read_job(job_id)
+    assert job.state.value == "running" and job.worker is None and job.completed_stages == ["intake"]
+    assert runner.run_job(job_id, consumes={settings.queue("gpu")}, settings=settings) == "succeeded"
+    assert ran == ["intake", "training"] and read_job(job_id).attempts == 1
+    job = read_job(job_id)
+    assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2"]
+
+
+def test_stage_runs_are_recorded_with_their_durations(sqlite_db, monkeypatch, queue):
+    from sqlalchemy import select
+
+    from app.db.models import JobStage
+    from likeness.contract.plan import JobKind, Stage
+    from tests.app.fixtures import session_scope
+    from worker import phases, runner
+
+    def training(ctx):
+        for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
+            ctx.on_progress(ProgressEvent(stage, 0.0))
+            ctx.on_progress(ProgressEvent(stage, 1.0))
+        return {}
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"),
+                        lambda ctx: ctx.on_progress(ProgressEvent(Stage.INTAKE, 1.0)) or {})
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
+    job_id = make_job()
+    assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
+    with session_scope() as session:
+        rows = session.scalars(select(JobStage).where(JobStage.job_id == job_id).order_by(JobStage.started_at)).all()
+        assert [r.stage for r in rows] == ["intake", "caching", "training:stage1", "training:stage2"]
+        assert all(r.finished_at is not None and r.seconds is not None and r.seconds >= 0 for r in rows)
+        assert {r.attempt for r in rows} == {1}
+
+
+def test_unknown_exception_fails_with_internal_error_and_no_trace(sqlite_db, monkeypatch, queue):
+    from likeness.contract.plan import JobKind
+    from worker import phases, runner
+
+    def boom(ctx):
+        raise KeyError("secret internals")
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), boom)
+    job_id = make_job()
+    assert runner.run_job(job_id, settings=settings_with()) == "failed"
+    job = read_job(job_id)
+    assert job.error_code == "internal_error" and "secret" not in job.error_message
+
+
+def test_blobs_written_after_the_subject_was_deleted_are_removed(sqlite_db, monkeypatch, queue):
+    """The API deletes a subject (rows + blobs) while its job is still writing: nothing may remain."""
+    from sqlalchemy import delete
+
+    from app.db.models import Subject
+    from app.storage import get_blob_store, subject_prefix
+    from likeness.contract.plan import JobKind
+    from tests.app.fixtures import session_scope
+    from worker import phases, runner
+
+    def write_after_delete(ctx):
+        with session_scope() as session:  # what DELETE /v1/subjects/{id} does meanwhile
+            session.execute(delete(Subject).where(Subject.id == ctx.job.subject_id))
+        ctx.store.put(subject_prefix(ctx.job.subject_id) + "late/blob.bin", b"late")
+        return {}
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), write_after_delete)
+    job_id = make_job()
+    subject_id = read_job(job_id).subject_id
+    assert runner.run_job(job_id, settings=settings_with()) == "lost"
+    assert get_blob_store().list(subject_prefix(subject_id)) == []
