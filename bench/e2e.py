@@ -56,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--style", default="studio_headshot")
-    parser.add_argument("--train-steps", type=int, default=None, help="default: the training config's own")
+    parser.add_argument("--train-steps", type=int, default=None, help="default: the preset's (tiny: 10 per photo)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the style's)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: LIKENESS_MODEL_CACHE_DIR)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
     from app.config import get_settings
+    from likeness.contract.requests import GenerateRequest, TrainRequest
     from pipelines.generation.engine import GenerationEngine
     from pipelines.models.presets import get_preset
     from worker.local import LocalRunConfig, StageTimer, run_local
@@ -76,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         engine = GenerationEngine(get_preset(args.preset, cache_dir), args.device)  # warm worker: loaded once
         load_s = time.perf_counter() - start
         config = LocalRunConfig(
-            style=args.style, n=args.n, k=args.k, preset=args.preset, device=args.device, upscale=2,
-            train_overrides={"max_train_steps": args.train_steps} if args.train_steps else {},
-            generation_overrides={"steps": args.steps} if args.steps else {},
+            train=TrainRequest(steps=args.train_steps),
+            generate=GenerateRequest(style=args.style, n=args.n, k=args.k, steps=args.steps, upscale=2),
+            preset=args.preset, device=args.device,
         )
         timer = StageTimer()
         start = time.perf_counter()

@@ -18,7 +18,7 @@ from app.db.uow import UnitOfWork
 from app.storage import get_blob_store
 from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
-from worker import jobs
+from worker import jobs, registry
 from worker.phases import PHASE_RUNNERS, PhaseContext
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
 
@@ -99,7 +99,15 @@ def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: S
     claim = jobs.claim(settings, job_id)
     if claim.outcome is not jobs.ClaimOutcome.run:
         return claim.outcome.value
-    job = claim.job
+    registry.status.set("busy", job_id)
+    try:
+        return _run_claimed(settings, claim.job, consumes)
+    finally:
+        registry.status.set("idle")
+
+
+def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection[str] | None) -> str:
+    job_id = job.id
     plan = plan_for(job.kind)
 
     def runs_here(phase) -> bool:  # noqa: ANN001

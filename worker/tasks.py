@@ -10,7 +10,7 @@ import logging
 import os
 
 from celery import Task
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from app.config import get_settings
 from likeness.contract.plan import Task as TaskName
@@ -72,13 +72,28 @@ def sweep() -> dict:
 _periodic = None
 
 
+_registry = None
+
+
 @worker_process_init.connect
-def _fresh_connections(**_) -> None:
-    """A forked pool process must not share the parent's pooled DB connections."""
+def _start_pool_process(**_) -> None:
+    """A forked pool process: fresh DB connections (never the parent's), and its registry heartbeat."""
+    global _registry
     from app.db import session as db_session
+    from worker.registry import RegistryHeartbeat, status
 
     for engine in list(db_session._ENGINES.values()):
         engine.dispose(close=False)
+    settings = get_settings()
+    queues = sorted(celery_app.amqp.queues.consume_from or ()) or [settings.queue(q) for q in ("cpu", "gpu")]
+    status.set("idle")
+    _registry = RegistryHeartbeat(settings, queues, interval_s=settings.job_heartbeat_s).start()
+
+
+@worker_process_shutdown.connect
+def _stop_pool_process(**_) -> None:
+    if _registry is not None:
+        _registry.stop()
 
 
 @worker_ready.connect
