@@ -20,19 +20,21 @@ __all__ = [
     "ControlNetSpec",
     "GenerationEngine",
     "GenerationLimits",
+    "GenerationModels",
     "GenerationRequest",
     "ResolvedRequest",
     "Result",
     "StylePack",
     "aspect_size",
     "check_request",
+    "generation_models",
     "get_style",
     "list_styles",
 ]
 
 
 def __getattr__(name: str):
-    if name in ("GenerationEngine", "Result"):
+    if name in ("GenerationEngine", "GenerationModels", "Result", "generation_models"):
         from pipelines.generation import engine
 
         return getattr(engine, name)

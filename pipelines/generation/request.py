@@ -226,6 +226,11 @@ def _check_prompt(
         )
 
 
+def requested_controlnets(request: GenerationRequest) -> tuple[ControlNetSpec, ...]:
+    """The ControlNets ``request`` will run with (its own, else its style's template): what to load."""
+    return _resolve_controlnets(request, get_style(request.style) if request.style is not None else None)
+
+
 def _resolve_controlnets(request: GenerationRequest, style: StylePack | None) -> tuple[ControlNetSpec, ...]:
     if request.controlnets is not None:
         return tuple(request.controlnets)
