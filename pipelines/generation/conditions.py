@@ -175,7 +175,7 @@ def depth_condition(image: Image.Image, width: int, height: int, estimator) -> I
     if estimator is None:  # the optional production annotator
         raise InvalidConfig(
             "depth ControlNet needs a depth map (send it with preprocessed=true) or the optional "
-            "controlnet-aux annotator, which is not installed",
+            "controlnet-aux annotator, which is not installed (or was not loaded for this request)",
             code="depth_annotator_unavailable",
         )
     depth = estimator(fit(image, width, height))

@@ -111,13 +111,12 @@ def generation_models(
 
     device = str(resolve_device(device))
     dtype = dtype or default_dtype(device)
-    if request is None:  # everything: the CLI's and the benchmarks' warm engine
+    if request is None:  # everything the preset ships: the benchmarks' warm engine
         kinds = sorted(preset.controlnets)
         factors = [2, 4]
         vae = True
         pose = "pose" in kinds
-        depth = "depth" in kinds
-        safety = False
+        depth = safety = False  # optional extras with their own downloads: only when a request asks
     else:
         nets = requested_controlnets(request)
         unknown = sorted({spec.kind for spec in nets} - set(preset.controlnets))
@@ -232,13 +231,18 @@ class GenerationEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         *,
+        request: GenerationRequest | None = None,
         face_backend: str = "blazeface",
         identity_backend: str = "auto",
         **options: Any,
     ) -> GenerationEngine:
-        """Load every model ``preset`` offers now and serve them (CLI, benchmarks; the worker borrows)."""
+        """Load now what ``request`` needs (None: every model the preset ships) and serve it.
+
+        For the CLI and benchmarks; the worker borrows :func:`generation_models` from its manager.
+        """
         spec = generation_models(
-            preset, resolve_device(device), dtype, face_backend=face_backend, identity_backend=identity_backend
+            preset, resolve_device(device), dtype, request,
+            face_backend=face_backend, identity_backend=identity_backend,
         )
         return cls(preset, spec.load(), **options)
 

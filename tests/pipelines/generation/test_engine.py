@@ -225,3 +225,26 @@ def test_a_trained_adapter_generates_reproducibly_and_detaches(engine, trained_a
     assert first.prompt == "a photo of <subj> girl"
     assert np.array_equal(pixels(first.image), pixels(again.image))
     assert np.array_equal(pixels(generate_one(engine, seed=9).image), pixels(base.image))
+
+
+def test_a_request_names_only_the_models_it_needs(fast_preset):
+    from pipelines.generation import generation_models
+
+    def whats(request=None):
+        return {spec.key.what for spec in generation_models(fast_preset, "cpu", request=request).specs()}
+
+    ranking = {"clip", "aesthetic", "face_detector", "face_embedder"}
+    plain = GenerationRequest(**{**FAST, "use_improved_vae": False})
+    assert whats(plain) == {"base"} | ranking
+    posed = GenerationRequest(
+        **{**FAST, "upscale": 4, "controlnets": (ControlNetSpec(kind="pose", template="astronaut_portrait.jpg"),)}
+    )
+    assert whats(posed) == {"base", "vae", "upscaler", "controlnet:pose", "pose_estimator"} | ranking
+    assert whats() >= {"controlnet:pose", "controlnet:depth", "upscaler", "vae", "pose_estimator"}
+    # One dtype for the base and what runs inside it; keys of everything are distinct.
+    specs = generation_models(fast_preset, "cpu", torch.bfloat16, request=posed).specs()
+    assert {s.key.dtype for s in specs if s.key.what in ("base", "vae", "controlnet:pose")} == {"bfloat16"}
+    unknown_style = GenerationRequest(style="no-such-style", n=1, k=1)
+    with pytest.raises(InvalidConfig) as err:  # before anything loads
+        generation_models(fast_preset, "cpu", request=unknown_style)
+    assert err.value.error_code == "unknown_style"
