@@ -537,14 +537,15 @@ _manager_pid = -1
 _manager_lock = threading.Lock()
 
 
-def get_manager(budget_bytes: int | None = None) -> ModelManager:
+def get_manager(budget_bytes: int | None = None, name: str | None = None) -> ModelManager:
     """This process's manager, created on first call (in a Celery pool process: after the fork).
 
-    ``budget_bytes`` applies when the manager is created; later calls return it unchanged.
+    ``budget_bytes`` and ``name`` (default ``host:pid``) apply when the manager is created;
+    later calls return it unchanged.
     """
     with _manager_lock:
         if _manager is None or _manager_pid != os.getpid():
-            _set_manager(ModelManager(budget_bytes))
+            _set_manager(ModelManager(budget_bytes, name=name))
         return _manager
 
 
