@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     model_preset: Literal["tiny", "sd15"] = "tiny"
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)
 
     # Jobs
     max_attempts: int = 3

@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}})
     app.state.settings = settings
-    app.state.scrape_registry = scrape_registry(settings, SessionLocal)
+    app.state.scrape_registry = scrape_registry(settings, lambda: SessionLocal(settings.resolved_database_url))
     install_error_handlers(app)
     for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
         app.include_router(router)

@@ -7,7 +7,9 @@
   ``job_stages`` from the job plan), so every API replica reports the same numbers, whichever
   worker ran the job;
 * ``likeness_queue_depth{queue}``: Redis ``LLEN`` of the job queues when the broker is Redis;
-* ``likeness_outbox_messages``: task messages waiting for the broker (it was down).
+* ``likeness_outbox_messages``: task messages waiting for the broker (it was down);
+* ``likeness_worker_state{worker,state}`` (1 for the state each live worker process reported in
+  the ``workers`` table, 0 for the others) and ``likeness_worker_loaded_model_bytes{worker}``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,40 @@ class JobsCollector(Collector):
                          ["kind", "stage"], stages, STAGE_BUCKETS)
 
 
+WORKER_STATES = ("starting", "loading", "idle", "busy")
+
+
+class WorkersCollector(Collector):
+    """Each worker process's state and loaded-model bytes, from its last registry heartbeat."""
+
+    def __init__(self, session_factory, stale_after_s: float):  # noqa: ANN001
+        self.session_factory = session_factory
+        self.stale_after = timedelta(seconds=stale_after_s)
+
+    def collect(self):  # noqa: ANN201
+        from sqlalchemy import select
+
+        from app.db.models import WorkerRecord, utcnow
+
+        states = GaugeMetricFamily("likeness_worker_state", "Worker process state (1 = current).",
+                                   labels=["worker", "state"])
+        loaded = GaugeMetricFamily("likeness_worker_loaded_model_bytes", "Bytes of models a worker holds loaded.",
+                                   labels=["worker"])
+        try:
+            with self.session_factory() as session:
+                rows = session.scalars(select(WorkerRecord).where(
+                    WorkerRecord.heartbeat_at >= utcnow() - self.stale_after, WorkerRecord.state != "stopped")).all()
+                for row in rows:
+                    for state in WORKER_STATES:
+                        states.add_metric([row.name, state], 1.0 if row.state == state else 0.0)
+                    loaded.add_metric([row.name], float(sum(int(m.get("bytes") or 0) for m in row.models or [])))
+        except Exception:  # noqa: BLE001
+            log.warning("worker metrics unavailable", exc_info=True)
+            return
+        yield states
+        yield loaded
+
+
 class QueueDepthCollector(Collector):
     """``LLEN`` of each job queue on a Redis broker (kombu keeps a queue as one list)."""
 
@@ -115,6 +151,7 @@ def scrape_registry(settings, session_factory) -> CollectorRegistry:  # noqa: AN
     """A registry with the DB- and broker-derived collectors (build once per app)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(JobsCollector(session_factory))
+    registry.register(WorkersCollector(session_factory, settings.job_stale_after_s))
     registry.register(QueueDepthCollector(settings))
     return registry
 

@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import itertools
 
 from pipelines.adapters import AdapterManifest, LoraSpec, attach_adapter, detach_adapter, save_adapter
-from pipelines.generation import GenerationEngine, GenerationRequest
-from pipelines.generation.request import GenerationLimits, aspect_size, check_request
+from pipelines.generation import GenerationEngine, GenerationModels, GenerationSpec
+from pipelines.generation.request import aspect_size
 from pipelines.models.presets import get_preset, with_overrides
 from pipelines.models.sd15_random import sd15_random_pipeline
-from pipelines.ranking import RANKING_PRESETS, AestheticHead, rank
-from pipelines.upscale import upscale
+from pipelines.ranking import RANKING_PRESETS, AestheticHead, RankingModels, rank
+from pipelines.upscale import load_upscaler, upscale
+from pipelines.vision.faces import load_face_detector
 
 
 def sync(device: torch.device) -> None:
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[tuple[str, str]] = []
 
     t0 = time.perf_counter()
+    options = {
+        "batch_size": batch_size,
+        "vae_slicing": gpu,  # bounds VAE decode memory for 50-image batches at 512²
+    }
     if args.arch == "sd15-random":
         tiny_preset = get_preset("tiny")
         preset = with_overrides(
@@ -171,43 +176,35 @@ def main(argv: list[str] | None = None) -> None:
             resolution=args.resolution or 512,
             upscaler_x2=realesrgan_x2(work / "realesrgan_x2.safetensors"),
         )
-        pipeline = sd15_random_pipeline(work, "cuda" if torch.cuda.is_available() else "cpu")
-        engine = GenerationEngine(
-            preset,
-            device,
-            dtype,
-            pipeline=pipeline,
-            batch_size=batch_size,
-            compile=args.compile,
-            channels_last=args.channels_last,
-            vae_slicing=gpu,  # bounds VAE decode memory for 50-image batches at 512²
-            limits=GenerationLimits(max_candidates=max(n, 64)),
+        # A prebuilt base: the engine serves whatever pipeline it is given.
+        pipeline = sd15_random_pipeline(work, "cuda" if torch.cuda.is_available() else "cpu").to(device, dtype)
+        ranking = RankingModels(
+            clip=RandomClipL14(device, dtype, pipeline.tokenizer),
+            aesthetic=laion_aesthetic_mlp(device).to(dtype),
+            face_detector=load_face_detector(),
         )
-        clip = RandomClipL14(device, dtype, pipeline.tokenizer)
-        head = laion_aesthetic_mlp(device).to(dtype)
+        models = GenerationModels(
+            base=pipeline, ranking=ranking, upscalers={2: load_upscaler(preset.upscaler_x2, device)}
+        )
+        engine = GenerationEngine(preset, models, **options)
     else:
         preset = get_preset("tiny")
         if args.resolution:
             preset = with_overrides(preset, resolution=args.resolution)
-        engine = GenerationEngine(
-            preset,
-            device,
-            dtype,
-            batch_size=batch_size,
-            compile=args.compile,
-            channels_last=args.channels_last,
-            vae_slicing=gpu,  # bounds VAE decode memory for 50-image batches at 512²
-            limits=GenerationLimits(max_candidates=max(n, 64)),
-        )
-        from pipelines.models.clip import get_clip
-
-        clip = get_clip(preset.clip, str(device))
-        head = preset.aesthetic_head
+        engine = GenerationEngine.load(preset, device, dtype, identity_backend="none", **options)
+        ranking = engine.models.ranking
+    # Serving options of the base itself (the engine never changes the base it is lent).
+    if args.channels_last:
+        engine.pipe.unet.to(memory_format=torch.channels_last)
+    if args.compile:
+        engine.pipe.unet.compile(mode="max-autotune-no-cudagraphs", fullgraph=False)
+    ranking.face_embedder = None  # identity needs reference photos; timed here: aesthetic, text, faces
+    upscaler = engine.upscaler(2)
     adapter = lora_adapter(work / "adapter", engine, rank_=16 if args.arch == "sd15-random" else 4)
     sync(device)
     rows.append(("setup (build/load models, make adapter)", f"{time.perf_counter() - t0:.1f} s"))
 
-    request = GenerationRequest(
+    spec = GenerationSpec(
         prompts=("portrait photo of {instance} {class}, studio light",),
         n=n,
         k=k,
@@ -217,7 +214,6 @@ def main(argv: list[str] | None = None) -> None:
         controlnets=(),
         batch_size=batch_size,
     )
-    resolved = check_request(request, engine.limits)
     width, height = aspect_size("1:1", preset.resolution)
     prompts = ["portrait photo of <subj> girl, studio light"] * n
 
@@ -233,54 +229,31 @@ def main(argv: list[str] | None = None) -> None:
     swap_s = statistics.median(swaps[1:])
 
     # Warm-up (kernels, compile), then the timed run with the adapter attached.
-    warm = check_request(request.model_copy(update={"n": min(batch_size, n), "steps": 2}), engine.limits)
+    warm = spec.model_copy(update={"n": min(batch_size, n), "steps": 2})
     attached = attach_adapter(engine.pipe, adapter)
     try:
-        engine.denoise(warm, prompts[: warm.request.n], width, height)
+        engine.denoise(warm, prompts[: warm.n], width, height)
         sync(device)
         start = time.perf_counter()
-        images = engine.denoise(resolved, prompts, width, height)
+        images = engine.denoise(spec, prompts, width, height)
         sync(device)
         gen_s = time.perf_counter() - start
     finally:
         detach_adapter(engine.pipe, attached)
 
     # Ranking: aesthetic + CLIP text + face detection of every candidate (warm models).
-    rank(
-        images[:2],
-        prompts[:2],
-        [],
-        k=1,
-        clip=clip,
-        aesthetic=head,
-        instance_token="<subj>",
-        face_embedder="none",
-        device=str(device),
-        return_all=True,
-    )
+    rank(images[:2], prompts[:2], [], 1, ranking, instance_token="<subj>", return_all=True)
     sync(device)
     start = time.perf_counter()
-    rank(
-        images,
-        prompts,
-        [],
-        k=k,
-        weights=RANKING_PRESETS["balanced"],
-        clip=clip,
-        aesthetic=head,
-        instance_token="<subj>",
-        face_embedder="none",
-        device=str(device),
-        return_all=True,
-    )
+    rank(images, prompts, [], k, ranking, RANKING_PRESETS["balanced"], instance_token="<subj>", return_all=True)
     sync(device)
     rank_s = time.perf_counter() - start
 
     # ×2 upscaling of k images.
-    upscale(images[:1], 2, preset.upscaler_x2, tile=args.tile, overlap=16, device=str(device))
+    upscale(images[:1], upscaler, 2, tile=args.tile, overlap=16)
     sync(device)
     start = time.perf_counter()
-    upscale(images[:k], 2, preset.upscaler_x2, tile=args.tile, overlap=16, device=str(device))
+    upscale(images[:k], upscaler, 2, tile=args.tile, overlap=16)
     sync(device)
     up_s = time.perf_counter() - start
 

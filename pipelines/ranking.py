@@ -1,6 +1,6 @@
 """Rank generated candidates and keep the best k.
 
-Scores per candidate (higher is better, except LPIPS):
+Scores per candidate (higher is better):
 
 ============  =====================================================================  ===========
 score         what                                                                   when absent
@@ -10,44 +10,53 @@ aesthetic     LAION aesthetic predictor: a linear/MLP head on the L2-normalised 
 identity      cosine between the candidate's face embedding and the mean embedding   no embedder or
               of the subject's reference crops; -1 (the lowest) when no face         no references
 text          CLIP cosine between the image and its prompt, instance token removed   never
-lpips         mean LPIPS distance to the reference crops (lower is better)           no LPIPS function
 ============  =====================================================================  ===========
 
 Combined score (documented formula)::
 
-    score = sum over available scores s of  w_s * z_s,   z_s = sign_s * (x_s - mean(x_s)) / std(x_s)
+    score = sum over available scores s of  w_s * z_s,   z_s = (x_s - mean(x_s)) / std(x_s)
 
-``mean``/``std`` over the n candidates of this request (std 0 -> z 0), ``sign`` is -1 for
-LPIPS and +1 otherwise; a score that is not available is left out. Presets:
+``mean``/``std`` over the n candidates of this request (std 0 -> z 0); a score that is not
+available is left out (the others keep their weights). Presets (weights sum to 1):
 
-=========  =========  ========  ====  =====
-preset     aesthetic  identity  text  lpips
-=========  =========  ========  ====  =====
-aesthetic  1.0        0         0     0      the method's choice (internal vote)
-balanced   1.0        1.0       0.5   0.25
-=========  =========  ========  ====  =====
+=========  =========  ========  ====
+preset     aesthetic  identity  text
+=========  =========  ========  ====
+aesthetic  1.0        0.0       0.0   the method's choice (internal vote)
+balanced   0.4        0.4       0.2
+=========  =========  ========  ====
+
+LPIPS to the user's photos is not a ranking score: it needs pretrained backbone weights
+(the optional ``likeness[lpips]`` extra) that a worker cannot be assumed to have, and a
+preset must not weight a term that is not computed. It remains an evaluation metric
+(:mod:`pipelines.eval.metrics`). ``balanced`` is its former 1 : 1 : 0.5 for aesthetic,
+identity and text, renormalised after dropping LPIPS.
 
 Delivery rule, whatever the weights: a candidate with no detected face or with several
 faces is never returned; ``rank`` returns at most k candidates, best first.
+
+The models come from the caller as a :class:`RankingModels` bundle:
+:func:`load_ranking_models` (CLI, tests) or the worker's model manager by
+:func:`ranking_models`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipelines.errors import InvalidConfig, ModelNotFound
+from pipelines.models.specs import BundleSpec, ModelSpec
 from pipelines.progress import ProgressEvent, ProgressFn, Stage, no_progress
 
-LpipsFn = Callable[[Image.Image, Sequence[Image.Image]], float]
-SCORE_NAMES = ("aesthetic", "identity", "text", "lpips")
-_SIGN = {"aesthetic": 1.0, "identity": 1.0, "text": 1.0, "lpips": -1.0}
+SCORE_NAMES = ("aesthetic", "identity", "text")
 NO_FACE_IDENTITY = -1.0
 
 
@@ -56,7 +65,6 @@ class RankingWeights:
     aesthetic: float = 1.0
     identity: float = 0.0
     text: float = 0.0
-    lpips: float = 0.0
 
     def get(self, name: str) -> float:
         return float(getattr(self, name))
@@ -64,7 +72,7 @@ class RankingWeights:
 
 RANKING_PRESETS = {
     "aesthetic": RankingWeights(aesthetic=1.0),
-    "balanced": RankingWeights(aesthetic=1.0, identity=1.0, text=0.5, lpips=0.25),
+    "balanced": RankingWeights(aesthetic=0.4, identity=0.4, text=0.2),
 }
 
 
@@ -78,6 +86,42 @@ class RankedCandidate:
     faces: int = 0
     deliverable: bool = True
     rank: int = 0  # 1 = best among deliverable candidates; 0 = not delivered
+
+
+@dataclass
+class RankingModels:
+    """What ``rank`` scores with: CLIP, the aesthetic head, a face detector, a face embedder.
+
+    ``face_embedder`` None or unavailable -> identity is "not available".
+    """
+
+    clip: Any  # pipelines.models.clip.ClipEmbedder
+    aesthetic: AestheticHead
+    face_detector: Any  # pipelines.vision.faces.FaceDetector
+    face_embedder: Any = None  # pipelines.vision.identity.FaceEmbedder
+
+
+def ranking_models(
+    preset, device: str | torch.device = "cpu", *, face_backend: str = "blazeface", identity_backend: str = "auto"
+) -> BundleSpec[RankingModels]:
+    """The ranking bundle of ``preset`` on ``device``: keys and loaders, nothing loaded yet."""
+    from pipelines.models.clip import clip_spec
+    from pipelines.vision.faces import face_detector_spec
+    from pipelines.vision.identity import face_embedder_spec
+
+    return BundleSpec(
+        {
+            "clip": clip_spec(preset.clip, device),
+            "aesthetic": aesthetic_spec(preset.aesthetic_head, device),
+            "face_detector": face_detector_spec(face_backend, device),
+            "face_embedder": face_embedder_spec(identity_backend, device),
+        },
+        lambda parts: RankingModels(**parts),
+    )
+
+
+def load_ranking_models(preset, device: str | torch.device = "cpu", **backends: str) -> RankingModels:
+    return ranking_models(preset, device, **backends).load()
 
 
 # ---------------------------------------------------------------------------- aesthetic head
@@ -123,15 +167,21 @@ class AestheticHead(torch.nn.Module):
         return cls(linears, relu=relu).eval()
 
 
-@functools.lru_cache(maxsize=4)
-def load_aesthetic_head(path: str) -> AestheticHead:
+def load_aesthetic_head(path: str, device: str | torch.device = "cpu") -> AestheticHead:
     local = resolve_weight_file(path)
     if local.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return AestheticHead.from_state_dict(load_file(str(local)), relu=True)
-    state = torch.load(str(local), map_location="cpu", weights_only=True)
-    return AestheticHead.from_state_dict(state.get("state_dict", state), relu=False)
+        head = AestheticHead.from_state_dict(load_file(str(local)), relu=True)
+    else:
+        state = torch.load(str(local), map_location="cpu", weights_only=True)
+        head = AestheticHead.from_state_dict(state.get("state_dict", state), relu=False)
+    return head.requires_grad_(False).to(device)
+
+
+def aesthetic_spec(path: str, device: str | torch.device = "cpu") -> ModelSpec:
+    """The LAION aesthetic head (a few hundred kB, kept in fp32) at ``path`` on ``device``."""
+    return ModelSpec.of("aesthetic", path, device, torch.float32, functools.partial(load_aesthetic_head, path, device))
 
 
 def resolve_weight_file(path: str) -> Path:
@@ -154,53 +204,47 @@ def resolve_weight_file(path: str) -> Path:
 # ---------------------------------------------------------------------------- rank
 
 
-def rank(
-    images: Sequence[Image.Image],
-    prompts: Sequence[str],
-    reference_images: Sequence[Image.Image],
-    k: int,
-    weights: RankingWeights = RANKING_PRESETS["aesthetic"],
-    clip=None,
-    aesthetic=None,
-    *,
-    instance_token: str = "",
-    face_embedder=None,
-    face_detector: Callable[[Image.Image], list] | None = None,
-    lpips: LpipsFn | None = None,
-    device: str = "cpu",
-    on_progress: ProgressFn | None = None,
-    return_all: bool = False,
-    require_one_face: bool = True,
-) -> list[RankedCandidate]:
-    """Score every candidate and return the best ``k`` deliverable ones, best first.
-
-    ``clip``: a :class:`~pipelines.models.clip.ClipEmbedder` or its path. ``aesthetic``: an
-    :class:`AestheticHead` or its weight file. ``face_embedder``: an embedder with
-    ``.available``/``.embed(image, box)`` or its name for ``get_face_embedder``; None or
-    unavailable -> identity is "not available". ``return_all``: every candidate, ranked
-    ones first, then the undeliverable ones (rank 0). ``require_one_face=False`` lifts the
-    delivery rule (only for random-weight demo models whose images are noise).
-    """
-    # 1. Check inputs.
+def check_inputs(images: Sequence[Image.Image], prompts: Sequence[str], k: int) -> None:
     if len(images) != len(prompts):
         raise InvalidConfig(
             "one prompt per image is required", {"images": len(images), "prompts": len(prompts)}
         )
     if k < 1:
         raise InvalidConfig(f"k must be at least 1, got {k}", {"k": k}, code="invalid_k")
+
+
+def rank(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    reference_images: Sequence[Image.Image],
+    k: int,
+    models: RankingModels,
+    weights: RankingWeights = RANKING_PRESETS["aesthetic"],
+    *,
+    instance_token: str = "",
+    on_progress: ProgressFn | None = None,
+    return_all: bool = False,
+    require_one_face: bool = True,
+) -> list[RankedCandidate]:
+    """Score every candidate and return the best ``k`` deliverable ones, best first.
+
+    ``return_all``: every candidate, ranked ones first, then the undeliverable ones (rank 0).
+    ``require_one_face=False`` lifts the delivery rule (only for random-weight demo models
+    whose images are noise).
+    """
+    from pipelines.vision.faces import detect_faces
+
+    # 1. Check inputs.
+    check_inputs(images, prompts, k)
     on_progress = on_progress or no_progress
     on_progress(ProgressEvent(Stage.RANKING, 0.0, None, f"scoring {len(images)} candidates"))
     if not images:
         on_progress(ProgressEvent(Stage.RANKING, 1.0, 0.0))
         return []
-    clip = _as_clip(clip, device)
-    head = load_aesthetic_head(aesthetic) if isinstance(aesthetic, str) else aesthetic
-    if head is None:
-        raise InvalidConfig(
-            "rank needs an aesthetic head (the preset's aesthetic_head)", code="aesthetic_head_required"
-        )
-    detect = face_detector or _default_face_detector()
-    embedder = _as_face_embedder(face_embedder)
+    clip, head, embedder = models.clip, models.aesthetic, models.face_embedder
+
+    def detect(image: Image.Image) -> list:
+        return detect_faces(image, models.face_detector)
 
     # 2. CLIP embeddings: aesthetic and text alignment.
     image_emb = clip.embed_images(list(images))
@@ -225,18 +269,8 @@ def rank(
             identity_scores[i] = NO_FACE_IDENTITY if emb is None else float(_normalise(emb) @ reference)
     on_progress(ProgressEvent(Stage.RANKING, 0.8, None, "combining"))
 
-    # 4. Optional LPIPS to the references.
-    lpips_scores: list[float | None] = [None] * len(images)
-    if lpips is not None and reference_images:
-        lpips_scores = [float(lpips(im, reference_images)) for im in images]
-
-    # 5. Combine and sort.
-    raw = {
-        "aesthetic": aesthetic_scores,
-        "identity": identity_scores,
-        "text": text_scores,
-        "lpips": lpips_scores,
-    }
+    # 4. Combine and sort.
+    raw = {"aesthetic": aesthetic_scores, "identity": identity_scores, "text": text_scores}
     combined = combine(raw, weights)
     candidates = [
         RankedCandidate(
@@ -270,14 +304,15 @@ def combine(raw: dict[str, Sequence[float | None]], weights: RankingWeights) -> 
     """The documented weighted sum of per-request z-scores (see the module docstring)."""
     n = len(raw["aesthetic"])
     total = np.zeros(n)
-    for name, values in raw.items():
+    for name in SCORE_NAMES:
+        values = raw.get(name)
         w = weights.get(name)
-        if w == 0 or any(v is None for v in values):
+        if values is None or w == 0 or any(v is None for v in values):
             continue
         x = np.asarray(values, dtype=np.float64)
         std = x.std()
         z = (x - x.mean()) / std if std > 1e-12 else np.zeros(n)
-        total += w * _SIGN[name] * z
+        total += w * z
     return [float(v) for v in total]
 
 
@@ -310,27 +345,3 @@ def _normalise(v) -> np.ndarray:
 
 def _box_area(box) -> float:
     return float(box.area)
-
-
-def _as_clip(clip, device: str):
-    if clip is None:
-        raise InvalidConfig("rank needs a CLIP model (the preset's clip)", code="clip_required")
-    if isinstance(clip, str):
-        from pipelines.models.clip import get_clip
-
-        return get_clip(clip, device)
-    return clip
-
-
-def _as_face_embedder(face_embedder):
-    if face_embedder is None or not isinstance(face_embedder, str):
-        return face_embedder
-    from pipelines.vision.identity import get_face_embedder
-
-    return get_face_embedder(face_embedder)
-
-
-def _default_face_detector():
-    from pipelines.vision.faces import detect_faces
-
-    return detect_faces

@@ -3,6 +3,9 @@
 Each tile is upscaled with ``overlap`` pixels of context on every side; overlapping
 outputs are blended with linear ramps, so seams vanish and peak memory depends on the
 tile size only, never on the image size.
+
+The model comes from the caller: :func:`load_upscaler` (CLI, tests) or the worker's model
+manager by :func:`upscaler_spec`.
 """
 
 from __future__ import annotations
@@ -15,17 +18,14 @@ import torch
 from PIL import Image
 
 from pipelines.errors import InvalidConfig
+from pipelines.models.specs import ModelSpec
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 
 
-def check_inputs(factor: int, tile: int, overlap: int, model_path: str | None) -> None:
-    if factor not in (2, 4):
+def check_inputs(factor: int | None, tile: int, overlap: int) -> None:
+    if factor is not None and factor not in (2, 4):
         raise InvalidConfig(
             f"upscale factor must be 2 or 4, got {factor}", {"factor": factor}, code="invalid_upscale"
-        )
-    if not model_path:
-        raise InvalidConfig(
-            "upscale needs a model_path (the preset's upscaler_x2/_x4)", code="upscaler_required"
         )
     if tile < 16 or overlap < 0 or 2 * overlap >= tile:
         raise InvalidConfig(
@@ -35,51 +35,60 @@ def check_inputs(factor: int, tile: int, overlap: int, model_path: str | None) -
         )
 
 
-@functools.lru_cache(maxsize=4)
-def load_upscaler(model_path: str, device: str, half: bool):
-    """A spandrel ImageModelDescriptor, cached per (path, device, precision) in the warm worker."""
+def _half(device: str | torch.device, half: bool | None) -> bool:
+    return (torch.device(device).type == "cuda") if half is None else half
+
+
+def load_upscaler(model_path: str, device: str | torch.device = "cpu", half: bool | None = None):
+    """A spandrel ImageModelDescriptor, in fp16 on CUDA when the architecture supports it."""
     from spandrel import ModelLoader
 
     from pipelines.ranking import resolve_weight_file
 
-    descriptor = ModelLoader(device=device).load_from_file(str(resolve_weight_file(model_path)))
+    if not model_path:
+        raise InvalidConfig("upscale needs a model_path (the preset's upscaler_x2/_x4)", code="upscaler_required")
+    descriptor = ModelLoader(device=torch.device(device)).load_from_file(str(resolve_weight_file(model_path)))
     descriptor.eval()
-    if half:
+    descriptor.model.requires_grad_(False)
+    if _half(device, half) and descriptor.supports_half:
         descriptor.half()
     return descriptor
 
 
+def upscaler_spec(model_path: str, device: str | torch.device = "cpu", half: bool | None = None) -> ModelSpec:
+    """Real-ESRGAN weights at ``model_path`` (the preset's ``upscaler_x2``/``_x4``) on ``device``."""
+    if not model_path:
+        raise InvalidConfig("upscale needs a model_path (the preset's upscaler_x2/_x4)", code="upscaler_required")
+    dtype = torch.float16 if _half(device, half) else torch.float32
+    return ModelSpec.of("upscaler", model_path, device, dtype,
+                        functools.partial(load_upscaler, model_path, device, _half(device, half)))
+
+
 def upscale(
     images: Sequence[Image.Image],
-    factor: int = 2,
-    model_path: str | None = None,
+    upscaler,
+    factor: int | None = None,
     tile: int = 256,
     overlap: int = 16,
-    device: str | None = None,
-    half: bool | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: CancelFn | None = None,
 ) -> list[Image.Image]:
-    """Each image upscaled by exactly ``factor`` (output size = input size × factor)."""
-    check_inputs(factor, tile, overlap, model_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    half = (torch.device(device).type == "cuda") if half is None else half
-    model = load_upscaler(model_path, device, half)
-    if half and not model.supports_half:
-        model = load_upscaler(model_path, device, False)
-        half = False
-    if model.scale != factor:
+    """Each image upscaled by exactly ``factor`` (default: the upscaler's own scale)."""
+    check_inputs(factor, tile, overlap)
+    factor = factor or upscaler.scale
+    if upscaler.scale != factor:
         raise InvalidConfig(
-            f"{model_path} upscales ×{model.scale}, not ×{factor}",
-            {"model_scale": model.scale, "factor": factor},
+            f"the upscaler scales ×{upscaler.scale}, not ×{factor}",
+            {"model_scale": upscaler.scale, "factor": factor},
             code="upscaler_scale_mismatch",
         )
+    half = next(upscaler.model.parameters()).dtype == torch.float16
     progress = StageProgress(on_progress, Stage.UPSCALING, total=len(images))
     progress.start(f"×{factor} on {len(images)} images")
     out = []
     for image in images:
         raise_if_canceled(should_stop)
-        out.append(_upscale_one(model, image.convert("RGB"), factor, tile, overlap, half))
+        out.append(_upscale_one(upscaler, image.convert("RGB"), factor, tile, overlap, half))
         progress.advance()
     return out
 

@@ -97,19 +97,23 @@ def run_local(
     on_progress: ProgressFn = no_progress,
     should_stop: CancelFn = never_stop,
     timer: StageTimer | None = None,
-    engine=None,
+    manager=None,  # noqa: ANN001 - worker.models.ModelManager
 ) -> dict[str, Any]:
     """Run the whole pipeline; writes ``rank_XX.png``, ``rank_XX_x2.png`` and ``report.json`` to ``out_dir``.
 
-    ``engine``: an already loaded ``GenerationEngine`` (a warm worker); default: load one here.
+    ``manager``: the model manager to borrow from (a warm worker keeps one across runs);
+    default: a new one for this run.
     """
-    from pipelines.generation.engine import GenerationEngine
-    from pipelines.intake import prepare_dataset
+    from pipelines.generation.engine import GenerationEngine, generation_models
+    from pipelines.intake import intake_models, prepare_dataset
     from pipelines.intake.config import IntakeConfig
     from pipelines.intake.dataset import PhotoInput
+    from pipelines.intake.pipeline import check_inputs
     from pipelines.models.presets import get_preset
     from pipelines.training import train
-    from worker.model_cache import resolve_device
+    from worker.models import ModelManager, resolve_device
+
+    manager = manager or ModelManager()
 
     timer = timer or StageTimer()
 
@@ -127,10 +131,10 @@ def run_local(
     # 2. intake
     intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device,
                           class_token=resolved_train.class_token)
-    dataset = prepare_dataset(
-        [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in photos], intake,
-        on_progress=progress, should_stop=should_stop,
-    )
+    inputs = [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in photos]
+    check_inputs(inputs, intake)
+    with manager.borrow(intake_models(intake)) as models:
+        dataset = prepare_dataset(inputs, intake, models, on_progress=progress, should_stop=should_stop)
     files = {photo.photo_id: photo.path.name for photo in photos}
     # 3. training (caching, training:stage1, training:stage2)
     work = out_dir / ".work"
@@ -140,10 +144,10 @@ def run_local(
     )
     adapter_dir = trained.adapter_dir
     # 4. generation (generating, ranking, upscaling)
-    engine = engine or GenerationEngine(preset, device)
     references = [item.crop for item in dataset.items]
-    results = engine.generate(spec, adapter_dir, references, on_progress=progress, should_stop=should_stop,
-                              return_all=True)
+    with manager.borrow(generation_models(preset, device, request=spec)) as models:
+        results = GenerationEngine(preset, models).generate(spec, adapter_dir, references, on_progress=progress,
+                                                            should_stop=should_stop, return_all=True)
     # 5. delivering
     start = time.perf_counter()
     scored = [{"rank": r.rank, "seed": r.seed, "prompt": r.prompt, "faces": r.faces, "scores": dict(r.scores),

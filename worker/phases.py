@@ -43,7 +43,7 @@ from likeness.contract.requests import ResolvedGenerate, ResolvedTrain, read_res
 from pipelines.errors import InvalidConfig, PipelineError
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
 from worker.jobs import JobSnapshot
-from worker.model_cache import models, resolve_device
+from worker.models import get_manager, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,9 @@ def intake_config(ctx: PhaseContext):
 
 def run_intake(ctx: PhaseContext) -> dict[str, Any]:
     from pipelines.errors import DatasetRejected
-    from pipelines.intake import prepare_dataset
+    from pipelines.intake import intake_models, prepare_dataset
     from pipelines.intake.dataset import PhotoInput
+    from pipelines.intake.pipeline import check_inputs
 
     job = ctx.job
     config = intake_config(ctx)
@@ -141,9 +142,12 @@ def run_intake(ctx: PhaseContext) -> dict[str, Any]:
     if not photos:
         raise InvalidConfig("the subject has no photos", code="no_photos")
     inputs = [PhotoInput(photo_id=p.id, data=ctx.store.get(p.original_key)) for p in photos]
+    check_inputs(inputs, config)  # bad input fails before any model loads
     raise_if_canceled(ctx.should_stop)
     try:
-        dataset = prepare_dataset(inputs, config, on_progress=ctx.on_progress, should_stop=ctx.should_stop)
+        with get_manager().borrow(intake_models(config)) as models:
+            dataset = prepare_dataset(inputs, config, models, on_progress=ctx.on_progress,
+                                      should_stop=ctx.should_stop)
     except DatasetRejected as exc:
         _write_photo_reports(ctx, list(exc.details.get("report") or []), crops={})
         raise
@@ -282,16 +286,10 @@ def _adapter_dir(ctx: PhaseContext, adapter_id: str, prefix: str) -> Path:
     return target
 
 
-def _engine(settings: Settings, preset_name: str):
-    from pipelines.generation.engine import GenerationEngine
-
-    device = resolve_device(settings.device)
-    preset = _preset(preset_name, settings)
-    return models.borrow(("generation", preset.name, device), lambda: GenerationEngine(preset, device))
-
-
 def run_generation(ctx: PhaseContext) -> dict[str, Any]:
     from PIL import Image as PILImage
+
+    from pipelines.generation.engine import GenerationEngine, generation_models
 
     job = ctx.job
     request: ResolvedGenerate = read_resolved(job.kind, job.request)  # type: ignore[assignment]
@@ -308,9 +306,12 @@ def run_generation(ctx: PhaseContext) -> dict[str, Any]:
             )
         ).scalars().all()
     references = [PILImage.open(io.BytesIO(ctx.store.get(key))).convert("RGB") for key in crop_keys]
-    with _engine(ctx.settings, request.preset) as engine:
-        results = engine.generate(request.generation, adapter_dir, references, on_progress=ctx.on_progress,
-                                  should_stop=ctx.should_stop, return_all=True)
+    preset = _preset(request.preset, ctx.settings)
+    device = resolve_device(ctx.settings.device)
+    with get_manager().borrow(generation_models(preset, device, request=request.generation)) as models:
+        results = GenerationEngine(preset, models).generate(
+            request.generation, adapter_dir, references, on_progress=ctx.on_progress, should_stop=ctx.should_stop,
+            return_all=True)
     # Every candidate's scores stay on the job record (rank 0 = not delivered), so a client or
     # the dashboard can see why the delivered ones won.
     candidates = [

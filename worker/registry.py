@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,15 +25,38 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerStatus:
-    """What this process is doing; the runner and the model manager update it."""
+    """What this process is doing: the job the runner set, and the model manager's state and models."""
 
-    state: str = "starting"
+    manager: Any = None  # worker.models.ModelManager of this process
     current_job_id: str | None = None
-    models: Callable[[], list[dict[str, Any]]] = field(default=lambda: [])
+    stopped: bool = False
     changed: threading.Event = field(default_factory=threading.Event)
 
-    def set(self, state: str, job_id: str | None = None) -> None:
-        self.state, self.current_job_id = state, job_id
+    @property
+    def state(self) -> str:
+        """``starting`` | ``loading`` | ``idle`` | ``busy`` | ``stopped``."""
+        if self.stopped:
+            return "stopped"
+        models_state = self.manager.state.value if self.manager is not None else "idle"
+        if models_state == "loading" or (models_state == "starting" and not self.current_job_id):
+            return models_state
+        return "busy" if self.current_job_id else models_state
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.manager.heartbeat()["models"] if self.manager is not None else []
+
+    def watch(self, manager: Any) -> None:
+        """Report ``manager``'s state changes (loading, ...) as they happen."""
+        self.manager = manager
+        manager.subscribe(lambda old, new: self.changed.set())
+        self.changed.set()
+
+    def job(self, job_id: str | None) -> None:
+        self.current_job_id = job_id
+        self.changed.set()
+
+    def stop(self) -> None:
+        self.stopped = True
         self.changed.set()
 
 
@@ -81,7 +104,7 @@ class RegistryHeartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        self.current.set("stopped")
+        self.current.stop()
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:

@@ -99,11 +99,11 @@ def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: S
     claim = jobs.claim(settings, job_id)
     if claim.outcome is not jobs.ClaimOutcome.run:
         return claim.outcome.value
-    registry.status.set("busy", job_id)
+    registry.status.job(job_id)
     try:
         return _run_claimed(settings, claim.job, consumes)
     finally:
-        registry.status.set("idle")
+        registry.status.job(None)
 
 
 def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection[str] | None) -> str:

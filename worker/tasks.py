@@ -84,10 +84,31 @@ def _start_pool_process(**_) -> None:
 
     for engine in list(db_session._ENGINES.values()):
         engine.dispose(close=False)
+    from worker.jobs import worker_id
+    from worker.models import get_manager, resolve_budget, resolve_device
+
     settings = get_settings()
     queues = sorted(celery_app.amqp.queues.consume_from or ()) or [settings.queue(q) for q in ("cpu", "gpu")]
-    status.set("idle")
+    device = resolve_device(settings.device)
+    manager = get_manager(resolve_budget(settings.model_memory_budget, device), name=worker_id())
+    status.watch(manager)
     _registry = RegistryHeartbeat(settings, queues, interval_s=settings.job_heartbeat_s).start()
+    if device.startswith("cuda") and settings.queue("gpu") in queues:
+        _preload_generation(manager, settings, device)  # ready before the first job: starting -> loading -> idle
+    else:
+        manager.mark_ready()  # load on first use
+
+
+def _preload_generation(manager, settings, device: str) -> None:  # noqa: ANN001
+    from pipelines.generation.engine import generation_models
+    from pipelines.models.presets import get_preset
+
+    try:
+        manager.preload(generation_models(get_preset(settings.model_preset, settings.resolved_model_cache_dir),
+                                          device))
+    except Exception:  # noqa: BLE001 - a job will report the missing model with its own clear error
+        log.exception("preloading the %s models failed; loading on demand", settings.model_preset)
+    manager.mark_ready()
 
 
 @worker_process_shutdown.connect

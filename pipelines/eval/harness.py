@@ -51,16 +51,24 @@ class EvalConfig:
 
 
 class Evaluator:
-    def __init__(self, config: EvalConfig, references: Sequence[Image.Image], clip_path: str, resolution: int,
-                 device: str = "cpu"):
-        from pipelines.models.clip import get_clip
+    """``clip``: a loaded :class:`~pipelines.models.clip.ClipEmbedder` (e.g. borrowed from the
+    worker's model manager) or its path, loaded here once. ``face_embedder``/``face_detector``:
+    loaded models for the identity metric, else ``config.identity`` is loaded here."""
+
+    def __init__(self, config: EvalConfig, references: Sequence[Image.Image], clip, resolution: int,
+                 device: str = "cpu", *, face_embedder=None, face_detector=None):
+        from pipelines.models.clip import load_clip
 
         self.config = config
         self.references = [im.convert("RGB") for im in references]
-        self.clip = get_clip(clip_path, device=device)
+        self.clip = load_clip(clip, device=device) if isinstance(clip, str) else clip
         self.reference_embeddings = self.clip.embed_images(self.references)
         self.lpips = get_lpips(config.lpips, device=device)
-        self.identity = IdentityScorer(self.references, config.identity) if config.identity != "none" else None
+        self.identity = (
+            IdentityScorer(self.references, config.identity, embedder=face_embedder, face_detector=face_detector)
+            if config.identity != "none"
+            else None
+        )
         self.resolution = config.resolution or resolution
 
     def _generate(self, pipe, prompt: str) -> list[Image.Image]:
@@ -97,11 +105,12 @@ class Evaluator:
         return self.evaluate(state.pipe, state.tokens.instance_token, state.tokens.class_token)
 
 
-def make_eval_callback(config: EvalConfig, references: Sequence[Image.Image], clip_path: str, resolution: int,
-                       device: str = "cpu"):
+def make_eval_callback(config: EvalConfig, references: Sequence[Image.Image], clip, resolution: int,
+                       device: str = "cpu", **models):
+    """``clip``: a loaded CLIP or its path; ``models``: ``face_embedder``/``face_detector`` (see Evaluator)."""
     from pipelines.training import TrainCallback
 
-    return TrainCallback(every=config.every, fn=Evaluator(config, references, clip_path, resolution, device))
+    return TrainCallback(every=config.every, fn=Evaluator(config, references, clip, resolution, device, **models))
 
 
 def make_validation_callback(prompts: Sequence[str], out_dir: str | Path, every: int, resolution: int,

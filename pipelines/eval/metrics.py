@@ -109,21 +109,24 @@ def lpips_to_references(metric, generated: Sequence[Image.Image], references: Se
 
 
 class IdentityScorer:
-    """Face-embedding cosine to the references; reference faces are embedded once."""
+    """Face-embedding cosine to the references; reference faces are embedded once.
 
-    def __init__(self, references: Sequence[Image.Image], backend: str = "auto"):
+    ``embedder`` / ``face_detector``: loaded models (e.g. a ``RankingModels``' own); when
+    not given, ``backend`` and BlazeFace are loaded here.
+    """
+
+    def __init__(self, references: Sequence[Image.Image], backend: str = "auto", *, embedder=None,
+                 face_detector=None):
+        from pipelines.vision.faces import detect_faces, load_face_detector
+        from pipelines.vision.identity import load_face_embedder
+
         self.why = ""
-        try:
-            from pipelines.vision.faces import detect_faces
-            from pipelines.vision.identity import get_face_embedder
-        except ImportError:
-            self.embedder, self.why = None, "pipelines.vision.identity missing"
-            return
-        self.detect_faces = detect_faces
-        self.embedder = get_face_embedder(backend)
+        self.embedder = embedder if embedder is not None else load_face_embedder(backend)
         if not self.embedder.available:
             self.why = getattr(self.embedder, "why", "") or "no face embedder installed"
             return
+        detector = face_detector if face_detector is not None else load_face_detector()
+        self.detect_faces = lambda image: detect_faces(image, detector)
         self.n_references = len(references)
         self.references = self.embed(references)
 

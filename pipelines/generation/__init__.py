@@ -13,17 +13,19 @@ __all__ = [
     "SAMPLERS",
     "ControlNetSpec",
     "GenerationEngine",
+    "GenerationModels",
     "GenerationSpec",
     "Result",
     "StylePack",
     "aspect_size",
+    "generation_models",
     "get_style",
     "list_styles",
 ]
 
 
 def __getattr__(name: str):
-    if name in ("GenerationEngine", "Result"):
+    if name in ("GenerationEngine", "GenerationModels", "Result", "generation_models"):
         from pipelines.generation import engine
 
         return getattr(engine, name)

@@ -9,17 +9,22 @@ Depth: there is no bundled depth estimator. A depth condition needs either a dep
 supplied by the client (``preprocessed=True``) or the optional controlnet-aux MiDaS
 annotator (``pip install controlnet-aux``, weights from ``lllyasviel/Annotators``).
 Person segmentation is not depth, so it is not offered as a stand-in.
+
+The estimators come from the caller (:func:`load_pose_estimator`, :func:`load_depth_estimator`,
+or the worker's model manager by their ``*_spec`` functions).
 """
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import math
+import threading
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from pipelines.errors import InvalidConfig
+from pipelines.models.specs import NO_DTYPE, ModelSpec
 
 # OpenPose keypoint order: nose, neck, r-shoulder, r-elbow, r-wrist, l-shoulder, l-elbow,
 # l-wrist, r-hip, r-knee, r-ankle, l-hip, l-knee, l-ankle, r-eye, l-eye, r-ear, l-ear.
@@ -72,12 +77,52 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     return ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
 
 
-def pose_keypoints(image: Image.Image) -> list[tuple[float, float] | None]:
-    """18 OpenPose keypoints in [0, 1] image coordinates (None where not visible)."""
-    import mediapipe as mp
+class PoseEstimator:
+    """MediaPipe BlazePose landmarks (static images), one graph shared under a lock."""
 
-    with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as pose:
-        result = pose.process(np.asarray(image.convert("RGB")))
+    def __init__(self) -> None:
+        import mediapipe as mp
+
+        self._graph = mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1)
+        self._lock = threading.Lock()  # MediaPipe graphs are not re-entrant
+
+    def process(self, rgb: np.ndarray):
+        with self._lock:
+            return self._graph.process(rgb)
+
+    def close(self) -> None:
+        with self._lock:
+            self._graph.close()
+
+
+def load_pose_estimator() -> PoseEstimator:
+    return PoseEstimator()
+
+
+def pose_estimator_spec() -> ModelSpec:
+    return ModelSpec.of("pose_estimator", "mediapipe-blazepose", "cpu", NO_DTYPE, load_pose_estimator)
+
+
+def depth_annotator_installed() -> bool:
+    return importlib.util.find_spec("controlnet_aux") is not None
+
+
+def load_depth_estimator():
+    from controlnet_aux import MidasDetector
+
+    return MidasDetector.from_pretrained("lllyasviel/Annotators")
+
+
+def depth_estimator_spec() -> ModelSpec | None:
+    """controlnet-aux's MiDaS annotator, or None when the optional package is not installed."""
+    if not depth_annotator_installed():
+        return None
+    return ModelSpec.of("depth_estimator", "lllyasviel/Annotators:midas", "cpu", NO_DTYPE, load_depth_estimator)
+
+
+def pose_keypoints(image: Image.Image, estimator: PoseEstimator) -> list[tuple[float, float] | None]:
+    """18 OpenPose keypoints in [0, 1] image coordinates (None where not visible)."""
+    result = estimator.process(np.asarray(image.convert("RGB")))
     if result.pose_landmarks is None:
         return []
     marks = result.pose_landmarks.landmark
@@ -116,9 +161,9 @@ def draw_openpose(points: list[tuple[float, float] | None], width: int, height: 
     return Image.fromarray(canvas)
 
 
-def pose_condition(image: Image.Image, width: int, height: int) -> Image.Image:
+def pose_condition(image: Image.Image, width: int, height: int, estimator: PoseEstimator) -> Image.Image:
     framed = fit(image, width * 2, height * 2) if min(width, height) < 256 else fit(image, width, height)
-    points = pose_keypoints(framed)
+    points = pose_keypoints(framed, estimator)
     if sum(p is not None for p in points) < 3:
         raise InvalidConfig(
             "no person pose found in the ControlNet template image", code="no_pose_in_template"
@@ -126,34 +171,30 @@ def pose_condition(image: Image.Image, width: int, height: int) -> Image.Image:
     return draw_openpose(points, width, height)
 
 
-def depth_condition(image: Image.Image, width: int, height: int) -> Image.Image:
-    import importlib.util
-
-    if importlib.util.find_spec("controlnet_aux") is None:  # the optional production annotator
+def depth_condition(image: Image.Image, width: int, height: int, estimator) -> Image.Image:
+    if estimator is None:  # the optional production annotator
         raise InvalidConfig(
             "depth ControlNet needs a depth map (send it with preprocessed=true) or the optional "
-            "controlnet-aux annotator, which is not installed",
+            "controlnet-aux annotator, which is not installed (or was not loaded for this request)",
             code="depth_annotator_unavailable",
         )
-    depth = _midas()(fit(image, width, height))
+    depth = estimator(fit(image, width, height))
     return fit(depth, width, height)
 
 
-@functools.lru_cache(maxsize=1)
-def _midas():
-    from controlnet_aux import MidasDetector
-
-    return MidasDetector.from_pretrained("lllyasviel/Annotators")
-
-
 def condition_image(
-    kind: str, image: Image.Image, width: int, height: int, preprocessed: bool = False
+    kind: str, image: Image.Image, width: int, height: int, preprocessed: bool = False, estimator=None
 ) -> Image.Image:
-    """The (width, height) RGB condition for ControlNet ``kind`` from a template or client image."""
+    """The (width, height) RGB condition for ControlNet ``kind`` from a template or client image.
+
+    ``estimator``: a :class:`PoseEstimator` for ``pose``, the MiDaS annotator (or None) for ``depth``.
+    """
     if preprocessed:
         return fit(image, width, height)
     if kind == "pose":
-        return pose_condition(image, width, height)
+        if estimator is None:
+            raise InvalidConfig("a pose condition from a photo needs a pose estimator", code="pose_estimator_missing")
+        return pose_condition(image, width, height, estimator)
     if kind == "depth":
-        return depth_condition(image, width, height)
+        return depth_condition(image, width, height, estimator)
     raise InvalidConfig(f"unknown ControlNet kind {kind!r}", code="unknown_controlnet")

@@ -1,16 +1,26 @@
-"""The warm generation engine: one base pipeline per worker, many subjects in turn.
+"""The generation engine: serve a borrowed base pipeline to one subject at a time.
 
-``GenerationEngine`` loads the base model (U-Net, text encoder, VAE) once; ControlNets
-and the improved VAE on first use. ``generate`` lends the pipeline to one subject:
-attach the adapter, denoise every candidate, detach (the base is bit-for-bit unchanged),
-rank, upscale the best k.
+The engine loads nothing. Its models come from the caller as a :class:`GenerationModels`
+bundle: the base pipeline (U-Net, text encoder, VAE, tokenizer), the ranking models, and
+whatever the request needs (ControlNets, the improved VAE, an upscaler, the pose
+estimator). The worker borrows that bundle from its model manager by
+:func:`generation_models` for one job; the CLI and benchmarks call
+:meth:`GenerationEngine.load`.
+
+``generate`` lends the base to one subject: attach the adapter, denoise every candidate,
+detach (the base is bit-for-bit unchanged: weights, tokenizer, attention processors,
+scheduler, VAE flags), rank, upscale the best k.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -20,6 +30,7 @@ from pipelines.generation.conditions import condition_image
 from pipelines.generation.request import GenerationSpec, aspect_size
 from pipelines.generation.styles import fill_prompt, template_path
 from pipelines.models.presets import ModelPreset
+from pipelines.models.specs import BundleSpec, ModelSpec
 from pipelines.progress import (
     CancelFn,
     ProgressFn,
@@ -28,10 +39,12 @@ from pipelines.progress import (
     no_progress,
     raise_if_canceled,
 )
+from pipelines.ranking import RankingModels
 from pipelines.types import TokenSpec
 
 # Prompt tokens for base-model generation (no adapter): the placeholders become plain words.
 BASE_TOKENS = TokenSpec(instance_token="", class_token="person")
+SAFETY_CHECKER_MODEL = "CompVis/stable-diffusion-safety-checker"
 
 SafetyCheckFn = Callable[[Sequence[Image.Image]], list[bool]]
 
@@ -50,10 +63,92 @@ class Result:
     faces: int = 0  # faces detected in the candidate (delivery needs exactly one on real models)
 
 
+@dataclass
+class GenerationModels:
+    """Everything ``generate`` runs with, loaded by the caller."""
+
+    base: Any  # the base StableDiffusionPipeline (shared with training; lent, never kept changed)
+    ranking: RankingModels
+    controlnets: Mapping[str, Any] = field(default_factory=dict)  # condition kind -> ControlNetModel
+    improved_vae: Any = None  # sd-vae-ft-mse; None: the base VAE decodes
+    upscalers: Mapping[int, Any] = field(default_factory=dict)  # factor -> Real-ESRGAN descriptor
+    pose_estimator: Any = None  # pose conditions from template photos
+    depth_estimator: Any = None  # depth conditions from photos (optional controlnet-aux)
+    safety_checker: SafetyCheckFn | None = None
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def generation_models(
+    preset: ModelPreset,
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+    request: GenerationSpec | None = None,
+    *,
+    face_backend: str = "blazeface",
+    identity_backend: str = "auto",
+) -> BundleSpec[GenerationModels]:
+    """What generating ``request`` with ``preset`` needs (None: everything the preset offers).
+
+    The base, ControlNets and improved VAE share one dtype (``default_dtype``: bf16 on
+    CUDA), so the base here is the one training borrows too. Raises ``ModelNotFound`` for a
+    ControlNet the preset lacks, before anything loads.
+    """
+    from pipelines.generation.conditions import depth_estimator_spec, pose_estimator_spec
+    from pipelines.models.loading import base_spec, controlnet_spec, default_dtype, improved_vae_spec
+    from pipelines.ranking import ranking_models
+    from pipelines.upscale import upscaler_spec
+
+    device = str(resolve_device(device))
+    dtype = dtype or default_dtype(device)
+    if request is None:  # everything the preset ships: the benchmarks' warm engine
+        kinds = sorted(preset.controlnets)
+        factors = [2, 4]
+        vae = True
+        pose = "pose" in kinds
+        depth = safety = False  # optional extras with their own downloads: only when a request asks
+    else:
+        nets = request.controlnets
+        unknown = sorted({spec.kind for spec in nets} - set(preset.controlnets))
+        if unknown:
+            raise ModelNotFound(f"the {preset.name} preset has no ControlNet for {unknown}", {"kinds": unknown})
+        kinds = sorted({spec.kind for spec in nets})
+        factors = [request.upscale] if request.upscale else []
+        vae = request.use_improved_vae
+        pose = any(spec.kind == "pose" and not spec.preprocessed for spec in nets)
+        depth = any(spec.kind == "depth" and not spec.preprocessed for spec in nets)
+        safety = request.safety_checker
+    parts: dict[str, ModelSpec | BundleSpec | None] = {
+        "base": base_spec(preset, device, dtype),
+        "ranking": ranking_models(preset, device, face_backend=face_backend, identity_backend=identity_backend),
+        "improved_vae": improved_vae_spec(preset, device, dtype) if vae else None,
+        "pose_estimator": pose_estimator_spec() if pose else None,
+        "depth_estimator": depth_estimator_spec() if depth else None,
+        "safety_checker": safety_checker_spec(device, dtype) if safety else None,
+    }
+    parts |= {f"controlnet:{kind}": controlnet_spec(preset, kind, device, dtype) for kind in kinds}
+    parts |= {
+        f"upscaler_x{factor}": upscaler_spec(preset.upscaler_x2 if factor == 2 else preset.upscaler_x4, device)
+        for factor in factors
+    }
+    return BundleSpec(parts, _build_generation_models)
+
+
+def _build_generation_models(parts: dict[str, Any]) -> GenerationModels:
+    return GenerationModels(
+        base=parts["base"],
+        ranking=parts["ranking"],
+        controlnets={k.removeprefix("controlnet:"): v for k, v in parts.items() if k.startswith("controlnet:")},
+        improved_vae=parts["improved_vae"],
+        upscalers={int(k.removeprefix("upscaler_x")): v for k, v in parts.items() if k.startswith("upscaler_x")},
+        pose_estimator=parts["pose_estimator"],
+        depth_estimator=parts["depth_estimator"],
+        safety_checker=parts["safety_checker"],
+    )
 
 
 def make_scheduler(name: str, base_config):
@@ -74,97 +169,116 @@ def make_scheduler(name: str, base_config):
         return DPMSolverMultistepScheduler.from_config(
             base_config, algorithm_type="dpmsolver++", solver_order=2
         )
-    raise ValueError(name)  # check_request refuses unknown samplers first
+    raise ValueError(name)  # the job contract refuses unknown samplers first
+
+
+@contextlib.contextmanager
+def vae_mode(vae, tiling: bool, slicing: bool) -> Iterator[None]:
+    """Tiling/slicing on a shared VAE for one call, then its own settings back."""
+    before = (bool(getattr(vae, "use_tiling", False)), bool(getattr(vae, "use_slicing", False)))
+    try:
+        if tiling:
+            vae.enable_tiling()
+        if slicing:
+            vae.enable_slicing()
+        yield
+    finally:
+        vae.use_tiling, vae.use_slicing = before
+
+
+# Condition images of shipped templates (data, not models): the same for every job.
+_TEMPLATE_CONDITIONS: OrderedDict[tuple, Image.Image] = OrderedDict()
+_TEMPLATE_CONDITIONS_MAX = 64
+_TEMPLATE_CONDITIONS_LOCK = threading.Lock()
 
 
 class GenerationEngine:
     def __init__(
         self,
         preset: ModelPreset,
+        models: GenerationModels,
+        *,
+        batch_size: int = 8,
+        vae_tiling: bool = False,
+        vae_slicing: bool = False,
+    ):
+        """Serve ``models`` (loaded or borrowed by the caller; nothing is loaded here).
+
+        ``vae_tiling`` (large images) and ``vae_slicing`` (large batches) are applied to the
+        VAE for each call only, so a shared VAE keeps its own settings.
+        """
+        self.preset = preset
+        self.models = models
+        self.pipe = models.base
+        self.device = self.pipe.device
+        self.dtype = self.pipe.unet.dtype
+        self.batch_size = batch_size
+        self.vae_tiling = vae_tiling
+        self.vae_slicing = vae_slicing
+
+    @classmethod
+    def load(
+        cls,
+        preset: ModelPreset,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         *,
-        batch_size: int = 8,
-        channels_last: bool = False,
-        compile: bool = False,
-        vae_tiling: bool = False,
-        vae_slicing: bool = False,
-        safety_checker: SafetyCheckFn | None = None,
-        face_embedder=None,
-        face_detector: Callable[[Image.Image], list] | None = None,
-        pipeline=None,
-    ):
-        """``pipeline``: an already built StableDiffusionPipeline to serve instead of loading
-        ``preset.base_model`` (benchmarks with random weights, custom loaders)."""
-        self.preset = preset
-        self.device = resolve_device(device)
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.batch_size = batch_size
-        self.face_embedder = face_embedder if face_embedder is not None else "auto"
-        self.face_detector = face_detector  # None: the bundled BlazeFace detector
-        self._safety_checker = safety_checker
-        self.pipe = pipeline.to(self.device, self.dtype) if pipeline is not None else self._load_base()
-        self.pipe.set_progress_bar_config(disable=True)
-        # diffusers uses SDPA (AttnProcessor2_0) by default on torch 2; keep it explicit.
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        request: GenerationSpec | None = None,
+        face_backend: str = "blazeface",
+        identity_backend: str = "auto",
+        **options: Any,
+    ) -> GenerationEngine:
+        """Load now what ``request`` needs (None: every model the preset ships) and serve it.
 
-        self.pipe.unet.set_attn_processor(AttnProcessor2_0())
-        if channels_last:
-            self.pipe.unet.to(memory_format=torch.channels_last)
-        if compile:
-            self.pipe.unet.compile(mode="max-autotune-no-cudagraphs", fullgraph=False)
-        if vae_tiling:  # large images: decode in overlapping tiles
-            self.pipe.vae.enable_tiling()
-        if vae_slicing:  # large batches: decode one image at a time
-            self.pipe.vae.enable_slicing()
-        self._base_vae = self.pipe.vae
-        self._improved_vae = None
-        self._controlnets: dict[str, torch.nn.Module] = {}
-        self._conditions: dict[tuple, Image.Image] = {}
+        For the CLI and benchmarks; the worker borrows :func:`generation_models` from its manager.
+        """
+        spec = generation_models(
+            preset, resolve_device(device), dtype, request,
+            face_backend=face_backend, identity_backend=identity_backend,
+        )
+        return cls(preset, spec.load(), **options)
 
-    def _load_base(self):
-        from pipelines.models.loading import load_base_pipeline
-
-        return load_base_pipeline(self.preset, self.device, self.dtype)
-
-    # ------------------------------------------------------------------ lazily loaded parts
+    # ------------------------------------------------------------------ the parts a request uses
 
     def controlnet(self, kind: str):
-        if kind not in self._controlnets:
-            from diffusers import ControlNetModel
-
-            source = self.preset.controlnets.get(kind)
-            if source is None:
-                raise ModelNotFound(f"the {self.preset.name} preset has no {kind} ControlNet", {"kind": kind})
-            model = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
-            self._controlnets[kind] = model.to(self.device).eval()
-        return self._controlnets[kind]
+        try:
+            return self.models.controlnets[kind]
+        except KeyError:
+            raise ModelNotFound(
+                f"the {kind} ControlNet was not given to the engine (load it with generation_models)",
+                {"kind": kind},
+            ) from None
 
     def vae(self, improved: bool):
-        if not improved or self.preset.vae is None:
-            return self._base_vae
-        if self._improved_vae is None:
-            from diffusers import AutoencoderKL
+        if improved and self.models.improved_vae is not None:
+            return self.models.improved_vae
+        return self.pipe.vae
 
-            vae = (
-                AutoencoderKL.from_pretrained(self.preset.vae, torch_dtype=self.dtype).to(self.device).eval()
-            )
-            if self._base_vae.use_tiling:
-                vae.enable_tiling()
-            if self._base_vae.use_slicing:
-                vae.enable_slicing()
-            self._improved_vae = vae
-        return self._improved_vae
+    def upscaler(self, factor: int):
+        try:
+            return self.models.upscalers[factor]
+        except KeyError:
+            raise ModelNotFound(
+                f"the x{factor} upscaler was not given to the engine (load it with generation_models)",
+                {"factor": factor},
+            ) from None
 
     def condition(self, spec, width: int, height: int) -> Image.Image:
-        """The condition image for one ControlNet spec; shipped templates are cached."""
-        key = (spec.kind, spec.template, width, height) if spec.template else None
-        if key is not None and key in self._conditions:
-            return self._conditions[key]
-        source = Image.open(template_path(spec.template)) if spec.template else spec.image
-        image = condition_image(spec.kind, source, width, height, preprocessed=spec.preprocessed)
+        """The condition image for one ControlNet spec; shipped templates are computed once per process."""
+        key = (spec.kind, spec.template, width, height, spec.preprocessed) if spec.template else None
         if key is not None:
-            self._conditions[key] = image
+            with _TEMPLATE_CONDITIONS_LOCK:
+                if key in _TEMPLATE_CONDITIONS:
+                    _TEMPLATE_CONDITIONS.move_to_end(key)
+                    return _TEMPLATE_CONDITIONS[key]
+        source = Image.open(template_path(spec.template)) if spec.template else spec.image
+        estimator = {"pose": self.models.pose_estimator, "depth": self.models.depth_estimator}.get(spec.kind)
+        image = condition_image(spec.kind, source, width, height, preprocessed=spec.preprocessed, estimator=estimator)
+        if key is not None:
+            with _TEMPLATE_CONDITIONS_LOCK:
+                _TEMPLATE_CONDITIONS[key] = image
+                while len(_TEMPLATE_CONDITIONS) > _TEMPLATE_CONDITIONS_MAX:
+                    _TEMPLATE_CONDITIONS.popitem(last=False)
         return image
 
     def _call_pipeline(self, spec: GenerationSpec):
@@ -213,7 +327,14 @@ class GenerationEngine:
         ones, so a report can show every candidate's scores.
         """
         on_progress = on_progress or no_progress
-        # 1. Conditions before touching the pipeline (the spec was checked when the job was accepted).
+        # 1. Every model the spec needs is here, and the conditions are computed, before any model work
+        #    (the spec itself was checked when the job was accepted: likeness.contract.requests).
+        for c in spec.controlnets:
+            self.controlnet(c.kind)
+        upscaler = self.upscaler(spec.upscale) if spec.upscale else None
+        safety_checker = self.models.safety_checker
+        if spec.safety_checker and safety_checker is None:
+            raise ModelNotFound("the request asks for the safety checker, which was not given to the engine")
         width, height = aspect_size(spec.aspect, self.preset.resolution)
         conditions = [self.condition(c, width, height) for c in spec.controlnets]
         raise_if_canceled(should_stop)
@@ -244,7 +365,7 @@ class GenerationEngine:
         # 5. Safety flags (never blanks an image).
         flags = [False] * len(images)
         if spec.safety_checker:
-            flags = list(self.safety_checker()(images))
+            flags = list(safety_checker(images))
 
         # 6. Rank and keep the best k.
         raise_if_canceled(should_stop)
@@ -255,13 +376,9 @@ class GenerationEngine:
             prompts,
             reference_images,
             spec.k,
-            weights=RANKING_PRESETS[spec.ranking],
-            clip=self.preset.clip,
-            aesthetic=self.preset.aesthetic_head,
+            self.models.ranking,
+            RANKING_PRESETS[spec.ranking],
             instance_token=tokens.instance_token,
-            face_embedder=self.face_embedder,
-            face_detector=self.face_detector,
-            device=str(self.device),
             on_progress=on_progress,
             require_one_face=self.preset.require_one_face,
             return_all=return_all,
@@ -274,12 +391,10 @@ class GenerationEngine:
             raise_if_canceled(should_stop)
             from pipelines.upscale import upscale
 
-            model_path = self.preset.upscaler_x2 if spec.upscale == 2 else self.preset.upscaler_x4
             upscaled[: len(delivered)] = upscale(
                 [c.image for c in delivered],
+                upscaler,
                 factor=spec.upscale,
-                model_path=model_path,
-                device=str(self.device),
                 on_progress=on_progress,
                 should_stop=should_stop,
             )
@@ -311,7 +426,7 @@ class GenerationEngine:
         should_stop: CancelFn | None = None,
     ) -> list[Image.Image]:
         """Candidate ``i`` starts from the noise of ``seed + i`` alone, whatever the batch."""
-        pipe = self._call_pipeline(spec)  # outside inference mode: lazily loaded nets stay normal tensors
+        pipe = self._call_pipeline(spec)
         batch_size = spec.batch_size or self.batch_size
         progress = StageProgress(on_progress, Stage.GENERATING, total=len(prompts) * spec.steps)
         progress.start(f"{len(prompts)} candidates")
@@ -345,17 +460,9 @@ class GenerationEngine:
             if conditions:
                 kwargs["image"] = list(conditions)
                 kwargs["controlnet_conditioning_scale"] = [c.scale for c in spec.controlnets]
-            with torch.inference_mode():
+            with torch.inference_mode(), vae_mode(pipe.vae, self.vae_tiling, self.vae_slicing):
                 images.extend(pipe(**kwargs).images)
         return images
-
-    # ------------------------------------------------------------------ safety
-
-    def safety_checker(self) -> SafetyCheckFn:
-        if self._safety_checker is None:
-            self._safety_checker = DiffusersSafetyChecker(device=self.device, dtype=self.dtype)
-        return self._safety_checker
-
 
 class DiffusersSafetyChecker:
     """The Stable Diffusion safety checker, used for its verdict only.
@@ -364,9 +471,7 @@ class DiffusersSafetyChecker:
     so a false positive is visible and the caller decides what to deliver.
     """
 
-    def __init__(
-        self, model: str = "CompVis/stable-diffusion-safety-checker", device="cpu", dtype=torch.float32
-    ):
+    def __init__(self, model: str = SAFETY_CHECKER_MODEL, device="cpu", dtype=torch.float32):
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
@@ -391,3 +496,8 @@ class DiffusersSafetyChecker:
         arrays = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in images])
         _, flags = self.model(images=arrays.copy(), clip_input=pixels)
         return [bool(f) for f in flags]
+
+
+def safety_checker_spec(device: str | torch.device, dtype: torch.dtype, model: str = SAFETY_CHECKER_MODEL) -> ModelSpec:
+    return ModelSpec.of("safety_checker", model, device, dtype,
+                        lambda: DiffusersSafetyChecker(model, device=device, dtype=dtype))

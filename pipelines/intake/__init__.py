@@ -2,21 +2,24 @@
 
 Public API::
 
-    from pipelines.intake import PhotoInput, IntakeConfig, prepare_dataset
+    from pipelines.intake import PhotoInput, IntakeConfig, load_intake_models, prepare_dataset
 
-    dataset = prepare_dataset([PhotoInput("p1", data), ...], IntakeConfig(clip_model=preset.clip))
+    config = IntakeConfig(clip_model=preset.clip)
+    models = load_intake_models(config)   # the worker borrows intake_models(config) from its manager
+    dataset = prepare_dataset([PhotoInput("p1", data), ...], config, models)
     dataset.training_examples()   # -> list[pipelines.types.TrainingExample]
     dataset.token_spec()          # -> pipelines.types.TokenSpec
     dataset.report                # -> list[PhotoReport], one per photo, input order
 
 Importing this package stays light (Pillow, numpy): the API imports
-``pipelines.intake.decode`` at upload time. ``prepare_dataset`` loads detectors on
-first call and keeps them for the life of the process.
+``pipelines.intake.decode`` at upload time. Nothing here loads or keeps a model: the
+caller passes them in (:class:`IntakeModels`).
 """
 
 from pipelines.intake.config import IntakeConfig
 from pipelines.intake.dataset import Dataset, DatasetItem, PhotoInput, PhotoReport
 from pipelines.intake.decode import DecodeLimits, PhotoRejected, decode_photo, encode_clean, sniff_format
+from pipelines.intake.models import IntakeModels, intake_models, load_intake_models
 from pipelines.intake.reasons import ReasonCode
 
 __all__ = [
@@ -24,19 +27,22 @@ __all__ = [
     "DatasetItem",
     "DecodeLimits",
     "IntakeConfig",
+    "IntakeModels",
     "PhotoInput",
     "PhotoRejected",
     "PhotoReport",
     "ReasonCode",
     "decode_photo",
     "encode_clean",
+    "intake_models",
+    "load_intake_models",
     "prepare_dataset",
     "sniff_format",
 ]
 
 
-def prepare_dataset(photos, config, on_progress=None, should_stop=None):
+def prepare_dataset(photos, config, models, on_progress=None, should_stop=None):
     """See :func:`pipelines.intake.pipeline.prepare_dataset` (imported on first call)."""
     from pipelines.intake.pipeline import prepare_dataset as run
 
-    return run(photos, config, on_progress, should_stop)
+    return run(photos, config, models, on_progress, should_stop)

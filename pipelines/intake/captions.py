@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipelines.errors import ModelNotFound
 from pipelines.intake.dataset import SUBJECT
+from pipelines.models.specs import ModelSpec
 
 _PERSON_WORDS = re.compile(
     r"\b(?:an?\s+)?(?:young\s+|old\s+|little\s+)?"
@@ -37,26 +38,36 @@ def subject_caption(caption: str) -> str:
     return f"{SUBJECT}, {caption}" if caption else SUBJECT
 
 
-def blip_contexts(crops: Sequence[Image.Image], blip_model: str, device: str = "cpu") -> list[str]:
-    captioner = _blip(blip_model, device)
+def blip_contexts(crops: Sequence[Image.Image], captioner: BlipCaptioner) -> list[str]:
     return [subject_caption(caption) for caption in captioner(list(crops))]
 
 
-@functools.lru_cache(maxsize=2)
-def _blip(model_path: str, device: str):
-    import torch
-    from transformers import BlipForConditionalGeneration, BlipProcessor
+class BlipCaptioner:
+    """BLIP image captioning: ``captioner(images) -> captions`` (greedy, up to 30 tokens)."""
 
-    try:
-        processor = BlipProcessor.from_pretrained(model_path)
-        model = BlipForConditionalGeneration.from_pretrained(model_path).to(device).eval()
-    except OSError as exc:
-        raise ModelNotFound(f"BLIP model {model_path!r} could not be loaded: {exc}", {"model": model_path}) from exc
+    def __init__(self, model_path: str, device: str = "cpu") -> None:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    @torch.inference_mode()
-    def caption(images: list[Image.Image]) -> list[str]:
-        inputs = processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(device)
-        tokens = model.generate(**inputs, max_new_tokens=30, do_sample=False, num_beams=1)
-        return [processor.decode(t, skip_special_tokens=True) for t in tokens]
+        try:
+            self.processor = BlipProcessor.from_pretrained(model_path)
+            self.model = BlipForConditionalGeneration.from_pretrained(model_path).to(device).eval()
+        except OSError as exc:
+            raise ModelNotFound(f"BLIP model {model_path!r} could not be loaded: {exc}", {"model": model_path}) from exc
+        self.model.requires_grad_(False)
+        self.device = device
 
-    return caption
+    def __call__(self, images: list[Image.Image]) -> list[str]:
+        import torch
+
+        with torch.inference_mode():
+            inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(self.device)
+            tokens = self.model.generate(**inputs, max_new_tokens=30, do_sample=False, num_beams=1)
+        return [self.processor.decode(t, skip_special_tokens=True) for t in tokens]
+
+
+def load_captioner(model_path: str, device: str = "cpu") -> BlipCaptioner:
+    return BlipCaptioner(model_path, device)
+
+
+def captioner_spec(model_path: str, device: str = "cpu") -> ModelSpec:
+    return ModelSpec.of("captioner", model_path, device, "float32", functools.partial(load_captioner, model_path, device))

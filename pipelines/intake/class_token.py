@@ -23,10 +23,8 @@ def choose_class(scores: dict[str, float], decimals: int = 6) -> str:
     return words[int(np.argmin(rounded))]  # argmin returns the first of equal minima
 
 
-def clip_class_scores(crops: Sequence[Image.Image], words: Sequence[str], clip_model: str, device: str = "cpu") -> dict[str, float]:
-    from pipelines.models.clip import get_clip
-
-    clip = get_clip(clip_model, device)
+def clip_class_scores(crops: Sequence[Image.Image], words: Sequence[str], clip) -> dict[str, float]:
+    """``clip``: a loaded :class:`~pipelines.models.clip.ClipEmbedder`."""
     return class_scores(clip.embed_images(list(crops)).numpy(), clip.embed_texts(list(words)).numpy(), words)
 
 

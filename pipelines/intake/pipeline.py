@@ -18,6 +18,9 @@ is kept in memory.
 Every photo gets a :class:`PhotoReport`; rejections never raise, except the set-level
 :class:`DatasetRejected` when fewer than ``min_photos`` remain (its
 ``details["report"]`` holds every photo's report).
+
+The detectors, CLIP and the segmenter come from the caller as an
+:class:`~pipelines.intake.models.IntakeModels` bundle; nothing is loaded here.
 """
 
 from __future__ import annotations
@@ -33,9 +36,17 @@ from PIL import Image
 
 from pipelines.errors import DatasetRejected, InvalidConfig
 from pipelines.intake.config import IntakeConfig
-from pipelines.intake.crops import blur_score, crop_square, hamming, perceptual_hash, resize_square, square_around
+from pipelines.intake.crops import (
+    blur_score,
+    crop_square,
+    hamming,
+    perceptual_hash,
+    resize_square,
+    square_around,
+)
 from pipelines.intake.dataset import Dataset, DatasetItem, PhotoInput, PhotoReport
 from pipelines.intake.decode import PhotoRejected, decode_photo
+from pipelines.intake.models import IntakeModels, check_models
 from pipelines.intake.reasons import ReasonCode
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 from pipelines.vision.faces import FaceBox
@@ -92,18 +103,22 @@ def check_inputs(photos: Sequence[PhotoInput], config: IntakeConfig) -> None:
 def prepare_dataset(
     photos: Sequence[PhotoInput],
     config: IntakeConfig,
+    models: IntakeModels,
     on_progress: ProgressFn | None = None,
     should_stop: CancelFn | None = None,
 ) -> Dataset:
-    # 0. inputs, before any model loads
+    """``models``: :func:`~pipelines.intake.models.load_intake_models` or borrowed by
+    :func:`~pipelines.intake.models.intake_models` from the worker's model manager."""
+    # 0. inputs, before any model work
     check_inputs(photos, config)
+    check_models(config, models)
     progress = StageProgress(on_progress, Stage.INTAKE, total=len(photos))
     progress.start(f"checking {len(photos)} photos")
 
     # 1-3. per photo: decode, person check, face crop
     reports: dict[str, PhotoReport] = {}
     candidates: list[_Candidate] = []
-    for photo, outcome in _examine_all(photos, config, should_stop):
+    for photo, outcome in _examine_all(photos, config, models, should_stop):
         if isinstance(outcome, PhotoRejected):
             box = outcome.details.get("face_box")
             reports[photo.photo_id] = PhotoReport(
@@ -119,7 +134,7 @@ def prepare_dataset(
     candidates = _drop_duplicates(candidates, config, reports)
     candidates = _drop_blurry(candidates, config, reports)
     raise_if_canceled(should_stop)
-    candidates = _drop_identity_outliers(candidates, config, reports, checks)
+    candidates = _drop_identity_outliers(candidates, config, models.face_embedder, reports, checks)
     for candidate in candidates:
         reports[candidate.photo_id] = candidate.report()
     report = [reports[p.photo_id] for p in photos]
@@ -131,7 +146,7 @@ def prepare_dataset(
     from pipelines.intake.class_token import choose_class, clip_class_scores
 
     crops = [c.crop for c in candidates]
-    scores = clip_class_scores(crops, config.class_candidates, config.clip_model, config.device)
+    scores = clip_class_scores(crops, config.class_candidates, models.clip)
     class_token = config.class_token.strip() if config.class_token else choose_class(scores)
 
     # 6. captions
@@ -139,7 +154,7 @@ def prepare_dataset(
     from pipelines.intake import captions
 
     if config.context_mode == "blip":
-        contexts = captions.blip_contexts(crops, config.blip_model, config.device)
+        contexts = captions.blip_contexts(crops, models.captioner)
     else:
         contexts = captions.background_tokens(len(candidates))
 
@@ -147,7 +162,10 @@ def prepare_dataset(
     raise_if_canceled(should_stop)
     from pipelines.vision.segmentation import person_mask
 
-    items = [DatasetItem(c.photo_id, c.crop, person_mask(c.crop), ctx) for c, ctx in zip(candidates, contexts)]
+    items = [
+        DatasetItem(c.photo_id, c.crop, person_mask(c.crop, models.segmenter), ctx)
+        for c, ctx in zip(candidates, contexts)
+    ]
     return Dataset(
         items=items,
         instance_token=config.instance_token,
@@ -159,7 +177,9 @@ def prepare_dataset(
     )
 
 
-def _examine_all(photos: Sequence[PhotoInput], config: IntakeConfig, should_stop: CancelFn | None):
+def _examine_all(
+    photos: Sequence[PhotoInput], config: IntakeConfig, models: IntakeModels, should_stop: CancelFn | None
+):
     """Yield (photo, candidate or rejection) in input order, two photos in flight.
 
     Decoding and resizing release the GIL, so the next photo decodes while the
@@ -170,7 +190,7 @@ def _examine_all(photos: Sequence[PhotoInput], config: IntakeConfig, should_stop
         pending: deque = deque()
         for index, photo in enumerate(photos):
             raise_if_canceled(should_stop)
-            pending.append((photo, pool.submit(_examine_or_reject, index, photo, config)))
+            pending.append((photo, pool.submit(_examine_or_reject, index, photo, config, models)))
             if len(pending) >= PHOTO_WORKERS:
                 done, future = pending.popleft()
                 yield done, future.result()
@@ -179,14 +199,16 @@ def _examine_all(photos: Sequence[PhotoInput], config: IntakeConfig, should_stop
             yield done, future.result()
 
 
-def _examine_or_reject(index: int, photo: PhotoInput, config: IntakeConfig) -> _Candidate | PhotoRejected:
+def _examine_or_reject(
+    index: int, photo: PhotoInput, config: IntakeConfig, models: IntakeModels
+) -> _Candidate | PhotoRejected:
     try:
-        return examine_photo(index, photo, config)
+        return examine_photo(index, photo, config, models)
     except PhotoRejected as rejected:
         return rejected
 
 
-def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig) -> _Candidate:
+def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: IntakeModels) -> _Candidate:
     """Steps 1-3 for one photo; raises :class:`PhotoRejected` with the reason."""
     from pipelines.vision.faces import detect_faces
     from pipelines.vision.persons import detect_persons
@@ -196,7 +218,7 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig) -> _Candi
     full_width, full_height = image.info["original_size"]
 
     # 2. exactly one person
-    persons = detect_persons(image, min_score=config.person_min_score, backend=config.person_backend)
+    persons = detect_persons(image, models.person_detector, min_score=config.person_min_score)
     if not persons:
         raise PhotoRejected(ReasonCode.NO_PERSON)
     if len(persons) > 1:
@@ -207,7 +229,7 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig) -> _Candi
         )
 
     # 3. the face (the largest, if a second one is a picture in the picture), in full-resolution pixels
-    faces = detect_faces(image, min_score=config.face_min_score, backend=config.face_backend)
+    faces = detect_faces(image, models.face_detector, min_score=config.face_min_score)
     if not faces:
         raise PhotoRejected(ReasonCode.NO_FACE)
     scale = image.width / full_width
@@ -227,7 +249,7 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig) -> _Candi
     square = crop_square(image, round(left * scale), round(top * scale), max(1, round(side * scale)))
     del image
     if config.upscale_small_faces and square.width < config.crop_size:
-        square = _upscale(square, config)
+        square = _upscale(square, models.upscaler)
     crop = resize_square(square, config.crop_size)
 
     to_crop = config.crop_size / side
@@ -237,10 +259,10 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig) -> _Candi
     return _Candidate(index, photo.photo_id, crop, face, face_in_crop, blur_score(crop), perceptual_hash(crop))
 
 
-def _upscale(square: Image.Image, config: IntakeConfig) -> Image.Image:
+def _upscale(square: Image.Image, upscaler) -> Image.Image:
     from pipelines.upscale import upscale
 
-    return upscale([square], factor=2, model_path=config.upscaler_model, device=config.device)[0]
+    return upscale([square], upscaler, factor=2)[0]
 
 
 def _drop_duplicates(candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport]) -> list[_Candidate]:
@@ -271,14 +293,16 @@ def _drop_blurry(candidates: list[_Candidate], config: IntakeConfig, reports: di
 
 
 def _drop_identity_outliers(
-    candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport], checks: dict[str, str]
+    candidates: list[_Candidate],
+    config: IntakeConfig,
+    embedder,
+    reports: dict[str, PhotoReport],
+    checks: dict[str, str],
 ) -> list[_Candidate]:
     """Flag faces far from the set's median face embedding ("looks like a different person")."""
-    from pipelines.vision.identity import get_face_embedder
-
-    embedder = get_face_embedder(config.identity_backend)
-    if not embedder.available:
-        checks["identity"] = f"not available ({getattr(embedder, 'why', '') or embedder.name})"
+    if embedder is None or not embedder.available:
+        why = "no face embedder given" if embedder is None else getattr(embedder, "why", "") or embedder.name
+        checks["identity"] = f"not available ({why})"
         return candidates
     embeddings = {c.photo_id: embedder.embed(c.crop, c.face_in_crop) for c in candidates}
     measured = [c for c in candidates if embeddings[c.photo_id] is not None]

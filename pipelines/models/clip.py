@@ -1,7 +1,8 @@
 """CLIP image/text embeddings, shared by class-token choice, ranking and evaluation.
 
-One loaded model per (path, device, dtype) per process; embeddings come back
-L2-normalised, so cosine similarity is a plain dot product.
+:func:`clip_spec` gives every caller the same key for the same weights and device, so the
+worker's model manager holds one CLIP per process for intake, ranking and evaluation.
+Embeddings come back L2-normalised, so cosine similarity is a plain dot product.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import ModelNotFound
+from pipelines.models.specs import ModelSpec
 
 
 class ClipEmbedder:
@@ -61,7 +63,16 @@ def _as_tensor(features) -> torch.Tensor:
     return features.pooler_output if getattr(features, "pooler_output", None) is not None else features[0]
 
 
-@functools.lru_cache(maxsize=4)
-def get_clip(model_path: str, device: str = "cpu") -> ClipEmbedder:
-    """Process-wide cache: the warm worker keeps CLIP loaded between jobs."""
-    return ClipEmbedder(model_path, device=device)
+def clip_dtype(device: str | torch.device) -> torch.dtype:
+    """fp16 on CUDA (CLIP's own inference precision), fp32 elsewhere."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_clip(model_path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ClipEmbedder:
+    return ClipEmbedder(model_path, device=device, dtype=dtype or clip_dtype(device))
+
+
+def clip_spec(model_path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ModelSpec:
+    """The CLIP dual encoder at ``model_path`` (the preset's ``clip``) on ``device``."""
+    dtype = dtype or clip_dtype(device)
+    return ModelSpec.of("clip", model_path, device, dtype, functools.partial(load_clip, model_path, device, dtype))

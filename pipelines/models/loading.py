@@ -1,11 +1,13 @@
-"""Load a preset's base text-to-image pipeline: the one place a base model is read from disk.
+"""Load a preset's diffusion weights: the one place a base model, ControlNet or VAE is read from disk.
 
-Training and generation share what this returns (the worker's model manager keeps one per
-preset, device and dtype); neither loads a second copy.
+Training and generation share what :func:`load_base_pipeline` returns (the worker's model
+manager keeps one per base, device and dtype, see :func:`base_spec`); neither loads a
+second copy. Nothing here caches: callers keep what they load.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -13,11 +15,16 @@ import torch
 
 from pipelines.errors import ModelNotFound
 from pipelines.models.presets import ModelPreset
+from pipelines.models.specs import ModelSpec
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """The base weights' dtype: bf16 on CUDA (training and generation share it), fp32 elsewhere."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _source(reference: str, revision: str | None = None) -> str:
+    return f"{reference}@{revision}" if revision else reference
 
 
 def load_base_pipeline(preset: ModelPreset, device: torch.device | str, dtype: torch.dtype | None = None):
@@ -42,3 +49,50 @@ def load_base_pipeline(preset: ModelPreset, device: torch.device | str, dtype: t
             component.requires_grad_(False)
             component.eval()
     return pipe.to(device)
+
+
+def base_spec(preset: ModelPreset, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelSpec:
+    """The base pipeline's key and loader: one copy per (base weights, device, dtype)."""
+    dtype = dtype or default_dtype(device)
+    return ModelSpec.of("base", _source(preset.base_model, preset.revision), device, dtype,
+                        functools.partial(load_base_pipeline, preset, device, dtype))
+
+
+def load_controlnet(source: str, device: torch.device | str, dtype: torch.dtype):
+    from diffusers import ControlNetModel
+
+    try:
+        model = ControlNetModel.from_pretrained(source, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"ControlNet {source!r} could not be loaded: {exc}", {"model": source}) from exc
+    return model.to(device).requires_grad_(False).eval()
+
+
+def controlnet_spec(preset: ModelPreset, kind: str, device: torch.device | str,
+                    dtype: torch.dtype | None = None) -> ModelSpec:
+    """The preset's ControlNet for condition ``kind`` (``pose``, ``depth``), in the base's dtype."""
+    source = preset.controlnets.get(kind)
+    if source is None:
+        raise ModelNotFound(f"the {preset.name} preset has no {kind} ControlNet", {"kind": kind})
+    dtype = dtype or default_dtype(device)
+    return ModelSpec.of(f"controlnet:{kind}", source, device, dtype,
+                        functools.partial(load_controlnet, source, device, dtype))
+
+
+def load_vae(source: str, device: torch.device | str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"VAE {source!r} could not be loaded: {exc}", {"model": source}) from exc
+    return vae.to(device).requires_grad_(False).eval()
+
+
+def improved_vae_spec(preset: ModelPreset, device: torch.device | str,
+                      dtype: torch.dtype | None = None) -> ModelSpec | None:
+    """The preset's improved VAE (sd-vae-ft-mse), None when it names none."""
+    if preset.vae is None:
+        return None
+    dtype = dtype or default_dtype(device)
+    return ModelSpec.of("vae", preset.vae, device, dtype, functools.partial(load_vae, preset.vae, device, dtype))

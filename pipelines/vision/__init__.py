@@ -1,6 +1,6 @@
 """Vision building blocks for intake and ranking: faces, persons, identity, segmentation.
 
-Every detector here keeps its loaded model in a module-level cache, so a warm worker
-loads it once. Backends that need optional packages (facexlib, ultralytics) import
-them only when chosen.
+Nothing here caches a model: each module has a ``load_*`` function (the CLI and tests call
+it) and a ``*_spec`` function (the worker's model manager loads and shares by it). Backends
+that need optional packages (facexlib, ultralytics) import them only when chosen.
 """

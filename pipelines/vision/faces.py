@@ -11,6 +11,9 @@ Backends:
 Detection runs on a copy whose long side is at most ``max_side`` (the detectors look at
 192 px or 640 px inputs anyway), and boxes are mapped back to the full image, so a
 12 MP photo costs the same as a thumbnail.
+
+Load a detector with :func:`load_face_detector` (or borrow it from the worker's model
+manager by :func:`face_detector_spec`) and pass it to :func:`detect_faces`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.errors import InvalidConfig
+from pipelines.models.specs import NO_DTYPE, ModelSpec
 from pipelines.vision.boxes import Box, clip_to_image, merge_overlapping
 
 FACE_BACKENDS = ("blazeface", "retinaface")
@@ -40,10 +44,9 @@ class FaceDetector(Protocol):
 
 
 def detect_faces(
-    image: Image.Image, min_score: float = 0.5, backend: str = "blazeface", max_side: int = DETECTION_MAX_SIDE
+    image: Image.Image, detector: FaceDetector, min_score: float = 0.5, max_side: int = DETECTION_MAX_SIDE
 ) -> list[FaceBox]:
     """Faces in ``image``, best first (score, then size), boxes in ``image``'s pixels."""
-    detector = get_face_detector(backend)
     small, scale = downscaled_rgb(image, max_side)
     faces = detector.detect(small, min_score)
     width, height = image.size
@@ -64,14 +67,24 @@ def downscaled_rgb(image: Image.Image, max_side: int) -> tuple[np.ndarray, float
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), scale
 
 
-@functools.cache
-def get_face_detector(backend: str = "blazeface") -> FaceDetector:
-    """Process-wide cache: one loaded detector per backend."""
+def check_face_backend(backend: str) -> None:
+    if backend not in FACE_BACKENDS:
+        raise InvalidConfig(f"unknown face backend {backend!r}", {"known": list(FACE_BACKENDS)})
+
+
+def load_face_detector(backend: str = "blazeface", device: str = "cpu") -> FaceDetector:
+    check_face_backend(backend)
     if backend == "blazeface":
         return BlazeFaceDetector()
-    if backend == "retinaface":
-        return RetinaFaceDetector()
-    raise InvalidConfig(f"unknown face backend {backend!r}", {"known": list(FACE_BACKENDS)})
+    return RetinaFaceDetector(device=device)
+
+
+def face_detector_spec(backend: str = "blazeface", device: str = "cpu") -> ModelSpec:
+    """BlazeFace runs on the CPU whatever the worker's device; RetinaFace on ``device``."""
+    check_face_backend(backend)
+    device = "cpu" if backend == "blazeface" else str(device)
+    return ModelSpec.of("face_detector", backend, device, NO_DTYPE,
+                        functools.partial(load_face_detector, backend, device))
 
 
 class BlazeFaceDetector:
@@ -92,6 +105,11 @@ class BlazeFaceDetector:
             if not faces:
                 faces = self._run(self._short_range, rgb, min_score)
         return merge_overlapping(faces)
+
+    def close(self) -> None:
+        with self._lock:
+            self._full_range.close()
+            self._short_range.close()
 
     @staticmethod
     def _run(graph, rgb: np.ndarray, min_score: float) -> list[FaceBox]:

@@ -1,6 +1,7 @@
 """Face identity embeddings, used to flag photos that show someone else.
 
-``get_face_embedder(name)`` returns a :class:`FaceEmbedder`:
+``load_face_embedder(name)`` returns a :class:`FaceEmbedder` (the worker borrows it from
+its model manager by :func:`face_embedder_spec` instead):
 
 * ``dlib`` (default when installed, offline): dlib's ResNet face descriptor (128-d,
   99.4 % on LFW) with its 5-point aligner, weights bundled in the pip package
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.errors import InvalidConfig
+from pipelines.models.specs import NO_DTYPE, ModelSpec
 from pipelines.vision.boxes import Box
 
 IDENTITY_BACKENDS = ("auto", "dlib", "arcface", "none")
@@ -42,20 +44,32 @@ class FaceEmbedder(Protocol):
     def distance(self, a: np.ndarray, b: np.ndarray) -> float: ...
 
 
-@functools.cache
-def get_face_embedder(name: str = "auto") -> FaceEmbedder:
-    """Process-wide cache: one loaded embedder per backend name."""
+def resolve_identity_backend(name: str = "auto") -> str:
+    """The backend ``name`` stands for: ``auto`` is ``dlib`` when it imports, else ``none``."""
+    if name not in IDENTITY_BACKENDS:
+        raise InvalidConfig(f"unknown identity backend {name!r}", {"known": list(IDENTITY_BACKENDS)})
     if name == "auto":
-        return DlibFaceEmbedder() if DlibFaceEmbedder.installed() else UnavailableFaceEmbedder("dlib not installed")
-    if name == "dlib":
+        return "dlib" if DlibFaceEmbedder.installed() else "none"
+    return name
+
+
+def load_face_embedder(name: str = "auto", device: str = "cpu") -> FaceEmbedder:
+    backend = resolve_identity_backend(name)
+    if backend == "none":
+        return UnavailableFaceEmbedder("dlib not installed" if name == "auto" else "identity check disabled")
+    if backend == "dlib":
         if not DlibFaceEmbedder.installed():
             raise InvalidConfig("identity backend 'dlib' needs dlib (dlib-bin) and face-recognition-models")
         return DlibFaceEmbedder()
-    if name == "arcface":
-        return ArcFaceEmbedder()
-    if name == "none":
-        return UnavailableFaceEmbedder("identity check disabled")
-    raise InvalidConfig(f"unknown identity backend {name!r}", {"known": list(IDENTITY_BACKENDS)})
+    return ArcFaceEmbedder(device=device)
+
+
+def face_embedder_spec(name: str = "auto", device: str = "cpu") -> ModelSpec:
+    """dlib runs on the CPU whatever the worker's device; ArcFace on ``device``."""
+    backend = resolve_identity_backend(name)
+    device = str(device) if backend == "arcface" else "cpu"
+    source = "none:not-installed" if backend == "none" and name == "auto" else backend
+    return ModelSpec.of("face_embedder", source, device, NO_DTYPE, functools.partial(load_face_embedder, name, device))
 
 
 class UnavailableFaceEmbedder:

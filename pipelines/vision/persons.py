@@ -13,6 +13,9 @@ Backends:
 
 The method this project follows found object detection more precise than face
 detection for "exactly one person", so persons are counted here, not faces.
+
+Load a detector with :func:`load_person_detector` (or borrow it from the worker's model
+manager by :func:`person_detector_spec`) and pass it to :func:`detect_persons`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.errors import InvalidConfig
+from pipelines.models.specs import NO_DTYPE, ModelSpec
 from pipelines.vision.boxes import Box, clip_to_image, merge_overlapping
 from pipelines.vision.faces import downscaled_rgb
 
@@ -43,10 +47,9 @@ class PersonDetector(Protocol):
 
 
 def detect_persons(
-    image: Image.Image, min_score: float = 0.5, backend: str = "blazepose", max_side: int = DETECTION_MAX_SIDE
+    image: Image.Image, detector: PersonDetector, min_score: float = 0.5, max_side: int = DETECTION_MAX_SIDE
 ) -> list[PersonBox]:
     """People in ``image``, best first, boxes in ``image``'s pixels."""
-    detector = get_person_detector(backend)
     small, scale = downscaled_rgb(image, max_side)
     persons = detector.detect(small, min_score)
     width, height = image.size
@@ -54,18 +57,26 @@ def detect_persons(
     return sorted(persons, key=lambda p: (-round(p.score, 4), -p.area, p.x0, p.y0))
 
 
-def count_persons(image: Image.Image, min_score: float = 0.5, backend: str = "blazepose") -> int:
-    return len(detect_persons(image, min_score=min_score, backend=backend))
+def count_persons(image: Image.Image, detector: PersonDetector, min_score: float = 0.5) -> int:
+    return len(detect_persons(image, detector, min_score=min_score))
 
 
-@functools.cache
-def get_person_detector(backend: str = "blazepose") -> PersonDetector:
+def check_person_backend(backend: str) -> None:
+    if backend != "blazepose" and backend != "yolo" and not backend.startswith("yolo:"):
+        raise InvalidConfig(f"unknown person backend {backend!r}", {"known": list(PERSON_BACKENDS)})
+
+
+def load_person_detector(backend: str = "blazepose") -> PersonDetector:
+    check_person_backend(backend)
     if backend == "blazepose":
         return BlazePoseDetector()
-    if backend == "yolo" or backend.startswith("yolo:"):
-        weights = backend.partition(":")[2] or "yolov8n.pt"
-        return YoloPersonDetector(weights)
-    raise InvalidConfig(f"unknown person backend {backend!r}", {"known": list(PERSON_BACKENDS)})
+    return YoloPersonDetector(backend.partition(":")[2] or "yolov8n.pt")
+
+
+def person_detector_spec(backend: str = "blazepose") -> ModelSpec:
+    """Both backends run on the CPU here (the BlazePose graph is CPU-only; YOLO picks its own device)."""
+    check_person_backend(backend)
+    return ModelSpec.of("person_detector", backend, "cpu", NO_DTYPE, functools.partial(load_person_detector, backend))
 
 
 # The subgraph PoseDetectionCpu (registered inside mediapipe's binary) expanded, so its
@@ -197,6 +208,10 @@ class BlazePoseDetector:
                 threshold = min_score if index == 0 else max(min_score, self.window_min_score)
                 found += self._run(np.ascontiguousarray(rgb[y0:y1, x0:x1]), threshold, x0, y0)
         return merge_overlapping(found)
+
+    def close(self) -> None:
+        with self._lock:
+            self._graph.close()
 
     def _run(self, rgb: np.ndarray, min_score: float, dx: int, dy: int) -> list[PersonBox]:
         height, width = rgb.shape[:2]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from tests.app.helpers import subject_with_photo
 
@@ -55,3 +56,20 @@ def test_metrics_report_latency_by_route_jobs_by_state_queue_depth_and_stage_dur
     bucket = "likeness_stage_duration_seconds_bucket"
     assert _sample(text, bucket, kind="train", stage="training:stage1", le="120.0") >= 1
     assert _sample(text, bucket, kind="train", stage="training:stage1", le="60.0") == 0
+
+
+def test_metrics_report_each_live_worker_state_from_the_registry(http):
+    from app.db.models import WorkerRecord, utcnow
+    from tests.app.fixtures import session_scope
+
+    with session_scope() as session:
+        session.add(WorkerRecord(name="gpu-host:41", queues=["gpu"], state="busy", current_job_id="j",
+                                 models=[{"name": "base", "bytes": 2000}, {"name": "clip", "bytes": 500}],
+                                 heartbeat_at=utcnow()))
+        session.add(WorkerRecord(name="gone-host:7", queues=["cpu"], state="idle", models=[],
+                                 heartbeat_at=utcnow() - timedelta(hours=1)))
+    text = http.get("/metrics").text
+    assert _sample(text, "likeness_worker_state", worker="gpu-host:41", state="busy") == 1.0
+    assert _sample(text, "likeness_worker_state", worker="gpu-host:41", state="idle") == 0.0
+    assert _sample(text, "likeness_worker_loaded_model_bytes", worker="gpu-host:41") == 2500.0
+    assert _sample(text, "likeness_worker_state", worker="gone-host:7", state="idle") is None  # stale: not reported

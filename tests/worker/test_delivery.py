@@ -12,9 +12,10 @@ def test_a_generation_whose_candidates_all_fail_the_one_face_rule_fails_clearly(
     from pipelines.models.presets import with_overrides
     from worker.phases import NoDeliverableImage, deliverable_results
 
-    engine = GenerationEngine(with_overrides(tiny_preset, resolution=64, require_one_face=True), "cpu")
     spec = GenerationSpec(prompts=("a photo of {instance} {class}",), n=3, k=2, steps=2, guidance_scale=1.0,
                           upscale=None)
+    preset = with_overrides(tiny_preset, resolution=64, require_one_face=True)
+    engine = GenerationEngine.load(preset, "cpu", request=spec)
     results = engine.generate(spec, return_all=True)
     assert len(results) == 3 and all(r.rank == 0 and r.faces == 0 for r in results)
     with pytest.raises(NoDeliverableImage) as err:

@@ -7,14 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.vision.boxes import Box
+from pipelines.vision.faces import FaceBox
 
 
-def whole_image_face(image):
+class WholeImageFace:
     """Random-weight models draw noise, never a face: tests of the generation flow (not of
     the face rule, which tests/…/test_ranking.py checks with the real detector) treat the
     whole image as one face so candidates are deliverable."""
-    return [Box(0, 0, image.width, image.height)]
+
+    name = "whole-image"
+
+    def detect(self, rgb, min_score):
+        height, width = rgb.shape[:2]
+        return [FaceBox(0, 0, width, height, 1.0)]
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +30,20 @@ def fast_preset(tiny_preset):
     return with_overrides(tiny_preset, resolution=64)
 
 
+def load_test_models(preset):
+    """Every model of ``preset`` on the CPU, with the whole-image face stand-in and no identity."""
+    from pipelines.generation import generation_models
+
+    models = generation_models(preset, "cpu", identity_backend="none").load()
+    models.ranking.face_detector = WholeImageFace()
+    return models
+
+
 @pytest.fixture(scope="session")
 def engine(fast_preset):
     from pipelines.generation import GenerationEngine
 
-    return GenerationEngine(fast_preset, "cpu", face_detector=whole_image_face, face_embedder="none")
+    return GenerationEngine(fast_preset, load_test_models(fast_preset))
 
 
 def build_lora_adapter(folder: Path, preset, instance_token: str, seed: int) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import Canceled, InvalidConfig
+from pipelines.errors import Canceled, InvalidConfig, ModelNotFound
 from pipelines.generation import ControlNetSpec, GenerationSpec, aspect_size
 from pipelines.generation.styles import get_style
 
@@ -70,10 +70,11 @@ def test_adapter_attach_detach_leaves_the_base_bit_for_bit(engine, adapters):
 @pytest.mark.slow
 def test_two_subjects_in_turn_do_not_leak(engine, adapters, fast_preset):
     from pipelines.generation import GenerationEngine
+    from tests.pipelines.generation.conftest import load_test_models
 
     generate_one(engine, adapters["a"], seed=5)
     b_after_a = generate_one(engine, adapters["b"], seed=5)
-    fresh = GenerationEngine(fast_preset, "cpu", face_detector=engine.face_detector, face_embedder="none")
+    fresh = GenerationEngine(fast_preset, load_test_models(fast_preset))
     b_fresh = generate_one(fresh, adapters["b"], seed=5)
     assert "<subj_b>" in b_after_a.prompt and "<subj_a>" not in b_after_a.prompt
     assert np.array_equal(pixels(b_after_a.image), pixels(b_fresh.image))
@@ -119,12 +120,12 @@ def test_depth_from_a_photo_needs_the_optional_annotator(engine, astronaut):
 def test_progress_covers_every_stage_and_results_are_ranked(engine):
     events = []
     flagged_first = lambda images: [i == 0 for i in range(len(images))]
-    engine._safety_checker, previous = flagged_first, engine._safety_checker
+    engine.models.safety_checker, previous = flagged_first, engine.models.safety_checker
     try:
         request = GenerationSpec(**{**FAST, "n": 3, "k": 2, "upscale": 2, "safety_checker": True})
         results = engine.generate(request, on_progress=events.append)
     finally:
-        engine._safety_checker = previous
+        engine.models.safety_checker = previous
     assert [r.rank for r in results] == [1, 2]
     assert all(r.upscaled.size == (128, 128) and r.image.size == (64, 64) for r in results)
     assert results[0].scores["combined"] >= results[1].scores["combined"]
@@ -183,7 +184,7 @@ def test_improved_vae_is_swapped_in_only_when_asked(engine):
     improved = generate_one(engine)
     default = generate_one(engine, use_improved_vae=False)
     assert not np.array_equal(pixels(improved.image), pixels(default.image))
-    assert engine.pipe.vae is engine._base_vae  # the base pipeline keeps its own VAE
+    assert engine.pipe.vae is not engine.models.improved_vae  # the base pipeline keeps its own VAE
 
 
 def test_a_style_candidate_is_reproducible_alone_with_its_prompt(engine):
@@ -218,3 +219,25 @@ def test_a_trained_adapter_generates_reproducibly_and_detaches(engine, trained_a
     assert first.prompt == "a photo of <subj> girl"
     assert np.array_equal(pixels(first.image), pixels(again.image))
     assert np.array_equal(pixels(generate_one(engine, seed=9).image), pixels(base.image))
+
+
+def test_a_request_names_only_the_models_it_needs(fast_preset):
+    from pipelines.generation import generation_models
+
+    def whats(request=None):
+        return {spec.key.what for spec in generation_models(fast_preset, "cpu", request=request).specs()}
+
+    ranking = {"clip", "aesthetic", "face_detector", "face_embedder"}
+    plain = GenerationSpec(**{**FAST, "use_improved_vae": False})
+    assert whats(plain) == {"base"} | ranking
+    posed = GenerationSpec(
+        **{**FAST, "upscale": 4, "controlnets": (ControlNetSpec(kind="pose", template="astronaut_portrait.jpg"),)}
+    )
+    assert whats(posed) == {"base", "vae", "upscaler", "controlnet:pose", "pose_estimator"} | ranking
+    assert whats() >= {"controlnet:pose", "controlnet:depth", "upscaler", "vae", "pose_estimator"}
+    # One dtype for the base and what runs inside it; keys of everything are distinct.
+    specs = generation_models(fast_preset, "cpu", torch.bfloat16, request=posed).specs()
+    assert {s.key.dtype for s in specs if s.key.what in ("base", "vae", "controlnet:pose")} == {"bfloat16"}
+    no_such_net = GenerationSpec(**{**FAST, "controlnets": (ControlNetSpec(kind="canny", template="x.jpg"),)})
+    with pytest.raises(ModelNotFound):  # before anything loads
+        generation_models(fast_preset, "cpu", request=no_such_net)

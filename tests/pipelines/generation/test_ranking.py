@@ -2,58 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import pipelines.ranking
 from pipelines.errors import InvalidConfig
 from pipelines.ranking import (
     RANKING_PRESETS,
+    SCORE_NAMES,
     AestheticHead,
     RankingWeights,
     combine,
     load_aesthetic_head,
+    load_ranking_models,
     rank,
     strip_token,
 )
+from pipelines.vision.faces import detect_faces
 from tests.conftest import noise_image
+from tests.pipelines.generation.conftest import WholeImageFace
 
 
 @pytest.fixture(scope="module")
-def clip(tiny_preset):
-    from pipelines.models.clip import get_clip
+def models(tiny_preset):
+    """The tiny CLIP and aesthetic head, BlazeFace and the bundled identity embedder (if installed)."""
+    return load_ranking_models(tiny_preset)
 
-    return get_clip(tiny_preset.clip)
+
+@pytest.fixture(scope="module")
+def one_face_models(models):
+    """Every image counts as one face; no identity embedder."""
+    return dataclasses.replace(models, face_detector=WholeImageFace(), face_embedder=None)
 
 
-def test_ranking_drops_faceless_candidates_with_the_real_detector(clip, tiny_preset, astronaut, grace_hopper):
+def test_ranking_drops_faceless_candidates_with_the_real_detector(models, astronaut, grace_hopper):
     images = [noise_image(256, seed) for seed in range(3)] + [astronaut, grace_hopper]
     prompts = ["a photo of <subj> girl"] * len(images)
-    kept = rank(
-        images,
-        prompts,
-        [grace_hopper],
-        k=3,
-        weights=RANKING_PRESETS["balanced"],
-        clip=clip,
-        aesthetic=tiny_preset.aesthetic_head,
-        instance_token="<subj>",
-    )
+    kept = rank(images, prompts, [grace_hopper], 3, models, RANKING_PRESETS["balanced"], instance_token="<subj>")
     assert sorted(c.index for c in kept) == [3, 4]  # only the two photos, although k=3
     assert [c.rank for c in kept] == [1, 2]
     assert kept[0].score >= kept[1].score
     assert all(c.faces == 1 and c.deliverable for c in kept)
 
     everyone = rank(
-        images,
-        prompts,
-        [grace_hopper],
-        k=3,
-        weights=RANKING_PRESETS["balanced"],
-        clip=clip,
-        aesthetic=tiny_preset.aesthetic_head,
-        instance_token="<subj>",
+        images, prompts, [grace_hopper], 3, models, RANKING_PRESETS["balanced"], instance_token="<subj>",
         return_all=True,
     )
     faceless = [c for c in everyone if c.index < 3]
@@ -67,42 +63,21 @@ def test_ranking_drops_faceless_candidates_with_the_real_detector(clip, tiny_pre
         )
 
 
-def test_several_faces_are_never_delivered(clip, tiny_preset, astronaut, grace_hopper):
-    from pipelines.vision.faces import detect_faces
-
+def test_several_faces_are_never_delivered(models, astronaut, grace_hopper):
     pair = Image.new("RGB", (1024, 600))
     pair.paste(astronaut, (0, 0))
     pair.paste(grace_hopper, (512, 0))
-    assert len(detect_faces(pair)) == 2
-    kept = rank(
-        [pair, astronaut],
-        ["<subj> girl", "<subj> girl"],
-        [],
-        k=2,
-        clip=clip,
-        aesthetic=tiny_preset.aesthetic_head,
-        instance_token="<subj>",
-        face_embedder="none",
-    )
+    assert len(detect_faces(pair, models.face_detector)) == 2
+    no_identity = dataclasses.replace(models, face_embedder=None)
+    kept = rank([pair, astronaut], ["<subj> girl", "<subj> girl"], [], 2, no_identity, instance_token="<subj>")
     assert [c.index for c in kept] == [1]
     assert kept[0].scores["identity"] is None  # no references/embedder: not available
 
 
-def test_returns_k_of_n_sorted_by_the_documented_score(clip, tiny_preset):
-    head = load_aesthetic_head(tiny_preset.aesthetic_head)
+def test_returns_k_of_n_sorted_by_the_documented_score(one_face_models):
+    head, clip = one_face_models.aesthetic, one_face_models.clip
     images = [noise_image(64, seed) for seed in range(6)]
-    one_face = lambda image: [_box(image)]
-    kept = rank(
-        images,
-        ["a photo of <subj> man"] * 6,
-        [],
-        k=4,
-        clip=clip,
-        aesthetic=head,
-        instance_token="<subj>",
-        face_detector=one_face,
-        face_embedder="none",
-    )
+    kept = rank(images, ["a photo of <subj> man"] * 6, [], 4, one_face_models, instance_token="<subj>")
     assert len(kept) == 4
     with torch.inference_mode():
         raw = head(clip.embed_images(images)).tolist()
@@ -118,34 +93,54 @@ def test_combined_score_is_the_weighted_sum_of_z_scores():
         "aesthetic": [1.0, 2.0, 3.0],
         "identity": [0.9, 0.1, 0.5],
         "text": [0.2, 0.2, 0.2],
-        "lpips": [None] * 3,
     }
     z = lambda v: (np.array(v) - np.mean(v)) / np.std(v)
-    expected = 1.0 * z(raw["aesthetic"]) + 2.0 * z(raw["identity"])  # text has no spread -> 0; lpips absent
-    got = combine(raw, RankingWeights(aesthetic=1.0, identity=2.0, text=0.5, lpips=1.0))
+    expected = 1.0 * z(raw["aesthetic"]) + 2.0 * z(raw["identity"])  # text has no spread -> 0
+    got = combine(raw, RankingWeights(aesthetic=1.0, identity=2.0, text=0.5))
     assert got == pytest.approx(list(expected))
-    # Lower LPIPS is better.
-    assert combine({**raw, "lpips": [0.1, 0.5, 0.9]}, RankingWeights(0, 0, 0, 1.0))[0] > 0
+    # A score that is not available is left out; the others keep their weights.
+    absent = combine({**raw, "identity": [None] * 3}, RankingWeights(aesthetic=1.0, identity=2.0, text=0.5))
+    assert absent == pytest.approx(list(z(raw["aesthetic"])))
 
 
-def test_lpips_is_pluggable(clip, tiny_preset):
-    images = [noise_image(64, seed) for seed in range(3)]
-    refs = [noise_image(64, 9)]
-    distance = lambda image, references: float(np.asarray(image)[0, 0, 0])
-    kept = rank(
-        images,
-        ["x"] * 3,
-        refs,
-        k=3,
-        weights=RankingWeights(aesthetic=0.0, lpips=1.0),
-        clip=clip,
-        aesthetic=tiny_preset.aesthetic_head,
-        face_detector=lambda im: [_box(im)],
-        face_embedder="none",
-        lpips=distance,
-    )
-    lp = [c.scores["lpips"] for c in kept]
-    assert lp == sorted(lp) and len(set(lp)) == 3  # smallest distance first
+def _documented_presets() -> dict[str, dict[str, float]]:
+    """The preset table of pipelines.ranking's docstring, parsed."""
+    lines = pipelines.ranking.__doc__.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["preset"])
+    columns = lines[header].split()[1:]
+    presets = {}
+    for line in lines[header + 2 :]:
+        if line.startswith("="):
+            break
+        name, *values = line.split()
+        presets[name] = dict(zip(columns, map(float, values[: len(columns)])))
+    return presets
+
+
+def test_documented_preset_weights_are_the_ones_computed(models, astronaut, grace_hopper):
+    """Every preset weights exactly the scores ``rank`` computes, with the documented weights."""
+    documented = _documented_presets()
+    assert set(documented) == set(RANKING_PRESETS)
+    assert all(columns.keys() == set(SCORE_NAMES) for columns in documented.values())
+    for name, weights in RANKING_PRESETS.items():
+        assert dataclasses.asdict(weights) == documented[name], name
+        assert sum(documented[name].values()) == pytest.approx(1.0)
+    assert "lpips" not in dataclasses.asdict(RankingWeights())  # dropped: never computed by rank
+
+    if not getattr(models.face_embedder, "available", False):
+        pytest.skip("no bundled face embedder installed: identity is not computed here")
+    images = [astronaut, grace_hopper, astronaut.rotate(10), grace_hopper.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    prompts = ["a photo of <subj> girl", "an oil painting of <subj> girl", "<subj> girl", "a photo of <subj> girl"]
+    for name, weights in RANKING_PRESETS.items():
+        ranked = rank(images, prompts, [astronaut], 4, models, weights, instance_token="<subj>", return_all=True)
+        for score in SCORE_NAMES:  # every weighted score is computed for real, none is left out
+            assert all(c.scores[score] is not None for c in ranked), (name, score)
+        by_index = sorted(ranked, key=lambda c: c.index)
+        expected = np.zeros(len(images))
+        for score, weight in documented[name].items():
+            x = np.array([c.scores[score] for c in by_index])
+            expected += weight * (x - x.mean()) / x.std() if x.std() > 1e-12 else 0.0
+        assert [c.scores["combined"] for c in by_index] == pytest.approx(list(expected)), name
 
 
 def test_aesthetic_head_layouts(tmp_path):
@@ -179,14 +174,8 @@ def test_instance_token_is_removed_for_text_alignment():
     assert strip_token("oil painting of <subj> girl, canvas", "<subj>") == "oil painting of girl, canvas"
 
 
-def test_rank_checks_inputs(clip, tiny_preset):
+def test_rank_checks_inputs(models):
     with pytest.raises(InvalidConfig):
-        rank([noise_image(32)], [], [], k=1, clip=clip, aesthetic=tiny_preset.aesthetic_head)
+        rank([noise_image(32)], [], [], 1, models)
     with pytest.raises(InvalidConfig):
-        rank([noise_image(32)], ["x"], [], k=0, clip=clip, aesthetic=tiny_preset.aesthetic_head)
-
-
-def _box(image):
-    from pipelines.vision.boxes import Box
-
-    return Box(0, 0, image.width, image.height)
+        rank([noise_image(32)], ["x"], [], 0, models)

@@ -40,5 +40,18 @@ def side_by_side(left: Image.Image, right: Image.Image, height: int = 512) -> Im
 
 
 @pytest.fixture(scope="session")
+def intake_models(tiny_preset):
+    """The bundled detectors, identity embedder and segmenter with the tiny CLIP, loaded once."""
+    from pipelines.intake import IntakeConfig, load_intake_models
+
+    return load_intake_models(IntakeConfig(clip_model=tiny_preset.clip))
+
+
+@pytest.fixture(scope="session")
+def face_detector(intake_models):
+    return intake_models.face_detector
+
+
+@pytest.fixture(scope="session")
 def astronaut_jpegs(astronaut) -> list[bytes]:
     return [encode(v, quality=92) for v in person_variants(astronaut, 6)]

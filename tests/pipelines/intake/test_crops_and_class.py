@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -13,6 +14,7 @@ from pipelines.intake.config import IntakeConfig
 from pipelines.intake.crops import blur_score, crop_square, hamming, perceptual_hash, square_around
 from pipelines.intake.dataset import PhotoInput
 from pipelines.intake.pipeline import examine_photo
+from pipelines.upscale import load_upscaler
 from pipelines.vision.faces import detect_faces
 from tests.conftest import encode
 
@@ -31,10 +33,10 @@ def test_crop_square_replicates_edge_pixels():
     assert (square[4:, 5:] == original[:12, :11]).all()
 
 
-def test_face_is_centred_and_upright_in_the_crop(astronaut):
-    candidate = examine_photo(0, PhotoInput("a", encode(astronaut.resize((1024, 1024)))), _config())
+def test_face_is_centred_and_upright_in_the_crop(astronaut, intake_models, face_detector):
+    candidate = examine_photo(0, PhotoInput("a", encode(astronaut.resize((1024, 1024)))), _config(), intake_models)
     assert candidate.crop.size == (512, 512) and candidate.crop.mode == "RGB"
-    faces = detect_faces(candidate.crop)
+    faces = detect_faces(candidate.crop, face_detector)
     assert len(faces) == 1
     cx, cy = faces[0].center
     assert abs(cx - 256) < 512 * 0.06 and abs(cy - 256) < 512 * 0.06
@@ -42,11 +44,11 @@ def test_face_is_centred_and_upright_in_the_crop(astronaut):
     assert faces[0].width == pytest.approx(512 / 2.5, rel=0.2)
 
 
-def test_face_at_the_image_edge_gets_replicated_border(astronaut):
+def test_face_at_the_image_edge_gets_replicated_border(astronaut, intake_models, face_detector):
     # Cut the photo just above the eyebrows: the head square must leave the image at the top.
-    face = detect_faces(astronaut)[0]
+    face = detect_faces(astronaut, face_detector)[0]
     photo = astronaut.crop((0, int(face.y0) + 10, 512, 512)).resize((1024, 2 * (512 - int(face.y0) - 10)))
-    candidate = examine_photo(0, PhotoInput("edge", encode(photo, "PNG")), _config())
+    candidate = examine_photo(0, PhotoInput("edge", encode(photo, "PNG")), _config(), intake_models)
     crop = np.asarray(candidate.crop, dtype=np.int16)
     _, top, side = square_around(candidate.face_box, _config().face_margin)
     first_photo_row = round(-top * 512 / side)  # where the photo's row 0 lands in the crop
@@ -57,12 +59,12 @@ def test_face_at_the_image_edge_gets_replicated_border(astronaut):
     assert np.abs(crop[first_photo_row + 30] - crop[0]).max() > 30  # below it, the photo itself
 
 
-def test_small_face_is_refused_with_its_box(astronaut):
+def test_small_face_is_refused_with_its_box(astronaut, intake_models):
     from pipelines.intake.decode import PhotoRejected
     from pipelines.intake.reasons import ReasonCode
 
     with pytest.raises(PhotoRejected) as info:
-        examine_photo(0, PhotoInput("far", encode(astronaut)), _config(min_face_px=150))
+        examine_photo(0, PhotoInput("far", encode(astronaut)), _config(min_face_px=150), intake_models)
     assert info.value.reason is ReasonCode.FACE_TOO_SMALL
     assert info.value.details["face_box"]["x1"] > info.value.details["face_box"]["x0"]
 
@@ -103,13 +105,13 @@ def test_class_ties_go_to_the_earlier_candidate():
     assert choose_class(dict(reversed(list(scores.items())))) == "man"
 
 
-def test_tiny_clip_scores_every_candidate(tiny_preset, astronaut, grace_hopper):
+def test_tiny_clip_scores_every_candidate(intake_models, astronaut, grace_hopper):
     words = ("girl", "man", "boy", "baby")
-    scores = clip_class_scores([astronaut, grace_hopper], words, tiny_preset.clip)
+    scores = clip_class_scores([astronaut, grace_hopper], words, intake_models.clip)
     assert list(scores) == list(words)
     assert all(0.0 <= s <= 2.0 for s in scores.values())
     assert len({round(s, 6) for s in scores.values()}) > 1  # words embed differently
-    assert scores == clip_class_scores([astronaut, grace_hopper], words, tiny_preset.clip)  # deterministic
+    assert scores == clip_class_scores([astronaut, grace_hopper], words, intake_models.clip)  # deterministic
 
 
 def test_blip_captions_put_the_subject_in_place_of_the_person_word():
@@ -124,10 +126,13 @@ def test_blip_captions_put_the_subject_in_place_of_the_person_word():
     assert DatasetItem("p", item.crop, item.mask, "<bg0>").prompt("<subj>", "girl") == "<bg0> <subj> girl"
 
 
-def test_small_faces_can_go_through_real_esrgan_first(astronaut, tiny_preset):
+def test_small_faces_can_go_through_real_esrgan_first(astronaut, tiny_preset, intake_models):
     photo = PhotoInput("small", encode(astronaut))  # face square ~260 px < 512
-    plain = examine_photo(0, photo, _config())
-    upscaled = examine_photo(0, photo, _config(upscale_small_faces=True, upscaler_model=tiny_preset.upscaler_x2))
+    plain = examine_photo(0, photo, _config(), intake_models)
+    with_upscaler = dataclasses.replace(intake_models, upscaler=load_upscaler(tiny_preset.upscaler_x2))
+    upscaled = examine_photo(
+        0, photo, _config(upscale_small_faces=True, upscaler_model=tiny_preset.upscaler_x2), with_upscaler
+    )
     assert upscaled.crop.size == plain.crop.size == (512, 512)
     assert not np.array_equal(np.asarray(upscaled.crop), np.asarray(plain.crop))
     assert upscaled.face_box == plain.face_box

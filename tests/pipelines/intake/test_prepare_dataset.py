@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from pipelines.intake import Dataset, IntakeConfig, PhotoInput, ReasonCode, prep
 from pipelines.intake.class_token import choose_class
 from pipelines.types import TokenSpec
 from pipelines.vision.faces import detect_faces
+from pipelines.vision.identity import load_face_embedder
 from tests.conftest import encode
 from tests.pipelines.intake.conftest import person_variants, side_by_side
 from tests.pipelines.intake.test_decode import _png_with_header
@@ -84,10 +86,25 @@ def upload(astronaut, grace_hopper) -> list[PhotoInput]:
 
 
 @pytest.fixture(scope="module")
-def run(upload, tiny_preset):
+def run(upload, tiny_preset, intake_models):
     events = []
-    dataset = prepare_dataset(upload, IntakeConfig(clip_model=tiny_preset.clip), on_progress=events.append)
+    dataset = prepare_dataset(
+        upload, IntakeConfig(clip_model=tiny_preset.clip), intake_models, on_progress=events.append
+    )
     return dataset, events
+
+
+@pytest.fixture(scope="module")
+def without_identity(intake_models):
+    """The models of a config with ``identity_backend="none"``."""
+    return dataclasses.replace(intake_models, face_embedder=load_face_embedder("none"))
+
+
+class Untouchable:
+    """Models that must not be touched: any attribute access fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"models.{name} touched before the inputs were checked")
 
 
 @pytest.mark.slow
@@ -107,13 +124,13 @@ def test_every_photo_gets_its_verdict(run):
 
 
 @pytest.mark.slow
-def test_accepted_crops_are_upright_centred_faces_with_masks(run):
+def test_accepted_crops_are_upright_centred_faces_with_masks(run, face_detector):
     dataset, _ = run
     assert [item.photo_id for item in dataset.items] == [k for k, v in EXPECTED.items() if v is ReasonCode.ACCEPTED]
     for item in dataset.items:
         assert item.crop.mode == "RGB" and item.crop.size == (512, 512)
         assert item.mask.mode == "L" and item.mask.size == (512, 512)
-        faces = detect_faces(item.crop)  # BlazeFace finds no sideways faces: this checks uprightness too
+        faces = detect_faces(item.crop, face_detector)  # BlazeFace finds no sideways faces: this checks uprightness too
         assert len(faces) == 1, item.photo_id
         cx, cy = faces[0].center
         assert abs(cx - 256) < 40 and abs(cy - 256) < 40, item.photo_id
@@ -155,18 +172,18 @@ def test_save_and_load_round_trip(run, tmp_path):
 
 
 @pytest.mark.slow
-def test_same_input_same_output_and_override_keeps_scores(run, upload, tiny_preset):
+def test_same_input_same_output_and_override_keeps_scores(run, upload, tiny_preset, intake_models):
     dataset, _ = run
     accepted = [p for p in upload if EXPECTED[p.photo_id] is ReasonCode.ACCEPTED]
     override = "man" if dataset.class_token != "man" else "girl"
-    again = prepare_dataset(accepted, IntakeConfig(clip_model=tiny_preset.clip, class_token=override))
+    again = prepare_dataset(accepted, IntakeConfig(clip_model=tiny_preset.clip, class_token=override), intake_models)
     assert again.class_token == override
     assert again.class_scores == pytest.approx(dataset.class_scores)
     for a, b in zip(again.items, dataset.items):
         assert np.array_equal(np.asarray(a.crop), np.asarray(b.crop))
 
 
-def test_too_few_photos_rejects_the_set_with_the_full_report(astronaut, tiny_preset):
+def test_too_few_photos_rejects_the_set_with_the_full_report(astronaut, tiny_preset, without_identity):
     photos = [
         PhotoInput("ok", encode(person_variants(astronaut, 1)[0])),
         PhotoInput("cat", encode(Image.fromarray(data.chelsea()))),
@@ -174,7 +191,7 @@ def test_too_few_photos_rejects_the_set_with_the_full_report(astronaut, tiny_pre
     ]
     config = IntakeConfig(clip_model=tiny_preset.clip, min_photos=2, identity_backend="none")
     with pytest.raises(DatasetRejected) as info:
-        prepare_dataset(photos, config)
+        prepare_dataset(photos, config, without_identity)
     details = info.value.details
     assert info.value.user_error and "1 of 3" in info.value.message
     assert [(r["photo_id"], r["reason_code"]) for r in details["report"]] == [
@@ -185,16 +202,18 @@ def test_too_few_photos_rejects_the_set_with_the_full_report(astronaut, tiny_pre
     assert details["reasons"] == {"no_person": 1, "empty_file": 1}
 
 
-def test_identity_check_reports_not_available_instead_of_guessing(astronaut, grace_hopper, tiny_preset):
+def test_identity_check_reports_not_available_instead_of_guessing(
+    astronaut, grace_hopper, tiny_preset, without_identity
+):
     photos = [PhotoInput(f"a{i}", encode(v)) for i, v in enumerate(person_variants(astronaut, 2))]
     photos.append(PhotoInput("g", encode(grace_hopper.resize((1024, 1200)))))
     config = IntakeConfig(clip_model=tiny_preset.clip, min_photos=3, identity_backend="none")
-    dataset = prepare_dataset(photos, config)
+    dataset = prepare_dataset(photos, config, without_identity)
     assert dataset.checks["identity"].startswith("not available")
     assert all(r.accepted and r.identity_distance is None for r in dataset.report)
 
 
-def test_cancel_stops_between_photos(astronaut, tiny_preset):
+def test_cancel_stops_between_photos(astronaut, tiny_preset, intake_models):
     photos = [PhotoInput(f"a{i}", encode(v)) for i, v in enumerate(person_variants(astronaut, 3))]
     calls = []
 
@@ -203,7 +222,9 @@ def test_cancel_stops_between_photos(astronaut, tiny_preset):
         return len(calls) > 2
 
     with pytest.raises(Canceled):
-        prepare_dataset(photos, IntakeConfig(clip_model=tiny_preset.clip, min_photos=1), should_stop=should_stop)
+        prepare_dataset(
+            photos, IntakeConfig(clip_model=tiny_preset.clip, min_photos=1), intake_models, should_stop=should_stop
+        )
     assert len(calls) == 3  # checked before each photo, stopped before the third
 
 
@@ -220,7 +241,34 @@ def test_cancel_stops_between_photos(astronaut, tiny_preset):
 )
 def test_invalid_requests_fail_before_any_model_loads(photos, changes):
     with pytest.raises(InvalidConfig):
-        prepare_dataset(photos, IntakeConfig(clip_model="/nonexistent/clip", **changes))
+        prepare_dataset(photos, IntakeConfig(clip_model="/nonexistent/clip", **changes), Untouchable())
+
+
+@pytest.mark.parametrize(
+    "changes", [{"context_mode": "poem"}, {"upscale_small_faces": True}, {"person_backend": "nope"}]
+)
+def test_invalid_configs_fail_before_any_model_spec_is_made(changes):
+    from pipelines.intake import intake_models
+
+    with pytest.raises(InvalidConfig):
+        intake_models(IntakeConfig(clip_model="/nonexistent/clip", **changes))
+
+
+def test_models_a_config_asks_for_must_be_given(intake_models, tiny_preset):
+    config = IntakeConfig(clip_model=tiny_preset.clip, upscale_small_faces=True, upscaler_model=tiny_preset.upscaler_x2)
+    with pytest.raises(InvalidConfig) as err:
+        prepare_dataset([PhotoInput("x", b"1")], config, intake_models)  # loaded without an upscaler
+    assert err.value.error_code == "intake_models_incomplete"
+
+
+def test_the_bundle_names_only_what_the_config_needs(tiny_preset):
+    from pipelines.intake import intake_models
+
+    plain = {s.key.what for s in intake_models(IntakeConfig(clip_model=tiny_preset.clip)).specs()}
+    assert plain == {"person_detector", "face_detector", "face_embedder", "clip", "segmenter"}
+    config = IntakeConfig(clip_model=tiny_preset.clip, context_mode="blip", upscale_small_faces=True,
+                          upscaler_model=tiny_preset.upscaler_x2)
+    assert {s.key.what for s in intake_models(config).specs()} == plain | {"captioner", "upscaler"}
 
 
 def test_config_round_trips_through_json():

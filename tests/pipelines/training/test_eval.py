@@ -26,9 +26,9 @@ def test_text_alignment_prompt_drops_only_the_instance_token():
 
 
 def test_image_alignment_is_highest_for_the_photos_themselves(tiny_preset, astronaut, grace_hopper):
-    from pipelines.models.clip import get_clip
+    from pipelines.models.clip import load_clip
 
-    clip = get_clip(tiny_preset.clip)
+    clip = load_clip(tiny_preset.clip)
     same = image_alignment(clip, [astronaut], [astronaut]).value
     other = image_alignment(clip, [noise_image(128, 5)], [astronaut]).value
     assert same == pytest.approx(1.0, abs=1e-5) and other < same
