@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: The public placeholder once shipped as the default: refused anywhere but tests (anyone can sign with it).
 DEV_SECRET = "dev-insecure-secret-change-me"
 
 
@@ -41,9 +42,23 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
 
     # Security
-    secret_key: str = DEV_SECRET  # signs download URLs; HMAC for webhooks uses per-client secrets
+    # Signs download URLs (webhooks use per-client secrets). Unset: a random one generated once per
+    # install and kept in ``<data_dir>/secret_key`` (mode 600); see app.signing.signing_secret.
+    secret_key: str | None = None
     signed_url_ttl_s: int = 300
     bootstrap_admin_key: str | None = None  # creates an admin client with this key at start if set
+    webhook_allow_private: bool = False  # let webhooks reach loopback/private addresses (self-hosted receivers)
+
+    # Per-client limits: the defaults for clients whose own value is NULL (None: unlimited).
+    default_requests_per_minute: int | None = None
+    default_max_concurrent_jobs: int | None = None
+    default_max_trainings_per_day: int | None = None
+    default_max_storage_bytes: int | None = None
+
+    # Retention (per-client values override; None: keep forever) and the purge's schedule.
+    retain_training_data_days: int | None = 30  # uploads, crops, datasets: days after the training that used them
+    retain_images_days: int | None = 90  # generated images: days after they were made
+    purge_interval_s: int = 3600
 
     # Upload limits
     max_file_bytes: int = 25 * 1024 * 1024
@@ -68,9 +83,14 @@ class Settings(BaseSettings):
     port: int = 8000
 
     @model_validator(mode="after")
-    def _refuse_dev_secret_in_production(self) -> Settings:
-        if self.environment == "production" and self.secret_key == DEV_SECRET:
-            raise ValueError("LIKENESS_SECRET_KEY must be set in production")
+    def _refuse_public_secret(self) -> Settings:
+        if self.secret_key == DEV_SECRET and self.environment != "test":
+            raise ValueError("LIKENESS_SECRET_KEY is the public placeholder; set a random value "
+                             "(e.g. `openssl rand -hex 32`) or unset it to use the per-install secret")
+        if self.secret_key and len(self.secret_key) < 16 and self.environment != "test":
+            raise ValueError("LIKENESS_SECRET_KEY is too short: use at least 16 random characters")
+        if self.environment == "production" and not self.secret_key:
+            raise ValueError("LIKENESS_SECRET_KEY must be set in production (every API replica signs with it)")
         return self
 
     @property

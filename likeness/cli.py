@@ -168,6 +168,7 @@ def serve(
         mode = "embedded" if settings.embedded else "distributed"
         console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, "
                       f"preset: {settings.model_preset}")
+        console.print(_secret_banner(settings))
         if created:
             console.print("admin API key (created now, kept in data_dir/admin_api_key):")
             print(key, flush=True)
@@ -180,6 +181,17 @@ def serve(
         console.print("stopping...")
     finally:
         _stop(children)
+
+
+def _secret_banner(settings) -> str:
+    """Where the secret that signs download links lives (generated now on a first start)."""
+    from app.signing import secret_path, signing_secret
+
+    if settings.secret_key:
+        return "download links are signed with LIKENESS_SECRET_KEY"
+    signing_secret(settings)
+    return (f"download links are signed with this install's secret: {secret_path(settings)} "
+            "(mode 600; keep it private; set LIKENESS_SECRET_KEY to use your own)")
 
 
 def _interrupt(signum, frame) -> None:
