@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         return self.result_backend or f"db+sqlite:///{(self.data_dir / 'results.sqlite3').resolve()}"
 
     @property
+    def resolved_redis_url(self) -> str | None:
+        """Redis shared by the API processes (rate limits, key invalidation): ``redis_url``, else a
+        Redis broker; None in embedded mode (one API process, in-process state)."""
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else None
+
+    @property
     def resolved_storage_dir(self) -> Path:
         return (self.storage_dir or self.data_dir / "blobs").resolve()
 

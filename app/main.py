@@ -13,11 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.routes import account, admin, images, jobs, photos, subjects
 from app.api.schemas import ErrorBody
+from app.auth_sync import AuthSubscriber
 from app.config import Settings, get_settings
 from app.db.session import SessionLocal
 from app.db.uow import UnitOfWork
 from app.errors import AppError, PayloadTooLarge
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
+from app.ratelimit import rate_limiter
 
 log = logging.getLogger("likeness.api")
 
@@ -76,7 +78,7 @@ def _request_id(request: Request) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -116,11 +118,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         _bootstrap_admin(settings)
-        yield
+        app.state.auth_subscriber.start()
+        try:
+            yield
+        finally:
+            app.state.auth_subscriber.stop()
 
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}})
     app.state.settings = settings
+    app.state.auth_subscriber = AuthSubscriber(settings)  # key changes made by other API processes
+    app.state.rate_limiter = rate_limiter(settings)
     app.state.scrape_registry = scrape_registry(settings, SessionLocal)
     install_error_handlers(app)
     for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):

@@ -349,17 +349,20 @@ def deliver(ctx: PhaseContext, results: list, adapter_id: str) -> dict[str, Any]
         raise_if_canceled(ctx.should_stop)
         iid = image_id(job.id, result.rank)
         key = image_key(job.subject_id, iid)
-        ctx.store.put(key, _png(result.image), "image/png")
-        up_key = None
+        png = _png(result.image)
+        ctx.store.put(key, png, "image/png")
+        up_key, size_bytes = None, len(png)
         if getattr(result, "upscaled", None) is not None:
             up_key = upscaled_image_key(job.subject_id, iid)
-            ctx.store.put(up_key, _png(result.upscaled), "image/png")
+            up_png = _png(result.upscaled)
+            ctx.store.put(up_key, up_png, "image/png")
+            size_bytes += len(up_png)
         rows.append(
             dict(
                 id=iid, job_id=job.id, subject_id=job.subject_id, rank=int(result.rank), key=key, upscaled_key=up_key,
                 width=result.image.width, height=result.image.height, seed=int(result.seed), prompt=result.prompt,
                 negative_prompt=getattr(result, "negative_prompt", None), style=getattr(result, "style", None),
-                scores=_jsonable(dict(result.scores)),
+                scores=_jsonable(dict(result.scores)), size_bytes=size_bytes,
             )
         )
         progress.advance()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from app.api.deps import AdminClient, SettingsDep, UoW
+from app.api.deps import AdminClient, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import AdminJobPublic, ClientCreate, ClientCreated, ClientLimits, ClientPublic, Page
@@ -31,20 +31,27 @@ def list_clients(caller: AdminClient, uow: UoW, limit: int = Query(100, ge=1, le
 @router.post("/clients/{client_id}/rotate", response_model=ClientCreated, responses=errors(403, 404, 409),
              summary="Replace the client's API key; the old key is refused at once (the new one is shown once)")
 def rotate_key(client_id: str, caller: AdminClient, uow: UoW):
-    client, key = clients.rotate_key(uow.session, client_id)
+    client, key = clients.rotate_key(uow, client_id)
     return ClientCreated(client=ClientPublic.model_validate(client), api_key=key)
 
 
 @router.post("/clients/{client_id}/revoke", response_model=ClientPublic, responses=errors(403, 404),
-             summary="Refuse the client's API key from now on")
+             summary="Refuse the client's API key from now on (at once, in every API process)")
 def revoke_key(client_id: str, caller: AdminClient, uow: UoW):
-    return ClientPublic.model_validate(clients.revoke(uow.session, client_id))
+    return ClientPublic.model_validate(clients.revoke(uow, client_id))
 
 
 @router.put("/clients/{client_id}/limits", response_model=ClientPublic, responses=errors(403, 404),
-            summary="Set the client's limits (null: the service default)")
+            summary="Set the client's limits and retention (null: the service default)")
 def set_limits(client_id: str, body: ClientLimits, caller: AdminClient, uow: UoW):
-    return ClientPublic.model_validate(clients.set_limits(uow.session, client_id, **body.model_dump()))
+    return ClientPublic.model_validate(clients.set_limits(uow, client_id, **body.model_dump()))
+
+
+@router.delete("/clients/{client_id}", status_code=204, response_class=Response, responses=errors(403, 404, 409),
+               summary="Delete a client and everything it owns (subjects, photos, jobs, adapters, images, blobs)")
+def delete_client(client_id: str, caller: AdminClient, uow: UoW, store: StoreDep):
+    clients.delete_client(uow, client_id, store, caller_id=caller.id)
+    return Response(status_code=204)
 
 
 @router.get("/jobs", response_model=Page[AdminJobPublic], responses=errors(403),
