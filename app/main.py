@@ -17,6 +17,7 @@ from app.auth_sync import AuthSubscriber
 from app.config import Settings, get_settings
 from app.db.session import SessionLocal
 from app.db.uow import UnitOfWork
+from app.docs import install_offline_docs
 from app.errors import AppError, PayloadTooLarge
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
 from app.ratelimit import rate_limiter
@@ -125,7 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.auth_subscriber.stop()
 
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
-                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}})
+                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}},
+                  docs_url=None, redoc_url=None)  # served offline: app.docs
     app.state.settings = settings
     app.state.auth_subscriber = AuthSubscriber(settings)  # key changes made by other API processes
     app.state.rate_limiter = rate_limiter(settings)
@@ -134,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
         app.include_router(router)
     _install_probes(app, settings)
+    install_offline_docs(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware)
     return app
