@@ -152,6 +152,8 @@ class ImagePublic(ORMModel):
 
 
 class SignedUrlRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     variant: Literal["original", "upscaled"] = "original"
 
 
@@ -172,6 +174,8 @@ class StylePublic(BaseModel):
 # ---- webhooks and admin ------------------------------------------------------------------------------------
 
 class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     url: str | None = Field(max_length=2000, description="http(s) URL; null removes the webhook.",
                             examples=["https://example.com/hooks/likeness"])
 

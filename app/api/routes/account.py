@@ -28,7 +28,7 @@ def put_webhook(body: WebhookIn, caller: CurrentClient, uow: UoW, settings: Sett
 @router.get("/webhook/deliveries", response_model=Page[DeliveryPublic], responses=errors(),
             summary="Webhook delivery log (newest first)")
 def list_deliveries(caller: CurrentClient, uow: UoW, job_id: str | None = None,
-                    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+                    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = webhooks.list_deliveries(uow.session, caller, job_id=job_id, limit=limit, offset=offset)
     return {"data": [DeliveryPublic.model_validate(r) for r in rows], "count": count}
 

@@ -23,7 +23,8 @@ def create_client(body: ClientCreate, caller: AdminClient, uow: UoW):
 
 
 @router.get("/clients", response_model=Page[ClientPublic], responses=errors(403), summary="Every client")
-def list_clients(caller: AdminClient, uow: UoW, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+def list_clients(caller: AdminClient, uow: UoW, limit: int = Query(100, ge=1, le=1000),
+                 offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = clients.list_clients(uow.session, limit=limit, offset=offset)
     return {"data": [ClientPublic.model_validate(c) for c in rows], "count": count}
 
@@ -58,7 +59,7 @@ def delete_client(client_id: str, caller: AdminClient, uow: UoW, store: StoreDep
             summary="Every client's jobs (dashboard)")
 def list_all_jobs(caller: AdminClient, uow: UoW, state: JobState | None = None, kind: JobKind | None = None,
                   client_id: str | None = None, subject_id: str | None = None,
-                  limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+                  limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = jobs.list_jobs(uow.session, None, state=state, kind=kind, client_id=client_id,
                                  subject_id=subject_id, limit=limit, offset=offset)
     return {"data": [AdminJobPublic.model_validate(r) for r in rows], "count": count}

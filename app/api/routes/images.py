@@ -34,7 +34,7 @@ def _stream(store: BlobStore, key: str, filename: str) -> StreamingResponse:
 @router.get("/subjects/{subject_id}/images", response_model=Page[ImagePublic], responses=errors(404),
             summary="A subject's result images with scores and ranks (newest jobs first, rank 1 = best)")
 def list_images(subject_id: str, caller: CurrentClient, uow: UoW, job_id: str | None = None,
-                limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0)):
+                limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = images.list_images(uow.session, caller, subject_id, job_id=job_id, limit=limit, offset=offset)
     data = [ImagePublic.model_validate(i).model_copy(update={"has_upscaled": i.upscaled_key is not None}) for i in rows]
     return {"data": data, "count": count}
@@ -87,7 +87,7 @@ def signed_blob(settings: SettingsDep, store: StoreDep, uow: UoW, client: str = 
             summary="Download the subject's trained adapter (owner only)")
 def download_adapter(subject_id: str, caller: CurrentClient, uow: UoW, store: StoreDep,
                      format: Literal["diffusers", "kohya"] = "diffusers",  # noqa: A002 - the query parameter's name
-                     version: int | None = Query(None, ge=1, description="Default: the newest adapter.")):
+                     version: int | None = Query(None, ge=1, le=1_000_000, description="Default: the newest adapter.")):
     adapter = adapters.get_adapter(uow.session, caller, subject_id, version)
     name = f"likeness-{subject_id[:8]}-v{adapter.version}"
     if format == "diffusers":
