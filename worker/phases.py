@@ -32,10 +32,10 @@ from app.storage import (
     BlobStore,
     adapter_export_key,
     adapter_prefix,
+    dataset_prefix,
     image_key,
     photo_crop_key,
     photo_mask_key,
-    subject_prefix,
     upscaled_image_key,
 )
 from likeness.contract.plan import PLANS, JobKind
@@ -62,10 +62,6 @@ class PhaseContext:
     on_progress: ProgressFn
     should_stop: CancelFn
     workdir: Path  # scratch space of this job on this machine
-
-
-def dataset_prefix(subject_id: str, job_id: str) -> str:
-    return f"{subject_prefix(subject_id)}datasets/{job_id}/"
 
 
 def image_id(job_id: str, rank: int) -> str:
