@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The public placeholder once shipped as the default: refused anywhere but tests (anyone can sign with it).
@@ -81,6 +81,15 @@ class Settings(BaseSettings):
     # API server
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @field_validator("default_requests_per_minute", "default_max_concurrent_jobs", "default_max_trainings_per_day",
+                     "default_max_storage_bytes", "retain_training_data_days", "retain_images_days", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: object) -> object:
+        """``LIKENESS_RETAIN_IMAGES_DAYS=`` (or ``none``): no limit / keep forever."""
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _refuse_public_secret(self) -> Settings:

@@ -115,3 +115,10 @@ def test_retention_can_be_switched_off_per_install(client_a, store, settings, mo
     monkeypatch.setattr(settings, "retain_images_days", None)
     purge_expired(settings, store)
     assert _count(Photo, subject_id=subject_id) == 1
+
+
+def test_an_empty_or_none_setting_means_keep_forever(tmp_path):
+    from app.config import Settings
+
+    settings = Settings(retain_training_data_days="none", retain_images_days="", data_dir=tmp_path)
+    assert (settings.retain_training_data_days, settings.retain_images_days) == (None, None)
