@@ -189,7 +189,7 @@ def serve(
         mode = "embedded" if settings.embedded else "distributed"
         console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, "
                       f"preset: {settings.model_preset}")
-        console.print(_secret_banner(settings))
+        console.print(_secret_banner(settings), soft_wrap=True)
         if created:
             console.print("admin API key (created now, kept in data_dir/admin_api_key):")
             print(key, flush=True)
