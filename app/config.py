@@ -11,9 +11,10 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: The public placeholder once shipped as the default: refused anywhere but tests (anyone can sign with it).
 DEV_SECRET = "dev-insecure-secret-change-me"
 
 
@@ -41,9 +42,23 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
 
     # Security
-    secret_key: str = DEV_SECRET  # signs download URLs; HMAC for webhooks uses per-client secrets
+    # Signs download URLs (webhooks use per-client secrets). Unset: a random one generated once per
+    # install and kept in ``<data_dir>/secret_key`` (mode 600); see app.signing.signing_secret.
+    secret_key: str | None = None
     signed_url_ttl_s: int = 300
     bootstrap_admin_key: str | None = None  # creates an admin client with this key at start if set
+    webhook_allow_private: bool = False  # let webhooks reach loopback/private addresses (self-hosted receivers)
+
+    # Per-client limits: the defaults for clients whose own value is NULL (None: unlimited).
+    default_requests_per_minute: int | None = None
+    default_max_concurrent_jobs: int | None = None
+    default_max_trainings_per_day: int | None = None
+    default_max_storage_bytes: int | None = None
+
+    # Retention (per-client values override; None: keep forever) and the purge's schedule.
+    retain_training_data_days: int | None = 30  # uploads, crops, datasets: days after the training that used them
+    retain_images_days: int | None = 90  # generated images: days after they were made
+    purge_interval_s: int = 3600
 
     # Upload limits
     max_file_bytes: int = 25 * 1024 * 1024
@@ -68,10 +83,24 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    @field_validator("default_requests_per_minute", "default_max_concurrent_jobs", "default_max_trainings_per_day",
+                     "default_max_storage_bytes", "retain_training_data_days", "retain_images_days", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: object) -> object:
+        """``LIKENESS_RETAIN_IMAGES_DAYS=`` (or ``none``): no limit / keep forever."""
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
+            return None
+        return value
+
     @model_validator(mode="after")
-    def _refuse_dev_secret_in_production(self) -> Settings:
-        if self.environment == "production" and self.secret_key == DEV_SECRET:
-            raise ValueError("LIKENESS_SECRET_KEY must be set in production")
+    def _refuse_public_secret(self) -> Settings:
+        if self.secret_key == DEV_SECRET and self.environment != "test":
+            raise ValueError("LIKENESS_SECRET_KEY is the public placeholder; set a random value "
+                             "(e.g. `openssl rand -hex 32`) or unset it to use the per-install secret")
+        if self.secret_key and len(self.secret_key) < 16 and self.environment != "test":
+            raise ValueError("LIKENESS_SECRET_KEY is too short: use at least 16 random characters")
+        if self.environment == "production" and not self.secret_key:
+            raise ValueError("LIKENESS_SECRET_KEY must be set in production (every API replica signs with it)")
         return self
 
     @property
@@ -90,6 +119,14 @@ class Settings(BaseSettings):
     @property
     def resolved_result_backend(self) -> str:
         return self.result_backend or f"db+sqlite:///{(self.data_dir / 'results.sqlite3').resolve()}"
+
+    @property
+    def resolved_redis_url(self) -> str | None:
+        """Redis shared by the API processes (rate limits, key invalidation): ``redis_url``, else a
+        Redis broker; None in embedded mode (one API process, in-process state)."""
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else None
 
     @property
     def resolved_storage_dir(self) -> Path:

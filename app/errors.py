@@ -11,10 +11,14 @@ class AppError(Exception):
     code: str = "bad_request"
     default_message: str = "The request cannot be processed."
 
+    headers: dict[str, str] | None = None  # e.g. Retry-After
+
     def __init__(self, message: str | None = None, details: dict[str, Any] | None = None, *,
-                 code: str | None = None, status: int | None = None):
+                 code: str | None = None, status: int | None = None, headers: dict[str, str] | None = None):
         self.message = message or self.default_message
         self.details = details or {}
+        if headers is not None:
+            self.headers = headers
         if code is not None:
             self.code = code
         if status is not None:
@@ -63,3 +67,18 @@ class PayloadTooLarge(AppError):
 
 class ServiceUnavailable(AppError):
     status, code, default_message = 503, "service_unavailable", "A dependency is unavailable; retry later."
+
+
+class TooManyRequests(AppError):
+    """Over a rate or a quota; ``retry_after_s`` (when known) becomes the ``Retry-After`` header."""
+
+    status, code, default_message = 429, "rate_limited", "Too many requests; slow down."
+
+    def __init__(self, message: str | None = None, details: dict[str, Any] | None = None, *,
+                 code: str | None = None, retry_after_s: float | None = None):
+        headers = None
+        if retry_after_s is not None:
+            seconds = max(1, int(-(-retry_after_s // 1)))  # whole seconds, rounded up
+            headers = {"Retry-After": str(seconds)}
+            details = {**(details or {}), "retry_after_s": seconds}
+        super().__init__(message, details, code=code, headers=headers)

@@ -6,18 +6,22 @@ import contextlib
 import logging
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.routes import account, admin, images, jobs, photos, subjects
+from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
+from app.auth_sync import AuthSubscriber
 from app.config import Settings, get_settings
 from app.db.session import SessionLocal
 from app.db.uow import UnitOfWork
+from app.docs import install_offline_docs
 from app.errors import AppError, PayloadTooLarge
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
+from app.ratelimit import rate_limiter
 
 log = logging.getLogger("likeness.api")
 
@@ -76,7 +80,7 @@ def _request_id(request: Request) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,6 +93,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, AppError):  # e.g. body limit hit while FastAPI parsed the form
             return await app_error(request, exc.__cause__)
+        if exc.status_code == 400:  # the framework could not parse the body (bad JSON, bad multipart): like 422
+            return JSONResponse({"code": "validation_error", "message": "The request body cannot be parsed.",
+                                 "details": {"errors": [{"loc": ["body"], "msg": str(exc.detail),
+                                                         "type": "body_unparsable"}]}}, status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"code": code, "message": str(exc.detail), "details": {}}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
@@ -116,16 +124,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         _bootstrap_admin(settings)
-        yield
+        app.state.auth_subscriber.start()
+        try:
+            yield
+        finally:
+            app.state.auth_subscriber.stop()
 
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
-                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}})
+                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}},
+                  docs_url=None, redoc_url=None,  # served offline: app.docs
+                  dependencies=[Depends(check_request_inputs)])
     app.state.settings = settings
+    app.state.auth_subscriber = AuthSubscriber(settings)  # key changes made by other API processes
+    app.state.rate_limiter = rate_limiter(settings)
     app.state.scrape_registry = scrape_registry(settings, lambda: SessionLocal(settings.resolved_database_url))
     install_error_handlers(app)
     for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
         app.include_router(router)
     _install_probes(app, settings)
+    install_offline_docs(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware)
     return app

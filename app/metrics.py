@@ -9,7 +9,8 @@
 * ``likeness_queue_depth{queue}``: Redis ``LLEN`` of the job queues when the broker is Redis;
 * ``likeness_outbox_messages``: task messages waiting for the broker (it was down);
 * ``likeness_worker_state{worker,state}`` (1 for the state each live worker process reported in
-  the ``workers`` table, 0 for the others) and ``likeness_worker_loaded_model_bytes{worker}``.
+  the ``workers`` table, 0 for the others) and ``likeness_worker_loaded_model_bytes{worker}``;
+* ``likeness_retention_deleted_total{kind}``: what the retention purge deleted (``purge_totals``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,32 @@ class WorkersCollector(Collector):
         yield loaded
 
 
+class RetentionCollector(Collector):
+    """What the retention purge deleted since the install (it runs in a worker: read from ``purge_totals``)."""
+
+    def __init__(self, session_factory):  # noqa: ANN001
+        self.session_factory = session_factory
+
+    def collect(self):  # noqa: ANN201
+        from app.services.retention import totals
+
+        deleted = CounterMetricFamily("likeness_retention_deleted", "Deleted by the retention purge, by kind.",
+                                      labels=["kind"])
+        last = GaugeMetricFamily("likeness_retention_last_purge_timestamp_seconds", "When the purge last ran.")
+        try:
+            with self.session_factory() as session:
+                found = totals(session)
+        except Exception:  # noqa: BLE001
+            log.warning("retention metrics unavailable", exc_info=True)
+            return
+        for kind in ("photos", "datasets", "images", "blobs", "runs"):
+            deleted.add_metric([kind], found.get(kind, (0, None))[0])
+        if "runs" in found:
+            last.add_metric([], found["runs"][1].timestamp())
+            yield last
+        yield deleted
+
+
 class QueueDepthCollector(Collector):
     """``LLEN`` of each job queue on a Redis broker (kombu keeps a queue as one list)."""
 
@@ -152,6 +179,7 @@ def scrape_registry(settings, session_factory) -> CollectorRegistry:  # noqa: AN
     registry = CollectorRegistry(auto_describe=False)
     registry.register(JobsCollector(session_factory))
     registry.register(WorkersCollector(session_factory, settings.job_stale_after_s))
+    registry.register(RetentionCollector(session_factory))
     registry.register(QueueDepthCollector(settings))
     return registry
 

@@ -21,7 +21,7 @@ from kombu import Exchange
 from kombu import Queue as KombuQueue
 
 from app.config import Settings, get_settings
-from likeness.contract.plan import Queue
+from likeness.contract.plan import Queue, Task
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # `likeness beat` (celery beat) sends the retention purge in distributed mode; the embedded
+        # worker runs it from a timer instead (worker.tasks).
+        beat_schedule={"retention-purge": {
+            "task": str(Task.PURGE_EXPIRED), "schedule": float(settings.purge_interval_s),
+            "options": {"queue": settings.queue(Queue.CPU), "routing_key": settings.queue(Queue.CPU),
+                        "exchange": settings.queue(Queue.CPU), "expires": float(settings.purge_interval_s)}}},
     )
 
 

@@ -1,32 +1,105 @@
-"""Short-lived signed download URLs: ``/v1/blobs/signed?key=..&exp=..&sig=..``.
+"""Short-lived signed URLs for result images, and the install's signing secret.
 
-``sig`` = HMAC-SHA256(secret_key, "{key}\\n{exp}"); the URL needs no API key, so it can
-be handed to a browser or a chat bot, and stops working at ``exp``.
+``/v1/blobs/signed?client=..&subject=..&image=..&variant=..&exp=..&sig=..`` where ``sig`` =
+HMAC-SHA256(secret, "likeness/v2/image\\n{client}\\n{subject}\\n{image}\\n{variant}\\n{exp}").
+The URL needs no API key, so it can be handed to a browser or a chat bot; it names one
+result image (original or upscaled) of one subject of one client, and the endpoint serves
+it only while that image still belongs to that subject and client, and only until ``exp``.
+Nothing else (uploads, crops, masks, adapters, exports) can be reached through it.
+
+The secret is ``LIKENESS_SECRET_KEY`` or, when unset, a random value generated once per
+install and kept in ``<data_dir>/secret_key`` (mode 600), like the admin key.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import os
+import secrets
+import tempfile
 import time
+from pathlib import Path
+from typing import Literal
 from urllib.parse import urlencode
 
+from app.config import Settings
+
 SIGNED_PATH = "/v1/blobs/signed"
+SECRET_FILE = "secret_key"
+_PURPOSE = "likeness/v2/image"
+
+Variant = Literal["original", "upscaled"]
 
 
-def _mac(secret: str, key: str, expires_at: int) -> str:
-    return hmac.new(secret.encode(), f"{key}\n{expires_at}".encode(), hashlib.sha256).hexdigest()
+# ---- the secret ------------------------------------------------------------------------------------------
+
+def secret_path(settings: Settings) -> Path:
+    """Where the generated per-install secret lives (used when ``LIKENESS_SECRET_KEY`` is unset)."""
+    return (settings.data_dir / SECRET_FILE).resolve()
 
 
-def signed_url(key: str, secret: str, ttl_s: int, now: float | None = None) -> tuple[str, int]:
+def signing_secret(settings: Settings) -> str:
+    """The secret that signs download URLs: the configured one, else the per-install one."""
+    return settings.secret_key or install_secret(secret_path(settings))
+
+
+@functools.lru_cache(maxsize=16)
+def install_secret(path: Path) -> str:
+    """The secret stored at ``path``, created (random, mode 600) if there is none yet.
+
+    Safe when several processes start at once: the file appears atomically with its content
+    (written under a temporary name, then hard-linked), and whoever loses the race reads the
+    winner's value.
+    """
+    try:
+        return _read_secret(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # created with mode 600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+    return _read_secret(path)
+
+
+def _read_secret(path: Path) -> str:
+    value = path.read_text().strip()
+    if len(value) < 16:
+        raise RuntimeError(f"{path} holds no usable secret; delete it to generate a new one "
+                           "(links signed with the old one stop working)")
+    return value
+
+
+# ---- signing -----------------------------------------------------------------------------------------------
+
+def _mac(secret: str, client_id: str, subject_id: str, image_id: str, variant: str, expires_at: int) -> str:
+    message = "\n".join((_PURPOSE, client_id, subject_id, image_id, variant, str(expires_at)))
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def signed_image_url(secret: str, client_id: str, subject_id: str, image_id: str, variant: Variant, ttl_s: int,
+                     now: float | None = None) -> tuple[str, int]:
+    """A relative URL serving one result image of ``client_id``'s subject until ``now + ttl_s``."""
     expires_at = int((now if now is not None else time.time()) + ttl_s)
-    query = urlencode({"key": key, "exp": expires_at, "sig": _mac(secret, key, expires_at)})
+    query = urlencode({"client": client_id, "subject": subject_id, "image": image_id, "variant": variant,
+                       "exp": expires_at, "sig": _mac(secret, client_id, subject_id, image_id, variant, expires_at)})
     return f"{SIGNED_PATH}?{query}", expires_at
 
 
-def check_signature(key: str, expires_at: int, sig: str, secret: str, now: float | None = None) -> str | None:
+def check_image_signature(secret: str, client_id: str, subject_id: str, image_id: str, variant: str,
+                          expires_at: int, sig: str, now: float | None = None) -> str | None:
     """None when valid, else the error code (``invalid_signature`` or ``url_expired``)."""
-    if not hmac.compare_digest(_mac(secret, key, expires_at), sig):
+    expected = _mac(secret, client_id, subject_id, image_id, variant, expires_at)
+    if not hmac.compare_digest(expected.encode(), sig.encode(errors="replace")):
         return "invalid_signature"
     if expires_at < (now if now is not None else time.time()):
         return "url_expired"

@@ -45,6 +45,16 @@ def subject_prefix(subject_id: str) -> str:
     return f"subjects/{subject_id}/"
 
 
+def photo_prefix(subject_id: str, photo_id: str) -> str:
+    """Everything of one uploaded photo: the original, its crop and its mask."""
+    return f"subjects/{subject_id}/photos/{photo_id}/"
+
+
+def dataset_prefix(subject_id: str, job_id: str) -> str:
+    """The training dataset a train job's intake prepared."""
+    return f"subjects/{subject_id}/datasets/{job_id}/"
+
+
 def photo_original_key(subject_id: str, photo_id: str) -> str:
     return f"subjects/{subject_id}/photos/{photo_id}/original.jpg"
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.db.models import Client, Job, WebhookDelivery, utcnow
+from app.webhook_targets import DestinationRefused, pinned_request_args, resolve_checked
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
         delivery.next_attempt_at = None
         return False
 
+    settings = get_settings()
     body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
@@ -128,21 +130,46 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
     delivery.error = None
     retryable: bool
     try:
-        response = httpx.post(client.webhook_url, content=body, headers=headers, timeout=TIMEOUT_S,
-                              follow_redirects=False)
+        response = _post_to_checked_address(client.webhook_url, body, headers, settings.webhook_allow_private)
         delivery.status_code = response.status_code
         if 200 <= response.status_code < 300:
             delivery.delivered_at = utcnow()
             delivery.next_attempt_at = None
             return False
-        delivery.error = f"receiver answered HTTP {response.status_code}"
+        if response.is_redirect:
+            delivery.error = (f"receiver answered HTTP {response.status_code} (a redirect to "
+                              f"{response.headers.get('location', '?')[:300]}); redirects are not followed")
+        else:
+            delivery.error = f"receiver answered HTTP {response.status_code}"
         retryable = response.status_code >= 500 or response.status_code in (408, 429)
-    except httpx.HTTPError as exc:
+    except DestinationRefused as exc:  # never retried: the address will not become acceptable by waiting
+        delivery.error = f"destination refused: {exc}"[:1000]
+        delivery.next_attempt_at = None
+        log.warning("webhook delivery %s refused: %s", delivery.id, exc)
+        return False
+    except (httpx.HTTPError, OSError) as exc:  # network errors, DNS failures
         delivery.error = f"{type(exc).__name__}: {exc}"[:1000]
         retryable = True
 
-    if retryable and delivery.attempt < get_settings().webhook_max_attempts:
+    if retryable and delivery.attempt < settings.webhook_max_attempts:
         delivery.next_attempt_at = utcnow() + timedelta(seconds=backoff_s(delivery.attempt))
         return True
     delivery.next_attempt_at = None
     return False
+
+
+def _post_to_checked_address(url: str, body: bytes, headers: dict[str, str], allow_private: bool) -> httpx.Response:
+    """POST over a connection to an address checked by :mod:`app.webhook_targets` (resolved once, here;
+    the next address is tried only if connecting to one fails). Redirects are not followed."""
+    target = httpx.URL(url)
+    addresses = resolve_checked(target, allow_private=allow_private)
+    with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as http:
+        for i, address in enumerate(addresses):
+            pinned = pinned_request_args(target, address)
+            try:
+                return http.post(pinned["url"], content=body, headers={**headers, **pinned["headers"]},
+                                 extensions=pinned["extensions"])
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if i == len(addresses) - 1:
+                    raise
+    raise AssertionError("unreachable")

@@ -128,6 +128,27 @@ def worker(
     os.execv(sys.executable, cmd)
 
 
+@app.command()
+def beat(loglevel: str = "info") -> None:
+    """Run Celery beat: sends the scheduled retention purge to the workers (distributed mode; run one)."""
+    settings = _settings()
+    if settings.embedded:
+        raise CliError("embedded mode needs no beat: the worker started by `likeness serve` purges on its own")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel", loglevel,
+           "--schedule", str((settings.data_dir / "celerybeat-schedule").resolve())]
+    os.execv(sys.executable, cmd)
+
+
+@app.command()
+def purge() -> None:
+    """Delete now what the clients' retention says is due (what the scheduled purge does)."""
+    from app.services.retention import purge_expired
+
+    report = purge_expired(_settings())
+    console.print("deleted: " + ", ".join(f"{n} {kind}" for kind, n in report.as_dict().items()))
+
+
 def _admin_key(settings) -> tuple[str, bool]:
     """The embedded admin key: created once and kept under data_dir (mode 600)."""
     path = settings.data_dir / "admin_api_key"
@@ -168,6 +189,7 @@ def serve(
         mode = "embedded" if settings.embedded else "distributed"
         console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, "
                       f"preset: {settings.model_preset}")
+        console.print(_secret_banner(settings), soft_wrap=True)
         if created:
             console.print("admin API key (created now, kept in data_dir/admin_api_key):")
             print(key, flush=True)
@@ -180,6 +202,17 @@ def serve(
         console.print("stopping...")
     finally:
         _stop(children)
+
+
+def _secret_banner(settings) -> str:
+    """Where the secret that signs download links lives (generated now on a first start)."""
+    from app.signing import secret_path, signing_secret
+
+    if settings.secret_key:
+        return "download links are signed with LIKENESS_SECRET_KEY"
+    signing_secret(settings)
+    return (f"download links are signed with this install's secret: {secret_path(settings)} "
+            "(mode 600; keep it private; set LIKENESS_SECRET_KEY to use your own)")
 
 
 def _interrupt(signum, frame) -> None:

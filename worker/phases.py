@@ -32,10 +32,10 @@ from app.storage import (
     BlobStore,
     adapter_export_key,
     adapter_prefix,
+    dataset_prefix,
     image_key,
     photo_crop_key,
     photo_mask_key,
-    subject_prefix,
     upscaled_image_key,
 )
 from likeness.contract.plan import PLANS, JobKind
@@ -62,10 +62,6 @@ class PhaseContext:
     on_progress: ProgressFn
     should_stop: CancelFn
     workdir: Path  # scratch space of this job on this machine
-
-
-def dataset_prefix(subject_id: str, job_id: str) -> str:
-    return f"{subject_prefix(subject_id)}datasets/{job_id}/"
 
 
 def image_id(job_id: str, rank: int) -> str:
@@ -350,17 +346,20 @@ def deliver(ctx: PhaseContext, results: list, adapter_id: str) -> dict[str, Any]
         raise_if_canceled(ctx.should_stop)
         iid = image_id(job.id, result.rank)
         key = image_key(job.subject_id, iid)
-        ctx.store.put(key, _png(result.image), "image/png")
-        up_key = None
+        png = _png(result.image)
+        ctx.store.put(key, png, "image/png")
+        up_key, size_bytes = None, len(png)
         if getattr(result, "upscaled", None) is not None:
             up_key = upscaled_image_key(job.subject_id, iid)
-            ctx.store.put(up_key, _png(result.upscaled), "image/png")
+            up_png = _png(result.upscaled)
+            ctx.store.put(up_key, up_png, "image/png")
+            size_bytes += len(up_png)
         rows.append(
             dict(
                 id=iid, job_id=job.id, subject_id=job.subject_id, rank=int(result.rank), key=key, upscaled_key=up_key,
                 width=result.image.width, height=result.image.height, seed=int(result.seed), prompt=result.prompt,
                 negative_prompt=getattr(result, "negative_prompt", None), style=getattr(result, "style", None),
-                scores=_jsonable(dict(result.scores)),
+                scores=_jsonable(dict(result.scores)), size_bytes=size_bytes,
             )
         )
         progress.advance()

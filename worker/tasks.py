@@ -69,7 +69,16 @@ def sweep() -> dict:
     return {"requeued": report.requeued, "failed": report.failed, "outbox_sent": report.outbox_sent}
 
 
+@celery_app.task(name=TaskName.PURGE_EXPIRED)
+def purge_expired() -> dict:
+    """Delete what the clients' retention says is due (sent by `likeness beat`; embedded: a timer)."""
+    from app.services.retention import purge_expired as purge
+
+    return purge().as_dict()
+
+
 _periodic = None
+_purge_timer = None
 
 
 _registry = None
@@ -125,9 +134,20 @@ def _start_recovery(sender=None, **_) -> None:
 
     settings = get_settings()
     _periodic = PeriodicSweep(max(settings.job_stale_after_s / 2, 1.0), settings).start()
+    _start_purge_timer(settings)
+
+
+def _start_purge_timer(settings) -> None:  # noqa: ANN001
+    """Embedded mode has no beat: the worker purges expired data itself, every ``purge_interval_s``."""
+    global _purge_timer
+    from worker.retention import PeriodicPurge
+
+    if settings.embedded and _purge_timer is None:
+        _purge_timer = PeriodicPurge(settings.purge_interval_s, settings).start()
 
 
 @worker_shutdown.connect
 def _stop_recovery(sender=None, **_) -> None:
-    if _periodic is not None:
-        _periodic.stop()
+    for timer in (_periodic, _purge_timer):
+        if timer is not None:
+            timer.stop()

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from app.config import Settings, get_settings
 from app.db.session import SessionLocal
 from app.db.uow import UnitOfWork
-from app.errors import Forbidden, Unauthorized
+from app.errors import Forbidden, TooManyRequests, Unauthorized
 from app.services import idempotency
 from app.services.clients import Caller, auth_cache, authenticate, hash_key
 from app.storage import BlobStore, get_blob_store
@@ -42,17 +42,32 @@ def _api_key(request: Request) -> str | None:
 
 def _lookup(api_key: str, settings: Settings) -> Caller | None:
     with SessionLocal(settings.resolved_database_url) as session, session.begin():
-        return authenticate(session, api_key)
+        return authenticate(session, api_key, cached=False)
 
 
 async def current_client(request: Request) -> Caller:
-    """The caller from its API key; a cache hit costs no thread hop and no query (status polls)."""
+    """The caller from its API key, within its requests-per-minute limit.
+
+    A cache hit costs no thread hop and no query (status polls); the cache is used only while this
+    process hears about key changes made by the others (:mod:`app.auth_sync`).
+    """
     key = _api_key(request)
     if key is None:
         raise Unauthorized("Send your API key as 'Authorization: Bearer <key>' or 'X-API-Key'.")
-    caller = auth_cache.get(hash_key(key)) or await run_in_threadpool(_lookup, key, app_settings(request))
+    state = request.app.state
+    subscriber = getattr(state, "auth_subscriber", None)
+    caller = auth_cache.get(hash_key(key)) if subscriber is None or subscriber.trusted else None
     if caller is None:
-        raise Unauthorized("Unknown or revoked API key.")
+        caller = await run_in_threadpool(_lookup, key, app_settings(request))
+        if caller is None:
+            raise Unauthorized("Unknown or revoked API key.")
+    limit = caller.requests_per_minute or app_settings(request).default_requests_per_minute
+    limiter = getattr(state, "rate_limiter", None)
+    if limit and limiter is not None:
+        retry_after = limiter.hit(caller.id, limit)
+        if retry_after is not None:
+            raise TooManyRequests(f"More than {limit} requests per minute; retry after the Retry-After seconds.",
+                                  {"limit_per_minute": limit}, retry_after_s=retry_after)
     return caller
 
 

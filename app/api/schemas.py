@@ -152,6 +152,8 @@ class ImagePublic(ORMModel):
 
 
 class SignedUrlRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     variant: Literal["original", "upscaled"] = "original"
 
 
@@ -172,6 +174,8 @@ class StylePublic(BaseModel):
 # ---- webhooks and admin ------------------------------------------------------------------------------------
 
 class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     url: str | None = Field(max_length=2000, description="http(s) URL; null removes the webhook.",
                             examples=["https://example.com/hooks/likeness"])
 
@@ -200,10 +204,14 @@ class ClientLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_candidates: int = Field(64, ge=1, le=1024, description="Most candidates (n) per generation.")
-    requests_per_minute: int | None = Field(None, ge=1, description="API requests per minute (429 above).")
-    max_concurrent_jobs: int | None = Field(None, ge=1, description="Queued + running jobs at once.")
-    max_trainings_per_day: int | None = Field(None, ge=1, description="Training jobs per 24 hours.")
-    max_storage_bytes: int | None = Field(None, ge=0, description="Stored photos and images, in bytes.")
+    requests_per_minute: int | None = Field(None, ge=1, le=10**9, description="API requests per minute (429 above).")
+    max_concurrent_jobs: int | None = Field(None, ge=1, le=10**6, description="Queued + running jobs at once.")
+    max_trainings_per_day: int | None = Field(None, ge=1, le=10**6, description="Training jobs per 24 hours.")
+    max_storage_bytes: int | None = Field(None, ge=0, le=2**62, description="Stored photos and images, in bytes.")
+    retain_training_data_days: int | None = Field(
+        None, ge=1, le=36500, description="Days uploads, crops and datasets are kept after the training that used "
+                                          "them (uploads never trained on: after upload).")
+    retain_images_days: int | None = Field(None, ge=1, le=36500, description="Days generated images are kept.")
 
 
 class ClientCreate(ClientLimits):
@@ -221,6 +229,8 @@ class ClientPublic(ORMModel):
     max_concurrent_jobs: int | None
     max_trainings_per_day: int | None
     max_storage_bytes: int | None
+    retain_training_data_days: int | None
+    retain_images_days: int | None
     revoked_at: datetime | None
     last_used_at: datetime | None
     created_at: datetime

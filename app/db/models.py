@@ -99,6 +99,10 @@ class Client(Base):
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
     max_trainings_per_day: Mapped[int | None] = mapped_column(Integer)
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Retention in days (NULL: the settings' default): uploads, crops and datasets after the training
+    # that used them; generated images after they were made (app.services.retention).
+    retain_training_data_days: Mapped[int | None] = mapped_column(Integer)
+    retain_images_days: Mapped[int | None] = mapped_column(Integer)
     revoked_at: Mapped[datetime | None] = mapped_column()  # a revoked key is refused at once
     last_used_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = _created_at()
@@ -135,6 +139,7 @@ class Photo(Base):
     face_box: Mapped[list[Any] | None] = mapped_column()
     blur: Mapped[float | None] = mapped_column(Float)
     identity_distance: Mapped[float | None] = mapped_column(Float)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the stored original (storage quota)
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -201,6 +206,7 @@ class Image(Base):
     negative_prompt: Mapped[str | None] = mapped_column(Text)
     style: Mapped[str | None] = mapped_column(String(64))
     scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)  # original + upscaled (storage quota)
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -286,3 +292,17 @@ class WorkerRecord(Base):
     gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     started_at: Mapped[datetime] = _created_at()
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PurgeTotal(Base):
+    """What the retention purge deleted since the install, per kind (``likeness_retention_deleted_total``).
+
+    Kinds: ``photos`` (uploads with their crops and masks), ``datasets``, ``images``, ``blobs``
+    (files removed from the store) and ``runs`` (purge passes; ``updated_at``: the last one).
+    """
+
+    __tablename__ = "purge_totals"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    deleted: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

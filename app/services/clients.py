@@ -10,17 +10,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.db.models import Client, Image, Job, Photo, Role, Subject, utcnow
+from app.db.uow import UnitOfWork
 from app.errors import Conflict, NotFound
+from app.storage import BlobStore
 
 KEY_PREFIX = "lk_"
 AUTH_CACHE_TTL_S = 30.0
 LAST_USED_PRECISION = timedelta(minutes=1)  # last_used_at is written at most this often
 LIMIT_FIELDS = ("max_candidates", "requests_per_minute", "max_concurrent_jobs", "max_trainings_per_day",
                 "max_storage_bytes")
+RETENTION_FIELDS = ("retain_training_data_days", "retain_images_days")
 
 
 @dataclass(frozen=True)
@@ -88,37 +91,68 @@ def list_clients(session: Session, *, limit: int = 100, offset: int = 0) -> tupl
     return list(rows), count
 
 
-def rotate_key(session: Session, client_id: str) -> tuple[Client, str]:
-    """A new key for the client; the old one is refused from now on."""
-    client = get_client(session, client_id)
+def _refresh_callers_after_commit(uow: UnitOfWork, client_id: str) -> None:
+    """Once the change is committed, every API process drops the client's cached callers
+    (:mod:`app.auth_sync`): the old key, the old limits are refused at once everywhere."""
+    from app.auth_sync import invalidate_everywhere
+
+    auth_cache.forget_client(client_id)
+    settings = uow.settings
+    uow.after_commit(lambda: invalidate_everywhere(settings, client_id))
+
+
+def rotate_key(uow: UnitOfWork, client_id: str) -> tuple[Client, str]:
+    """A new key for the client; the old one is refused from now on, in every API process."""
+    client = get_client(uow.session, client_id)
     if client.revoked_at is not None:
         raise Conflict("This client is revoked; create a new one.", {"client_id": client_id}, code="client_revoked")
     api_key = generate_key()
-    auth_cache.forget_client(client.id)
     client.api_key_hash, client.key_hint = hash_key(api_key), _hint(api_key)
-    session.flush()
+    uow.session.flush()
+    _refresh_callers_after_commit(uow, client.id)
     return client, api_key
 
 
-def revoke(session: Session, client_id: str) -> Client:
-    """Refuse the client's key from now on (its data stays until the client is deleted)."""
-    client = get_client(session, client_id)
+def revoke(uow: UnitOfWork, client_id: str) -> Client:
+    """Refuse the client's key from now on, in every API process (its data stays until the client is deleted)."""
+    client = get_client(uow.session, client_id)
     client.revoked_at = client.revoked_at or utcnow()
-    auth_cache.forget_client(client.id)
-    session.flush()
+    uow.session.flush()
+    _refresh_callers_after_commit(uow, client.id)
     return client
 
 
-def set_limits(session: Session, client_id: str, **limits: Any) -> Client:
-    """Set per-client limits (``None``: back to the settings' default; ``max_candidates`` is required)."""
-    client = get_client(session, client_id)
+def set_limits(uow: UnitOfWork, client_id: str, **limits: Any) -> Client:
+    """Set per-client limits and retention (``None``: back to the settings' default; ``max_candidates``
+    is required); in force for the next request, in every API process."""
+    client = get_client(uow.session, client_id)
     for name, value in limits.items():
-        if name not in LIMIT_FIELDS:
+        if name not in LIMIT_FIELDS + RETENTION_FIELDS:
             raise ValueError(name)
         setattr(client, name, value)
-    auth_cache.forget_client(client.id)
-    session.flush()
+    uow.session.flush()
+    _refresh_callers_after_commit(uow, client.id)
     return client
+
+
+def delete_client(uow: UnitOfWork, client_id: str, store: BlobStore, *, caller_id: str | None = None) -> None:
+    """Delete a client with everything it owns: rows cascade (subjects, photos, jobs, adapters, images,
+    webhook deliveries, idempotency records) and, once committed, every blob of its subjects.
+
+    A worker still running one of its jobs finds the row gone and stops (as for a deleted subject).
+    """
+    from app.services.subjects import purge_subject_blobs
+
+    session = uow.session
+    client = get_client(session, client_id)
+    if client.id == caller_id:
+        raise Conflict("An admin key cannot delete its own client.", {"client_id": client_id},
+                       code="cannot_delete_self")
+    subject_ids = list(session.scalars(select(Subject.id).where(Subject.client_id == client.id)))
+    session.execute(delete(Client).where(Client.id == client.id))
+    session.flush()
+    _refresh_callers_after_commit(uow, client_id)
+    uow.after_commit(lambda: [purge_subject_blobs(store, subject_id) for subject_id in subject_ids])
 
 
 def usage(session: Session, client_id: str) -> dict[str, int]:
@@ -134,12 +168,17 @@ def usage(session: Session, client_id: str) -> dict[str, int]:
 
 
 class _AuthCache:
-    """Key hash -> Caller for a few seconds, so status polls skip the clients query."""
+    """Key hash -> Caller for a few seconds, so status polls skip the clients query.
+
+    ``generation`` grows with every invalidation: a lookup that started before one must not cache
+    what it read (it may predate the change), see :meth:`put`.
+    """
 
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[float, Caller]] = {}
         self._lock = threading.Lock()
+        self.generation = 0
 
     def get(self, key_hash: str) -> Caller | None:
         entry = self._entries.get(key_hash)
@@ -147,29 +186,38 @@ class _AuthCache:
             return None
         return entry[1]
 
-    def put(self, key_hash: str, caller: Caller) -> None:
+    def put(self, key_hash: str, caller: Caller, generation: int | None = None) -> None:
+        """Cache ``caller`` unless an invalidation happened since ``generation`` was read."""
         with self._lock:
+            if generation is not None and generation != self.generation:
+                return
             if len(self._entries) > 10_000:
                 self._entries.clear()
             self._entries[key_hash] = (time.monotonic() + self.ttl_s, caller)
 
     def forget_client(self, client_id: str) -> None:
         with self._lock:
+            self.generation += 1
             for key_hash in [h for h, (_, c) in self._entries.items() if c.id == client_id]:
                 del self._entries[key_hash]
 
     def clear(self) -> None:
         with self._lock:
+            self.generation += 1
             self._entries.clear()
 
 
 auth_cache = _AuthCache(AUTH_CACHE_TTL_S)
 
 
-def authenticate(session: Session, api_key: str) -> Caller | None:
-    """The caller of ``api_key`` (None: unknown or revoked); notes when the key was last used."""
+def authenticate(session: Session, api_key: str, *, cached: bool = True) -> Caller | None:
+    """The caller of ``api_key`` (None: unknown or revoked); notes when the key was last used.
+
+    ``cached=False`` reads the database even if the cache holds the key (the cache is not trusted now).
+    """
     key_hash = hash_key(api_key)
-    caller = auth_cache.get(key_hash)
+    generation = auth_cache.generation
+    caller = auth_cache.get(key_hash) if cached else None
     if caller is not None:
         return caller
     client = session.scalar(select(Client).where(Client.api_key_hash == key_hash))
@@ -182,5 +230,5 @@ def authenticate(session: Session, api_key: str) -> Caller | None:
     if last is None or now - last > LAST_USED_PRECISION:
         client.last_used_at = now
     caller = Caller.of(client)
-    auth_cache.put(key_hash, caller)
+    auth_cache.put(key_hash, caller, generation)
     return caller

@@ -7,7 +7,7 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Image, Subject
+from app.db.models import Client, Image, Subject
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.subjects import get_subject
@@ -33,6 +33,18 @@ def get_image(session: Session, caller: Caller, image_id: str) -> Image:
     )
     if image is None:
         raise NotFound("Image not found.", {"image_id": image_id})
+    return image
+
+
+def get_signed_image(session: Session, client_id: str, subject_id: str, image_id: str) -> Image:
+    """The image a signed URL names, only while it is a result of that subject of that (unrevoked) client."""
+    image = session.scalar(
+        select(Image).join(Subject, Subject.id == Image.subject_id).join(Client, Client.id == Subject.client_id)
+        .where(Image.id == image_id, Image.subject_id == subject_id, Subject.client_id == client_id,
+               Client.revoked_at.is_(None))
+    )
+    if image is None:
+        raise NotFound("The image of this link is gone.", code="blob_not_found")
     return image
 
 

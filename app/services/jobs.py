@@ -19,6 +19,7 @@ from app.db.uow import UnitOfWork
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services.clients import Caller
 from app.services.photos import count_photos
+from app.services.quotas import check_job_quotas
 from app.services.subjects import get_subject
 from app.webhooks import notify_job
 from likeness.contract.plan import ACTIVE_STATES, transition
@@ -45,6 +46,7 @@ def create_train_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: Tra
         Job.subject_id == subject.id, Job.kind == JobKind.TRAIN, Job.state.in_(ACTIVE_STATES)))
     if active is not None:
         raise Conflict("This subject is already being trained.", {"job_id": active}, code="training_in_progress")
+    check_job_quotas(session, caller, settings, JobKind.TRAIN)
     resolved = resolve_train(body, preset=settings.model_preset, class_token_override=subject.class_token_override)
     return queue_job(uow, caller.id, subject.id, JobKind.TRAIN, resolved.model_dump(mode="json"), settings)
 
@@ -81,6 +83,7 @@ def create_generation_job(uow: UnitOfWork, caller: Caller, subject_id: str, body
                                     instance_token=(adapter.manifest or {}).get("instance_token"))
     except RequestRejected as exc:
         raise InvalidRequest(exc.message, exc.details, code=exc.code) from None
+    check_job_quotas(session, caller, settings, JobKind.GENERATE)
     return queue_job(uow, caller.id, subject.id, JobKind.GENERATE, resolved.model_dump(mode="json"), settings)
 
 

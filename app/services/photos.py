@@ -13,6 +13,7 @@ from app.config import Settings
 from app.db.models import Photo, PhotoStatus, new_id
 from app.db.uow import UnitOfWork
 from app.services.clients import Caller
+from app.services.quotas import check_storage
 from app.services.subjects import get_subject
 from app.storage import BlobStore, photo_original_key
 from pipelines.intake.decode import DecodeLimits, PhotoRejected, decode_photo, encode_clean, sniff_format
@@ -77,6 +78,7 @@ def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
     subject = get_subject(session, caller, subject_id)
     limits = decode_limits(settings)
     cleaned = list(_DECODE_POOL.map(lambda upload: clean_photo(upload, limits), files))
+    check_storage(session, caller, settings, sum(len(r.jpeg) for r in cleaned if isinstance(r, CleanPhoto)))
     outcomes: list[FileOutcome] = []
     for upload, result in zip(files, cleaned):
         name = (upload.filename or "")[:255]
@@ -88,7 +90,8 @@ def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
         store.put(key, result.jpeg, "image/jpeg")
         uow.on_rollback(lambda key=key: store.delete(key))
         session.add(Photo(id=photo_id, subject_id=subject.id, original_key=key, format=result.format,
-                          width=result.width, height=result.height, status=PhotoStatus.pending))
+                          width=result.width, height=result.height, status=PhotoStatus.pending,
+                          size_bytes=len(result.jpeg)))
         outcomes.append(FileOutcome(name, "stored", photo_id=photo_id))
     session.flush()
     return outcomes

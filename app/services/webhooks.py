@@ -10,12 +10,20 @@ from sqlalchemy.orm import Session
 from app.db.models import Client, WebhookDelivery
 from app.errors import InvalidRequest
 from app.services.clients import Caller, get_client
+from app.webhook_targets import DestinationRefused, check_url
 
 
-def set_webhook(session: Session, caller: Caller, url: str | None) -> Client:
-    """Register (or with ``None`` remove) the webhook URL; a new secret each time one is set."""
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise InvalidRequest("The webhook URL must be http(s).", {"url": url}, code="invalid_webhook_url")
+def set_webhook(session: Session, caller: Caller, url: str | None, *, allow_private: bool = False) -> Client:
+    """Register (or with ``None`` remove) the webhook URL; a new secret each time one is set.
+
+    The destination must be public (:mod:`app.webhook_targets`; checked again at each delivery),
+    unless the operator allows private targets.
+    """
+    if url is not None:
+        try:
+            check_url(url, allow_private=allow_private)
+        except DestinationRefused as exc:
+            raise InvalidRequest(str(exc), {"url": url}, code="invalid_webhook_url") from None
     client = get_client(session, caller.id)
     client.webhook_url = url
     client.webhook_secret = ("whsec_" + secrets.token_urlsafe(32)) if url else None

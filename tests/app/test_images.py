@@ -32,9 +32,11 @@ def test_signed_url_works_without_key_then_expires_and_rejects_tampering(client_
     assert response.status_code == 200 and response.content == b"\x89PNG upscaled"
 
     query = {k: v[0] for k, v in parse_qs(urlparse(signed["url"]).query).items()}
-    tampered_key = {**query, "key": query["key"].replace(".upscaled", "")}
-    tampered_exp = {**query, "exp": str(int(query["exp"]) + 3600)}
-    for forged in (tampered_key, tampered_exp, {**query, "sig": "0" * 64}):
+    assert set(query) == {"client", "subject", "image", "variant", "exp", "sig"}
+    tampered = [{**query, "variant": "original"}, {**query, "exp": str(int(query["exp"]) + 3600)},
+                {**query, "sig": "0" * 64}, {**query, "client": "0" * 32}, {**query, "subject": "0" * 32},
+                {**query, "image": "0" * 32}, {**query, "sig": "é" * 64}]
+    for forged in tampered:
         response = http.get(f"/v1/blobs/signed?{urlencode(forged)}")
         assert response.status_code == 403 and response.json()["code"] == "invalid_signature"
 

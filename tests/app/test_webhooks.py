@@ -14,8 +14,9 @@ from tests.app.helpers import subject_with_photo
 class Receiver:
     """A real HTTP server on 127.0.0.1 that records requests and answers ``status``."""
 
-    def __init__(self, status: int = 200):
+    def __init__(self, status: int = 200, location: str | None = None):
         self.status = status
+        self.location = location
         self.requests: list[tuple[dict[str, str], bytes]] = []
         receiver = self
 
@@ -24,6 +25,8 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 self.send_response(receiver.status)
+                if receiver.location:
+                    self.send_header("Location", receiver.location)
                 self.end_headers()
                 self.wfile.write(b"ok")
 
@@ -46,6 +49,12 @@ def receiver():
     r.close()
 
 
+@pytest.fixture
+def allow_private(settings, monkeypatch):
+    """What a self-hosted operator sets to receive webhooks on its own network (here: 127.0.0.1)."""
+    monkeypatch.setattr(settings, "webhook_allow_private", True)
+
+
 def test_sign_and_verify():
     body = b'{"job_id":"x"}'
     now = int(time.time())
@@ -58,7 +67,7 @@ def test_sign_and_verify():
     assert not webhooks.verify(body, "s3cret", "garbage")
 
 
-def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, receiver):
+def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, receiver, allow_private):
     from app.db.models import WebhookDelivery
     from tests.app.fixtures import session_scope
 
@@ -95,7 +104,7 @@ def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, r
     assert len(receiver.requests) == 2
 
 
-def test_unreachable_receiver_is_retried_and_a_4xx_is_not(client_a, receiver):
+def test_unreachable_receiver_is_retried_and_a_4xx_is_not(client_a, receiver, allow_private):
     from app.db.models import Job
     from tests.app.fixtures import session_scope
 

@@ -65,6 +65,9 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
         assert f"listening on {base}" in out.replace("\n", " ") and "embedded" in out
         key = re.search(r"^(lk_\S+)$", out, re.M).group(1)
         assert (data_dir / "admin_api_key").read_text().strip() == key
+        secret = data_dir / "secret_key"  # generated per install, private, and the banner says where
+        assert str(secret) in out.replace("\n", "") and secret.stat().st_mode & 0o777 == 0o600
+        assert len(secret.read_text().strip()) == 64
 
         def ready() -> bool:
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import CurrentClient, UoW
+from app.api.deps import CurrentClient, SettingsDep, UoW
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import DeliveryPublic, Page, StylePublic, WebhookIn, WebhookOut
@@ -16,16 +16,19 @@ router = APIRouter(prefix=API_PREFIX, tags=["account"])
 @router.put("/webhook", response_model=WebhookOut, responses=errors(),
             summary="Register the webhook URL for job events; returns a new signing secret (shown once)",
             description="Each job state change is POSTed as JSON with `X-Likeness-Signature: t=<ts>,v1=<hex>`, "
-                        "hex = HMAC-SHA256(secret, `<ts>.` + body). Failed deliveries are retried with backoff.")
-def put_webhook(body: WebhookIn, caller: CurrentClient, uow: UoW):
-    client = webhooks.set_webhook(uow.session, caller, body.url)
+                        "hex = HMAC-SHA256(secret, `<ts>.` + body). Failed deliveries are retried with backoff. "
+                        "The URL must reach a public address (422 `invalid_webhook_url` for loopback, private, "
+                        "link-local, multicast, reserved or unspecified ones, in any notation; checked again "
+                        "after DNS resolution at every delivery); redirects are not followed.")
+def put_webhook(body: WebhookIn, caller: CurrentClient, uow: UoW, settings: SettingsDep):
+    client = webhooks.set_webhook(uow.session, caller, body.url, allow_private=settings.webhook_allow_private)
     return WebhookOut(url=client.webhook_url, secret=client.webhook_secret)
 
 
 @router.get("/webhook/deliveries", response_model=Page[DeliveryPublic], responses=errors(),
             summary="Webhook delivery log (newest first)")
 def list_deliveries(caller: CurrentClient, uow: UoW, job_id: str | None = None,
-                    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+                    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = webhooks.list_deliveries(uow.session, caller, job_id=job_id, limit=limit, offset=offset)
     return {"data": [DeliveryPublic.model_validate(r) for r in rows], "count": count}
 

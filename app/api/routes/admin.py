@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from app.api.deps import AdminClient, SettingsDep, UoW
+from app.api.deps import AdminClient, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import AdminJobPublic, ClientCreate, ClientCreated, ClientLimits, ClientPublic, Page
@@ -23,7 +23,8 @@ def create_client(body: ClientCreate, caller: AdminClient, uow: UoW):
 
 
 @router.get("/clients", response_model=Page[ClientPublic], responses=errors(403), summary="Every client")
-def list_clients(caller: AdminClient, uow: UoW, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+def list_clients(caller: AdminClient, uow: UoW, limit: int = Query(100, ge=1, le=1000),
+                 offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = clients.list_clients(uow.session, limit=limit, offset=offset)
     return {"data": [ClientPublic.model_validate(c) for c in rows], "count": count}
 
@@ -31,27 +32,34 @@ def list_clients(caller: AdminClient, uow: UoW, limit: int = Query(100, ge=1, le
 @router.post("/clients/{client_id}/rotate", response_model=ClientCreated, responses=errors(403, 404, 409),
              summary="Replace the client's API key; the old key is refused at once (the new one is shown once)")
 def rotate_key(client_id: str, caller: AdminClient, uow: UoW):
-    client, key = clients.rotate_key(uow.session, client_id)
+    client, key = clients.rotate_key(uow, client_id)
     return ClientCreated(client=ClientPublic.model_validate(client), api_key=key)
 
 
 @router.post("/clients/{client_id}/revoke", response_model=ClientPublic, responses=errors(403, 404),
-             summary="Refuse the client's API key from now on")
+             summary="Refuse the client's API key from now on (at once, in every API process)")
 def revoke_key(client_id: str, caller: AdminClient, uow: UoW):
-    return ClientPublic.model_validate(clients.revoke(uow.session, client_id))
+    return ClientPublic.model_validate(clients.revoke(uow, client_id))
 
 
 @router.put("/clients/{client_id}/limits", response_model=ClientPublic, responses=errors(403, 404),
-            summary="Set the client's limits (null: the service default)")
+            summary="Set the client's limits and retention (null: the service default)")
 def set_limits(client_id: str, body: ClientLimits, caller: AdminClient, uow: UoW):
-    return ClientPublic.model_validate(clients.set_limits(uow.session, client_id, **body.model_dump()))
+    return ClientPublic.model_validate(clients.set_limits(uow, client_id, **body.model_dump()))
+
+
+@router.delete("/clients/{client_id}", status_code=204, response_class=Response, responses=errors(403, 404, 409),
+               summary="Delete a client and everything it owns (subjects, photos, jobs, adapters, images, blobs)")
+def delete_client(client_id: str, caller: AdminClient, uow: UoW, store: StoreDep):
+    clients.delete_client(uow, client_id, store, caller_id=caller.id)
+    return Response(status_code=204)
 
 
 @router.get("/jobs", response_model=Page[AdminJobPublic], responses=errors(403),
             summary="Every client's jobs (dashboard)")
 def list_all_jobs(caller: AdminClient, uow: UoW, state: JobState | None = None, kind: JobKind | None = None,
                   client_id: str | None = None, subject_id: str | None = None,
-                  limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+                  limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = jobs.list_jobs(uow.session, None, state=state, kind=kind, client_id=client_id,
                                  subject_id=subject_id, limit=limit, offset=offset)
     return {"data": [AdminJobPublic.model_validate(r) for r in rows], "count": count}

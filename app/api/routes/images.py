@@ -12,7 +12,7 @@ from app.api.routes._common import errors
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
 from app.errors import Forbidden, NotFound
 from app.services import adapters, images
-from app.signing import check_signature, signed_url
+from app.signing import check_image_signature, signed_image_url, signing_secret
 from app.storage import BlobNotFound, BlobStore, InvalidKey
 
 router = APIRouter(prefix=API_PREFIX, tags=["images and adapters"])
@@ -34,7 +34,7 @@ def _stream(store: BlobStore, key: str, filename: str) -> StreamingResponse:
 @router.get("/subjects/{subject_id}/images", response_model=Page[ImagePublic], responses=errors(404),
             summary="A subject's result images with scores and ranks (newest jobs first, rank 1 = best)")
 def list_images(subject_id: str, caller: CurrentClient, uow: UoW, job_id: str | None = None,
-                limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0)):
+                limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = images.list_images(uow.session, caller, subject_id, job_id=job_id, limit=limit, offset=offset)
     data = [ImagePublic.model_validate(i).model_copy(update={"has_upscaled": i.upscaled_key is not None}) for i in rows]
     return {"data": data, "count": count}
@@ -55,20 +55,28 @@ def download_image(image_id: str, caller: CurrentClient, uow: UoW, store: StoreD
 def image_url(image_id: str, caller: CurrentClient, uow: UoW, settings: SettingsDep,
               body: SignedUrlRequest | None = Body(None)):
     image = images.get_image(uow.session, caller, image_id)
-    key = images.image_blob_key(image, (body or SignedUrlRequest()).variant)
-    url, expires_at = signed_url(key, settings.secret_key, settings.signed_url_ttl_s)
+    variant = (body or SignedUrlRequest()).variant
+    images.image_blob_key(image, variant)  # 404 now if the variant does not exist
+    url, expires_at = signed_image_url(signing_secret(settings), caller.id, image.subject_id, image.id, variant,
+                                       settings.signed_url_ttl_s)
     return SignedUrl(url=url, expires_at=expires_at)
 
 
-@router.get("/blobs/signed", response_class=StreamingResponse, responses={**_IMAGE_RESPONSE, 403: errors(403)[403],
-            404: errors(404)[404]}, summary="Fetch a blob through a signed URL (expires; any change voids it)")
-def signed_blob(settings: SettingsDep, store: StoreDep, key: str = Query(max_length=500), exp: int = Query(),
+@router.get("/blobs/signed", response_class=StreamingResponse,
+            responses={**_IMAGE_RESPONSE, **errors(403, 404, authenticated=False)},
+            summary="Fetch a result image through a signed URL (expires; any change voids it)",
+            description="Serves only the result image the URL was made for (`POST /v1/images/{id}/url`), while it "
+                        "still belongs to that subject and client; needs no API key.")
+def signed_blob(settings: SettingsDep, store: StoreDep, uow: UoW, client: str = Query(max_length=64),
+                subject: str = Query(max_length=64), image: str = Query(max_length=64),
+                variant: Literal["original", "upscaled"] = Query(), exp: int = Query(ge=0, le=2**62),
                 sig: str = Query(max_length=128)):
-    problem = check_signature(key, exp, sig, settings.secret_key)
+    problem = check_image_signature(signing_secret(settings), client, subject, image, variant, exp, sig)
     if problem is not None:
         raise Forbidden("This link is invalid." if problem == "invalid_signature" else "This link has expired.",
                         code=problem)
-    return _stream(store, key, key.rsplit("/", 1)[-1])
+    key = images.image_blob_key(images.get_signed_image(uow.session, client, subject, image), variant)
+    return _stream(store, key, f"{image}{'-upscaled' if variant == 'upscaled' else ''}.png")
 
 
 @router.get("/subjects/{subject_id}/adapter", response_class=StreamingResponse,
@@ -79,7 +87,7 @@ def signed_blob(settings: SettingsDep, store: StoreDep, key: str = Query(max_len
             summary="Download the subject's trained adapter (owner only)")
 def download_adapter(subject_id: str, caller: CurrentClient, uow: UoW, store: StoreDep,
                      format: Literal["diffusers", "kohya"] = "diffusers",  # noqa: A002 - the query parameter's name
-                     version: int | None = Query(None, ge=1, description="Default: the newest adapter.")):
+                     version: int | None = Query(None, ge=1, le=1_000_000, description="Default: the newest adapter.")):
     adapter = adapters.get_adapter(uow.session, caller, subject_id, version)
     name = f"likeness-{subject_id[:8]}-v{adapter.version}"
     if format == "diffusers":

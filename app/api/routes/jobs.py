@@ -51,7 +51,8 @@ def get_job(job_id: str, caller: CurrentClient, uow: UoW):
 
 @router.get("/jobs", response_model=Page[JobPublic], responses=errors(), summary="List your jobs, newest first")
 def list_jobs(caller: CurrentClient, uow: UoW, state: JobState | None = None, subject_id: str | None = None,
-              kind: JobKind | None = None, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+              kind: JobKind | None = None, limit: int = Query(50, ge=1, le=500),
+              offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = jobs.list_jobs(uow.session, caller, state=state, subject_id=subject_id, kind=kind, limit=limit,
                                  offset=offset)
     return {"data": [JobPublic.model_validate(r) for r in rows], "count": count}

@@ -23,11 +23,14 @@ def _read_files(files: list[UploadFile], max_bytes: int) -> list[photos.Uploaded
 
 
 @router.post(
-    "", status_code=201, response_model=UploadResponse, responses=errors(404, 413),
+    "", status_code=201, response_model=UploadResponse, responses=errors(403, 404, 413),
     summary="Upload 1-30 photos; each file is validated on its own",
     description=("Formats are recognised from the file's content (JPEG, PNG, WebP, HEIC, AVIF). A bad file is "
                  "rejected with its own `reason_code` (`empty_file`, `not_an_image`, `too_large_bytes`, "
-                 "`decompression_bomb`, ...) while the good files of the same request are stored. Stored originals "
+                 "`decompression_bomb`, ...) while the good files of the same request are stored; when every file "
+                 "is rejected the answer is 422 `all_files_rejected` with the same per-file list in "
+                 "`details` (`subject_id`, `stored`, `rejected`, `files`). 403 `storage_quota_exceeded` when the "
+                 "files would exceed the client's storage quota. Stored originals "
                  "are re-encoded without metadata (no EXIF/GPS). Face and quality checks run in the training "
                  "job's intake; see `GET .../photos`."),
 )
@@ -44,6 +47,10 @@ def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep,
                             message=o.message) for o in outcomes]
     stored = sum(r.status == "stored" for r in results)
     body = UploadResponse(subject_id=subject_id, stored=stored, rejected=len(results) - stored, files=results)
+    if stored == 0:  # nothing usable: an error, still with every file's reason
+        return idempotency.respond(422, {"code": "all_files_rejected", "message": "None of the files could be "
+                                         "used; each file's reason is listed in details.files.",
+                                         "details": body.model_dump(mode="json")})
     return idempotency.respond(201, body.model_dump(mode="json"))
 
 

@@ -24,7 +24,7 @@ def create_subject(body: SubjectCreate, caller: CurrentClient, uow: UoW, idempot
             responses=errors())
 def list_subjects(caller: CurrentClient, uow: UoW,
                   external_ref: str | None = Query(None, max_length=200, description="Only this end user's."),
-                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+                  limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = subjects.list_subjects(uow.session, caller, external_ref=external_ref, limit=limit, offset=offset)
     return {"data": [SubjectPublic.model_validate(r) for r in rows], "count": count}
 

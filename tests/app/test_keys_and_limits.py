@@ -1,0 +1,199 @@
+"""API keys and per-client limits: a key change takes effect at once in every API process; requests
+per minute, jobs at once, trainings per day and stored bytes are enforced; deleting a client
+deletes everything of it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from tests.app.helpers import create_subject, jpeg, subject_with_photo, upload
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_api_processes(pg_url, tmp_path_factory):
+    """Two uvicorn processes of the app on one database and Redis (as ``--workers 2`` or two hosts)."""
+    logs = tmp_path_factory.mktemp("api-logs")
+    procs, bases = [], []
+    for i in range(2):
+        port = _free_port()
+        log = open(logs / f"api-{i}.log", "wb")
+        procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+                                       "--port", str(port), "--log-level", "warning"],
+                                      cwd=ROOT, env=dict(os.environ), stdout=log, stderr=log))
+        bases.append(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 90
+        for base, proc in zip(bases, procs):
+            while True:
+                assert proc.poll() is None, (logs / "api-0.log").read_text() + (logs / "api-1.log").read_text()
+                try:
+                    if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the API processes did not start"
+                time.sleep(0.2)
+        yield bases
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def _outside_a_minute_boundary() -> None:
+    """Rate windows are calendar minutes: don't straddle one."""
+    if time.time() % 60 > 55:
+        time.sleep(61 - time.time() % 60)
+
+
+def test_key_changes_take_effect_at_once_in_another_api_process(two_api_processes, make_client):
+    a, b = (httpx.Client(base_url=base, timeout=30) for base in two_api_processes)
+    admin, client = make_client("admin"), make_client()
+    as_admin = {"Authorization": f"Bearer {admin.key}"}
+    old = {"Authorization": f"Bearer {client.key}"}
+    for api in (a, b):  # both processes have the key cached now
+        assert api.get("/v1/subjects", headers=old).status_code == 200
+
+    rotated = a.post(f"/v1/admin/clients/{client.id}/rotate", headers=as_admin)
+    assert rotated.status_code == 200
+    new = {"Authorization": f"Bearer {rotated.json()['api_key']}"}
+    refused = b.get("/v1/subjects", headers=old)
+    assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+    assert b.get("/v1/subjects", headers=new).status_code == 200
+
+    _outside_a_minute_boundary()
+    limits = a.put(f"/v1/admin/clients/{client.id}/limits", headers=as_admin, json={"requests_per_minute": 2})
+    assert limits.status_code == 200 and limits.json()["requests_per_minute"] == 2
+    answers = [b.get("/v1/subjects", headers=new) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    assert answers[2].json()["code"] == "rate_limited" and 1 <= int(answers[2].headers["retry-after"]) <= 60
+
+    assert a.post(f"/v1/admin/clients/{client.id}/revoke", headers=as_admin).status_code == 200
+    assert b.get("/v1/subjects", headers=new).status_code == 401
+    assert a.get("/v1/subjects", headers=new).status_code == 401
+
+
+def test_the_cache_is_not_trusted_while_key_changes_cannot_be_heard(settings):
+    from app.auth_sync import AuthSubscriber
+
+    deaf = AuthSubscriber(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+    try:
+        deaf.start(wait_s=0.5)
+        assert not deaf.trusted  # every request is then checked against the database
+    finally:
+        deaf.stop()
+    assert AuthSubscriber(settings.model_copy(update={"redis_url": "", "broker_url": ""})).trusted  # embedded
+
+
+def test_requests_per_minute_in_process_limiter():
+    from app.ratelimit import LocalRateLimiter
+
+    limiter = LocalRateLimiter()
+    now = 1_000_000 * 60 + 10.0
+    assert [limiter.hit("c", 3, now) for _ in range(3)] == [None, None, None]
+    assert limiter.hit("c", 3, now + 5) == pytest.approx(45.0)
+    assert limiter.hit("other", 3, now) is None  # per client
+    assert limiter.hit("c", 3, now + 49.0) is not None and limiter.hit("c", 3, now + 50.0) is None  # next minute
+
+
+def test_rate_limit_answers_429_with_retry_after_and_the_error_body(client_a, admin, settings):
+    _outside_a_minute_boundary()
+    assert admin.put(f"/v1/admin/clients/{client_a.id}/limits", json={"requests_per_minute": 3}).status_code == 200
+    statuses = [client_a.get("/v1/jobs").status_code for _ in range(3)]
+    limited = client_a.get(f"/v1/jobs/{'0' * 32}")
+    assert statuses == [200, 200, 200] and limited.status_code == 429
+    body = limited.json()
+    assert body["code"] == "rate_limited" and body["details"]["limit_per_minute"] == 3
+    assert int(limited.headers["retry-after"]) == body["details"]["retry_after_s"] <= 60
+    assert admin.get("/v1/admin/jobs").status_code == 200  # other clients are not limited
+
+
+def test_concurrent_jobs_and_trainings_per_day(client_a, admin):
+    first, second = subject_with_photo(client_a), subject_with_photo(client_a)
+    limits = {"max_concurrent_jobs": 1, "max_trainings_per_day": 2}
+    assert admin.put(f"/v1/admin/clients/{client_a.id}/limits", json=limits).status_code == 200
+
+    job = client_a.post(f"/v1/subjects/{first}/train").json()["id"]
+    busy = client_a.post(f"/v1/subjects/{second}/train")
+    assert busy.status_code == 429 and busy.json()["code"] == "too_many_active_jobs"
+    assert busy.json()["details"] == {"limit": 1, "active": 1}
+    assert client_a.post(f"/v1/jobs/{job}/cancel").status_code == 200
+    assert client_a.post(f"/v1/subjects/{second}/train").status_code == 202  # a slot is free again
+    client_a.post(f"/v1/jobs/{client_a.get('/v1/jobs').json()['data'][0]['id']}/cancel")
+
+    over = client_a.post(f"/v1/subjects/{first}/train")
+    assert over.status_code == 429 and over.json()["code"] == "training_quota_exceeded"
+    assert 86_000 < int(over.headers["retry-after"]) <= 86_400
+
+
+def test_storage_quota_refuses_uploads_past_it(client_a, admin, store):
+    subject_id = create_subject(client_a)
+    first = upload(client_a, subject_id, [("a.jpg", jpeg(seed=1))])
+    assert first.status_code == 201
+    used = client_a.get(f"/v1/subjects/{subject_id}/photos").json()["count"]
+    assert used == 1
+    from app.services.quotas import stored_bytes
+    from tests.app.fixtures import session_scope
+
+    with session_scope() as session:
+        stored = stored_bytes(session, client_a.id)
+    assert stored > 0
+    limits = {"max_storage_bytes": stored + 100}
+    assert admin.put(f"/v1/admin/clients/{client_a.id}/limits", json=limits).status_code == 200
+    refused = upload(client_a, subject_id, [("b.jpg", jpeg(seed=2))])
+    assert refused.status_code == 403 and refused.json()["code"] == "storage_quota_exceeded"
+    assert refused.json()["details"]["used_bytes"] == stored
+    assert client_a.get(f"/v1/subjects/{subject_id}/photos").json()["count"] == 1
+    assert len(store.list(f"subjects/{subject_id}/")) == 1  # nothing of the refused upload was kept
+
+
+def test_last_used_at_is_recorded(client_a, admin):
+    client_a.get("/v1/subjects")
+    listed = {c["id"]: c for c in admin.get("/v1/admin/clients", params={"limit": 1000}).json()["data"]}
+    assert listed[client_a.id]["last_used_at"] is not None
+
+
+def test_deleting_a_client_deletes_everything_of_it(client_a, client_b, admin, store):
+    from app.db.models import Client, Image, Job, Photo, Subject, WebhookDelivery
+    from tests.app.fixtures import session_scope
+    from tests.app.test_tenancy_and_deletion import _seed_results
+
+    subjects = [subject_with_photo(client_a) for _ in range(2)]
+    _seed_results(subjects[0], client_a.id, store)
+    client_a.post(f"/v1/subjects/{subjects[1]}/train")
+    kept = subject_with_photo(client_b)
+    assert all(store.list(f"subjects/{s}/") for s in subjects)
+
+    assert admin.delete(f"/v1/admin/clients/{client_a.id}").status_code == 204
+    assert client_a.get("/v1/subjects").status_code == 401
+    with session_scope() as session:
+        assert session.get(Client, client_a.id) is None
+        assert session.scalar(select(func.count()).select_from(Subject).where(Subject.client_id == client_a.id)) == 0
+        for model in (Photo, Image):
+            assert session.scalar(select(func.count()).select_from(model).where(model.subject_id.in_(subjects))) == 0
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.client_id == client_a.id)) == 0
+        assert session.scalar(select(func.count()).select_from(WebhookDelivery)
+                              .where(WebhookDelivery.client_id == client_a.id)) == 0
+    assert all(store.list(f"subjects/{s}/") == [] for s in subjects)
+    assert client_b.get(f"/v1/subjects/{kept}/photos").json()["count"] == 1 and store.list(f"subjects/{kept}/")
+
+    assert admin.delete(f"/v1/admin/clients/{client_a.id}").status_code == 404
+    own = admin.delete(f"/v1/admin/clients/{admin.id}")
+    assert own.status_code == 409 and own.json()["code"] == "cannot_delete_self"
