@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.admin import install as install_admin_dashboard
 from app.api.routes import account, admin, images, jobs, photos, subjects
 from app.api.schemas import ErrorBody
 from app.config import Settings, get_settings
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
         app.include_router(router)
     _install_probes(app, settings)
+    install_admin_dashboard(app)  # /admin: server-rendered pages over the same services
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware)
     return app
