@@ -124,5 +124,5 @@ def line_chart(points: Sequence[tuple[float, float]], label: str, x_name: str = 
             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" class="tick">{y0:.4g}</text>',
             f'<text x="{left}" y="{height - 8}" class="tick">{escape(x_name)} {x0:g}</text>',
             f'<text x="{width - right}" y="{height - 8}" text-anchor="end" class="tick">{x1:g}</text>',
-            f'<text x="{left + 4}" y="{top + 12}" class="tick">{escape(y_name)}</text>']
+            f'<text x="{left + 8}" y="{top + 12}" class="tick">{escape(y_name)}</text>']
     return _svg(width, height, label, body)

@@ -78,10 +78,11 @@ def _client_names(uow: UoW) -> dict[str, str]:
 # ---- login ------------------------------------------------------------------------------------------------------
 
 
-def _login_page(request: Request, settings, status: int = 200, error: str | None = None) -> Response:  # noqa: ANN001
+def _login_page(request: Request, settings, status: int = 200, error: str | None = None,  # noqa: ANN001
+                next_page: str | None = None) -> Response:
     nonce = auth.login_nonce(request)
     response = render(request, "login.html", status=status, error=error, login_csrf=auth.login_csrf(settings, nonce),
-                      next=safe_next(request.query_params.get("next")))
+                      next=safe_next(next_page or request.query_params.get("next")))
     response.set_cookie(auth.LOGIN_COOKIE, nonce, **auth.cookie_options(request, settings, auth.LOGIN_TTL_S))
     return response
 
@@ -95,13 +96,14 @@ def login_form(request: Request, settings: SettingsDep):
 async def login(request: Request, settings: SettingsDep, uow: UoW):
     form = await request.form()
     auth.check_login_csrf(request, settings, form.get("csrf_token"))
-    key = form.get("api_key")
+    key, next_page = form.get("api_key"), form.get("next")
+    next_page = next_page if isinstance(next_page, str) else None
     caller = clients.authenticate(uow.session, key.strip()) if isinstance(key, str) and key.strip() else None
     if caller is None or not caller.is_admin:
         # One message for unknown, revoked and non-admin keys; the key is never echoed back.
-        return _login_page(request, settings, 401, "That is not a valid admin API key.")
+        return _login_page(request, settings, 401, "That is not a valid admin API key.", next_page)
     client = clients.get_client(uow.session, caller.id)
-    response = _see(safe_next(form.get("next") if isinstance(form.get("next"), str) else None))
+    response = _see(safe_next(next_page))
     response.set_cookie(auth.SESSION_COOKIE, auth.new_session_cookie(settings, client),
                         **auth.cookie_options(request, settings, auth.SESSION_TTL_S))
     response.delete_cookie(auth.LOGIN_COOKIE, path=auth.COOKIE_PATH)
@@ -213,6 +215,10 @@ def subject_page(request: Request, subject_id: str, admin: AdminSessionDep, uow:
     class_word, word_scores = overview.word_scores(trained.result if trained else None)
     fitted = next((j for j in trainings if j.result and j.result.get("training")), None)
     gallery, image_count = images.list_images(uow.session, None, subject.id, limit=200)
+    newest_first: dict[str, int] = {}
+    for image in gallery:
+        newest_first.setdefault(image.job_id, len(newest_first))
+    gallery.sort(key=lambda image: (newest_first[image.job_id], image.rank))  # each job's images best first
     recent, job_count = jobs.list_jobs(uow.session, None, subject_id=subject.id, limit=10)
     return render(request, "subject.html", nav="subjects", admin=admin, subject=subject,
                   client=clients.get_client(uow.session, subject.client_id),
