@@ -8,9 +8,9 @@ same unit of work, with ``caller=None`` where an admin sees every client's resou
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 
@@ -92,13 +92,16 @@ def login_form(request: Request, settings: SettingsDep):
     return _login_page(request, settings)
 
 
-@router.post("/login")
-async def login(request: Request, settings: SettingsDep, uow: UoW):
+async def _posted_form(request: Request) -> dict[str, str]:
     form = await request.form()
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+@router.post("/login")
+def login(request: Request, settings: SettingsDep, uow: UoW, form: Annotated[dict[str, str], Depends(_posted_form)]):
     auth.check_login_csrf(request, settings, form.get("csrf_token"))
-    key, next_page = form.get("api_key"), form.get("next")
-    next_page = next_page if isinstance(next_page, str) else None
-    caller = clients.authenticate(uow.session, key.strip()) if isinstance(key, str) and key.strip() else None
+    key, next_page = (form.get("api_key") or "").strip(), form.get("next")
+    caller = clients.authenticate(uow.session, key) if key else None
     if caller is None or not caller.is_admin:
         # One message for unknown, revoked and non-admin keys; the key is never echoed back.
         return _login_page(request, settings, 401, "That is not a valid admin API key.", next_page)
@@ -149,8 +152,10 @@ def jobs_page(request: Request, admin: AdminSessionDep, uow: UoW):
 
 @router.get("/jobs/{job_id}/row")
 def job_row(request: Request, job_id: str, admin: AdminSessionDep, uow: UoW):
+    """One row of the jobs table (polled while the job is queued or running)."""
     job = jobs.get_job(uow.session, None, job_id)
-    return render(request, "_job_row.html", job=job, client_names=_client_names(uow))
+    client = clients.get_client(uow.session, job.client_id)
+    return render(request, "_job_row.html", job=job, client_names={client.id: client.name})
 
 
 def _job_context(uow: UoW, job: Job) -> dict:

@@ -118,7 +118,9 @@ def test_queue_depths_and_outbox(settings):
 def test_embedded_broker_queue_depth(tmp_path):
     from app.config import Settings
 
-    settings = Settings(data_dir=tmp_path, queue_prefix="")
+    # Every broker-related field explicit: this process's LIKENESS_* point at the shared Redis.
+    settings = Settings(data_dir=tmp_path, broker_url="", result_backend="", queue_prefix=f"emb{uuid.uuid4().hex[:6]}.")
+    assert settings.embedded and settings.resolved_broker_url.startswith("sqla+sqlite:")
     assert overview.queue_depths(settings) == {"cpu": 0, "gpu": 0}  # nothing was ever sent
     from app.queue import task_queue
     from likeness.contract.plan import Queue, Task
