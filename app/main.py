@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.admin import install as install_admin_dashboard
 from app.api.routes import account, admin, images, jobs, photos, subjects
 from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
@@ -132,17 +133,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}},
-                  docs_url=None, redoc_url=None,  # served offline: app.docs
-                  dependencies=[Depends(check_request_inputs)])
+                  docs_url=None, redoc_url=None)  # served offline: app.docs
     app.state.settings = settings
     app.state.auth_subscriber = AuthSubscriber(settings)  # key changes made by other API processes
     app.state.rate_limiter = rate_limiter(settings)
     app.state.scrape_registry = scrape_registry(settings, lambda: SessionLocal(settings.resolved_database_url))
     install_error_handlers(app)
     for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
-        app.include_router(router)
+        # Checks every /v1 route shares (unknown query parameters, NUL characters): one place, never forgotten.
+        app.include_router(router, dependencies=[Depends(check_request_inputs)])
     _install_probes(app, settings)
     install_offline_docs(app)
+    install_admin_dashboard(app)  # /admin: server-rendered pages over the same services
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware)
     return app

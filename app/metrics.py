@@ -156,21 +156,28 @@ class QueueDepthCollector(Collector):
         # kombu's global_keyprefix (set to queue_prefix by worker.celery_app) prefixes every Redis key.
         return {name: f"{s.queue_prefix}{s.queue(name)}" for name in ("gpu", "cpu")}
 
-    def collect(self):  # noqa: ANN201
+    def depths(self) -> dict[str, int] | None:
+        """Messages waiting in each job queue; None when the broker is not Redis (raises if it is unreachable)."""
         if not self.settings.resolved_broker_url.startswith(("redis://", "rediss://")):
-            return
+            return None
         import redis
 
-        family = GaugeMetricFamily("likeness_queue_depth", "Messages waiting in each job queue.", labels=["queue"])
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.settings.resolved_broker_url, socket_timeout=1,
+                                                socket_connect_timeout=1)
+        return {name: int(self._client.llen(key)) for name, key in self.queue_keys().items()}
+
+    def collect(self):  # noqa: ANN201
         try:
-            if self._client is None:
-                self._client = redis.Redis.from_url(self.settings.resolved_broker_url, socket_timeout=1,
-                                                    socket_connect_timeout=1)
-            for name, key in self.queue_keys().items():
-                family.add_metric([name], self._client.llen(key))
+            depths = self.depths()
         except Exception:  # noqa: BLE001
             log.warning("queue depth unavailable", exc_info=True)
             return
+        if depths is None:
+            return
+        family = GaugeMetricFamily("likeness_queue_depth", "Messages waiting in each job queue.", labels=["queue"])
+        for name, depth in depths.items():
+            family.add_metric([name], depth)
         yield family
 
 

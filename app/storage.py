@@ -117,6 +117,10 @@ class BlobStore(abc.ABC):
     def ping(self) -> None:
         """Raise if the store is unreachable (readiness probe)."""
 
+    def size_of_prefix(self, prefix: str) -> int:
+        """Bytes stored under ``prefix`` (backends override this with a listing that carries sizes)."""
+        return sum(len(self.get(key)) for key in self.list(prefix))
+
 
 def _validate_prefix(prefix: str) -> str:
     if prefix:
@@ -199,6 +203,13 @@ class LocalBlobStore(BlobStore):
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
             raise OSError(f"blob folder {self.root} is not writable")
 
+    def size_of_prefix(self, prefix: str) -> int:
+        _validate_prefix(prefix)
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+
 
 class S3BlobStore(BlobStore):
     """S3 or any S3-compatible store (MinIO: set ``endpoint_url``)."""
@@ -274,6 +285,11 @@ class S3BlobStore(BlobStore):
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
+
+    def size_of_prefix(self, prefix: str) -> int:
+        _validate_prefix(prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sum(obj.get("Size", 0) for page in pages for obj in page.get("Contents", []))
 
     def ensure_bucket(self) -> None:
         try:

@@ -186,6 +186,7 @@ def serve(
                                           "--port", str(port), "--log-level", "warning"]))
         url = f"http://{host}:{port}"
         console.print(f"Likeness listening on [bold]{url}[/]  (API docs: {url}/docs)")
+        console.print(f"admin dashboard: [bold]{url}/admin[/]  (log in with the admin API key)")
         mode = "embedded" if settings.embedded else "distributed"
         console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, "
                       f"preset: {settings.model_preset}")

@@ -54,6 +54,9 @@ class NoDeliverableImage(PipelineError):
     code = "no_deliverable_image"
 
 
+MAX_CURVE_POINTS = 500  # a training's loss curve is thinned to about this many points
+
+
 @dataclass
 class PhaseContext:
     job: JobSnapshot
@@ -210,13 +213,20 @@ def run_training(ctx: PhaseContext) -> dict[str, Any]:
     dataset = Dataset.load(folder)
     preset = _preset(request.preset, ctx.settings)
     output_dir = ctx.workdir / "training"  # kept across attempts on this machine: train() resumes its checkpoint
+    curve: list[list[float]] = []
+
+    def on_progress(event: ProgressEvent) -> None:  # (step, loss) of each report: the dashboard's loss curve
+        if "loss" in event.metrics and "step" in event.metrics:
+            curve.append([float(event.metrics["step"]), round(float(event.metrics["loss"]), 6)])
+        ctx.on_progress(event)
+
     result = train(
         dataset.training_examples(),
         dataset.token_spec(),
         request.training,
         preset,
         output_dir,
-        on_progress=ctx.on_progress,
+        on_progress=on_progress,
         should_stop=ctx.should_stop,
         device=resolve_device(ctx.settings.device),
     )
@@ -241,7 +251,8 @@ def run_training(ctx: PhaseContext) -> dict[str, Any]:
     if adapter.mode == "lora":
         _store_kohya_export(ctx, adapter_dir, version)
     return {"adapter": {"id": adapter_id, "version": version},
-            "training": {"steps": result.steps, **_jsonable(result.metrics or {})}}
+            "training": {"steps": result.steps, **_jsonable(result.metrics or {}),
+                         "loss_curve": curve[:: max(1, len(curve) // MAX_CURVE_POINTS)]}}
 
 
 def _store_kohya_export(ctx: PhaseContext, adapter_dir: Path, version: int) -> None:

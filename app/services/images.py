@@ -13,8 +13,8 @@ from app.services.clients import Caller
 from app.services.subjects import get_subject
 
 
-def list_images(session: Session, caller: Caller, subject_id: str, *, job_id: str | None = None, limit: int = 100,
-                offset: int = 0) -> tuple[list[Image], int]:
+def list_images(session: Session, caller: Caller | None, subject_id: str, *, job_id: str | None = None,
+                limit: int = 100, offset: int = 0) -> tuple[list[Image], int]:
     subject = get_subject(session, caller, subject_id)
     conditions = [Image.subject_id == subject.id]
     if job_id is not None:
@@ -26,11 +26,12 @@ def list_images(session: Session, caller: Caller, subject_id: str, *, job_id: st
     return list(rows), count
 
 
-def get_image(session: Session, caller: Caller, image_id: str) -> Image:
-    image = session.scalar(
-        select(Image).join(Subject, Subject.id == Image.subject_id)
-        .where(Image.id == image_id, Subject.client_id == caller.id)
-    )
+def get_image(session: Session, caller: Caller | None, image_id: str) -> Image:
+    """``caller``'s image (``None``: any client's, for admins); 404 for another client's."""
+    query = select(Image).join(Subject, Subject.id == Image.subject_id).where(Image.id == image_id)
+    if caller is not None:
+        query = query.where(Subject.client_id == caller.id)
+    image = session.scalar(query)
     if image is None:
         raise NotFound("Image not found.", {"image_id": image_id})
     return image

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import Adapter, Job, JobKind, JobState, utcnow
+from app.db.models import Adapter, Job, JobKind, JobStage, JobState, utcnow
 from app.db.uow import UnitOfWork
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services.clients import Caller
@@ -112,7 +112,7 @@ def get_job(session: Session, caller: Caller | None, job_id: str, *, for_update:
 
 def list_jobs(session: Session, caller: Caller | None, *, state: JobState | None = None, subject_id: str | None = None,
               kind: JobKind | None = None, client_id: str | None = None, since: datetime | None = None,
-              limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+              until: datetime | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
     """The caller's jobs, newest first (``caller=None``: every client's, for admins)."""
     conditions = []
     if caller is not None:
@@ -127,10 +127,18 @@ def list_jobs(session: Session, caller: Caller | None, *, state: JobState | None
         conditions.append(Job.kind == kind)
     if since is not None:
         conditions.append(Job.created_at >= since)
+    if until is not None:
+        conditions.append(Job.created_at < until)
     count = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
     rows = session.scalars(select(Job).where(*conditions).order_by(Job.created_at.desc(), Job.id)
                            .limit(limit).offset(offset)).all()
     return list(rows), count
+
+
+def list_stage_runs(session: Session, job_id: str) -> list[JobStage]:
+    """The job's stage runs in the order they started (a stage rerun after a lost worker appears twice)."""
+    return list(session.scalars(select(JobStage).where(JobStage.job_id == job_id)
+                                .order_by(JobStage.started_at, JobStage.attempt, JobStage.id)))
 
 
 def request_cancel(uow: UnitOfWork, job: Job, code: str = "canceled", message: str = "canceled by client") -> None:

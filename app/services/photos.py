@@ -10,8 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import Photo, PhotoStatus, new_id
+from app.db.models import Photo, PhotoStatus, Subject, new_id
 from app.db.uow import UnitOfWork
+from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.quotas import check_storage
 from app.services.subjects import get_subject
@@ -97,7 +98,18 @@ def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
     return outcomes
 
 
-def list_photos(session: Session, caller: Caller, subject_id: str) -> list[Photo]:
+def get_photo(session: Session, caller: Caller | None, photo_id: str) -> Photo:
+    """``caller``'s photo (``None``: any client's, for admins); 404 for another client's."""
+    query = select(Photo).join(Subject, Subject.id == Photo.subject_id).where(Photo.id == photo_id)
+    if caller is not None:
+        query = query.where(Subject.client_id == caller.id)
+    photo = session.scalar(query)
+    if photo is None:
+        raise NotFound("Photo not found.", {"photo_id": photo_id})
+    return photo
+
+
+def list_photos(session: Session, caller: Caller | None, subject_id: str) -> list[Photo]:
     subject = get_subject(session, caller, subject_id)
     query = select(Photo).where(Photo.subject_id == subject.id).order_by(Photo.created_at, Photo.id)
     return list(session.scalars(query))

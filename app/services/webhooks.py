@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import secrets
+from typing import Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Client, WebhookDelivery
-from app.errors import InvalidRequest
+from app.db.models import Client, WebhookDelivery, utcnow
+from app.db.uow import UnitOfWork
+from app.errors import InvalidRequest, NotFound
 from app.services.clients import Caller, get_client
 from app.webhook_targets import DestinationRefused, check_url
+
+DeliveryStatus = Literal["delivered", "pending", "failed"]
 
 
 def set_webhook(session: Session, caller: Caller, url: str | None, *, allow_private: bool = False) -> Client:
@@ -31,12 +35,48 @@ def set_webhook(session: Session, caller: Caller, url: str | None, *, allow_priv
     return client
 
 
-def list_deliveries(session: Session, caller: Caller, *, job_id: str | None = None, limit: int = 50,
+def list_deliveries(session: Session, caller: Caller | None, *, job_id: str | None = None,
+                    client_id: str | None = None, status: DeliveryStatus | None = None, limit: int = 50,
                     offset: int = 0) -> tuple[list[WebhookDelivery], int]:
-    conditions = [WebhookDelivery.client_id == caller.id]
+    """The caller's deliveries, newest first (``caller=None``: every client's, for admins)."""
+    conditions = []
+    if caller is not None:
+        conditions.append(WebhookDelivery.client_id == caller.id)
+    if client_id is not None:
+        conditions.append(WebhookDelivery.client_id == client_id)
     if job_id is not None:
         conditions.append(WebhookDelivery.job_id == job_id)
+    if status == "delivered":
+        conditions.append(WebhookDelivery.delivered_at.is_not(None))
+    elif status == "pending":
+        conditions.append(WebhookDelivery.delivered_at.is_(None))
+        conditions.append(WebhookDelivery.next_attempt_at.is_not(None))
+    elif status == "failed":
+        conditions.append(WebhookDelivery.delivered_at.is_(None))
+        conditions.append(WebhookDelivery.next_attempt_at.is_(None))
     count = session.scalar(select(func.count()).select_from(WebhookDelivery).where(*conditions)) or 0
     rows = session.scalars(select(WebhookDelivery).where(*conditions)
                            .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id).limit(limit).offset(offset))
     return list(rows), count
+
+
+def delivery_status(delivery: WebhookDelivery) -> DeliveryStatus:
+    """``delivered``; ``pending`` (a next attempt is planned); ``failed`` (given up)."""
+    if delivery.delivered_at is not None:
+        return "delivered"
+    return "pending" if delivery.next_attempt_at is not None else "failed"
+
+
+def redeliver(uow: UnitOfWork, delivery_id: str) -> WebhookDelivery:
+    """Send a delivery again from its first attempt (admins): reset it and queue the send after the commit."""
+    delivery = uow.session.get(WebhookDelivery, delivery_id, with_for_update=True)
+    if delivery is None:
+        raise NotFound("Webhook delivery not found.", {"delivery_id": delivery_id})
+    delivery.attempt = 0
+    delivery.status_code = None
+    delivery.error = None
+    delivery.delivered_at = None
+    delivery.next_attempt_at = utcnow()
+    uow.session.flush()
+    uow.notify(delivery.id)
+    return delivery

@@ -128,6 +128,23 @@ def webhook_receiver():
         server.shutdown()
 
 
+def _dashboard_shows_the_subject(base: str, admin_key: str, sid: str, train_job: dict, images: list[dict]) -> None:
+    """/admin renders what the real pipeline left: verdicts, crops, class word, loss curve, gallery."""
+    import re
+
+    curve = train_job["result"]["training"]["loss_curve"]
+    assert curve and all(len(point) == 2 and point[1] > 0 for point in curve)
+    with httpx.Client(base_url=base, timeout=30) as browser:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/admin/login").text).group(1)
+        assert browser.post("/admin/login", data={"api_key": admin_key, "csrf_token": token}).status_code == 303
+        page = browser.get(f"/admin/subjects/{sid}").text
+        assert f"<b>{train_job['result']['intake']['class_token']}</b>" in page
+        assert page.count('class="badge accepted"') >= 5 and 'class="badge rejected"' in page
+        assert all(f'data-image="{image["id"]}"' in page for image in images)
+        crop = re.search(r'src="(/admin/media/photos/[0-9a-f]+/crop)"', page).group(1)
+        assert browser.get(crop).headers["content-type"] == "image/png"
+
+
 def _assert_webhooks(received: list, secret: str, jobs: list[dict]) -> None:
     """Each job's succeeded event arrived as the API shows the job, signed with the secret
     ``PUT /v1/webhook`` returned."""
@@ -216,6 +233,7 @@ def test_upload_train_generate_download_delete(api, split_workers, grace_hopper,
         assert small.size == (128, 128) and big.size == (256, 256)
 
     _assert_webhooks(hooks_received, secret, [train_job, job])
+    _dashboard_shows_the_subject(base, admin_key, sid, train_job, images)
 
     subject_blobs = Path(e2e_env["LIKENESS_STORAGE_DIR"]) / "subjects" / sid
     stored = [p.relative_to(subject_blobs).parts[0] for p in subject_blobs.rglob("*") if p.is_file()]

@@ -49,6 +49,19 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def _dashboard_shows_the_failed_job(base: str, key: str, job_id: str) -> None:
+    """/admin on the embedded default: log in with the printed key, see the job and its error."""
+    with httpx.Client(base_url=base, timeout=30) as browser:
+        form = browser.get("/admin/login").text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+        assert browser.post("/admin/login", data={"api_key": key, "csrf_token": token}).status_code == 303
+        overview = browser.get("/admin")
+        assert overview.status_code == 200 and "dataset_rejected" in overview.text
+        assert 'id="queues"' in overview.text  # the SQLite broker's queue depths
+        job = browser.get(f"/admin/jobs/{job_id}").text
+        assert "dataset_rejected" in job and 'id="stage-timeline"' in job
+
+
 def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
     from tests.integration.test_e2e_http import _free_port
 
@@ -63,6 +76,7 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
         wait_for(lambda: "lk_" in log.read_text(errors="replace"), 60, 0.2, "the admin key to be printed")
         out = log.read_text(errors="replace")
         assert f"listening on {base}" in out.replace("\n", " ") and "embedded" in out
+        assert f"admin dashboard: {base}/admin" in out.replace("\n", " ")
         key = re.search(r"^(lk_\S+)$", out, re.M).group(1)
         assert (data_dir / "admin_api_key").read_text().strip() == key
         secret = data_dir / "secret_key"  # generated per install, private, and the banner says where
@@ -90,6 +104,7 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
         assert job["state"] == "failed" and job["error_code"] == "dataset_rejected" and job["stage"] == "intake"
         photo = client.get(f"/v1/subjects/{sid}/photos").json()["data"][0]
         assert photo["status"] == "rejected" and photo["reason_code"]
+        _dashboard_shows_the_failed_job(base, key, job_id)
     finally:
         _interrupt(proc)
     assert proc.returncode is not None and not _group_alive(proc.pid)  # API and worker both gone
