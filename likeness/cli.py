@@ -362,6 +362,8 @@ def bot(
         missing = ", ".join("LIKENESS_" + str(e["loc"][0]).upper() for e in exc.errors())
         raise CliError(f"set {missing}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "aiogram.event"):  # one line per request / update otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if webhook_url:
         host, _, port = listen.rpartition(":")
         asyncio.run(run_webhook(settings, webhook_url, host or "0.0.0.0", int(port)))

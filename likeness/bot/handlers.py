@@ -7,6 +7,7 @@ Every handler finds the user's data from ``from_user.id`` (``tg:<id>``) through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mimetypes
 import random
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from aiogram import Bot, F, Router
 from aiogram.filters import Command, CommandStart
+from aiogram.fsm.context import FSMContext
 from aiogram.types import CallbackQuery, ErrorEvent, Message
 from aiogram.utils.i18n import I18n
 from aiogram.utils.i18n import gettext as _
@@ -132,15 +134,15 @@ def build_router() -> Router:
                              reply_markup=keyboards.confirm_delete())
 
     @router.message(F.photo | F.document)
-    async def photo(message: Message, ctx: Context, bot: Bot) -> None:
+    async def photo(message: Message, ctx: Context, bot: Bot, state: FSMContext) -> None:
         if message.media_group_id is None:
-            await _take_photos([message], ctx, bot)
+            await _take_photos([message], ctx, bot, state)
             return
         group = ctx.albums.setdefault(message.media_group_id, [])  # an album arrives as one update per photo
         group.append(message)
         if len(group) == 1:
             await asyncio.sleep(ctx.settings.bot_album_wait_s)
-            await _take_photos(ctx.albums.pop(message.media_group_id), ctx, bot)
+            await _take_photos(ctx.albums.pop(message.media_group_id), ctx, bot, state)
 
     @router.message()
     async def other(message: Message, ctx: Context) -> None:
@@ -205,7 +207,7 @@ def build_router() -> Router:
 
 # ---- the steps ----------------------------------------------------------------------------------------------
 
-async def _take_photos(messages: list[Message], ctx: Context, bot: Bot) -> None:
+async def _take_photos(messages: list[Message], ctx: Context, bot: Bot, state: FSMContext) -> None:
     first = messages[0]
     user = first.from_user
     settings = ctx.settings
@@ -217,38 +219,42 @@ async def _take_photos(messages: list[Message], ctx: Context, bot: Bot) -> None:
         data = await bot.download(item.file_id)
         payload.append((item.filename, data.read()))
     verdicts: dict[int, str] = {}
-    async with ctx.service.lock(user.id):
-        subject = await ctx.service.subject_or_create(user.id, user.full_name)
-        have = (await ctx.service.api.list_photos(subject.id)).count
+    count = None
+    async with ctx.service.lock(user.id) if wanted else contextlib.nullcontext():
+        subject = await ctx.service.subject_or_create(user.id, user.full_name) if wanted else None
+        have = (await ctx.service.api.list_photos(subject.id)).count if subject else 0
         room = max(0, settings.bot_max_photos - have)
         for item in wanted[room:]:
             item.problem = "too_many_photos"
         sending = [(item, data) for item, data in zip(wanted, payload) if item.problem is None]
         if sending:
             result = await ctx.service.api.upload_photos(subject.id, [data for _item, data in sending])
-            photos = (await ctx.service.api.list_photos(subject.id)).data
-            numbers = {p.id: n for n, p in enumerate(photos, 1)}
+            # The user's own numbering (the order they sent), kept to name photos in the intake report later.
+            numbers = dict((await state.get_data()).get("photo_numbers", {}))
             for (item, _data), verdict in zip(sending, result.files):
                 if verdict.status == "stored":
+                    numbers[verdict.photo_id] = have = have + 1
                     verdicts[id(item)] = "✅ " + _("Photo {number} received.").format(number=numbers[verdict.photo_id])
                 else:
                     item.problem = verdict.reason_code or "not_an_image"
                     verdicts[id(item)] = "❌ " + texts.reason_text(verdict.reason_code, verdict.message)
-            count = len(photos)
-        else:
+            await state.update_data(photo_numbers=numbers)
+            count = have
+        elif subject is not None:
             count = have
     for item in items:
         if item.problem is not None and id(item) not in verdicts:
             verdicts[id(item)] = "❌ " + texts.reason_text(item.problem)
     lines = [verdicts[id(i)] if len(items) == 1 else f"{n}. {verdicts[id(i)]}" for n, i in enumerate(items, 1)]
-    need = settings.bot_min_photos
-    if count >= need:
+    need, markup = settings.bot_min_photos, None
+    if count is None:  # nothing reached the service (every file refused here)
+        pass
+    elif count >= need:
         lines.append(_("Photos so far: {count}. That's enough to train: press Train, or send more (up to {max})."
                        ).format(count=count, max=settings.bot_max_photos))
         markup = keyboards.train()
     else:
         lines.append(_("Photos so far: {count} of at least {need}.").format(count=count, need=need))
-        markup = None
     await first.reply("\n".join(lines), reply_markup=markup)
 
 

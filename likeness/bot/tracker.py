@@ -15,6 +15,7 @@ import time
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError
+from aiogram.fsm.storage.base import StorageKey
 from aiogram.types import BufferedInputFile, InputMediaDocument, InputMediaPhoto
 from aiogram.utils.i18n import I18n
 from aiogram.utils.i18n import gettext as _
@@ -156,15 +157,18 @@ class Tracker:
 
     async def _report_intake(self, pending: PendingJob, job: Job) -> None:
         photos = (await self.service.api.list_photos(job.subject_id)).data
+        key = StorageKey(bot_id=self.bot.id, chat_id=pending.chat_id, user_id=pending.user_id)
+        numbers = (await self.store.fsm.get_data(key)).get("photo_numbers", {})
         judged = [p for p in photos if p.status != "pending"]
         if judged:
             accepted = sum(p.status == "accepted" for p in judged)
             lines = [_("I checked your photos: {accepted} of {total} can be used.").format(
                 accepted=accepted, total=len(judged))]
-            for number, photo in enumerate(photos, 1):
+            for position, photo in enumerate(photos, 1):
                 if photo.status == "rejected":
                     lines.append(_("Photo {number}: {reason}").format(
-                        number=number, reason=texts.reason_text(photo.reason_code, photo.message)))
+                        number=numbers.get(photo.id, position),
+                        reason=texts.reason_text(photo.reason_code, photo.message)))
             await self.bot.send_message(pending.chat_id, "\n".join(lines))
         pending.intake_reported = True
         await self.store.save_pending(pending)
