@@ -114,9 +114,16 @@ class BotApiStandIn:
     def __exit__(self, *exc) -> None:
         if self._loop is not None:
             with contextlib.suppress(TimeoutError):
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    async def _shutdown(self) -> None:
+        await self._runner.cleanup()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:  # long polls still waiting
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def _serve(self, started: threading.Event) -> None:
         self._loop = asyncio.new_event_loop()

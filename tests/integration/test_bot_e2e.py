@@ -75,7 +75,7 @@ def test_bot_journey_restart_isolation_and_deletion(api, split_workers, tg, bot_
     redis_prefix = f"{e2e_env['LIKENESS_QUEUE_PREFIX']}bot:"
     env = bot_env(tg, base, bot_key, LIKENESS_REDIS_URL=e2e_env["LIKENESS_REDIS_URL"],
                   LIKENESS_BOT_REDIS_PREFIX=redis_prefix, LIKENESS_DATA_DIR=str(tmp_path),
-                  LIKENESS_BOT_TRAIN_OPTIONS='{"steps": 10}',
+                  LIKENESS_BOT_TRAIN_OPTIONS='{"steps": 10}', LIKENESS_BOT_GENERATIONS_PER_HOUR="2",
                   LIKENESS_BOT_GENERATE_OPTIONS='{"n": 3, "k": 2, "steps": 4, "no_controlnet": true, "seed": 7}')
     bot = BotProcess(env, tmp_path / "bot.log").start()
     grace, ivan = tg.user(7001, "Grace", "en"), tg.user(7002, "Иван", "ru")
@@ -167,6 +167,21 @@ def test_bot_journey_restart_isolation_and_deletion(api, split_workers, tg, bot_
         sizes = [Image.open(__import__("io").BytesIO(data)).size for _, data in documents.files.values()]
         assert sizes == [(256, 256), (256, 256)]  # the x2 files of the 128 px tiny portraits
         assert {data for _, data in more.buttons} == {"more:" + style.split(":", 1)[1], "styles"}
+
+        # "more in this style" starts another generation (no retraining); /cancel stops it
+        mark = tg.mark()
+        tg.press(grace, more, "more:" + style.split(":", 1)[1])
+        second = _reply(tg, grace.id, mark, "Painting portraits")
+        assert not [c for c in tg.state.calls[mark:] if "Training" in c.text]
+        mark = tg.mark()
+        tg.send_text(grace, "/cancel")
+        assert _reply(tg, grace.id, mark, "Stop").text == "Stopped."
+        tg.wait_for(lambda c: c.method == "editMessageText" and c.params["message_id"] == str(
+            second.result["message_id"]) and "Canceled." in c.text, 120, mark, "the status to say canceled")
+        # two generations this hour: the limit (2 per hour here) is explained, nothing is started
+        mark = tg.mark()
+        tg.press(grace, more, "more:" + style.split(":", 1)[1])
+        assert "2 sets of portraits this hour" in _reply(tg, grace.id, mark, "this hour").text
 
         # /delete asks, then erases the user's data in the service and the bot
         mark = tg.mark()
