@@ -359,8 +359,9 @@ def bot(
     try:
         settings = BotSettings()
     except ValidationError as exc:
-        missing = ", ".join("LIKENESS_" + str(e["loc"][0]).upper() for e in exc.errors())
-        raise CliError(f"set {missing}") from None
+        problems = [f"set LIKENESS_{str(e['loc'][0]).upper()}" if e["type"] == "missing" else
+                    f"LIKENESS_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors()]
+        raise CliError("; ".join(problems)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "aiogram.event"):  # one line per request / update otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)

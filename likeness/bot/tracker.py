@@ -94,22 +94,27 @@ class Tracker:
         if pending.job_id not in self.tasks or self.tasks[pending.job_id].done():
             self.tasks[pending.job_id] = asyncio.create_task(self._run(pending), name=f"job-{pending.job_id}")
 
-    async def _run(self, pending: PendingJob) -> None:
+    async def _run(self, pending: PendingJob, attempts: int = 6) -> None:
+        """Follow until the results are out; a failure (Telegram briefly unreachable...) is retried with
+        backoff, and after the last attempt the job stays saved for the next start."""
         try:
-            with self.i18n.context(), self.i18n.use_locale(pending.locale):
-                await self._follow(pending)
-            await self.store.drop_pending(pending.job_id)
-        except asyncio.CancelledError:
-            raise
-        except LikenessError as exc:
-            if exc.status == 404:  # the job went with its subject (/delete): nothing to report
-                await self.store.drop_pending(pending.job_id)
-            else:
-                log.exception("following job %s failed", pending.job_id)
-        except TelegramForbiddenError:  # the user blocked the bot
-            await self.store.drop_pending(pending.job_id)
-        except Exception:
-            log.exception("following job %s failed", pending.job_id)
+            for attempt in range(1, attempts + 1):
+                try:
+                    with self.i18n.context(), self.i18n.use_locale(pending.locale):
+                        await self._follow(pending)
+                    await self.store.drop_pending(pending.job_id)
+                    return
+                except LikenessError as exc:
+                    if exc.status == 404:  # the job went with its subject (/delete): nothing to report
+                        await self.store.drop_pending(pending.job_id)
+                        return
+                    log.warning("following job %s: %s (attempt %d)", pending.job_id, exc, attempt)
+                except TelegramForbiddenError:  # the user blocked the bot
+                    await self.store.drop_pending(pending.job_id)
+                    return
+                except Exception:
+                    log.exception("following job %s failed (attempt %d)", pending.job_id, attempt)
+                await asyncio.sleep(min(60.0, 2.0 ** attempt))
         finally:
             self.tasks.pop(pending.job_id, None)
 
