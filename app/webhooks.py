@@ -1,8 +1,8 @@
 """Webhooks: signed job events, one delivery row per attempt series.
 
 Signature header ``X-Likeness-Signature: t=<unix ts>,v1=<hex>`` where ``hex`` is
-HMAC-SHA256 over ``f"{t}." + body`` with the client's webhook secret (the timestamp is
-signed so a captured request cannot be replayed later; receivers should refuse old ``t``).
+HMAC-SHA256 over ``f"{t}." + body`` with the client's webhook secret; signing and verifying
+live in :mod:`likeness.webhooks` (one implementation, importable without the API).
 
 Flow: a job changes state -> :func:`notify_job` adds a delivery row and an outbox message
 in the same transaction -> after the commit the message reaches the worker's
@@ -11,8 +11,6 @@ in the same transaction -> after the commit the message reaches the worker's
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -25,33 +23,11 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.db.models import Client, Job, WebhookDelivery, utcnow
 from app.webhook_targets import DestinationRefused, pinned_request_args, resolve_checked
+from likeness.webhooks import DEFAULT_TOLERANCE_S, SIGNATURE_HEADER, sign, verify  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Likeness-Signature"
 TIMEOUT_S = 10.0
-DEFAULT_TOLERANCE_S = 300
-
-
-def sign(body: bytes, secret: str, timestamp: int) -> str:
-    """The signature header value for ``body`` sent at ``timestamp``."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-def verify(body: bytes, secret: str, header: str, *, tolerance_s: int = DEFAULT_TOLERANCE_S,
-           now: float | None = None) -> bool:
-    """Whether ``header`` is a valid signature of ``body`` made less than ``tolerance_s`` ago."""
-    try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
-        timestamp = int(parts["t"])
-        given = parts["v1"]
-    except (KeyError, ValueError):
-        return False
-    if abs((now if now is not None else time.time()) - timestamp) > tolerance_s:
-        return False
-    expected = sign(body, secret, timestamp).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, given)
 
 
 def build_event(job: Job) -> dict[str, Any]:

@@ -22,8 +22,11 @@ app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.",
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Model weights of a preset: prefetch and check.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-adapters_app = typer.Typer(help="Trained adapters: convert for other tools.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Trained adapters: download from the service, convert for other tools.",
+                           no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+jobs_app = typer.Typer(help="Jobs of a running service (remote, through the Python client).", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 console = Console()
 err = Console(stderr=True)
@@ -185,6 +188,9 @@ def serve(
                                           "--host", host,
                                           "--port", str(port), "--log-level", "warning"]))
         url = f"http://{host}:{port}"
+        core = list(children)
+        if os.environ.get("LIKENESS_TELEGRAM_TOKEN"):  # embedded: the Telegram bot runs beside the API
+            children.append(_start_bot(settings, url))
         console.print(f"Likeness listening on [bold]{url}[/]  (API docs: {url}/docs)")
         console.print(f"admin dashboard: [bold]{url}/admin[/]  (log in with the admin API key)")
         mode = "embedded" if settings.embedded else "distributed"
@@ -196,7 +202,11 @@ def serve(
             print(key, flush=True)
         else:
             console.print(f"admin API key: see {settings.data_dir.resolve() / 'admin_api_key'}")
-        while all(child.poll() is None for child in children):
+        bot_told = False
+        while all(child.poll() is None for child in core):
+            if len(children) > len(core) and children[-1].poll() is not None and not bot_told:
+                err.print("[yellow]the Telegram bot stopped; see its log above (the API keeps running)[/]")
+                bot_told = True
             time.sleep(0.5)
         raise CliError("a service process exited unexpectedly; see its log above")
     except KeyboardInterrupt:
@@ -214,6 +224,21 @@ def _secret_banner(settings) -> str:
     signing_secret(settings)
     return (f"download links are signed with this install's secret: {secret_path(settings)} "
             "(mode 600; keep it private; set LIKENESS_SECRET_KEY to use your own)")
+
+
+def _start_bot(settings, url: str) -> subprocess.Popen:
+    """``likeness bot`` as a child, talking to this API with a bot client's key (created once, kept in data_dir)."""
+    key = os.environ.get("LIKENESS_API_KEY")
+    if not key:
+        path = settings.data_dir / "bot_api_key"
+        if not path.exists():
+            path.write_text(_create_client("telegram-bot", "bot") + "\n")
+            path.chmod(0o600)
+        key = path.read_text().strip()
+    local = url.replace("://0.0.0.0:", "://127.0.0.1:")
+    env = {**os.environ, "LIKENESS_API_URL": os.environ.get("LIKENESS_API_URL") or local, "LIKENESS_API_KEY": key}
+    console.print("Telegram bot: started (LIKENESS_TELEGRAM_TOKEN is set)")
+    return subprocess.Popen([sys.executable, "-m", "likeness", "bot"], env=env)
 
 
 def _interrupt(signum, frame) -> None:
@@ -287,6 +312,100 @@ def adapters_export(
     console.print(f"{format.value} LoRA written to {written}")
 
 
+# ---- remote commands (a running service, through likeness.client) ----------------------------------------------
+
+ApiUrl = Annotated[str | None, typer.Option("--api", help="The service's URL (default: LIKENESS_API_URL).")]
+ApiKey = Annotated[str | None, typer.Option("--key", help="An API key (default: LIKENESS_API_KEY).")]
+
+
+def _remote(api: str | None, key: str | None):
+    from likeness.client import Client
+
+    return Client(api, key)
+
+
+@jobs_app.command("wait")
+def jobs_wait(
+    job_id: str,
+    api: ApiUrl = None,
+    key: ApiKey = None,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+) -> None:
+    """Follow a job with a progress bar until it ends; exit 1 unless it succeeded."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with _remote(api, key) as client, Progress(TextColumn("{task.description:<24}"), BarColumn(),
+                                               TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[eta]}"),
+                                               TimeElapsedColumn(), console=console) as bars:
+        task = bars.add_task("queued", total=100, eta="")
+        job = None
+        for job in client.wait(job_id, timeout_s=timeout):
+            eta = f"ETA {job.eta_s:.0f} s" if job.eta_s else ""
+            bars.update(task, completed=job.progress, description=job.stage or job.state.value, eta=eta)
+    assert job is not None
+    if not job.succeeded:
+        raise CliError(f"job {job.id} {job.state.value}: {job.error_message or ''} ({job.error_code})")
+    console.print(f"job {job.id} ({job.kind.value}) succeeded")
+
+
+class AdapterFormat(str, Enum):
+    diffusers = "diffusers"
+    kohya = "kohya"
+
+
+@adapters_app.command("download")
+def adapters_download(
+    subject_id: str,
+    out: Annotated[Path, typer.Option("--out", help="A folder (the server's file name) or a file path.")] = Path("."),
+    format: Annotated[AdapterFormat, typer.Option("--format", help="diffusers: zip of the adapter folder; "  # noqa: A002
+                                                                     "kohya: one file for A1111/ComfyUI.")]
+    = AdapterFormat.diffusers,
+    version: Annotated[int | None, typer.Option(help="Default: the newest adapter.")] = None,
+    api: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Download a subject's trained adapter from the service."""
+    with _remote(api, key) as client:
+        path = client.download_adapter(subject_id, out, format=format.value, version=version)
+    console.print(f"adapter written to {path} ({path.stat().st_size} bytes)")
+
+
+# ---- Telegram bot ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def bot(
+    webhook_url: Annotated[str | None, typer.Option("--webhook-url", help="Webhook mode: the public HTTPS URL "
+                                                    "Telegram posts updates to (default: long polling).")] = None,
+    listen: Annotated[str, typer.Option(help="Webhook mode: host:port the webhook server binds.")] = "0.0.0.0:8081",
+) -> None:
+    """Run the Telegram bot (LIKENESS_TELEGRAM_TOKEN, LIKENESS_API_URL, LIKENESS_API_KEY of a bot client)."""
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    try:
+        from likeness.bot.config import BotSettings
+        from likeness.bot.runner import run_polling, run_webhook
+    except ImportError as exc:
+        raise CliError(f"the bot needs its extra: pip install -e '.[bot]' ({exc})") from None
+    try:
+        settings = BotSettings()
+    except ValidationError as exc:
+        problems = [f"set LIKENESS_{str(e['loc'][0]).upper()}" if e["type"] == "missing" else
+                    f"LIKENESS_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors()]
+        raise CliError("; ".join(problems)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "aiogram.event"):  # one line per request / update otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if webhook_url:
+        host, _, port = listen.rpartition(":")
+        asyncio.run(run_webhook(settings, webhook_url, host or "0.0.0.0", int(port)))
+    else:
+        asyncio.run(run_polling(settings))
+
+
 # ---- one-shot run --------------------------------------------------------------------------------------------
 
 
@@ -352,6 +471,10 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, PipelineError):
         return f"{exc.message} ({exc.error_code})"
     if isinstance(exc, CliError):
+        return str(exc)
+    from likeness.client.errors import LikenessError
+
+    if isinstance(exc, LikenessError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 

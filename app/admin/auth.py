@@ -28,6 +28,7 @@ from app.api.deps import UoW, app_settings
 from app.config import Settings
 from app.db.models import Client, Role
 from app.services.clients import Caller, get_client
+from app.signing import signing_secret
 
 SESSION_COOKIE = "likeness_admin"
 LOGIN_COOKIE = "likeness_admin_login"
@@ -47,7 +48,8 @@ class CsrfRefused(Exception):
 
 
 def _key(settings: Settings, purpose: str) -> bytes:
-    return hmac.new(settings.secret_key.encode(), f"likeness-admin:{purpose}".encode(), hashlib.sha256).digest()
+    secret = signing_secret(settings)  # the configured secret, else this install's own
+    return hmac.new(secret.encode(), f"likeness-admin:{purpose}".encode(), hashlib.sha256).digest()
 
 
 def _mac(settings: Settings, purpose: str, message: str) -> str:

@@ -22,10 +22,24 @@ __all__ = ["ApiClient", "admin", "app", "client_a", "client_b", "http", "make_cl
            "new_api_client"]
 
 
+_database: dict = {"users": 0}
+
+
 @pytest.fixture(scope="session")
 def pg_url():
-    """A fresh migrated PostgreSQL database for this test session (dropped at the end)."""
-    yield from migrated_database()
+    """A fresh migrated PostgreSQL database for this test session (dropped at the end).
+
+    Packages that import these fixtures get their own copy of this fixture from pytest, but one
+    database: the first creates it, the last one done drops it.
+    """
+    if _database["users"] == 0:
+        _database["created"] = migrated_database()
+        _database["url"] = next(_database["created"])
+    _database["users"] += 1
+    yield _database["url"]
+    _database["users"] -= 1
+    if _database["users"] == 0:
+        next(_database["created"], None)
 
 
 @pytest.fixture(scope="session")

@@ -63,12 +63,15 @@ def _dashboard_shows_the_failed_job(base: str, key: str, job_id: str) -> None:
 
 
 def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
+    from tests.bot.standin import TOKEN, BotApiStandIn
     from tests.integration.test_e2e_http import _free_port
 
     port = _free_port()
     data_dir = tmp_path / "data"
+    tg = BotApiStandIn().__enter__()  # a Telegram token is set: serve also runs the bot
     env = clean_environ(LIKENESS_DATA_DIR=str(data_dir), LIKENESS_PORT=str(port),
-                        LIKENESS_MODEL_CACHE_DIR=str(MODEL_CACHE), LIKENESS_DEVICE="cpu", HF_HUB_OFFLINE="1")
+                        LIKENESS_MODEL_CACHE_DIR=str(MODEL_CACHE), LIKENESS_DEVICE="cpu", HF_HUB_OFFLINE="1",
+                        LIKENESS_TELEGRAM_TOKEN=TOKEN, LIKENESS_TELEGRAM_API_URL=tg.url)
     log = tmp_path / "serve.log"
     proc = _serve(env, log)
     base = f"http://127.0.0.1:{port}"
@@ -105,6 +108,15 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
         photo = client.get(f"/v1/subjects/{sid}/photos").json()["data"][0]
         assert photo["status"] == "rejected" and photo["reason_code"]
         _dashboard_shows_the_failed_job(base, key, job_id)
+
+        # the embedded bot talks to this API with a bot client's key of its own
+        user = tg.user(5501, "Embedded")
+        tg.send_photo(user, blank)
+        tg.wait_for(lambda c: c.method == "sendMessage" and "Photo 1 received" in c.text, 60, what="the bot's verdict")
+        bot_key = (data_dir / "bot_api_key").read_text().strip()
+        mine = httpx.get(base + "/v1/subjects", params={"external_ref": f"tg:{user.id}"},
+                         headers={"Authorization": f"Bearer {bot_key}"}).json()
+        assert mine["count"] == 1
     finally:
         _interrupt(proc)
     assert proc.returncode is not None and not _group_alive(proc.pid)  # API and worker both gone
@@ -115,10 +127,11 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
         wait_for(lambda: "admin API key: see" in log_path.read_text(errors="replace").replace("\n", " "),
                  60, 0.2, "the restart banner")
         assert "lk_" not in (tmp_path / "serve2.log").read_text(errors="replace")  # no second key
-        wait_for(lambda: len(_group_members(restart.pid)) >= 3, 60, 0.2, "the API and worker children")
+        wait_for(lambda: len(_group_members(restart.pid)) >= 4, 60, 0.2, "the API, worker and bot children")
         restart.send_signal(signal.SIGTERM)  # docker stop / kill: only the parent gets it
         restart.wait(timeout=30)
         wait_for(lambda: not _group_alive(restart.pid), 30, 0.2, "the children to stop with the parent")
     finally:
         if _group_alive(restart.pid):
             _interrupt(restart)
+        tg.__exit__(None, None, None)
