@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import account, admin, images, jobs, photos, subjects
+from app.api.routes import account, admin, images, jobs, photos, subjects, templates
 from app.api.schemas import ErrorBody
 from app.config import Settings, get_settings
 from app.db.session import SessionLocal
@@ -123,7 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.scrape_registry = scrape_registry(settings, lambda: SessionLocal(settings.resolved_database_url))
     install_error_handlers(app)
-    for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
+    for router in (subjects.router, photos.router, jobs.router, templates.router, images.router, account.router,
+                   admin.router):
         app.include_router(router)
     _install_probes(app, settings)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
