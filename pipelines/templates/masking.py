@@ -154,8 +154,7 @@ class Region:
     @property
     def mask_box(self) -> Box:
         """The bounding box of the pixels this pass may change (mask > 0)."""
-        ys, xs = np.nonzero(self.mask > 0)
-        return Box(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        return _support(self.mask)
 
     def crop_image(self, image: Image.Image, resolution: int) -> Image.Image:
         return resize_square(crop_square(image, self.crop.left, self.crop.top, self.crop.side), resolution)
@@ -250,7 +249,7 @@ def person_probability(image: Image.Image, face: Box, segmenter) -> np.ndarray:
 
 def _ellipse(size: tuple[int, int], box: Box) -> np.ndarray:
     width, height = size
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy, xx = np.ogrid[0:height, 0:width]
     cx, cy = box.center
     rx, ry = max(box.width / 2, 1.0), max(box.height / 2, 1.0)
     return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0
