@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.admin import install as install_admin_dashboard
-from app.api.routes import account, admin, images, jobs, photos, subjects
+from app.api.routes import account, admin, images, jobs, photos, subjects, templates
 from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
 from app.auth_sync import AuthSubscriber
@@ -139,7 +139,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = rate_limiter(settings)
     app.state.scrape_registry = scrape_registry(settings, lambda: SessionLocal(settings.resolved_database_url))
     install_error_handlers(app)
-    for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):
+    for router in (subjects.router, photos.router, jobs.router, templates.router, images.router, account.router,
+                   admin.router):
         # Checks every /v1 route shares (unknown query parameters, NUL characters): one place, never forgotten.
         app.include_router(router, dependencies=[Depends(check_request_inputs)])
     _install_probes(app, settings)

@@ -67,6 +67,11 @@ def photo_mask_key(subject_id: str, photo_id: str) -> str:
     return f"subjects/{subject_id}/photos/{photo_id}/mask.png"
 
 
+def template_photo_key(subject_id: str, template_photo_id: str) -> str:
+    """A photo uploaded to put the subject into (template mode), stored clean."""
+    return f"subjects/{subject_id}/templates/{template_photo_id}.jpg"
+
+
 def adapter_prefix(subject_id: str, version: int) -> str:
     return f"subjects/{subject_id}/adapters/{version}/"
 

@@ -6,6 +6,7 @@ Heavy imports (torch, uvicorn, celery worker) happen inside the commands that ne
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -409,17 +410,40 @@ def bot(
 # ---- one-shot run --------------------------------------------------------------------------------------------
 
 
+TEMPLATE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif")
+
+
+def _template_config(template: str, n: int, k: int, seed: int, strength: float | None, second_pass: bool):
+    """``--template NAME_OR_FILE`` as the request the API would get: a shipped name or an uploaded file."""
+    from likeness.contract.requests import TemplateRequest
+    from worker.local import LOCAL_TEMPLATE_ID
+
+    options = {"n": n, "k": k, "seed": seed, "strength": strength, "second_pass": second_pass}
+    path = Path(template).expanduser()
+    if path.is_file():
+        return TemplateRequest(template_photo_id=LOCAL_TEMPLATE_ID, **options), path
+    if os.sep in template or path.suffix.lower() in TEMPLATE_FILE_SUFFIXES:
+        raise CliError(f"no template file {template} (or give a shipped template's name)")
+    return TemplateRequest(template=template, **options), None
+
+
 @app.command()
 def run(
     photos_dir: Annotated[Path, typer.Argument(help="Folder of 5-20 photos of one person.")],
-    style: Annotated[str, typer.Option(help="Style pack name (see pipelines/styles).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for images and report.json.")],
+    style: Annotated[str | None, typer.Option(help="Style pack name (see pipelines/styles).")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="Template mode instead of a style: a shipped template's name (pipelines/templates/library) or a "
+             "photo file of one person to put the subject into.")] = None,
     preset: Annotated[str, typer.Option(help="tiny (random weights: images are noise) | sd15")] = "tiny",
     n: Annotated[int, typer.Option(help="Candidates generated.")] = 8,
     k: Annotated[int, typer.Option(help="Best candidates kept (and upscaled).")] = 4,
     seed: int = 0,
     device: str = "auto",
     train_steps: Annotated[int | None, typer.Option(help="Override total training steps (quick demos).")] = None,
+    strength: Annotated[float | None, typer.Option(help="Template mode: denoising strength (default 0.45).")] = None,
+    second_pass: Annotated[bool, typer.Option("--second-pass", help="Template mode: redraw the face alone at "
+                                                                    "higher resolution.")] = False,
 ) -> None:
     """Photos folder -> portraits folder, locally, through the same pipeline as the service."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -427,8 +451,14 @@ def run(
     from likeness.contract.requests import GenerateRequest, TrainRequest
     from worker.local import LocalRunConfig, run_local
 
-    config = LocalRunConfig(train=TrainRequest(steps=train_steps), preset=preset, device=device,
-                            generate=GenerateRequest(style=style, n=n, k=k, seed=seed))
+    if (style is None) == (template is None):
+        raise CliError("give --style STYLE or --template NAME_OR_FILE (one of them)")
+    config = LocalRunConfig(train=TrainRequest(steps=train_steps), preset=preset, device=device)
+    if style is not None:
+        config = dataclasses.replace(config, generate=GenerateRequest(style=style, n=n, k=k, seed=seed))
+    else:
+        request, file = _template_config(template, n, k, seed, strength, second_pass)
+        config = dataclasses.replace(config, template=request, template_file=file)
     with Progress(TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bars:
         tasks: dict[str, int] = {}

@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from pipelines.errors import Canceled
 
+
 class Stage(StrEnum):
     """The steps of the pipeline a client can see, in the order they run.
 
@@ -25,6 +26,7 @@ class Stage(StrEnum):
     CACHING = "caching"
     TRAINING_STAGE1 = "training:stage1"
     TRAINING_STAGE2 = "training:stage2"
+    MASKING = "masking"  # template mode: find the template's face, mask face and hair, crop around it
     GENERATING = "generating"
     RANKING = "ranking"
     UPSCALING = "upscaling"

@@ -24,6 +24,7 @@ preset     aesthetic  identity  text
 =========  =========  ========  ====
 aesthetic  1.0        0.0       0.0   the method's choice (internal vote)
 balanced   0.4        0.4       0.2
+identity   0.2        0.7       0.1   template mode's default: the template fixes the look
 =========  =========  ========  ====
 
 LPIPS to the user's photos is not a ranking score: it needs pretrained backbone weights
@@ -73,6 +74,7 @@ class RankingWeights:
 RANKING_PRESETS = {
     "aesthetic": RankingWeights(aesthetic=1.0),
     "balanced": RankingWeights(aesthetic=0.4, identity=0.4, text=0.2),
+    "identity": RankingWeights(aesthetic=0.2, identity=0.7, text=0.1),
 }
 
 

@@ -1,7 +1,9 @@
-"""One-shot local run: photos folder -> intake -> training -> generation -> output folder.
+"""One-shot local run: photos folder -> intake -> training -> generation (or template mode) -> output folder.
 
 The same pipeline functions the workers call, without API, database or broker. Used by
 ``likeness run`` and ``bench/e2e.py``; stage timings are recorded for the benchmark.
+In template mode the template is judged and placed first (``masking``), so a template that
+can never work fails before any photo is examined or any step trained.
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ from likeness.contract.requests import (
     GenerateRequest,
     RequestRejected,
     ResolvedTrain,
+    TemplatePhotoVerdict,
+    TemplateRequest,
     TrainRequest,
     resolve_generation,
+    resolve_templating,
     resolve_train,
 )
 from pipelines.errors import InvalidConfig
 from pipelines.generation.request import GenerationSpec
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, never_stop, no_progress
+from pipelines.templates.spec import TemplateSpec
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif", ".tiff"}
 
@@ -55,14 +61,24 @@ class StageTimer:
         return out
 
 
+#: the template photo id of ``LocalRunConfig.template_file`` in a local template request
+LOCAL_TEMPLATE_ID = "local-file"
+
+
 @dataclass(frozen=True)
 class LocalRunConfig:
-    """A local run: the same requests a client sends to the API, checked by the same contract."""
+    """A local run: the same requests a client sends to the API, checked by the same contract.
+
+    ``template`` set: template mode instead of ``generate``; with ``template_file``, the request names
+    it as ``template_photo_id=LOCAL_TEMPLATE_ID`` (an uploaded template, with the upload's decode checks).
+    """
 
     train: TrainRequest = field(default_factory=TrainRequest)
     generate: GenerateRequest = field(default_factory=lambda: GenerateRequest(style="studio_headshot"))
     preset: str = "tiny"
     device: str = "auto"
+    template: TemplateRequest | None = None
+    template_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -81,12 +97,38 @@ def read_photos(folder: Path) -> list[LocalPhoto]:
     return [LocalPhoto(f"photo-{i:03d}", path, path.read_bytes()) for i, path in enumerate(files, start=1)]
 
 
-def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, GenerationSpec]:
+def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, GenerationSpec | TemplateSpec]:
     """Check both requests before anything loads, with the API's error codes."""
     try:
-        return resolve_train(config.train, preset=config.preset), resolve_generation(config.generate)
+        train = resolve_train(config.train, preset=config.preset)
+        if config.template is None:
+            return train, resolve_generation(config.generate)
+        verdict = TemplatePhotoVerdict(LOCAL_TEMPLATE_ID, "pending") if config.template.template_photo_id else None
+        _, spec = resolve_templating(config.template, photo=verdict)
+        if config.template_file is not None:
+            spec = spec.model_copy(update={"template": config.template_file.name[:48]})
+        return train, spec
     except RequestRejected as exc:
         raise InvalidConfig(exc.message, exc.details, code=exc.code) from None
+
+
+def read_template(config: LocalRunConfig):
+    """The template image of a template-mode run: a shipped one, or the file through the upload's decode checks."""
+    from pipelines.intake.decode import PhotoRejected, decode_photo
+    from pipelines.templates.catalog import open_template
+
+    if config.template is None:
+        return None
+    if config.template_file is None:
+        return open_template(str(config.template.template))
+    try:
+        return decode_photo(config.template_file.read_bytes())
+    except OSError as exc:
+        raise InvalidConfig(f"cannot read the template {config.template_file}: {exc}",
+                            code="template_not_found") from None
+    except PhotoRejected as exc:
+        raise InvalidConfig(f"template {config.template_file.name}: {exc.message}", exc.details,
+                            code=f"template_{exc.reason.value}") from None
 
 
 def run_local(
@@ -124,9 +166,18 @@ def run_local(
     # 1. check inputs before any model loads
     photos = read_photos(photos_dir)
     resolved_train, spec = resolve(config)
+    template = read_template(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = get_preset(config.preset, model_cache_dir)
     device = resolve_device(config.device)
+
+    # 1b. template mode: judge and place the template first (detectors only)
+    prepared = None
+    if template is not None:
+        from pipelines.templates.masking import masking_models, prepare_template
+
+        with manager.borrow(masking_models(device)) as masking:
+            prepared = prepare_template(template, masking, on_progress=progress, should_stop=should_stop)
 
     # 2. intake
     intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device,
@@ -143,17 +194,25 @@ def run_local(
         work / "training", on_progress=progress, should_stop=should_stop, device=device,
     )
     adapter_dir = trained.adapter_dir
-    # 4. generation (generating, ranking, upscaling)
+    # 4. generation or template mode (generating, ranking, upscaling)
     references = [item.crop for item in dataset.items]
-    with manager.borrow(generation_models(preset, device, request=spec)) as models:
-        results = GenerationEngine(preset, models).generate(spec, adapter_dir, references, on_progress=progress,
-                                                            should_stop=should_stop, return_all=True)
+    if isinstance(spec, TemplateSpec):
+        from pipelines.templates.engine import TemplateEngine, template_models
+
+        with manager.borrow(template_models(preset, device, spec=spec)) as models:
+            results = TemplateEngine(preset, models).run(spec, prepared, adapter_dir, references, on_progress=progress,
+                                                         should_stop=should_stop, return_all=True)
+    else:
+        with manager.borrow(generation_models(preset, device, request=spec)) as models:
+            results = GenerationEngine(preset, models).generate(spec, adapter_dir, references, on_progress=progress,
+                                                                should_stop=should_stop, return_all=True)
     # 5. delivering
     start = time.perf_counter()
     scored = [{"rank": r.rank, "seed": r.seed, "prompt": r.prompt, "faces": r.faces, "scores": dict(r.scores),
                "flagged": r.flagged} for r in sorted(results, key=lambda r: r.seed)]  # rank 0 = not delivered
     candidates = []
     upscale = spec.upscale
+    mode = "template" if isinstance(spec, TemplateSpec) else "generation"
     for result in sorted((r for r in results if r.rank > 0), key=lambda r: r.rank):
         entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
                  "scores": dict(result.scores), "width": result.image.width, "height": result.image.height}
@@ -166,8 +225,8 @@ def run_local(
     report = {
         "preset": preset.name,
         "device": device,
-        "request": {"train": resolved_train.model_dump(mode="json"), "generation": spec.model_dump(mode="json")},
-        "style": spec.style,
+        "request": {"train": resolved_train.model_dump(mode="json"), mode: spec.model_dump(mode="json")},
+        "style": spec.style_label if mode == "template" else spec.style,
         "photos": [{**r.to_dict(), "file": files.get(r.photo_id)} for r in dataset.report],
         "class_token": dataset.class_token,
         "class_scores": dict(dataset.class_scores),
@@ -176,6 +235,9 @@ def run_local(
         "candidates": candidates,
         "all_candidates": scored,
     }
+    if prepared is not None:
+        report["template"] = {"name": spec.template, "size": list(prepared.size), "face_box": prepared.face.to_dict(),
+                              "mask_box": prepared.region.mask_box.to_dict()}
     if not candidates:
         (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         raise InvalidConfig(f"none of the {len(results)} candidates could be delivered (each must show exactly one "

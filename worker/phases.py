@@ -8,6 +8,8 @@ this module binds each phase to the function that runs it (:data:`PHASE_RUNNERS`
     train:    intake (cpu)                      -> dataset saved to subjects/<s>/datasets/<job>/
               caching, training:stage1/2 (gpu)  -> adapter blobs + ``adapters`` row (+ kohya export)
     generate: generating, ranking, upscaling, delivering (gpu) -> ``images`` rows + blobs
+    template: masking, generating, ranking, upscaling, delivering (gpu) -> ``images`` rows + blobs
+              (and the verdict of an uploaded template photo on its ``template_photos`` row)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 
 from app.config import Settings
-from app.db.models import Adapter, Image, Photo, PhotoStatus
+from app.db.models import Adapter, Image, Photo, PhotoStatus, TemplatePhoto
 from app.db.uow import UnitOfWork
 from app.storage import (
     BlobStore,
@@ -39,7 +41,7 @@ from app.storage import (
     upscaled_image_key,
 )
 from likeness.contract.plan import PLANS, JobKind
-from likeness.contract.requests import ResolvedGenerate, ResolvedTrain, read_resolved
+from likeness.contract.requests import ResolvedGenerate, ResolvedTemplate, ResolvedTrain, TemplateSource, read_resolved
 from pipelines.errors import InvalidConfig, PipelineError
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
 from worker.jobs import JobSnapshot
@@ -294,8 +296,6 @@ def _adapter_dir(ctx: PhaseContext, adapter_id: str, prefix: str) -> Path:
 
 
 def run_generation(ctx: PhaseContext) -> dict[str, Any]:
-    from PIL import Image as PILImage
-
     from pipelines.generation.engine import GenerationEngine, generation_models
 
     job = ctx.job
@@ -306,28 +306,39 @@ def run_generation(ctx: PhaseContext) -> dict[str, Any]:
                             code="adapter_not_found")
     adapter_id, prefix = found
     adapter_dir = _adapter_dir(ctx, adapter_id, prefix)
-    with UnitOfWork(ctx.settings) as uow:
-        crop_keys = uow.session.execute(
-            select(Photo.crop_key).where(
-                Photo.subject_id == job.subject_id, Photo.status == PhotoStatus.accepted, Photo.crop_key.is_not(None)
-            )
-        ).scalars().all()
-    references = [PILImage.open(io.BytesIO(ctx.store.get(key))).convert("RGB") for key in crop_keys]
+    references = reference_crops(ctx)
     preset = _preset(request.preset, ctx.settings)
     device = resolve_device(ctx.settings.device)
     with get_manager().borrow(generation_models(preset, device, request=request.generation)) as models:
         results = GenerationEngine(preset, models).generate(
             request.generation, adapter_dir, references, on_progress=ctx.on_progress, should_stop=ctx.should_stop,
             return_all=True)
-    # Every candidate's scores stay on the job record (rank 0 = not delivered), so a client or
-    # the dashboard can see why the delivered ones won.
-    candidates = [
+    deliverable = deliverable_results(results)
+    return {**deliver(ctx, deliverable, adapter_id), "candidates": candidate_scores(results)}
+
+
+def reference_crops(ctx: PhaseContext) -> list:
+    """The subject's accepted face crops (identity scores in ranking)."""
+    from PIL import Image as PILImage
+
+    with UnitOfWork(ctx.settings) as uow:
+        crop_keys = uow.session.execute(
+            select(Photo.crop_key).where(
+                Photo.subject_id == ctx.job.subject_id, Photo.status == PhotoStatus.accepted,
+                Photo.crop_key.is_not(None),
+            )
+        ).scalars().all()
+    return [PILImage.open(io.BytesIO(ctx.store.get(key))).convert("RGB") for key in crop_keys]
+
+
+def candidate_scores(results: list) -> list[dict[str, Any]]:
+    """Every candidate's scores, kept on the job record (rank 0 = not delivered), so a client or the
+    dashboard can see why the delivered ones won."""
+    return [
         {"seed": int(r.seed), "rank": int(r.rank), "faces": int(r.faces), "flagged": bool(r.flagged),
          "scores": _jsonable(dict(r.scores))}
         for r in sorted(results, key=lambda r: r.seed)
     ]
-    deliverable = deliverable_results(results)
-    return {**deliver(ctx, deliverable, adapter_id), "candidates": candidates}
 
 
 def deliverable_results(results: list) -> list:
@@ -381,6 +392,83 @@ def deliver(ctx: PhaseContext, results: list, adapter_id: str) -> dict[str, Any]
     return {"images": len(rows), "adapter_id": adapter_id}
 
 
+# ---- template -------------------------------------------------------------------------------------------------
+
+
+def run_templating(ctx: PhaseContext) -> dict[str, Any]:
+    """Template mode: judge and place the template (``masking``, detectors only), then inpaint the subject
+    into it, rank, upscale (``generating``, ``ranking``, ``upscaling``) and deliver, as a generation does."""
+    from pipelines.templates.engine import TemplateEngine, template_models
+    from pipelines.templates.masking import TemplateRejected, masking_models, prepare_template
+
+    job = ctx.job
+    request: ResolvedTemplate = read_resolved(job.kind, job.request)  # type: ignore[assignment]
+    found = find_adapter(ctx.settings, job.subject_id, request.adapter_version)
+    if found is None:
+        raise InvalidConfig(f"the subject's adapter version {request.adapter_version} no longer exists",
+                            code="adapter_not_found")
+    template = template_image(ctx, request.source)
+    device = resolve_device(ctx.settings.device)
+    raise_if_canceled(ctx.should_stop)
+    # masking: a bad template fails here, before any diffusion model loads
+    try:
+        with get_manager().borrow(masking_models(device)) as masking:
+            prepared = prepare_template(template, masking, on_progress=ctx.on_progress, should_stop=ctx.should_stop)
+    except TemplateRejected as rejected:
+        _template_verdict(ctx, request.source, rejected=rejected)
+        raise
+    _template_verdict(ctx, request.source, face_box=prepared.face.to_dict())
+    adapter_id, prefix = found
+    adapter_dir = _adapter_dir(ctx, adapter_id, prefix)
+    references = reference_crops(ctx)
+    preset = _preset(request.preset, ctx.settings)
+    with get_manager().borrow(template_models(preset, device, spec=request.templating)) as models:
+        results = TemplateEngine(preset, models).run(
+            request.templating, prepared, adapter_dir, references, on_progress=ctx.on_progress,
+            should_stop=ctx.should_stop, return_all=True)
+    deliverable = deliverable_results(results)
+    return {**deliver(ctx, deliverable, adapter_id), "candidates": candidate_scores(results),
+            "template": {**request.source.model_dump(exclude_none=True), "face_box": _face_box(prepared.face.to_dict()),
+                         "mask_box": _face_box(prepared.region.mask_box.to_dict())}}
+
+
+def template_image(ctx: PhaseContext, source: TemplateSource):
+    """The template a job names: a shipped one, or the subject's uploaded template photo (RGB)."""
+    from pipelines.intake.decode import decode_photo
+    from pipelines.templates.catalog import open_template
+
+    if source.kind == "shipped":
+        return open_template(str(source.name))
+    with UnitOfWork(ctx.settings) as uow:
+        row = uow.session.get(TemplatePhoto, source.photo_id)
+        key = row.key if row is not None and row.subject_id == ctx.job.subject_id else None
+    if key is None or not ctx.store.exists(key):
+        raise InvalidConfig("the template photo of this job was deleted", {"template_photo_id": source.photo_id},
+                            code="template_photo_not_found")
+    return decode_photo(ctx.store.get(key))
+
+
+def _template_verdict(ctx: PhaseContext, source: TemplateSource, *, face_box: Any = None,
+                      rejected: PipelineError | None = None) -> None:
+    """An uploaded template photo's verdict on its row, so later requests naming a refused one are refused
+    at once (shipped templates are checked by the test suite)."""
+    if source.kind != "upload":
+        return
+    from pipelines.intake.reasons import ReasonCode
+
+    with UnitOfWork(ctx.settings) as uow:
+        row = uow.session.get(TemplatePhoto, source.photo_id)
+        if row is None or row.subject_id != ctx.job.subject_id:
+            return
+        if rejected is None:
+            row.status, row.reason_code, row.message = PhotoStatus.accepted, ReasonCode.ACCEPTED.value, None
+            row.face_box = _face_box(face_box)
+        else:
+            row.status, row.message = PhotoStatus.rejected, rejected.message
+            row.reason_code = str(rejected.details.get("reason") or rejected.error_code)
+            row.face_box = _face_box(rejected.details.get("face_box"))
+
+
 PhaseRunner = Callable[[PhaseContext], dict[str, Any]]
 
 #: The function that runs each phase of the job plan; a kind without runners cannot be queued.
@@ -388,6 +476,7 @@ PHASE_RUNNERS: dict[tuple[JobKind, str], PhaseRunner] = {
     (JobKind.TRAIN, "intake"): run_intake,
     (JobKind.TRAIN, "training"): run_training,
     (JobKind.GENERATE, "generation"): run_generation,
+    (JobKind.TEMPLATE, "templating"): run_templating,
 }
 
 assert {(kind, phase.name) for kind, plan in PLANS.items() for phase in plan.phases} == set(PHASE_RUNNERS), \

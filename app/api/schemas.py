@@ -171,6 +171,39 @@ class StylePublic(BaseModel):
     controlnet: dict[str, Any] | None
 
 
+# ---- templates ---------------------------------------------------------------------------------------------
+
+class TemplatePublic(BaseModel):
+    """A shipped template (template mode)."""
+
+    name: str
+    version: int
+    title: str
+    caption: str = Field(description="Words added to the prompt after the subject's tokens.")
+    width: int
+    height: int
+    thumbnail_url: str = Field(description="JPEG, long side 256 px (send your API key).")
+    licence: str = Field(description="Every shipped template is public domain or CC0; see LICENSES.md.")
+
+
+class TemplatePhotoPublic(ORMModel):
+    """A photo uploaded to put the subject into."""
+
+    id: str
+    subject_id: str
+    filename: str | None
+    format: str
+    width: int
+    height: int
+    status: Literal["pending", "accepted", "rejected"] = Field(
+        description="pending until the first template job using it judged it (one person, a face).")
+    reason_code: str | None = Field(description="Why it was refused: no_person, multiple_people, no_face, "
+                                                "face_too_small.")
+    message: str | None
+    face_box: list[Any] | None
+    created_at: datetime
+
+
 # ---- webhooks and admin ------------------------------------------------------------------------------------
 
 class WebhookIn(BaseModel):

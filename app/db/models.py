@@ -143,6 +143,27 @@ class Photo(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+class TemplatePhoto(Base):
+    """A photo uploaded to put its subject into (template mode). Decoded and stored clean at upload;
+    judged (one person, a face) by the first template job that uses it, which fills in the verdict."""
+
+    __tablename__ = "template_photos"
+    __table_args__ = (Index("ix_template_photos_subject_created", "subject_id", "created_at"),)
+
+    id: Mapped[str] = _id()
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(500))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    status: Mapped[PhotoStatus] = mapped_column(_enum(PhotoStatus), default=PhotoStatus.pending)
+    reason_code: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(Text)
+    face_box: Mapped[list[Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = _created_at()
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

@@ -7,8 +7,9 @@ task is queued in the same transaction (an outbox row) and sent after the commit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -33,6 +34,8 @@ from likeness.contract.requests import (
     resolve_train,
 )
 
+T = TypeVar("T")
+
 
 def create_train_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: TrainRequest,
                      settings: Settings) -> Job:
@@ -46,9 +49,8 @@ def create_train_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: Tra
         Job.subject_id == subject.id, Job.kind == JobKind.TRAIN, Job.state.in_(ACTIVE_STATES)))
     if active is not None:
         raise Conflict("This subject is already being trained.", {"job_id": active}, code="training_in_progress")
-    check_job_quotas(session, caller, settings, JobKind.TRAIN)
     resolved = resolve_train(body, preset=settings.model_preset, class_token_override=subject.class_token_override)
-    return queue_job(uow, caller.id, subject.id, JobKind.TRAIN, resolved.model_dump(mode="json"), settings)
+    return queue_job(uow, caller, subject.id, JobKind.TRAIN, resolved.model_dump(mode="json"), settings)
 
 
 def latest_adapter(session: Session, subject_id: str, version: int | None = None) -> Adapter | None:
@@ -62,35 +64,46 @@ def generation_limits(caller: Caller, settings: Settings) -> GenerationLimits:
     return GenerationLimits(max_candidates=min(caller.max_candidates, settings.max_candidates_per_request))
 
 
+def resolve_with_adapter(session: Session, subject_id: str, adapter_version: int | None,
+                         resolve: Callable[[int, str | None], T]) -> T:
+    """``resolve(adapter version, instance token)`` with the subject's adapter (the newest, or
+    ``adapter_version``); request errors become 422 with their code. Without such an adapter the
+    request is still checked first, then refused: 404 ``adapter_not_found``, 409 ``subject_not_trained``."""
+    adapter = latest_adapter(session, subject_id, adapter_version)
+    try:
+        if adapter is None:  # still refuse a request that could never run, first
+            resolve(1, None)
+            if adapter_version is not None:
+                raise NotFound("This subject has no adapter of that version.",
+                               {"subject_id": subject_id, "adapter_version": adapter_version},
+                               code="adapter_not_found")
+            raise Conflict("Train this subject before generating portraits.", {"subject_id": subject_id},
+                           code="subject_not_trained")
+        return resolve(adapter.version, (adapter.manifest or {}).get("instance_token"))
+    except RequestRejected as exc:
+        raise InvalidRequest(exc.message, exc.details, code=exc.code) from None
+
+
 def create_generation_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: GenerateRequest,
                           settings: Settings) -> Job:
     """A queued generation job; the subject needs a trained adapter (409 ``subject_not_trained``)."""
-    session = uow.session
-    subject = get_subject(session, caller, subject_id)
-    adapter = latest_adapter(session, subject.id, body.adapter_version)
-    try:
-        if adapter is None:  # still refuse a request that could never run, first
-            resolve_generate(body, preset=settings.model_preset, adapter_version=1,
-                             limits=generation_limits(caller, settings))
-            if body.adapter_version is not None:
-                raise NotFound("This subject has no adapter of that version.",
-                               {"subject_id": subject.id, "adapter_version": body.adapter_version},
-                               code="adapter_not_found")
-            raise Conflict("Train this subject before generating portraits.", {"subject_id": subject.id},
-                           code="subject_not_trained")
-        resolved = resolve_generate(body, preset=settings.model_preset, adapter_version=adapter.version,
-                                    limits=generation_limits(caller, settings),
-                                    instance_token=(adapter.manifest or {}).get("instance_token"))
-    except RequestRejected as exc:
-        raise InvalidRequest(exc.message, exc.details, code=exc.code) from None
-    check_job_quotas(session, caller, settings, JobKind.GENERATE)
-    return queue_job(uow, caller.id, subject.id, JobKind.GENERATE, resolved.model_dump(mode="json"), settings)
+    subject = get_subject(uow.session, caller, subject_id)
+    resolved = resolve_with_adapter(uow.session, subject.id, body.adapter_version, lambda version, token: (
+        resolve_generate(body, preset=settings.model_preset, adapter_version=version,
+                         limits=generation_limits(caller, settings), instance_token=token)))
+    return queue_job(uow, caller, subject.id, JobKind.GENERATE, resolved.model_dump(mode="json"), settings)
 
 
-def queue_job(uow: UnitOfWork, client_id: str, subject_id: str, kind: JobKind, resolved: dict[str, Any],
+def queue_job(uow: UnitOfWork, owner: Caller | str, subject_id: str, kind: JobKind, resolved: dict[str, Any],
               settings: Settings) -> Job:
-    """A new queued job running ``resolved`` (a resolved request of ``kind``), sent after the commit."""
+    """A new queued job running ``resolved`` (a resolved request of ``kind``), sent after the commit.
+
+    ``owner``: the client asking (its job quotas apply), or a client id (an admin's retry).
+    """
     read_resolved(kind, resolved)  # a stored request always parses back
+    if isinstance(owner, Caller):
+        check_job_quotas(uow.session, owner, settings, kind)
+    client_id = owner.id if isinstance(owner, Caller) else owner
     job = Job(client_id=client_id, subject_id=subject_id, kind=kind, state=JobState.QUEUED, request=resolved,
               max_attempts=settings.max_attempts, completed_stages=[])
     uow.session.add(job)

@@ -54,17 +54,30 @@ def decode_limits(settings: Settings) -> DecodeLimits:
     return DecodeLimits(max_bytes=settings.max_file_bytes, max_pixels=settings.max_pixels)
 
 
-def clean_photo(upload: UploadedFile, limits: DecodeLimits) -> CleanPhoto | PhotoRejected:
-    """Validate one file from its content and make the stored copy (or say why not)."""
+def clean_photo(upload: UploadedFile, limits: DecodeLimits, max_side: int | None = None) -> CleanPhoto | PhotoRejected:
+    """Validate one file from its content and make the stored copy (or say why not).
+
+    ``max_side``: store a copy whose long side is at most this (template photos); None: full size.
+    """
     try:
         if upload.truncated or len(upload.data) > limits.max_bytes:
             raise PhotoRejected(ReasonCode.TOO_LARGE_BYTES, f"The file is larger than {limits.max_bytes} bytes.",
                                 {"max_bytes": limits.max_bytes})
         fmt = sniff_format(upload.data) or "unknown"
-        image = decode_photo(upload.data, limits)
+        image = decode_photo(upload.data, limits, reduce_to=max_side)
+        if max_side is not None and max(image.size) > max_side:
+            from PIL import Image
+
+            image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         return CleanPhoto(fmt, image.width, image.height, encode_clean(image))
     except PhotoRejected as exc:
         return exc
+
+
+def clean_uploads(files: list[UploadedFile], limits: DecodeLimits,
+                  max_side: int | None = None) -> list[CleanPhoto | PhotoRejected]:
+    """:func:`clean_photo` for each file, on the shared decode pool."""
+    return list(_DECODE_POOL.map(lambda upload: clean_photo(upload, limits, max_side), files))
 
 
 def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
@@ -78,7 +91,7 @@ def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
     session = uow.session
     subject = get_subject(session, caller, subject_id)
     limits = decode_limits(settings)
-    cleaned = list(_DECODE_POOL.map(lambda upload: clean_photo(upload, limits), files))
+    cleaned = clean_uploads(files, limits)
     check_storage(session, caller, settings, sum(len(r.jpeg) for r in cleaned if isinstance(r, CleanPhoto)))
     outcomes: list[FileOutcome] = []
     for upload, result in zip(files, cleaned):

@@ -7,12 +7,10 @@ Everything else is derived from :data:`PLANS`: where a job is routed next, how f
 is, which stages a recovered job still has to run.
 
 Adding a job kind (or a stage) means adding it here, plus a request model in
-:mod:`likeness.contract.requests` and the phase runner in ``worker/phases.py``. Example::
-
-    PLANS[JobKind.TEMPLATE] = JobPlan(JobKind.TEMPLATE, (
-        Phase("templating", Queue.GPU, (StageShare(Stage.GENERATING, 70), StageShare(Stage.RANKING, 10),
-                                        StageShare(Stage.UPSCALING, 10), StageShare(Stage.DELIVERING, 10))),
-    ))
+:mod:`likeness.contract.requests` and the phase runner in ``worker/phases.py``. Template mode
+was added that way: ``JobKind.TEMPLATE``, its plan below (one ``templating`` phase on the GPU
+queue with a ``masking`` stage before the shared ones), ``TemplateRequest`` ->
+``ResolvedTemplate``, and ``PHASE_RUNNERS[(JobKind.TEMPLATE, "templating")]``.
 """
 
 from __future__ import annotations
@@ -47,6 +45,7 @@ __all__ = [
 class JobKind(StrEnum):
     TRAIN = "train"  # photos -> intake -> staged fine-tuning -> adapter
     GENERATE = "generate"  # adapter + style -> n candidates -> best k, upscaled
+    TEMPLATE = "template"  # adapter + template photo -> the subject inpainted into it, n candidates -> best k
 
 
 class JobState(StrEnum):
@@ -162,6 +161,15 @@ PLANS: dict[JobKind, JobPlan] = {
             StageShare(Stage.GENERATING, 60),
             StageShare(Stage.RANKING, 10),
             StageShare(Stage.UPSCALING, 20),
+            StageShare(Stage.DELIVERING, 10),
+        )),
+    )),
+    JobKind.TEMPLATE: JobPlan(JobKind.TEMPLATE, (
+        Phase("templating", Queue.GPU, (
+            StageShare(Stage.MASKING, 5),
+            StageShare(Stage.GENERATING, 60),
+            StageShare(Stage.RANKING, 10),
+            StageShare(Stage.UPSCALING, 15),
             StageShare(Stage.DELIVERING, 10),
         )),
     )),

@@ -20,9 +20,18 @@ from likeness.contract.plan import JobKind
 from pipelines.errors import InvalidConfig
 from pipelines.generation.request import SAMPLERS, ControlNetSpec, GenerationSpec
 from pipelines.generation.styles import ASPECTS, CONTROLNET_KINDS, StylePack, get_style, placeholders, template_path
+from pipelines.templates.catalog import get_template
+from pipelines.templates.spec import (
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_SECOND_PASS_STRENGTH,
+    DEFAULT_STRENGTH,
+    TemplateSpec,
+    passes_steps,
+)
+from pipelines.templates.spec import DEFAULT_STEPS as TEMPLATE_STEPS
 from pipelines.training.config import STRATEGIES, TrainConfig
 
-RANKING_PRESETS = ("aesthetic", "balanced")
+RANKING_PRESETS = ("aesthetic", "balanced", "identity")  # pipelines.ranking.RANKING_PRESETS (torch-free copy)
 UPSCALE_FACTORS = (2, 4)
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.0
@@ -165,15 +174,7 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
     style = _style(body.style) if body.style is not None else None
     if style is None and not body.prompts:
         _reject("style_or_prompts_required", "Give a style or at least one prompt.")
-    if body.n < 1:
-        _reject("invalid_n", f"n must be at least 1, got {body.n}.", n=body.n)
-    if body.n > limits.max_candidates:
-        _reject("too_many_candidates", f"n={body.n} exceeds this client's limit of {limits.max_candidates}.",
-                n=body.n, limit=limits.max_candidates)
-    if body.k < 1:
-        _reject("invalid_k", f"k must be at least 1, got {body.k}.", k=body.k)
-    if body.k > body.n:
-        _reject("k_greater_than_n", f"k={body.k} is greater than n={body.n}.", k=body.k, n=body.n)
+    _check_candidates(body.n, body.k, limits)
     aspect = body.aspect or (style.aspect if style else "1:1")
     if aspect not in ASPECTS:
         _reject("unknown_aspect", f"Unknown aspect {aspect!r}.", aspect=aspect, known=list(ASPECTS))
@@ -203,6 +204,18 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
         steps=steps, guidance_scale=guidance, sampler=body.sampler, controlnets=controlnets,
         upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
     )
+
+
+def _check_candidates(n: int, k: int, limits: GenerationLimits) -> None:
+    if n < 1:
+        _reject("invalid_n", f"n must be at least 1, got {n}.", n=n)
+    if n > limits.max_candidates:
+        _reject("too_many_candidates", f"n={n} exceeds this client's limit of {limits.max_candidates}.",
+                n=n, limit=limits.max_candidates)
+    if k < 1:
+        _reject("invalid_k", f"k must be at least 1, got {k}.", k=k)
+    if k > n:
+        _reject("k_greater_than_n", f"k={k} is greater than n={n}.", k=k, n=n)
 
 
 def resolve_generate(body: GenerateRequest, *, preset: str, adapter_version: int,
@@ -258,16 +271,165 @@ def _controlnets(body: GenerateRequest, style: StylePack | None) -> tuple[Contro
     return (spec,)
 
 
+# ---- template -----------------------------------------------------------------------------------------------
+
+UPLOAD_CAPTION = "portrait photo"  # an uploaded template's caption when the client gives none
+
+
+class TemplateRequest(_Body):
+    """``POST /v1/subjects/{id}/templates``: the subject put into a template photo; best ``k`` of ``n``."""
+
+    template: str | None = Field(None, description="A shipped template's name (GET /v1/templates).",
+                                 examples=["astronaut"])
+    template_photo_id: str | None = Field(None, max_length=32, description=(
+        "A template photo uploaded to this subject (POST /v1/subjects/{id}/templates/photos); give it or "
+        "`template`, not both."))
+    caption: str | None = Field(None, max_length=300, description=(
+        "Words describing the template, added to the prompt after the subject's tokens; default: the "
+        f"shipped template's caption, or {UPLOAD_CAPTION!r} for an uploaded one."))
+    negative_prompt: str | None = Field(None, max_length=1000)
+    n: int = Field(4, description="Candidates to make.")
+    k: int = Field(2, description="Best candidates to keep (k <= n).")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Candidate i uses seed + i.")
+    strength: float | None = Field(None, description=(
+        f"First-pass denoising strength (default {DEFAULT_STRENGTH}): higher redraws more of the face and hair, "
+        "lower keeps more of the template."))
+    second_pass: bool = Field(False, description="Then redraw the face alone at higher resolution.")
+    second_pass_strength: float | None = Field(None, description=f"Default {DEFAULT_SECOND_PASS_STRENGTH}.")
+    steps: int | None = Field(None, description=f"Schedule length (default {TEMPLATE_STEPS}); a pass runs "
+                                                "steps x strength of it.")
+    guidance_scale: float | None = None
+    pose_scale: float | None = Field(None, description="OpenPose ControlNet weight, 0-2 (default 0.8; 0: off).")
+    edge_scale: float | None = Field(None, description="Canny ControlNet weight, 0-2 (default 0.5; 0: off).")
+    color_transfer: bool = Field(True, description="Match the new face's colours to the template's.")
+    upscale: Literal[2, 4, "none"] = 2
+    ranking: str = Field("identity", description="identity (default: likeness to the subject weighs most), "
+                                                 "balanced or aesthetic.")
+    adapter_version: int | None = Field(None, ge=1, description="Adapter to use; default: the newest.")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"template": "astronaut", "n": 4, "k": 2, "seed": 7},
+        {"template_photo_id": "9b2e4c0d1f3a4e5b8c7d6e5f4a3b2c1d", "caption": "wedding photo, white dress",
+         "n": 8, "k": 2, "strength": 0.5, "second_pass": True}]})
+
+
+class TemplateSource(BaseModel):
+    """Which template a job uses: a shipped one (name and version) or a photo uploaded to the subject."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["shipped", "upload"]
+    name: str | None = None
+    version: int | None = None
+    photo_id: str | None = None
+
+
+class ResolvedTemplate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["template"] = "template"
+    preset: str
+    adapter_version: int
+    source: TemplateSource
+    templating: TemplateSpec
+
+
+@dataclass(frozen=True)
+class TemplatePhotoVerdict:
+    """What the API knows of an uploaded template photo (the worker judges a pending one)."""
+
+    photo_id: str
+    status: str  # pending | accepted | rejected
+    reason_code: str | None = None
+    message: str | None = None
+
+
+def resolve_templating(body: TemplateRequest, *, limits: GenerationLimits | None = None,
+                       photo: TemplatePhotoVerdict | None = None) -> tuple[TemplateSource, TemplateSpec]:
+    """Refuse a template request that can never succeed, with a precise code; return it resolved.
+
+    ``photo``: the uploaded template photo ``body.template_photo_id`` names (the caller found it).
+    """
+    limits = limits or GenerationLimits()
+    if body.template is None and body.template_photo_id is None:
+        _reject("template_or_photo_required", "Give a shipped template's name (template) or an uploaded template "
+                                              "photo (template_photo_id).")
+    if body.template is not None and body.template_photo_id is not None:
+        _reject("template_and_photo_given", "Give template or template_photo_id, not both.")
+    if body.template is not None:
+        try:
+            shipped = get_template(body.template)
+        except InvalidConfig as exc:
+            raise RequestRejected(exc.error_code, f"Unknown template {body.template!r}.", **exc.details) from None
+        source = TemplateSource(kind="shipped", name=shipped.name, version=shipped.version)
+        label, caption = shipped.name, shipped.caption
+    else:
+        if photo is None or photo.photo_id != body.template_photo_id:
+            raise ValueError("resolve_templating needs the verdict of the template photo the request names")
+        if photo.status == "rejected":
+            reason = photo.reason_code or "rejected"
+            _reject(f"template_{reason}", photo.message or "This template photo was refused.",
+                    template_photo_id=photo.photo_id, reason=reason)
+        source = TemplateSource(kind="upload", photo_id=photo.photo_id)
+        label, caption = f"upload:{photo.photo_id}", UPLOAD_CAPTION
+    if body.caption is not None:
+        caption = " ".join(body.caption.split())
+        if "{" in caption or "}" in caption:
+            _reject("invalid_prompt", "The caption must not contain braces.", caption=body.caption)
+    _check_candidates(body.n, body.k, limits)
+    steps = body.steps if body.steps is not None else TEMPLATE_STEPS
+    if not 1 <= steps <= limits.max_steps:
+        _reject("invalid_steps", f"steps must be in 1..{limits.max_steps}, got {steps}.", steps=steps)
+    strength = body.strength if body.strength is not None else DEFAULT_STRENGTH
+    second = body.second_pass_strength if body.second_pass_strength is not None else DEFAULT_SECOND_PASS_STRENGTH
+    for name, value in (("strength", strength), ("second_pass_strength", second)):
+        if not 0.05 <= value <= 1.0:
+            _reject("invalid_strength", f"{name} must be in 0.05..1, got {value}.", **{name: value})
+        if passes_steps(steps, value) < 1:
+            _reject("invalid_strength", f"steps x {name} = {steps * value:.2f}: the pass would run no step; raise "
+                                        "steps or the strength.", steps=steps, **{name: value})
+    guidance = body.guidance_scale if body.guidance_scale is not None else DEFAULT_GUIDANCE
+    if not 0.0 <= guidance <= 30.0:
+        _reject("invalid_guidance", f"guidance_scale must be in 0..30, got {guidance}.", guidance_scale=guidance)
+    defaults = TemplateSpec.model_fields
+    pose = body.pose_scale if body.pose_scale is not None else defaults["pose_scale"].default
+    edge = body.edge_scale if body.edge_scale is not None else defaults["edge_scale"].default
+    for name, value in (("pose_scale", pose), ("edge_scale", edge)):
+        if not 0.0 <= value <= 2.0:
+            _reject("invalid_controlnet_scale", f"{name} must be in 0..2, got {value}.", **{name: value})
+    if body.ranking not in RANKING_PRESETS:
+        _reject("unknown_ranking", f"Unknown ranking preset {body.ranking!r}.", ranking=body.ranking,
+                known=list(RANKING_PRESETS))
+    negative = body.negative_prompt if body.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+    spec = TemplateSpec(
+        template=label, prompt=f"{{instance}} {{class}}, {caption}" if caption else "{instance} {class}",
+        negative_prompt=negative, n=body.n, k=body.k, seed=body.seed, steps=steps, strength=strength,
+        guidance_scale=guidance, pose_scale=pose, edge_scale=edge, color_transfer=body.color_transfer,
+        second_pass=body.second_pass, second_pass_strength=second,
+        upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+    )
+    return source, spec
+
+
+def resolve_template(body: TemplateRequest, *, preset: str, adapter_version: int,
+                     limits: GenerationLimits | None = None,
+                     photo: TemplatePhotoVerdict | None = None) -> ResolvedTemplate:
+    source, spec = resolve_templating(body, limits=limits, photo=photo)
+    return ResolvedTemplate(preset=preset, adapter_version=adapter_version, source=source, templating=spec)
+
+
 # ---- one entry point per kind ---------------------------------------------------------------------------------
 
-ResolvedRequest = Annotated[ResolvedTrain | ResolvedGenerate, Field(discriminator="kind")]
+ResolvedRequest = Annotated[ResolvedTrain | ResolvedGenerate | ResolvedTemplate, Field(discriminator="kind")]
 
-REQUEST_MODELS: dict[JobKind, type[BaseModel]] = {JobKind.TRAIN: TrainRequest, JobKind.GENERATE: GenerateRequest}
+REQUEST_MODELS: dict[JobKind, type[BaseModel]] = {JobKind.TRAIN: TrainRequest, JobKind.GENERATE: GenerateRequest,
+                                                  JobKind.TEMPLATE: TemplateRequest}
 RESOLVED_MODELS: dict[JobKind, type[BaseModel]] = {JobKind.TRAIN: ResolvedTrain,
-                                                     JobKind.GENERATE: ResolvedGenerate}
+                                                     JobKind.GENERATE: ResolvedGenerate,
+                                                     JobKind.TEMPLATE: ResolvedTemplate}
 
 
-def read_resolved(kind: str, stored: dict[str, Any]) -> ResolvedTrain | ResolvedGenerate:
+def read_resolved(kind: str, stored: dict[str, Any]) -> ResolvedTrain | ResolvedGenerate | ResolvedTemplate:
     """A job's stored request, parsed with the model of its kind (worker, retries, dashboard)."""
     return RESOLVED_MODELS[JobKind(kind)].model_validate(stored)  # type: ignore[return-value]
 

@@ -139,7 +139,8 @@ def prepare_dataset(
         reports[candidate.photo_id] = candidate.report()
     report = [reports[p.photo_id] for p in photos]
     if len(candidates) < config.min_photos:
-        raise DatasetRejected(_rejection_summary(report, config.min_photos), _rejection_details(report, config.min_photos))
+        raise DatasetRejected(_rejection_summary(report, config.min_photos),
+                              _rejection_details(report, config.min_photos))
 
     # 5. class token
     raise_if_canceled(should_stop)
@@ -208,17 +209,15 @@ def _examine_or_reject(
         return rejected
 
 
-def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: IntakeModels) -> _Candidate:
-    """Steps 1-3 for one photo; raises :class:`PhotoRejected` with the reason."""
+def the_one_face(image: Image.Image, person_detector, face_detector, *, person_min_score: float = 0.5,
+                 face_min_score: float = 0.5) -> FaceBox:
+    """Steps 2-3 of intake on one decoded image: exactly one person, and their face (the largest, if a
+    second one is a picture in the picture) in ``image``'s pixels; raises :class:`PhotoRejected` with
+    the reason. Template mode judges a template photo by this same rule."""
     from pipelines.vision.faces import detect_faces
     from pipelines.vision.persons import detect_persons
 
-    # 1. decode, reduced for detection
-    image = decode_photo(photo.data, config.limits, reduce_to=DETECTION_SIDE)
-    full_width, full_height = image.info["original_size"]
-
-    # 2. exactly one person
-    persons = detect_persons(image, models.person_detector, min_score=config.person_min_score)
+    persons = detect_persons(image, person_detector, min_score=person_min_score)
     if not persons:
         raise PhotoRejected(ReasonCode.NO_PERSON)
     if len(persons) > 1:
@@ -227,13 +226,23 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: I
             f"{len(persons)} people are in the photo; use photos of the subject alone.",
             {"persons": len(persons)},
         )
-
-    # 3. the face (the largest, if a second one is a picture in the picture), in full-resolution pixels
-    faces = detect_faces(image, models.face_detector, min_score=config.face_min_score)
+    faces = detect_faces(image, face_detector, min_score=face_min_score)
     if not faces:
         raise PhotoRejected(ReasonCode.NO_FACE)
+    return max(faces, key=lambda f: (f.area, f.score))
+
+
+def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: IntakeModels) -> _Candidate:
+    """Steps 1-3 for one photo; raises :class:`PhotoRejected` with the reason."""
+    # 1. decode, reduced for detection
+    image = decode_photo(photo.data, config.limits, reduce_to=DETECTION_SIDE)
+    full_width, full_height = image.info["original_size"]
+
+    # 2-3. exactly one person, and the face, in full-resolution pixels
+    found = the_one_face(image, models.person_detector, models.face_detector,
+                         person_min_score=config.person_min_score, face_min_score=config.face_min_score)
     scale = image.width / full_width
-    face = max(faces, key=lambda f: (f.area, f.score)).scaled(1.0 / scale)
+    face = found.scaled(1.0 / scale)
     if max(face.width, face.height) < config.min_face_px:
         raise PhotoRejected(
             ReasonCode.FACE_TOO_SMALL,
@@ -244,7 +253,8 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: I
     left, top, side = square_around(face, config.face_margin)
     needed_scale = min(1.0, config.crop_size / side)
     if scale < needed_scale:  # the reduced decode is too coarse for this face: decode finer
-        image = decode_photo(photo.data, config.limits, reduce_to=math.ceil(max(full_width, full_height) * needed_scale))
+        image = decode_photo(photo.data, config.limits,
+                             reduce_to=math.ceil(max(full_width, full_height) * needed_scale))
         scale = image.width / full_width
     square = crop_square(image, round(left * scale), round(top * scale), max(1, round(side * scale)))
     del image
@@ -254,7 +264,8 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: I
 
     to_crop = config.crop_size / side
     face_in_crop = FaceBox(
-        (face.x0 - left) * to_crop, (face.y0 - top) * to_crop, (face.x1 - left) * to_crop, (face.y1 - top) * to_crop, face.score
+        (face.x0 - left) * to_crop, (face.y0 - top) * to_crop, (face.x1 - left) * to_crop, (face.y1 - top) * to_crop,
+        face.score,
     )
     return _Candidate(index, photo.photo_id, crop, face, face_in_crop, blur_score(crop), perceptual_hash(crop))
 
@@ -265,7 +276,8 @@ def _upscale(square: Image.Image, upscaler) -> Image.Image:
     return upscale([square], upscaler, factor=2)[0]
 
 
-def _drop_duplicates(candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport]) -> list[_Candidate]:
+def _drop_duplicates(candidates: list[_Candidate], config: IntakeConfig,
+                     reports: dict[str, PhotoReport]) -> list[_Candidate]:
     """Of each group of near-duplicates keep the one with the most face pixels (the earliest on ties).
 
     Not the "sharpest": JPEG artefacts of a recompressed copy raise the blur score.
@@ -282,7 +294,8 @@ def _drop_duplicates(candidates: list[_Candidate], config: IntakeConfig, reports
     return sorted(kept, key=lambda c: c.index)
 
 
-def _drop_blurry(candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport]) -> list[_Candidate]:
+def _drop_blurry(candidates: list[_Candidate], config: IntakeConfig,
+                 reports: dict[str, PhotoReport]) -> list[_Candidate]:
     kept = []
     for candidate in candidates:
         if candidate.blur < config.blur_threshold:

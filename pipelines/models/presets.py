@@ -45,9 +45,14 @@ SD15 = ModelPreset(
     controlnets={
         "pose": "lllyasviel/control_v11p_sd15_openpose",
         "depth": "lllyasviel/control_v11f1p_sd15_depth",
+        "canny": "lllyasviel/control_v11p_sd15_canny",  # template mode: the template's edges (no annotator)
     },
     resolution=512,
 )
+
+
+#: the tiny preset's ControlNets, built in this order (each its own seed)
+TINY_CONTROLNETS = ("pose", "depth", "canny")
 
 
 def _tiny(root: Path) -> ModelPreset:
@@ -59,7 +64,7 @@ def _tiny(root: Path) -> ModelPreset:
         upscaler_x2=str(root / "realesrgan_x2.safetensors"),
         upscaler_x4=str(root / "realesrgan_x4.safetensors"),
         vae=str(root / "vae"),
-        controlnets={"pose": str(root / "controlnet_pose"), "depth": str(root / "controlnet_depth")},
+        controlnets={kind: str(root / f"controlnet_{kind}") for kind in TINY_CONTROLNETS},
         resolution=128,
         require_one_face=False,
     )
@@ -116,7 +121,7 @@ def materialize_tiny(root: Path) -> ModelPreset:
         tiny.build_aesthetic_head(staging / "aesthetic.safetensors")
         tiny.build_realesrgan(staging / "realesrgan_x2.safetensors", scale=2)
         tiny.build_realesrgan(staging / "realesrgan_x4.safetensors", scale=4)
-        for offset, kind in enumerate(("pose", "depth")):
+        for offset, kind in enumerate(TINY_CONTROLNETS):
             tiny.build_controlnet(staging / f"controlnet_{kind}", seed_offset=offset)
         (staging / ".complete").write_text("ok\n")
         try:

@@ -50,3 +50,16 @@ def build_sd15_random(folder: Path) -> Path:
     if not (folder / "model_index.json").is_file():
         sd15_random_pipeline(folder).save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def sd15_random_controlnet(unet, seed: int = 0):
+    """A ControlNet shaped like lllyasviel's SD 1.5 ControlNets (a copy of ``unet``'s encoder, random zero
+    convolutions), on ``unet``'s device and dtype: for timing template mode's pose and canny nets."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.01)
+    return net.to(unet.device, unet.dtype).requires_grad_(False).eval()

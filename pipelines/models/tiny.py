@@ -15,7 +15,7 @@ import torch
 
 SEED = 1234
 # Bump when a builder changes: presets live in a folder named after it, so stale builds are not reused.
-BUILD_VERSION = 4
+BUILD_VERSION = 5  # 5: a canny ControlNet (template mode)
 # Words that get a whole-word BPE token, so prompts and the init word `face` behave
 # like they do with the real CLIP vocabulary (one token per common word).
 _WORDS = (
@@ -222,8 +222,8 @@ def build_aesthetic_head(path: Path) -> None:
 
 def build_realesrgan(path: Path, scale: int) -> None:
     """An RRDB (Real-ESRGAN-shaped) upscaler state dict that spandrel recognises."""
-    from spandrel.architectures.ESRGAN import ESRGAN
     from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
 
     torch.manual_seed(SEED + 20 + scale)
     # Real-ESRGAN x2 feeds pixel-unshuffled input (shuffle_factor=2) to an x4 body, as the real weights do.

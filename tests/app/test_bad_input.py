@@ -15,6 +15,7 @@ MINIMAL_BODIES = {
     ("post", "/v1/images/{image_id}/url"): {"variant": "original"},
     ("post", "/v1/subjects/{subject_id}/train"): {},
     ("post", "/v1/subjects/{subject_id}/generations"): {"style": "cinematic"},
+    ("post", "/v1/subjects/{subject_id}/templates"): {"template": "id_photo"},
     ("post", "/v1/admin/clients"): {"name": "app-2"},
     ("put", "/v1/admin/clients/{client_id}/limits"): {},
 }

@@ -238,6 +238,6 @@ def test_a_request_names_only_the_models_it_needs(fast_preset):
     # One dtype for the base and what runs inside it; keys of everything are distinct.
     specs = generation_models(fast_preset, "cpu", torch.bfloat16, request=posed).specs()
     assert {s.key.dtype for s in specs if s.key.what in ("base", "vae", "controlnet:pose")} == {"bfloat16"}
-    no_such_net = GenerationSpec(**{**FAST, "controlnets": (ControlNetSpec(kind="canny", template="x.jpg"),)})
+    no_such_net = GenerationSpec(**{**FAST, "controlnets": (ControlNetSpec(kind="seg", template="x.jpg"),)})
     with pytest.raises(ModelNotFound):  # before anything loads
         generation_models(fast_preset, "cpu", request=no_such_net)

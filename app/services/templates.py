@@ -1,0 +1,92 @@
+"""Template mode: template photos uploaded to a subject, and template jobs.
+
+An uploaded template photo gets the photos' upload safety (content sniffing, decompression-bomb
+guard, EXIF rotation, metadata stripped, a verdict per file) and is stored at most
+:data:`TEMPLATE_MAX_SIDE` pixels on its long side. The API has no detectors (its room has no ML
+stack), so whether a photo shows exactly one person with a face is judged by the first template
+job using it (its ``masking`` stage, before any diffusion model loads); that verdict is kept on
+the row, and a request naming a refused photo is refused at once with the same code.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db.models import Job, JobKind, PhotoStatus, TemplatePhoto, new_id
+from app.db.uow import UnitOfWork
+from app.errors import NotFound
+from app.services.clients import Caller
+from app.services.jobs import generation_limits, queue_job, resolve_with_adapter
+from app.services.photos import FileOutcome, UploadedFile, clean_uploads, decode_limits
+from app.services.subjects import get_subject
+from app.storage import BlobStore, template_photo_key
+from likeness.contract.requests import TemplatePhotoVerdict, TemplateRequest, resolve_template
+from pipelines.intake.decode import PhotoRejected
+
+#: uploaded templates are stored (and worked on) at most this many pixels on the long side
+TEMPLATE_MAX_SIDE = 2048
+
+
+def upload_template_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile],
+                           store: BlobStore, settings: Settings) -> list[FileOutcome]:
+    """Store each decodable file as a clean JPEG template photo; each bad file gets its own reason."""
+    session = uow.session
+    subject = get_subject(session, caller, subject_id)
+    outcomes: list[FileOutcome] = []
+    for upload, result in zip(files, clean_uploads(files, decode_limits(settings), TEMPLATE_MAX_SIDE)):
+        name = (upload.filename or "")[:255]
+        if isinstance(result, PhotoRejected):
+            outcomes.append(FileOutcome(name, "rejected", reason_code=result.reason.value, message=result.message))
+            continue
+        photo_id = new_id()
+        key = template_photo_key(subject.id, photo_id)
+        store.put(key, result.jpeg, "image/jpeg")
+        uow.on_rollback(lambda key=key: store.delete(key))
+        session.add(TemplatePhoto(id=photo_id, subject_id=subject.id, key=key, filename=name or None,
+                                  format=result.format, width=result.width, height=result.height,
+                                  status=PhotoStatus.pending))
+        outcomes.append(FileOutcome(name, "stored", photo_id=photo_id))
+    session.flush()
+    return outcomes
+
+
+def list_template_photos(session: Session, caller: Caller, subject_id: str) -> list[TemplatePhoto]:
+    subject = get_subject(session, caller, subject_id)
+    query = select(TemplatePhoto).where(TemplatePhoto.subject_id == subject.id)
+    return list(session.scalars(query.order_by(TemplatePhoto.created_at, TemplatePhoto.id)))
+
+
+def get_template_photo(session: Session, caller: Caller, subject_id: str, template_photo_id: str) -> TemplatePhoto:
+    """The subject's template photo; 404 ``template_photo_not_found`` for anyone else's."""
+    subject = get_subject(session, caller, subject_id)
+    photo = session.get(TemplatePhoto, template_photo_id)
+    if photo is None or photo.subject_id != subject.id:
+        raise NotFound("Template photo not found.", {"template_photo_id": template_photo_id},
+                       code="template_photo_not_found")
+    return photo
+
+
+def delete_template_photo(uow: UnitOfWork, caller: Caller, subject_id: str, template_photo_id: str,
+                          store: BlobStore) -> None:
+    """Delete the row; the blob goes after the commit (a job already running keeps its decoded copy)."""
+    photo = get_template_photo(uow.session, caller, subject_id, template_photo_id)
+    key = photo.key
+    uow.session.delete(photo)
+    uow.after_commit(lambda: store.delete(key))
+
+
+def create_template_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: TemplateRequest,
+                        settings: Settings) -> Job:
+    """A queued template job; the subject needs a trained adapter (409 ``subject_not_trained``)."""
+    session = uow.session
+    subject = get_subject(session, caller, subject_id)
+    verdict = None
+    if body.template_photo_id is not None and body.template is None:
+        photo = get_template_photo(session, caller, subject.id, body.template_photo_id)
+        verdict = TemplatePhotoVerdict(photo.id, photo.status.value, photo.reason_code, photo.message)
+    resolved = resolve_with_adapter(session, subject.id, body.adapter_version, lambda version, _token: (
+        resolve_template(body, preset=settings.model_preset, adapter_version=version,
+                         limits=generation_limits(caller, settings), photo=verdict)))
+    return queue_job(uow, caller, subject.id, JobKind.TEMPLATE, resolved.model_dump(mode="json"), settings)
