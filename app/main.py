@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api import job_status
 from app.api.routes import account, admin, images, jobs, photos, subjects
 from app.api.schemas import ErrorBody
 from app.config import Settings, get_settings
@@ -116,11 +117,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         _bootstrap_admin(settings)
-        yield
+        listener = job_status.listener_for(app.state.job_status, settings)  # status polls from memory (PostgreSQL)
+        if listener is not None:
+            listener.start()
+        app.state.job_status_listener = listener
+        try:
+            yield
+        finally:
+            if listener is not None:
+                await listener.stop()
 
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}})
     app.state.settings = settings
+    app.state.job_status = job_status.JobStatusCache()
     app.state.scrape_registry = scrape_registry(settings, lambda: SessionLocal(settings.resolved_database_url))
     install_error_handlers(app)
     for router in (subjects.router, photos.router, jobs.router, images.router, account.router, admin.router):

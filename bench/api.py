@@ -52,11 +52,11 @@ def seed(db_url: str) -> tuple[str, str, str]:
     """(api key, subject id, job id) in a fresh migrated database."""
     from app.db.migrate import upgrade_to_head
     from app.db.models import Job, JobKind, JobState, Subject
-    from app.db.session import dispose_engines, session_scope
+    from app.db.session import SessionLocal, dispose_engines
     from app.services.clients import create_client
 
     upgrade_to_head(db_url)
-    with session_scope(db_url) as session:
+    with SessionLocal(db_url) as session, session.begin():
         client, key = create_client(session, "bench", "app")
         subject = Subject(client_id=client.id, name="bench")
         session.add(subject)
