@@ -45,8 +45,9 @@ def subject_prefix(subject_id: str) -> str:
     return f"subjects/{subject_id}/"
 
 
-def photo_original_key(subject_id: str, photo_id: str) -> str:
-    return f"subjects/{subject_id}/photos/{photo_id}/original.jpg"
+def photo_original_key(subject_id: str, photo_id: str, extension: str = "jpg") -> str:
+    """The uploaded file as sent (minus its metadata); ``extension`` names its format."""
+    return f"subjects/{subject_id}/photos/{photo_id}/original.{extension}"
 
 
 def photo_crop_key(subject_id: str, photo_id: str) -> str:

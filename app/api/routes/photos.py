@@ -27,9 +27,10 @@ def _read_files(files: list[UploadFile], max_bytes: int) -> list[photos.Uploaded
     summary="Upload 1-30 photos; each file is validated on its own",
     description=("Formats are recognised from the file's content (JPEG, PNG, WebP, HEIC, AVIF). A bad file is "
                  "rejected with its own `reason_code` (`empty_file`, `not_an_image`, `too_large_bytes`, "
-                 "`decompression_bomb`, ...) while the good files of the same request are stored. Stored originals "
-                 "are re-encoded without metadata (no EXIF/GPS). Face and quality checks run in the training "
-                 "job's intake; see `GET .../photos`."),
+                 "`decompression_bomb`, ...) while the good files of the same request are stored. A file is stored "
+                 "as sent minus its metadata (EXIF with GPS, XMP, comments and text are removed, the pixels are "
+                 "not re-encoded; the orientation is kept). Decoding, face and quality checks run in the "
+                 "training job's intake; see `GET .../photos`."),
 )
 def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep, store: StoreDep, uow: UoW,
                   idempotency: IdempotencyDep, files: list[UploadFile] = File(description="1-30 image files")):
