@@ -8,7 +8,8 @@ API keeps each polled job's response body, already serialised, in memory:
   object, no model validation;
 * a miss reads the job's columns through a :class:`~app.db.uow.UnitOfWork` in the thread
   pool and serialises them exactly as FastAPI's ``response_model=JobPublic`` path does
-  (:func:`public_body`; a test holds the two byte-for-byte equal);
+  (:func:`public_body`; a test holds the two byte-for-byte equal); polls that miss together
+  (every client of a job right after it changed) share one read;
 * entries are dropped when the job changes: on PostgreSQL a trigger (migration
   ``0003_job_status_notify``) notifies channel ``likeness_jobs`` with the job id after every
   UPDATE or DELETE, whoever makes it, and :class:`JobChangeListener` (one per API process)
@@ -25,11 +26,14 @@ database. A read that raced with a change is never stored (:meth:`JobStatusCache
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
+import uuid
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from sqlalchemy import select
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 #: the channel and trigger of migration 0003_job_status_notify
 CHANNEL = "likeness_jobs"
 TRIGGER = "jobs_notify_change"
+_PROBE = "probe:"  # payloads the listeners send themselves; job ids are hex
 
 _COLUMNS = [getattr(Job, name) for name in JobPublic.model_fields] + [Job.client_id]
 
@@ -81,6 +86,7 @@ class JobStatusCache:
         self.live = False
         self._entries: dict[str, Entry] = {}
         self._changes = 0  # bumped by every drop: a read that saw an older count is not stored
+        self._reads: dict[str, asyncio.Task] = {}  # job id -> the database read in flight (one per job)
         self._lock = threading.Lock()
         _CACHES.add(self)
 
@@ -106,6 +112,29 @@ class JobStatusCache:
         with self._lock:
             self._changes += 1
             self._entries.pop(job_id, None)
+            self._reads.pop(job_id, None)  # polls from now on wait for a read that starts after the change
+
+    async def load(self, job_id: str, read: Callable[[], Awaitable[tuple[str, bytes] | None]]) -> Entry | None:
+        """Read ``job_id`` once however many polls miss at the same time (after a change, every
+        client polling the job misses at once); polls arriving meanwhile wait for that read."""
+        task = self._reads.get(job_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._read(job_id, read))
+            self._reads[job_id] = task
+        return await asyncio.shield(task)  # a poll that gives up does not cancel the others' read
+
+    async def _read(self, job_id: str, read: Callable[[], Awaitable[tuple[str, bytes] | None]]) -> Entry | None:
+        ticket = self.ticket()
+        try:
+            found = await read()
+        finally:
+            with self._lock:
+                if self._reads.get(job_id) is asyncio.current_task():
+                    del self._reads[job_id]
+        if found is None:
+            return None
+        self.put(job_id, found[0], found[1], ticket)
+        return Entry(found[0], found[1], 0.0)
 
     def set_live(self, live: bool) -> None:
         """Going live or dark forgets everything: changes may have been missed in between."""
@@ -133,11 +162,7 @@ async def status_body(cache: JobStatusCache, settings: Settings, caller_id: str,
     if entry is None:
         from fastapi.concurrency import run_in_threadpool
 
-        ticket = cache.ticket()
-        found = await run_in_threadpool(read_job, settings, job_id)
-        if found is not None:
-            cache.put(job_id, found[0], found[1], ticket)
-            entry = Entry(found[0], found[1], 0.0)
+        entry = await cache.load(job_id, lambda: run_in_threadpool(read_job, settings, job_id))
     if entry is None or entry.client_id != caller_id:
         raise NotFound("Job not found.", {"job_id": job_id})
     return entry.body
@@ -147,7 +172,9 @@ class JobChangeListener:
     """Keeps ``cache`` live while ``LISTEN likeness_jobs`` runs on its own PostgreSQL connection.
 
     Runs as a task on the API process's event loop (started and stopped by the app's
-    lifespan). The connection is checked every ``check_s`` seconds; on any error the cache
+    lifespan). Every ``check_s`` seconds the listener notifies itself and waits for that
+    notification: a connection that died silently, or one behind a transaction pooler
+    (PgBouncer) that never delivers notifications, fails the probe. On any failure the cache
     goes dark (every poll reads the database) and the listener reconnects with backoff.
     Without the trigger (a database not migrated to 0003) the cache stays dark.
     """
@@ -202,15 +229,32 @@ class JobChangeListener:
                 await asyncio.sleep(60)
                 return
             await conn.execute(f"LISTEN {CHANNEL}")
+            # notifications really reach this connection (they do not behind a transaction pooler)
+            await self._probe(conn, until_arrival=True)
             self.cache.set_live(True)  # from here on every change reaches us
             self.connected.set()
             while True:
-                async for notify in conn.notifies(timeout=self.check_s):
-                    self.cache.drop(notify.payload)
-                await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self.check_s)
+                await self._probe(conn)
         finally:
             self.cache.set_live(False)
             await conn.close()
+
+    async def _probe(self, conn, until_arrival: bool = False) -> None:  # noqa: ANN001 - psycopg.AsyncConnection
+        """Notify ourselves, then drop cached jobs as their notifications come in for ``check_s``
+        (``until_arrival``: only until our own arrives); no probe back means delivery is broken."""
+        probe = f"{_PROBE}{uuid.uuid4().hex}"
+        await asyncio.wait_for(conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, probe)), timeout=self.check_s)
+        arrived = False
+        async with contextlib.aclosing(conn.notifies(timeout=self.check_s)) as notifies:
+            async for notify in notifies:
+                if notify.payload == probe:
+                    arrived = True
+                    if until_arrival:
+                        break
+                elif not notify.payload.startswith(_PROBE):  # other API processes' probes name no job
+                    self.cache.drop(notify.payload)
+        if not arrived:
+            raise ConnectionError("the listener's own probe notification did not arrive")
 
 
 def _libpq_dsn(database_url: str) -> str:

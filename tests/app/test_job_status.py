@@ -198,3 +198,52 @@ def test_embedded_mode_without_notifications_reads_every_poll(sqlite_db):
             session.execute(update(Job).where(Job.id == job_id).values(state=JobState.RUNNING, progress=30.0))
         body = client.get(f"/v1/jobs/{job_id}").json()
         assert (body["state"], body["progress"]) == ("running", 30.0)
+
+
+def test_polls_that_miss_together_share_one_read():
+    """Right after a change every client of the job misses at once: one database read serves them all."""
+    import asyncio
+
+    cache = job_status.JobStatusCache()
+    cache.set_live(True)
+    reads: list[str] = []
+
+    def reader(body: bytes):  # noqa: ANN202
+        async def read():  # noqa: ANN202
+            reads.append(body.decode())
+            await asyncio.sleep(0.05)
+            return "client", body
+        return read
+
+    async def scenario():  # noqa: ANN202
+        first = [asyncio.ensure_future(cache.load("job", reader(b"before"))) for _ in range(50)]
+        await asyncio.sleep(0.01)
+        cache.drop("job")  # the job changed while that read was in flight: later polls need a new read
+        later = [asyncio.ensure_future(cache.load("job", reader(b"after"))) for _ in range(50)]
+        return await asyncio.gather(*first), await asyncio.gather(*later)
+
+    first, later = asyncio.run(scenario())
+    assert reads == ["before", "after"]
+    assert {e.body for e in first} == {b"before"} and {e.body for e in later} == {b"after"}
+    assert cache.get("job").body == b"after"  # the read that raced with the change was not kept
+
+
+def test_a_listener_whose_notifications_do_not_arrive_does_not_serve(settings):
+    """Behind a transaction pooler LISTEN is accepted but nothing is delivered: the probe must notice."""
+    import asyncio
+
+    import psycopg
+
+    async def scenario() -> None:
+        listener = job_status.JobChangeListener(job_status.JobStatusCache(), settings.resolved_database_url,
+                                                check_s=0.5)
+        conn = await psycopg.AsyncConnection.connect(listener.dsn, autocommit=True)
+        try:
+            with pytest.raises(ConnectionError):  # not listening: its own probe never comes back
+                await listener._probe(conn, until_arrival=True)
+            await conn.execute(f"LISTEN {job_status.CHANNEL}")
+            await listener._probe(conn, until_arrival=True)
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
