@@ -32,7 +32,7 @@ ACCEPTED, MULTIPLE, SMALL, OUTLIER, DUPLICATE, BLURRY, NO_PERSON = (
 EXPECTED = {
     "astronaut-gps-sideways.jpg": ACCEPTED,  # EXIF orientation 6 and a GPS position: stripped at upload
     "astronaut-q70.jpg": ACCEPTED,
-    "astronaut-blurred.jpg": BLURRY,  # its sharp twin (next) is kept, not dropped as its duplicate
+    "astronaut-blurred.jpg": BLURRY,  # a bigger face than its sharp twin (next), which must not be dropped for it
     "astronaut-sharp-twin.jpg": ACCEPTED,
     "astronaut-grey-q85.jpg": ACCEPTED,  # grayscale: the person detector misses it, the face does not
     "astronaut-grey-q95.png": ACCEPTED,
@@ -55,6 +55,14 @@ def _sideways_with_gps(photo: Image.Image) -> bytes:
     return encode(photo.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=exif.tobytes())
 
 
+def _closer(photo: Image.Image, zoom: float = 1.15) -> Image.Image:
+    """The same photo taken a step closer: the face is bigger."""
+    side = round(photo.width * zoom)
+    big = photo.resize((side, side), Image.Resampling.LANCZOS)
+    offset = (side - photo.width) // 2
+    return big.crop((offset, offset, offset + photo.width, offset + photo.height))
+
+
 def _small_face(astronaut: Image.Image, face_px: int) -> bytes:
     canvas = Image.fromarray(data.coffee()).resize((4000, 3000), Image.Resampling.BILINEAR)
     side = round(512 * face_px / 104)  # the astronaut's face is ~104 px of her 512 px portrait
@@ -70,7 +78,7 @@ def photos(astronaut, grace_hopper) -> dict[str, bytes]:
     files = {
         "astronaut-gps-sideways.jpg": _sideways_with_gps(a[0]),
         "astronaut-q70.jpg": encode(a[1], quality=70),
-        "astronaut-blurred.jpg": encode(a[2].filter(ImageFilter.GaussianBlur(3.5)), quality=92),
+        "astronaut-blurred.jpg": encode(_closer(a[2]).filter(ImageFilter.GaussianBlur(3.5)), quality=92),
         "astronaut-sharp-twin.jpg": encode(a[2], quality=90),
         "astronaut-grey-q85.jpg": encode(a[5].convert("L"), quality=85),
         "astronaut-grey-q95.png": encode(a[7].convert("L"), "PNG"),
