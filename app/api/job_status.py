@@ -184,6 +184,7 @@ class JobChangeListener:
         self.dsn = _libpq_dsn(database_url)
         self.check_s = check_s
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self.connected = asyncio.Event()  # set while listening (tests wait on it)
 
     def start(self) -> None:
@@ -192,17 +193,17 @@ class JobChangeListener:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        self._stopping = True
+        # Cancel until it ends: Python 3.11's asyncio.wait_for (psycopg waits with it) can swallow a
+        # cancellation that arrives just as what it waits for completes.
+        while task is not None and not task.done():
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({task}, timeout=1.0)
         self.cache.set_live(False)
 
     async def _run(self) -> None:
         backoff = 0.5
-        while True:
+        while not self._stopping:
             try:
                 await self._listen()
                 backoff = 0.5
@@ -233,7 +234,7 @@ class JobChangeListener:
             await self._probe(conn, until_arrival=True)
             self.cache.set_live(True)  # from here on every change reaches us
             self.connected.set()
-            while True:
+            while not self._stopping:
                 await self._probe(conn)
         finally:
             self.cache.set_live(False)
@@ -243,7 +244,8 @@ class JobChangeListener:
         """Notify ourselves, then drop cached jobs as their notifications come in for ``check_s``
         (``until_arrival``: only until our own arrives); no probe back means delivery is broken."""
         probe = f"{_PROBE}{uuid.uuid4().hex}"
-        await asyncio.wait_for(conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, probe)), timeout=self.check_s)
+        async with asyncio.timeout(self.check_s):
+            await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, probe))
         arrived = False
         async with contextlib.aclosing(conn.notifies(timeout=self.check_s)) as notifies:
             async for notify in notifies:

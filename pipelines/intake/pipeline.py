@@ -243,7 +243,7 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: I
     face = people.main_face()
     if face is None:  # a person whose face is too small to show at this scale: look closer
         person = people.persons[0]
-        if image.width < full_width and max(full_width, full_height) > 1.5 * CLOSER_TILE:
+        if max(full_width, full_height) * CLOSER_TILE_VIEW / CLOSER_TILE > 1.2 * max(image.size):
             finer = _closer(photo, config, full_width, full_height)
             person = person.scaled(finer.width / image.width)
             image = finer
