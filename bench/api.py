@@ -10,7 +10,9 @@ folder), seeds one client, subject and job, then:
   seconds per level and reports polls/s, p50/p99 latency and the CPU time per poll of the
   API processes, of the PostgreSQL backends serving the benchmark's database and of the load
   generator, each apart (targets at 100 clients: >= 1,500 polls/s, p99 <= 50 ms, <= 0.4 ms
-  API CPU per poll);
+  API CPU per poll), then 100 clients polling together at ``--paced`` polls/s (1,500: the target
+  rate), each poll timed from when it was due, for the latency at that rate rather than at
+  saturation;
 * uploads 10 photos of ~5 MB (12 MP JPEGs with a phone's EXIF and GPS) in one request and
   reports the server-side time (``Server-Timing`` header; intake is not part of it: it runs
   in the training job) and the server's CPU time per MB (target: <= 1 s).
@@ -26,6 +28,7 @@ import asyncio
 import io
 import json
 import os
+import random
 import secrets
 import socket
 import statistics
@@ -90,11 +93,19 @@ def start_server(env: dict[str, str], port: int, workers: int) -> subprocess.Pop
     raise RuntimeError("server did not start")
 
 
-async def _poller(port: int, request: bytes, stop_at: float, latencies: list[float], errors: list[str]) -> None:
+async def _poller(port: int, request: bytes, stop_at: float, latencies: list[float], errors: list[str],
+                  interval: float | None = None) -> None:
+    """Poll until ``stop_at``: back to back, or (``interval``) one poll per interval, each timed from
+    when it was due, so a slow answer also counts against the polls that had to wait for it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    due = time.perf_counter() + (random.uniform(0, interval) if interval else 0.0)
     try:
         while time.perf_counter() < stop_at:
-            start = time.perf_counter()
+            if interval:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                start, due = due, due + interval
+            else:
+                start = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = 0
@@ -161,7 +172,8 @@ def _progress_writer(dbname: str, job_id: str, per_s: float, stop: threading.Eve
 
 
 async def poll_level(port: int, path: str, key: str, clients: int, duration: float, server_pid: int,
-                     dbname: str, writes_per_s: float = 2.0) -> dict:
+                     dbname: str, writes_per_s: float = 2.0, rate: float | None = None) -> dict:
+    """One level: ``clients`` connections polling back to back, or together at ``rate`` polls/s."""
     request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
                "Accept: application/json\r\n\r\n").encode()
     # Warm-up: open connections, fill caches.
@@ -177,7 +189,9 @@ async def poll_level(port: int, path: str, key: str, clients: int, duration: flo
     writer = threading.Thread(target=_progress_writer, args=(dbname, path.rsplit("/", 1)[1], writes_per_s, stop))
     writer.start()
     try:
-        await asyncio.gather(*(_poller(port, request, start + duration, latencies, errors) for _ in range(clients)))
+        interval = clients / rate if rate else None
+        await asyncio.gather(*(_poller(port, request, start + duration, latencies, errors, interval)
+                               for _ in range(clients)))
     finally:
         stop.set()
         writer.join()
@@ -189,7 +203,7 @@ async def poll_level(port: int, path: str, key: str, clients: int, duration: flo
     q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000  # noqa: E731
     if errors:
         print(f"{clients} clients: {len(errors)} errors, e.g. {sorted(set(errors))[:3]}", file=sys.stderr)
-    return {"clients": clients, "polls": len(latencies), "polls_per_s": len(latencies) / elapsed,
+    return {"clients": clients, "paced_rate": rate, "polls": len(latencies), "polls_per_s": len(latencies) / elapsed,
             "p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": latencies[-1] * 1000, "errors": len(errors),
             # CPU cost per poll: on a shared machine this, not wall time, says what an idle box can do.
             "server_cpu_ms_per_poll": cpu_server / len(latencies) * 1000,
@@ -253,6 +267,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-upload", action="store_true")
+    parser.add_argument("--paced", type=float, default=1500.0,
+                        help="also run 100 clients polling together at this many polls/s (0: skip): latency at "
+                             "the target rate rather than at saturation")
     parser.add_argument("--progress-writes", type=float, default=2.0,
                         help="progress writes per second to the polled job during the run (a worker's pace)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "api.json")
@@ -274,6 +291,9 @@ def main() -> None:
         polls = [asyncio.run(poll_level(port, f"/v1/jobs/{job_id}", key, int(n), args.duration, server.pid, dbname,
                                         args.progress_writes))
                  for n in args.levels.split(",")]
+        if args.paced:
+            polls.append(asyncio.run(poll_level(port, f"/v1/jobs/{job_id}", key, 100, args.duration, server.pid,
+                                                dbname, args.progress_writes, rate=args.paced)))
         upload = None if args.skip_upload else upload_bench(port, key, subject_id, server.pid)
     finally:
         if server is not None:
@@ -283,12 +303,13 @@ def main() -> None:
 
     print(f"\nGET /v1/jobs/{{id}}  ({args.workers} uvicorn workers, {os.cpu_count()} CPUs, "
           f"{args.duration:.0f} s per level, {args.progress_writes:g} progress writes/s to the job)")
-    print(f"{'clients':>8} {'polls':>8} {'polls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} "
+    print(f"{'clients':>11} {'polls':>8} {'polls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} "
           f"{'CPU ms/poll api+pg+gen':>24} {'load':>6}")
     for r in polls:
         cpu = (f"{r['server_cpu_ms_per_poll']:.2f}+{r['postgres_cpu_ms_per_poll']:.2f}"
                f"+{r['loadgen_cpu_ms_per_poll']:.2f}")
-        print(f"{r['clients']:>8} {r['polls']:>8} {r['polls_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+        clients = f"{r['clients']}@{r['paced_rate']:.0f}/s" if r["paced_rate"] else str(r["clients"])
+        print(f"{clients:>11} {r['polls']:>8} {r['polls_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
               f"{r['max_ms']:>8.1f} {r['errors']:>7} {cpu:>24} {r['machine_load']:>6.1f}")
     print("(api = the uvicorn processes; pg = the PostgreSQL backends of the benchmark's database; gen = the load "
           "generator;\n load = 1-min load average during the run; other processes share the CPUs when it exceeds "
