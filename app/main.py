@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.admin import install as install_admin_dashboard
+from app.api import job_status
 from app.api.routes import account, admin, images, jobs, photos, subjects, templates
 from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
@@ -125,11 +126,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         _bootstrap_admin(settings)
+        listener = job_status.listener_for(app.state.job_status, settings)  # status polls from memory (PostgreSQL)
+        if listener is not None:
+            listener.start()
+        app.state.job_status_listener = listener
         app.state.auth_subscriber.start()
         try:
             yield
         finally:
             app.state.auth_subscriber.stop()
+            if listener is not None:
+                await listener.stop()
 
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}},
@@ -137,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth_subscriber = AuthSubscriber(settings)  # key changes made by other API processes
     app.state.rate_limiter = rate_limiter(settings)
+    app.state.job_status = job_status.JobStatusCache()
     app.state.scrape_registry = scrape_registry(settings, lambda: SessionLocal(settings.resolved_database_url))
     install_error_handlers(app)
     for router in (subjects.router, photos.router, jobs.router, templates.router, images.router, account.router,

@@ -55,8 +55,9 @@ def dataset_prefix(subject_id: str, job_id: str) -> str:
     return f"subjects/{subject_id}/datasets/{job_id}/"
 
 
-def photo_original_key(subject_id: str, photo_id: str) -> str:
-    return f"subjects/{subject_id}/photos/{photo_id}/original.jpg"
+def photo_original_key(subject_id: str, photo_id: str, extension: str = "jpg") -> str:
+    """The uploaded file as sent (minus its metadata); ``extension`` names its format."""
+    return f"subjects/{subject_id}/photos/{photo_id}/original.{extension}"
 
 
 def photo_crop_key(subject_id: str, photo_id: str) -> str:
@@ -67,9 +68,9 @@ def photo_mask_key(subject_id: str, photo_id: str) -> str:
     return f"subjects/{subject_id}/photos/{photo_id}/mask.png"
 
 
-def template_photo_key(subject_id: str, template_photo_id: str) -> str:
-    """A photo uploaded to put the subject into (template mode), stored clean."""
-    return f"subjects/{subject_id}/templates/{template_photo_id}.jpg"
+def template_photo_key(subject_id: str, template_photo_id: str, extension: str = "jpg") -> str:
+    """A photo uploaded to put the subject into (template mode), stored as sent minus its metadata."""
+    return f"subjects/{subject_id}/templates/{template_photo_id}.{extension}"
 
 
 def adapter_prefix(subject_id: str, version: int) -> str:

@@ -49,6 +49,9 @@ from worker.models import get_manager, resolve_device
 
 log = logging.getLogger(__name__)
 
+#: an uploaded template is worked on at most this many pixels on its long side
+TEMPLATE_MAX_SIDE = 2048
+
 
 class NoDeliverableImage(PipelineError):
     """Every candidate of a generation failed the delivery rule (e.g. not exactly one face)."""
@@ -445,7 +448,9 @@ def template_image(ctx: PhaseContext, source: TemplateSource):
     if key is None or not ctx.store.exists(key):
         raise InvalidConfig("the template photo of this job was deleted", {"template_photo_id": source.photo_id},
                             code="template_photo_not_found")
-    return decode_photo(ctx.store.get(key))
+    image = decode_photo(ctx.store.get(key), reduce_to=TEMPLATE_MAX_SIDE)
+    image.thumbnail((TEMPLATE_MAX_SIDE, TEMPLATE_MAX_SIDE))  # the reduced decode is at least this big
+    return image
 
 
 def _template_verdict(ctx: PhaseContext, source: TemplateSource, *, face_box: Any = None,

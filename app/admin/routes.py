@@ -7,6 +7,7 @@ same unit of work, with ``caller=None`` where an admin sees every client's resou
 
 from __future__ import annotations
 
+import mimetypes
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -266,7 +267,7 @@ def _stream(store, key: str | None, what: str) -> StreamingResponse:  # noqa: AN
         chunks = store.open_stream(key)
     except BlobNotFound:
         raise NotFound(f"The {what} file is gone.", code="blob_not_found") from None
-    media = "image/jpeg" if key.endswith((".jpg", ".jpeg")) else "image/png"
+    media = mimetypes.guess_type(key)[0] or "application/octet-stream"
     return StreamingResponse(chunks, media_type=media, headers={"Cache-Control": "private, max-age=300",
                                                                 "X-Content-Type-Options": "nosniff"})
 

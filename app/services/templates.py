@@ -1,8 +1,9 @@
 """Template mode: template photos uploaded to a subject, and template jobs.
 
 An uploaded template photo gets the photos' upload safety (content sniffing, decompression-bomb
-guard, EXIF rotation, metadata stripped, a verdict per file) and is stored at most
-:data:`TEMPLATE_MAX_SIDE` pixels on its long side. The API has no detectors (its room has no ML
+guard from the header, metadata stripped without re-encoding, a verdict per file); the template
+job decodes it (EXIF rotation applied) at most ``TEMPLATE_MAX_SIDE`` pixels on its long side
+(``worker.phases``). The API has no detectors (its room has no ML
 stack), so whether a photo shows exactly one person with a face is judged by the first template
 job using it (its ``masking`` stage, before any diffusion model loads); that verdict is kept on
 the row, and a request naming a refused photo is refused at once with the same code.
@@ -19,30 +20,31 @@ from app.db.uow import UnitOfWork
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.jobs import generation_limits, queue_job, resolve_with_adapter
-from app.services.photos import FileOutcome, UploadedFile, clean_uploads, decode_limits
+from app.services.photos import STORED_AS, CleanPhoto, FileOutcome, UploadedFile, clean_uploads, decode_limits
+from app.services.quotas import check_storage
 from app.services.subjects import get_subject
 from app.storage import BlobStore, template_photo_key
 from likeness.contract.requests import TemplatePhotoVerdict, TemplateRequest, resolve_template
 from pipelines.intake.decode import PhotoRejected
 
-#: uploaded templates are stored (and worked on) at most this many pixels on the long side
-TEMPLATE_MAX_SIDE = 2048
-
 
 def upload_template_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile],
                            store: BlobStore, settings: Settings) -> list[FileOutcome]:
-    """Store each decodable file as a clean JPEG template photo; each bad file gets its own reason."""
+    """Store each usable file as a template photo (as sent minus its metadata); each bad file gets its reason."""
     session = uow.session
     subject = get_subject(session, caller, subject_id)
     outcomes: list[FileOutcome] = []
-    for upload, result in zip(files, clean_uploads(files, decode_limits(settings), TEMPLATE_MAX_SIDE)):
+    cleaned = clean_uploads(files, decode_limits(settings))
+    check_storage(session, caller, settings, sum(len(r.data) for r in cleaned if isinstance(r, CleanPhoto)))
+    for upload, result in zip(files, cleaned):
         name = (upload.filename or "")[:255]
         if isinstance(result, PhotoRejected):
             outcomes.append(FileOutcome(name, "rejected", reason_code=result.reason.value, message=result.message))
             continue
         photo_id = new_id()
-        key = template_photo_key(subject.id, photo_id)
-        store.put(key, result.jpeg, "image/jpeg")
+        extension, content_type = STORED_AS[result.format]
+        key = template_photo_key(subject.id, photo_id, extension)
+        store.put(key, result.data, content_type)
         uow.on_rollback(lambda key=key: store.delete(key))
         session.add(TemplatePhoto(id=photo_id, subject_id=subject.id, key=key, filename=name or None,
                                   format=result.format, width=result.width, height=result.height,

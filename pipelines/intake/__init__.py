@@ -12,13 +12,14 @@ Public API::
     dataset.report                # -> list[PhotoReport], one per photo, input order
 
 Importing this package stays light (Pillow, numpy): the API imports
-``pipelines.intake.decode`` at upload time. Nothing here loads or keeps a model: the
+``pipelines.intake.decode`` and ``pipelines.intake.metadata`` at upload time. Nothing here loads or keeps a model: the
 caller passes them in (:class:`IntakeModels`).
 """
 
 from pipelines.intake.config import IntakeConfig
 from pipelines.intake.dataset import Dataset, DatasetItem, PhotoInput, PhotoReport
-from pipelines.intake.decode import DecodeLimits, PhotoRejected, decode_photo, encode_clean, sniff_format
+from pipelines.intake.decode import DecodeLimits, PhotoHeader, PhotoRejected, decode_photo, inspect_photo, sniff_format
+from pipelines.intake.metadata import strip_metadata
 from pipelines.intake.models import IntakeModels, intake_models, load_intake_models
 from pipelines.intake.reasons import ReasonCode
 
@@ -28,16 +29,18 @@ __all__ = [
     "DecodeLimits",
     "IntakeConfig",
     "IntakeModels",
+    "PhotoHeader",
     "PhotoInput",
     "PhotoRejected",
     "PhotoReport",
     "ReasonCode",
     "decode_photo",
-    "encode_clean",
+    "inspect_photo",
     "intake_models",
     "load_intake_models",
     "prepare_dataset",
     "sniff_format",
+    "strip_metadata",
 ]
 
 

@@ -32,6 +32,9 @@ class IntakeConfig:
     identity_threshold: float | None = None  # None: the embedder's own "different person" distance
     person_min_score: float = 0.5
     face_min_score: float = 0.5
+    # A face no person box explains counts as one more person when it is at least this
+    # fraction of the largest face's size (smaller: a picture in the picture, a bystander).
+    second_face_min_ratio: float = 0.4
     person_backend: str = "blazepose"
     face_backend: str = "blazeface"
     identity_backend: str = "auto"
@@ -74,6 +77,8 @@ class IntakeConfig:
             problems.append("crop_size must be at least 64")
         if self.face_margin < 0 or self.min_face_px < 1:
             problems.append("face_margin must be >= 0 and min_face_px >= 1")
+        if not 0 < self.second_face_min_ratio <= 1:
+            problems.append("second_face_min_ratio must be within (0, 1]")
         if not 0 <= self.duplicate_hamming <= 64:
             problems.append("duplicate_hamming must be within 0..64")
         if self.upscale_small_faces and not self.upscaler_model:

@@ -17,8 +17,9 @@ Decisions a client can observe:
 * EXIF orientation is applied; embedded ICC profiles (CMYK, Display P3) are converted
   to sRGB; palette, grey, 16-bit and alpha images become 8-bit RGB, with transparency
   composited on neutral grey (128, 128, 128) so it reads as neither skin nor sky.
-* Stored copies are re-encoded by :func:`encode_clean` without any metadata (EXIF with
-  GPS position, XMP, ICC), because the pixels are already sRGB.
+* :func:`inspect_photo` makes the same refusals from the header alone (the API's upload
+  check); the API stores the file as sent minus its metadata
+  (:func:`pipelines.intake.metadata.strip_metadata`), and intake decodes it here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -113,14 +115,28 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(), reduce_to: int | None = None) -> Image.Image:
-    """Upright 8-bit sRGB RGB image from an uploaded file, or :class:`PhotoRejected`.
+@dataclass(frozen=True)
+class PhotoHeader:
+    """What the upload checks read from a file without decoding a pixel."""
 
-    ``reduce_to``: for JPEG, decode at a reduced scale (1/2, 1/4, 1/8, done inside the
-    decoder, several times faster) whose long side is still at least ``reduce_to``;
-    other formats decode at full size. ``image.info["original_size"]`` is always the
-    upright full-resolution (width, height), so boxes can be mapped between scales.
-    """
+    format: str  # one of SUPPORTED_FORMATS
+    width: int  # upright (after the EXIF orientation)
+    height: int
+    orientation: int  # the EXIF orientation the decoder applies (1: none)
+
+
+def inspect_photo(data: bytes, limits: DecodeLimits = DecodeLimits()) -> PhotoHeader:
+    """Format, upright size and orientation from the header, or :class:`PhotoRejected` for a file
+    that can never be used (empty, too large, not an image, unsupported, too small, a bomb)."""
+    fmt, image = _checked_header(data, limits)
+    orientation = _orientation(image, fmt, data)
+    width, height = image.size
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return PhotoHeader(fmt, width, height, orientation)
+
+
+def _checked_header(data: bytes, limits: DecodeLimits) -> tuple[str, Image.Image]:
     # 1. cheap checks on the bytes
     if not data:
         raise PhotoRejected(ReasonCode.EMPTY_FILE)
@@ -147,6 +163,48 @@ def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(), reduce_to: 
             f"The image is too small ({width}x{height}); the short side must be at least {limits.min_side} pixels.",
             {"width": width, "height": height, "min_side": limits.min_side},
         )
+    return fmt, image
+
+
+def _orientation(image: Image.Image, fmt: str, data: bytes) -> int:
+    """The orientation :func:`decode_photo` will apply (Pillow's reading, from EXIF or XMP)."""
+    try:
+        if fmt == "png" and "exif" not in image.info and not _png_metadata_after_pixels(data):
+            exif = Image.Image.getexif(image)  # what PngImageFile.getexif finds, without decoding the pixels first
+        else:
+            exif = image.getexif()
+        orientation = exif.get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: Pillow's transpose would see none either
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+def _png_metadata_after_pixels(data: bytes) -> bool:
+    """Is there an eXIf or text chunk after the first IDAT (read by Pillow only once the pixels are)?"""
+    pos, seen_idat = 8, False
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT":
+            seen_idat = True
+        elif seen_idat and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+            return True
+        elif kind == b"IEND":
+            return False
+        pos += 12 + length
+    return False
+
+
+def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(), reduce_to: int | None = None) -> Image.Image:
+    """Upright 8-bit sRGB RGB image from an uploaded file, or :class:`PhotoRejected`.
+
+    ``reduce_to``: for JPEG, decode at a reduced scale (1/2, 1/4, 1/8, done inside the
+    decoder, several times faster) whose long side is still at least ``reduce_to``;
+    other formats decode at full size. ``image.info["original_size"]`` is always the
+    upright full-resolution (width, height), so boxes can be mapped between scales.
+    """
+    # 1-2. bytes and header
+    fmt, image = _checked_header(data, limits)
+    width, height = image.size
 
     # 3. decode the first frame, then normalise orientation, colour and mode
     try:
@@ -165,16 +223,6 @@ def decode_photo(data: bytes, limits: DecodeLimits = DecodeLimits(), reduce_to: 
         raise
     except Exception as exc:  # noqa: BLE001 - image plugins raise many types on malformed data
         raise PhotoRejected(ReasonCode.CORRUPT_IMAGE, details={"error": str(exc)[:200]}) from None
-
-
-def encode_clean(image: Image.Image, fmt: str = "JPEG", quality: int = 95) -> bytes:
-    """Re-encode pixels only: no EXIF (GPS), XMP, ICC or comments survive."""
-    pixels = image.convert("RGB") if image.mode not in ("RGB", "L") else image
-    clean = Image.frombytes(pixels.mode, pixels.size, pixels.tobytes())  # fresh image: empty .info
-    buf = io.BytesIO()
-    options: dict[str, Any] = {"quality": quality} if fmt.upper() in ("JPEG", "WEBP") else {}
-    clean.save(buf, format=fmt, **options)
-    return buf.getvalue()
 
 
 def _bomb(width: int, height: int, limits: DecodeLimits) -> PhotoRejected:

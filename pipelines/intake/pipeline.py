@@ -3,7 +3,7 @@
 Steps (issue 3), in order:
 
 1. decode (safe, upright, sRGB)            per photo
-2. person check: exactly one person        per photo
+2. person check: exactly one person        per photo (person boxes and faces, two signals)
 3. face detection, square crop, resize     per photo
 4. set-level checks: near-duplicates, blur, identity outliers, minimum usable photos
 5. class token with CLIP (or the client's override, scores still computed)
@@ -25,6 +25,7 @@ The detectors, CLIP and the segmenter come from the caller as an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ from pipelines.intake.models import IntakeModels, check_models
 from pipelines.intake.reasons import ReasonCode
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 from pipelines.vision.faces import FaceBox
+from pipelines.vision.people import People, count_people, detect_in_tiles, face_near
 
 #: the reduced decode that the detectors look at has at least this long side; JPEG's
 #: 1/4 scale of a 4000-4032 px phone photo lands just above it, so the detectors (which
@@ -57,6 +59,11 @@ from pipelines.vision.faces import FaceBox
 DETECTION_SIDE = 960
 #: photos examined at once (decode of one overlaps detection of another)
 PHOTO_WORKERS = 2
+#: when nobody shows in the reduced photo, tiles of this many full-resolution pixels are
+#: examined, each seen at CLOSER_TILE_VIEW px: the face detector's 192 px input then shows
+#: faces from ~48 px (a 12 MP photo: a half-scale decode, 35 tiles, ~0.3 s)
+CLOSER_TILE = 768
+CLOSER_TILE_VIEW = 384
 
 
 @dataclass
@@ -131,12 +138,14 @@ def prepare_dataset(
     # 4. set-level checks
     raise_if_canceled(should_stop)
     checks: dict[str, str] = {}
-    candidates = _drop_duplicates(candidates, config, reports)
-    candidates = _drop_blurry(candidates, config, reports)
+    twins: dict[str, str] = {}  # duplicate -> the photo it duplicates
+    candidates = _drop_blurry(candidates, config, reports)  # first: a sharp copy of a blurry photo is kept
+    candidates = _drop_duplicates(candidates, config, reports, twins)
     raise_if_canceled(should_stop)
     candidates = _drop_identity_outliers(candidates, config, models.face_embedder, reports, checks)
     for candidate in candidates:
         reports[candidate.photo_id] = candidate.report()
+    _explain_duplicates(reports, twins)
     report = [reports[p.photo_id] for p in photos]
     if len(candidates) < config.min_photos:
         raise DatasetRejected(_rejection_summary(report, config.min_photos),
@@ -209,40 +218,33 @@ def _examine_or_reject(
         return rejected
 
 
-def the_one_face(image: Image.Image, person_detector, face_detector, *, person_min_score: float = 0.5,
-                 face_min_score: float = 0.5) -> FaceBox:
-    """Steps 2-3 of intake on one decoded image: exactly one person, and their face (the largest, if a
-    second one is a picture in the picture) in ``image``'s pixels; raises :class:`PhotoRejected` with
-    the reason. Template mode judges a template photo by this same rule."""
-    from pipelines.vision.faces import detect_faces
-    from pipelines.vision.persons import detect_persons
-
-    persons = detect_persons(image, person_detector, min_score=person_min_score)
-    if not persons:
-        raise PhotoRejected(ReasonCode.NO_PERSON)
-    if len(persons) > 1:
-        raise PhotoRejected(
-            ReasonCode.MULTIPLE_PEOPLE,
-            f"{len(persons)} people are in the photo; use photos of the subject alone.",
-            {"persons": len(persons)},
-        )
-    faces = detect_faces(image, face_detector, min_score=face_min_score)
-    if not faces:
-        raise PhotoRejected(ReasonCode.NO_FACE)
-    return max(faces, key=lambda f: (f.area, f.score))
-
-
 def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: IntakeModels) -> _Candidate:
     """Steps 1-3 for one photo; raises :class:`PhotoRejected` with the reason."""
     # 1. decode, reduced for detection
     image = decode_photo(photo.data, config.limits, reduce_to=DETECTION_SIDE)
     full_width, full_height = image.info["original_size"]
 
-    # 2-3. exactly one person, and the face, in full-resolution pixels
-    found = the_one_face(image, models.person_detector, models.face_detector,
-                         person_min_score=config.person_min_score, face_min_score=config.face_min_score)
+    # 2. exactly one person: person boxes and faces, two signals (pipelines.vision.people)
+    people = _find_people(image, config, models)
+    if people.count == 0 and max(full_width, full_height) > 1.5 * CLOSER_TILE:
+        # nobody at this scale: a small person in a large photo shows in tiles of a finer decode
+        image = _closer(photo, config, full_width, full_height)
+        people = _find_people(image, config, models, tile=round(CLOSER_TILE * image.width / full_width))
+    _require_one_person(people)
+
+    # 3. the person's face (not a picture in the picture), in full-resolution pixels
+    face = people.main_face()
+    if face is None:  # a person whose face is too small to show at this scale: look closer
+        person = people.persons[0]
+        if max(full_width, full_height) * CLOSER_TILE_VIEW / CLOSER_TILE > 1.2 * max(image.size):
+            finer = _closer(photo, config, full_width, full_height)
+            person = person.scaled(finer.width / image.width)
+            image = finer
+        face = face_near(image, person, models.face_detector, config.face_min_score)
+    if face is None:
+        raise PhotoRejected(ReasonCode.NO_FACE)
     scale = image.width / full_width
-    face = found.scaled(1.0 / scale)
+    face = face.scaled(1.0 / scale)
     if max(face.width, face.height) < config.min_face_px:
         raise PhotoRejected(
             ReasonCode.FACE_TOO_SMALL,
@@ -253,8 +255,8 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: I
     left, top, side = square_around(face, config.face_margin)
     needed_scale = min(1.0, config.crop_size / side)
     if scale < needed_scale:  # the reduced decode is too coarse for this face: decode finer
-        image = decode_photo(photo.data, config.limits,
-                             reduce_to=math.ceil(max(full_width, full_height) * needed_scale))
+        finest = math.ceil(max(full_width, full_height) * needed_scale)
+        image = decode_photo(photo.data, config.limits, reduce_to=finest)
         scale = image.width / full_width
     square = crop_square(image, round(left * scale), round(top * scale), max(1, round(side * scale)))
     del image
@@ -263,11 +265,62 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: I
     crop = resize_square(square, config.crop_size)
 
     to_crop = config.crop_size / side
-    face_in_crop = FaceBox(
-        (face.x0 - left) * to_crop, (face.y0 - top) * to_crop, (face.x1 - left) * to_crop, (face.y1 - top) * to_crop,
-        face.score,
-    )
+    face_in_crop = FaceBox((face.x0 - left) * to_crop, (face.y0 - top) * to_crop,
+                           (face.x1 - left) * to_crop, (face.y1 - top) * to_crop, face.score)
     return _Candidate(index, photo.photo_id, crop, face, face_in_crop, blur_score(crop), perceptual_hash(crop))
+
+
+def _require_one_person(people: People) -> None:
+    if people.count == 0:
+        raise PhotoRejected(ReasonCode.NO_PERSON)
+    if people.count > 1:
+        raise PhotoRejected(
+            ReasonCode.MULTIPLE_PEOPLE,
+            f"{people.count} people are in the photo; use photos of the subject alone.",
+            {"persons": people.count},
+        )
+
+
+def the_one_face(image: Image.Image, models, config: IntakeConfig | None = None) -> FaceBox:  # noqa: ANN001
+    """Steps 2-3 of intake on one decoded image at one scale: exactly one person (the same two-signal
+    count), and their face in ``image``'s pixels; raises :class:`PhotoRejected` with the reason.
+
+    Template mode judges a template photo by this rule: ``models`` needs ``person_detector`` and
+    ``face_detector``; ``config`` gives the thresholds (default: intake's own).
+    """
+    config = config or IntakeConfig(clip_model="")  # only its detection thresholds are read
+    people = _find_people(image, config, models)
+    _require_one_person(people)
+    face = people.main_face() or face_near(image, people.persons[0], models.face_detector, config.face_min_score)
+    if face is None:
+        raise PhotoRejected(ReasonCode.NO_FACE)
+    return face
+
+
+def _closer(photo: PhotoInput, config: IntakeConfig, full_width: int, full_height: int) -> Image.Image:
+    """A decode where CLOSER_TILE full-resolution pixels are CLOSER_TILE_VIEW pixels."""
+    return decode_photo(photo.data, config.limits,
+                        reduce_to=math.ceil(max(full_width, full_height) * CLOSER_TILE_VIEW / CLOSER_TILE))
+
+
+def _find_people(image: Image.Image, config: IntakeConfig, models: IntakeModels, tile: int | None = None) -> People:
+    """Person boxes and faces in ``image``, counted together.
+
+    With ``tile``: faces only, in ``tile`` x ``tile`` windows (the person detector costs ~7x a
+    face look per window and fires on enlarged textures); every face is checked up close.
+    """
+    from pipelines.vision.faces import detect_faces
+    from pipelines.vision.persons import detect_persons
+
+    if tile is None:
+        persons = detect_persons(image, models.person_detector, min_score=config.person_min_score)
+        faces = detect_faces(image, models.face_detector, min_score=config.face_min_score)
+    else:
+        persons = []
+        faces = detect_in_tiles(image, lambda view: detect_faces(
+            view, models.face_detector, min_score=config.face_min_score, first_look=True), tile)
+    return count_people(image, persons, faces, models.face_detector, min_face_score=config.face_min_score,
+                        min_face_ratio=config.second_face_min_ratio)
 
 
 def _upscale(square: Image.Image, upscaler) -> Image.Image:
@@ -276,11 +329,13 @@ def _upscale(square: Image.Image, upscaler) -> Image.Image:
     return upscale([square], upscaler, factor=2)[0]
 
 
-def _drop_duplicates(candidates: list[_Candidate], config: IntakeConfig,
-                     reports: dict[str, PhotoReport]) -> list[_Candidate]:
+def _drop_duplicates(
+    candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport], twins: dict[str, str]
+) -> list[_Candidate]:
     """Of each group of near-duplicates keep the one with the most face pixels (the earliest on ties).
 
-    Not the "sharpest": JPEG artefacts of a recompressed copy raise the blur score.
+    Not the "sharpest": JPEG artefacts of a recompressed copy raise the blur score. ``twins``
+    records which photo each duplicate duplicates (its message is written once every check ran).
     """
     kept: list[_Candidate] = []
     for candidate in sorted(candidates, key=lambda c: (-round(c.face_box.width), c.index)):
@@ -288,14 +343,26 @@ def _drop_duplicates(candidates: list[_Candidate], config: IntakeConfig,
         if twin is None:
             kept.append(candidate)
         else:
-            reports[candidate.photo_id] = candidate.report(
-                ReasonCode.DUPLICATE, f"The photo is a near-duplicate of photo {twin.photo_id!r}, which is kept."
-            )
+            reports[candidate.photo_id] = candidate.report(ReasonCode.DUPLICATE)
+            twins[candidate.photo_id] = twin.photo_id
     return sorted(kept, key=lambda c: c.index)
 
 
-def _drop_blurry(candidates: list[_Candidate], config: IntakeConfig,
-                 reports: dict[str, PhotoReport]) -> list[_Candidate]:
+def _explain_duplicates(reports: dict[str, PhotoReport], twins: dict[str, str]) -> None:
+    """Each duplicate's message says what became of the photo it duplicates."""
+    for photo_id, twin_id in twins.items():
+        twin = reports[twin_id]
+        if twin.accepted:
+            message = f"The photo is a near-duplicate of photo {twin_id!r}, which is kept instead."
+        else:
+            message = (f"The photo is a near-duplicate of photo {twin_id!r}, which is not used either "
+                       f"({twin.reason_code.value}: {twin.message})")
+        reports[photo_id] = dataclasses.replace(reports[photo_id], message=message)
+
+
+def _drop_blurry(
+    candidates: list[_Candidate], config: IntakeConfig, reports: dict[str, PhotoReport]
+) -> list[_Candidate]:
     kept = []
     for candidate in candidates:
         if candidate.blur < config.blur_threshold:

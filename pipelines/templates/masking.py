@@ -208,7 +208,7 @@ def prepare_template(
     image = image.convert("RGB")
     # 1. exactly one person, and the face (the intake rule and detectors)
     try:
-        face = the_one_face(image, models.person_detector, models.face_detector)
+        face = the_one_face(image, models)
         if max(face.width, face.height) < min_face_px:
             raise PhotoRejected(ReasonCode.FACE_TOO_SMALL, details={"face_box": face.to_dict(),
                                                                      "min_face_px": min_face_px})

@@ -44,11 +44,17 @@ class FaceDetector(Protocol):
 
 
 def detect_faces(
-    image: Image.Image, detector: FaceDetector, min_score: float = 0.5, max_side: int = DETECTION_MAX_SIDE
+    image: Image.Image, detector: FaceDetector, min_score: float = 0.5, max_side: int = DETECTION_MAX_SIDE,
+    *, first_look: bool = False,
 ) -> list[FaceBox]:
-    """Faces in ``image``, best first (score, then size), boxes in ``image``'s pixels."""
+    """Faces in ``image``, best first (score, then size), boxes in ``image``'s pixels.
+
+    ``first_look``: without a detector's more permissive second look (BlazeFace's short-range
+    model, which also fires on some textures) — for tiles and zoomed views.
+    """
     small, scale = downscaled_rgb(image, max_side)
-    faces = detector.detect(small, min_score)
+    detect = getattr(detector, "detect_first_look", detector.detect) if first_look else detector.detect
+    faces = detect(small, min_score)
     width, height = image.size
     faces = [clip_to_image(face.scaled(1.0 / scale), width, height) for face in faces]
     return sorted(faces, key=lambda f: (-round(f.score, 4), -f.area, f.x0, f.y0))
@@ -105,6 +111,11 @@ class BlazeFaceDetector:
             if not faces:
                 faces = self._run(self._short_range, rgb, min_score)
         return merge_overlapping(faces)
+
+    def detect_first_look(self, rgb: np.ndarray, min_score: float) -> list[FaceBox]:
+        """The full-range model alone (no short-range second look, which fires on some textures)."""
+        with self._lock:
+            return merge_overlapping(self._run(self._full_range, rgb, min_score))
 
     def close(self) -> None:
         with self._lock:

@@ -20,10 +20,12 @@ XSS = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture
-def browser(app):
-    """A fresh cookie jar against the app (no redirects followed, so they can be checked)."""
-    with TestClient(app, raise_server_exceptions=False, follow_redirects=False) as client:
-        yield client
+def browser(app, http):
+    """A fresh cookie jar against the running app (no redirects followed, so they can be checked).
+
+    Not entered as a context manager: the session's ``http`` client already runs the app's lifespan
+    (a second start/stop would stop the listeners every other test relies on)."""
+    return TestClient(app, raise_server_exceptions=False, follow_redirects=False)
 
 
 def csrf_of(html: str) -> str:

@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 
+from pipelines.intake.decode import decode_photo
 from tests.app.helpers import create_subject, jpeg, jpeg_with_gps, png_bomb, upload
+from tests.conftest import encode, noise_image
 
 
 def test_one_request_keeps_good_files_and_gives_each_bad_file_its_reason(client_a, settings, store, monkeypatch):
@@ -19,17 +22,23 @@ def test_one_request_keeps_good_files_and_gives_each_bad_file_its_reason(client_
         ("huge.jpg", oversized),
         ("bomb.png", png_bomb()),
         ("good2.png", _png(300)),
+        ("cut.jpg", jpeg(320, 5)[:4000]),
+        ("anim.gif", encode(noise_image(300), "GIF")),
+        ("thumb.jpg", jpeg(120, 6)),
     ]
     response = upload(client_a, subject_id, files)
     assert response.status_code == 201, response.text
     body = response.json()
     by_name = {f["filename"]: f for f in body["files"]}
-    assert body["stored"] == 2 and body["rejected"] == 4
+    assert body["stored"] == 2 and body["rejected"] == 7
     assert by_name["good1.jpg"]["status"] == "stored" and by_name["good2.png"]["photo_id"]
     assert by_name["empty.jpg"]["reason_code"] == "empty_file"
     assert by_name["notes.jpg"]["reason_code"] == "not_an_image"
     assert by_name["huge.jpg"]["reason_code"] == "too_large_bytes"
     assert by_name["bomb.png"]["reason_code"] == "decompression_bomb"
+    assert by_name["cut.jpg"]["reason_code"] == "corrupt_image"
+    assert by_name["anim.gif"]["reason_code"] == "unsupported_format"
+    assert by_name["thumb.jpg"]["reason_code"] == "too_small"
     assert all(by_name[n]["photo_id"] is None and by_name[n]["message"] for n in ("empty.jpg", "notes.jpg", "huge.jpg"))
 
     listed = client_a.get(f"/v1/subjects/{subject_id}/photos").json()
@@ -37,17 +46,41 @@ def test_one_request_keeps_good_files_and_gives_each_bad_file_its_reason(client_
     assert {p["status"] for p in listed["data"]} == {"pending"}
     assert {p["format"] for p in listed["data"]} == {"jpeg", "png"}
     keys = store.list(f"subjects/{subject_id}/")
-    assert sorted(keys) == sorted(f"subjects/{subject_id}/photos/{p['id']}/original.jpg" for p in listed["data"])
+    extension = {"jpeg": "jpg", "png": "png"}
+    assert sorted(keys) == sorted(f"subjects/{subject_id}/photos/{p['id']}/original.{extension[p['format']]}"
+                                  for p in listed["data"])
+    # stored as sent: the PNG is the client's own file, byte for byte (it had no metadata to strip)
+    png_id = by_name["good2.png"]["photo_id"]
+    assert store.get(f"subjects/{subject_id}/photos/{png_id}/original.png") == dict(files)["good2.png"]
 
 
-def test_stored_original_has_no_metadata_and_keys_ignore_filenames(client_a, store):
+def test_stored_original_has_no_metadata_and_the_same_pixels_and_keys_ignore_filenames(client_a, store):
     subject_id = create_subject(client_a)
-    response = upload(client_a, subject_id, [("../../etc/passwd.jpg", jpeg_with_gps())])
+    sent = jpeg_with_gps()
+    response = upload(client_a, subject_id, [("../../etc/passwd.jpg", sent)])
     photo_id = response.json()["files"][0]["photo_id"]
     key = f"subjects/{subject_id}/photos/{photo_id}/original.jpg"
-    stored = Image.open(io.BytesIO(store.get(key)))
-    assert stored.format == "JPEG" and not stored.getexif()
+    blob = store.get(key)
+    stored = Image.open(io.BytesIO(blob))
+    assert stored.format == "JPEG" and not stored.getexif() and b"PhoneMaker" not in blob
+    # not re-encoded: every decoded pixel is the original's, and the size is the original's minus its EXIF
+    assert np.array_equal(np.asarray(decode_photo(blob)), np.asarray(decode_photo(sent)))
+    assert len(sent) - 200 < len(blob) < len(sent)
     assert all("passwd" not in k for k in store.list(f"subjects/{subject_id}/"))
+
+
+def test_a_sideways_phone_photo_keeps_its_orientation(client_a, store):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the sensor's pixels are sideways; turn them when showing
+    exif[0x010F] = "PhoneMaker"
+    sent = encode(noise_image(400, 3).resize((400, 300)), "JPEG", quality=90, exif=exif.tobytes())
+    subject_id = create_subject(client_a)
+    photo_id = upload(client_a, subject_id, [("side.jpg", sent)]).json()["files"][0]["photo_id"]
+    listed = client_a.get(f"/v1/subjects/{subject_id}/photos").json()["data"][0]
+    assert (listed["width"], listed["height"]) == (300, 400)  # upright
+    blob = store.get(f"subjects/{subject_id}/photos/{photo_id}/original.jpg")
+    assert dict(Image.open(io.BytesIO(blob)).getexif()) == {0x0112: 6} and b"PhoneMaker" not in blob
+    assert np.array_equal(np.asarray(decode_photo(blob)), np.asarray(decode_photo(sent)))
 
 
 def test_file_count_and_request_size_limits(client_a, settings):
@@ -70,8 +103,6 @@ def test_file_count_and_request_size_limits(client_a, settings):
 
 
 def _png(size: int) -> bytes:
-    from tests.conftest import encode, noise_image
-
     return encode(noise_image(size, 11), "PNG")
 
 

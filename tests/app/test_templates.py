@@ -47,7 +47,7 @@ def test_template_photos_get_the_photo_uploads_checks_and_verdicts(client_a, cli
     listed = client_a.get(f"/v1/subjects/{subject_id}/templates/photos").json()
     assert listed["count"] == 2 and {p["status"] for p in listed["data"]} == {"pending"}
     good = next(p for p in listed["data"] if p["filename"] == "good.jpg")
-    assert (good["width"], good["height"]) == (2048, 2048)  # stored at most 2048 px on the long side
+    assert (good["width"], good["height"]) == (3000, 3000)  # stored as sent (the job works on <= 2048 px)
     from app.db.models import TemplatePhoto
     from tests.app.fixtures import session_scope
 

@@ -51,8 +51,14 @@ def receiver():
 
 @pytest.fixture
 def allow_private(settings, monkeypatch):
-    """What a self-hosted operator sets to receive webhooks on its own network (here: 127.0.0.1)."""
-    monkeypatch.setattr(settings, "webhook_allow_private", True)
+    """What a self-hosted operator sets to receive webhooks on its own network (here: 127.0.0.1).
+
+    Set on the app's settings and on the process's (delivery reads ``get_settings()``; a test that
+    cleared its cache leaves another object there)."""
+    from app.config import get_settings
+
+    for target in {id(s): s for s in (settings, get_settings())}.values():
+        monkeypatch.setattr(target, "webhook_allow_private", True)
 
 
 def test_sign_and_verify():

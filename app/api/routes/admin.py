@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response
 
+from app.api import job_status
 from app.api.deps import AdminClient, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
@@ -68,7 +69,9 @@ def list_all_jobs(caller: AdminClient, uow: UoW, state: JobState | None = None, 
 @router.post("/jobs/{job_id}/cancel", response_model=AdminJobPublic, responses=errors(403, 404, 409),
              summary="Cancel any client's job")
 def cancel_job(job_id: str, caller: AdminClient, uow: UoW):
-    return AdminJobPublic.model_validate(jobs.cancel_job(uow, None, job_id))
+    job = jobs.cancel_job(uow, None, job_id)
+    uow.after_commit(lambda: job_status.forget(job.id))
+    return AdminJobPublic.model_validate(job)
 
 
 @router.post("/jobs/{job_id}/retry", status_code=202, response_model=AdminJobPublic, responses=errors(403, 404, 409),

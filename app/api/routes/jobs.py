@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Query, Request, Response
 
-from app.api.deps import CurrentClient, IdempotencyDep, SettingsDep, UoW
+from app.api import job_status
+from app.api.deps import CurrentClient, IdempotencyDep, SettingsDep, UoW, app_settings
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import JobPublic, Page
@@ -45,8 +46,10 @@ def start_generation(subject_id: str, body: GenerateRequest, caller: CurrentClie
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=errors(404),
             summary="Job status: state, stage, progress (0-100), ETA, error")
-def get_job(job_id: str, caller: CurrentClient, uow: UoW):
-    return JobPublic.model_validate(jobs.get_job(uow.session, caller, job_id))
+async def get_job(job_id: str, caller: CurrentClient, request: Request) -> Response:
+    # The hot path of every client: a cached, already serialised body (see app.api.job_status).
+    body = await job_status.status_body(request.app.state.job_status, app_settings(request), caller.id, job_id)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/jobs", response_model=Page[JobPublic], responses=errors(), summary="List your jobs, newest first")
@@ -61,4 +64,6 @@ def list_jobs(caller: CurrentClient, uow: UoW, state: JobState | None = None, su
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409),
              summary="Cancel a job (queued: at once; running: at the worker's next step)")
 def cancel_job(job_id: str, caller: CurrentClient, uow: UoW):
-    return JobPublic.model_validate(jobs.cancel_job(uow, caller, job_id))
+    job = jobs.cancel_job(uow, caller, job_id)
+    uow.after_commit(lambda: job_status.forget(job.id))  # this process's next poll sees the cancel
+    return JobPublic.model_validate(job)

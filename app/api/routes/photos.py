@@ -30,9 +30,10 @@ def _read_files(files: list[UploadFile], max_bytes: int) -> list[photos.Uploaded
                  "`decompression_bomb`, ...) while the good files of the same request are stored; when every file "
                  "is rejected the answer is 422 `all_files_rejected` with the same per-file list in "
                  "`details` (`subject_id`, `stored`, `rejected`, `files`). 403 `storage_quota_exceeded` when the "
-                 "files would exceed the client's storage quota. Stored originals "
-                 "are re-encoded without metadata (no EXIF/GPS). Face and quality checks run in the training "
-                 "job's intake; see `GET .../photos`."),
+                 "files would exceed the client's storage quota. A file is stored "
+                 "as sent minus its metadata (EXIF with GPS, XMP, comments and text are removed, the pixels are "
+                 "not re-encoded; the orientation is kept). Decoding, face and quality checks run in the "
+                 "training job's intake; see `GET .../photos`."),
 )
 def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep, store: StoreDep, uow: UoW,
                   idempotency: IdempotencyDep, files: list[UploadFile] = File(description="1-30 image files")):
