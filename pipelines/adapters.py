@@ -354,9 +354,14 @@ def adapter_attached(pipe, folder: str | Path, adapter_name: str | None = None) 
 def export_kohya(folder: str | Path, out_file: str | Path) -> Path:
     """Write the LoRA in kohya/A1111 naming (``lora_unet_*``/``lora_te_*`` with
     ``.lora_down``/``.lora_up``/``.alpha``); the learned tokens go next to it as
-    A1111 embeddings (``<stem>.<i>.safetensors`` with ``emb_params``)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    A1111 embeddings (``<stem>.<i>.safetensors`` with ``emb_params``).
+
+    Keys come from diffusers' ``convert_state_dict_to_kohya``; three things it leaves to the caller:
+    A1111 names CLIP layers from ``CLIPTextModel``'s root (``text_model.``, which diffusers' LoRA
+    files leave out), SD 1.x names its one text encoder ``lora_te_`` (``lora_te1_`` is SDXL's
+    first), and the alpha it writes is the rank (scale 1) where the adapter's may differ."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
 
     folder, out_file = Path(folder), Path(out_file)
     manifest = load_manifest(folder)
@@ -364,22 +369,17 @@ def export_kohya(folder: str | Path, out_file: str | Path) -> Path:
     if manifest.mode != "lora" or not lora_file.is_file():
         raise InvalidConfig("only LoRA-mode adapters with LoRA weights can be exported to kohya format",
                             {"mode": manifest.mode})
-    with safe_open(str(lora_file), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     spec = manifest.lora or LoraSpec()
-    prefixes = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
     kohya: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        prefix = next(p for p in prefixes if key.startswith(p))
-        module_path, kind = key[len(prefix):].rsplit(".lora_", 1)  # kind: "A.weight" / "B.weight"
-        if prefix == "text_encoder." and not module_path.startswith("text_model."):
-            module_path = "text_model." + module_path  # A1111 names CLIP layers from CLIPTextModel's root
-        name = prefixes[prefix] + module_path.replace(".", "_")
-        kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
-        if kind.startswith("A"):
-            rank = value.shape[0]
-            alpha = spec.alpha if spec.alpha is not None else rank
-            kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
+    state = {("text_encoder.text_model." + k[len("text_encoder."):]
+              if k.startswith("text_encoder.") and not k.startswith("text_encoder.text_model.") else k): v
+             for k, v in load_file(str(lora_file)).items()}
+    for key, value in convert_state_dict_to_kohya(state).items():
+        if key.startswith("lora_te1_"):
+            key = "lora_te_" + key[len("lora_te1_"):]
+        if key.endswith(".alpha"):
+            value = torch.tensor(float(spec.alpha if spec.alpha is not None else int(value)))
+        kohya[key] = value.contiguous()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(kohya, str(out_file), metadata={"ss_network_module": "networks.lora",
                                              "likeness_tokens": json.dumps(list(manifest.tokens))})

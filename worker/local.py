@@ -189,10 +189,11 @@ def run_local(
     files = {photo.photo_id: photo.path.name for photo in photos}
     # 3. training (caching, training:stage1, training:stage2)
     work = out_dir / ".work"
-    trained = train(
-        dataset.training_examples(), dataset.token_spec(), resolved_train.training, preset,
-        work / "training", on_progress=progress, should_stop=should_stop, device=device,
-    )
+    from pipelines.models.loading import base_spec
+
+    with manager.borrow(base_spec(preset, device)) as base:  # the base generation borrows next
+        trained = train(dataset.training_examples(), dataset.token_spec(), resolved_train.training, preset,
+                        work / "training", base=base, on_progress=progress, should_stop=should_stop, device=device)
     adapter_dir = trained.adapter_dir
     # 4. generation or template mode (generating, ranking, upscaling)
     references = [item.crop for item in dataset.items]

@@ -210,7 +210,8 @@ def _write_photo_reports(ctx: PhaseContext, reports: list, crops: dict[str, Any]
 
 def run_training(ctx: PhaseContext) -> dict[str, Any]:
     from pipelines.intake.dataset import Dataset
-    from pipelines.training import train
+    from pipelines.models.loading import base_spec
+    from pipelines.training import BaseNotRestored, train
 
     job = ctx.job
     request = _train_request(ctx)
@@ -225,16 +226,15 @@ def run_training(ctx: PhaseContext) -> dict[str, Any]:
             curve.append([float(event.metrics["step"]), round(float(event.metrics["loss"]), 6)])
         ctx.on_progress(event)
 
-    result = train(
-        dataset.training_examples(),
-        dataset.token_spec(),
-        request.training,
-        preset,
-        output_dir,
-        on_progress=on_progress,
-        should_stop=ctx.should_stop,
-        device=resolve_device(ctx.settings.device),
-    )
+    device = resolve_device(ctx.settings.device)
+    spec = base_spec(preset, device)  # the base generation borrows too: loaded once per worker
+    try:
+        with get_manager().borrow(spec) as base:
+            result = train(dataset.training_examples(), dataset.token_spec(), request.training, preset, output_dir,
+                           base=base, device=device, on_progress=on_progress, should_stop=ctx.should_stop)
+    except BaseNotRestored:
+        get_manager().evict(spec)  # never lend a base training could not put back
+        raise
     adapter_dir = Path(result.adapter_dir)
     manifest = json.loads((adapter_dir / "manifest.json").read_text())
     with UnitOfWork(ctx.settings) as uow:

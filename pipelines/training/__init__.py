@@ -1,4 +1,4 @@
-"""Per-subject fine-tuning: ``train(examples, tokens, config, preset, output_dir)`` -> adapter folder.
+"""Per-subject fine-tuning: ``train(examples, tokens, config, preset, output_dir, base=...)`` -> adapter folder.
 
 Importing this package stays torch-free (the job contract reads :class:`TrainConfig`); the
 trainer is imported on first use.
@@ -8,9 +8,11 @@ from pipelines.training.config import STRATEGIES, TrainConfig, check_config, pla
 
 __all__ = [
     "STRATEGIES",
+    "BaseNotRestored",
     "TrainCallback",
     "TrainConfig",
     "TrainResult",
+    "Trainer",
     "TrainingState",
     "check_config",
     "check_inputs",
@@ -19,7 +21,7 @@ __all__ = [
     "train",
 ]
 
-_TRAINER_NAMES = {"TrainCallback", "TrainingState", "TrainResult", "check_inputs", "train"}
+_TRAINER_NAMES = {"TrainCallback", "Trainer", "TrainingState", "TrainResult", "check_inputs", "train"}
 
 
 def __getattr__(name: str):
@@ -27,4 +29,8 @@ def __getattr__(name: str):
         from pipelines.training import trainer
 
         return getattr(trainer, name)
+    if name == "BaseNotRestored":
+        from pipelines.training.base import BaseNotRestored
+
+        return BaseNotRestored
     raise AttributeError(name)

@@ -1,18 +1,44 @@
 """Staged fine-tuning of a diffusers text-to-image base model into a per-subject adapter.
 
-``train`` reads like a diffusers pipeline: check inputs (before any model loads), then
-numbered steps. All per-step work happens on the device: latents, token ids, masks and
-noise schedule are staged once, batches are drawn by index with a device generator, and
-the loss reaches the host only every ``progress_every`` steps.
+``train()`` reads like a diffusers pipeline: check inputs (before any model is touched), then
+numbered steps, each a method of :class:`Trainer` that tests can call on its own:
+
+1. base        borrow the caller's loaded pipeline (recorded, restored after the job) or load one
+2. tokens      a tokenizer copy with the new tokens and their initial embedding rows
+3. cache       the sampling schedule for the whole run, then latents of exactly the images it draws
+4. setup       token rows, LoRA or full weights as fp32 trainables, optimizer, mixed precision
+5. resume      the newest compatible checkpoint in ``checkpoint_dir``, if any
+6. stages      ``training_step`` per step; text embeddings cached in stages that freeze the text encoder
+7. save        the adapter folder (``pipelines.adapters`` format)
+
+A step never waits for the device: batches are slices of device tensors, noise comes from a device
+generator, and the loss is summed on the device and read back asynchronously every
+``progress_every`` steps.
+
+How the worker calls it::
+
+    with manager.lease(preset, device) as pipe:      # its one base per (preset, device, dtype), locked
+        result = train(examples, tokens, config, preset, workdir / "training", base=pipe, device=device,
+                       on_progress=..., should_stop=...,
+                       checkpoint_dir=workdir / "checkpoints", on_checkpoint=mirror)
+    # BaseNotRestored: putting the base back failed, drop that pipeline from the manager.
+
+``mirror(folder)`` uploads ``folder`` (``step-000200/``; ``meta.json`` last) and may delete older
+uploads; a worker that picks the job up again downloads the newest mirrored folder into its
+``checkpoint_dir`` before calling ``train``, which resumes from it (or ignores it if incomplete or
+from another config). A finished run deletes its local checkpoints; the mirrored ones are the
+worker's to delete. The lent base must be on ``device`` and, for ``mixed_precision="no"``, fp32
+(``"auto"`` on CUDA trains bf16 autocast over the manager's bf16 base, trainables in fp32).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +53,17 @@ from pipelines.adapters import AdapterManifest, LoraSpec, save_adapter
 from pipelines.errors import InvalidConfig
 from pipelines.models.loading import load_base_pipeline
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
-from pipelines.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pipelines.training import checkpoint as ckpt
 from pipelines.training.config import StagePlan, TrainConfig, check_config, plan_stages
+from pipelines.training.data import CachedData, SampleSchedule, cache_data, encode_latents, image_tensor
 from pipelines.types import TokenSpec, TrainingExample
+
+__all__ = ["TrainCallback", "TrainResult", "Trainer", "TrainingState", "check_inputs", "encode_latents",
+           "image_tensor", "train"]
+
+log = logging.getLogger(__name__)
+
+CheckpointFn = Callable[[Path], None]
 
 
 @dataclass(frozen=True)
@@ -100,7 +134,7 @@ def data_fingerprint(examples: Sequence[TrainingExample], tokens: TokenSpec, pre
     return digest.hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------- models
+# ---------------------------------------------------------------------------- helpers
 
 
 def text_encoder_names(pipe) -> list[str]:
@@ -111,48 +145,609 @@ def encode_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def image_tensor(image: Image.Image, resolution: int, mode: str = "RGB") -> torch.Tensor:
-    """Centre square crop, resize, to [-1, 1] (RGB) or [0, 1] (masks), CHW float."""
-    image = image.convert(mode)
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC if mode == "RGB" else Image.Resampling.BILINEAR)
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    if mode == "RGB":
-        return array.permute(2, 0, 1) * 2.0 - 1.0
-    return array.unsqueeze(0)
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int], None] | None = None):
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    out = []
-    for start in range(0, pixels.shape[0], batch_size):
-        chunk = pixels[start : start + batch_size].to(vae.device, vae.dtype)
-        out.append((vae.encode(chunk).latent_dist.mean.float() - shift) * scale)
-        if on_batch:
-            on_batch(chunk.shape[0])
-    return torch.cat(out)
+def make_accelerator(precision: str, device: torch.device):
+    """An ``accelerate.Accelerator`` for one run (autocast, loss scaling, clipping, optimizer wrapper)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
-
-# ---------------------------------------------------------------------------- the training run
+    cpu = device.type == "cpu"
+    state = AcceleratorState._shared_state
+    if state and (state.get("_mixed_precision") != precision or (PartialState().device.type == "cpu") != cpu):
+        # accelerate keeps one process-wide state and refuses to change its precision or device; a worker
+        # process trains many jobs (with "auto" precision per device), and nothing else in it uses that state.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 @dataclass
-class _Trainables:
+class Trainables:
+    """The tensors a run trains, per component, under stable names (checkpoint keys)."""
+
     unet: list[torch.nn.Parameter] = field(default_factory=list)
     text_encoder: list[torch.nn.Parameter] = field(default_factory=list)
-    named: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     rows: torch.nn.Parameter | None = None
+    named: dict[str, torch.nn.Parameter] = field(default_factory=dict)
 
-    def set_stage(self, plan: StagePlan) -> None:
-        for params, on in ((self.unet, plan.train_unet), (self.text_encoder, plan.train_text_encoder),
-                           ([self.rows], plan.train_tokens)):
+    def groups(self, plan: StagePlan) -> list[tuple[list[torch.nn.Parameter], bool]]:
+        return [(self.unet, plan.train_unet), (self.text_encoder, plan.train_text_encoder),
+                ([self.rows] if self.rows is not None else [], plan.train_tokens)]
+
+    def set_stage(self, plan: StagePlan) -> list[torch.nn.Parameter]:
+        """Freeze what ``plan`` does not train; returns the parameters it trains."""
+        active = []
+        for params, on in self.groups(plan):
             for p in params:
                 p.requires_grad_(on)
                 p.grad = None
+            if on:
+                active += params
+        return active
+
+
+class LossMeter:
+    """Sums per-step losses on the device and reads window means back without stalling it: each
+    mean is copied to pinned host memory asynchronously and picked up once the copy has landed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+        self.pending: deque[tuple[int, torch.Tensor, Any]] = deque()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.float()
+        self.count += 1
+
+    def close_window(self) -> None:
+        if not self.count:
+            return
+        mean = self.total / self.count
+        event = None
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)  # the run's device, whichever is current
+            host = torch.empty((), pin_memory=True)
+            with torch.cuda.stream(stream):
+                host.copy_(mean, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        else:
+            host = mean
+        self.pending.append((self.count, host, event))
+        self.total.zero_()
+        self.count = 0
+
+    def ready(self, wait: bool = False) -> list[float]:
+        """Means whose copies have finished (all of them when ``wait``), oldest first."""
+        out = []
+        while self.pending:
+            _, host, event = self.pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self.pending.popleft()
+            out.append(float(host))
+        return out
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One training run. ``Trainer(...)`` checks every input (nothing is loaded); :meth:`run` does
+    the work on a borrowed or freshly loaded base; the numbered methods are its steps."""
+
+    def __init__(
+        self,
+        examples: Sequence[TrainingExample],
+        tokens: TokenSpec,
+        config: TrainConfig,
+        preset,
+        output_dir: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        checkpoint_dir: str | Path | None = None,
+        on_progress: ProgressFn | None = None,
+        should_stop: CancelFn | None = None,
+        on_checkpoint: CheckpointFn | None = None,
+        callbacks: Sequence[TrainCallback] = (),
+        class_images_dir: str | Path | None = None,
+    ):
+        check_inputs(examples, tokens, config, preset)
+        self.examples, self.tokens, self.config, self.preset = list(examples), tokens, config, preset
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = config.resolved_precision(self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise InvalidConfig("fp16 mixed precision needs a CUDA device; use bf16 or no", {"device": str(self.device)})
+        if self.precision == "fp16" and config.optimizer_in_backward:
+            raise InvalidConfig("optimizer_in_backward cannot be combined with fp16 (the loss scaler needs every "
+                                "gradient first); use bf16")
+        self.autocast_dtype = _AUTOCAST_DTYPES.get(self.precision)
+        self.plans = plan_stages(config, len(examples))
+        self.total = sum(p.steps for p in self.plans)
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.output_dir / "checkpoints"
+        self.on_progress, self.should_stop, self.on_checkpoint = on_progress, should_stop, on_checkpoint
+        self.callbacks = list(callbacks)
+        self.class_images_dir = class_images_dir
+        # A checkpoint resumes only the same config and data on the same kind of device and precision.
+        self.fingerprint = "-".join([config.fingerprint(), data_fingerprint(examples, tokens, preset),
+                                     self.device.type, self.precision, f"v{ckpt.FORMAT_VERSION}"])
+        self.trains_unet = any(p.train_unet for p in self.plans)
+        self.trains_text_encoder = any(p.train_text_encoder for p in self.plans)
+        self.lora_spec = LoraSpec(config.unet_rank, config.text_encoder_rank, config.lora_alpha)
+        self.metrics: dict[str, Any] = {"load_s": 0.0, "caching_s": 0.0}
+        self.eval_history: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self._started = time.perf_counter()
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.pipe = self.tokenizer = self.rows_init = self.first_id = self.token_embedding = None
+        self.schedule: SampleSchedule | None = None
+        self.data: CachedData | None = None
+        self.trainables: Trainables | None = None
+        self.optimizer = self.accelerator = self.generator = self.noise_scheduler = None
+        self.unet_forward = self.attention_store = None
+        self.stage_text = self.stage_class_text = None
+        self.active: list[torch.nn.Parameter] = []
+
+    # ------------------------------------------------------------------ the whole run
+
+    def run(self, base=None) -> TrainResult:
+        """Train on ``base`` (a loaded pipeline, restored bit for bit afterwards, whatever happens) or,
+        when None, on a freshly loaded copy of ``preset.base_model``."""
+        from pipelines.training.base import BaseNotRestored, BaseSnapshot, BaseWeights
+
+        self._started = started = time.perf_counter()
+        raise_if_canceled(self.should_stop)
+        snapshot = None
+        result = None
+        try:
+            # 1. The base.
+            if base is None:
+                self.pipe = self.load_base()  # imports included
+                self.metrics["load_s"] = time.perf_counter() - started
+            else:
+                snapshot = BaseSnapshot.record(base)
+                self.pipe = base
+                self.check_base(base)
+            raise_if_canceled(self.should_stop)
+            # 2-3. Tokens and cache.
+            self.prepare_tokens()
+            self.cache()
+            raise_if_canceled(self.should_stop)
+            # 4-5. Trainables, optimizer, resume.
+            setup_started = time.perf_counter()
+            self.setup()
+            start_step = self.resume()
+            self.metrics["setup_s"] = time.perf_counter() - setup_started
+            # 6. The stages.
+            self.train_stages(start_step)
+            # 7. The adapter.
+            result = self.save()
+        finally:
+            reload = self.changed_weights() if snapshot is not None else None
+            self.release()
+            if snapshot is not None:
+                restore_started = time.perf_counter()
+                try:
+                    snapshot.restore(reload, BaseWeights(self.preset.base_model, self.preset.revision))
+                except Exception as exc:
+                    raise BaseNotRestored(f"the lent base pipeline could not be restored: {exc}") from exc
+                self.metrics["restore_s"] = time.perf_counter() - restore_started
+        result.metrics.update(restore_s=self.metrics.get("restore_s", 0.0), wall_s=time.perf_counter() - started)
+        return result
+
+    # ------------------------------------------------------------------ 1. the base
+
+    def load_base(self):
+        import accelerate  # noqa: F401  (imports are part of loading)
+        import diffusers  # noqa: F401
+        import peft  # noqa: F401
+
+        dtype = self.autocast_dtype or torch.float32  # mixed precision: frozen weights in half precision
+        pipe = load_base_pipeline(self.preset, self.device, dtype)
+        if len(text_encoder_names(pipe)) != 1:
+            raise InvalidConfig("the trainer supports bases with exactly one text encoder for now")
+        return pipe
+
+    def check_base(self, pipe) -> None:
+        """A lent base must suit the run; checked before anything on it changes."""
+        if len(text_encoder_names(pipe)) != 1:
+            raise InvalidConfig("the trainer supports bases with exactly one text encoder for now")
+        if pipe.unet.device.type != self.device.type:
+            raise InvalidConfig(f"the lent base is on {pipe.unet.device}, the run on {self.device}")
+        if self.precision == "no" and pipe.unet.dtype != torch.float32:
+            raise InvalidConfig(f"mixed_precision 'no' needs an fp32 base; this one is {pipe.unet.dtype} "
+                                "(use 'auto' or 'bf16')", {"dtype": str(pipe.unet.dtype)})
+        if self.config.mode == "full":
+            from pipelines.training.base import BaseWeights
+
+            weights = BaseWeights(self.preset.base_model, self.preset.revision)
+            for component in ("unet", "text_encoder"):
+                weights.files(component)  # full mode restores from these files: fail now, not after training
+
+    # ------------------------------------------------------------------ 2. tokens
+
+    def prepare_tokens(self) -> None:
+        """A tokenizer copy with the new tokens and their initial rows; the pipeline is not changed yet."""
+        from pipelines.training.tokens import add_tokens, initial_rows
+
+        pipe = self.pipe
+        generator = torch.Generator().manual_seed(self.config.seed)
+        self.rows_init = initial_rows(self.config, pipe.tokenizer, pipe.text_encoder.get_input_embeddings(),
+                                      self.tokens.instance_token, self.tokens.class_token,
+                                      list(self.tokens.new_tokens), generator)
+        self.tokenizer, self.first_id = add_tokens(pipe.tokenizer, list(self.tokens.new_tokens))
+
+    # ------------------------------------------------------------------ 3. cache
+
+    def cache(self) -> CachedData:
+        """Encode the images the run will draw (batched), once; class images, token ids and masks."""
+        started = time.perf_counter()
+        config, pipe = self.config, self.pipe
+        class_images: list[Image.Image] = []
+        if config.prior_preservation:
+            class_images = _class_images(pipe, config, self.tokens, self.preset, self.class_images_dir)
+        self.schedule = schedule = SampleSchedule.draw(config.seed, self.total, config.batch_size, len(self.examples),
+                                                       config.flip, len(class_images))
+        n_images = len(schedule.used_images()) + len(schedule.used_classes())
+        progress = StageProgress(self.on_progress, Stage.CACHING, n_images)
+        progress.start("encoding photos")
+        side = None
+        if config.attention_loss_weight > 0:
+            from pipelines.training.attention import recorded_resolution
+
+            scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+            side = recorded_resolution(pipe.unet, self.preset.resolution // scale)
+        self.data = cache_data(
+            pipe.vae, self.tokenizer, self.examples, schedule, resolution=self.preset.resolution, flip=config.flip,
+            device=self.device, instance_token=self.tokens.instance_token,
+            class_prompt=config.class_prompt.format(class_token=self.tokens.class_token),
+            class_images=class_images, attention_side=side, on_images=progress.advance,
+        )
+        self.metrics["caching_s"] += time.perf_counter() - started
+        self.metrics["vae_images"] = self.data.vae_images
+        return self.data
+
+    # ------------------------------------------------------------------ 4. setup
+
+    def setup(self) -> None:
+        """Install the token rows, LoRA adapters or full weights as fp32 trainables; optimizer; CUDA paths."""
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import cast_training_params
+
+        from pipelines.training.optim import OptimizerInBackward, adamw
+        from pipelines.training.tokens import TokenRowsEmbedding
+
+        config, device, pipe = self.config, self.device, self.pipe
+        unet, text_encoder = pipe.unet, pipe.text_encoder
+        for module in (unet, pipe.vae, text_encoder):
+            module.requires_grad_(False)
+
+        # Token rows: the only part of the embedding that can change.
+        self.token_embedding = TokenRowsEmbedding(text_encoder.get_input_embeddings(), self.rows_init, self.first_id)
+        text_encoder.set_input_embeddings(self.token_embedding)
+        pipe.tokenizer = self.tokenizer
+
+        # Trainable parameters: LoRA adapters or whole components (fp32 masters), plus the token rows.
+        if config.mode == "lora":
+            from peft import LoraConfig
+
+            devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # LoRA init draws from the global RNG: seed it privately
+                torch.manual_seed(config.seed)
+                if self.trains_unet:
+                    unet.add_adapter(LoraConfig(**self.lora_spec.peft_kwargs("unet")))
+                if self.trains_text_encoder:
+                    text_encoder.add_adapter(LoraConfig(**self.lora_spec.peft_kwargs("text_encoder")))
+            unet_named = [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
+            te_named = [(n, p) for n, p in text_encoder.named_parameters() if "lora_" in n]
+        else:
+            unet_named = list(unet.named_parameters()) if self.trains_unet else []
+            te_named = [(n, p) for n, p in text_encoder.named_parameters()
+                        if self.trains_text_encoder and ".token_embedding." not in n]
+        for _, p in unet_named + te_named:
+            p.requires_grad_(True)
+        cast_training_params([unet, text_encoder], dtype=torch.float32)  # the trainables only; frozen stay as lent
+        self.trainables = Trainables(
+            unet=[p for _, p in unet_named], text_encoder=[p for _, p in te_named], rows=self.token_embedding.rows,
+            named={**{f"unet.{n}": p for n, p in unet_named}, **{f"text_encoder.{n}": p for n, p in te_named},
+                   "tokens": self.token_embedding.rows})
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if self.trains_text_encoder:
+                text_encoder.gradient_checkpointing_enable()
+        unet.train()
+        text_encoder.train()
+        if config.attention_loss_weight > 0:
+            from pipelines.training.attention import install_recorder
+
+            self.attention_store = install_recorder(unet, self.data.latents.shape[-1])
+
+        # Noise schedule, on the device once (add_noise, get_velocity and compute_snr then never copy).
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+        if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise InvalidConfig(f"prediction type {self.noise_scheduler.config.prediction_type!r} is not supported")
+
+        # One optimizer for the run (a component outside its stage has no gradient and no update).
+        groups = [
+            {"params": self.trainables.unet, "lr": config.resolved_unet_lr, "weight_decay": config.weight_decay},
+            {"params": self.trainables.text_encoder, "lr": config.resolved_text_encoder_lr,
+             "weight_decay": config.weight_decay},
+            {"params": [self.trainables.rows], "lr": config.token_lr, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        self.accelerator = make_accelerator(self.precision, device)
+        if config.optimizer_in_backward:
+            self.optimizer = OptimizerInBackward(groups, lambda g: adamw(g, device, config.use_8bit_adam),
+                                                 config.max_grad_norm)
+        else:
+            self.optimizer = self.accelerator.prepare_optimizer(adamw(groups, device, config.use_8bit_adam),
+                                                                device_placement=False)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+
+        # CUDA only: channels-last convolutions and TF32 matmuls (restored with the base), compiled U-Net.
+        self.unet_forward = unet
+        if device.type == "cuda":
+            unet.to(memory_format=torch.channels_last)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if config.compile:
+            self.unet_forward = torch.compile(unet)
+
+    # ------------------------------------------------------------------ 5. resume
+
+    def resume(self) -> int:
+        """Load the newest compatible checkpoint in ``checkpoint_dir``; returns the step to continue from."""
+        if not self.config.resume:
+            return 0
+        folder = ckpt.latest_checkpoint(self.checkpoint_dir, self.fingerprint)
+        if folder is None:
+            return 0
+        try:
+            checkpoint = ckpt.load_checkpoint(folder)
+            if set(checkpoint.trainables) != set(self.trainables.named):
+                raise ValueError("its trainable tensors differ from this run's")
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            log.warning("not resuming from %s: %s", folder, exc)
+            return 0
+        with torch.no_grad():
+            for name, param in self.trainables.named.items():
+                param.copy_(checkpoint.trainables[name])
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.generator.set_state(checkpoint.generator)
+        if self.accelerator.scaler is not None and checkpoint.scaler:
+            self.accelerator.scaler.load_state_dict(checkpoint.scaler)
+        return checkpoint.step
+
+    # ------------------------------------------------------------------ 6. stages and steps
+
+    def train_stages(self, start_step: int = 0) -> None:
+        """Run every stage from ``start_step``: per-step cancel check, progress, checkpoints, callbacks."""
+        self.metrics["resumed_from_step"] = start_step
+        if start_step == 0 and self.callbacks:
+            self.run_callbacks(0, self.plans[0].name, force=True)
+        step = steps_done = 0
+        train_started = time.perf_counter()
+        for index, plan in enumerate(self.plans):
+            stage_start, stage_end = step, step + plan.steps
+            if stage_end <= start_step:
+                step = stage_end
+                continue
+            self.begin_stage(index, stage_start)
+            progress = StageProgress(self.on_progress, plan.name, plan.steps)
+            resuming = start_step > step
+            progress.start(f"resumed from checkpoint at step {start_step}" if resuming else "")
+            if resuming:
+                progress.advance(start_step - step)
+                step = start_step
+            meter = LossMeter(self.device)
+            stage_started, stage_steps, unreported = time.perf_counter(), 0, 0
+            while step < stage_end:
+                raise_if_canceled(self.should_stop)
+                meter.add(self.training_step(step))
+                step += 1
+                steps_done += 1
+                stage_steps += 1
+                unreported += 1
+                if unreported == self.config.progress_every or step == stage_end:
+                    meter.close_window()
+                    done = meter.ready(wait=step == stage_end)  # waits only at the end of a stage
+                    self.losses += done
+                    rate = stage_steps / max(time.perf_counter() - stage_started, 1e-9)
+                    metrics = {"steps_per_s": rate, "step": float(step)}
+                    if done:
+                        metrics["loss"] = done[-1]
+                    progress.advance(unreported, **metrics)
+                    unreported = 0
+                if self.config.checkpoint_every and step % self.config.checkpoint_every == 0 and step < self.total:
+                    self.save_checkpoint(step)
+                if self.callbacks and step < self.total:
+                    self.run_callbacks(step, plan.name)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_s = time.perf_counter() - train_started
+        self.metrics.update(train_s=train_s, steps_per_s=steps_done / train_s if train_s > 0 else None)
+        if self.callbacks:
+            self.run_callbacks(self.total, self.plans[-1].name, force=True)
+
+    def begin_stage(self, index: int, stage_start: int) -> None:
+        """Freeze what the stage does not train, drop optimizer state that is never needed again, and
+        cache text embeddings when the stage freezes the text encoder and the tokens."""
+        from pipelines.training.optim import OptimizerInBackward, forget_state
+
+        plan = self.plans[index]
+        self.active = self.trainables.set_stage(plan)
+        if isinstance(self.optimizer, OptimizerInBackward):
+            self.optimizer.set_active(self.active)
+        remaining = [self.trainables.groups(later) for later in self.plans[index:]]
+        for i, (params, _) in enumerate(self.trainables.groups(plan)):
+            if params and not any(groups[i][1] for groups in remaining):
+                forget_state(self.optimizer, params)
+        self.stage_text = self.stage_class_text = None
+        if plan.train_text_encoder or plan.train_tokens:
+            return
+        started = time.perf_counter()
+        data, text_encoder = self.data, self.pipe.text_encoder
+        prompts = self.schedule.used_prompts(stage_start, stage_start + plan.steps)
+        with torch.no_grad(), self.accelerator.autocast():
+            encoded = encode_ids(text_encoder, data.ids[prompts])
+            self.stage_text = torch.zeros((data.ids.shape[0], *encoded.shape[1:]), dtype=encoded.dtype,
+                                          device=self.device)
+            self.stage_text[prompts] = encoded
+            if data.class_ids is not None:
+                self.stage_class_text = encode_ids(text_encoder, data.class_ids)
+        self.metrics["caching_s"] += time.perf_counter() - started
+
+    def training_step(self, step: int) -> torch.Tensor:
+        """One optimizer step on the batch the schedule draws at ``step``; returns the loss as a device
+        tensor (nothing here reads a value back to the host)."""
+        config, data, scheduler = self.config, self.data, self.noise_scheduler
+        batch = config.batch_size
+        index = data.schedule[step]
+        prompt_index = data.prompt_of[index]
+        latents = data.latents[index]
+        with self.accelerator.autocast():
+            if self.stage_text is not None:
+                text = self.stage_text[prompt_index]
+            else:
+                text = encode_ids(self.pipe.text_encoder, data.ids[prompt_index])
+            if data.class_latents is not None:
+                latents = torch.cat([latents, data.class_latents[data.class_schedule[step]]])
+                class_text = self.stage_class_text if self.stage_class_text is not None \
+                    else encode_ids(self.pipe.text_encoder, data.class_ids)
+                text = torch.cat([text, class_text.expand(batch, -1, -1).to(text.dtype)])
+            noise = torch.randn(latents.shape, device=self.device, generator=self.generator, dtype=latents.dtype)
+            if config.offset_noise:
+                noise = noise + config.offset_noise * torch.randn(
+                    (latents.shape[0], latents.shape[1], 1, 1), device=self.device, generator=self.generator)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      device=self.device, generator=self.generator)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            epsilon = scheduler.config.prediction_type == "epsilon"
+            target = noise if epsilon else scheduler.get_velocity(latents, noise, timesteps)
+            if self.attention_store is not None:
+                self.attention_store.reset(data.instance_position[prompt_index])
+            prediction = self.unet_forward(noisy, timesteps, encoder_hidden_states=text).sample
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma is not None:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(scheduler, timesteps)
+            per_sample = per_sample * snr.clamp(max=config.min_snr_gamma) / (snr if epsilon else snr + 1)
+        loss = per_sample[:batch].mean()
+        if data.class_latents is not None:
+            loss = loss + config.prior_loss_weight * per_sample[batch:].mean()
+        if self.attention_store is not None:
+            from pipelines.training.attention import masked_attention_loss
+
+            loss = loss + config.attention_loss_weight * masked_attention_loss(self.attention_store, data.outside[index])
+        self.accelerator.backward(loss)  # with optimizer_in_backward, every parameter steps in here
+        if config.max_grad_norm and not config.optimizer_in_backward:
+            self.accelerator.clip_grad_norm_(self.active, config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # gradients never live through the next forward
+        return loss.detach()
+
+    def run_callbacks(self, step: int, stage: str, force: bool = False) -> None:
+        for callback in self.callbacks:
+            every = callback.every or self.config.eval_every
+            if force or (every and step % every == 0):
+                with torch.no_grad(), self.accelerator.autocast():
+                    result = callback.fn(TrainingState(step, self.total, stage, self.pipe, self.tokens, self.examples,
+                                                       self.device))
+                if result:
+                    self.eval_history.append({"step": step, "stage": stage, **result})
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write a resumable checkpoint after ``step`` and hand its folder to ``on_checkpoint``."""
+        scaler = self.accelerator.scaler
+        folder = ckpt.save_checkpoint(self.checkpoint_dir, ckpt.Checkpoint(
+            step, self.fingerprint, dict(self.trainables.named), self.optimizer.state_dict(),
+            self.generator.get_state(), scaler.state_dict() if scaler is not None else None))
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(folder)
+        return folder
+
+    # ------------------------------------------------------------------ 7. save
+
+    def save(self) -> TrainResult:
+        """Write the adapter folder (replacing an older one) and remove the run's checkpoints."""
+        from peft.utils import get_peft_model_state_dict
+
+        from pipelines.adapters import load_manifest
+
+        started = time.perf_counter()
+        config, pipe = self.config, self.pipe
+        self.metrics.update(final_loss=self.losses[-1] if self.losses else None,
+                            stages={p.name: p.steps for p in self.plans}, mixed_precision=self.precision,
+                            wall_s=time.perf_counter() - self._started)
+        adapter_dir = self.output_dir / "adapter"
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)  # a rerun replaces, never mixes
+        new_tokens = list(self.tokens.new_tokens)
+        manifest = AdapterManifest(
+            mode=config.mode, base_model=self.preset.base_model, base_revision=self.preset.revision,
+            instance_token=self.tokens.instance_token, class_token=self.tokens.class_token, tokens=tuple(new_tokens),
+            lora=self.lora_spec if config.mode == "lora" else None, training_config=config.to_dict(),
+            steps=self.total, metrics=dict(self.metrics),
+        )
+        rows = self.token_embedding.rows
+        token_rows = {token: rows[i].detach().float().cpu() for i, token in enumerate(new_tokens)}
+        if config.mode == "lora":
+            save_adapter(adapter_dir, manifest, token_embeddings=token_rows,
+                         unet_lora=get_peft_model_state_dict(pipe.unet) if self.trains_unet else None,
+                         text_encoder_lora=get_peft_model_state_dict(pipe.text_encoder)
+                         if self.trains_text_encoder else None)
+        else:
+            full: dict[str, torch.nn.Module] = {}
+            if self.trains_unet:
+                full["unet"] = pipe.unet
+            if self.trains_text_encoder:
+                full["text_encoder"] = pipe.text_encoder
+            pipe.text_encoder.set_input_embeddings(self.token_embedding.base)  # saved with the base vocabulary
+            try:
+                save_adapter(adapter_dir, manifest, token_embeddings=token_rows, full_components=full)
+            finally:
+                pipe.text_encoder.set_input_embeddings(self.token_embedding)
+        manifest = load_manifest(adapter_dir)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)  # the run is complete; nothing left to resume
+        self.metrics["save_s"] = time.perf_counter() - started
+        metrics = dict(self.metrics)
+        if self.eval_history:
+            metrics["eval"] = self.eval_history
+        return TrainResult(adapter_dir, manifest, metrics, self.total)
+
+    # ------------------------------------------------------------------ after the run
+
+    def changed_weights(self) -> dict[str, list[str]]:
+        """Per component, the base weights whose values training changed (full mode)."""
+        if self.trainables is None or self.config.mode != "full":
+            return {}
+        out: dict[str, list[str]] = {"unet": [], "text_encoder": []}
+        for name in self.trainables.named:
+            component, _, rest = name.partition(".")
+            if component in out:
+                out[component].append(rest)
+        return out
+
+    def release(self) -> None:
+        """Drop the optimizer, caches and references to the pipeline (hooks removed)."""
+        from pipelines.training.optim import OptimizerInBackward
+
+        if isinstance(self.optimizer, OptimizerInBackward):
+            self.optimizer.close()
+        if self.accelerator is not None:
+            self.accelerator.free_memory()
+        self._reset_state()
 
 
 def train(
@@ -161,336 +756,30 @@ def train(
     config: TrainConfig,
     preset,
     output_dir: str | Path,
+    *,
+    base=None,
+    device: str | torch.device | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: CancelFn | None = None,
     checkpoint_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
+    on_checkpoint: CheckpointFn | None = None,
     callbacks: Sequence[TrainCallback] = (),
     class_images_dir: str | Path | None = None,
 ) -> TrainResult:
     """Fine-tune ``preset.base_model`` on ``examples``; the adapter lands in ``output_dir/adapter``.
 
-    Periodic checkpoints go to ``checkpoint_dir`` (default ``output_dir/checkpoints``); a
-    rerun with the same config and data continues from the newest one.
+    ``base``: None loads a fresh base pipeline; a loaded pipeline (the worker's shared base, on
+    ``device``, used by nothing else meanwhile) is borrowed and restored bit for bit when training
+    ends, fails or is canceled; if restoring itself fails, ``BaseNotRestored`` is raised and the
+    owner must discard that pipeline.
+    Checkpoints go to ``checkpoint_dir`` (default ``output_dir/checkpoints``) every
+    ``config.checkpoint_every`` steps, each handed to ``on_checkpoint(folder)`` once written; a run
+    continues from the newest compatible checkpoint found there when it starts.
     """
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    started = time.perf_counter()
-    # 0. Check inputs: everything that can fail without a model fails here.
-    check_inputs(examples, tokens, config, preset)
-    raise_if_canceled(should_stop)
-    plans = plan_stages(config, len(examples))
-    total = sum(p.steps for p in plans)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    output_dir = Path(output_dir)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else output_dir / "checkpoints"
-    fingerprint = config.fingerprint() + data_fingerprint(examples, tokens, preset)
-    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
-    trains_unet = any(p.train_unet for p in plans)
-    trains_text_encoder = any(p.train_text_encoder for p in plans)
-    lora_spec = LoraSpec(config.unet_rank, config.text_encoder_rank, config.lora_alpha)
-
-    # 1. Load the base components.
-    pipe = load_base_pipeline(preset, device, torch.float32)
-    if len(text_encoder_names(pipe)) != 1:
-        raise InvalidConfig("the trainer supports bases with exactly one text encoder for now")
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    load_s = time.perf_counter() - started
-    raise_if_canceled(should_stop)
-
-    # 2. Add the tokens; their rows are the only part of the embedding that can change.
-    from pipelines.training.tokens import TokenRowsEmbedding, add_tokens, initial_rows
-
-    torch.manual_seed(config.seed)
-    init_generator = torch.Generator().manual_seed(config.seed)
-    new_tokens = list(tokens.new_tokens)
-    base_embedding = text_encoder.get_input_embeddings()
-    rows = initial_rows(config, pipe.tokenizer, base_embedding, tokens.instance_token, tokens.class_token,
-                        new_tokens, init_generator)
-    pipe.tokenizer, first_id = add_tokens(pipe.tokenizer, new_tokens)
-    token_embedding = TokenRowsEmbedding(base_embedding, rows, first_id)
-    text_encoder.set_input_embeddings(token_embedding)
-
-    # 3. Trainable parameters: LoRA adapters or whole components, plus the token rows.
-    trainables = _Trainables(rows=token_embedding.rows)
-    if config.mode == "lora":
-        if trains_unet:
-            unet.add_adapter(LoraConfig(**lora_spec.peft_kwargs("unet")))
-        if trains_text_encoder:
-            text_encoder.add_adapter(LoraConfig(**lora_spec.peft_kwargs("text_encoder")))
-        if autocast_dtype is not None:  # frozen base weights in half precision, LoRA masters in fp32
-            for module in (unet, text_encoder):
-                module.to(autocast_dtype)
-            token_embedding.rows.data = token_embedding.rows.data.float()
-        unet_named = [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
-        te_named = [(n, p) for n, p in text_encoder.named_parameters() if "lora_" in n]
-    else:
-        unet_named = list(unet.named_parameters()) if trains_unet else []
-        te_named = [(n, p) for n, p in text_encoder.named_parameters()
-                    if trains_text_encoder and ".token_embedding." not in n]
-    for n, p in unet_named + te_named:
-        p.data = p.data.float()
-    trainables.unet = [p for _, p in unet_named]
-    trainables.text_encoder = [p for _, p in te_named]
-    trainables.named = {**{f"unet.{n}": p for n, p in unet_named}, **{f"text_encoder.{n}": p for n, p in te_named},
-                        "tokens": token_embedding.rows}
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if trains_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    unet.train()
-    text_encoder.train()
-
-    # 4. Cache latents once: every crop and its flip through the VAE.
-    caching_started = time.perf_counter()
-    resolution = preset.resolution
-    pixels = torch.stack([image_tensor(e.image, resolution) for e in examples])
-    if config.flip:
-        pixels = torch.cat([pixels, pixels.flip(-1)])
-    n_prompts = len(examples)
-    class_pixels = None
-    if config.prior_preservation:
-        class_pixels = torch.stack([image_tensor(im, resolution) for im in _class_images(pipe, config, tokens, preset,
-                                                                                          class_images_dir)])
-    caching = StageProgress(on_progress, Stage.CACHING, pixels.shape[0] + (0 if class_pixels is None else len(class_pixels)))
-    caching.start("encoding photos")
-    latents = encode_latents(vae, pixels, on_batch=lambda n: caching.advance(n))
-    class_latents = encode_latents(vae, class_pixels, on_batch=lambda n: caching.advance(n)) \
-        if class_pixels is not None else None
-    latent_size = latents.shape[-1]
-    if not callbacks:
-        vae.to("cpu")  # only callbacks (evaluation) decode during training
-    prompt_of = torch.arange(pixels.shape[0], device=device) % n_prompts
-    ids = pipe.tokenizer([e.prompt for e in examples], padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
-    class_ids = pipe.tokenizer([config.class_prompt.format(class_token=tokens.class_token)], padding="max_length",
-                               truncation=True, max_length=pipe.tokenizer.model_max_length,
-                               return_tensors="pt").input_ids.to(device)
-
-    store = outside = None
-    if config.attention_loss_weight > 0:
-        from pipelines.training.attention import install_recorder
-
-        store = install_recorder(unet, latent_size)
-        side = round(store.tokens**0.5)
-        instance_id = pipe.tokenizer.convert_tokens_to_ids(tokens.instance_token)
-        has_instance = (ids == instance_id)
-        instance_position = has_instance.float().argmax(1)
-        masks = torch.stack([image_tensor(e.mask, resolution, "L") if e.mask is not None
-                             else torch.ones(1, resolution, resolution) for e in examples])
-        valid = torch.tensor([e.mask is not None for e in examples], dtype=torch.float32)
-        outside_one = (1.0 - F.interpolate(masks, size=(side, side), mode="area")) * valid.view(-1, 1, 1, 1)
-        outside = torch.cat([outside_one, outside_one.flip(-1)]) if config.flip else outside_one
-        outside = (outside.to(device) * has_instance.any(1).float()[prompt_of].view(-1, 1, 1, 1).to(device))
-    caching_s = time.perf_counter() - caching_started
-    raise_if_canceled(should_stop)
-
-    # Noise schedule, on the device once.
-    schedule = pipe.scheduler.config
-    from diffusers import DDPMScheduler
-
-    ddpm = DDPMScheduler.from_config(schedule)
-    alphas_cumprod = ddpm.alphas_cumprod.to(device)
-    n_timesteps = int(ddpm.config.num_train_timesteps)
-    prediction_type = ddpm.config.prediction_type
-
-    # 5. Optimizer (one for the run; a component outside its stage simply has no gradient), resume.
-    groups = [
-        {"params": trainables.unet, "lr": config.resolved_unet_lr, "weight_decay": config.weight_decay},
-        {"params": trainables.text_encoder, "lr": config.resolved_text_encoder_lr, "weight_decay": config.weight_decay},
-        {"params": [trainables.rows], "lr": config.token_lr, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if config.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(groups)
-    else:
-        optimizer = torch.optim.AdamW(groups, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    scaler = torch.amp.GradScaler(device.type) if (autocast_dtype == torch.float16 and device.type == "cuda") else None
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    start_step = 0
-    checkpoint = load_checkpoint(checkpoint_dir, fingerprint) if config.resume else None
-    if checkpoint is not None:
-        with torch.no_grad():
-            for name, param in trainables.named.items():
-                param.copy_(checkpoint.trainables[name])
-        optimizer.load_state_dict(checkpoint.optimizer)
-        generator.set_state(checkpoint.generator)
-        if scaler is not None and checkpoint.scaler:
-            scaler.load_state_dict(checkpoint.scaler)
-        start_step = checkpoint.step
-    if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-        latents = latents.contiguous(memory_format=torch.channels_last)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if config.compile:
-        unet.compile()
-
-    def save_state(step: int) -> None:
-        save_checkpoint(checkpoint_dir, Checkpoint(step, fingerprint, dict(trainables.named), optimizer.state_dict(),
-                                                   generator.get_state(), scaler.state_dict() if scaler else None))
-
-    eval_history: list[dict[str, Any]] = []
-
-    def run_callbacks(step: int, stage: str, force: bool = False) -> None:
-        for callback in callbacks:
-            if force or (callback.every and step % callback.every == 0):
-                with torch.no_grad():
-                    result = callback.fn(TrainingState(step, total, stage, pipe, tokens, examples, device))
-                if result:
-                    eval_history.append({"step": step, "stage": stage, **result})
-
-    # 6. The stages.
-    if start_step == 0 and callbacks:
-        run_callbacks(0, plans[0].name, force=True)
-    step = 0
-    losses: list[float] = []
-    train_started = time.perf_counter()
-    steps_done = 0
-    for plan in plans:
-        stage_end = step + plan.steps
-        if stage_end <= start_step:
-            step = stage_end
-            continue
-        trainables.set_stage(plan)
-        active = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        cached_text = cached_class_text = None
-        if not (plan.train_text_encoder or plan.train_tokens):
-            with torch.no_grad(), autocast():
-                cached_text = encode_ids(text_encoder, ids)
-                cached_class_text = encode_ids(text_encoder, class_ids) if class_latents is not None else None
-        progress = StageProgress(on_progress, plan.name, plan.steps)
-        resuming = start_step > step
-        progress.start(f"resumed from checkpoint at step {start_step}" if resuming else "")
-        if resuming:
-            progress.advance(start_step - step)
-            step = start_step
-        running = torch.zeros((), device=device)
-        since_report, stage_started, stage_steps = 0, time.perf_counter(), 0
-        while step < stage_end:
-            raise_if_canceled(should_stop)
-            index = torch.randint(0, latents.shape[0], (config.batch_size,), device=device, generator=generator)
-            prompt_index = prompt_of[index]
-            batch = latents[index]
-            with autocast():
-                text = cached_text[prompt_index] if cached_text is not None else encode_ids(text_encoder, ids[prompt_index])
-                if class_latents is not None:
-                    class_index = torch.randint(0, class_latents.shape[0], (config.batch_size,), device=device,
-                                                generator=generator)
-                    batch = torch.cat([batch, class_latents[class_index]])
-                    class_text = cached_class_text if cached_class_text is not None else encode_ids(text_encoder, class_ids)
-                    text = torch.cat([text, class_text.expand(config.batch_size, -1, -1).to(text.dtype)])
-                noise = torch.randn(batch.shape, device=device, generator=generator)
-                if config.offset_noise:
-                    noise = noise + config.offset_noise * torch.randn(
-                        (batch.shape[0], batch.shape[1], 1, 1), device=device, generator=generator)
-                timesteps = torch.randint(0, n_timesteps, (batch.shape[0],), device=device, generator=generator)
-                alpha = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-                noisy = alpha.sqrt() * batch + (1 - alpha).sqrt() * noise
-                target = noise if prediction_type == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * batch
-                if store is not None:
-                    store.reset(instance_position[prompt_index])
-                prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
-            per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            if config.min_snr_gamma is not None:
-                snr = (alpha / (1 - alpha)).view(-1)
-                clipped = snr.clamp(max=config.min_snr_gamma)
-                per_sample = per_sample * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1))
-            loss = per_sample[: config.batch_size].mean()
-            if class_latents is not None:
-                loss = loss + config.prior_loss_weight * per_sample[config.batch_size :].mean()
-            if store is not None:
-                from pipelines.training.attention import masked_attention_loss
-
-                loss = loss + config.attention_loss_weight * masked_attention_loss(store, outside[index])
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(active, config.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
-            steps_done += 1
-            stage_steps += 1
-            since_report += 1
-            running += loss.detach()
-            if since_report == config.progress_every or step == stage_end:
-                mean_loss = float(running / since_report)  # the only host sync, every few steps
-                losses.append(mean_loss)
-                rate = stage_steps / max(time.perf_counter() - stage_started, 1e-9)
-                progress.advance(since_report, loss=mean_loss, steps_per_s=rate, step=float(step))
-                running.zero_()
-                since_report = 0
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-                save_state(step)
-            if callbacks and step < total:
-                run_callbacks(step, plan.name)
-    train_s = time.perf_counter() - train_started
-    if callbacks:
-        run_callbacks(total, plans[-1].name, force=True)
-
-    # 7. Save the adapter.
-    metrics = {
-        "final_loss": losses[-1] if losses else None,
-        "steps_per_s": steps_done / train_s if train_s > 0 else None,
-        "load_s": load_s,
-        "caching_s": caching_s,
-        "train_s": train_s,
-        "wall_s": time.perf_counter() - started,
-        "stages": {p.name: p.steps for p in plans},
-        "resumed_from_step": start_step,
-    }
-    if eval_history:
-        metrics["eval"] = eval_history
-    adapter_dir = output_dir / "adapter"
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)  # a rerun replaces, never mixes
-    manifest = AdapterManifest(
-        mode=config.mode,
-        base_model=preset.base_model,
-        base_revision=preset.revision,
-        instance_token=tokens.instance_token,
-        class_token=tokens.class_token,
-        tokens=tuple(new_tokens),
-        lora=lora_spec if config.mode == "lora" else None,
-        training_config=config.to_dict(),
-        steps=total,
-        metrics={k: v for k, v in metrics.items() if k != "eval"},
-    )
-    token_rows = {token: token_embedding.rows[i].detach().float().cpu() for i, token in enumerate(new_tokens)}
-    if config.mode == "lora":
-        save_adapter(adapter_dir, manifest, token_embeddings=token_rows,
-                     unet_lora=get_peft_model_state_dict(unet) if trains_unet else None,
-                     text_encoder_lora=get_peft_model_state_dict(text_encoder) if trains_text_encoder else None)
-    else:
-        full: dict[str, torch.nn.Module] = {}
-        if trains_unet:
-            full["unet"] = unet
-        if trains_text_encoder:
-            full["text_encoder"] = text_encoder
-        text_encoder.set_input_embeddings(token_embedding.base)  # saved with the base vocabulary
-        try:
-            save_adapter(adapter_dir, manifest, token_embeddings=token_rows, full_components=full)
-        finally:
-            text_encoder.set_input_embeddings(token_embedding)
-    from pipelines.adapters import load_manifest
-
-    manifest = load_manifest(adapter_dir)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run is complete; nothing left to resume
-    return TrainResult(adapter_dir, manifest, metrics, total)
+    trainer = Trainer(examples, tokens, config, preset, output_dir, device=device, checkpoint_dir=checkpoint_dir,
+                      on_progress=on_progress, should_stop=should_stop, on_checkpoint=on_checkpoint,
+                      callbacks=callbacks, class_images_dir=class_images_dir)
+    return trainer.run(base)
 
 
 def _class_images(pipe, config: TrainConfig, tokens: TokenSpec, preset, cache_root) -> list[Image.Image]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 import torch
@@ -114,12 +112,9 @@ def test_a_borrowed_base_comes_back_bit_for_bit_after_generating_with_an_adapter
 
 
 def test_training_borrows_the_base_and_gives_it_back_unchanged(manager, preset, astronaut, grace_hopper, tmp_path):
-    """Runs once the trainer accepts ``base=`` (pipelines/training, another engineer's change)."""
     from pipelines.training import TrainConfig, train
     from pipelines.types import TokenSpec, TrainingExample
 
-    if "base" not in inspect.signature(train).parameters:
-        pytest.skip("train() does not take base= yet")
     small = with_overrides(preset, resolution=32)
     examples = [TrainingExample(astronaut, "<bg0> <subj> girl", photo_id="a"),
                 TrainingExample(grace_hopper, "<bg1> <subj> girl", photo_id="g")]

@@ -231,7 +231,9 @@ def test_cancel_stops_within_one_step_and_resume_matches_uninterrupted_run(examp
             callbacks=[TrainCallback(every=1, fn=lambda s: steps_seen.append(s.step))])
     assert steps_seen[-1] == 5 and len(calls) == 9, "cancel must stop at the next step boundary"
     assert not (tmp_path / "interrupted" / "adapter").exists()
-    assert (tmp_path / "interrupted" / "checkpoints" / "checkpoint.pt").is_file()
+    # the newest checkpoint only, complete (meta.json is written last)
+    assert [p.name for p in (tmp_path / "interrupted" / "checkpoints").glob("step-*/meta.json")] == ["meta.json"]
+    assert (tmp_path / "interrupted" / "checkpoints" / "step-000004" / "meta.json").is_file()
 
     events = []
     resumed = run(examples, preset, tmp_path, "interrupted", config=config, on_progress=events.append)
