@@ -66,10 +66,12 @@ def main() -> None:
     from pipelines.models.presets import get_preset
     from worker.models import ModelManager
 
-    preset = get_preset("tiny", Path(os.environ.get("LIKENESS_TEST_MODEL_CACHE", Path(__file__).resolve().parent.parent / ".likeness" / "test-models")))
+    default_cache = Path(__file__).resolve().parent.parent / ".likeness" / "test-models"
+    preset = get_preset("tiny", Path(os.environ.get("LIKENESS_TEST_MODEL_CACHE", default_cache)))
     photos = make_photos(args.photos, args.megapixels)
     size_mb = sum(len(p.data) for p in photos) / 2**20
-    print(f"{len(photos)} photos of {args.megapixels:g} MP, {size_mb:.1f} MiB of JPEG; RSS before: {peak_rss_mb():.0f} MB")
+    print(f"{len(photos)} photos of {args.megapixels:g} MP, {size_mb:.1f} MiB of JPEG; "
+          f"RSS before: {peak_rss_mb():.0f} MB")
     config = IntakeConfig(clip_model=preset.clip, min_photos=1)
     manager = ModelManager()  # the worker's: loads on the first borrow, keeps the models
 

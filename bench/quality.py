@@ -65,7 +65,8 @@ def main(argv=None) -> None:
         preset = with_overrides(preset, resolution=args.resolution)
     photos = load_photos(args.photos)
     tokens = TokenSpec("<subj>", args.class_token, tuple(f"<bg{i}>" for i in range(len(photos))))
-    examples = [TrainingExample(im, f"<bg{i}> <subj> {args.class_token}", photo_id=str(i)) for i, im in enumerate(photos)]
+    examples = [TrainingExample(im, f"<bg{i}> <subj> {args.class_token}", photo_id=str(i))
+                for i, im in enumerate(photos)]
     eval_config = EvalConfig(every=args.eval_every, images_per_prompt=args.images_per_prompt,
                              num_inference_steps=args.sampler_steps)
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")

@@ -355,7 +355,8 @@ def main(argv=None) -> None:
         ours["cpu_ratio"] = ref["train_cpu_s"] / ours["train_cpu_s"]
         ours["peak_ratio"] = ours["peak_mb"] / ref["peak_mb"]
     print(f"\ndevice={args.device} arch={args.arch} resolution={args.resolution} steps={args.steps} "
-          f"photos={args.photos} strategy={args.strategy} batch=1 repeat={args.repeat} (best of each) date={time.strftime('%Y-%m-%d')}")
+          f"photos={args.photos} strategy={args.strategy} batch=1 repeat={args.repeat} (best of each) "
+          f"date={time.strftime('%Y-%m-%d')}")
     print(table(rows))
     if not args.no_reference and not gpu:
         print("\nCaching against the per-step encoding it replaces (process CPU s): the reference's VAE encode "

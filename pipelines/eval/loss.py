@@ -30,7 +30,8 @@ def denoising_loss(pipe, images: Sequence[Image.Image], prompts: Sequence[str], 
         noise = torch.randn(latents.shape, generator=generator).to(device)
         alpha = schedule.alphas_cumprod[t].to(device)
         noisy = alpha.sqrt() * latents.to(device) + (1 - alpha).sqrt() * noise
-        target = noise if schedule.config.prediction_type == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        velocity = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        target = noise if schedule.config.prediction_type == "epsilon" else velocity
         step = torch.full((latents.shape[0],), t, device=device)
         prediction = pipe.unet(noisy.to(pipe.unet.dtype), step, encoder_hidden_states=text.to(pipe.unet.dtype)).sample
         losses.append(F.mse_loss(prediction.float(), target.float()).item())

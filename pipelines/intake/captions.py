@@ -70,4 +70,5 @@ def load_captioner(model_path: str, device: str = "cpu") -> BlipCaptioner:
 
 
 def captioner_spec(model_path: str, device: str = "cpu") -> ModelSpec:
-    return ModelSpec.of("captioner", model_path, device, "float32", functools.partial(load_captioner, model_path, device))
+    loader = functools.partial(load_captioner, model_path, device)
+    return ModelSpec.of("captioner", model_path, device, "float32", loader)

@@ -44,7 +44,7 @@ def load_base_pipeline(preset: ModelPreset, device: torch.device | str, dtype: t
         raise ModelNotFound(f"base model {preset.base_model!r} could not be loaded: {exc}",
                             {"base_model": preset.base_model}) from exc
     pipe.set_progress_bar_config(disable=True)
-    for name, component in pipe.components.items():
+    for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
             component.eval()

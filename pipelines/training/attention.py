@@ -77,7 +77,8 @@ def install_recorder(unet, latent_size: int) -> AttentionMapStore:
 def masked_attention_loss(store: AttentionMapStore, outside: torch.Tensor) -> torch.Tensor:
     """BCE between the instance token's mean map and 0, over pixels outside the person mask."""
     maps = store.mean_map().clamp(0.0, 1.0 - 1e-6)
-    outside = F.interpolate(outside, size=maps.shape[-2:], mode="area").squeeze(1) if outside.shape[-1] != maps.shape[-1] \
-        else outside.squeeze(1)
+    if outside.shape[-1] != maps.shape[-1]:
+        outside = F.interpolate(outside, size=maps.shape[-2:], mode="area")
+    outside = outside.squeeze(1)
     bce = -torch.log1p(-maps)
     return (bce * outside).sum() / outside.sum().clamp(min=1.0)

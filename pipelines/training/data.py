@@ -25,7 +25,8 @@ def image_tensor(image: Image.Image, resolution: int, mode: str = "RGB") -> torc
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
-    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC if mode == "RGB" else Image.Resampling.BILINEAR)
+    resample = Image.Resampling.BICUBIC if mode == "RGB" else Image.Resampling.BILINEAR
+    image = image.resize((resolution, resolution), resample)
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     if mode == "RGB":
         return array.permute(2, 0, 1) * 2.0 - 1.0

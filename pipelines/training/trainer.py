@@ -261,7 +261,8 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = config.resolved_precision(self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
-            raise InvalidConfig("fp16 mixed precision needs a CUDA device; use bf16 or no", {"device": str(self.device)})
+            raise InvalidConfig("fp16 mixed precision needs a CUDA device; use bf16 or no",
+                                {"device": str(self.device)})
         if self.precision == "fp16" and config.optimizer_in_backward:
             raise InvalidConfig("optimizer_in_backward cannot be combined with fp16 (the loss scaler needs every "
                                 "gradient first); use bf16")
@@ -647,7 +648,8 @@ class Trainer:
         if self.attention_store is not None:
             from pipelines.training.attention import masked_attention_loss
 
-            loss = loss + config.attention_loss_weight * masked_attention_loss(self.attention_store, data.outside[index])
+            penalty = masked_attention_loss(self.attention_store, data.outside[index])
+            loss = loss + config.attention_loss_weight * penalty
         self.accelerator.backward(loss)  # with optimizer_in_backward, every parameter steps in here
         if config.max_grad_norm and not config.optimizer_in_backward:
             self.accelerator.clip_grad_norm_(self.active, config.max_grad_norm)

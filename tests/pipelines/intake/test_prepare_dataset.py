@@ -164,7 +164,8 @@ def test_save_and_load_round_trip(run, tmp_path):
     dataset, _ = run
     loaded = Dataset.load(dataset.save(tmp_path / "ds"))
     assert [r.to_dict() for r in loaded.report] == [r.to_dict() for r in dataset.report]
-    assert (loaded.class_token, loaded.class_scores, loaded.checks) == (dataset.class_token, dataset.class_scores, dataset.checks)
+    assert (loaded.class_token, loaded.class_scores, loaded.checks) == \
+        (dataset.class_token, dataset.class_scores, dataset.checks)
     assert [e.prompt for e in loaded.training_examples()] == [e.prompt for e in dataset.training_examples()]
     for a, b in zip(loaded.items, dataset.items):
         assert np.array_equal(np.asarray(a.crop), np.asarray(b.crop))

@@ -82,7 +82,7 @@ def assert_same(after: dict, before: dict) -> None:
             assert now is param, f"{name}.{key} is another Parameter object"
             assert now_meta == meta, f"{name}.{key}: dtype/device/stride/requires_grad/grad/hooks differ"
             assert torch.equal(now_values, values), f"{name}.{key} changed"
-        for key, (buffer, values, stride) in b["buffers"].items():
+        for key, (buffer, values, _stride) in b["buffers"].items():
             assert a["buffers"][key][0] is buffer and torch.equal(a["buffers"][key][1], values)
 
 
