@@ -3,6 +3,8 @@
 Per client (``clients.retain_*_days``; NULL: the settings' defaults ``LIKENESS_RETAIN_*``; no value:
 kept until deleted):
 
+* **uploaded template photos** (another person's photo, uploaded to put the subject into): the same
+  ``retain_training_data_days`` after upload, unless a queued or running template job uses it.
 * **uploads, crops, masks and training datasets**: ``retain_training_data_days`` after the last
   training of the subject that could have used them finished. A subject's photo is deleted when it
   was uploaded before the cutoff and no training of the subject is queued, running or finished
@@ -29,7 +31,7 @@ from typing import Any
 from sqlalchemy import delete, exists, or_, select, update
 
 from app.config import Settings, get_settings
-from app.db.models import Client, Image, Job, JobKind, Photo, PurgeTotal, Subject, utcnow
+from app.db.models import Client, Image, Job, JobKind, Photo, PurgeTotal, Subject, TemplatePhoto, utcnow
 from app.db.uow import UnitOfWork
 from app.storage import BlobStore, dataset_prefix, get_blob_store, photo_prefix
 from likeness.contract.plan import ACTIVE_STATES, JobState
@@ -45,6 +47,7 @@ DATASET_PURGED = "dataset_purged_at"  # marker in a training job's result: its d
 class PurgeReport:
     photos: int = 0
     datasets: int = 0
+    templates: int = 0
     images: int = 0
     blobs: int = 0
 
@@ -71,10 +74,11 @@ def purge_expired(settings: Settings | None = None, store: BlobStore | None = No
         image_days = retention_days(image_days, settings.retain_images_days)
         if data_days is not None:
             _purge_training_data(settings, store, client_id, now - timedelta(days=data_days), now, report)
+            _purge_template_photos(settings, store, client_id, now - timedelta(days=data_days), report)
         if image_days is not None:
             _purge_images(settings, store, client_id, now - timedelta(days=image_days), report)
     _record(settings, report, now)
-    if report.photos or report.datasets or report.images:
+    if report.photos or report.datasets or report.templates or report.images:
         log.info("retention purge: %s", report.as_dict())
     return report
 
@@ -110,6 +114,27 @@ def _purge_training_data(settings: Settings, store: BlobStore, client_id: str, c
                 marked: dict[str, Any] = {**(result or {}), DATASET_PURGED: now.isoformat()}
                 uow.session.execute(update(Job).where(Job.id == job_id).values(result=marked))
         if len(pending) < BATCH:
+            break
+
+
+def _purge_template_photos(settings: Settings, store: BlobStore, client_id: str, cutoff: datetime,
+                           report: PurgeReport) -> None:
+    with UnitOfWork(settings) as uow:
+        active_requests = uow.session.scalars(select(Job.request).where(
+            Job.client_id == client_id, Job.kind == JobKind.TEMPLATE, Job.state.in_(ACTIVE_STATES))).all()
+    in_use = {((request or {}).get("source") or {}).get("photo_id") for request in active_requests} - {None}
+    while True:
+        with UnitOfWork(settings) as uow:
+            photos = uow.session.execute(
+                select(TemplatePhoto.id, TemplatePhoto.key).join(Subject, Subject.id == TemplatePhoto.subject_id)
+                .where(Subject.client_id == client_id, TemplatePhoto.created_at < cutoff,
+                       TemplatePhoto.id.not_in(in_use)).limit(BATCH)).all()
+            for _, key in photos:
+                store.delete(key)
+                report.blobs += 1
+            uow.session.execute(delete(TemplatePhoto).where(TemplatePhoto.id.in_([p.id for p in photos])))
+            report.templates += len(photos)
+        if len(photos) < BATCH:
             break
 
 

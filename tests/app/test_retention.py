@@ -9,9 +9,9 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from app.db.models import Image, Job, JobKind, JobState, Photo, utcnow
+from app.db.models import Image, Job, JobKind, JobState, Photo, TemplatePhoto, utcnow
 from app.services.retention import purge_expired
-from app.storage import dataset_prefix, image_key, photo_crop_key
+from app.storage import dataset_prefix, image_key, photo_crop_key, template_photo_key
 from tests.app.fixtures import session_scope
 from tests.app.helpers import subject_with_photo
 
@@ -106,6 +106,35 @@ def test_the_purge_deletes_what_is_due_and_keeps_the_rest(client_a, client_b, ad
     deleted = dict(re.findall(r'likeness_retention_deleted_total\{kind="(\w+)"\} ([0-9.e+]+)', text))
     assert float(deleted["photos"]) >= 2 and float(deleted["images"]) >= 1 and float(deleted["runs"]) >= 2
     assert "likeness_retention_last_purge_timestamp_seconds" in text
+
+
+def _template_photo(subject_id: str, days_ago: float, store) -> str:  # noqa: ANN001
+    with session_scope() as session:
+        photo = TemplatePhoto(subject_id=subject_id, key="", format="jpeg", width=8, height=8,
+                              created_at=utcnow() - days_ago * DAY)
+        session.add(photo)
+        session.flush()
+        photo.key = template_photo_key(subject_id, photo.id)
+        photo_id, key = photo.id, photo.key
+    store.put(key, b"jpeg")
+    return photo_id
+
+
+def test_uploaded_template_photos_go_with_the_training_data_unless_a_job_uses_them(client_a, store, settings):
+    """A template photo shows another person: it is kept no longer than the subject's own uploads."""
+    subject_id = subject_with_photo(client_a)
+    old, in_use, recent = (_template_photo(subject_id, days, store) for days in (40, 40, 5))
+    with session_scope() as session:
+        session.add(Job(client_id=client_a.id, subject_id=subject_id, kind=JobKind.TEMPLATE, state=JobState.RUNNING,
+                        request={"kind": "template", "source": {"kind": "upload", "photo_id": in_use}},
+                        completed_stages=[]))
+
+    report = purge_expired(settings, store)
+
+    assert report.templates == 1
+    assert _count(TemplatePhoto, id=old) == 0 and not store.exists(template_photo_key(subject_id, old))
+    for kept in (in_use, recent):
+        assert _count(TemplatePhoto, id=kept) == 1 and store.exists(template_photo_key(subject_id, kept))
 
 
 def test_retention_can_be_switched_off_per_install(client_a, store, settings, monkeypatch):
