@@ -21,8 +21,9 @@ WINDOW_S = 60
 
 
 class RateLimiter(Protocol):
-    def hit(self, client_id: str, limit: int, now: float | None = None) -> float | None:
-        """Count one request; None when within ``limit`` per window, else seconds until the next window."""
+    def hit(self, client_id: str, limit: int, now: float | None = None, cost: int = 1) -> float | None:
+        """Count ``cost`` requests (0: only look); None when within ``limit`` per window, else seconds until
+        the next window."""
 
 
 def _window(now: float) -> tuple[int, float]:
@@ -35,12 +36,12 @@ class LocalRateLimiter:
         self._counts: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
 
-    def hit(self, client_id: str, limit: int, now: float | None = None) -> float | None:
+    def hit(self, client_id: str, limit: int, now: float | None = None, cost: int = 1) -> float | None:
         window, remaining = _window(time.time() if now is None else now)
         with self._lock:
             if len(self._counts) > 50_000:
                 self._counts = {k: v for k, v in self._counts.items() if k[1] >= window}
-            count = self._counts.get((client_id, window), 0) + 1
+            count = self._counts.get((client_id, window), 0) + cost
             self._counts[(client_id, window)] = count
         return None if count <= limit else remaining
 
@@ -53,12 +54,12 @@ class RedisRateLimiter:
         self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self._warned_at = 0.0
 
-    def hit(self, client_id: str, limit: int, now: float | None = None) -> float | None:
+    def hit(self, client_id: str, limit: int, now: float | None = None, cost: int = 1) -> float | None:
         window, remaining = _window(time.time() if now is None else now)
         key = f"{self.prefix}likeness:rate:{client_id}:{window}"
         try:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.incr(key)
+            pipe.incrby(key, cost)
             pipe.expire(key, 2 * WINDOW_S)
             count = int(pipe.execute()[0])
         except Exception:  # noqa: BLE001 - fail open, but say so (at most once a minute)

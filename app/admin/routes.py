@@ -7,6 +7,7 @@ same unit of work, with ``caller=None`` where an admin sees every client's resou
 
 from __future__ import annotations
 
+import math
 import mimetypes
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Literal
@@ -98,12 +99,24 @@ async def _posted_form(request: Request) -> dict[str, str]:
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
+#: Failed admin sign-ins allowed per address and minute (an admin key cannot be guessed, but it need not be tried).
+LOGIN_FAILURES_PER_MINUTE = 10
+
+
 @router.post("/login")
 def login(request: Request, settings: SettingsDep, uow: UoW, form: Annotated[dict[str, str], Depends(_posted_form)]):
     auth.check_login_csrf(request, settings, form.get("csrf_token"))
     key, next_page = (form.get("api_key") or "").strip(), form.get("next")
+    # Failed sign-ins are counted per address; past the limit even a right key waits for the next window.
+    limiter, address = request.app.state.rate_limiter, f"admin-login:{request.client.host if request.client else '-'}"
+    if (retry_after := limiter.hit(address, LOGIN_FAILURES_PER_MINUTE - 1, cost=0)) is not None:  # N failed: wait
+        response = _login_page(request, settings, 429, f"Too many failed sign-ins from this address; "
+                                                       f"try again in {math.ceil(retry_after)} s.", next_page)
+        response.headers["Retry-After"] = str(math.ceil(retry_after))
+        return response
     caller = clients.authenticate(uow.session, key) if key else None
     if caller is None or not caller.is_admin:
+        limiter.hit(address, LOGIN_FAILURES_PER_MINUTE)
         # One message for unknown, revoked and non-admin keys; the key is never echoed back.
         return _login_page(request, settings, 401, "That is not a valid admin API key.", next_page)
     client = clients.get_client(uow.session, caller.id)

@@ -108,6 +108,21 @@ def test_a_wrong_key_shows_an_error_not_a_stack_trace(browser, make_client, whic
     assert browser.get("/admin").status_code == 303
 
 
+def test_sign_in_attempts_are_limited_per_address(app, admin):
+    """Ten wrong keys from one address: the next attempt waits, even with the right key; others are unaffected."""
+    from app.admin.routes import LOGIN_FAILURES_PER_MINUTE
+
+    guesser = TestClient(app, raise_server_exceptions=False, follow_redirects=False, client=("203.0.113.7", 50000))
+    for _ in range(LOGIN_FAILURES_PER_MINUTE):
+        assert log_in(guesser, "lk_guess").status_code == 401
+    blocked = log_in(guesser, admin.key)
+    assert blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 0
+    assert "Too many failed sign-ins" in blocked.text and admin.key not in blocked.text
+    assert auth.SESSION_COOKIE + "=" not in blocked.headers.get("set-cookie", "")
+    elsewhere = TestClient(app, raise_server_exceptions=False, follow_redirects=False, client=("198.51.100.9", 50000))
+    assert log_in(elsewhere, admin.key).status_code == 303
+
+
 def test_posts_without_the_csrf_token_are_refused(browser, operator):
     name = f"csrf-{time.time_ns()}"
     for data in ({"name": name}, {"name": name, "csrf_token": "forged"}):
