@@ -151,6 +151,13 @@ def _build_generation_models(parts: dict[str, Any]) -> GenerationModels:
     )
 
 
+def pipeline_parts(base, vae, sampler: str) -> dict[str, Any]:
+    """The modules of a per-request diffusers pipeline over the base: its own VAE and scheduler, no checker."""
+    return {"vae": vae, "text_encoder": base.text_encoder, "tokenizer": base.tokenizer, "unet": base.unet,
+            "scheduler": make_scheduler(sampler, base.scheduler.config),
+            "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
 def make_scheduler(name: str, base_config):
     from diffusers import (
         DDIMScheduler,
@@ -289,16 +296,7 @@ class GenerationEngine:
         from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
         base = self.pipe
-        parts = {
-            "vae": self.vae(spec.use_improved_vae),
-            "text_encoder": base.text_encoder,
-            "tokenizer": base.tokenizer,
-            "unet": base.unet,
-            "scheduler": make_scheduler(spec.sampler, base.scheduler.config),
-            "safety_checker": None,
-            "feature_extractor": None,
-            "requires_safety_checker": False,
-        }
+        parts = pipeline_parts(base, self.vae(spec.use_improved_vae), spec.sampler)
         if spec.controlnets:
             nets = [self.controlnet(c.kind) for c in spec.controlnets]
             pipe = StableDiffusionControlNetPipeline(controlnet=nets, **parts)

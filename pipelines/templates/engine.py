@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import InvalidConfig, ModelNotFound
-from pipelines.generation.engine import BASE_TOKENS, Result, make_scheduler, resolve_device, vae_mode
+from pipelines.generation.engine import BASE_TOKENS, Result, pipeline_parts, resolve_device, vae_mode
 from pipelines.generation.styles import fill_prompt
 from pipelines.models.presets import ModelPreset
 from pipelines.models.specs import BundleSpec, ModelSpec
@@ -186,16 +186,7 @@ class TemplateEngine:
         from diffusers import StableDiffusionControlNetInpaintPipeline, StableDiffusionInpaintPipeline
 
         base = self.pipe
-        parts = {
-            "vae": self.vae(spec.use_improved_vae),
-            "text_encoder": base.text_encoder,
-            "tokenizer": base.tokenizer,
-            "unet": base.unet,
-            "scheduler": make_scheduler(spec.sampler, base.scheduler.config),
-            "safety_checker": None,
-            "feature_extractor": None,
-            "requires_safety_checker": False,
-        }
+        parts = pipeline_parts(base, self.vae(spec.use_improved_vae), spec.sampler)
         if kinds:
             nets = [self.controlnet(kind) for kind in kinds]
             pipe = StableDiffusionControlNetInpaintPipeline(controlnet=nets if len(nets) > 1 else nets[0], **parts)
