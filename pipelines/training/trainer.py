@@ -261,7 +261,8 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = config.resolved_precision(self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
-            raise InvalidConfig("fp16 mixed precision needs a CUDA device; use bf16 or no", {"device": str(self.device)})
+            raise InvalidConfig("fp16 mixed precision needs a CUDA device; use bf16 or no",
+                                {"device": str(self.device)})
         if self.precision == "fp16" and config.optimizer_in_backward:
             raise InvalidConfig("optimizer_in_backward cannot be combined with fp16 (the loss scaler needs every "
                                 "gradient first); use bf16")
@@ -543,7 +544,10 @@ class Trainer:
             self.begin_stage(index, stage_start)
             progress = StageProgress(self.on_progress, plan.name, plan.steps)
             resuming = start_step > step
-            progress.start(f"resumed from checkpoint at step {start_step}" if resuming else "")
+            if resuming:
+                progress.start(f"resumed from checkpoint at step {start_step}", resumed_from_step=float(start_step))
+            else:
+                progress.start()
             if resuming:
                 progress.advance(start_step - step)
                 step = start_step
@@ -647,7 +651,8 @@ class Trainer:
         if self.attention_store is not None:
             from pipelines.training.attention import masked_attention_loss
 
-            loss = loss + config.attention_loss_weight * masked_attention_loss(self.attention_store, data.outside[index])
+            loss = loss + config.attention_loss_weight * masked_attention_loss(self.attention_store,
+                                                                               data.outside[index])
         self.accelerator.backward(loss)  # with optimizer_in_backward, every parameter steps in here
         if config.max_grad_norm and not config.optimizer_in_backward:
             self.accelerator.clip_grad_norm_(self.active, config.max_grad_norm)
