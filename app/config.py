@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     result_backend: str = ""
     redis_url: str = ""  # rate/idempotency/queue-depth metrics; optional in embedded mode
     queue_prefix: str = ""  # isolates queues (and Redis keys) of several deployments/test runs
-    broker_visibility_timeout_s: int = 3600  # Redis: an unacked message goes to another worker after this
+    # Redis: an unacked message goes to another worker after this. Not how a lost job comes back (the
+    # lease below does that); it must exceed the longest retry countdown a worker holds (webhook backoff).
+    broker_visibility_timeout_s: int = 3600
 
     # Blob storage
     storage_backend: Literal["local", "s3"] = "local"
@@ -75,8 +77,12 @@ class Settings(BaseSettings):
 
     # Jobs
     max_attempts: int = 3
-    job_heartbeat_s: int = 30
-    job_stale_after_s: int = 300
+    # A running job's owner renews a lease (``heartbeat_at``) every ``job_heartbeat_s``; a lease older than
+    # ``job_stale_after_s`` means its worker is gone and the recovery sweep (every ``job_heartbeat_s``, in every
+    # worker) hands the job to another worker, which resumes training from the last mirrored checkpoint.
+    job_heartbeat_s: int = 5
+    job_stale_after_s: int = 30
+    job_requeue_after_s: int = 300  # a queued (or handed-over) job nobody took this long: its message is resent
     webhook_max_attempts: int = 6
 
     # API server
@@ -91,6 +97,14 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
             return None
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_beats(self) -> Settings:
+        if self.job_heartbeat_s < 1 or self.job_stale_after_s < 2 * self.job_heartbeat_s:
+            raise ValueError(f"LIKENESS_JOB_STALE_AFTER_S ({self.job_stale_after_s}) must be at least twice "
+                             f"LIKENESS_JOB_HEARTBEAT_S ({self.job_heartbeat_s}, at least 1): one late heartbeat "
+                             "must not hand a live job to another worker")
+        return self
 
     @model_validator(mode="after")
     def _refuse_public_secret(self) -> Settings:

@@ -55,6 +55,12 @@ def dataset_prefix(subject_id: str, job_id: str) -> str:
     return f"subjects/{subject_id}/datasets/{job_id}/"
 
 
+def checkpoint_prefix(subject_id: str, job_id: str) -> str:
+    """A train job's mirrored training checkpoints (``step-XXXXXX/``): any worker resumes from them;
+    deleted when the job ends (and with the subject)."""
+    return f"subjects/{subject_id}/checkpoints/{job_id}/"
+
+
 def photo_original_key(subject_id: str, photo_id: str, extension: str = "jpg") -> str:
     """The uploaded file as sent (minus its metadata); ``extension`` names its format."""
     return f"subjects/{subject_id}/photos/{photo_id}/original.{extension}"

@@ -83,8 +83,8 @@ class StageProgress:
         self._last_emit = float("-inf")
         self._min_interval = min_interval_s
 
-    def start(self, message: str = "") -> None:
-        self._emit(ProgressEvent(self.stage, 0.0, None, message))
+    def start(self, message: str = "", **metrics: float) -> None:
+        self._emit(ProgressEvent(self.stage, 0.0, None, message, metrics))
         self._last_emit = self._clock()
 
     def advance(self, n: int = 1, message: str = "", **metrics: float) -> None:

@@ -184,6 +184,18 @@ def _close_open_stages(session, job_id: str, now: datetime) -> None:  # noqa: AN
         row.seconds = round((now - aware(row.started_at)).total_seconds(), 3)
 
 
+def record_result(settings: Settings, job_id: str, values: dict[str, Any]) -> bool:
+    """Merge ``values`` into an owned running job's ``result`` now (e.g. "resumed from step N");
+    False when this process no longer owns the job."""
+    with UnitOfWork(settings) as uow:
+        job = _locked(uow, job_id)
+        if job is None or job.worker != worker_id() or job.state != JobState.RUNNING:
+            return False
+        job.result = {**(job.result or {}), **values}
+        job.heartbeat_at = utcnow()
+        return True
+
+
 def heartbeat(settings: Settings, job_id: str) -> bool:
     with UnitOfWork(settings) as uow:
         return uow.session.execute(_owned(job_id).values(heartbeat_at=utcnow())).rowcount == 1

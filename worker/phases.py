@@ -6,7 +6,8 @@ phases themselves (queues, stages, order) are the job plan's (:mod:`likeness.con
 this module binds each phase to the function that runs it (:data:`PHASE_RUNNERS`).
 
     train:    intake (cpu)                      -> dataset saved to subjects/<s>/datasets/<job>/
-              caching, training:stage1/2 (gpu)  -> adapter blobs + ``adapters`` row (+ kohya export)
+              caching, training:stage1/2 (gpu)  -> adapter blobs + ``adapters`` row (+ kohya export);
+                                                   checkpoints mirrored to subjects/<s>/checkpoints/<job>/
     generate: generating, ranking, upscaling, delivering (gpu) -> ``images`` rows + blobs
     template: masking, generating, ranking, upscaling, delivering (gpu) -> ``images`` rows + blobs
               (and the verdict of an uploaded template photo on its ``template_photos`` row)
@@ -34,6 +35,7 @@ from app.storage import (
     BlobStore,
     adapter_export_key,
     adapter_prefix,
+    checkpoint_prefix,
     dataset_prefix,
     image_key,
     photo_crop_key,
@@ -44,7 +46,8 @@ from likeness.contract.plan import PLANS, JobKind
 from likeness.contract.requests import ResolvedGenerate, ResolvedTemplate, ResolvedTrain, TemplateSource, read_resolved
 from pipelines.errors import InvalidConfig, PipelineError
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
-from worker.jobs import JobSnapshot
+from worker.checkpoints import mirror_checkpoint, restore_checkpoint
+from worker.jobs import JobSnapshot, record_result
 from worker.models import get_manager, resolve_device
 
 log = logging.getLogger(__name__)
@@ -218,12 +221,21 @@ def run_training(ctx: PhaseContext) -> dict[str, Any]:
     folder = download_folder(ctx.store, dataset_prefix(job.subject_id, job.id), ctx.workdir / "dataset-in")
     dataset = Dataset.load(folder)
     preset = _preset(request.preset, ctx.settings)
-    output_dir = ctx.workdir / "training"  # kept across attempts on this machine: train() resumes its checkpoint
+    output_dir = ctx.workdir / "training"
+    # Checkpoints: kept across attempts on this machine and mirrored to the blob store, so whichever
+    # worker runs the next attempt resumes from the newest one (see worker.checkpoints).
+    checkpoint_dir = ctx.workdir / "checkpoints"
+    mirrored = checkpoint_prefix(job.subject_id, job.id)
+    restore_checkpoint(ctx.store, mirrored, checkpoint_dir)
     curve: list[list[float]] = []
 
     def on_progress(event: ProgressEvent) -> None:  # (step, loss) of each report: the dashboard's loss curve
         if "loss" in event.metrics and "step" in event.metrics:
             curve.append([float(event.metrics["step"]), round(float(event.metrics["loss"]), 6)])
+        if "resumed_from_step" in event.metrics:  # the client sees it while the job runs
+            record_result(ctx.settings, job.id, {"resumed": {
+                "from_step": int(event.metrics["resumed_from_step"]), "attempt": job.attempts,
+                "message": event.message}})
         ctx.on_progress(event)
 
     device = resolve_device(ctx.settings.device)
@@ -231,7 +243,9 @@ def run_training(ctx: PhaseContext) -> dict[str, Any]:
     try:
         with get_manager().borrow(spec) as base:
             result = train(dataset.training_examples(), dataset.token_spec(), request.training, preset, output_dir,
-                           base=base, device=device, on_progress=on_progress, should_stop=ctx.should_stop)
+                           base=base, device=device, on_progress=on_progress, should_stop=ctx.should_stop,
+                           checkpoint_dir=checkpoint_dir,
+                           on_checkpoint=lambda folder: mirror_checkpoint(ctx.store, mirrored, folder))
     except BaseNotRestored:
         get_manager().evict(spec)  # never lend a base training could not put back
         raise

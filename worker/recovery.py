@@ -1,16 +1,22 @@
 """Find jobs nobody is working on and put them back on a queue (or fail them).
 
-Redelivery (``acks_late`` + ``task_reject_on_worker_lost``) covers a pool process that
-dies. It does not cover a message that vanished: a whole worker SIGKILLed on the SQLite
-broker, a Redis message waiting out its visibility timeout, an enqueue that failed after
-the commit. This sweep runs at worker start and then every ``job_stale_after_s / 2``:
+A running job's owner holds a lease: ``heartbeat_at``, renewed every ``job_heartbeat_s``
+(:class:`worker.runner._Heartbeat`). Redelivery (``acks_late`` + ``task_reject_on_worker_lost``)
+covers a pool process that dies while its worker lives. It does not cover a whole worker (or
+machine) lost: its Redis message waits out the broker's visibility timeout, the SQLite broker's
+is gone. Nor an enqueue that failed after the commit. This sweep runs in every worker's main
+process at start and then every ``job_heartbeat_s``:
 
-* ``running`` with a stale heartbeat and an owner: the owner died. Out of attempts ->
-  ``failed``/``worker_lost``; otherwise released (owner cleared) and requeued; the
-  next claim counts the attempt.
+* ``running`` with an owner whose lease expired (``heartbeat_at`` older than
+  ``job_stale_after_s``): the owner died. Out of attempts -> ``failed``/``worker_lost``
+  (its mirrored training checkpoints deleted); otherwise released (owner cleared) and
+  requeued; the worker that claims it resumes training from the last mirrored checkpoint.
 * ``running`` without owner (handed between queues) or ``queued``, untouched for
-  ``job_stale_after_s``: its message may be lost; requeue (a duplicate is ignored by
-  the claim).
+  ``job_requeue_after_s``: its message may be lost; requeue. A queue that is merely busy
+  keeps such jobs waiting for minutes, hence the longer threshold.
+
+A duplicate message (the sweep's and the broker's redelivery) never runs a job twice:
+:func:`worker.jobs.claim` locks the row and skips a job whose owner is alive.
 
 It also sends what the outbox still holds (task messages written while the broker was
 down) and purges expired idempotency records.
@@ -31,6 +37,7 @@ from app.db.uow import UnitOfWork, flush_outbox
 from app.services import idempotency
 from likeness.contract.plan import JobState
 from worker import jobs
+from worker.checkpoints import discard_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +66,24 @@ def sweep(settings: Settings | None = None, queue=None) -> SweepReport:  # noqa:
 
 def _recover_jobs(settings: Settings, report: SweepReport, queue) -> None:  # noqa: ANN001
     stale_after = settings.job_stale_after_s
-    cutoff = utcnow() - timedelta(seconds=stale_after)
+    now = utcnow()
+    lease_cutoff = now - timedelta(seconds=stale_after)
+    requeue_cutoff = now - timedelta(seconds=settings.job_requeue_after_s)
+    failed_jobs: list[tuple[str, str]] = []
     with UnitOfWork(settings, queue=queue) as uow:
+        unowned_since = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < requeue_cutoff)
         candidates = uow.session.execute(
             select(Job)
             .where(
                 or_(
-                    (Job.state == JobState.RUNNING) & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
-                    (Job.state == JobState.QUEUED) & (Job.updated_at < cutoff),
+                    (Job.state == JobState.RUNNING) & Job.worker.is_not(None)
+                    & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < lease_cutoff),
+                    (Job.state == JobState.RUNNING) & Job.worker.is_(None) & unowned_since,
+                    (Job.state == JobState.QUEUED) & (Job.updated_at < requeue_cutoff),
                 )
             )
             .with_for_update(skip_locked=True)
         ).scalars().all()
-        now = utcnow()
         for job in candidates:
             if job.state == JobState.RUNNING and job.worker:
                 if jobs.owner_alive(job.worker, job.heartbeat_at, stale_after):
@@ -79,6 +91,7 @@ def _recover_jobs(settings: Settings, report: SweepReport, queue) -> None:  # no
                 if job.attempts >= job.max_attempts:
                     jobs.fail_lost(uow, job, now)
                     report.failed.append(job.id)
+                    failed_jobs.append((job.subject_id, job.id))
                     continue
                 log.warning("job %s: worker %s is gone; requeueing", job.id, job.worker)
                 job.attempts += 1
@@ -87,6 +100,8 @@ def _recover_jobs(settings: Settings, report: SweepReport, queue) -> None:  # no
             job.updated_at = now
             uow.enqueue_job(job)  # the plan picks the queue of its next phase
             report.requeued.append(job.id)
+    for subject_id, job_id in failed_jobs:  # after the commit: nobody will resume these
+        discard_checkpoints(settings, subject_id, job_id)
 
 
 class PeriodicSweep:

@@ -19,6 +19,7 @@ from app.storage import get_blob_store
 from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
 from worker import jobs, registry
+from worker.checkpoints import discard_checkpoints
 from worker.phases import PHASE_RUNNERS, PhaseContext
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
 
@@ -97,6 +98,8 @@ def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: S
     """
     settings = settings or get_settings()
     claim = jobs.claim(settings, job_id)
+    if claim.outcome in (jobs.ClaimOutcome.canceled, jobs.ClaimOutcome.lost):
+        _ended(settings, claim.job)
     if claim.outcome is not jobs.ClaimOutcome.run:
         return claim.outcome.value
     registry.status.job(job_id)
@@ -170,9 +173,16 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
             outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED)
     if outcome == "lost":
         _purge_if_subject_deleted(ctx)
-    else:  # a terminal job needs no scratch space (a retry would have resumed from it)
+    else:  # a terminal job needs no scratch space nor checkpoints (a retry would have resumed from them)
         shutil.rmtree(workdir, ignore_errors=True)
+        _ended(settings, job, ctx.store)
     return outcome
+
+
+def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None:  # noqa: ANN001
+    """The job reached a final state: nothing will resume its training, so its mirrored checkpoints go."""
+    if job is not None and job.kind == JobKind.TRAIN.value:
+        discard_checkpoints(settings, job.subject_id, job.id, store)
 
 
 def _purge_if_subject_deleted(ctx: PhaseContext) -> None:
@@ -199,7 +209,10 @@ def _end(settings: Settings, job_id: str, state: JobState, code: str | None = No
 def fail_after_retries(job_id: str, error: str, settings: Settings | None = None) -> None:
     """A transient error outlived its retries: the job fails instead of waiting forever."""
     settings = settings or get_settings()
-    if jobs.claim(settings.model_copy(update={"job_stale_after_s": 0}), job_id).outcome is jobs.ClaimOutcome.run:
+    claim = jobs.claim(settings.model_copy(update={"job_stale_after_s": 0}), job_id)
+    if claim.outcome is jobs.ClaimOutcome.run:
         _end(settings, job_id, JobState.FAILED, "infrastructure_error",
              "storage or database kept failing; try again later")
+    if claim.outcome is not jobs.ClaimOutcome.skip:
+        _ended(settings, claim.job)
     log.error("job %s gave up after transient errors: %s", job_id, error)

@@ -128,12 +128,13 @@ def _stop_pool_process(**_) -> None:
 
 @worker_ready.connect
 def _start_recovery(sender=None, **_) -> None:
-    """At worker start: sweep once, then keep sweeping from a thread of the main process."""
+    """At worker start: sweep once, then keep sweeping from a thread of the main process, once per
+    heartbeat interval, so a job whose owner's lease expired is handed on within one more beat."""
     global _periodic
     from worker.recovery import PeriodicSweep
 
     settings = get_settings()
-    _periodic = PeriodicSweep(max(settings.job_stale_after_s / 2, 1.0), settings).start()
+    _periodic = PeriodicSweep(settings.job_heartbeat_s, settings).start()
     _start_purge_timer(settings)
 
 

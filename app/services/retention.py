@@ -9,7 +9,8 @@ kept until deleted):
   training of the subject that could have used them finished. A subject's photo is deleted when it
   was uploaded before the cutoff and no training of the subject is queued, running or finished
   after the cutoff (so an upload never trained on goes the same number of days after upload). A
-  training's dataset goes that many days after the training finished. The trained adapter stays,
+  training's dataset goes that many days after the training finished (with any training checkpoints
+  left behind; normally they are deleted when the job ends). The trained adapter stays,
   so the subject can still generate (ranked without identity references once its crops are gone).
 * **generated images** (original and upscaled): ``retain_images_days`` after they were made.
 * **jobs** are kept with their request bodies and results (the dashboard's history; they hold no
@@ -33,7 +34,7 @@ from sqlalchemy import delete, exists, or_, select, update
 from app.config import Settings, get_settings
 from app.db.models import Client, Image, Job, JobKind, Photo, PurgeTotal, Subject, TemplatePhoto, utcnow
 from app.db.uow import UnitOfWork
-from app.storage import BlobStore, dataset_prefix, get_blob_store, photo_prefix
+from app.storage import BlobStore, checkpoint_prefix, dataset_prefix, get_blob_store, photo_prefix
 from likeness.contract.plan import ACTIVE_STATES, JobState
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def _purge_training_data(settings: Settings, store: BlobStore, client_id: str, c
             pending = [t for t in trainings if not (t.result or {}).get(DATASET_PURGED)][:BATCH]
             for job_id, subject_id, result in pending:
                 deleted = store.delete_prefix(dataset_prefix(subject_id, job_id))
+                # Its checkpoints went when it ended; any a lost worker left behind go with the dataset.
+                report.blobs += store.delete_prefix(checkpoint_prefix(subject_id, job_id))
                 report.blobs += deleted
                 report.datasets += 1 if deleted else 0
                 marked: dict[str, Any] = {**(result or {}), DATASET_PURGED: now.isoformat()}

@@ -544,7 +544,10 @@ class Trainer:
             self.begin_stage(index, stage_start)
             progress = StageProgress(self.on_progress, plan.name, plan.steps)
             resuming = start_step > step
-            progress.start(f"resumed from checkpoint at step {start_step}" if resuming else "")
+            if resuming:
+                progress.start(f"resumed from checkpoint at step {start_step}", resumed_from_step=float(start_step))
+            else:
+                progress.start()
             if resuming:
                 progress.advance(start_step - step)
                 step = start_step

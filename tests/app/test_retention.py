@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from app.db.models import Image, Job, JobKind, JobState, Photo, TemplatePhoto, utcnow
 from app.services.retention import purge_expired
-from app.storage import dataset_prefix, image_key, photo_crop_key, template_photo_key
+from app.storage import checkpoint_prefix, dataset_prefix, image_key, photo_crop_key, template_photo_key
 from tests.app.fixtures import session_scope
 from tests.app.helpers import subject_with_photo
 
@@ -40,6 +40,7 @@ def _training(client_id: str, subject_id: str, state: JobState, finished_days_ag
             photo.crop_key = photo_crop_key(subject_id, photo.id)
             store.put(photo.crop_key, b"crop")
     store.put(dataset_prefix(subject_id, job_id) + "dataset.json", b"{}")
+    store.put(checkpoint_prefix(subject_id, job_id) + "step-000100/state.pt", b"left by a lost worker")
     return job_id
 
 
@@ -93,6 +94,7 @@ def test_the_purge_deletes_what_is_due_and_keeps_the_rest(client_a, client_b, ad
     for kept in (trained_recently, training_now, kept_by_policy):
         assert _count(Photo, subject_id=kept) == 1 and len(store.list(f"subjects/{kept}/photos/")) == 2
     assert store.list(dataset_prefix(trained_long_ago, old_job)) == []
+    assert store.list(checkpoint_prefix(trained_long_ago, old_job)) == []
     assert store.list(dataset_prefix(trained_recently, recent_job))
     assert _count(Image, id=old_image) == 0 and not store.exists(image_key(trained_long_ago, old_image))
     assert _count(Image, id=new_image) == 1 and store.exists(image_key(trained_long_ago, new_image))
