@@ -70,9 +70,9 @@ def test_broker_down_train_answers_202_at_once_and_leaves_the_message_in_the_out
 
 
 def test_blob_store_unwritable_is_503_and_stores_nothing(client_a, store, monkeypatch):
-    from app.db.models import Photo
-
     import os
+
+    from app.db.models import Photo
 
     subject_id = create_subject(client_a)
     real_replace, writes = os.replace, []
