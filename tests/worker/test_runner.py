@@ -88,3 +88,48 @@ def test_blobs_written_after_the_subject_was_deleted_are_removed(sqlite_db, monk
     subject_id = read_job(job_id).subject_id
     assert runner.run_job(job_id, settings=settings_with()) == "lost"
     assert get_blob_store().list(subject_prefix(subject_id)) == []
+
+
+def test_a_database_outage_mid_phase_does_not_lose_the_job(sqlite_db, monkeypatch, queue):
+    """While the database is away the phase keeps computing (progress and cancel checks skipped) and its
+    record waits for the database, instead of the job failing or being retried from the start."""
+    import sqlalchemy.exc
+
+    from likeness.contract.plan import JobKind, Stage
+    from worker import jobs, phases, runner
+
+    outage = {"on": False, "refused": 0}
+
+    def refused(*_args, **_kwargs):
+        outage["refused"] += 1
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    def guarded(name: str):
+        real = getattr(jobs, name)
+
+        def call(*args, **kwargs):
+            if outage["on"]:
+                if name == "complete_phase":
+                    outage["on"] = False  # the database comes back while the record waits
+                return refused()
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("write_progress", "cancel_requested", "complete_phase"):
+        monkeypatch.setattr(jobs, name, guarded(name))
+    monkeypatch.setattr(runner.time, "sleep", lambda _s: None)
+
+    def training(ctx):
+        outage["on"] = True
+        for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
+            ctx.on_progress(ProgressEvent(stage, 1.0))
+            assert not ctx.should_stop()
+        return {"training": {"steps": 10}}
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: {})
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
+    job_id = make_job()
+    assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
+    assert outage["refused"] >= 4  # progress writes, a cancel check and the phase record met the outage
+    job = read_job(job_id)
+    assert job.attempts == 1 and job.result["training"] == {"steps": 10}
