@@ -27,6 +27,28 @@ def test_runner_hands_the_gpu_phase_to_the_gpu_queue(sqlite_db, monkeypatch, que
     assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2"]
 
 
+def test_a_cancel_during_intake_ends_the_job_instead_of_handing_it_over(sqlite_db, monkeypatch, queue):
+    """Handed over, a canceled job would wait for a gpu worker (behind any training) to be canceled."""
+    from app.db.models import Job
+    from likeness.contract.plan import JobKind
+    from tests.app.fixtures import session_scope
+    from worker import phases, runner
+
+    def intake_canceled_at_its_end(ctx):
+        with session_scope() as session:
+            session.get(Job, ctx.job.id).cancel_requested = True
+        return {}
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), intake_canceled_at_its_end)
+    settings = settings_with()
+    job_id = make_job()
+    runner.run_job(job_id, consumes={settings.queue("cpu")}, settings=settings)
+    job = read_job(job_id)
+    assert job.state.value == "canceled" and job.error_code == "canceled"
+    assert ("likeness.run_job", [job_id], "gpu") not in queue.sent
+    assert [task for task, _, q in queue.sent] == ["likeness.deliver_webhook"] * len(queue.sent)
+
+
 def test_stage_runs_are_recorded_with_their_durations(sqlite_db, monkeypatch, queue):
     from sqlalchemy import select
 
