@@ -94,8 +94,12 @@ def test_intake_and_webhooks_do_not_wait_behind_a_training(tmp_path, grace_hoppe
         # effect, and its webhook arrives, while the training runs on.
         canceled = client.post(f"/v1/jobs/{other_job}/cancel")
         assert canceled.status_code == 200 and canceled.json()["cancel_requested"], canceled.text
-        wait_for(lambda: any(e["job_id"] == other_job and e["state"] == "canceled" for e in _Hooks.received), 30,
-                 0.2, "the cancel's webhook while the training runs")
+        try:
+            wait_for(lambda: any(e["job_id"] == other_job and e["state"] == "canceled" for e in _Hooks.received),
+                     30, 0.2, "the cancel's webhook while the training runs")
+        except AssertionError:
+            print(client.get(f"/v1/jobs/{other_job}").json(), _Hooks.received, log.read_text(errors="replace")[-4000:])
+            raise
         assert training(long_job) and client.get(f"/v1/jobs/{other_job}").json()["state"] == "canceled"
 
         client.post(f"/v1/jobs/{long_job}/cancel")
