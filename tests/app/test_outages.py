@@ -49,6 +49,9 @@ def test_database_down_is_503_with_retry_after_on_every_route(app_with, client_a
         assert int(response.headers["Retry-After"]) > 0
     # an upload too: nothing half-stored
     assert upload(down, subject_id, [("a.jpg", jpeg())], headers=headers).status_code == 503
+    # a key not in the auth cache is looked up in the database: unavailable, not unknown (401)
+    unknown = down.get("/v1/subjects", headers={"Authorization": "Bearer lk_not_cached_anywhere"})
+    assert unknown.status_code == 503 and unknown.json()["code"] == "database_unavailable"
 
 
 def test_broker_down_train_answers_202_at_once_and_leaves_the_message_in_the_outbox(app_with, client_a, settings):
