@@ -76,7 +76,8 @@ class ServiceUnavailable(AppError):
 
 class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
-    default_message = "The database is unavailable; nothing was changed. Retry after the Retry-After seconds."
+    default_message = ("The database is unavailable. Retry after the Retry-After seconds (a POST that creates "
+                       "work: with the same Idempotency-Key).")
 
 
 class StorageUnavailable(ServiceUnavailable):

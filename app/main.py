@@ -164,7 +164,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await listener.stop()
 
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
-                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}},
+                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."},
+                             503: {"model": ErrorBody, "description": (
+                                 "A dependency is down (`database_unavailable`, `storage_unavailable`); retry "
+                                 "after the `Retry-After` seconds (a POST that creates work: with the same "
+                                 "Idempotency-Key).")}},
                   docs_url=None, redoc_url=None)  # served offline: app.docs
     app.state.settings = settings
     app.state.auth_subscriber = AuthSubscriber(settings)  # key changes made by other API processes
