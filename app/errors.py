@@ -65,8 +65,25 @@ class PayloadTooLarge(AppError):
     status, code, default_message = 413, "request_too_large", "The request body is too large."
 
 
+#: seconds a client is told to wait (``Retry-After``) when a dependency is down
+RETRY_AFTER_S = 5
+
+
 class ServiceUnavailable(AppError):
     status, code, default_message = 503, "service_unavailable", "A dependency is unavailable; retry later."
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+    default_message = ("The database is unavailable. Retry after the Retry-After seconds (a POST that creates "
+                       "work: with the same Idempotency-Key).")
+
+
+class StorageUnavailable(ServiceUnavailable):
+    code = "storage_unavailable"
+    default_message = ("The file storage cannot be written or read; nothing was stored. "
+                       "Retry after the Retry-After seconds.")
 
 
 class TooManyRequests(AppError):

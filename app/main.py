@@ -6,6 +6,8 @@ import contextlib
 import logging
 import uuid
 
+import psycopg
+import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -18,12 +20,13 @@ from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
 from app.auth_sync import AuthSubscriber
 from app.config import Settings, get_settings
-from app.db.session import SessionLocal
+from app.db.session import SessionLocal, database_unavailable
 from app.db.uow import UnitOfWork
 from app.docs import install_offline_docs
-from app.errors import AppError, PayloadTooLarge
+from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
 from app.ratelimit import rate_limiter
+from app.storage import StorageError
 
 log = logging.getLogger("likeness.api")
 
@@ -103,12 +106,34 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"code": code, "message": str(exc.detail), "details": {}}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        """A dependency is down: 503 with ``Retry-After``, whatever the route (a 500 says the request broke
+        the server, which it did not)."""
+        error = _dependency_error(exc)
+        if error is None:
+            return await internal_error(request, exc)
+        log.warning("%s on %s %s: %s: %s", error.code, request.method, request.url.path, type(exc).__name__,
+                    str(exc).splitlines()[0][:300] if str(exc) else "")
+        return await app_error(request, error)
+
+    for dependency_error in (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError, psycopg.Error, StorageError):
+        app.add_exception_handler(dependency_error, unavailable)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         request_id = _request_id(request)
         log.exception("unhandled error (request_id=%s) on %s %s", request_id, request.method, request.url.path)
         return JSONResponse({"code": "internal_error", "message": "Internal server error.",
                              "details": {"request_id": request_id}}, status_code=500)
+
+
+def _dependency_error(exc: BaseException) -> AppError | None:
+    """The 503 for an unreachable database or blob store; None for anything else."""
+    if isinstance(exc, StorageError):
+        return StorageUnavailable()
+    if database_unavailable(exc):
+        return DatabaseUnavailable()
+    return None
 
 
 def _bootstrap_admin(settings: Settings) -> None:
@@ -139,7 +164,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await listener.stop()
 
     app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
-                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."}},
+                  responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."},
+                             503: {"model": ErrorBody, "description": (
+                                 "A dependency is down (`database_unavailable`, `storage_unavailable`); retry "
+                                 "after the `Retry-After` seconds (a POST that creates work: with the same "
+                                 "Idempotency-Key).")}},
                   docs_url=None, redoc_url=None)  # served offline: app.docs
     app.state.settings = settings
     app.state.auth_subscriber = AuthSubscriber(settings)  # key changes made by other API processes

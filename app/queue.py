@@ -47,6 +47,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "global_keyprefix": settings.queue_prefix,
             "socket_connect_timeout": SEND_TIMEOUT_S,
             "socket_timeout": SEND_TIMEOUT_S,
+            "max_retries": 0,
         }
     return dict(
         broker_url=broker_url,
@@ -99,7 +100,7 @@ class CeleryQueue:
     def send(self, task: str, args: list[Any], queue: Queue, countdown: float | None = None) -> None:
         name = self.settings.queue(Queue(queue))
         self.celery.send_task(str(task), args=args, queue=name, routing_key=name, exchange=name,
-                              countdown=countdown, retry=False)
+                              countdown=countdown, retry=False, ignore_result=True)
 
 
 _QUEUES: dict[tuple[str, str, str], CeleryQueue] = {}

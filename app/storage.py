@@ -8,6 +8,7 @@ subject is one ``delete_prefix``.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import re
 import shutil
@@ -28,6 +29,29 @@ class BlobNotFound(KeyError):
 
 class InvalidKey(ValueError):
     pass
+
+
+class StorageError(OSError):
+    """The store could not take or give a blob (disk full, read-only, permissions, S3 unreachable):
+    nothing about the request is wrong, a retry later may succeed (the API answers 503)."""
+
+
+@contextlib.contextmanager
+def _storage_errors(action: str, key: str) -> Iterator[None]:
+    """Report the backend's failure as :class:`StorageError` (the key names no file path)."""
+    try:
+        yield
+    except (BlobNotFound, InvalidKey, StorageError):
+        raise
+    except Exception as exc:
+        if not isinstance(exc, OSError) and not _is_boto_error(exc):
+            raise
+        raise StorageError(f"could not {action} blob {key}: {type(exc).__name__}: {exc}") from exc
+
+
+def _is_boto_error(exc: Exception) -> bool:
+    module = type(exc).__module__
+    return module.startswith(("botocore", "boto3"))
 
 
 def validate_key(key: str) -> str:
@@ -147,7 +171,8 @@ class LocalBlobStore(BlobStore):
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        with _storage_errors("create the folder of", "blobs"):
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         path = (self.root / validate_key(key)).resolve()
@@ -157,21 +182,24 @@ class LocalBlobStore(BlobStore):
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _storage_errors("write", key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            raise BlobNotFound(key) from None
+        path = self._path(key)
+        with _storage_errors("read", key):
+            try:
+                return path.read_bytes()
+            except (FileNotFoundError, IsADirectoryError):
+                raise BlobNotFound(key) from None
 
     def open_stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         try:
@@ -243,15 +271,19 @@ class S3BlobStore(BlobStore):
         return code in ("NoSuchKey", "404", "NotFound")
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self.client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType=content_type)
+        validate_key(key)
+        with _storage_errors("write", key):
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
     def get(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=validate_key(key))["Body"].read()
-        except self.client.exceptions.ClientError as exc:
-            if self._missing(exc):
-                raise BlobNotFound(key) from None
-            raise
+        validate_key(key)
+        with _storage_errors("read", key):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except self.client.exceptions.ClientError as exc:
+                if self._missing(exc):
+                    raise BlobNotFound(key) from None
+                raise
 
     def open_stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         try:

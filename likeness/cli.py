@@ -169,9 +169,16 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Default: LIKENESS_HOST.")] = None,
     port: Annotated[int | None, typer.Option(help="Default: LIKENESS_PORT.")] = None,
     embedded_worker: Annotated[bool, typer.Option("--worker/--no-worker",
-                                                  help="Also start a local worker on both queues.")] = True,
+                                                  help="Also start local workers: one for each queue.")] = True,
+    cpu_concurrency: Annotated[int, typer.Option(
+        min=1, help="Tasks the cpu-queue worker (intake, webhooks) runs at once, beside the gpu-queue worker "
+                    "(each loads the intake models).")] = 1,
 ) -> None:
-    """Run the API (and, by default, a local worker): migrations first, Ctrl-C stops both."""
+    """Run the API (and, by default, local workers): migrations first, Ctrl-C stops them all.
+
+    The gpu queue (training, generation) and the cpu queue (intake, webhooks) get a worker each,
+    so a long training never holds up another client's intake or a cancel's webhook.
+    """
     settings = _settings()
     host, port = host or settings.host, port or settings.port
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +191,8 @@ def serve(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if embedded_worker:
-            children.append(subprocess.Popen(worker_command(["gpu", "cpu"], 1, settings, "warning")))
+            children.append(subprocess.Popen(worker_command(["gpu"], 1, settings, "warning")))
+            children.append(subprocess.Popen(worker_command(["cpu"], cpu_concurrency, settings, "warning")))
         children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
                                           "--host", host,
                                           "--port", str(port), "--log-level", "warning"]))

@@ -212,7 +212,8 @@ def complete_phase(settings: Settings, job_id: str, stages: list[str], result: d
     """Record stages whose outputs are persisted (a rerun skips them).
 
     ``hand_over``: the next phase runs on another queue; the job is released and its next
-    task queued in the same transaction.
+    task queued in the same transaction. A cancel requested meanwhile ends the job here instead:
+    handed over, it would wait for the next queue's worker (maybe behind a long training).
     """
     with UnitOfWork(settings) as uow:
         job = _locked(uow, job_id)
@@ -223,7 +224,10 @@ def complete_phase(settings: Settings, job_id: str, stages: list[str], result: d
             job.result = {**(job.result or {}), **result}
         job.heartbeat_at = utcnow()
         _close_open_stages(uow.session, job_id, job.heartbeat_at)
-        if hand_over:
+        if hand_over and job.cancel_requested:
+            transition(job, JobState.CANCELED, job.heartbeat_at, code="canceled", message="canceled by request")
+            notify_job(uow, job)
+        elif hand_over:
             job.worker = None
             uow.enqueue_job(job)
         return True

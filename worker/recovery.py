@@ -19,13 +19,16 @@ A duplicate message (the sweep's and the broker's redelivery) never runs a job t
 :func:`worker.jobs.claim` locks the row and skips a job whose owner is alive.
 
 It also sends what the outbox still holds (task messages written while the broker was
-down) and purges expired idempotency records.
+down) and purges expired idempotency records. Between sweeps the worker sends the outbox
+every ``OUTBOX_FLUSH_S``, so work accepted during a broker outage starts seconds after the
+broker is back, not a sweep interval later.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -40,6 +43,9 @@ from worker import jobs
 from worker.checkpoints import discard_checkpoints
 
 log = logging.getLogger(__name__)
+
+#: how often a worker sends what the outbox holds (between full sweeps)
+OUTBOX_FLUSH_S = 5.0
 
 
 @dataclass
@@ -107,8 +113,9 @@ def _recover_jobs(settings: Settings, report: SweepReport, queue) -> None:  # no
 class PeriodicSweep:
     """A daemon thread in the worker's main process: no Celery beat needed."""
 
-    def __init__(self, interval_s: float, settings: Settings | None = None):
+    def __init__(self, interval_s: float, settings: Settings | None = None, outbox_every_s: float = OUTBOX_FLUSH_S):
         self.interval_s = max(interval_s, 1.0)
+        self.outbox_every_s = max(min(outbox_every_s, self.interval_s), 0.5)
         self.settings = settings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="likeness-recovery", daemon=True)
@@ -121,10 +128,15 @@ class PeriodicSweep:
         self._stop.set()
 
     def _loop(self) -> None:
+        next_sweep = 0.0
         while True:
             try:
-                sweep(self.settings)
-            except Exception:
+                if time.monotonic() >= next_sweep:
+                    sweep(self.settings)
+                    next_sweep = time.monotonic() + self.interval_s
+                else:
+                    flush_outbox(self.settings)
+            except Exception:  # the database is away: try again at the next tick
                 log.warning("recovery sweep failed", exc_info=True)
-            if self._stop.wait(self.interval_s):
+            if self._stop.wait(self.outbox_every_s):
                 return

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Collection
-from typing import Any
+import time
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
 
 from app.config import Settings, get_settings
+from app.db.session import database_unavailable
 from app.db.uow import UnitOfWork
-from app.storage import get_blob_store
+from app.storage import StorageError, get_blob_store
 from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
 from worker import jobs, registry
@@ -27,6 +29,12 @@ log = logging.getLogger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "an internal error stopped this job; the operators have the details"
 
+#: how long the record of a finished phase (or of the job's end) waits for an unavailable database:
+#: the phase's outputs are in the blob store, and minutes of training are worth a wait
+DB_OUTAGE_WAIT_S = 120.0
+
+T = TypeVar("T")
+
 
 class TransientError(Exception):
     """Infrastructure hiccup (storage, broker, database): release the job and retry later."""
@@ -34,13 +42,9 @@ class TransientError(Exception):
 
 def is_transient(exc: BaseException) -> bool:
     """Errors worth a retry: the same job may well succeed a minute later."""
-    import sqlalchemy.exc
-
     if isinstance(exc, PipelineError):
         return False
-    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+    if database_unavailable(exc) or isinstance(exc, (StorageError, ConnectionError, TimeoutError)):
         return True
     try:
         import botocore.exceptions as bexc
@@ -58,6 +62,20 @@ def is_transient(exc: BaseException) -> bool:
         return isinstance(exc, (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError))
     except ImportError:  # pragma: no cover
         return False
+
+
+def through_db_outage(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, retried while the database is unavailable, for at most ``DB_OUTAGE_WAIT_S``."""
+    deadline, delay = time.monotonic() + DB_OUTAGE_WAIT_S, 0.5
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not database_unavailable(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 class _Heartbeat:
@@ -97,7 +115,12 @@ def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: S
     Raises :class:`TransientError` after releasing the job when a retry may help.
     """
     settings = settings or get_settings()
-    claim = jobs.claim(settings, job_id)
+    try:
+        claim = jobs.claim(settings, job_id)
+    except Exception as exc:
+        if is_transient(exc):  # the database is away: the task retries later, the job stays queued
+            raise TransientError(repr(exc)) from exc
+        raise
     if claim.outcome in (jobs.ClaimOutcome.canceled, jobs.ClaimOutcome.lost):
         _ended(settings, claim.job)
     if claim.outcome is not jobs.ClaimOutcome.run:
@@ -123,17 +146,32 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
 
     with _Heartbeat(settings, job_id, settings.job_heartbeat_s) as beat:
 
+        # While the database is away the pipeline keeps going: a progress update or a cancel check
+        # is skipped (the next one retries); the phase's record waits for the database (through_db_outage).
         def should_stop() -> bool:
             nonlocal cancel_seen
             if beat.lost.is_set():
                 return True
             if not cancel_seen and cancel_check.ready():
-                cancel_seen = jobs.cancel_requested(settings, job_id)
+                try:
+                    cancel_seen = jobs.cancel_requested(settings, job_id)
+                except Exception as exc:
+                    if not database_unavailable(exc):
+                        raise
+                    log.warning("job %s: cancel check skipped, database unavailable", job_id)
             return cancel_seen
 
         def write(update: JobProgressUpdate) -> None:
-            if not jobs.write_progress(settings, job_id, job.kind, update.stage, update.progress, update.eta_s,
-                                       stage_started=update.stage_started, attempt=job.attempts):
+            try:
+                owned = jobs.write_progress(settings, job_id, job.kind, update.stage, update.progress, update.eta_s,
+                                            stage_started=update.stage_started, attempt=job.attempts)
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                log.warning("job %s: progress %s %.0f%% not recorded, database unavailable", job_id, update.stage,
+                            update.progress)
+                return
+            if not owned:
                 beat.lost.set()
 
         progress = JobProgress(job.kind, write, start_progress=job.progress)
@@ -142,15 +180,16 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
         try:
             remaining = list(plan.remaining_phases(job.completed_stages))
             if remaining and not runs_here(remaining[0]):
-                jobs.complete_phase(settings, job_id, [], hand_over=True)
+                through_db_outage(f"job {job_id}: hand-over", jobs.complete_phase, settings, job_id, [], hand_over=True)
                 return f"handed over to {settings.queue(remaining[0].queue)}"
             for index, phase in enumerate(remaining):
                 log.info("job %s: %s (attempt %d)", job_id, phase.name, job.attempts)
                 result = PHASE_RUNNERS[(JobKind(job.kind), phase.name)](ctx)
                 following = remaining[index + 1] if index + 1 < len(remaining) else None
                 hand_over = following is not None and not runs_here(following)
-                if not jobs.complete_phase(settings, job_id, [str(s) for s in phase.stage_names], result,
-                                           hand_over=hand_over):
+                stages = [str(s) for s in phase.stage_names]
+                if not through_db_outage(f"job {job_id}: {phase.name} done", jobs.complete_phase, settings, job_id,
+                                         stages, result, hand_over=hand_over):
                     outcome = "lost"
                     break
                 if hand_over:
@@ -165,7 +204,10 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
         except Exception as exc:
             if is_transient(exc):
                 log.warning("job %s: transient error, will retry: %r", job_id, exc)
-                jobs.release(settings, job_id)
+                try:
+                    through_db_outage(f"job {job_id}: release", jobs.release, settings, job_id)
+                except Exception:  # still away: the recovery sweep releases it once the heartbeat is stale
+                    log.warning("job %s could not be released", job_id, exc_info=True)
                 raise TransientError(repr(exc)) from exc
             log.exception("job %s failed with an internal error", job_id)
             outcome = _end(settings, job_id, JobState.FAILED, "internal_error", INTERNAL_ERROR_MESSAGE)
@@ -200,7 +242,8 @@ def _purge_if_subject_deleted(ctx: PhaseContext) -> None:
 
 def _end(settings: Settings, job_id: str, state: JobState, code: str | None = None, message: str | None = None,
          result: dict[str, Any] | None = None) -> str:
-    if not jobs.finish(settings, job_id, state, code, message, result):
+    if not through_db_outage(f"job {job_id}: {state.value}", jobs.finish, settings, job_id, state, code, message,
+                             result):
         log.warning("job %s: no longer owned by this process; outcome %s dropped", job_id, state.value)
         return "lost"
     return state.value

@@ -139,11 +139,13 @@ def _start_recovery(sender=None, **_) -> None:
 
 
 def _start_purge_timer(settings) -> None:  # noqa: ANN001
-    """Embedded mode has no beat: the worker purges expired data itself, every ``purge_interval_s``."""
+    """Embedded mode has no beat: the worker of the cpu queue purges expired data itself, every
+    ``purge_interval_s`` (``likeness serve`` runs one worker per queue; one purges)."""
     global _purge_timer
     from worker.retention import PeriodicPurge
 
-    if settings.embedded and _purge_timer is None:
+    consumed = set(celery_app.amqp.queues.consume_from or ())
+    if settings.embedded and _purge_timer is None and (not consumed or settings.queue("cpu") in consumed):
         _purge_timer = PeriodicPurge(settings.purge_interval_s, settings).start()
 
 

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 CHANNEL = "likeness_jobs"
 TRIGGER = "jobs_notify_change"
 _PROBE = "probe:"  # payloads the listeners send themselves; job ids are hex
+#: the longest wait between reconnect attempts (a database back from an outage is heard within it)
+RECONNECT_MAX_S = 5.0
 
 _COLUMNS = [getattr(Job, name) for name in JobPublic.model_fields] + [Job.client_id]
 
@@ -215,7 +217,7 @@ class JobChangeListener:
                 self.connected.clear()
                 self.cache.set_live(False)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            backoff = min(backoff * 2, RECONNECT_MAX_S)
 
     async def _listen(self) -> None:
         import psycopg

@@ -21,6 +21,11 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+#: seconds a new PostgreSQL connection may take (libpq's ``connect_timeout``)
+CONNECT_TIMEOUT_S = 3
+#: seconds a request waits for a pooled connection before it is answered 503
+POOL_TIMEOUT_S = 10
+
 _ENGINES: dict[str, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -37,7 +42,13 @@ def _create_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=False, pool_size=10, max_overflow=20)
+    # A restarted or unreachable server must cost a request seconds, never minutes: pooled connections
+    # are pinged before use (the first request after a restart gets a fresh one), a connect gives up
+    # after CONNECT_TIMEOUT_S, a dead peer is noticed by TCP keepalives, and a request waits at most
+    # POOL_TIMEOUT_S for a free connection. Each failure is a 503 (``database_unavailable``).
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=POOL_TIMEOUT_S,
+                         connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "keepalives": 1, "keepalives_idle": 10,
+                                       "keepalives_interval": 5, "keepalives_count": 3})
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -64,3 +75,19 @@ def dispose_engines() -> None:
         for engine in _ENGINES.values():
             engine.dispose()
         _ENGINES.clear()
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """``exc`` says the database cannot be used right now (refused or lost connection, server shutting
+    down, no free pooled connection), not that the statement was wrong: a retry later may succeed."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+    if isinstance(exc, sa_exc.TimeoutError):  # the pool's
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - a dependency
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))

@@ -30,8 +30,9 @@ from likeness.contract.plan import Queue, Task, plan_for
 
 log = logging.getLogger(__name__)
 
-#: An outbox message younger than this is left to the process that wrote it.
-OUTBOX_GRACE_S = 10.0
+#: An outbox message younger than this is left to the process that wrote it (its send gives up
+#: after ``app.queue.SEND_TIMEOUT_S``; a message sent twice is harmless, tasks re-check their rows).
+OUTBOX_GRACE_S = 5.0
 
 
 class UnitOfWork:

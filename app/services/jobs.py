@@ -155,8 +155,11 @@ def list_stage_runs(session: Session, job_id: str) -> list[JobStage]:
 
 
 def request_cancel(uow: UnitOfWork, job: Job, code: str = "canceled", message: str = "canceled by client") -> None:
-    """Cancel a queued job now; ask a running job's worker to stop at its next step boundary."""
-    if job.state == JobState.QUEUED:
+    """Cancel a queued job now, and a running one that no worker holds (waiting between phases for the
+    next queue's worker, e.g. behind another training); ask a working worker to stop at its next step.
+
+    The row is locked (``get_job(for_update=True)``) like a worker's claim, so the two never cross."""
+    if job.state == JobState.QUEUED or (job.state == JobState.RUNNING and job.worker is None):
         job.cancel_requested = True
         transition(job, JobState.CANCELED, utcnow(), code=code, message=message)
         uow.session.flush()

@@ -55,7 +55,8 @@ def test_cancel_a_running_job_asks_the_worker_to_stop(client_a):
     subject_id = subject_with_photo(client_a)
     job_id = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
     with session_scope() as session:
-        session.get(Job, job_id).state = JobState.RUNNING
+        job = session.get(Job, job_id)
+        job.state, job.worker = JobState.RUNNING, "gpu-host:4242"
     body = client_a.post(f"/v1/jobs/{job_id}/cancel").json()
     assert body["state"] == "running" and body["cancel_requested"] is True
     with session_scope() as session:
@@ -63,6 +64,25 @@ def test_cancel_a_running_job_asks_the_worker_to_stop(client_a):
         job.state = JobState.SUCCEEDED
     finished = client_a.post(f"/v1/jobs/{job_id}/cancel")
     assert finished.status_code == 409 and finished.json()["code"] == "job_already_finished"
+
+
+def test_cancel_a_job_waiting_between_phases_is_immediate(client_a):
+    """Intake done, the job waits for the gpu queue's worker (maybe behind another training): no worker
+    holds it, so the cancel (and its webhook) must not wait for one."""
+    from app.db.models import Job, JobState, WebhookDelivery
+    from tests.app.fixtures import session_scope
+
+    client_a.put("/v1/webhook", json={"url": "https://hooks.example.com/likeness"})
+    subject_id = subject_with_photo(client_a)
+    job_id = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.state, job.worker, job.completed_stages = JobState.RUNNING, None, ["intake"]
+    body = client_a.post(f"/v1/jobs/{job_id}/cancel").json()
+    assert body["state"] == "canceled" and body["error_code"] == "canceled"
+    with session_scope() as session:
+        events = [d.event for d in session.query(WebhookDelivery).filter_by(job_id=job_id)]
+    assert "job.canceled" in events
 
 
 def test_generation_of_an_untrained_subject_is_409(client_a):

@@ -27,6 +27,28 @@ def test_runner_hands_the_gpu_phase_to_the_gpu_queue(sqlite_db, monkeypatch, que
     assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2"]
 
 
+def test_a_cancel_during_intake_ends_the_job_instead_of_handing_it_over(sqlite_db, monkeypatch, queue):
+    """Handed over, a canceled job would wait for a gpu worker (behind any training) to be canceled."""
+    from app.db.models import Job
+    from likeness.contract.plan import JobKind
+    from tests.app.fixtures import session_scope
+    from worker import phases, runner
+
+    def intake_canceled_at_its_end(ctx):
+        with session_scope() as session:
+            session.get(Job, ctx.job.id).cancel_requested = True
+        return {}
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), intake_canceled_at_its_end)
+    settings = settings_with()
+    job_id = make_job()
+    runner.run_job(job_id, consumes={settings.queue("cpu")}, settings=settings)
+    job = read_job(job_id)
+    assert job.state.value == "canceled" and job.error_code == "canceled"
+    assert ("likeness.run_job", [job_id], "gpu") not in queue.sent
+    assert [task for task, _, q in queue.sent] == ["likeness.deliver_webhook"] * len(queue.sent)
+
+
 def test_stage_runs_are_recorded_with_their_durations(sqlite_db, monkeypatch, queue):
     from sqlalchemy import select
 
@@ -88,3 +110,48 @@ def test_blobs_written_after_the_subject_was_deleted_are_removed(sqlite_db, monk
     subject_id = read_job(job_id).subject_id
     assert runner.run_job(job_id, settings=settings_with()) == "lost"
     assert get_blob_store().list(subject_prefix(subject_id)) == []
+
+
+def test_a_database_outage_mid_phase_does_not_lose_the_job(sqlite_db, monkeypatch, queue):
+    """While the database is away the phase keeps computing (progress and cancel checks skipped) and its
+    record waits for the database, instead of the job failing or being retried from the start."""
+    import sqlalchemy.exc
+
+    from likeness.contract.plan import JobKind, Stage
+    from worker import jobs, phases, runner
+
+    outage = {"on": False, "refused": 0}
+
+    def refused(*_args, **_kwargs):
+        outage["refused"] += 1
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    def guarded(name: str):
+        real = getattr(jobs, name)
+
+        def call(*args, **kwargs):
+            if outage["on"]:
+                if name == "complete_phase":
+                    outage["on"] = False  # the database comes back while the record waits
+                return refused()
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("write_progress", "cancel_requested", "complete_phase"):
+        monkeypatch.setattr(jobs, name, guarded(name))
+    monkeypatch.setattr(runner.time, "sleep", lambda _s: None)
+
+    def training(ctx):
+        outage["on"] = True
+        for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
+            ctx.on_progress(ProgressEvent(stage, 1.0))
+            assert not ctx.should_stop()
+        return {"training": {"steps": 10}}
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: {})
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
+    job_id = make_job()
+    assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
+    assert outage["refused"] >= 4  # progress writes, a cancel check and the phase record met the outage
+    job = read_job(job_id)
+    assert job.attempts == 1 and job.result["training"] == {"steps": 10}
