@@ -19,7 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from likeness.contract.plan import JobKind
 from pipelines.errors import InvalidConfig
 from pipelines.generation.request import SAMPLERS, ControlNetSpec, GenerationSpec
-from pipelines.generation.styles import ASPECTS, CONTROLNET_KINDS, StylePack, get_style, placeholders, template_path
+from pipelines.generation.styles import (
+    ASPECTS,
+    CONTROLNET_KINDS,
+    StylePack,
+    fill_prompt,
+    get_style,
+    placeholders,
+    template_path,
+)
+from pipelines.intake.config import CLASS_CANDIDATES, INSTANCE_TOKEN
 from pipelines.templates.catalog import get_template
 from pipelines.templates.spec import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -29,6 +38,7 @@ from pipelines.templates.spec import (
     passes_steps,
 )
 from pipelines.templates.spec import DEFAULT_STEPS as TEMPLATE_STEPS
+from pipelines.text import clip_bpe
 from pipelines.training.config import STRATEGIES, TrainConfig
 
 RANKING_PRESETS = ("aesthetic", "balanced", "identity")  # pipelines.ranking.RANKING_PRESETS (torch-free copy)
@@ -193,7 +203,9 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
     templates = tuple(body.prompts) if body.prompts else style.prompts
     for template in templates:
         _check_prompt(template, body, limits, instance_token)
+        check_clip_window(template, instance_token)
     negative = body.negative_prompt if body.negative_prompt is not None else (style.negative_prompt if style else "")
+    check_clip_window(negative, instance_token, field="negative_prompt")
     controlnets = _controlnets(body, style)
     if len(controlnets) > limits.max_controlnets:
         _reject("too_many_controlnets", f"At most {limits.max_controlnets} ControlNets per request.",
@@ -248,6 +260,24 @@ def _check_prompt(template: str, body: GenerateRequest, limits: GenerationLimits
     if not names_subject and not body.allow_prompt_without_instance:
         _reject("prompt_missing_instance", f"Prompt {template!r} does not contain {{instance}}, so it would not "
                 "show the subject; add {instance} or set allow_prompt_without_instance.", prompt=template)
+
+
+def check_clip_window(template: str, instance_token: str | None = None, class_word: str | None = None, *,
+                      field: str = "prompts") -> None:
+    """Refuse a prompt CLIP's text encoder would cut (it reads 77 tokens and drops the rest, silently).
+
+    Counted with CLIP's real vocabulary, the placeholders filled as at generation: ``{instance}`` is the
+    adapter's one added token, ``{class}`` the class word (unknown before intake: the longest candidate).
+    """
+    instance = instance_token or INSTANCE_TOKEN
+    words = (class_word,) if class_word else CLASS_CANDIDATES
+    count = max(clip_bpe.token_count(fill_prompt(template, instance, word), added=(instance,)) for word in words)
+    if count > clip_bpe.CONTEXT_LENGTH:
+        _reject("prompt_too_long_for_clip",
+                f"This {'negative prompt' if field == 'negative_prompt' else 'prompt'} takes {count} of CLIP's "
+                f"{clip_bpe.CONTEXT_LENGTH} tokens (start and end included); the text encoder would drop the "
+                f"last {count - clip_bpe.CONTEXT_LENGTH}. Shorten it.",
+                field=field, prompt=template, tokens=count, limit=clip_bpe.CONTEXT_LENGTH)
 
 
 def _controlnets(body: GenerateRequest, style: StylePack | None) -> tuple[ControlNetSpec, ...]:
@@ -401,8 +431,11 @@ def resolve_templating(body: TemplateRequest, *, limits: GenerationLimits | None
         _reject("unknown_ranking", f"Unknown ranking preset {body.ranking!r}.", ranking=body.ranking,
                 known=list(RANKING_PRESETS))
     negative = body.negative_prompt if body.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+    prompt = f"{{instance}} {{class}}, {caption}" if caption else "{instance} {class}"
+    check_clip_window(prompt, field="caption")
+    check_clip_window(negative, field="negative_prompt")
     spec = TemplateSpec(
-        template=label, prompt=f"{{instance}} {{class}}, {caption}" if caption else "{instance} {class}",
+        template=label, prompt=prompt,
         negative_prompt=negative, n=body.n, k=body.k, seed=body.seed, steps=steps, strength=strength,
         guidance_scale=guidance, pose_scale=pose, edge_scale=edge, color_transfer=body.color_transfer,
         second_pass=body.second_pass, second_pass_strength=second,

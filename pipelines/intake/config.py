@@ -8,14 +8,16 @@ from pipelines.errors import InvalidConfig
 from pipelines.intake.decode import DecodeLimits
 
 CONTEXT_MODES = ("background_token", "blip")
+CLASS_CANDIDATES = ("girl", "man", "boy", "baby")  # the class words CLIP chooses from
+INSTANCE_TOKEN = "<subj>"  # the new token a training adds for the person (one token, no spaces)
 
 
 @dataclass(frozen=True)
 class IntakeConfig:
     clip_model: str  # CLIP folder or hub id: the preset's ``clip`` (ViT-L/14 for sd15)
     class_token: str | None = None  # client override; CLIP scores are still computed
-    class_candidates: tuple[str, ...] = ("girl", "man", "boy", "baby")
-    instance_token: str = "<subj>"
+    class_candidates: tuple[str, ...] = CLASS_CANDIDATES
+    instance_token: str = INSTANCE_TOKEN
     context_mode: str = "background_token"  # or "blip"
     blip_model: str = "Salesforce/blip-image-captioning-base"
     min_photos: int = 5

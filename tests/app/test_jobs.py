@@ -82,6 +82,8 @@ def test_generation_requests_are_checked_before_anything_is_queued(make_client):
         ({"style": "no-such-style"}, "unknown_style"),
         ({"style": "cinematic", "aspect": "3:2"}, "unknown_aspect"),
         ({"prompts": ["a portrait of a man"]}, "prompt_missing_instance"),
+        ({"prompts": ["a portrait of {instance}, " + "sharp focus, " * 30]}, "prompt_too_long_for_clip"),
+        ({"style": "cinematic", "negative_prompt": "blurry, " * 40}, "prompt_too_long_for_clip"),
         ({}, "style_or_prompts_required"),
         ({"style": "cinematic", "controlnet": {"kind": "pose", "template": "../../secret.png"}}, "unknown_template"),
     ]
