@@ -102,7 +102,7 @@ def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, GenerationSpec | Tem
     try:
         train = resolve_train(config.train, preset=config.preset)
         if config.template is None:
-            return train, resolve_generation(config.generate)
+            return train, resolve_generation(config.generate, preset=config.preset)
         verdict = TemplatePhotoVerdict(LOCAL_TEMPLATE_ID, "pending") if config.template.template_photo_id else None
         _, spec = resolve_templating(config.template, photo=verdict)
         if config.template_file is not None:
