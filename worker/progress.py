@@ -73,9 +73,12 @@ class JobProgress:
         write: Callable[[JobProgressUpdate], None],
         *,
         start_progress: float = 0.0,
+        start_eta: float | None = None,
         min_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ):
+        """``start_progress``, ``start_eta``: where an earlier phase (another worker) left the job, so the
+        first ETA reported here is bounded by the last one reported there."""
         plan = plan_for(kind)
         self.stages = [str(stage) for stage in plan.stages]
         self._share = {stage: plan.share(stage) for stage in self.stages}
@@ -87,7 +90,7 @@ class JobProgress:
         self.progress = float(start_progress)
         self._job_pace = Pace(clock(), self.progress)
         self._stage_pace: Pace | None = None
-        self._last_eta: float | None = None
+        self._last_eta: float | None = start_eta if start_eta else None
 
     def stage_start(self, stage: str) -> float:
         return sum(self._share[s] for s in self.stages[: self.stages.index(stage)])

@@ -133,7 +133,7 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                                        stage_started=update.stage_started, attempt=job.attempts):
                 beat.lost.set()
 
-        progress = JobProgress(job.kind, write, start_progress=job.progress)
+        progress = JobProgress(job.kind, write, start_progress=job.progress, start_eta=job.eta_s)
         ctx = PhaseContext(job, settings, get_blob_store(settings), progress, should_stop, workdir)
         outcome = ""
         try:

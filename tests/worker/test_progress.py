@@ -91,3 +91,18 @@ def test_eta_never_jumps_by_more_than_twice_and_converges_on_uneven_steps():
     stage1 = [(eta, left) for _, eta, left, stage, done in etas if stage == "training:stage1" and
               done >= plan_for("train").progress("training:stage1", 0.5)]
     assert stage1 and all(0.5 * left <= eta <= 2.0 * left for eta, left in stage1), stage1
+
+
+def test_a_phase_on_another_worker_continues_the_eta_it_was_handed():
+    """Intake ran on a CPU worker and left the job at 10 % with an ETA of 60 s; the GPU worker's first
+    reports stay within a factor of two of it, however fast or slow its first steps are."""
+    writes = []
+    clock = FakeClock()
+    progress = JobProgress("train", writes.append, start_progress=10.0, start_eta=60.0, clock=clock)
+    counter = StageProgress(progress, "caching", 4, clock=clock)
+    counter.start()
+    for _ in range(4):
+        clock.t += 0.05  # far faster than the intake's pace
+        counter.advance()
+    first = next(w.eta_s for w in writes if w.eta_s is not None)
+    assert 30.0 <= first <= 120.0
