@@ -28,7 +28,6 @@ from pipelines.generation.styles import (
     placeholders,
     template_path,
 )
-from pipelines.intake.config import CLASS_CANDIDATES, INSTANCE_TOKEN
 from pipelines.templates.catalog import get_template
 from pipelines.templates.spec import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -39,6 +38,7 @@ from pipelines.templates.spec import (
 )
 from pipelines.templates.spec import DEFAULT_STEPS as TEMPLATE_STEPS
 from pipelines.text import clip_bpe
+from pipelines.text.subject import CLASS_CANDIDATES, INSTANCE_TOKEN
 from pipelines.training.config import STRATEGIES, TrainConfig
 
 RANKING_PRESETS = ("aesthetic", "balanced", "identity")  # pipelines.ranking.RANKING_PRESETS (torch-free copy)

@@ -6,10 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from pipelines.errors import InvalidConfig
 from pipelines.intake.decode import DecodeLimits
+from pipelines.text.subject import CLASS_CANDIDATES, INSTANCE_TOKEN
 
 CONTEXT_MODES = ("background_token", "blip")
-CLASS_CANDIDATES = ("girl", "man", "boy", "baby")  # the class words CLIP chooses from
-INSTANCE_TOKEN = "<subj>"  # the new token a training adds for the person (one token, no spaces)
 
 
 @dataclass(frozen=True)

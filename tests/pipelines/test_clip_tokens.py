@@ -22,10 +22,10 @@ from likeness.contract.requests import (
 )
 from pipelines.generation.styles import fill_prompt, list_styles
 from pipelines.intake.captions import background_tokens
-from pipelines.intake.config import CLASS_CANDIDATES, INSTANCE_TOKEN
 from pipelines.templates.catalog import list_templates
 from pipelines.templates.spec import DEFAULT_NEGATIVE_PROMPT
 from pipelines.text import clip_bpe
+from pipelines.text.subject import CLASS_CANDIDATES, INSTANCE_TOKEN
 
 SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"  # open_clip 3.3.0's copy
 
