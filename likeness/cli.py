@@ -457,6 +457,7 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from likeness.contract.requests import GenerateRequest, TrainRequest
+    from pipelines.errors import DatasetRejected
     from worker.local import LocalRunConfig, run_local
 
     if (style is None) == (template is None):
@@ -478,12 +479,33 @@ def run(
                 tasks[event.stage] = bars.add_task(event.stage, total=100)
             bars.update(tasks[event.stage], completed=100 * event.fraction)
 
-        report = run_local(photos_dir, out, config, _settings().resolved_model_cache_dir, on_progress=on_progress)
+        try:
+            report = run_local(photos_dir, out, config, _settings().resolved_model_cache_dir,
+                               on_progress=on_progress, on_verdicts=lambda rows: console.print(_verdict_table(rows)))
+        except DatasetRejected as exc:
+            raise CliError(f"{exc.message} Nothing was trained. Each photo's verdict and what to do about it: "
+                           f"{out / 'report.json'}") from None
         for task_id in tasks.values():
             bars.update(task_id, completed=100)
     accepted = sum(1 for p in report["photos"] if p["accepted"])
     console.print(f"{accepted}/{len(report['photos'])} photos used, class token [bold]{report['class_token']}[/]; "
                   f"{len(report['candidates'])} images and report.json in {out}")
+
+
+def _verdict_table(rows: list[dict]):
+    """Intake's verdict per photo, printed before training starts (and for a rejected set)."""
+    from rich.table import Table
+
+    used = sum(1 for row in rows if row["accepted"])
+    table = Table(title=f"photos: {used} of {len(rows)} used", title_justify="left", show_edge=False)
+    for column in ("photo", "verdict", "reason", "what to do"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        if row["accepted"]:
+            table.add_row(row["file"] or row["photo_id"], "[green]used[/]", "", "")
+        else:
+            table.add_row(row["file"] or row["photo_id"], "[red]not used[/]", row["reason_code"], row["what_to_do"])
+    return table
 
 
 def main() -> None:

@@ -87,13 +87,14 @@ class JobSnapshot:
     max_attempts: int
     progress: float
     result: dict[str, Any]
+    eta_s: float | None = None  # the last ETA reported (by an earlier phase): the next stays within 2x of it
 
     @classmethod
     def of(cls, job: Job) -> JobSnapshot:
         return cls(id=job.id, client_id=job.client_id, subject_id=job.subject_id, kind=job.kind.value,
                    request=dict(job.request or {}), completed_stages=tuple(job.completed_stages or ()),
                    attempts=job.attempts, max_attempts=job.max_attempts, progress=job.progress or 0.0,
-                   result=dict(job.result or {}))
+                   result=dict(job.result or {}), eta_s=job.eta_s)
 
 
 @dataclass(frozen=True)

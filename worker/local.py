@@ -26,7 +26,7 @@ from likeness.contract.requests import (
     resolve_templating,
     resolve_train,
 )
-from pipelines.errors import InvalidConfig
+from pipelines.errors import DatasetRejected, InvalidConfig
 from pipelines.generation.request import GenerationSpec
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, never_stop, no_progress
 from pipelines.templates.spec import TemplateSpec
@@ -102,7 +102,7 @@ def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, GenerationSpec | Tem
     try:
         train = resolve_train(config.train, preset=config.preset)
         if config.template is None:
-            return train, resolve_generation(config.generate)
+            return train, resolve_generation(config.generate, preset=config.preset)
         verdict = TemplatePhotoVerdict(LOCAL_TEMPLATE_ID, "pending") if config.template.template_photo_id else None
         _, spec = resolve_templating(config.template, photo=verdict)
         if config.template_file is not None:
@@ -131,6 +131,14 @@ def read_template(config: LocalRunConfig):
                             code=f"template_{exc.reason.value}") from None
 
 
+def photo_verdicts(rows: list[dict[str, Any]], files: dict[str, str]) -> list[dict[str, Any]]:
+    """Intake's per-photo report rows with the file name and what the person can do about a refusal."""
+    from pipelines.intake.reasons import ReasonCode
+
+    return [{**row, "file": files.get(row["photo_id"]), "what_to_do": ReasonCode(row["reason_code"]).what_to_do}
+            for row in rows]
+
+
 def run_local(
     photos_dir: Path,
     out_dir: Path,
@@ -140,11 +148,14 @@ def run_local(
     should_stop: CancelFn = never_stop,
     timer: StageTimer | None = None,
     manager=None,  # noqa: ANN001 - worker.models.ModelManager
+    on_verdicts: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline; writes ``rank_XX.png``, ``rank_XX_x2.png`` and ``report.json`` to ``out_dir``.
 
-    ``manager``: the model manager to borrow from (a warm worker keeps one across runs);
-    default: a new one for this run.
+    ``report.json`` is written for a rejected photo set too (``status: rejected``, each photo's verdict,
+    reason and what to do), before :class:`DatasetRejected` is raised. ``on_verdicts`` gets those rows
+    once intake has judged the photos, before any training. ``manager``: the model manager to borrow
+    from (a warm worker keeps one across runs); default: a new one for this run.
     """
     from pipelines.generation.engine import GenerationEngine, generation_models
     from pipelines.intake import intake_models, prepare_dataset
@@ -184,9 +195,24 @@ def run_local(
                           class_token=resolved_train.class_token)
     inputs = [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in photos]
     check_inputs(inputs, intake)
-    with manager.borrow(intake_models(intake)) as models:
-        dataset = prepare_dataset(inputs, intake, models, on_progress=progress, should_stop=should_stop)
     files = {photo.photo_id: photo.path.name for photo in photos}
+    try:
+        with manager.borrow(intake_models(intake)) as models:
+            dataset = prepare_dataset(inputs, intake, models, on_progress=progress, should_stop=should_stop)
+    except DatasetRejected as exc:
+        verdicts = photo_verdicts(exc.details.get("report", []), files)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.json").write_text(json.dumps({
+            "status": "rejected", "error": {"code": exc.error_code, "message": exc.message},
+            "preset": preset.name, "photos": verdicts,
+            "accepted": exc.details.get("accepted"), "min_photos": exc.details.get("min_photos"),
+        }, indent=2, default=str))
+        if on_verdicts is not None:
+            on_verdicts(verdicts)
+        raise
+    verdicts = photo_verdicts([r.to_dict() for r in dataset.report], files)
+    if on_verdicts is not None:
+        on_verdicts(verdicts)
     # 3. training (caching, training:stage1, training:stage2)
     work = out_dir / ".work"
     from pipelines.models.loading import base_spec
@@ -228,7 +254,8 @@ def run_local(
         "device": device,
         "request": {"train": resolved_train.model_dump(mode="json"), mode: spec.model_dump(mode="json")},
         "style": spec.style_label if mode == "template" else spec.style,
-        "photos": [{**r.to_dict(), "file": files.get(r.photo_id)} for r in dataset.report],
+        "status": "succeeded",
+        "photos": verdicts,
         "class_token": dataset.class_token,
         "class_scores": dict(dataset.class_scores),
         "checks": dict(dataset.checks),
@@ -240,6 +267,7 @@ def run_local(
         report["template"] = {"name": spec.template, "size": list(prepared.size), "face_box": prepared.face.to_dict(),
                               "mask_box": prepared.region.mask_box.to_dict()}
     if not candidates:
+        report["status"] = "failed"
         (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         raise InvalidConfig(f"none of the {len(results)} candidates could be delivered (each must show exactly one "
                             "face); see report.json", {"candidates": len(results)}, code="no_deliverable_image")

@@ -1,8 +1,12 @@
-"""Turn a pipeline's per-stage :class:`ProgressEvent` stream into one job-level progress.
+"""Turn a pipeline's per-stage :class:`ProgressEvent` stream into one job-level progress and ETA.
 
 Each stage of a job kind owns a share of 0-100 in the job plan
 (:mod:`likeness.contract.plan`), so overall progress moves forward monotonically across
-stages, and the ETA covers the stages still to come. Writing to the job record is
+stages. The ETA is measured, not promised: seconds per progress point, smoothed (an
+exponentially weighted average of time over work done, so one slow step moves it a
+little), for the running stage from its own steps and for the stages still to come from
+the job's pace so far, weighted by their shares in the plan. Reported ETAs never change
+by more than a factor of two from one report to the next. Writing to the job record is
 throttled; stage changes and completion always go out.
 """
 
@@ -25,6 +29,41 @@ class JobProgressUpdate:
     stage_started: bool = False  # the first update of this stage
 
 
+#: weight of the newest measurement in the smoothed pace (0.3: about the last six reports count)
+SMOOTHING = 0.3
+#: a stage's own pace takes over from the job's as it runs, fully at this fraction of its work
+OWN_PACE_FROM = 0.1
+#: between two consecutive reports an ETA changes by at most this factor
+MAX_ETA_CHANGE = 2.0
+
+
+class Pace:
+    """Seconds per progress point, smoothed: EWMAs of elapsed time and of work done, divided.
+
+    Time without progress (a long step) counts with the next progress, so a stall raises the pace.
+    """
+
+    def __init__(self, clock_start: float, points_start: float):
+        self._t, self._points = clock_start, points_start
+        self._dt = self._dp = 0.0
+
+    def observe(self, now: float, points: float) -> None:
+        dp = points - self._points
+        if dp <= 0:
+            return
+        dt = max(now - self._t, 0.0)
+        self._t, self._points = now, points
+        if self._dp == 0.0:
+            self._dt, self._dp = dt, dp
+        else:
+            self._dt = SMOOTHING * dt + (1 - SMOOTHING) * self._dt
+            self._dp = SMOOTHING * dp + (1 - SMOOTHING) * self._dp
+
+    @property
+    def seconds_per_point(self) -> float | None:
+        return self._dt / self._dp if self._dp > 0 and self._dt > 0 else None
+
+
 class JobProgress:
     """Aggregates stage events of one job; calls ``write`` at most every ``min_interval_s``."""
 
@@ -34,9 +73,12 @@ class JobProgress:
         write: Callable[[JobProgressUpdate], None],
         *,
         start_progress: float = 0.0,
+        start_eta: float | None = None,
         min_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ):
+        """``start_progress``, ``start_eta``: where an earlier phase (another worker) left the job, so the
+        first ETA reported here is bounded by the last one reported there."""
         plan = plan_for(kind)
         self.stages = [str(stage) for stage in plan.stages]
         self._share = {stage: plan.share(stage) for stage in self.stages}
@@ -46,8 +88,9 @@ class JobProgress:
         self._last_write = float("-inf")
         self._stage: str | None = None
         self.progress = float(start_progress)
-        self._started = clock()
-        self._progress_at_start = float(start_progress)
+        self._job_pace = Pace(clock(), self.progress)
+        self._stage_pace: Pace | None = None
+        self._last_eta: float | None = start_eta if start_eta else None
 
     def stage_start(self, stage: str) -> float:
         return sum(self._share[s] for s in self.stages[: self.stages.index(stage)])
@@ -57,31 +100,43 @@ class JobProgress:
             return  # a sub-stage this job kind does not show (kept out of the client's view)
         fraction = min(max(float(event.fraction), 0.0), 1.0)
         overall = self.stage_start(event.stage) + self._share[event.stage] * fraction
-        self.progress = max(self.progress, min(overall, 100.0))
-        stage_changed = event.stage != self._stage
-        self._stage = event.stage
         now = self._clock()
+        stage_changed = event.stage != self._stage
+        if stage_changed:
+            self._stage_pace = Pace(now, max(self.progress, overall))
+        self.progress = max(self.progress, min(overall, 100.0))
+        self._stage = event.stage
+        self._job_pace.observe(now, self.progress)
+        self._stage_pace.observe(now, self.progress)
+        eta = self._eta(event.stage, fraction)
         if not stage_changed and fraction < 1.0 and now - self._last_write < self._min_interval:
             return
         self._last_write = now
-        self._write(JobProgressUpdate(str(event.stage), round(self.progress, 2), self._eta(event, now), event.message,
+        if eta is not None and self._last_eta is not None:  # a person watching sees no wild swings
+            floor = max(self._last_eta, 1.0)
+            eta = min(max(eta, floor / MAX_ETA_CHANGE), floor * MAX_ETA_CHANGE)
+        if eta is not None:
+            self._last_eta = eta
+        self._write(JobProgressUpdate(str(event.stage), round(self.progress, 2),
+                                      None if eta is None else round(eta, 1), event.message,
                                       stage_started=stage_changed))
 
-    def _eta(self, event: ProgressEvent, now: float) -> float | None:
-        """This stage's ETA from the pipeline plus later stages at the job's observed pace."""
-        later = sum(self._share[s] for s in self.stages[self.stages.index(event.stage) + 1 :])
-        done = self.progress - self._progress_at_start
-        elapsed = now - self._started
-        seconds_per_point = elapsed / done if done > 0.5 and elapsed > 0 else None
-        if event.eta_s is not None:
-            current = float(event.eta_s)
-        elif seconds_per_point is not None:
-            current = seconds_per_point * self._share[event.stage] * (1.0 - min(max(event.fraction, 0.0), 1.0))
+    def _eta(self, stage: str, fraction: float) -> float | None:
+        """The running stage's rest at its own pace (the job's until it has run a while), later stages at the
+        job's pace by their shares in the plan."""
+        job = self._job_pace.seconds_per_point
+        own = self._stage_pace.seconds_per_point if self._stage_pace else None
+        if own is None and job is None:
+            return None
+        if own is None:
+            current = job
+        elif job is None:
+            current = own
         else:
-            return None
-        if later and seconds_per_point is None:
-            return None
-        return round(current + (seconds_per_point or 0.0) * later, 1)
+            weight = min(fraction / OWN_PACE_FROM, 1.0)
+            current = weight * own + (1 - weight) * job
+        later = sum(self._share[s] for s in self.stages[self.stages.index(stage) + 1 :])
+        return current * self._share[stage] * (1.0 - fraction) + (job or current) * later
 
 
 class Throttle:

@@ -174,7 +174,7 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
             if not owned:
                 beat.lost.set()
 
-        progress = JobProgress(job.kind, write, start_progress=job.progress)
+        progress = JobProgress(job.kind, write, start_progress=job.progress, start_eta=job.eta_s)
         ctx = PhaseContext(job, settings, get_blob_store(settings), progress, should_stop, workdir)
         outcome = ""
         try:

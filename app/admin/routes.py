@@ -233,11 +233,7 @@ def subject_page(request: Request, subject_id: str, admin: AdminSessionDep, uow:
     trained = next((j for j in trainings if j.result and j.result.get("intake")), None)
     class_word, word_scores = overview.word_scores(trained.result if trained else None)
     fitted = next((j for j in trainings if j.result and j.result.get("training")), None)
-    gallery, image_count = images.list_images(uow.session, None, subject.id, limit=200)
-    newest_first: dict[str, int] = {}
-    for image in gallery:
-        newest_first.setdefault(image.job_id, len(newest_first))
-    gallery.sort(key=lambda image: (newest_first[image.job_id], image.rank))  # each job's images best first
+    gallery, image_count = images.list_images(uow.session, None, subject.id, limit=200, order="by_job")
     recent, job_count = jobs.list_jobs(uow.session, None, subject_id=subject.id, limit=10)
     return render(request, "subject.html", nav="subjects", admin=admin, subject=subject,
                   client=clients.get_client(uow.session, subject.client_id),

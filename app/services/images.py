@@ -7,22 +7,28 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Client, Image, Subject
+from app.db.models import Client, Image, Job, Subject
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.subjects import get_subject
 
+#: ``best``: every job's rank 1 first (newest job first among equal ranks), then every rank 2, ... so the
+#: first image is the best of the newest generation; ``by_job``: newest job first, each job's images best
+#: first (the dashboard's gallery). Both end on ids, so pages never repeat or skip an image.
+ImageOrder = Literal["best", "by_job"]
+
 
 def list_images(session: Session, caller: Caller | None, subject_id: str, *, job_id: str | None = None,
-                limit: int = 100, offset: int = 0) -> tuple[list[Image], int]:
+                limit: int = 100, offset: int = 0, order: ImageOrder = "best") -> tuple[list[Image], int]:
     subject = get_subject(session, caller, subject_id)
     conditions = [Image.subject_id == subject.id]
     if job_id is not None:
         conditions.append(Image.job_id == job_id)
     count = session.scalar(select(func.count()).select_from(Image).where(*conditions)) or 0
-    rows = session.scalars(select(Image).where(*conditions)
-                           .order_by(Image.created_at.desc(), Image.job_id, Image.rank)
-                           .limit(limit).offset(offset)).all()
+    newest_job = (Job.created_at.desc(), Job.id.desc())
+    keys = ((Image.rank, *newest_job) if order == "best" else (*newest_job, Image.rank)) + (Image.id,)
+    rows = session.scalars(select(Image).join(Job, Job.id == Image.job_id).where(*conditions)
+                           .order_by(*keys).limit(limit).offset(offset)).all()
     return list(rows), count
 
 

@@ -193,7 +193,7 @@ class Client:
 
     def list_images(self, subject_id: str, *, job_id: str | None = None, limit: int = 100,
                     offset: int = 0) -> Page[Image]:
-        """The subject's portraits, best first within each job."""
+        """The subject's portraits, best first: every rank 1 (newest job first), then every rank 2, ..."""
         return self._call(Call("list_images", {"subject_id": subject_id},
                                params={"job_id": job_id, "limit": limit, "offset": offset}))
 

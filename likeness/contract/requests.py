@@ -19,7 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from likeness.contract.plan import JobKind
 from pipelines.errors import InvalidConfig
 from pipelines.generation.request import SAMPLERS, ControlNetSpec, GenerationSpec
-from pipelines.generation.styles import ASPECTS, CONTROLNET_KINDS, StylePack, get_style, placeholders, template_path
+from pipelines.generation.styles import (
+    ASPECTS,
+    CONTROLNET_KINDS,
+    StylePack,
+    fill_prompt,
+    get_style,
+    placeholders,
+    template_path,
+)
 from pipelines.templates.catalog import get_template
 from pipelines.templates.spec import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -29,6 +37,8 @@ from pipelines.templates.spec import (
     passes_steps,
 )
 from pipelines.templates.spec import DEFAULT_STEPS as TEMPLATE_STEPS
+from pipelines.text import clip_bpe
+from pipelines.text.subject import CLASS_CANDIDATES, INSTANCE_TOKEN
 from pipelines.training.config import STRATEGIES, TrainConfig
 
 RANKING_PRESETS = ("aesthetic", "balanced", "identity")  # pipelines.ranking.RANKING_PRESETS (torch-free copy)
@@ -82,10 +92,19 @@ class ResolvedTrain(BaseModel):
     training: TrainConfig
 
 
-#: Training defaults that depend on the model preset: the random-weight ``tiny`` preset is
-#: for demos and wiring checks, so it trains briefly; ``sd15`` keeps the method's defaults.
+#: Training defaults that depend on the model preset: the random-weight ``tiny`` preset is for demos
+#: and wiring checks (its images are noise whatever it learns), so it trains just long enough to run
+#: every stage: 4 steps a photo, 20 for the usual 5 photos, at most 40. With its generation defaults
+#: below, `likeness serve` -> downloaded images takes about two minutes on a 2-core CPU (README).
+#: ``sd15`` keeps the method's defaults (90 steps a photo, at most 1500).
 PRESET_TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": {"steps_per_photo": 10, "max_steps_cap": 200, "unet_rank": 4, "text_encoder_rank": 4},
+    "tiny": {"steps_per_photo": 4, "max_steps_cap": 40, "unet_rank": 4, "text_encoder_rank": 4},
+    "sd15": {},
+}
+#: Generation defaults that depend on the model preset (a request's own value always wins): ``tiny``
+#: denoises 10 steps instead of a style's 25; ``sd15`` takes the style's.
+PRESET_GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"steps": 10},
     "sd15": {},
 }
 
@@ -171,7 +190,7 @@ def _reject(code: str, message: str, **details: Any):
 
 
 def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None = None,
-                       instance_token: str | None = None) -> GenerationSpec:
+                       instance_token: str | None = None, preset: str | None = None) -> GenerationSpec:
     """Refuse a request that can never succeed, with a precise code; return it with every default filled.
 
     Custom prompts must name the subject with ``{instance}`` (or the literal ``instance_token``
@@ -187,7 +206,8 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
         _reject("unknown_aspect", f"Unknown aspect {aspect!r}.", aspect=aspect, known=list(ASPECTS))
     if body.sampler not in SAMPLERS:
         _reject("unknown_sampler", f"Unknown sampler {body.sampler!r}.", sampler=body.sampler, known=list(SAMPLERS))
-    steps = body.steps if body.steps is not None else (style.steps if style else DEFAULT_STEPS)
+    steps = body.steps if body.steps is not None else PRESET_GENERATION_DEFAULTS.get(preset or "", {}).get(
+        "steps", style.steps if style else DEFAULT_STEPS)
     if not 1 <= steps <= limits.max_steps:
         _reject("invalid_steps", f"steps must be in 1..{limits.max_steps}, got {steps}.", steps=steps)
     guidance = body.guidance_scale if body.guidance_scale is not None else (
@@ -200,7 +220,9 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
     templates = tuple(body.prompts) if body.prompts else style.prompts
     for template in templates:
         _check_prompt(template, body, limits, instance_token)
+        check_clip_window(template, instance_token)
     negative = body.negative_prompt if body.negative_prompt is not None else (style.negative_prompt if style else "")
+    check_clip_window(negative, instance_token, field="negative_prompt")
     controlnets = _controlnets(body, style)
     if len(controlnets) > limits.max_controlnets:
         _reject("too_many_controlnets", f"At most {limits.max_controlnets} ControlNets per request.",
@@ -227,7 +249,7 @@ def _check_candidates(n: int, k: int, limits: GenerationLimits) -> None:
 
 def resolve_generate(body: GenerateRequest, *, preset: str, adapter_version: int,
                      limits: GenerationLimits | None = None, instance_token: str | None = None) -> ResolvedGenerate:
-    spec = resolve_generation(body, limits=limits, instance_token=instance_token)
+    spec = resolve_generation(body, limits=limits, instance_token=instance_token, preset=preset)
     return ResolvedGenerate(preset=preset, adapter_version=adapter_version, generation=spec)
 
 
@@ -255,6 +277,24 @@ def _check_prompt(template: str, body: GenerateRequest, limits: GenerationLimits
     if not names_subject and not body.allow_prompt_without_instance:
         _reject("prompt_missing_instance", f"Prompt {template!r} does not contain {{instance}}, so it would not "
                 "show the subject; add {instance} or set allow_prompt_without_instance.", prompt=template)
+
+
+def check_clip_window(template: str, instance_token: str | None = None, class_word: str | None = None, *,
+                      field: str = "prompts") -> None:
+    """Refuse a prompt CLIP's text encoder would cut (it reads 77 tokens and drops the rest, silently).
+
+    Counted with CLIP's real vocabulary, the placeholders filled as at generation: ``{instance}`` is the
+    adapter's one added token, ``{class}`` the class word (unknown before intake: the longest candidate).
+    """
+    instance = instance_token or INSTANCE_TOKEN
+    words = (class_word,) if class_word else CLASS_CANDIDATES
+    count = max(clip_bpe.token_count(fill_prompt(template, instance, word), added=(instance,)) for word in words)
+    if count > clip_bpe.CONTEXT_LENGTH:
+        _reject("prompt_too_long_for_clip",
+                f"This {'negative prompt' if field == 'negative_prompt' else 'prompt'} takes {count} of CLIP's "
+                f"{clip_bpe.CONTEXT_LENGTH} tokens (start and end included); the text encoder would drop the "
+                f"last {count - clip_bpe.CONTEXT_LENGTH}. Shorten it.",
+                field=field, prompt=template, tokens=count, limit=clip_bpe.CONTEXT_LENGTH)
 
 
 def _controlnets(body: GenerateRequest, style: StylePack | None) -> tuple[ControlNetSpec, ...]:
@@ -408,8 +448,11 @@ def resolve_templating(body: TemplateRequest, *, limits: GenerationLimits | None
         _reject("unknown_ranking", f"Unknown ranking preset {body.ranking!r}.", ranking=body.ranking,
                 known=list(RANKING_PRESETS))
     negative = body.negative_prompt if body.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+    prompt = f"{{instance}} {{class}}, {caption}" if caption else "{instance} {class}"
+    check_clip_window(prompt, field="caption")
+    check_clip_window(negative, field="negative_prompt")
     spec = TemplateSpec(
-        template=label, prompt=f"{{instance}} {{class}}, {caption}" if caption else "{instance} {class}",
+        template=label, prompt=prompt,
         negative_prompt=negative, n=body.n, k=body.k, seed=body.seed, steps=steps, strength=strength,
         guidance_scale=guidance, pose_scale=pose, edge_scale=edge, color_transfer=body.color_transfer,
         second_pass=body.second_pass, second_pass_strength=second,

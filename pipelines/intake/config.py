@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from pipelines.errors import InvalidConfig
 from pipelines.intake.decode import DecodeLimits
+from pipelines.text.subject import CLASS_CANDIDATES, INSTANCE_TOKEN
 
 CONTEXT_MODES = ("background_token", "blip")
 
@@ -14,8 +15,8 @@ CONTEXT_MODES = ("background_token", "blip")
 class IntakeConfig:
     clip_model: str  # CLIP folder or hub id: the preset's ``clip`` (ViT-L/14 for sd15)
     class_token: str | None = None  # client override; CLIP scores are still computed
-    class_candidates: tuple[str, ...] = ("girl", "man", "boy", "baby")
-    instance_token: str = "<subj>"
+    class_candidates: tuple[str, ...] = CLASS_CANDIDATES
+    instance_token: str = INSTANCE_TOKEN
     context_mode: str = "background_token"  # or "blip"
     blip_model: str = "Salesforce/blip-image-captioning-base"
     min_photos: int = 5

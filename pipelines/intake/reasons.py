@@ -38,6 +38,11 @@ class ReasonCode(str, Enum):
     def default_message(self) -> str:
         return _MESSAGES[self]
 
+    @property
+    def what_to_do(self) -> str:
+        """What the person can do about it, in one sentence (``likeness run`` prints it beside the verdict)."""
+        return _WHAT_TO_DO[self]
+
     def __str__(self) -> str:
         return self.value
 
@@ -60,4 +65,23 @@ _MESSAGES: dict[ReasonCode, str] = {
     ReasonCode.IDENTITY_OUTLIER: "This photo looks like a different person than the rest of the set.",
 }
 
+_WHAT_TO_DO: dict[ReasonCode, str] = {
+    ReasonCode.ACCEPTED: "Nothing: it is used for training.",
+    ReasonCode.EMPTY_FILE: "Copy the photo again from where it came from.",
+    ReasonCode.NOT_AN_IMAGE: "Take it out of the folder, or replace it with a JPEG, PNG, WebP or HEIC photo.",
+    ReasonCode.UNSUPPORTED_FORMAT: "Convert it to JPEG or PNG.",
+    ReasonCode.CORRUPT_IMAGE: "Export or copy the photo again; this copy is damaged.",
+    ReasonCode.TOO_SMALL: "Use the original, full-size photo (at least 256 pixels on the short side).",
+    ReasonCode.TOO_LARGE_BYTES: "Use a smaller export of the photo.",
+    ReasonCode.DECOMPRESSION_BOMB: "Use an ordinary photo, resized to fewer pixels.",
+    ReasonCode.NO_PERSON: "Use a photo in which the person is clearly visible.",
+    ReasonCode.MULTIPLE_PEOPLE: "Crop it to the person alone, or use a photo where they are alone.",
+    ReasonCode.NO_FACE: "Use a photo where the face is visible, turned towards the camera.",
+    ReasonCode.FACE_TOO_SMALL: "Use a closer shot, or crop the photo around the person.",
+    ReasonCode.BLURRY: "Use a sharper photo (steady camera, good light).",
+    ReasonCode.DUPLICATE: "Use a different photo (another day, place or angle); one of the two is kept.",
+    ReasonCode.IDENTITY_OUTLIER: "Use only photos of the one person; take out the others.",
+}
+
 assert set(_MESSAGES) == set(ReasonCode), "every reason code needs a default message"
+assert set(_WHAT_TO_DO) == set(ReasonCode), "every reason code needs a hint"

@@ -1,9 +1,9 @@
 """Stable Diffusion 1.5's architecture with random weights, for speed and memory benchmarks.
 
 Timing and memory depend on shapes, not on weight values, so GPU benchmarks run the real
-SD 1.5 U-Net, ViT-L/14 text encoder and VAE without downloading anything. No real
-tokenizer is available offline: the tiny preset's CLIP-BPE tokenizer stands in, while the
-text encoder keeps SD 1.5's 49,408-row vocabulary so the embedding matrix is full size.
+SD 1.5 U-Net, ViT-L/14 text encoder and VAE without downloading anything. The tokenizer is
+CLIP's real one (the tiny preset's, built from the vocabulary shipped in ``pipelines/text``), and
+the text encoder has SD 1.5's 49,408-row vocabulary, so the embedding matrix is full size.
 """
 
 from __future__ import annotations

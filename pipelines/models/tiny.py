@@ -15,62 +15,31 @@ import torch
 
 SEED = 1234
 # Bump when a builder changes: presets live in a folder named after it, so stale builds are not reused.
-BUILD_VERSION = 5  # 5: a canny ControlNet (template mode)
-# Words that get a whole-word BPE token, so prompts and the init word `face` behave
-# like they do with the real CLIP vocabulary (one token per common word).
-_WORDS = (
-    "a photo of face girl man boy baby woman person portrait in the style with and on at "
-    "studio headshot business suit oil painting anime cyberpunk fantasy astronaut watercolor "
-    "black white film high quality detailed background city light blurry lowres ugly "
-    "deformed bad art skin sharp focus space helmet armor neon canvas paper dog cat"
-).split()
-
+BUILD_VERSION = 6  # 5: a canny ControlNet (template mode); 6: CLIP's real vocabulary
 CROSS_ATTENTION_DIM = 32
 TEXT_HIDDEN = 32
 CLIP_PROJECTION = 32
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # The GPT-2/CLIP byte-to-printable-unicode table (a fixed public mapping).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def write_tokenizer(folder: Path) -> None:
-    """A CLIP BPE tokenizer with a small vocabulary: every byte, and whole-word merges for _WORDS."""
+    """CLIP's real tokenizer (its full BPE vocabulary, shipped in ``pipelines/text``) in the Hugging Face
+    layout: a prompt takes exactly as many positions as with SD 1.5, so one that fits CLIP's 77 fits here
+    too (a finer vocabulary would cut and warn about prompts that fit), and ``face`` is one token."""
+    from pipelines.text.clip_bpe import END, START, vocabulary
+
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab: list[str] = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for word in _WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = f"{symbols[0]} {symbols[1]}"
-            merged = symbols[0] + symbols[1]
-            if pair not in merges:
-                merges.append(pair)
-            if merged not in vocab:
-                vocab.append(merged)
-            symbols = [merged] + symbols[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    vocab = vocabulary()
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab.tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in vocab.merges) + "\n")
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
             {
                 "tokenizer_class": "CLIPTokenizer",
                 "model_max_length": 77,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
+                "bos_token": START,
+                "eos_token": END,
+                "unk_token": END,
+                "pad_token": END,
                 "do_lower_case": True,
             }
         )

@@ -102,6 +102,8 @@ def test_generation_requests_are_checked_before_anything_is_queued(make_client):
         ({"style": "no-such-style"}, "unknown_style"),
         ({"style": "cinematic", "aspect": "3:2"}, "unknown_aspect"),
         ({"prompts": ["a portrait of a man"]}, "prompt_missing_instance"),
+        ({"prompts": ["a portrait of {instance}, " + "sharp focus, " * 30]}, "prompt_too_long_for_clip"),
+        ({"style": "cinematic", "negative_prompt": "blurry, " * 40}, "prompt_too_long_for_clip"),
         ({}, "style_or_prompts_required"),
         ({"style": "cinematic", "controlnet": {"kind": "pose", "template": "../../secret.png"}}, "unknown_template"),
     ]
@@ -122,7 +124,10 @@ def test_generation_requests_are_checked_before_anything_is_queued(make_client):
 
     style = get_style("cinematic")
     assert spec["prompts"] == list(style.prompts) and spec["negative_prompt"] == style.negative_prompt
-    assert spec["steps"] == style.steps and spec["guidance_scale"] == style.guidance_scale
+    assert spec["guidance_scale"] == style.guidance_scale
+    from likeness.contract.requests import PRESET_GENERATION_DEFAULTS  # the tiny preset denoises fewer steps
+
+    assert spec["steps"] == PRESET_GENERATION_DEFAULTS[request["preset"]].get("steps", style.steps)
 
 
 def test_styles_are_listed(client_a):

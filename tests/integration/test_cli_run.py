@@ -159,3 +159,42 @@ def test_files_sharing_a_stem_are_separate_photos(tmp_path, grace_hopper):
     photos = read_photos(tmp_path)
     assert len(photos) == 2 and len({p.photo_id for p in photos}) == 2
     assert {p.path.name for p in photos} == {"IMG_0001.JPG", "IMG_0001.png"}
+
+
+@pytest.mark.slow
+def test_a_rejected_photo_set_still_gets_report_json_and_a_verdict_table(cli_env, grace_hopper, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Too few usable photos: exit 1 with one clear line, the verdicts printed, report.json saying per photo
+    why and what to do; nothing trained."""
+    from likeness import cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, variant in enumerate(person_variants(grace_hopper, 2)):
+        (photos / f"grace_{i}.jpg").write_bytes(encode(variant, quality=92))
+    (photos / "blank.png").write_bytes(encode(Image.new("RGB", (400, 400), "white"), "PNG"))
+    (photos / "notes.jpg").write_bytes(b"shopping list: milk, eggs\n")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["likeness", "run", str(photos), "--style", STYLE, "--out", str(out),
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]  # (model loaders log too)
+    assert len(errors) == 1 and "Only 2 of 4 photos are usable" in errors[0], captured.err
+    assert str(out / "report.json") in errors[0] and "Nothing was trained" in errors[0]
+    table = " ".join(captured.out.split())
+    assert "photos: 2 of 4 used" in table and "not_an_image" in table and "not used" in table, captured.out
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "rejected" and report["error"]["code"] == "dataset_rejected"
+    verdicts = {p["file"]: p for p in report["photos"]}
+    assert set(verdicts) == {"grace_0.jpg", "grace_1.jpg", "blank.png", "notes.jpg"}
+    assert verdicts["notes.jpg"]["reason_code"] == "not_an_image"
+    assert verdicts["blank.png"]["reason_code"] in ("no_person", "no_face")
+    for photo in verdicts.values():
+        assert photo["message"] and photo["what_to_do"]
+    assert verdicts["notes.jpg"]["what_to_do"] != verdicts["blank.png"]["what_to_do"]
+    assert not (out / ".work" / "training").exists()

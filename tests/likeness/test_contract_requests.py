@@ -134,6 +134,18 @@ def test_train_defaults_depend_on_the_preset_and_the_subject_override():
     chosen = resolve_train(TrainRequest(class_token="man"), preset="sd15", class_token_override="boy")
     assert chosen.class_token == "man"
     assert resolve_train(TrainRequest(attention_loss=True), preset="sd15").training.attention_loss_weight > 0
+    # the demo preset: 20 steps for 5 photos, at most 40; sd15: the method's 90 a photo
+    from pipelines.training.config import total_steps
+
+    assert total_steps(tiny.training, 5) == 20 and total_steps(tiny.training, 20) == 40
+    assert total_steps(sd15.training, 5) == 450
+
+
+def test_generation_defaults_depend_on_the_preset_and_the_request_wins():
+    style = get_style("studio_headshot")
+    assert resolve_generation(GenerateRequest(style=style.name), preset="sd15").steps == style.steps == 25
+    assert resolve_generation(GenerateRequest(style=style.name), preset="tiny").steps == 10
+    assert resolve_generation(GenerateRequest(style=style.name, steps=30), preset="tiny").steps == 30
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,10 @@ def _stream(store: BlobStore, key: str, filename: str) -> StreamingResponse:
 
 
 @router.get("/subjects/{subject_id}/images", response_model=Page[ImagePublic], responses=errors(404),
-            summary="A subject's result images with scores and ranks (newest jobs first, rank 1 = best)")
+            summary="A subject's result images with scores and ranks, best first",
+            description="Ordered by rank (1 = best within its job), then newest job first, then id: `data[0]` is "
+                        "the best image of the newest generation, and every rank 1 comes before any rank 2. "
+                        "The order is total, so `offset` pages never repeat or skip an image.")
 def list_images(subject_id: str, caller: CurrentClient, uow: UoW, job_id: str | None = None,
                 limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = images.list_images(uow.session, caller, subject_id, job_id=job_id, limit=limit, offset=offset)

@@ -186,8 +186,10 @@ def test_training_lowers_the_loss_on_its_photos(examples, preset, tmp_path, mode
     def measure(state):
         loss[state.step] = denoising_loss(state.pipe, images, prompts, preset.resolution)
 
+    # LoRA at 1e-3 moved the loss by noise only (+0.005 %) once the tiny text encoder got CLIP's real
+    # vocabulary (a different random encoder); at 3e-3 it goes down (-0.05 %), as 30 steps at 1e-3 do.
     config = {"mode": mode, "max_train_steps": 15, "flip": False,
-              **({"unet_lr": 3e-4, "text_encoder_lr": 1e-5} if mode == "full" else {"unet_lr": 1e-3})}
+              **({"unet_lr": 3e-4, "text_encoder_lr": 1e-5} if mode == "full" else {"unet_lr": 3e-3})}
     run(examples, preset, tmp_path, config=config, callbacks=[TrainCallback(every=0, fn=measure)])
     before, after = loss[0], loss[15]
     assert after < before * factor, (before, after)
