@@ -96,12 +96,16 @@ def _big_upload(n: int = 16, size: int = 1400) -> list[tuple[str, tuple[str, byt
 def test_api_killed_during_uploads_stores_each_request_whole_or_not_at_all(stack):
     client = stack.client()
     files = _big_upload()
-    probe = client.post("/v1/subjects", json={"name": "probe"}).json()["id"]
-    duration, response = timed(client.post, f"/v1/subjects/{probe}/photos", files=files)
-    assert response.status_code == 201 and response.json()["stored"] == len(files), response.text
+    durations = []
+    for _ in range(2):  # the first upload of a fresh API is slower (lazy imports): time a warm one too
+        probe = client.post("/v1/subjects", json={"name": "probe"}).json()["id"]
+        duration, response = timed(client.post, f"/v1/subjects/{probe}/photos", files=files)
+        assert response.status_code == 201 and response.json()["stored"] == len(files), response.text
+        durations.append(duration)
+    duration = min(durations)
 
     killed_mid_request, restarts = 0, []
-    for fraction in (0.3, 0.6, 0.9):
+    for fraction in (0.2, 0.45, 0.7):
         sid = client.post("/v1/subjects", json={"name": f"killed-{fraction}"}).json()["id"]
         key = f"upload-{uuid.uuid4().hex}"
         outcome: dict = {}

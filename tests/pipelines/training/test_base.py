@@ -9,17 +9,10 @@ import torch
 
 from pipelines.errors import Canceled, InvalidConfig
 from pipelines.models.loading import load_base_pipeline
-from pipelines.models.presets import with_overrides
 from pipelines.training import TrainCallback, TrainConfig, train
 from pipelines.training import trainer as trainer_module
-from pipelines.types import TokenSpec, TrainingExample
-
-TOKENS = TokenSpec("<subj>", "girl", ("<bg0>", "<bg1>"))
-
-
-@pytest.fixture(scope="module")
-def preset(tiny_preset):
-    return with_overrides(tiny_preset, resolution=32)
+from pipelines.types import TrainingExample
+from tests.pipelines.training.helpers import TOKENS, adapter_tensors
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +130,6 @@ def test_borrowed_base_is_restored_after_cancel_and_failure(examples, preset, ba
 
 
 def test_borrowed_and_loaded_bases_train_the_same_adapter(examples, preset, base, tmp_path):
-    from tests.pipelines.training.test_trainer import adapter_tensors
-
     borrowed = train(examples, TOKENS, config(), preset, tmp_path / "borrowed", base=base, device="cpu")
     loaded = train(examples, TOKENS, config(), preset, tmp_path / "loaded", device="cpu")
     assert loaded.metrics["load_s"] > 0

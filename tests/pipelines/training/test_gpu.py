@@ -9,23 +9,15 @@ import torch
 from pipelines.models.loading import load_base_pipeline
 from pipelines.models.presets import with_overrides
 from pipelines.training import TrainCallback, TrainConfig, train
-from pipelines.types import TokenSpec, TrainingExample
+from tests.pipelines.training.helpers import TOKENS
 from tests.pipelines.training.test_base import assert_same, state
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-TOKENS = TokenSpec("<subj>", "girl", ("<bg0>", "<bg1>"))
 
 
 @pytest.fixture(scope="module")
 def preset(tiny_preset):
     return with_overrides(tiny_preset, resolution=64)
-
-
-@pytest.fixture(scope="module")
-def examples(astronaut, grace_hopper):
-    return [TrainingExample(astronaut, "<bg0> <subj> girl", photo_id="a"),
-            TrainingExample(grace_hopper, "<bg1> <subj> girl", photo_id="g")]
 
 
 def generate(pipe):

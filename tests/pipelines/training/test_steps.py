@@ -9,24 +9,9 @@ import pytest
 import torch
 
 from pipelines.errors import Canceled, InvalidConfig
-from pipelines.models.presets import with_overrides
 from pipelines.training import TrainConfig, train
 from pipelines.training.trainer import LossMeter, Trainer
-from pipelines.types import TokenSpec, TrainingExample
-from tests.pipelines.training.test_trainer import adapter_tensors
-
-TOKENS = TokenSpec("<subj>", "girl", ("<bg0>", "<bg1>"))
-
-
-@pytest.fixture(scope="module")
-def preset(tiny_preset):
-    return with_overrides(tiny_preset, resolution=32)
-
-
-@pytest.fixture(scope="module")
-def examples(astronaut, grace_hopper):
-    return [TrainingExample(astronaut, "<bg0> <subj> girl", photo_id="a"),
-            TrainingExample(grace_hopper, "<bg1> <subj> girl", photo_id="g")]
+from tests.pipelines.training.helpers import TOKENS, adapter_tensors
 
 
 def fast(**kw) -> TrainConfig:

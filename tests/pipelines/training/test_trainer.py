@@ -12,21 +12,7 @@ from pipelines.models.presets import with_overrides
 from pipelines.training import TrainCallback, TrainConfig, train
 from pipelines.training import trainer as trainer_module
 from pipelines.types import TokenSpec, TrainingExample
-
-TOKENS = TokenSpec("<subj>", "girl", ("<bg0>", "<bg1>"))
-
-
-@pytest.fixture(scope="module")
-def preset(tiny_preset):
-    return with_overrides(tiny_preset, resolution=32)
-
-
-@pytest.fixture(scope="module")
-def examples(astronaut, grace_hopper):
-    return [
-        TrainingExample(astronaut, "<bg0> <subj> girl", photo_id="a"),
-        TrainingExample(grace_hopper, "<bg1> <subj> girl", photo_id="g"),
-    ]
+from tests.pipelines.training.helpers import TOKENS, adapter_tensors
 
 
 def fast(**kw) -> TrainConfig:
@@ -37,11 +23,6 @@ def run(examples, preset, tmp_path, name="run", **kw):
     return train(examples, TOKENS, fast(**kw.pop("config", {})), preset, tmp_path / name, device="cpu", **kw)
 
 
-def adapter_tensors(folder):
-    tensors = {}
-    for path in sorted(folder.rglob("*.safetensors")):
-        tensors.update({f"{path.relative_to(folder)}:{k}": v for k, v in load_file(str(path)).items()})
-    return tensors
 
 
 def generate(pipe, prompt="a photo of <subj> girl"):
