@@ -2,7 +2,7 @@
 in time: no answer may be a 5xx, and every answer must be one the document lists for the operation,
 with the documented content type and body schema.
 
-The budget is ``LIKENESS_FUZZ_BUDGET_S`` seconds (default 30); generation is derandomized, so a run
+The budget is ``LIKENESS_FUZZ_BUDGET_S`` seconds (default 20); generation is derandomized, so a run
 is reproducible and a failure names the request (as a curl command) that caused it.
 """
 
@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-BUDGET_S = float(os.environ.get("LIKENESS_FUZZ_BUDGET_S", "30"))
+BUDGET_S = float(os.environ.get("LIKENESS_FUZZ_BUDGET_S", "20"))
 EXAMPLES = int(os.environ.get("LIKENESS_FUZZ_EXAMPLES", "12"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
