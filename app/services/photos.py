@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -75,12 +76,14 @@ def clean_uploads(files: list[UploadedFile], limits: DecodeLimits) -> list[Clean
     return [clean_photo(upload, limits) for upload in files]
 
 
-def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
-                  settings: Settings) -> list[FileOutcome]:
+def store_uploads(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
+                  settings: Settings, key_for: Callable[[str, str, str], str],
+                  row_for: Callable[[str, str, str, str, CleanPhoto], object]) -> list[FileOutcome]:
     """Store each usable file as sent minus its metadata; each bad file gets its own reason.
 
-    The blob is written before the row is flushed and removed again if the transaction rolls
-    back: a crash in between leaves at most an orphan blob under the subject's prefix
+    ``key_for(subject_id, new_id, extension)`` names the blob, ``row_for(new_id, subject_id, key, filename,
+    photo)`` builds its row. The blob is written before the row is flushed and removed again if the
+    transaction rolls back: a crash in between leaves at most an orphan blob under the subject's prefix
     (removed with the subject), never a row without its blob.
     """
     session = uow.session
@@ -95,15 +98,23 @@ def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
             continue
         photo_id = new_id()
         extension, content_type = STORED_AS[result.format]
-        key = photo_original_key(subject.id, photo_id, extension)
+        key = key_for(subject.id, photo_id, extension)
         store.put(key, result.data, content_type)
         uow.on_rollback(lambda key=key: store.delete(key))
-        session.add(Photo(id=photo_id, subject_id=subject.id, original_key=key, format=result.format,
-                          width=result.width, height=result.height, status=PhotoStatus.pending,
-                          size_bytes=len(result.data)))
+        session.add(row_for(photo_id, subject.id, key, name, result))
         outcomes.append(FileOutcome(name, "stored", photo_id=photo_id))
     session.flush()
     return outcomes
+
+
+def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
+                  settings: Settings) -> list[FileOutcome]:
+    """A subject's own photos, pending intake."""
+    def row(photo_id: str, subject_id: str, key: str, _name: str, photo: CleanPhoto) -> Photo:
+        return Photo(id=photo_id, subject_id=subject_id, original_key=key, format=photo.format, width=photo.width,
+                     height=photo.height, status=PhotoStatus.pending, size_bytes=len(photo.data))
+
+    return store_uploads(uow, caller, subject_id, files, store, settings, photo_original_key, row)
 
 
 def get_photo(session: Session, caller: Caller | None, photo_id: str) -> Photo:

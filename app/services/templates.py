@@ -15,43 +15,25 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import Job, JobKind, PhotoStatus, TemplatePhoto, new_id
+from app.db.models import Job, JobKind, PhotoStatus, TemplatePhoto
 from app.db.uow import UnitOfWork
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.jobs import generation_limits, queue_job, resolve_with_adapter
-from app.services.photos import STORED_AS, CleanPhoto, FileOutcome, UploadedFile, clean_uploads, decode_limits
-from app.services.quotas import check_storage
+from app.services.photos import CleanPhoto, FileOutcome, UploadedFile, store_uploads
 from app.services.subjects import get_subject
 from app.storage import BlobStore, template_photo_key
 from likeness.contract.requests import TemplatePhotoVerdict, TemplateRequest, resolve_template
-from pipelines.intake.decode import PhotoRejected
 
 
 def upload_template_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile],
                            store: BlobStore, settings: Settings) -> list[FileOutcome]:
-    """Store each usable file as a template photo (as sent minus its metadata); each bad file gets its reason."""
-    session = uow.session
-    subject = get_subject(session, caller, subject_id)
-    outcomes: list[FileOutcome] = []
-    cleaned = clean_uploads(files, decode_limits(settings))
-    check_storage(session, caller, settings, sum(len(r.data) for r in cleaned if isinstance(r, CleanPhoto)))
-    for upload, result in zip(files, cleaned):
-        name = (upload.filename or "")[:255]
-        if isinstance(result, PhotoRejected):
-            outcomes.append(FileOutcome(name, "rejected", reason_code=result.reason.value, message=result.message))
-            continue
-        photo_id = new_id()
-        extension, content_type = STORED_AS[result.format]
-        key = template_photo_key(subject.id, photo_id, extension)
-        store.put(key, result.data, content_type)
-        uow.on_rollback(lambda key=key: store.delete(key))
-        session.add(TemplatePhoto(id=photo_id, subject_id=subject.id, key=key, filename=name or None,
-                                  format=result.format, width=result.width, height=result.height,
-                                  status=PhotoStatus.pending))
-        outcomes.append(FileOutcome(name, "stored", photo_id=photo_id))
-    session.flush()
-    return outcomes
+    """Photos to put the subject into; the first template job using one judges it (one person, a face)."""
+    def row(photo_id: str, subject_id: str, key: str, name: str, photo: CleanPhoto) -> TemplatePhoto:
+        return TemplatePhoto(id=photo_id, subject_id=subject_id, key=key, filename=name or None, format=photo.format,
+                             width=photo.width, height=photo.height, status=PhotoStatus.pending)
+
+    return store_uploads(uow, caller, subject_id, files, store, settings, template_photo_key, row)
 
 
 def list_template_photos(session: Session, caller: Caller, subject_id: str) -> list[TemplatePhoto]:
