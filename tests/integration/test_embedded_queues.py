@@ -16,7 +16,7 @@ from tests.conftest import MODEL_CACHE
 from tests.faults.conftest import photos
 from tests.faults.servers import free_port
 from tests.integration.conftest import clean_environ, wait_for
-from tests.integration.test_embedded_serve import _interrupt, _serve
+from tests.integration.test_embedded_serve import _interrupt, _serve, wait_until_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,13 +48,7 @@ def test_intake_and_webhooks_do_not_wait_behind_a_training(tmp_path, grace_hoppe
         wait_for(lambda: "lk_" in log.read_text(errors="replace"), 60, 0.2, "the admin key to be printed")
         key = re.search(r"^(lk_\S+)$", log.read_text(errors="replace"), re.M).group(1)
 
-        def ready() -> bool:
-            try:
-                return httpx.get(base + "/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 60, 0.3, "the API to be ready")
+        wait_until_ready(base)
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert client.put("/v1/webhook", json={"url": f"http://127.0.0.1:{hooks.server_port}/hook"}).status_code == 200
 

@@ -24,6 +24,17 @@ def _serve(env: dict[str, str], log_path) -> subprocess.Popen:
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def wait_until_ready(base: str) -> None:
+    """Until the served API answers ``/readyz`` with 200 (up to a minute)."""
+    def ready() -> bool:
+        try:
+            return httpx.get(base + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 60, 0.3, "the API to be ready")
+
+
 def _interrupt(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     proc.wait(timeout=30)
@@ -86,13 +97,7 @@ def test_serve_embedded_runs_a_job_and_stops_cleanly(tmp_path):
         assert str(secret) in out.replace("\n", "") and secret.stat().st_mode & 0o777 == 0o600
         assert len(secret.read_text().strip()) == 64
 
-        def ready() -> bool:
-            try:
-                return httpx.get(base + "/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 60, 0.3, "the API to be ready")
+        wait_until_ready(base)
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         sid = client.post("/v1/subjects", json={"name": "nobody"}).json()["id"]
         blank = encode(Image.new("RGB", (400, 400), "white"), "PNG")
