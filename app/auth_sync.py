@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 
-from app.config import Settings
+from core.config import Settings
 
 log = logging.getLogger(__name__)
 

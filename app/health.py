@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from app.config import Settings
-from app.db.session import get_engine
-from app.storage import get_blob_store
+from core.config import Settings
+from core.db.session import get_engine
+from core.storage import get_blob_store
 
 TIMEOUT_S = 2.0
 

@@ -19,14 +19,14 @@ from app.api.routes import account, admin, images, jobs, photos, subjects, templ
 from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
 from app.auth_sync import AuthSubscriber
-from app.config import Settings, get_settings
-from app.db.session import SessionLocal, database_unavailable
-from app.db.uow import UnitOfWork
 from app.docs import install_offline_docs
 from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
 from app.ratelimit import rate_limiter
-from app.storage import StorageError
+from core.config import Settings, get_settings
+from core.db.session import SessionLocal, database_unavailable
+from core.db.uow import UnitOfWork
+from core.storage import StorageError
 
 log = logging.getLogger("likeness.api")
 

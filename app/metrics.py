@@ -56,7 +56,7 @@ class JobsCollector(Collector):
     def collect(self):  # noqa: ANN201
         from sqlalchemy import func, select
 
-        from app.db.models import Job, JobStage, OutboxMessage, utcnow
+        from core.db.models import Job, JobStage, OutboxMessage, utcnow
         from likeness.contract.plan import JobKind, JobState
 
         by_state = GaugeMetricFamily("likeness_jobs", "Jobs by kind and state.", labels=["kind", "state"])
@@ -97,7 +97,7 @@ class WorkersCollector(Collector):
     def collect(self):  # noqa: ANN201
         from sqlalchemy import select
 
-        from app.db.models import WorkerRecord, utcnow
+        from core.db.models import WorkerRecord, utcnow
 
         states = GaugeMetricFamily("likeness_worker_state", "Worker process state (1 = current).",
                                    labels=["worker", "state"])
@@ -125,7 +125,7 @@ class RetentionCollector(Collector):
         self.session_factory = session_factory
 
     def collect(self):  # noqa: ANN201
-        from app.services.retention import totals
+        from core.retention import totals
 
         deleted = CounterMetricFamily("likeness_retention_deleted", "Deleted by the retention purge, by kind.",
                                       labels=["kind"])

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Protocol
 
-from app.config import Settings
+from core.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -57,10 +57,10 @@ def free_port() -> int:
 
 def seed(db_url: str) -> tuple[str, str, str]:
     """(api key, subject id, job id) in a fresh migrated database."""
-    from app.db.migrate import upgrade_to_head
-    from app.db.models import Job, JobKind, JobState, Subject
-    from app.db.session import SessionLocal, dispose_engines
     from app.services.clients import create_client
+    from core.db.migrate import upgrade_to_head
+    from core.db.models import Job, JobKind, JobState, Subject
+    from core.db.session import SessionLocal, dispose_engines
 
     upgrade_to_head(db_url)
     with SessionLocal(db_url) as session, session.begin():

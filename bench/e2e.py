@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    from app.config import get_settings
+    from core.config import get_settings
     from likeness.contract.requests import GenerateRequest, TrainRequest
     from worker.local import LocalRunConfig, StageTimer, run_local
     from worker.models import ModelManager

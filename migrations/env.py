@@ -1,11 +1,11 @@
-"""Alembic environment: runs against ``sqlalchemy.url`` set by ``app.db.migrate`` or the settings."""
+"""Alembic environment: runs against ``sqlalchemy.url`` set by ``core.db.migrate`` or the settings."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from app.db.models import Base
-from app.db.session import get_engine, normalize_url
+from core.db.models import Base
+from core.db.session import get_engine, normalize_url
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,7 +17,7 @@ def _url() -> str | None:
 
 
 def run_migrations_offline() -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     context.configure(url=_url() or normalize_url(get_settings().resolved_database_url),
                       target_metadata=target_metadata, literal_binds=True, render_as_batch=True)

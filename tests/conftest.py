@@ -55,9 +55,9 @@ def noise_image(size: int = 256, seed: int = 0) -> Image.Image:
 @pytest.fixture
 def sqlite_db(tmp_path, monkeypatch):
     """A migrated SQLite database as the process-wide default (what embedded mode uses)."""
-    from app.config import get_settings
-    from app.db.migrate import upgrade_to_head
-    from app.db.session import dispose_engines
+    from core.config import get_settings
+    from core.db.migrate import upgrade_to_head
+    from core.db.session import dispose_engines
 
     for name in [k for k in os.environ if k.startswith("LIKENESS_")]:  # other test packages set some
         monkeypatch.delenv(name)

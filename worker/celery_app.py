@@ -1,4 +1,4 @@
-"""The Celery application of the workers: the API's queue configuration (:mod:`app.queue`)
+"""The Celery application of the workers: the API's queue configuration (:mod:`core.queue`)
 plus the task modules. Start a worker with ``likeness worker`` (or
 ``celery -A worker.celery_app worker -Q <prefix>gpu,<prefix>cpu``).
 
@@ -8,6 +8,6 @@ SIGKILLed; :mod:`worker.recovery` covers it by requeueing jobs whose heartbeat w
 
 from __future__ import annotations
 
-from app.queue import make_celery
+from core.queue import make_celery
 
 celery_app = make_celery(include=("worker.tasks",))

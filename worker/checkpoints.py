@@ -2,7 +2,7 @@
 
 The trainer writes ``<workdir>/checkpoints/step-XXXXXX/`` (``state.pt``, then ``meta.json``) every
 ``checkpoint_every`` steps (:mod:`pipelines.training.checkpoint`). Each one is mirrored to
-``subjects/<subject>/checkpoints/<job>/step-XXXXXX/`` (:func:`app.storage.checkpoint_prefix`):
+``subjects/<subject>/checkpoints/<job>/step-XXXXXX/`` (:func:`core.storage.checkpoint_prefix`):
 ``meta.json`` is uploaded last and marks the upload complete, then older mirrored steps are
 deleted. Before training starts, a worker with nothing newer on its own disk downloads the newest
 complete mirrored checkpoint; the trainer resumes from it if it matches the run (same config,
@@ -21,8 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
-from app.config import Settings
-from app.storage import BlobStore, checkpoint_prefix, get_blob_store
+from core.config import Settings
+from core.storage import BlobStore, checkpoint_prefix, get_blob_store
 
 log = logging.getLogger(__name__)
 

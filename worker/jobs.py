@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from app.config import Settings
-from app.db.models import Job, JobStage, utcnow
-from app.db.uow import UnitOfWork
-from app.webhooks import notify_job
+from core.config import Settings
+from core.db.models import Job, JobStage, utcnow
+from core.db.uow import UnitOfWork
+from core.webhooks import notify_job
 from likeness.contract.plan import TERMINAL_STATES, JobState, transition
 
 log = logging.getLogger(__name__)

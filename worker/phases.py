@@ -28,10 +28,10 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from app.config import Settings
-from app.db.models import Adapter, Image, Photo, PhotoStatus, TemplatePhoto
-from app.db.uow import UnitOfWork
-from app.storage import (
+from core.config import Settings
+from core.db.models import Adapter, Image, Photo, PhotoStatus, TemplatePhoto
+from core.db.uow import UnitOfWork
+from core.storage import (
     BlobStore,
     adapter_export_key,
     adapter_prefix,

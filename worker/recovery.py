@@ -34,10 +34,10 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select
 
-from app.config import Settings, get_settings
-from app.db.models import Job, utcnow
-from app.db.uow import UnitOfWork, flush_outbox
-from app.services import idempotency
+from core.config import Settings, get_settings
+from core.db.models import Job, utcnow
+from core.db.uow import UnitOfWork, flush_outbox
+from core.retention import purge_idempotency_records
 from likeness.contract.plan import JobState
 from worker import jobs
 from worker.checkpoints import discard_checkpoints
@@ -56,14 +56,14 @@ class SweepReport:
     idempotency_purged: int = 0
 
 
-def sweep(settings: Settings | None = None, queue=None) -> SweepReport:  # noqa: ANN001 - app.queue.TaskQueue
+def sweep(settings: Settings | None = None, queue=None) -> SweepReport:  # noqa: ANN001 - core.queue.TaskQueue
     """One pass: requeue or fail lost jobs, send what the outbox still holds, purge old records."""
     settings = settings or get_settings()
     report = SweepReport()
     _recover_jobs(settings, report, queue)
     report.outbox_sent = flush_outbox(settings, queue)
     with UnitOfWork(settings) as uow:
-        report.idempotency_purged = idempotency.purge_older_than(uow.session)
+        report.idempotency_purged = purge_idempotency_records(uow.session)
     if report.requeued or report.failed or report.outbox_sent:
         log.info("recovery sweep: requeued %s, failed %s, %d outbox messages sent", report.requeued, report.failed,
                  report.outbox_sent)

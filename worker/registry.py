@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.config import Settings
-from app.db.models import WorkerRecord, utcnow
-from app.db.uow import UnitOfWork
+from core.config import Settings
+from core.db.models import WorkerRecord, utcnow
+from core.db.uow import UnitOfWork
 from worker.jobs import worker_id
 
 log = logging.getLogger(__name__)

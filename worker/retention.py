@@ -1,4 +1,4 @@
-"""The embedded worker's retention timer: ``app.services.retention.purge_expired`` every
+"""The embedded worker's retention timer: ``core.retention.purge_expired`` every
 ``purge_interval_s`` from a daemon thread of the worker's main process (distributed mode sends the
 same task from ``likeness beat`` instead)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from app.config import Settings
-from app.services.retention import purge_expired
+from core.config import Settings
+from core.retention import purge_expired
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
-from app.config import Settings, get_settings
-from app.db.session import database_unavailable
-from app.db.uow import UnitOfWork
-from app.storage import StorageError, get_blob_store
+from core.config import Settings, get_settings
+from core.db.session import database_unavailable
+from core.db.uow import UnitOfWork
+from core.storage import StorageError, get_blob_store
 from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
 from worker import jobs, registry
@@ -229,8 +229,8 @@ def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None
 
 def _purge_if_subject_deleted(ctx: PhaseContext) -> None:
     """The subject was deleted while this job wrote blobs: remove what landed after the API's purge."""
-    from app.db.models import Subject
-    from app.storage import subject_prefix
+    from core.db.models import Subject
+    from core.storage import subject_prefix
 
     with UnitOfWork(ctx.settings) as uow:
         if uow.session.get(Subject, ctx.job.subject_id) is not None:

@@ -12,7 +12,7 @@ import os
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from app.config import get_settings
+from core.config import get_settings
 from likeness.contract.plan import Task as TaskName
 from worker.celery_app import celery_app
 
@@ -45,14 +45,14 @@ def run_job(self: Task, job_id: str) -> str:
 
 @celery_app.task(name=TaskName.DELIVER_WEBHOOK, bind=True, acks_late=True, max_retries=None)
 def deliver_webhook(self: Task, delivery_id: str) -> str:
-    """POST one delivery; retry with ``app.webhooks.backoff_s`` until ``webhook_max_attempts``.
+    """POST one delivery; retry with ``core.webhooks.backoff_s`` until ``webhook_max_attempts``.
 
-    The attempt count lives on the delivery row (``app.webhooks.record_and_send`` keeps
+    The attempt count lives on the delivery row (``core.webhooks.record_and_send`` keeps
     it), so a redelivered message continues the series instead of restarting it.
     """
-    from app.db.models import WebhookDelivery
-    from app.db.uow import UnitOfWork
-    from app.webhooks import backoff_s, record_and_send
+    from core.db.models import WebhookDelivery
+    from core.db.uow import UnitOfWork
+    from core.webhooks import backoff_s, record_and_send
 
     if not record_and_send(delivery_id):
         return "done"
@@ -72,7 +72,7 @@ def sweep() -> dict:
 @celery_app.task(name=TaskName.PURGE_EXPIRED)
 def purge_expired() -> dict:
     """Delete what the clients' retention says is due (sent by `likeness beat`; embedded: a timer)."""
-    from app.services.retention import purge_expired as purge
+    from core.retention import purge_expired as purge
 
     return purge().as_dict()
 
@@ -88,7 +88,7 @@ _registry = None
 def _start_pool_process(**_) -> None:
     """A forked pool process: fresh DB connections (never the parent's), and its registry heartbeat."""
     global _registry
-    from app.db import session as db_session
+    from core.db import session as db_session
     from worker.registry import RegistryHeartbeat, status
 
     for engine in list(db_session._ENGINES.values()):

@@ -25,10 +25,10 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from app.api.deps import UoW, app_settings
-from app.config import Settings
-from app.db.models import Client, Role
 from app.services.clients import Caller, get_client
-from app.signing import signing_secret
+from core.config import Settings
+from core.db.models import Client, Role
+from core.signing import signing_secret
 
 SESSION_COOKIE = "likeness_admin"
 LOGIN_COOKIE = "likeness_admin_login"

@@ -21,10 +21,10 @@ from app.admin.auth import AdminSessionDep, CheckedForm
 from app.admin.pages import AdminRoute, error_page, is_htmx, render, safe_next
 from app.api.deps import SettingsDep, StoreDep, UoW
 from app.api.schemas import ClientLimits
-from app.db.models import Job, Role
 from app.errors import InvalidRequest, NotFound
 from app.services import clients, images, jobs, overview, photos, subjects, webhooks
-from app.storage import BlobNotFound
+from core.db.models import Job, Role
+from core.storage import BlobNotFound
 from likeness.contract.plan import ACTIVE_STATES, JobKind, JobState, plan_for
 
 router = APIRouter(prefix="/admin", route_class=AdminRoute, include_in_schema=False)

@@ -1,6 +1,6 @@
 """Dependencies as aliases so route signatures stay one line.
 
-Every route reaches the database through one :class:`~app.db.uow.UnitOfWork` (``UoW``): it
+Every route reaches the database through one :class:`~core.db.uow.UnitOfWork` (``UoW``): it
 commits when the handler returns (before the response is sent) and only then sends the
 task messages and webhooks the handler queued; it rolls back if the handler raises.
 """
@@ -14,13 +14,13 @@ from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from app.config import Settings, get_settings
-from app.db.session import SessionLocal
-from app.db.uow import UnitOfWork
 from app.errors import Forbidden, TooManyRequests, Unauthorized
 from app.services import idempotency
 from app.services.clients import Caller, auth_cache, authenticate, hash_key
-from app.storage import BlobStore, get_blob_store
+from core.config import Settings, get_settings
+from core.db.session import SessionLocal
+from core.db.uow import UnitOfWork
+from core.storage import BlobStore, get_blob_store
 
 
 def app_settings(request: Request) -> Settings:

@@ -6,7 +6,7 @@ API keeps each polled job's response body, already serialised, in memory:
 * a hit costs a dict lookup and a tenancy check (the cached entry names the job's
   client: another client's job is 404, as on a miss) — no thread hop, no query, no ORM
   object, no model validation;
-* a miss reads the job's columns through a :class:`~app.db.uow.UnitOfWork` in the thread
+* a miss reads the job's columns through a :class:`~core.db.uow.UnitOfWork` in the thread
   pool and serialises them exactly as FastAPI's ``response_model=JobPublic`` path does
   (:func:`public_body`; a test holds the two byte-for-byte equal); polls that miss together
   (every client of a job right after it changed) share one read;
@@ -39,10 +39,10 @@ from typing import NamedTuple
 from sqlalchemy import select
 
 from app.api.schemas import JobPublic
-from app.config import Settings
-from app.db.models import Job
-from app.db.uow import UnitOfWork
 from app.errors import NotFound
+from core.config import Settings
+from core.db.models import Job
+from core.db.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Adapter
 from app.errors import Conflict, NotFound
 from app.services.clients import Caller
 from app.services.subjects import get_subject
-from app.storage import CHUNK, BlobNotFound, BlobStore, adapter_export_key
+from core.db.models import Adapter
+from core.storage import CHUNK, BlobNotFound, BlobStore, adapter_export_key
 
 ExportFormat = Literal["diffusers", "kohya"]
 

@@ -13,10 +13,10 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Client, Image, Job, Photo, Role, Subject, utcnow
-from app.db.uow import UnitOfWork
 from app.errors import Conflict, NotFound
-from app.storage import BlobStore
+from core.db.models import Client, Image, Job, Photo, Role, Subject, utcnow
+from core.db.uow import UnitOfWork
+from core.storage import BlobStore
 
 KEY_PREFIX = "lk_"
 AUTH_CACHE_TTL_S = 30.0

@@ -8,7 +8,7 @@
 * concurrent duplicates collide on the record's primary key: the second waits for the
   first transaction and replays its response.
 
-Records are purged after ``IDEMPOTENCY_TTL_DAYS`` by the recovery sweep (keys are for retries).
+Records are purged after ``core.retention.IDEMPOTENCY_TTL_DAYS`` by the recovery sweep (keys are for retries).
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import IdempotencyRecord, utcnow
 from app.errors import IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest
+from core.db.models import IdempotencyRecord
 
 MAX_KEY_LENGTH = 200
-IDEMPOTENCY_TTL_DAYS = 7
 
 
 @dataclass(frozen=True)
@@ -86,8 +84,3 @@ def finish(record: IdempotencyRecord, response: StoredResponse) -> None:
     record.response_body = response.body
 
 
-def purge_older_than(session: Session, days: int = IDEMPOTENCY_TTL_DAYS) -> int:
-    """Drop records older than ``days``; returns how many."""
-    result = session.execute(delete(IdempotencyRecord).where(
-        IdempotencyRecord.created_at < utcnow() - timedelta(days=days)))
-    return result.rowcount or 0

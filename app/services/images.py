@@ -7,10 +7,10 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Client, Image, Job, Subject
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.subjects import get_subject
+from core.db.models import Client, Image, Job, Subject
 
 #: ``best``: every job's rank 1 first (newest job first among equal ranks), then every rank 2, ... so the
 #: first image is the best of the newest generation; ``by_job``: newest job first, each job's images best

@@ -14,15 +14,15 @@ from typing import Any, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db.models import Adapter, Job, JobKind, JobStage, JobState, utcnow
-from app.db.uow import UnitOfWork
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services.clients import Caller
 from app.services.photos import count_photos
 from app.services.quotas import check_job_quotas
 from app.services.subjects import get_subject
-from app.webhooks import notify_job
+from core.config import Settings
+from core.db.models import Adapter, Job, JobKind, JobStage, JobState, utcnow
+from core.db.uow import UnitOfWork
+from core.webhooks import notify_job
 from likeness.contract.plan import ACTIVE_STATES, transition
 from likeness.contract.requests import (
     GenerateRequest,

@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
 from app.services import clients
-from app.storage import BlobStore, subject_prefix
+from core.config import Settings
+from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
+from core.storage import BlobStore, subject_prefix
 from likeness.contract.plan import PLANS, JobState
 
 log = logging.getLogger(__name__)

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db.models import Photo, PhotoStatus, Subject, new_id
-from app.db.uow import UnitOfWork
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.quotas import check_storage
 from app.services.subjects import get_subject
-from app.storage import BlobStore, photo_original_key
+from core.config import Settings
+from core.db.models import Photo, PhotoStatus, Subject, new_id
+from core.db.uow import UnitOfWork
+from core.storage import BlobStore, photo_original_key
 from pipelines.intake.decode import DecodeLimits, PhotoRejected, inspect_photo
 from pipelines.intake.metadata import strip_metadata
 from pipelines.intake.reasons import ReasonCode

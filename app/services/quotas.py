@@ -11,10 +11,10 @@ from datetime import timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db.models import Client, Image, Job, JobKind, Photo, Subject, utcnow
 from app.errors import AppError, TooManyRequests
 from app.services.clients import Caller
+from core.config import Settings
+from core.db.models import Client, Image, Job, JobKind, Photo, Subject, utcnow
 from likeness.contract.plan import ACTIVE_STATES
 
 DAY = timedelta(days=1)

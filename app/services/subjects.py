@@ -5,12 +5,12 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Job, Subject, utcnow
-from app.db.uow import UnitOfWork
 from app.errors import NotFound
 from app.services.clients import Caller
-from app.storage import BlobStore, subject_prefix
-from app.webhooks import notify_job
+from core.db.models import Job, Subject, utcnow
+from core.db.uow import UnitOfWork
+from core.storage import BlobStore, subject_prefix
+from core.webhooks import notify_job
 from likeness.contract.plan import ACTIVE_STATES, JobState, transition
 
 

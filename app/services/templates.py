@@ -14,15 +14,15 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db.models import Job, JobKind, PhotoStatus, TemplatePhoto
-from app.db.uow import UnitOfWork
 from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.jobs import generation_limits, queue_job, resolve_with_adapter
 from app.services.photos import CleanPhoto, FileOutcome, UploadedFile, store_uploads
 from app.services.subjects import get_subject
-from app.storage import BlobStore, template_photo_key
+from core.config import Settings
+from core.db.models import Job, JobKind, PhotoStatus, TemplatePhoto
+from core.db.uow import UnitOfWork
+from core.storage import BlobStore, template_photo_key
 from likeness.contract.requests import TemplatePhotoVerdict, TemplateRequest, resolve_template
 
 

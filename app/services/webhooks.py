@@ -8,11 +8,11 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Client, WebhookDelivery, utcnow
-from app.db.uow import UnitOfWork
 from app.errors import InvalidRequest, NotFound
 from app.services.clients import Caller, get_client
-from app.webhook_targets import DestinationRefused, check_url
+from core.db.models import Client, WebhookDelivery, utcnow
+from core.db.uow import UnitOfWork
+from core.webhook_targets import DestinationRefused, check_url
 
 DeliveryStatus = Literal["delivered", "pending", "failed"]
 
@@ -20,7 +20,7 @@ DeliveryStatus = Literal["delivered", "pending", "failed"]
 def set_webhook(session: Session, caller: Caller, url: str | None, *, allow_private: bool = False) -> Client:
     """Register (or with ``None`` remove) the webhook URL; a new secret each time one is set.
 
-    The destination must be public (:mod:`app.webhook_targets`; checked again at each delivery),
+    The destination must be public (:mod:`core.webhook_targets`; checked again at each delivery),
     unless the operator allows private targets.
     """
     if url is not None:

@@ -84,7 +84,7 @@ class Task(StrEnum):
     RUN_JOB = "likeness.run_job"
     DELIVER_WEBHOOK = "likeness.deliver_webhook"
     SWEEP = "likeness.sweep"
-    PURGE_EXPIRED = "likeness.purge_expired"  # retention (app.services.retention), on a schedule
+    PURGE_EXPIRED = "likeness.purge_expired"  # retention (core.retention), on a schedule
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,13 @@ class ModelPreset:
     # random-weight ``tiny`` preset, whose images are noise and can never contain a face.
     require_one_face: bool = True
     revision: str | None = None
+    family_name: str = "sd15"  # see pipelines.models.family: what the trainer and engines ask
+
+    @property
+    def family(self):
+        from pipelines.models.family import get_family
+
+        return get_family(self.family_name)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -44,14 +44,14 @@ def pg_url():
 
 @pytest.fixture(scope="session")
 def settings(pg_url):
-    from app.config import get_settings
+    from core.config import get_settings
 
     return get_settings()
 
 
 @pytest.fixture(scope="session")
 def store(settings):
-    from app.storage import get_blob_store
+    from core.storage import get_blob_store
 
     return get_blob_store(settings)
 

@@ -71,7 +71,7 @@ def configure_test_environment() -> None:
     os.environ.setdefault("LIKENESS_DATA_DIR", str(tmp))
     os.environ.setdefault("LIKENESS_STORAGE_DIR", str(tmp / "blobs"))
     os.environ.setdefault("LIKENESS_SECRET_KEY", "test-secret-" + run_id)
-    from app.config import get_settings
+    from core.config import get_settings
 
     get_settings.cache_clear()
 
@@ -104,8 +104,8 @@ class ApiClient:
 @contextlib.contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """A committed transaction for test set-up and checks: the app's unit of work on ``url``."""
-    from app.config import get_settings
-    from app.db.uow import UnitOfWork
+    from core.config import get_settings
+    from core.db.uow import UnitOfWork
 
     settings = get_settings() if url is None else get_settings().model_copy(update={"database_url": url})
     with UnitOfWork(settings) as uow:
@@ -126,9 +126,9 @@ def migrated_database() -> Iterator[str]:
     """Create the configured test database, migrate it to head, drop it afterwards."""
     from sqlalchemy.engine import make_url
 
-    from app.config import get_settings
-    from app.db.migrate import upgrade_to_head
-    from app.db.session import dispose_engines
+    from core.config import get_settings
+    from core.db.migrate import upgrade_to_head
+    from core.db.session import dispose_engines
 
     url = get_settings().resolved_database_url
     dbname = make_url(url).database

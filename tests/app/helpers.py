@@ -57,8 +57,8 @@ def subject_with_photo(client) -> str:  # noqa: ANN001
 
 def add_adapter(subject_id: str, version: int = 1) -> None:
     """What a finished training leaves behind (as the worker writes it)."""
-    from app.db.models import Adapter
-    from app.storage import adapter_prefix
+    from core.db.models import Adapter
+    from core.storage import adapter_prefix
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:

@@ -12,8 +12,8 @@ from tests.app.helpers import subject_with_photo
 
 def _stored_adapter(subject_id: str, store, mode: str = "lora", version: int = 1) -> dict[str, bytes]:
     """What a finished training leaves: adapter rows and blobs (and the kohya export for LoRA)."""
-    from app.db.models import Adapter
-    from app.storage import adapter_export_key, adapter_prefix
+    from core.db.models import Adapter
+    from core.storage import adapter_export_key, adapter_prefix
 
     files = {"manifest.json": b'{"mode": "%s"}' % mode.encode(), "unet/adapter_model.safetensors": b"unet-lora",
              "tokens/000.safetensors": b"rows"}

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.admin import auth
-from app.db.models import Client, Job, JobKind, JobState, Photo, PhotoStatus, Subject, WebhookDelivery
+from core.db.models import Client, Job, JobKind, JobState, Photo, PhotoStatus, Subject, WebhookDelivery
 from tests.app.fixtures import session_scope
 from tests.app.helpers import create_subject, jpeg, upload
 
@@ -94,8 +94,8 @@ def test_a_wrong_key_shows_an_error_not_a_stack_trace(browser, make_client, whic
     key = "lk_not-a-key" if which == "unknown" else make_client().key
     if which == "revoked":
         victim = make_client("admin")
-        from app.db.uow import UnitOfWork
         from app.services.clients import revoke
+        from core.db.uow import UnitOfWork
 
         with UnitOfWork() as uow:
             revoke(uow, victim.id)
@@ -159,8 +159,8 @@ def test_a_forged_or_expired_cookie_is_no_session(browser, operator, settings):
 def test_rotating_or_revoking_the_admins_key_ends_its_sessions(browser, admin, change):
     assert log_in(browser, admin.key).status_code == 303
     assert browser.get("/admin").status_code == 200
-    from app.db.uow import UnitOfWork
     from app.services import clients
+    from core.db.uow import UnitOfWork
 
     with UnitOfWork() as uow:
         clients.rotate_key(uow, admin.id) if change == "rotate" else clients.revoke(uow, admin.id)

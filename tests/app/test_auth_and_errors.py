@@ -55,7 +55,7 @@ def test_unhandled_error_is_500_without_traceback(app, http, client_a, monkeypat
 
 
 def test_app_package_never_imports_torch():
-    code = ("import app.main, likeness.cli, sys; app.main.create_app(); "
+    code = ("import app.main, likeness_cli.main, sys; app.main.create_app(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -85,8 +85,8 @@ def test_bootstrap_admin_key_creates_an_admin_at_start(settings):
             assert response.status_code == 200
     from sqlalchemy import func, select
 
-    from app.db.models import Client
     from app.services.clients import hash_key
+    from core.db.models import Client
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:

@@ -35,7 +35,7 @@ def test_upload_retry_with_same_key_stores_photos_once(client_a):
 
 
 def test_failed_request_does_not_burn_the_key(client_a):
-    from app.db.models import Job, JobState
+    from core.db.models import Job, JobState
     from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)

@@ -48,7 +48,7 @@ def test_signed_url_works_without_key_then_expires_and_rejects_tampering(client_
 
 def _seed_job_images(subject_id: str, client_id: str, ranks: list[int], created_at) -> tuple[str, dict[int, str]]:  # noqa: ANN001
     """A finished generation whose images were stored in the order ``ranks`` (as a worker may store them)."""
-    from app.db.models import Image, Job, JobKind, JobState
+    from core.db.models import Image, Job, JobKind, JobState
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:

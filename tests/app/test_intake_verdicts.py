@@ -108,7 +108,7 @@ def _verdicts(report: list[dict], names: dict[str, str]) -> dict[str, tuple[str,
 
 @pytest.mark.slow
 def test_rest_path_and_prepare_dataset_give_the_same_verdicts(client_a, settings, store, photos, tmp_path):
-    from app.db.models import Job
+    from core.db.models import Job
     from pipelines.intake import PhotoInput, intake_models, prepare_dataset
     from tests.app.fixtures import session_scope
     from worker.jobs import JobSnapshot

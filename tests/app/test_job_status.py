@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from app.api import job_status
 from app.api.schemas import JobPublic
-from app.db.models import Job, JobState, utcnow
+from core.db.models import Job, JobState, utcnow
 from tests.app.fixtures import ApiClient, session_scope
 from tests.app.helpers import subject_with_photo
 
@@ -66,7 +66,7 @@ def _set(job_id: str, **values) -> None:  # noqa: ANN003
 @pytest.fixture(scope="module")
 def slow_http(settings):
     """The route as it was before the cache: a sync handler, an ORM row and FastAPI's response_model."""
-    from app.db.uow import UnitOfWork
+    from core.db.uow import UnitOfWork
 
     reference = FastAPI()
 
@@ -179,9 +179,9 @@ def test_a_read_that_raced_with_a_change_is_not_kept():
 
 def test_embedded_mode_without_notifications_reads_every_poll(sqlite_db):
     """SQLite (embedded mode) has no LISTEN/NOTIFY: polls stay correct by reading the database each time."""
-    from app.config import get_settings
     from app.main import create_app
     from app.services.clients import create_client
+    from core.config import get_settings
     from tests.app.helpers import create_subject, jpeg, upload
 
     with session_scope(sqlite_db) as session:

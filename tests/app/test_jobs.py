@@ -49,7 +49,7 @@ def test_cancel_a_queued_job_is_immediate(client_a):
 
 
 def test_cancel_a_running_job_asks_the_worker_to_stop(client_a):
-    from app.db.models import Job, JobState
+    from core.db.models import Job, JobState
     from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)
@@ -69,7 +69,7 @@ def test_cancel_a_running_job_asks_the_worker_to_stop(client_a):
 def test_cancel_a_job_waiting_between_phases_is_immediate(client_a):
     """Intake done, the job waits for the gpu queue's worker (maybe behind another training): no worker
     holds it, so the cancel (and its webhook) must not wait for one."""
-    from app.db.models import Job, JobState, WebhookDelivery
+    from core.db.models import Job, JobState, WebhookDelivery
     from tests.app.fixtures import session_scope
 
     client_a.put("/v1/webhook", json={"url": "https://hooks.example.com/likeness"})

@@ -171,7 +171,7 @@ def test_last_used_at_is_recorded(client_a, admin):
 
 
 def test_deleting_a_client_deletes_everything_of_it(client_a, client_b, admin, store):
-    from app.db.models import Client, Image, Job, Photo, Subject, WebhookDelivery
+    from core.db.models import Client, Image, Job, Photo, Subject, WebhookDelivery
     from tests.app.fixtures import session_scope
     from tests.app.test_tenancy_and_deletion import _seed_results
 

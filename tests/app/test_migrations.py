@@ -10,8 +10,8 @@ TABLES = {"clients", "subjects", "photos", "jobs", "adapters", "images", "webhoo
 
 
 def test_migrations_run_up_and_down_on_postgres(pg_url):
-    from app.db.migrate import current_revision, downgrade_to_base, upgrade_to_head
-    from app.db.session import get_engine
+    from core.db.migrate import current_revision, downgrade_to_base, upgrade_to_head
+    from core.db.session import get_engine
 
     dbname = f"likeness_test_mig_{secrets.token_hex(4)}"
     url = create_database(dbname)
@@ -34,8 +34,8 @@ def test_migrations_match_the_models(pg_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from app.db.models import Base
-    from app.db.session import get_engine
+    from core.db.models import Base
+    from core.db.session import get_engine
 
     with get_engine(pg_url).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -43,8 +43,8 @@ def test_migrations_match_the_models(pg_url):
 
 
 def test_embedded_sqlite_database_migrates_and_cascades(tmp_path):
-    from app.db.migrate import upgrade_to_head
-    from app.db.models import Client, Photo, Subject
+    from core.db.migrate import upgrade_to_head
+    from core.db.models import Client, Photo, Subject
     from tests.app.fixtures import session_scope
 
     url = f"sqlite:///{tmp_path / 'db' / 'likeness.sqlite3'}"
@@ -61,6 +61,6 @@ def test_embedded_sqlite_database_migrates_and_cascades(tmp_path):
         session.delete(session.get(Subject, subject.id))
     with session_scope(url) as session:
         assert session.query(Photo).count() == 0
-    from app.db import session as db_session
+    from core.db import session as db_session
 
     db_session._ENGINES.pop(db_session.normalize_url(url)).dispose()

@@ -32,7 +32,7 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 def test_metrics_report_latency_by_route_jobs_by_state_queue_depth_and_stage_durations(client_a, http):
     from datetime import timedelta
 
-    from app.db.models import Job, JobKind, JobStage, JobState, utcnow
+    from core.db.models import Job, JobKind, JobStage, JobState, utcnow
     from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)
@@ -59,7 +59,7 @@ def test_metrics_report_latency_by_route_jobs_by_state_queue_depth_and_stage_dur
 
 
 def test_metrics_report_each_live_worker_state_from_the_registry(http):
-    from app.db.models import WorkerRecord, utcnow
+    from core.db.models import WorkerRecord, utcnow
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:

@@ -55,7 +55,7 @@ def test_database_down_is_503_with_retry_after_on_every_route(app_with, client_a
 
 
 def test_broker_down_train_answers_202_at_once_and_leaves_the_message_in_the_outbox(app_with, client_a, settings):
-    from app.db.models import OutboxMessage
+    from core.db.models import OutboxMessage
 
     subject_id = subject_with_photo(client_a)
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
@@ -75,7 +75,7 @@ def test_broker_down_train_answers_202_at_once_and_leaves_the_message_in_the_out
 def test_blob_store_unwritable_is_503_and_stores_nothing(client_a, store, monkeypatch):
     import os
 
-    from app.db.models import Photo
+    from core.db.models import Photo
 
     subject_id = create_subject(client_a)
     real_replace, writes = os.replace, []

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.db.models import Job, JobKind, JobStage, JobState, OutboxMessage, Subject, WorkerRecord
 from app.services import overview
+from core.db.models import Job, JobKind, JobStage, JobState, OutboxMessage, Subject, WorkerRecord
 from tests.app.fixtures import session_scope
 from tests.app.helpers import create_subject, jpeg, upload
 
@@ -100,7 +100,7 @@ def test_workers_are_listed_with_stale_ones_flagged(settings):
 
 
 def test_queue_depths_and_outbox(settings):
-    from app.queue import task_queue
+    from core.queue import task_queue
     from likeness.contract.plan import Queue, Task
 
     before = overview.queue_depths(settings)
@@ -116,13 +116,13 @@ def test_queue_depths_and_outbox(settings):
 
 
 def test_embedded_broker_queue_depth(tmp_path):
-    from app.config import Settings
+    from core.config import Settings
 
     # Every broker-related field explicit: this process's LIKENESS_* point at the shared Redis.
     settings = Settings(data_dir=tmp_path, broker_url="", result_backend="", queue_prefix=f"emb{uuid.uuid4().hex[:6]}.")
     assert settings.embedded and settings.resolved_broker_url.startswith("sqla+sqlite:")
     assert overview.queue_depths(settings) == {"cpu": 0, "gpu": 0}  # nothing was ever sent
-    from app.queue import task_queue
+    from core.queue import task_queue
     from likeness.contract.plan import Queue, Task
 
     task_queue(settings).send(Task.SWEEP, [], Queue.CPU)

@@ -9,9 +9,9 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from app.db.models import Image, Job, JobKind, JobState, Photo, TemplatePhoto, utcnow
-from app.services.retention import purge_expired
-from app.storage import checkpoint_prefix, dataset_prefix, image_key, photo_crop_key, template_photo_key
+from core.db.models import Image, Job, JobKind, JobState, Photo, TemplatePhoto, utcnow
+from core.retention import purge_expired
+from core.storage import checkpoint_prefix, dataset_prefix, image_key, photo_crop_key, template_photo_key
 from tests.app.fixtures import session_scope
 from tests.app.helpers import subject_with_photo
 
@@ -149,7 +149,7 @@ def test_retention_can_be_switched_off_per_install(client_a, store, settings, mo
 
 
 def test_an_empty_or_none_setting_means_keep_forever(tmp_path):
-    from app.config import Settings
+    from core.config import Settings
 
     settings = Settings(retain_training_data_days="none", retain_images_days="", data_dir=tmp_path)
     assert (settings.retain_training_data_days, settings.retain_images_days) == (None, None)

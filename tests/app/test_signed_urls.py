@@ -14,14 +14,14 @@ from urllib.parse import urlencode
 import pytest
 from pydantic import ValidationError
 
-from app.config import DEV_SECRET, Settings
-from app.signing import install_secret, secret_path, signed_image_url, signing_secret
+from core.config import DEV_SECRET, Settings
+from core.signing import install_secret, secret_path, signed_image_url, signing_secret
 from tests.app.helpers import subject_with_photo
 from tests.app.test_tenancy_and_deletion import _seed_results
 
 
 def _photo_key(client, subject_id: str) -> str:  # noqa: ANN001
-    from app.db.models import Photo
+    from core.db.models import Photo
     from tests.app.fixtures import session_scope
 
     photo_id = client.get(f"/v1/subjects/{subject_id}/photos").json()["data"][0]["id"]

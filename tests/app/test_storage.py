@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.storage import BlobNotFound, InvalidKey, LocalBlobStore, S3BlobStore, validate_key
+from core.storage import BlobNotFound, InvalidKey, LocalBlobStore, S3BlobStore, validate_key
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -70,8 +70,8 @@ def test_local_writes_are_atomic_and_leave_no_temp_files(tmp_path, monkeypatch):
 def test_settings_pick_the_backend(tmp_path):
     from moto import mock_aws
 
-    from app.config import Settings
-    from app.storage import get_blob_store
+    from core.config import Settings
+    from core.storage import get_blob_store
 
     local = get_blob_store(Settings(storage_dir=tmp_path / "b", database_url="sqlite://"))
     assert isinstance(local, LocalBlobStore) and local.root == (tmp_path / "b").resolve()

@@ -48,7 +48,7 @@ def test_template_photos_get_the_photo_uploads_checks_and_verdicts(client_a, cli
     assert listed["count"] == 2 and {p["status"] for p in listed["data"]} == {"pending"}
     good = next(p for p in listed["data"] if p["filename"] == "good.jpg")
     assert (good["width"], good["height"]) == (3000, 3000)  # stored as sent (the job works on <= 2048 px)
-    from app.db.models import TemplatePhoto
+    from core.db.models import TemplatePhoto
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:
@@ -108,7 +108,7 @@ def test_template_jobs_are_checked_before_anything_is_queued(make_client):
 
 
 def test_a_template_photo_refused_by_a_job_is_refused_at_request_time(client_a, client_b, astronaut):
-    from app.db.models import PhotoStatus, TemplatePhoto
+    from core.db.models import PhotoStatus, TemplatePhoto
     from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)
@@ -132,7 +132,7 @@ def test_a_template_photo_refused_by_a_job_is_refused_at_request_time(client_a, 
 def test_deleting_the_subject_deletes_its_template_photos(client_a, store, astronaut):
     subject_id = create_subject(client_a)
     photo_id = _upload(client_a, subject_id, [("t.jpg", encode(astronaut))]).json()["files"][0]["photo_id"]
-    from app.storage import template_photo_key
+    from core.storage import template_photo_key
 
     key = template_photo_key(subject_id, photo_id)
     assert store.exists(key)

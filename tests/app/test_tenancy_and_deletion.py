@@ -7,8 +7,8 @@ from tests.app.helpers import add_adapter, subject_with_photo
 
 def _seed_results(subject_id: str, client_id: str, store) -> tuple[str, str]:  # noqa: ANN001
     """What a finished generation leaves: a job, an image row and its blobs (as the worker writes them)."""
-    from app.db.models import Image, Job, JobKind, JobState
-    from app.storage import adapter_prefix, image_key, upscaled_image_key
+    from core.db.models import Image, Job, JobKind, JobState
+    from core.storage import adapter_prefix, image_key, upscaled_image_key
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:
@@ -61,7 +61,7 @@ def test_another_client_gets_404_on_everything(client_a, client_b, store):
 
 
 def test_deleting_a_subject_leaves_no_rows_and_no_blobs(client_a, store, settings, monkeypatch):
-    from app.db.models import Adapter, Image, Job, JobState, Photo, Subject
+    from core.db.models import Adapter, Image, Job, JobState, Photo, Subject
     from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client_a)

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from app import webhook_targets, webhooks
+from core import webhook_targets, webhooks
 from tests.app.helpers import subject_with_photo
 from tests.app.test_webhooks import Receiver, allow_private, receiver  # noqa: F401 - fixtures
 
@@ -75,7 +75,7 @@ def _fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
 
 def _delivery_to(client, url: str) -> str:  # noqa: ANN001
     """A delivery row for a job event of ``client`` whose webhook is ``url`` (stored as is)."""
-    from app.db.models import Client, Job
+    from core.db.models import Client, Job
     from tests.app.fixtures import session_scope
 
     subject_id = subject_with_photo(client)
@@ -88,7 +88,7 @@ def _delivery_to(client, url: str) -> str:  # noqa: ANN001
 
 
 def _delivery(delivery_id: str):  # noqa: ANN202
-    from app.db.models import WebhookDelivery
+    from core.db.models import WebhookDelivery
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app import webhooks
+from core import webhooks
 from tests.app.helpers import subject_with_photo
 
 
@@ -55,7 +55,7 @@ def allow_private(settings, monkeypatch):
 
     Set on the app's settings and on the process's (delivery reads ``get_settings()``; a test that
     cleared its cache leaves another object there)."""
-    from app.config import get_settings
+    from core.config import get_settings
 
     for target in {id(s): s for s in (settings, get_settings())}.values():
         monkeypatch.setattr(target, "webhook_allow_private", True)
@@ -74,7 +74,7 @@ def test_sign_and_verify():
 
 
 def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, receiver, allow_private):
-    from app.db.models import WebhookDelivery
+    from core.db.models import WebhookDelivery
     from tests.app.fixtures import session_scope
 
     registered = client_a.put("/v1/webhook", json={"url": receiver.url})
@@ -111,7 +111,7 @@ def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, r
 
 
 def test_unreachable_receiver_is_retried_and_a_4xx_is_not(client_a, receiver, allow_private):
-    from app.db.models import Job
+    from core.db.models import Job
     from tests.app.fixtures import session_scope
 
     client_a.put("/v1/webhook", json={"url": "http://127.0.0.1:9/nothing"})

@@ -120,7 +120,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     worker = api = None
     try:
         database_url = pg.create_database(f"likeness_faults_{uuid.uuid4().hex[:8]}")
-        from app.db.migrate import upgrade_to_head
+        from core.db.migrate import upgrade_to_head
 
         upgrade_to_head(database_url)
         admin_key = "lk_faults_admin_" + os.urandom(8).hex()
@@ -153,7 +153,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             if process is not None:
                 process.stop()
         redis.stop()
-        from app.db.session import dispose_engines
+        from core.db.session import dispose_engines
 
         dispose_engines()
         pg.destroy()

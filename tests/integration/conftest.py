@@ -58,11 +58,11 @@ def pg_url() -> Iterator[str]:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    from app.db.migrate import upgrade_to_head
+    from core.db.migrate import upgrade_to_head
 
     upgrade_to_head(url)
     yield url
-    from app.db.session import dispose_engines
+    from core.db.session import dispose_engines
 
     dispose_engines()
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -101,7 +101,7 @@ def it_env(pg_url: str, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def it_settings(it_env):
-    from app.config import Settings
+    from core.config import Settings
 
     return Settings(**{k.removeprefix("LIKENESS_").lower(): v for k, v in it_env.items()
                        if k.startswith("LIKENESS_") and not k.startswith("LIKENESS_TEST_")})

@@ -27,9 +27,9 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from app.db.models import Image as ImageRow
-from app.db.models import Job, JobKind, JobStage, JobState, Photo, PhotoStatus, WebhookDelivery, WorkerRecord, utcnow
-from app.storage import LocalBlobStore, image_key, photo_crop_key, photo_mask_key, upscaled_image_key
+from core.db.models import Image as ImageRow
+from core.db.models import Job, JobKind, JobStage, JobState, Photo, PhotoStatus, WebhookDelivery, WorkerRecord, utcnow
+from core.storage import LocalBlobStore, image_key, photo_crop_key, photo_mask_key, upscaled_image_key
 from tests.app.fixtures import session_scope
 from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, wait_for
 

@@ -35,7 +35,7 @@ N, K, TRAIN_STEPS = 4, 2, 10  # 10: the fewest steps a TrainRequest accepts
 @pytest.fixture(scope="module")
 def cli_env(tiny_preset, tmp_path_factory):
     """Settings as a user sets them: the prebuilt tiny models, a data dir of the test's own."""
-    from app.config import get_settings
+    from core.config import get_settings
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LIKENESS_MODEL_CACHE_DIR", str(MODEL_CACHE))
@@ -58,7 +58,7 @@ def photos_dir(tmp_path_factory, grace_hopper) -> Path:
 @pytest.fixture(scope="module")
 def cli_run(cli_env, photos_dir, tmp_path_factory):
     """One ``likeness run`` shared by the tests below: (CliRunner result, output folder, report)."""
-    from likeness.cli import app
+    from likeness_cli.main import app
 
     out = tmp_path_factory.mktemp("run") / "out"
     result = CliRunner().invoke(app, ["run", str(photos_dir), "--style", STYLE, "--out", str(out), "--n", str(N),

@@ -62,7 +62,7 @@ def test_bad_templates_fail_in_one_line_before_intake(cli_env, photos_dir, tmp_p
 
 @pytest.mark.slow
 def test_run_with_a_shipped_template_writes_ranked_composites(cli_env, photos_dir, tmp_path):  # noqa: F811
-    from likeness.cli import app
+    from likeness_cli.main import app
     from pipelines.templates.catalog import open_template
 
     out = tmp_path / "out"

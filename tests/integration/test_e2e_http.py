@@ -148,7 +148,7 @@ def _dashboard_shows_the_subject(base: str, admin_key: str, sid: str, train_job:
 def _assert_webhooks(received: list, secret: str, jobs: list[dict]) -> None:
     """Each job's succeeded event arrived as the API shows the job, signed with the secret
     ``PUT /v1/webhook`` returned."""
-    from app.webhooks import SIGNATURE_HEADER, verify
+    from core.webhooks import SIGNATURE_HEADER, verify
 
     def finals() -> dict:
         events = [json.loads(body) for _, _, body in list(received)]

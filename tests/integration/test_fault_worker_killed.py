@@ -22,7 +22,7 @@ import pytest
 from PIL import Image, ImageOps
 from sqlalchemy import select
 
-from app.db.models import Client, Job, JobKind, JobStage, JobState, Subject
+from core.db.models import Client, Job, JobKind, JobStage, JobState, Subject
 from tests.app.fixtures import session_scope
 from tests.integration.conftest import WorkerProcess, enqueue, wait_for
 
@@ -48,7 +48,7 @@ def fault_env(it_env) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fault_settings(fault_env):
-    from app.config import Settings
+    from core.config import Settings
 
     return Settings(**{k.removeprefix("LIKENESS_").lower(): v for k, v in fault_env.items()
                        if k.startswith("LIKENESS_") and not k.startswith("LIKENESS_TEST_")})
@@ -59,7 +59,7 @@ def fault_sender(fault_settings):
     """Sends to this module's queues (the broker's key prefix is the queue prefix)."""
     import redis
 
-    from app.queue import make_celery
+    from core.queue import make_celery
     from tests.integration.conftest import REDIS_URL
 
     yield make_celery(fault_settings)
@@ -82,7 +82,7 @@ def gpu_workers(fault_env, fault_settings, tmp_path_factory):
 
 def _trained_job(pg_url: str, settings, faces: list[Image.Image]) -> str:
     """A train job whose intake is done: its dataset stored where intake leaves it."""
-    from app.storage import dataset_prefix, get_blob_store
+    from core.storage import dataset_prefix, get_blob_store
     from likeness.contract.requests import TrainRequest, resolve_train, with_training
     from pipelines.intake.dataset import Dataset, DatasetItem
     from worker.phases import upload_folder
@@ -122,7 +122,7 @@ def _owner(workers: list[WorkerProcess], job: Job) -> WorkerProcess:
 def test_sigkilled_gpu_worker_training_resumes_on_another_worker_from_its_checkpoint(
     gpu_workers, pg_url, fault_settings, fault_sender, grace_hopper, astronaut
 ):
-    from app.storage import checkpoint_prefix, get_blob_store
+    from core.storage import checkpoint_prefix, get_blob_store
 
     faces = [img.resize((128, 128)) for img in (grace_hopper.crop((100, 20, 420, 340)),
                                                  astronaut.crop((140, 0, 380, 240)))]

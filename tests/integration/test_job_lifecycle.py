@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app.db.models import Client, Job, JobKind, JobState, Subject, WebhookDelivery
+from core.db.models import Client, Job, JobKind, JobState, Subject, WebhookDelivery
 from tests.app.fixtures import session_scope
 from tests.integration.conftest import WorkerProcess, enqueue, wait_for
 
@@ -156,7 +156,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 
 
 def test_webhook_is_retried_after_500_and_arrives_signed(lifecycle_worker, make_job, pg_url):
-    from app.webhooks import SIGNATURE_HEADER, verify
+    from core.webhooks import SIGNATURE_HEADER, verify
 
     _Receiver.received = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)

@@ -70,8 +70,8 @@ def service(template_env, pg_url, tmp_path_factory):
 
 def _seed_adapter(pg_url: str, storage_dir: Path, subject_id: str, tiny_preset, tmp_path: Path) -> None:
     """What a finished training leaves: the adapter's blobs and its row."""
-    from app.db.models import Adapter
-    from app.storage import LocalBlobStore, adapter_prefix
+    from core.db.models import Adapter
+    from core.storage import LocalBlobStore, adapter_prefix
     from tests.app.fixtures import session_scope
     from tests.pipelines.generation.conftest import build_lora_adapter
     from worker.phases import upload_folder
@@ -86,7 +86,7 @@ def _seed_adapter(pg_url: str, storage_dir: Path, subject_id: str, tiny_preset, 
 def _stage_rows(pg_url: str, job_id: str) -> list[str]:
     from sqlalchemy import select
 
-    from app.db.models import JobStage
+    from core.db.models import JobStage
     from tests.app.fixtures import session_scope
 
     with session_scope(pg_url) as session:

@@ -14,9 +14,9 @@ import pytest
 @pytest.fixture
 def sqlite_db(tmp_path, monkeypatch):
     """A migrated SQLite database as the process-wide default (what embedded mode uses)."""
-    from app.config import get_settings
-    from app.db.migrate import upgrade_to_head
-    from app.db.session import dispose_engines
+    from core.config import get_settings
+    from core.db.migrate import upgrade_to_head
+    from core.db.session import dispose_engines
 
     for name in [k for k in os.environ if k.startswith("LIKENESS_")]:  # other test packages set some
         monkeypatch.delenv(name)
@@ -29,7 +29,7 @@ def sqlite_db(tmp_path, monkeypatch):
 
 
 def make_job(attempts=0, max_attempts=3, state="queued", worker=None, heartbeat_age_s=None) -> str:
-    from app.db.models import Client, Job, JobKind, JobState, Subject, utcnow
+    from core.db.models import Client, Job, JobKind, JobState, Subject, utcnow
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:
@@ -48,7 +48,7 @@ def make_job(attempts=0, max_attempts=3, state="queued", worker=None, heartbeat_
 
 
 def read_job(job_id):
-    from app.db.models import Job
+    from core.db.models import Job
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:
@@ -62,7 +62,7 @@ def dead_pid() -> int:
 
 
 def settings_with(**changes):
-    from app.config import get_settings
+    from core.config import get_settings
 
     return get_settings().model_copy(update=changes)
 
@@ -80,6 +80,6 @@ class RecordingQueue:
 @pytest.fixture
 def queue(monkeypatch) -> RecordingQueue:
     recording = RecordingQueue()
-    monkeypatch.setattr("app.queue.task_queue", lambda settings=None: recording)
+    monkeypatch.setattr("core.queue.task_queue", lambda settings=None: recording)
     return recording
 

@@ -14,7 +14,7 @@ PREFIX = "subjects/s1/checkpoints/j1/"
 
 @pytest.fixture
 def store(tmp_path):
-    from app.storage import LocalBlobStore
+    from core.storage import LocalBlobStore
 
     return LocalBlobStore(tmp_path / "blobs")
 
@@ -106,8 +106,8 @@ def test_a_store_failure_while_mirroring_does_not_stop_training(tmp_path, store,
 
 @pytest.mark.parametrize("ending", ["succeeded", "failed", "canceled_while_running", "canceled_before_start"])
 def test_a_jobs_checkpoints_are_deleted_when_it_ends(sqlite_db, monkeypatch, queue, ending):
-    from app.db.models import Job
-    from app.storage import checkpoint_prefix, get_blob_store
+    from core.db.models import Job
+    from core.storage import checkpoint_prefix, get_blob_store
     from likeness.contract.plan import JobKind
     from pipelines.errors import Canceled, InvalidConfig
     from tests.app.fixtures import session_scope
@@ -139,8 +139,8 @@ def test_a_jobs_checkpoints_are_deleted_when_it_ends(sqlite_db, monkeypatch, que
 def test_lease_expiry_hands_a_job_on_while_busy_queues_are_not_flooded(sqlite_db, queue):
     """An owner silent past the lease (``job_stale_after_s``) is presumed dead; a job merely waiting in a
     busy queue is resent only after ``job_requeue_after_s``."""
-    from app.db.models import Job
-    from app.storage import checkpoint_prefix, get_blob_store
+    from core.db.models import Job
+    from core.storage import checkpoint_prefix, get_blob_store
     from tests.app.fixtures import session_scope
     from worker.recovery import sweep
 
@@ -167,7 +167,7 @@ def test_lease_expiry_hands_a_job_on_while_busy_queues_are_not_flooded(sqlite_db
 def test_a_lease_shorter_than_two_heartbeats_is_refused():
     from pydantic import ValidationError
 
-    from app.config import Settings
+    from core.config import Settings
 
     with pytest.raises(ValidationError, match="at least twice"):
         Settings(environment="test", job_heartbeat_s=5, job_stale_after_s=8)

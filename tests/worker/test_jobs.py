@@ -10,7 +10,7 @@ from tests.worker.conftest import RecordingQueue, dead_pid, make_job, read_job, 
 def test_claim_takes_a_queued_job_once(sqlite_db, queue):
     import socket
 
-    from app.db.models import Job
+    from core.db.models import Job
     from tests.app.fixtures import session_scope
     from worker import jobs
 
@@ -70,8 +70,8 @@ def test_sweep_requeues_stale_jobs_on_their_next_phase_queue_and_fails_exhausted
 def test_messages_the_broker_refused_stay_in_the_outbox_until_a_sweep_sends_them(sqlite_db, monkeypatch):
     from sqlalchemy import func, select
 
-    from app.db.models import OutboxMessage
-    from app.db.uow import UnitOfWork, flush_outbox
+    from core.db.models import OutboxMessage
+    from core.db.uow import UnitOfWork, flush_outbox
     from tests.app.fixtures import session_scope
 
     class DownQueue:
@@ -97,7 +97,7 @@ def test_the_sweep_purges_idempotency_records_after_a_week(sqlite_db, queue):
 
     from sqlalchemy import select
 
-    from app.db.models import Client, IdempotencyRecord, utcnow
+    from core.db.models import Client, IdempotencyRecord, utcnow
     from tests.app.fixtures import session_scope
     from worker.recovery import sweep
 

@@ -8,7 +8,7 @@ from tests.worker.conftest import settings_with
 
 
 def _row(name):
-    from app.db.models import WorkerRecord
+    from core.db.models import WorkerRecord
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:

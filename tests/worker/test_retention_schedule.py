@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-from app.config import Settings
-from app.queue import celery_config
+from core.config import Settings
+from core.queue import celery_config
 from likeness.contract.plan import Task
 
 
@@ -26,11 +26,11 @@ def test_beat_schedules_the_purge_on_the_cpu_queue(tmp_path):
 def test_the_embedded_worker_purges_on_its_own_timer(sqlite_db, tmp_path):
     from sqlalchemy import select
 
-    from app.config import get_settings
-    from app.db.models import Photo, utcnow
     from app.services.clients import create_client
     from app.services.subjects import create_subject
-    from app.storage import get_blob_store, photo_original_key
+    from core.config import get_settings
+    from core.db.models import Photo, utcnow
+    from core.storage import get_blob_store, photo_original_key
     from tests.app.fixtures import session_scope
     from worker.retention import PeriodicPurge
 

@@ -29,7 +29,7 @@ def test_runner_hands_the_gpu_phase_to_the_gpu_queue(sqlite_db, monkeypatch, que
 
 def test_a_cancel_during_intake_ends_the_job_instead_of_handing_it_over(sqlite_db, monkeypatch, queue):
     """Handed over, a canceled job would wait for a gpu worker (behind any training) to be canceled."""
-    from app.db.models import Job
+    from core.db.models import Job
     from likeness.contract.plan import JobKind
     from tests.app.fixtures import session_scope
     from worker import phases, runner
@@ -52,7 +52,7 @@ def test_a_cancel_during_intake_ends_the_job_instead_of_handing_it_over(sqlite_d
 def test_stage_runs_are_recorded_with_their_durations(sqlite_db, monkeypatch, queue):
     from sqlalchemy import select
 
-    from app.db.models import JobStage
+    from core.db.models import JobStage
     from likeness.contract.plan import JobKind, Stage
     from tests.app.fixtures import session_scope
     from worker import phases, runner
@@ -93,8 +93,8 @@ def test_blobs_written_after_the_subject_was_deleted_are_removed(sqlite_db, monk
     """The API deletes a subject (rows + blobs) while its job is still writing: nothing may remain."""
     from sqlalchemy import delete
 
-    from app.db.models import Subject
-    from app.storage import get_blob_store, subject_prefix
+    from core.db.models import Subject
+    from core.storage import get_blob_store, subject_prefix
     from likeness.contract.plan import JobKind
     from tests.app.fixtures import session_scope
     from worker import phases, runner

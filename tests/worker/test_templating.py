@@ -20,8 +20,8 @@ def settings(sqlite_db):
 
 def _subject_with_adapter(settings, tiny_preset, tmp_path) -> str:
     """A trained subject, as a finished training leaves it: adapter blobs and row."""
-    from app.db.models import Adapter, Client, Subject
-    from app.storage import adapter_prefix, get_blob_store
+    from core.db.models import Adapter, Client, Subject
+    from core.storage import adapter_prefix, get_blob_store
     from tests.app.fixtures import session_scope
     from tests.pipelines.generation.conftest import build_lora_adapter
     from worker.phases import upload_folder
@@ -42,7 +42,7 @@ def _subject_with_adapter(settings, tiny_preset, tmp_path) -> str:
 
 
 def _template_job(subject_id: str, body: dict, photo=None) -> str:  # noqa: ANN001
-    from app.db.models import Job, JobKind, JobState, Subject
+    from core.db.models import Job, JobKind, JobState, Subject
     from likeness.contract.requests import TemplateRequest, resolve_template
     from tests.app.fixtures import session_scope
 
@@ -57,7 +57,7 @@ def _template_job(subject_id: str, body: dict, photo=None) -> str:  # noqa: ANN0
 
 
 def _stages(job_id: str) -> list[str]:
-    from app.db.models import JobStage
+    from core.db.models import JobStage
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:
@@ -70,8 +70,8 @@ FAST = {"n": 2, "k": 1, "steps": 4, "strength": 0.5, "guidance_scale": 1.0, "ups
 
 def test_an_uploaded_template_of_two_people_fails_at_masking_and_is_marked_refused(settings, queue, tiny_preset,
                                                                                  tmp_path, astronaut, grace_hopper):
-    from app.db.models import PhotoStatus, TemplatePhoto
-    from app.storage import get_blob_store, template_photo_key
+    from core.db.models import PhotoStatus, TemplatePhoto
+    from core.storage import get_blob_store, template_photo_key
     from likeness.contract.requests import TemplatePhotoVerdict
     from tests.app.fixtures import session_scope
     from tests.pipelines.intake.conftest import side_by_side

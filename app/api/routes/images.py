@@ -12,8 +12,8 @@ from app.api.routes._common import errors
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
 from app.errors import Forbidden, NotFound
 from app.services import adapters, images
-from app.signing import check_image_signature, signed_image_url, signing_secret
-from app.storage import BlobNotFound, BlobStore, InvalidKey
+from core.signing import check_image_signature, signed_image_url, signing_secret
+from core.storage import BlobNotFound, BlobStore, InvalidKey
 
 router = APIRouter(prefix=API_PREFIX, tags=["images and adapters"])
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-import likeness.cli
 from likeness.client import Client
+from likeness_cli import main as cli
 from tests.app.helpers import subject_with_photo
 from tests.app.test_adapters import _stored_adapter
 from tests.app.test_tenancy_and_deletion import _seed_results
@@ -26,36 +26,36 @@ def remote(client_a, monkeypatch):
         return Client(api_key=key or client_a.key, retry=FAST,
                       http=httpx.Client(base_url="http://testserver", transport=InProcess(client_a.http)))
 
-    monkeypatch.setattr(likeness.cli, "_remote", make)
+    monkeypatch.setattr(cli, "_remote", make)
     return given
 
 
 def test_jobs_wait_shows_progress_and_exits_by_outcome(client_a, store, remote):
     subject_id = subject_with_photo(client_a)
     job_id, _ = _seed_results(subject_id, client_a.id, store)  # a finished generation
-    done = CliRunner().invoke(likeness.cli.app, ["jobs", "wait", job_id, "--api", "http://x", "--key", client_a.key])
+    done = CliRunner().invoke(cli.app, ["jobs", "wait", job_id, "--api", "http://x", "--key", client_a.key])
     assert done.exit_code == 0, done.output
     assert "100.0%" in done.output and f"job {job_id} (generate) succeeded" in done.output
     assert remote == [("http://x", client_a.key)]
 
     train_id = client_a.post(f"/v1/subjects/{subject_id}/train").json()["id"]
     client_a.post(f"/v1/jobs/{train_id}/cancel")
-    canceled = CliRunner().invoke(likeness.cli.app, ["jobs", "wait", train_id])
+    canceled = CliRunner().invoke(cli.app, ["jobs", "wait", train_id])
     assert canceled.exit_code == 1 and "canceled" in str(canceled.exception)
 
-    missing = CliRunner().invoke(likeness.cli.app, ["jobs", "wait", "no-such-job"])
+    missing = CliRunner().invoke(cli.app, ["jobs", "wait", "no-such-job"])
     assert missing.exit_code == 1 and missing.exception.code == "not_found"
 
 
 def test_adapters_download_writes_the_file(client_a, store, remote, tmp_path):
     subject_id = subject_with_photo(client_a)
     files = _stored_adapter(subject_id, store)
-    result = CliRunner().invoke(likeness.cli.app, ["adapters", "download", subject_id, "--out", str(tmp_path)])
+    result = CliRunner().invoke(cli.app, ["adapters", "download", subject_id, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     (path,) = tmp_path.glob("*.zip")
     with zipfile.ZipFile(path) as archive:
         assert set(archive.namelist()) == set(files)
-    kohya = CliRunner().invoke(likeness.cli.app, ["adapters", "download", subject_id, "--format", "kohya",
+    kohya = CliRunner().invoke(cli.app, ["adapters", "download", subject_id, "--format", "kohya",
                                                   "--out", str(tmp_path / "lora.safetensors")])
     assert kohya.exit_code == 0 and (tmp_path / "lora.safetensors").read_bytes() == b"kohya-file"
 

@@ -198,9 +198,9 @@ def test_styles_and_a_webhook_whose_signature_verifies(client_a):
     assert verify(body, hook.secret, header) and not verify(body + b" ", hook.secret, header)
     assert not verify(body, hook.secret, sign(body, hook.secret, int(time.time()) - 3600))  # replayed later
     assert SIGNATURE_HEADER == "X-Likeness-Signature"
-    import app.webhooks
+    import core.webhooks
 
-    assert app.webhooks.sign is sign and app.webhooks.verify is verify  # one implementation
+    assert core.webhooks.sign is sign and core.webhooks.verify is verify  # one implementation
 
 
 # ---- polling -------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from likeness.client._calls import ENDPOINTS, Endpoint
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> dict[str, Any]:
-    from app.config import Settings
     from app.main import create_app
+    from core.config import Settings
 
     return create_app(Settings(data_dir=tmp_path_factory.mktemp("openapi"))).openapi()
 

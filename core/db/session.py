@@ -9,7 +9,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import get_settings
+from core.config import get_settings
 
 
 @functools.lru_cache(maxsize=64)
@@ -65,7 +65,7 @@ _factory = sessionmaker(expire_on_commit=False)
 
 def SessionLocal(url: str | None = None) -> Session:  # noqa: N802 - conventional factory name
     """A new session on the configured database (or ``url``). Business operations use
-    :class:`app.db.uow.UnitOfWork`, which owns one of these."""
+    :class:`core.db.uow.UnitOfWork`, which owns one of these."""
     return _factory(bind=get_engine(url))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlencode
 
-from app.config import Settings
+from core.config import Settings
 
 SIGNED_PATH = "/v1/blobs/signed"
 SECRET_FILE = "secret_key"

@@ -20,7 +20,7 @@ from celery import Celery
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
-from app.config import Settings, get_settings
+from core.config import Settings, get_settings
 from likeness.contract.plan import Queue, Task
 
 log = logging.getLogger(__name__)

@@ -23,20 +23,20 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.config import Settings, get_settings
-from app.db.models import Job, OutboxMessage, utcnow
-from app.db.session import SessionLocal
+from core.config import Settings, get_settings
+from core.db.models import Job, OutboxMessage, utcnow
+from core.db.session import SessionLocal
 from likeness.contract.plan import Queue, Task, plan_for
 
 log = logging.getLogger(__name__)
 
 #: An outbox message younger than this is left to the process that wrote it (its send gives up
-#: after ``app.queue.SEND_TIMEOUT_S``; a message sent twice is harmless, tasks re-check their rows).
+#: after ``core.queue.SEND_TIMEOUT_S``; a message sent twice is harmless, tasks re-check their rows).
 OUTBOX_GRACE_S = 5.0
 
 
 class UnitOfWork:
-    def __init__(self, settings: Settings | None = None, *, queue=None):  # noqa: ANN001 - app.queue.TaskQueue
+    def __init__(self, settings: Settings | None = None, *, queue=None):  # noqa: ANN001 - core.queue.TaskQueue
         self.settings = settings or get_settings()
         self._queue = queue
         self.session: Session = SessionLocal(self.settings.resolved_database_url)
@@ -115,7 +115,7 @@ class UnitOfWork:
 def send_outbox(settings: Settings, messages: list[tuple[str, str, list[Any], str]], queue=None) -> int:  # noqa: ANN001
     """Send outbox messages ``(id, task, args, queue)``; remove the rows of those sent. Never raises."""
     if queue is None:
-        from app.queue import task_queue
+        from core.queue import task_queue
 
         queue = task_queue(settings)
     sent: list[str] = []

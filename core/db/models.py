@@ -100,7 +100,7 @@ class Client(Base):
     max_trainings_per_day: Mapped[int | None] = mapped_column(Integer)
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
     # Retention in days (NULL: the settings' default): uploads, crops and datasets after the training
-    # that used them; generated images after they were made (app.services.retention).
+    # that used them; generated images after they were made (core.retention).
     retain_training_data_days: Mapped[int | None] = mapped_column(Integer)
     retain_images_days: Mapped[int | None] = mapped_column(Integer)
     revoked_at: Mapped[datetime | None] = mapped_column()  # a revoked key is refused at once

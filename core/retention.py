@@ -31,13 +31,26 @@ from typing import Any
 
 from sqlalchemy import delete, exists, or_, select, update
 
-from app.config import Settings, get_settings
-from app.db.models import Client, Image, Job, JobKind, Photo, PurgeTotal, Subject, TemplatePhoto, utcnow
-from app.db.uow import UnitOfWork
-from app.storage import BlobStore, checkpoint_prefix, dataset_prefix, get_blob_store, photo_prefix
+from core.config import Settings, get_settings
+from core.db.models import (
+    Client,
+    IdempotencyRecord,
+    Image,
+    Job,
+    JobKind,
+    Photo,
+    PurgeTotal,
+    Subject,
+    TemplatePhoto,
+    utcnow,
+)
+from core.db.uow import UnitOfWork
+from core.storage import BlobStore, checkpoint_prefix, dataset_prefix, get_blob_store, photo_prefix
 from likeness.contract.plan import ACTIVE_STATES, JobState
 
 log = logging.getLogger(__name__)
+
+IDEMPOTENCY_TTL_DAYS = 7  # an Idempotency-Key is for retries, not for history
 
 BATCH = 200
 FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
@@ -175,3 +188,10 @@ def totals(session) -> dict[str, tuple[int, datetime]]:  # noqa: ANN001
     rows = session.scalars(select(PurgeTotal))
     return {row.kind: (row.deleted, row.updated_at if row.updated_at.tzinfo else row.updated_at.replace(tzinfo=UTC))
             for row in rows}  # SQLite returns naive UTC
+
+
+def purge_idempotency_records(session, days: int = IDEMPOTENCY_TTL_DAYS) -> int:
+    """Drop stored idempotent answers older than ``days``; returns how many."""
+    result = session.execute(delete(IdempotencyRecord).where(
+        IdempotencyRecord.created_at < utcnow() - timedelta(days=days)))
+    return result.rowcount or 0

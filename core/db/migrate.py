@@ -7,8 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from app.config import get_settings
-from app.db.session import get_engine, normalize_url
+from core.config import get_settings
+from core.db.session import get_engine, normalize_url
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
 
     # Security
     # Signs download URLs (webhooks use per-client secrets). Unset: a random one generated once per
-    # install and kept in ``<data_dir>/secret_key`` (mode 600); see app.signing.signing_secret.
+    # install and kept in ``<data_dir>/secret_key`` (mode 600); see core.signing.signing_secret.
     secret_key: str | None = None
     signed_url_ttl_s: int = 300
     bootstrap_admin_key: str | None = None  # creates an admin client with this key at start if set

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 from sqlalchemy.orm import Session
 
-from app.config import get_settings
-from app.db.models import Client, Job, WebhookDelivery, utcnow
-from app.webhook_targets import DestinationRefused, pinned_request_args, resolve_checked
+from core.config import get_settings
+from core.db.models import Client, Job, WebhookDelivery, utcnow
+from core.webhook_targets import DestinationRefused, pinned_request_args, resolve_checked
 from likeness.webhooks import DEFAULT_TOLERANCE_S, SIGNATURE_HEADER, sign, verify  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def queue_job_event(session: Session, job: Job) -> str | None:
     return delivery.id
 
 
-def notify_job(uow, job: Job) -> None:  # noqa: ANN001 - app.db.uow.UnitOfWork (imports this module)
+def notify_job(uow, job: Job) -> None:  # noqa: ANN001 - core.db.uow.UnitOfWork (imports this module)
     """Queue the webhook of ``job``'s current state: a delivery row now, the send after the commit."""
     uow.notify(queue_job_event(uow.session, job))
 
@@ -77,7 +77,7 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
     2xx -> delivered; 4xx other than 408/429 -> given up (the receiver refuses it);
     5xx, 408, 429 and network errors -> retry until ``webhook_max_attempts``.
     """
-    from app.db.uow import UnitOfWork
+    from core.db.uow import UnitOfWork
 
     if session is None:
         with UnitOfWork() as uow:
@@ -135,7 +135,7 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
 
 
 def _post_to_checked_address(url: str, body: bytes, headers: dict[str, str], allow_private: bool) -> httpx.Response:
-    """POST over a connection to an address checked by :mod:`app.webhook_targets` (resolved once, here;
+    """POST over a connection to an address checked by :mod:`core.webhook_targets` (resolved once, here;
     the next address is tried only if connecting to one fails). Redirects are not followed."""
     target = httpx.URL(url)
     addresses = resolve_checked(target, allow_private=allow_private)

@@ -54,7 +54,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 def _settings():
-    from app.config import get_settings
+    from core.config import get_settings
 
     return get_settings()
 
@@ -67,7 +67,7 @@ def migrate(
     down: Annotated[bool, typer.Option("--down", help="Drop every table (downgrade to base).")] = False,
 ) -> None:
     """Create or upgrade the database schema (or remove it with --down)."""
-    from app.db.migrate import downgrade_to_base, upgrade_to_head
+    from core.db.migrate import downgrade_to_base, upgrade_to_head
 
     settings = _settings()
     if down:
@@ -86,8 +86,8 @@ def _safe_url(url: str) -> str:
 
 def _create_client(name: str, role: str) -> str:
     """Create a client; returns its API key (only its hash is stored)."""
-    from app.db.uow import UnitOfWork
     from app.services.clients import create_client as create
+    from core.db.uow import UnitOfWork
 
     with UnitOfWork() as uow:
         _, key = create(uow.session, name, role)
@@ -147,7 +147,7 @@ def beat(loglevel: str = "info") -> None:
 @app.command()
 def purge() -> None:
     """Delete now what the clients' retention says is due (what the scheduled purge does)."""
-    from app.services.retention import purge_expired
+    from core.retention import purge_expired
 
     report = purge_expired(_settings())
     console.print("deleted: " + ", ".join(f"{n} {kind}" for kind, n in report.as_dict().items()))
@@ -182,7 +182,7 @@ def serve(
     settings = _settings()
     host, port = host or settings.host, port or settings.port
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    from app.db.migrate import upgrade_to_head
+    from core.db.migrate import upgrade_to_head
 
     upgrade_to_head()
     key, created = _admin_key(settings)
@@ -226,7 +226,7 @@ def serve(
 
 def _secret_banner(settings) -> str:
     """Where the secret that signs download links lives (generated now on a first start)."""
-    from app.signing import secret_path, signing_secret
+    from core.signing import secret_path, signing_secret
 
     if settings.secret_key:
         return "download links are signed with LIKENESS_SECRET_KEY"

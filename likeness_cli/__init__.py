@@ -1,0 +1,1 @@
+"""The ``likeness`` command line: the top of the import graph (it may use every room)."""
