@@ -20,7 +20,7 @@ from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
 from app.auth_sync import AuthSubscriber
 from app.docs import install_offline_docs
-from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable
+from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable, json_safe
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
 from app.ratelimit import rate_limiter
 from core.config import Settings, get_settings
@@ -89,8 +89,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                    for e in exc.errors()]
+        problems = [{"loc": json_safe(list(e.get("loc", ()))), "msg": str(e.get("msg", "")),
+                     "type": str(e.get("type", ""))} for e in exc.errors()]
         return JSONResponse({"code": "validation_error", "message": "The request is invalid.",
                              "details": {"errors": problems}}, status_code=422)
 
