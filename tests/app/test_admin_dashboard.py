@@ -170,6 +170,30 @@ def test_non_ascii_cookies_headers_and_form_fields_are_refused_not_errors(app, b
     assert login.status_code == 403
 
 
+LISTS = ("/admin/jobs", "/admin/subjects", "/admin/clients", "/admin/webhooks")
+OUT_OF_RANGE = [(path, query) for path in LISTS
+                for query in ("page=1000000000000000000000", "page=100001", "page=-5e300")] + [
+    (path, query) for path in LISTS if path != "/admin/clients"  # the pages with a client filter
+    for query in ("client_id=x%00y", "client_id=" + "x" * 500)]
+
+
+@pytest.mark.parametrize("path,query", OUT_OF_RANGE)
+def test_out_of_range_query_parameters_are_4xx_pages_not_500(browser, operator, path, query):
+    response = browser.get(f"{path}?{query}")
+    assert 400 <= response.status_code < 500, response.text
+    assert "Traceback" not in response.text and 'href="/admin"' in response.text
+
+
+@pytest.mark.parametrize("query", ["date_to=9999-12-31", "date_from=0001-01-01", "date_to=99999-01-01"])
+def test_dates_outside_the_calendar_are_422_not_500(browser, operator, query):
+    response = browser.get(f"/admin/jobs?{query}")
+    assert response.status_code == 422, response.text
+
+
+def test_the_last_allowed_page_and_date_answer_normally(browser, operator):
+    assert browser.get("/admin/jobs?page=100000&date_to=9998-12-31").status_code == 200
+
+
 @pytest.mark.parametrize("change", ["rotate", "revoke"])
 def test_rotating_or_revoking_the_admins_key_ends_its_sessions(browser, admin, change):
     assert log_in(browser, admin.key).status_code == 303
