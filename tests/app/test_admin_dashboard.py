@@ -156,12 +156,14 @@ def test_a_forged_or_expired_cookie_is_no_session(browser, operator, settings):
 
 
 def test_non_ascii_cookies_headers_and_form_fields_are_refused_not_errors(app, browser, operator):
-    """A byte outside ASCII in the session cookie, the CSRF header or a CSRF form field is a wrong value (never a 500)."""
+    """A byte outside ASCII in the session cookie, the CSRF header or a CSRF form field is a wrong value
+    (never a 500)."""
     stranger = TestClient(app, raise_server_exceptions=False, follow_redirects=False)
     for cookie in ("likeness_admin=abc.\u00e9", "likeness_admin=\u00e9\u00e9.\u00e9"):
         response = stranger.get("/admin", headers=[(b"cookie", cookie.encode())])
         assert response.status_code == 303 and response.headers["location"].startswith("/admin/login")
-    by_header = browser.post("/admin/clients", data={"name": "x"}, headers=[(b"x-csrf-token", "\u00e9t\u00e9".encode())])
+    by_header = browser.post("/admin/clients", data={"name": "x"},
+                             headers=[(b"x-csrf-token", "\u00e9t\u00e9".encode())])
     assert by_header.status_code == 403
     by_form = browser.post("/admin/clients", data={"name": "x", "csrf_token": "\u00e9t\u00e9"})
     assert by_form.status_code == 403

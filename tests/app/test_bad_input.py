@@ -89,9 +89,10 @@ def test_unparsable_bodies_and_nul_characters_are_422_not_400_or_500(client_a):
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
-@pytest.mark.parametrize("path,body", [("/v1/subjects/{sid}/generations", '{"style": "cinematic", "guidance_scale": %s}'),
-                                       ("/v1/subjects/{sid}/templates", '{"template": "id_photo", "strength": %s}'),
-                                       ("/v1/subjects/{sid}/train", '{"steps": %s}')])
+@pytest.mark.parametrize("path,body", [
+    ("/v1/subjects/{sid}/generations", '{"style": "cinematic", "guidance_scale": %s}'),
+    ("/v1/subjects/{sid}/templates", '{"template": "id_photo", "strength": %s}'),
+    ("/v1/subjects/{sid}/train", '{"steps": %s}')])
 def test_non_finite_numbers_are_422_with_a_json_body(client_a, number, path, body):
     subject_id = create_subject(client_a)
     response = client_a.post(path.format(sid=subject_id), content=body % number,
