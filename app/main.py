@@ -20,12 +20,13 @@ from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
 from app.auth_sync import AuthSubscriber
 from app.docs import install_offline_docs
-from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable, json_safe
+from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable, Unauthorized, json_safe
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
 from app.ratelimit import rate_limiter
 from core.config import Settings, get_settings
 from core.db.session import SessionLocal, database_unavailable
 from core.db.uow import UnitOfWork
+from core.signing import same_text
 from core.storage import StorageError
 
 log = logging.getLogger("likeness.api")
@@ -199,13 +200,19 @@ def _install_probes(app: FastAPI, settings: Settings) -> None:
     def readyz():  # noqa: ANN202
         from app.health import check_all
 
-        checks = check_all(settings)
+        checks = check_all(settings)  # status words only: this route is public
         if all(c == "ok" for c in checks.values()):
             return {"status": "ok", "checks": checks}
         return JSONResponse({"code": "not_ready", "message": "A dependency is unavailable.",
                              "details": {"checks": checks}}, status_code=503)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse,
+             description="With `LIKENESS_METRICS_TOKEN` set, only for `Authorization: Bearer <that token>`.",
+             responses={401: {"model": ErrorBody, "description": "The metrics token is required."}})
+    def metrics(request: Request) -> PlainTextResponse:
+        if settings.metrics_token and not same_text(f"Bearer {settings.metrics_token}",
+                                                    request.headers.get("authorization", "")):
+            raise Unauthorized("Send the metrics token as 'Authorization: Bearer <token>'.",
+                               code="metrics_token_required", headers={"WWW-Authenticate": "Bearer"})
         return PlainTextResponse(render(app.state.scrape_registry), media_type="text/plain; version=0.0.4")
 

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     signed_url_ttl_s: int = 300
     bootstrap_admin_key: str | None = None  # creates an admin client with this key at start if set
     webhook_allow_private: bool = False  # let webhooks reach loopback/private addresses (self-hosted receivers)
+    # Bearer token that /metrics asks for (unset: /metrics is open, for a scraper on a private network).
+    metrics_token: str | None = None
 
     # Per-client limits: the defaults for clients whose own value is NULL (None: unlimited).
     default_requests_per_minute: int | None = None

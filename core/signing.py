@@ -81,6 +81,12 @@ def _read_secret(path: Path) -> str:
 
 # ---- signing -----------------------------------------------------------------------------------------------
 
+def same_text(expected: str, given: str) -> bool:
+    """Constant-time equality of two texts, compared as UTF-8 bytes: a non-ASCII character in a cookie,
+    header, form field or query is simply unequal (``compare_digest`` on two ``str`` raises on those)."""
+    return hmac.compare_digest(expected.encode("utf-8", "replace"), given.encode("utf-8", "replace"))
+
+
 def _mac(secret: str, client_id: str, subject_id: str, image_id: str, variant: str, expires_at: int) -> str:
     message = "\n".join((_PURPOSE, client_id, subject_id, image_id, variant, str(expires_at)))
     return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
@@ -99,7 +105,7 @@ def check_image_signature(secret: str, client_id: str, subject_id: str, image_id
                           expires_at: int, sig: str, now: float | None = None) -> str | None:
     """None when valid, else the error code (``invalid_signature`` or ``url_expired``)."""
     expected = _mac(secret, client_id, subject_id, image_id, variant, expires_at)
-    if not hmac.compare_digest(expected.encode(), sig.encode(errors="replace")):
+    if not same_text(expected, sig):
         return "invalid_signature"
     if expires_at < (now if now is not None else time.time()):
         return "url_expired"

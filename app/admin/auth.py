@@ -28,7 +28,7 @@ from app.api.deps import UoW, app_settings
 from app.services.clients import Caller, get_client
 from core.config import Settings
 from core.db.models import Client, Role
-from core.signing import signing_secret
+from core.signing import same_text, signing_secret
 
 SESSION_COOKIE = "likeness_admin"
 LOGIN_COOKIE = "likeness_admin_login"
@@ -54,12 +54,6 @@ def _key(settings: Settings, purpose: str) -> bytes:
 
 def _mac(settings: Settings, purpose: str, message: str) -> str:
     return hmac.new(_key(settings, purpose), message.encode(), hashlib.sha256).hexdigest()
-
-
-def same_text(expected: str, given: str) -> bool:
-    """Constant-time equality of two texts, compared as UTF-8 bytes: a non-ASCII character in a cookie,
-    header or form field is simply unequal (``compare_digest`` on two ``str`` raises on those)."""
-    return hmac.compare_digest(expected.encode("utf-8", "replace"), given.encode("utf-8", "replace"))
 
 
 def key_fingerprint(settings: Settings, api_key_hash: str) -> str:
