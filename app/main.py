@@ -146,6 +146,21 @@ def _bootstrap_admin(settings: Settings) -> None:
         ensure_client_with_key(uow.session, "bootstrap-admin", "admin", settings.bootstrap_admin_key)
 
 
+def proxy_options(settings: Settings) -> dict[str, object]:
+    """uvicorn's proxy settings: forwarded headers are read only from ``LIKENESS_FORWARDED_ALLOW_IPS``
+    (none by default; uvicorn alone would believe them from 127.0.0.1)."""
+    trusted = settings.forwarded_allow_ips.strip()
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None}
+
+
+def proxy_args(settings: Settings) -> list[str]:
+    """:func:`proxy_options` as uvicorn's command-line flags."""
+    options = proxy_options(settings)
+    if not options["proxy_headers"]:
+        return ["--no-proxy-headers"]
+    return ["--proxy-headers", "--forwarded-allow-ips", str(options["forwarded_allow_ips"])]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # API server
     host: str = "127.0.0.1"
     port: int = 8000
+    # Reverse proxies whose X-Forwarded-For / -Proto are believed (comma-separated addresses or networks, "*" for
+    # any); empty: none, the peer's address is the client's (per-address limits cannot be dodged with a header).
+    forwarded_allow_ips: str = ""
 
     @field_validator("default_requests_per_minute", "default_max_concurrent_jobs", "default_max_trainings_per_day",
                      "default_max_storage_bytes", "retain_training_data_days", "retain_images_days", mode="before")

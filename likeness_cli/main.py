@@ -164,6 +164,14 @@ def _admin_key(settings) -> tuple[str, bool]:
     return key, True
 
 
+def api_command(settings, host: str, port: int) -> list[str]:
+    """The uvicorn command of the API; forwarded headers believed only from LIKENESS_FORWARDED_ALLOW_IPS."""
+    from app.main import proxy_args
+
+    return [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host, "--port", str(port),
+            "--log-level", "warning", *proxy_args(settings)]
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Default: LIKENESS_HOST.")] = None,
@@ -193,9 +201,7 @@ def serve(
         if embedded_worker:
             children.append(subprocess.Popen(worker_command(["gpu"], 1, settings, "warning")))
             children.append(subprocess.Popen(worker_command(["cpu"], cpu_concurrency, settings, "warning")))
-        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-                                          "--host", host,
-                                          "--port", str(port), "--log-level", "warning"]))
+        children.append(subprocess.Popen(api_command(settings, host, port)))
         url = f"http://{host}:{port}"
         core = list(children)
         if os.environ.get("LIKENESS_TELEGRAM_TOKEN"):  # embedded: the Telegram bot runs beside the API

@@ -8,13 +8,14 @@ from __future__ import annotations
 import re
 import time
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from app.admin import auth
 from core.db.models import Client, Job, JobKind, JobState, Photo, PhotoStatus, Subject, WebhookDelivery
 from tests.app.fixtures import session_scope
-from tests.app.helpers import create_subject, jpeg, upload
+from tests.app.helpers import create_subject, jpeg, served, upload
 
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -121,6 +122,38 @@ def test_sign_in_attempts_are_limited_per_address(app, admin):
     assert auth.SESSION_COOKIE + "=" not in blocked.headers.get("set-cookie", "")
     elsewhere = TestClient(app, raise_server_exceptions=False, follow_redirects=False, client=("198.51.100.9", 50000))
     assert log_in(elsewhere, admin.key).status_code == 303
+
+
+def _log_in_over(http: httpx.Client, key: str, forwarded_for: str) -> httpx.Response:
+    page = http.get("/admin/login")
+    return http.post("/admin/login", data={"api_key": key, "csrf_token": csrf_of(page.text), "next": "/admin"},
+                     headers={"X-Forwarded-For": forwarded_for})
+
+
+def test_the_sign_in_limit_cannot_be_dodged_with_x_forwarded_for(app, admin, settings):
+    """Served as `likeness serve` serves it (real uvicorn, proxies from settings: none by default), a fresh
+    X-Forwarded-For header per attempt is still one address."""
+    from app.admin.routes import LOGIN_FAILURES_PER_MINUTE
+    from app.main import proxy_options
+
+    assert settings.forwarded_allow_ips == ""
+    with served(app, **proxy_options(settings)) as base, httpx.Client(base_url=base, timeout=10) as http:
+        for i in range(LOGIN_FAILURES_PER_MINUTE):
+            assert _log_in_over(http, "lk_guess", f"198.18.0.{i}").status_code == 401
+        assert _log_in_over(http, admin.key, "198.18.1.1").status_code == 429
+
+
+def test_a_proxy_named_in_settings_is_believed(app, admin, settings, monkeypatch):
+    """Behind a trusted proxy (here: 127.0.0.1 named in LIKENESS_FORWARDED_ALLOW_IPS) the forwarded address counts."""
+    from app.admin.routes import LOGIN_FAILURES_PER_MINUTE
+    from app.main import proxy_options
+
+    monkeypatch.setattr(settings, "forwarded_allow_ips", "127.0.0.1")
+    with served(app, **proxy_options(settings)) as base, httpx.Client(base_url=base, timeout=10) as http:
+        for _ in range(LOGIN_FAILURES_PER_MINUTE):
+            assert _log_in_over(http, "lk_guess", "198.18.2.7").status_code == 401
+        assert _log_in_over(http, admin.key, "198.18.2.7").status_code == 429
+        assert _log_in_over(http, admin.key, "198.18.2.8").status_code == 303  # another client behind the proxy
 
 
 def test_posts_without_the_csrf_token_are_refused(browser, operator):
