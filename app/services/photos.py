@@ -89,7 +89,7 @@ def store_uploads(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
     session = uow.session
     subject = get_subject(session, caller, subject_id)
     cleaned = clean_uploads(files, decode_limits(settings))
-    check_storage(session, caller, settings, sum(len(r.data) for r in cleaned if isinstance(r, CleanPhoto)))
+    check_storage(session, caller, settings, store, sum(len(r.data) for r in cleaned if isinstance(r, CleanPhoto)))
     outcomes: list[FileOutcome] = []
     for upload, result in zip(files, cleaned):
         name = (upload.filename or "")[:255]

@@ -153,7 +153,7 @@ def test_storage_quota_refuses_uploads_past_it(client_a, admin, store):
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:
-        stored = stored_bytes(session, client_a.id)
+        stored = stored_bytes(session, store, client_a.id)
     assert stored > 0
     limits = {"max_storage_bytes": stored + 100}
     assert admin.put(f"/v1/admin/clients/{client_a.id}/limits", json=limits).status_code == 200
@@ -162,6 +162,34 @@ def test_storage_quota_refuses_uploads_past_it(client_a, admin, store):
     assert refused.json()["details"]["used_bytes"] == stored
     assert client_a.get(f"/v1/subjects/{subject_id}/photos").json()["count"] == 1
     assert len(store.list(f"subjects/{subject_id}/")) == 1  # nothing of the refused upload was kept
+
+
+def test_template_photos_and_adapters_count_against_the_storage_quota(client_a, admin, store):
+    """Every blob a client owns counts: template photos and a trained adapter too, not only photos and images."""
+    from core.storage import adapter_prefix
+    from tests.app.helpers import add_adapter
+
+    subject_id = create_subject(client_a)
+    photo = jpeg(seed=3)
+    limit = 3 * len(photo) + len(photo) // 2  # room for three such files, not four
+    assert admin.put(f"/v1/admin/clients/{client_a.id}/limits", json={"max_storage_bytes": limit}).status_code == 200
+    for seed in (3, 4, 5):
+        stored = client_a.post(f"/v1/subjects/{subject_id}/templates/photos",
+                               files=[("files", (f"t{seed}.jpg", jpeg(seed=seed), "image/jpeg"))])
+        assert stored.status_code == 201, stored.text
+    refused = client_a.post(f"/v1/subjects/{subject_id}/templates/photos",
+                            files=[("files", ("t6.jpg", jpeg(seed=6), "image/jpeg"))])
+    assert refused.status_code == 403 and refused.json()["code"] == "storage_quota_exceeded"
+    assert upload(client_a, subject_id, [("p.jpg", jpeg(seed=7))]).status_code == 403  # photos too
+
+    other = create_subject(client_a)  # an adapter's files count as well
+    add_adapter(other)
+    store.put(adapter_prefix(other, 1) + "pytorch_lora_weights.safetensors", bytes(5000))
+    adapter_bytes = store.size_of_prefix(adapter_prefix(other, 1))
+    assert adapter_bytes == 5000
+    used = refused.json()["details"]["used_bytes"]
+    again = upload(client_a, subject_id, [("p.jpg", jpeg(seed=7))])
+    assert again.json()["details"]["used_bytes"] == used + adapter_bytes
 
 
 def test_last_used_at_is_recorded(client_a, admin):
