@@ -25,6 +25,7 @@ from typing import Literal
 from urllib.parse import urlencode
 
 from core.config import Settings
+from core.private_files import private_dir
 
 SIGNED_PATH = "/v1/blobs/signed"
 SECRET_FILE = "secret_key"
@@ -57,7 +58,7 @@ def install_secret(path: Path) -> str:
         return _read_secret(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # created with mode 600
     try:
         with os.fdopen(fd, "w") as f:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import threading
+from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import get_settings
+from core.private_files import private_file
 
 
 @functools.lru_cache(maxsize=64)
@@ -32,6 +34,7 @@ _ENGINES_LOCK = threading.Lock()
 
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        database = make_url(url).database
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -40,6 +43,8 @@ def _create_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE needs it
             cur.execute("PRAGMA journal_mode=WAL")  # API and worker processes share the file
             cur.close()
+            if database:
+                private_file(Path(database))  # personal data: 600 (its -wal and -shm follow its mode)
 
         return engine
     # A restarted or unreachable server must cost a request seconds, never minutes: pooled connections
