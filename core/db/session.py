@@ -41,6 +41,7 @@ def _create_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE needs it
+            cur.execute("PRAGMA secure_delete=ON")  # a deleted row's bytes are overwritten, not left in free pages
             cur.execute("PRAGMA journal_mode=WAL")  # API and worker processes share the file
             cur.close()
             if database:
@@ -72,6 +73,17 @@ def SessionLocal(url: str | None = None) -> Session:  # noqa: N802 - conventiona
     """A new session on the configured database (or ``url``). Business operations use
     :class:`core.db.uow.UnitOfWork`, which owns one of these."""
     return _factory(bind=get_engine(url))
+
+
+def scrub_deleted(url: str | None = None) -> None:
+    """After personal data was deleted from the embedded database: copy the write-ahead log into the
+    database file (whose deleted cells ``secure_delete`` zeroes) and truncate the log, so no deleted row
+    survives in either file. PostgreSQL: nothing (its autovacuum reclaims dead rows)."""
+    engine = get_engine(url)
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def dispose_engines() -> None:
