@@ -105,10 +105,10 @@ class TooManyRequests(AppError):
     status, code, default_message = 429, "rate_limited", "Too many requests; slow down."
 
     def __init__(self, message: str | None = None, details: dict[str, Any] | None = None, *,
-                 code: str | None = None, retry_after_s: float | None = None):
-        headers = None
+                 code: str | None = None, retry_after_s: float | None = None, headers: dict[str, str] | None = None):
+        headers = dict(headers or {})
         if retry_after_s is not None:
             seconds = max(1, int(-(-retry_after_s // 1)))  # whole seconds, rounded up
-            headers = {"Retry-After": str(seconds)}
+            headers["Retry-After"] = str(seconds)
             details = {**(details or {}), "retry_after_s": seconds}
-        super().__init__(message, details, code=code, headers=headers)
+        super().__init__(message, details, code=code, headers=headers or None)

@@ -22,7 +22,7 @@ from app.auth_sync import AuthSubscriber
 from app.docs import install_offline_docs
 from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable, Unauthorized, json_safe
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
-from app.ratelimit import rate_limiter
+from app.ratelimit import RateLimitHeaders, rate_limiter
 from core.config import Settings, get_settings
 from core.db.session import SessionLocal, database_unavailable
 from core.db.uow import UnitOfWork
@@ -199,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_probes(app, settings)
     install_offline_docs(app)
     install_admin_dashboard(app)  # /admin: server-rendered pages over the same services
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware)
     return app

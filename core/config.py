@@ -53,11 +53,15 @@ class Settings(BaseSettings):
     # Bearer token that /metrics asks for (unset: /metrics is open, for a scraper on a private network).
     metrics_token: str | None = None
 
-    # Per-client limits: the defaults for clients whose own value is NULL (None: unlimited).
-    default_requests_per_minute: int | None = None
-    default_max_concurrent_jobs: int | None = None
-    default_max_trainings_per_day: int | None = None
-    default_max_storage_bytes: int | None = None
+    # Failed authentications (wrong API keys, bad signed links) per address and sliding minute; 0: unlimited.
+    auth_failures_per_minute: int = 30
+
+    # Per-client limits: the defaults for clients whose own value is NULL (``none``: unlimited). A new client is
+    # bounded from its first request; an admin raises (or lifts) a client's own limits.
+    default_requests_per_minute: int | None = 600
+    default_max_concurrent_jobs: int | None = 4
+    default_max_trainings_per_day: int | None = 20
+    default_max_storage_bytes: int | None = 5 * 1024**3  # 5 GiB
 
     # Retention (per-client values override; None: keep forever) and the purge's schedule.
     retain_training_data_days: int | None = 30  # uploads, crops, datasets: days after the training that used them

@@ -22,6 +22,7 @@ from app.admin.pages import AdminRoute, error_page, is_htmx, render, safe_next
 from app.api.deps import SettingsDep, StoreDep, UoW
 from app.api.schemas import ClientLimits
 from app.errors import InvalidRequest, NotFound
+from app.ratelimit import client_address
 from app.services import clients, images, jobs, overview, photos, subjects, webhooks
 from core.db.models import Job, Role
 from core.storage import BlobNotFound
@@ -129,12 +130,13 @@ LOGIN_FAILURES_PER_MINUTE = 10
 def login(request: Request, settings: SettingsDep, uow: UoW, form: Annotated[dict[str, str], Depends(_posted_form)]):
     auth.check_login_csrf(request, settings, form.get("csrf_token"))
     key, next_page = (form.get("api_key") or "").strip(), form.get("next")
-    # Failed sign-ins are counted per address; past the limit even a right key waits for the next window.
-    limiter, address = request.app.state.rate_limiter, f"admin-login:{request.client.host if request.client else '-'}"
-    if (retry_after := limiter.hit(address, LOGIN_FAILURES_PER_MINUTE - 1, cost=0)) is not None:  # N failed: wait
+    # Failed sign-ins are counted per address (a sliding minute); past the limit even a right key waits.
+    limiter, address = request.app.state.rate_limiter, f"admin-login:{client_address(request)}"
+    if not (waiting := limiter.peek(address, LOGIN_FAILURES_PER_MINUTE)).allowed:  # N failed: wait
+        retry_after = max(1, math.ceil(waiting.reset_s))
         response = _login_page(request, settings, 429, f"Too many failed sign-ins from this address; "
-                                                       f"try again in {math.ceil(retry_after)} s.", next_page)
-        response.headers["Retry-After"] = str(math.ceil(retry_after))
+                                                       f"try again in {retry_after} s.", next_page)
+        response.headers.update({**waiting.headers(), "Retry-After": str(retry_after)})
         return response
     caller = clients.authenticate(uow.session, key) if key else None
     if caller is None or not caller.is_admin:
