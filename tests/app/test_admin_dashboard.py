@@ -229,6 +229,15 @@ def test_the_last_allowed_page_and_date_answer_normally(browser, operator):
     assert browser.get("/admin/jobs?page=100000&date_to=9998-12-31").status_code == 200
 
 
+def test_the_client_pages_show_the_default_limits(browser, operator, client_a, settings, monkeypatch):
+    monkeypatch.setattr(settings, "default_requests_per_minute", 600)
+    monkeypatch.setattr(settings, "default_max_storage_bytes", 5 * 1024**3)
+    monkeypatch.setattr(settings, "default_max_concurrent_jobs", None)
+    for page in (browser.get(f"/admin/clients/{client_a.id}").text, browser.get("/admin/clients").text):
+        assert 'placeholder="default: 600"' in page
+        assert f"({5 * 1024**3})" in page and 'placeholder="default: unlimited"' in page
+
+
 @pytest.mark.parametrize("change", ["rotate", "revoke"])
 def test_rotating_or_revoking_the_admins_key_ends_its_sessions(browser, admin, change):
     assert log_in(browser, admin.key).status_code == 303
