@@ -55,7 +55,11 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        limit = self.upload_limit if scope["path"].endswith("/photos") else self.default_limit
+        # The big limit only for multipart uploads (their files are spooled to disk as they arrive); any other
+        # body a route reads whole into memory, so it keeps the small one.
+        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
+        uploading = scope["path"].endswith("/photos") and content_type.startswith(b"multipart/form-data")
+        limit = self.upload_limit if uploading else self.default_limit
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_error(send, PayloadTooLarge(details={"max_bytes": limit}))

@@ -6,6 +6,7 @@ Requests per minute are enforced on every request (``app.api.deps.current_client
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, select
@@ -71,13 +72,24 @@ def stored_bytes(session: Session, store: BlobStore, client_id: str) -> int:
     return sum(store.size_of_prefix(subject_prefix(subject_id)) for subject_id in subject_ids)
 
 
-def check_storage(session: Session, caller: Caller, settings: Settings, store: BlobStore, incoming: int) -> None:
-    """Refuse storing ``incoming`` more bytes past the client's storage quota (403 ``storage_quota_exceeded``)."""
-    limit = _effective(caller.max_storage_bytes, settings.default_max_storage_bytes)
-    if limit is None or incoming <= 0:
-        return
-    used = stored_bytes(session, store, caller.id)
-    if used + incoming > limit:
-        raise StorageQuotaExceeded(
-            f"Storing these files would exceed the storage quota ({used + incoming} of {limit} bytes); delete "
-            "subjects or images first.", {"limit_bytes": limit, "used_bytes": used, "incoming_bytes": incoming})
+@dataclass
+class StorageBudget:
+    """What one request may still store under the client's storage quota (``limit`` None: unlimited)."""
+
+    limit: int | None
+    used: int = 0
+    incoming: int = 0
+
+    @classmethod
+    def of(cls, session: Session, caller: Caller, settings: Settings, store: BlobStore) -> StorageBudget:
+        limit = _effective(caller.max_storage_bytes, settings.default_max_storage_bytes)
+        return cls(limit, stored_bytes(session, store, caller.id) if limit is not None else 0)
+
+    def take(self, size: int) -> None:
+        """Count ``size`` more bytes of this request; 403 ``storage_quota_exceeded`` past the quota."""
+        self.incoming += size
+        if self.limit is not None and self.used + self.incoming > self.limit:
+            raise StorageQuotaExceeded(
+                f"Storing these files would exceed the storage quota ({self.used + self.incoming} of {self.limit} "
+                "bytes); delete subjects or images first.",
+                {"limit_bytes": self.limit, "used_bytes": self.used, "incoming_bytes": self.incoming})

@@ -101,3 +101,12 @@ def test_non_finite_numbers_are_422_with_a_json_body(client_a, number, path, bod
     error = response.json()
     assert error["code"] == "validation_error"
     assert error["details"]["errors"][0]["loc"][0] == "body"
+
+
+def test_a_non_multipart_body_to_an_upload_path_gets_the_small_limit(client_a):
+    """Only multipart uploads (spooled to disk) may be large; a form-encoded or raw body is read whole."""
+    subject_id = create_subject(client_a)
+    for content_type in ("application/x-www-form-urlencoded", "application/octet-stream"):
+        response = client_a.post(f"/v1/subjects/{subject_id}/photos", content=b"a=" + b"x" * (2 * 1024 * 1024),
+                                 headers={"Content-Type": content_type})
+        assert response.status_code == 413 and response.json()["code"] == "request_too_large", content_type
