@@ -58,7 +58,7 @@ class Settings(BaseSettings):
 
     # Per-client limits: the defaults for clients whose own value is NULL (``none``: unlimited). A new client is
     # bounded from its first request; an admin raises (or lifts) a client's own limits.
-    default_requests_per_minute: int | None = 600
+    default_requests_per_minute: int | None = 1200  # 20 a second: polls of several jobs at once
     default_max_concurrent_jobs: int | None = 4
     default_max_trainings_per_day: int | None = 20
     default_max_storage_bytes: int | None = 5 * 1024**3  # 5 GiB

@@ -179,7 +179,7 @@ def test_a_new_client_gets_the_shipped_default_limits(monkeypatch):
     for name in [k for k in os.environ if k.startswith(("LIKENESS_DEFAULT_", "LIKENESS_AUTH_FAILURES"))]:
         monkeypatch.delenv(name)
     shipped = Settings(_env_file=None)
-    assert shipped.default_requests_per_minute == 600 and shipped.default_max_concurrent_jobs == 4
+    assert shipped.default_requests_per_minute == 1200 and shipped.default_max_concurrent_jobs == 4
     assert shipped.default_max_trainings_per_day == 20 and shipped.default_max_storage_bytes == 5 * 1024**3
     assert shipped.auth_failures_per_minute == 30
 
