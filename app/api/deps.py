@@ -52,7 +52,8 @@ def _failures_key(request: Request) -> str:
 
 def refuse_failing_address(request: Request) -> None:
     """429 ``too_many_failed_attempts`` for an address past ``auth_failures_per_minute`` failed
-    authentications (wrong API keys, bad signed links) in the last minute, even with a right key."""
+    authentications (wrong API keys, bad signed links) in the last minute: no key from it is looked up
+    in the database until the minute has passed (a key this process knows from its cache still works)."""
     limiter = getattr(request.app.state, "rate_limiter", None)
     per_minute = app_settings(request).auth_failures_per_minute
     if limiter is None or not per_minute:
@@ -77,18 +78,19 @@ async def current_client(request: Request) -> Caller:
     """The caller from its API key, within its requests-per-minute limit; an address that keeps sending
     wrong keys is refused for a while (:func:`refuse_failing_address`).
 
-    A cache hit costs no thread hop and no query (status polls); the cache is used only while this
-    process hears about key changes made by the others (:mod:`app.auth_sync`).
+    A cache hit costs no thread hop, no query and no failure check (status polls); the cache is used
+    only while this process hears about key changes made by the others (:mod:`app.auth_sync`).
     """
-    refuse_failing_address(request)
     key = _api_key(request)
     if key is None:
+        refuse_failing_address(request)
         count_failure(request)
         raise Unauthorized("Send your API key as 'Authorization: Bearer <key>' or 'X-API-Key'.")
     state = request.app.state
     subscriber = getattr(state, "auth_subscriber", None)
     caller = auth_cache.get(hash_key(key)) if subscriber is None or subscriber.trusted else None
     if caller is None:
+        refuse_failing_address(request)  # before the database is asked about a key from a guessing address
         caller = await run_in_threadpool(_lookup, key, app_settings(request))
         if caller is None:
             count_failure(request)
