@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
 
     # Security
-    # Signs download URLs (webhooks use per-client secrets). Unset: a random one generated once per
+    # Signs download URLs and derives the key that encrypts webhook secrets at rest (core.sealed); every API
+    # process and worker needs the same one. Unset: a random one generated once per
     # install and kept in ``<data_dir>/secret_key`` (mode 600); see core.signing.signing_secret.
     secret_key: str | None = None
     signed_url_ttl_s: int = 300
