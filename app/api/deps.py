@@ -66,6 +66,21 @@ def refuse_failing_address(request: Request) -> None:
                               headers=decision.headers())
 
 
+def limit_address(request: Request, scope: str) -> None:
+    """Requests per minute of an unauthenticated route (signed links), per address: the install's default
+    client rate (``default_requests_per_minute``); 429 ``rate_limited`` past it."""
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    per_minute = app_settings(request).default_requests_per_minute
+    if limiter is None or not per_minute:
+        return
+    decision = limiter.hit(f"{scope}:{client_address(request)}", per_minute)
+    if not decision.allowed:
+        raise TooManyRequests(f"More than {per_minute} requests per minute from this address; retry after the "
+                              "Retry-After seconds.", {"limit_per_minute": per_minute},
+                              retry_after_s=decision.reset_s, headers=decision.headers())
+    remember_headers(request, decision)
+
+
 def count_failure(request: Request) -> None:
     """Count one failed authentication of the request's address."""
     limiter = getattr(request.app.state, "rate_limiter", None)

@@ -172,6 +172,16 @@ def test_failed_authentication_is_limited_per_address(app, admin, settings, monk
     assert elsewhere.get("/v1/jobs", headers=admin.headers).status_code == 200
 
 
+def test_signed_links_are_rate_limited_per_address(app, settings, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(settings, "default_requests_per_minute", 3)
+    fetcher = TestClient(app, raise_server_exceptions=False, client=("203.0.113.40", 50000))
+    params = {"client": "c", "subject": "s", "image": "i", "variant": "original", "exp": 1, "sig": "0" * 64}
+    statuses = [fetcher.get("/v1/blobs/signed", params=params).status_code for _ in range(4)]
+    assert statuses == [403, 403, 403, 429]
+
+
 def test_a_new_client_gets_the_shipped_default_limits(monkeypatch):
     """Without configuration a client is bounded: requests, jobs at once, trainings a day, storage."""
     from core.config import Settings

@@ -6,7 +6,15 @@ from typing import Literal
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import CurrentClient, SettingsDep, StoreDep, UoW, count_failure, refuse_failing_address
+from app.api.deps import (
+    CurrentClient,
+    SettingsDep,
+    StoreDep,
+    UoW,
+    count_failure,
+    limit_address,
+    refuse_failing_address,
+)
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
@@ -75,6 +83,7 @@ def signed_blob(request: Request, settings: SettingsDep, store: StoreDep, uow: U
                 variant: Literal["original", "upscaled"] = Query(), exp: int = Query(ge=0, le=2**62),
                 sig: str = Query(max_length=128)):
     refuse_failing_address(request)
+    limit_address(request, "signed-links")
     problem = check_image_signature(signing_secret(settings), client, subject, image, variant, exp, sig)
     if problem is not None:
         count_failure(request)
