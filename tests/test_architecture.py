@@ -1,7 +1,8 @@
 """The rooms stay apart and the code stays lint-clean: CI runs both checks through this file.
 
 * ``lint-imports`` enforces the contracts in ``pyproject.toml`` (``app`` never imports ``worker`` or an
-  ML framework, ``pipelines`` imports no web/database/queue code, the job contract and the client stay small);
+  ML framework, ``pipelines`` imports no web/database/queue code, the job contract and the client stay small,
+  no import cycle between modules or packages, function-local imports included);
 * ``ruff check .`` with the project's rules.
 """
 
@@ -24,7 +25,7 @@ def test_import_contracts_are_kept():
     result = _run(str(BIN / "lint-imports"), "--no-cache")
     assert result.returncode == 0, result.stdout + result.stderr
     kept = re.search(r"Contracts: (\d+) kept, 0 broken", result.stdout)
-    assert kept and int(kept.group(1)) >= 6, result.stdout
+    assert kept and int(kept.group(1)) >= 8, result.stdout
 
 
 def test_app_has_no_import_of_worker_even_inside_functions():

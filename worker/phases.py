@@ -37,9 +37,11 @@ from core.storage import (
     adapter_prefix,
     checkpoint_prefix,
     dataset_prefix,
+    download_folder,
     image_key,
     photo_crop_key,
     photo_mask_key,
+    upload_folder,
     upscaled_image_key,
 )
 from likeness.contract.plan import PLANS, JobKind
@@ -84,31 +86,6 @@ def _preset(name: str, settings: Settings):
     from pipelines.models.presets import get_preset
 
     return get_preset(name, settings.resolved_model_cache_dir)
-
-
-# ---- blob folders ----------------------------------------------------------------------------------------
-
-
-def upload_folder(store: BlobStore, folder: Path, prefix: str) -> list[str]:
-    """Mirror ``folder`` to ``prefix``: stale keys from an earlier run are removed first."""
-    store.delete_prefix(prefix)
-    keys = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        key = prefix + path.relative_to(folder).as_posix()
-        store.put(key, path.read_bytes())
-        keys.append(key)
-    return keys
-
-
-def download_folder(store: BlobStore, prefix: str, folder: Path) -> Path:
-    keys = store.list(prefix)
-    if not keys:
-        raise FileNotFoundError(f"nothing stored under {prefix}")
-    for key in keys:
-        target = folder / key.removeprefix(prefix)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.get(key))
-    return folder
 
 
 def _png(image) -> bytes:

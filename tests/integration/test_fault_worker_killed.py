@@ -82,10 +82,9 @@ def gpu_workers(fault_env, fault_settings, tmp_path_factory):
 
 def _trained_job(pg_url: str, settings, faces: list[Image.Image]) -> str:
     """A train job whose intake is done: its dataset stored where intake leaves it."""
-    from core.storage import dataset_prefix, get_blob_store
+    from core.storage import dataset_prefix, get_blob_store, upload_folder
     from likeness.contract.requests import TrainRequest, resolve_train, with_training
     from pipelines.intake.dataset import Dataset, DatasetItem
-    from worker.phases import upload_folder
 
     resolved = with_training(resolve_train(TrainRequest(mode="lora", steps=STEPS), preset="tiny"),
                              checkpoint_every=CHECKPOINT_EVERY)
