@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.metrics import QueueDepthCollector
 from app.services import clients
 from core.config import Settings
 from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
@@ -146,8 +147,6 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
     url = settings.resolved_broker_url
     try:
         if url.startswith(("redis://", "rediss://")):
-            from app.metrics import QueueDepthCollector
-
             return QueueDepthCollector(settings).depths()
         if url.startswith("sqla+"):
             return _kombu_sql_depths(settings, url.removeprefix("sqla+"))

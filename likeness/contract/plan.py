@@ -83,7 +83,6 @@ class Task(StrEnum):
 
     RUN_JOB = "likeness.run_job"
     DELIVER_WEBHOOK = "likeness.deliver_webhook"
-    SWEEP = "likeness.sweep"
     PURGE_EXPIRED = "likeness.purge_expired"  # retention (core.retention), on a schedule
 
 
