@@ -24,6 +24,7 @@ from pipelines.eval.metrics import (
     text_alignment,
     without_token,
 )
+from pipelines.training import TrainCallback
 
 METRICS = ("image_alignment", "text_alignment", "lpips", "identity")
 
@@ -108,8 +109,6 @@ class Evaluator:
 def make_eval_callback(config: EvalConfig, references: Sequence[Image.Image], clip, resolution: int,
                        device: str = "cpu", **models):
     """``clip``: a loaded CLIP or its path; ``models``: ``face_embedder``/``face_detector`` (see Evaluator)."""
-    from pipelines.training import TrainCallback
-
     return TrainCallback(every=config.every, fn=Evaluator(config, references, clip, resolution, device, **models))
 
 
@@ -117,8 +116,6 @@ def make_validation_callback(prompts: Sequence[str], out_dir: str | Path, every:
                              num_inference_steps: int = 25, seed: int = 0):
     """Save one image per prompt at step 0, every ``every`` steps and at the end:
     ``out_dir/step-000050/00.png``. Prompts may use ``{instance}`` and ``{class_token}``."""
-    from pipelines.training import TrainCallback
-
     out_dir = Path(out_dir)
 
     def save(state) -> None:
