@@ -46,8 +46,15 @@ from core.storage import (
 )
 from likeness.contract.plan import PLANS, JobKind
 from likeness.contract.requests import ResolvedGenerate, ResolvedTemplate, ResolvedTrain, TemplateSource, read_resolved
-from pipelines.errors import InvalidConfig, PipelineError
+from pipelines.errors import DatasetRejected, InvalidConfig, PipelineError
+from pipelines.intake import intake_models, prepare_dataset
+from pipelines.intake.config import IntakeConfig
+from pipelines.intake.dataset import Dataset, PhotoInput
+from pipelines.intake.decode import decode_photo
+from pipelines.intake.reasons import ReasonCode
+from pipelines.models.presets import get_preset
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
+from pipelines.templates.catalog import open_template
 from worker.checkpoints import mirror_checkpoint, restore_checkpoint
 from worker.jobs import JobSnapshot, record_result
 from worker.models import get_manager, resolve_device
@@ -83,8 +90,6 @@ def image_id(job_id: str, rank: int) -> str:
 
 
 def _preset(name: str, settings: Settings):
-    from pipelines.models.presets import get_preset
-
     return get_preset(name, settings.resolved_model_cache_dir)
 
 
@@ -103,8 +108,6 @@ def _train_request(ctx: PhaseContext) -> ResolvedTrain:
 
 def intake_config(ctx: PhaseContext):
     """The intake settings of a train job: the preset's CLIP/upscaler plus the request's class word."""
-    from pipelines.intake.config import IntakeConfig
-
     request = _train_request(ctx)
     preset = _preset(request.preset, ctx.settings)
     return IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, class_token=request.class_token,
@@ -112,9 +115,6 @@ def intake_config(ctx: PhaseContext):
 
 
 def run_intake(ctx: PhaseContext) -> dict[str, Any]:
-    from pipelines.errors import DatasetRejected
-    from pipelines.intake import intake_models, prepare_dataset
-    from pipelines.intake.dataset import PhotoInput
     from pipelines.intake.pipeline import check_inputs
 
     job = ctx.job
@@ -189,7 +189,6 @@ def _write_photo_reports(ctx: PhaseContext, reports: list, crops: dict[str, Any]
 
 
 def run_training(ctx: PhaseContext) -> dict[str, Any]:
-    from pipelines.intake.dataset import Dataset
     from pipelines.models.loading import base_spec
     from pipelines.training import BaseNotRestored, train
 
@@ -428,9 +427,6 @@ def run_templating(ctx: PhaseContext) -> dict[str, Any]:
 
 def template_image(ctx: PhaseContext, source: TemplateSource):
     """The template a job names: a shipped one, or the subject's uploaded template photo (RGB)."""
-    from pipelines.intake.decode import decode_photo
-    from pipelines.templates.catalog import open_template
-
     if source.kind == "shipped":
         return open_template(str(source.name))
     with UnitOfWork(ctx.settings) as uow:
@@ -450,8 +446,6 @@ def _template_verdict(ctx: PhaseContext, source: TemplateSource, *, face_box: An
     at once (shipped templates are checked by the test suite)."""
     if source.kind != "upload":
         return
-    from pipelines.intake.reasons import ReasonCode
-
     with UnitOfWork(ctx.settings) as uow:
         row = uow.session.get(TemplatePhoto, source.photo_id)
         if row is None or row.subject_id != ctx.job.subject_id:

@@ -24,7 +24,7 @@ from pipelines.eval.metrics import (
     text_alignment,
     without_token,
 )
-from pipelines.training import TrainCallback
+from pipelines.training.trainer import TrainCallback
 
 METRICS = ("image_alignment", "text_alignment", "lpips", "identity")
 
