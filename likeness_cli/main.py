@@ -1,7 +1,10 @@
 """``likeness`` command line: serve, worker, migrate, create-client, models, run.
 
 Errors print one human line and exit non-zero; ``--debug`` shows the traceback.
-Heavy imports (torch, uvicorn, celery worker) happen inside the commands that need them.
+A command imports what only it needs inside itself: the optional extras (the database, queue and
+API of ``api``; the image stack and torch of ``worker``; aiogram of ``bot``), so a client-only install
+(``pip install likeness``) runs the remote commands, and the settings, client and request models
+(pydantic-settings, httpx: ~0.5 s), so ``likeness --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from pipelines.errors import DatasetRejected, PipelineError
+from worker.weights import check, pull
 
 app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -275,8 +281,6 @@ def models_pull(
     preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
-    from worker.weights import pull
-
     settings = _settings()
     pull(preset or settings.model_preset, settings.resolved_model_cache_dir, console)
 
@@ -286,8 +290,6 @@ def models_check(
     preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Report what the preset still needs locally; exit 1 if anything is missing."""
-    from worker.weights import check
-
     settings = _settings()
     missing = check(preset or settings.model_preset, settings.resolved_model_cache_dir)
     name = preset or settings.model_preset
@@ -457,7 +459,6 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from likeness.contract.requests import GenerateRequest, TrainRequest
-    from pipelines.errors import DatasetRejected
     from worker.local import LocalRunConfig, run_local
 
     if (style is None) == (template is None):
@@ -526,8 +527,6 @@ def main() -> None:
 
 
 def _describe(exc: Exception) -> str:
-    from pipelines.errors import PipelineError
-
     if isinstance(exc, PipelineError):
         return f"{exc.message} ({exc.error_code})"
     if isinstance(exc, CliError):
