@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,3 @@ def write_report(runs: dict[str, Sequence[dict[str, Any]]], out_dir: str | Path,
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return {"markdown": md_path, "csv": csv_path, "plot": png_path}
-
-
-def eval_config_dict(config: EvalConfig) -> dict[str, Any]:
-    return asdict(config)
