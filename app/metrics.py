@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from core.db.models import Job, JobStage, OutboxMessage, WorkerRecord, utcnow
 from core.retention import totals
-from likeness.contract.plan import JobKind, JobState
+from likeness.contract.plan import JobKind, JobState, Queue
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class QueueDepthCollector(Collector):
     def queue_keys(self) -> dict[str, str]:
         s = self.settings
         # kombu's global_keyprefix (set to queue_prefix by worker.celery_app) prefixes every Redis key.
-        return {name: f"{s.queue_prefix}{s.queue(name)}" for name in ("gpu", "cpu")}
+        return {queue.value: f"{s.queue_prefix}{s.queue(queue)}" for queue in Queue}
 
     def depths(self) -> dict[str, int] | None:
         """Messages waiting in each job queue; None when the broker is not Redis (raises if it is unreachable)."""

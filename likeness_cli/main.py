@@ -22,6 +22,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from likeness.contract.plan import Queue
 from pipelines.errors import DatasetRejected, PipelineError
 from worker.weights import check, pull
 
@@ -129,11 +130,11 @@ def worker(
 ) -> None:
     """Start a Celery worker on the given queues (GPU workers run one job at a time)."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = set(names) - {"gpu", "cpu"}
+    unknown = set(names) - set(Queue)
     if unknown or not names:
         raise CliError(f"unknown queue(s) {sorted(unknown)}; use gpu and/or cpu")
     if concurrency is None:
-        concurrency = 1 if "gpu" in names else (os.cpu_count() or 1)
+        concurrency = 1 if Queue.GPU in names else (os.cpu_count() or 1)
     cmd = worker_command(names, concurrency, _settings(), loglevel)
     os.execv(sys.executable, cmd)
 
@@ -197,8 +198,8 @@ def serve(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if embedded_worker:
-            children.append(subprocess.Popen(worker_command(["gpu"], 1, settings, "warning")))
-            children.append(subprocess.Popen(worker_command(["cpu"], cpu_concurrency, settings, "warning")))
+            children.append(subprocess.Popen(worker_command([Queue.GPU], 1, settings, "warning")))
+            children.append(subprocess.Popen(worker_command([Queue.CPU], cpu_concurrency, settings, "warning")))
         children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
                                           "--host", host,
                                           "--port", str(port), "--log-level", "warning"]))

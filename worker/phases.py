@@ -44,7 +44,7 @@ from core.storage import (
     upload_folder,
     upscaled_image_key,
 )
-from likeness.contract.plan import PLANS, JobKind
+from likeness.contract.plan import PLANS, JobKind, Stage
 from likeness.contract.requests import ResolvedGenerate, ResolvedTemplate, ResolvedTrain, TemplateSource, read_resolved
 from pipelines.errors import DatasetRejected, InvalidConfig, PipelineError
 from pipelines.intake import intake_models, prepare_dataset
@@ -53,7 +53,7 @@ from pipelines.intake.dataset import Dataset, PhotoInput
 from pipelines.intake.decode import decode_photo
 from pipelines.intake.reasons import ReasonCode
 from pipelines.models.presets import get_preset
-from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
+from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, StageProgress, raise_if_canceled
 from pipelines.templates.catalog import open_template
 from worker.checkpoints import mirror_checkpoint, restore_checkpoint
 from worker.jobs import JobSnapshot, record_result

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from app.errors import AppError, TooManyRequests
 from app.services.clients import Caller
 from core.config import Settings
-from core.db.models import Client, Image, Job, JobKind, Photo, Subject, utcnow
-from likeness.contract.plan import ACTIVE_STATES
+from core.db.models import Client, Image, Job, Photo, Subject, utcnow
+from likeness.contract.plan import ACTIVE_STATES, JobKind
 
 DAY = timedelta(days=1)
 
