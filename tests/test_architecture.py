@@ -1,8 +1,8 @@
 """The rooms stay apart and the code stays lint-clean: CI runs both checks through this file.
 
 * ``lint-imports`` enforces the contracts in ``pyproject.toml`` (``app`` never imports ``worker`` or an
-  ML framework, ``pipelines`` imports no web/database/queue code, the job contract and the client stay small,
-  no import cycle between modules or packages, function-local imports included);
+  ML framework, ``pipelines`` imports no web/database/queue code, the job contract and the client stay small);
+* no import cycle between the project's modules (grimp's graph, function-local imports included);
 * ``ruff check .`` with the project's rules;
 * function-local imports of the project's own modules only where they defer the ML stack.
 """
@@ -15,8 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grimp
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+PACKAGES = ("app", "core", "worker", "pipelines", "likeness", "likeness_cli")
 
 
 def _run(*command: str) -> subprocess.CompletedProcess:
@@ -27,7 +30,7 @@ def test_import_contracts_are_kept():
     result = _run(str(BIN / "lint-imports"), "--no-cache")
     assert result.returncode == 0, result.stdout + result.stderr
     kept = re.search(r"Contracts: (\d+) kept, 0 broken", result.stdout)
-    assert kept and int(kept.group(1)) >= 8, result.stdout
+    assert kept and int(kept.group(1)) >= 7, result.stdout
 
 
 def test_app_has_no_import_of_worker_even_inside_functions():
@@ -40,6 +43,22 @@ def test_app_has_no_import_of_worker_even_inside_functions():
     assert offenders == []
 
 
+def test_no_module_imports_one_that_imports_it_back():
+    """No import cycle between files, however long, function-local imports included: a cycle is a
+    knot in the rooms that a lazy import only hides (import-linter's ``acyclic_siblings`` would also
+    refuse cycles between packages whose files form none, so the graph is read here)."""
+    graph = grimp.build_graph(*PACKAGES, cache_dir=None)
+    cycles = set()
+    for module in graph.modules:
+        for imported in graph.find_modules_directly_imported_by(module):
+            back = graph.find_shortest_chain(importer=imported, imported=module)
+            if back:
+                ring = (module, *back[:-1])
+                start = ring.index(min(ring))
+                cycles.add(" -> ".join(ring[start:] + ring[:start + 1]))
+    assert sorted(cycles) == []
+
+
 def test_ruff_finds_nothing():
     result = _run(sys.executable, "-m", "ruff", "check", ".", "--output-format", "concise")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -47,7 +66,6 @@ def test_ruff_finds_nothing():
 
 # ---- function-local imports --------------------------------------------------------------------------------
 
-PACKAGES = ("app", "core", "worker", "pipelines", "likeness", "likeness_cli")
 #: Libraries worth deferring: the ML stack (seconds to import, gigabytes of RAM on a GPU worker).
 HEAVY = {"torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "safetensors", "mediapipe",
          "cv2", "dlib", "face_recognition", "spandrel", "ultralytics", "facexlib", "lpips", "bitsandbytes",
