@@ -11,7 +11,7 @@ Torch-free: the API imports this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -483,8 +483,3 @@ RESOLVED_MODELS: dict[JobKind, type[BaseModel]] = {JobKind.TRAIN: ResolvedTrain,
 def read_resolved(kind: str, stored: dict[str, Any]) -> ResolvedTrain | ResolvedGenerate | ResolvedTemplate:
     """A job's stored request, parsed with the model of its kind (worker, retries, dashboard)."""
     return RESOLVED_MODELS[JobKind(kind)].model_validate(stored)  # type: ignore[return-value]
-
-
-def with_training(resolved: ResolvedTrain, **changes: Any) -> ResolvedTrain:
-    """``resolved`` with some training options replaced (tests, benchmarks, the CLI's quick runs)."""
-    return resolved.model_copy(update={"training": replace(resolved.training, **changes)})
