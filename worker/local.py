@@ -192,7 +192,7 @@ def run_local(
 
     # 2. intake
     intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device,
-                          class_token=resolved_train.class_token)
+                          class_token=resolved_train.class_token, crop_size=preset.intake_crop_size)
     inputs = [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in photos]
     check_inputs(inputs, intake)
     files = {photo.photo_id: photo.path.name for photo in photos}

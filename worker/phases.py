@@ -131,7 +131,7 @@ def intake_config(ctx: PhaseContext):
     request = _train_request(ctx)
     preset = _preset(request.preset, ctx.settings)
     return IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, class_token=request.class_token,
-                        device=resolve_device(ctx.settings.device))
+                        device=resolve_device(ctx.settings.device), crop_size=preset.intake_crop_size)
 
 
 def run_intake(ctx: PhaseContext) -> dict[str, Any]:
