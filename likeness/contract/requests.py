@@ -28,6 +28,7 @@ from pipelines.generation.styles import (
     placeholders,
     template_path,
 )
+from pipelines.models.presets import preset_family
 from pipelines.templates.catalog import get_template
 from pipelines.templates.spec import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -101,10 +102,12 @@ PRESET_TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"steps_per_photo": 4, "max_steps_cap": 40, "unet_rank": 4, "text_encoder_rank": 4},
     "sd15": {},
 }
-#: Generation defaults that depend on the model preset (a request's own value always wins): ``tiny``
-#: denoises 10 steps instead of a style's 25; ``sd15`` takes the style's.
+#: Generation defaults that depend on the model preset (a request's own value always wins): the tiny
+#: presets denoise 10 steps instead of a style's; ``sd15`` and ``sdxl`` take the style's as it runs on
+#: their family (``StylePack.for_family``).
 PRESET_GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 10},
+    "tiny-sdxl": {"steps": 10},
     "sd15": {},
 }
 
@@ -197,7 +200,7 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
     of the subject's adapter) unless ``allow_prompt_without_instance``.
     """
     limits = limits or GenerationLimits()
-    style = _style(body.style) if body.style is not None else None
+    style = _style(body.style, preset) if body.style is not None else None
     if style is None and not body.prompts:
         _reject("style_or_prompts_required", "Give a style or at least one prompt.")
     _check_candidates(body.n, body.k, limits)
@@ -253,11 +256,13 @@ def resolve_generate(body: GenerateRequest, *, preset: str, adapter_version: int
     return ResolvedGenerate(preset=preset, adapter_version=adapter_version, generation=spec)
 
 
-def _style(name: str) -> StylePack:
+def _style(name: str, preset: str | None = None) -> StylePack:
+    """The style pack ``name`` as it runs on ``preset``'s model family (its per-family defaults applied)."""
     try:
-        return get_style(name)
+        style = get_style(name)
     except InvalidConfig as exc:
         raise RequestRejected(exc.error_code, f"Unknown style {name!r}.", **exc.details) from None
+    return style.for_family(preset_family(preset).name) if preset else style
 
 
 def _check_prompt(template: str, body: GenerateRequest, limits: GenerationLimits, instance_token: str | None):
