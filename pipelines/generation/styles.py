@@ -112,7 +112,7 @@ def _load_all() -> dict[str, StylePack]:
     return packs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def family_defaults(family: str) -> StyleDefaults | None:
     """Every pack's settings on ``family`` (``styles/families/<family>.yaml``); None: the packs' own."""
     path = FAMILY_DEFAULTS_DIR / f"{family}.yaml"
