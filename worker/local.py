@@ -242,7 +242,8 @@ def run_local(
     mode = "template" if isinstance(spec, TemplateSpec) else "generation"
     for result in sorted((r for r in results if r.rank > 0), key=lambda r: r.rank):
         entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
-                 "scores": dict(result.scores), "width": result.image.width, "height": result.image.height}
+                 "scores": dict(result.scores), "width": result.image.width, "height": result.image.height,
+                 "face_refined": result.face_refined}
         entry["file"] = f"rank_{result.rank:02d}.png"
         result.image.save(out_dir / entry["file"])
         if result.upscaled is not None:

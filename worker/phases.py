@@ -353,7 +353,7 @@ def candidate_scores(results: list) -> list[dict[str, Any]]:
     dashboard can see why the delivered ones won."""
     return [
         {"seed": int(r.seed), "rank": int(r.rank), "faces": int(r.faces), "flagged": bool(r.flagged),
-         "scores": _jsonable(dict(r.scores))}
+         "face_refined": bool(r.face_refined), "scores": _jsonable(dict(r.scores))}
         for r in sorted(results, key=lambda r: r.seed)
     ]
 

@@ -93,6 +93,10 @@ class ResolvedTrain(BaseModel):
     training: TrainConfig
 
 
+FACE_REFINE_HELP = ("Redraw each candidate's face at the model's native resolution before ranking: on, off, or "
+                    "auto (on for portrait styles and template jobs). Each image says face_refined.")
+
+
 #: Training defaults that depend on the model preset: the random-weight ``tiny`` preset is for demos
 #: and wiring checks (its images are noise whatever it learns), so it trains just long enough to run
 #: every stage: 4 steps a photo, 20 for the usual 5 photos, at most 40. With its generation defaults
@@ -160,6 +164,7 @@ class GenerateRequest(_Body):
     no_controlnet: bool = Field(False, description="Disable the style's ControlNet.")
     upscale: Literal[2, 4, "none"] = 2
     ranking: str = Field("aesthetic", description="aesthetic (the method's choice) or balanced.")
+    face_refine: Literal["auto", "on", "off"] = Field("auto", description=FACE_REFINE_HELP)
     allow_prompt_without_instance: bool = Field(False, description="Allow custom prompts that do not show the "
                                                                    "subject.")
     adapter_version: int | None = Field(None, ge=1, description="Adapter to use; default: the newest.")
@@ -235,6 +240,7 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
         prompts=templates, negative_prompt=negative, n=body.n, k=body.k, seed=body.seed, aspect=aspect,
         steps=steps, guidance_scale=guidance, sampler=body.sampler, controlnets=controlnets,
         upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+        face_refine=body.face_refine == "on" or (body.face_refine == "auto" and style is not None and style.portrait),
     )
 
 
@@ -357,6 +363,7 @@ class TemplateRequest(_Body):
     upscale: Literal[2, 4, "none"] = 2
     ranking: str = Field("identity", description="identity (default: likeness to the subject weighs most), "
                                                  "balanced or aesthetic.")
+    face_refine: Literal["auto", "on", "off"] = Field("auto", description=FACE_REFINE_HELP)
     adapter_version: int | None = Field(None, ge=1, description="Adapter to use; default: the newest.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -462,6 +469,7 @@ def resolve_templating(body: TemplateRequest, *, limits: GenerationLimits | None
         guidance_scale=guidance, pose_scale=pose, edge_scale=edge, color_transfer=body.color_transfer,
         second_pass=body.second_pass, second_pass_strength=second,
         upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+        face_refine=body.face_refine != "off",  # auto: template jobs are portraits
     )
     return source, spec
 

@@ -90,7 +90,7 @@ class Delivery:
     negative_prompt: str
     style: str | None
     safety_check: bool = False
-    face_refine: str = "off"  # "on" | "off" (a request's "auto" is resolved by its front end)
+    face_refine: bool = False  # the face-refinement pass (a request's "auto" is resolved in the contract)
 
 
 @dataclass

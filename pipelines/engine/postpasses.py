@@ -8,7 +8,8 @@ subject's adapter attached and borrow the engine's loaded models; ranking sees w
 from __future__ import annotations
 
 from pipelines.engine.core import PostPass
+from pipelines.engine.face_refine import FaceRefinePass
 
-POST_PASSES: tuple[PostPass, ...] = ()
+POST_PASSES: tuple[PostPass, ...] = (FaceRefinePass(),)
 
 __all__ = ["POST_PASSES"]

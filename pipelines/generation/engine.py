@@ -108,7 +108,7 @@ class GenerationEngine(EngineCore):
     @staticmethod
     def delivery(spec: GenerationSpec) -> Delivery:
         return Delivery(k=spec.k, ranking=spec.ranking, upscale=spec.upscale, negative_prompt=spec.negative_prompt,
-                        style=spec.style, safety_check=spec.safety_checker)
+                        style=spec.style, safety_check=spec.safety_checker, face_refine=spec.face_refine)
 
     def generate(
         self,

@@ -56,6 +56,7 @@ class GenerationSpec(BaseModel):
     safety_checker: bool = False
     use_improved_vae: bool = True
     batch_size: int | None = None  # None: the engine's default
+    face_refine: bool = False  # redraw each candidate's face before ranking (pipelines.engine.face_refine)
 
     def prompt_template(self, index: int) -> str:
         return self.prompts[index % len(self.prompts)]

@@ -60,6 +60,7 @@ class StylePack(BaseModel):
     steps: int = 25
     aspect: str = "1:1"
     controlnet: StyleControlNet | None = None
+    portrait: bool = True  # a face fills the frame: face refinement is on by default ("auto")
     families: dict[str, StyleDefaults] = Field(default_factory=dict)  # per model family ("sdxl": ...)
 
     @field_validator("prompts")

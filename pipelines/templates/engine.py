@@ -120,7 +120,7 @@ class TemplateEngine(EngineCore):
     @staticmethod
     def delivery(spec: TemplateSpec) -> Delivery:
         return Delivery(k=spec.k, ranking=spec.ranking, upscale=spec.upscale, negative_prompt=spec.negative_prompt,
-                        style=spec.style_label)
+                        style=spec.style_label, face_refine=spec.face_refine)
 
     def check_inputs(self, spec: TemplateSpec) -> None:
         """Every model the spec needs is here, and each pass runs at least one step (before any model work)."""
