@@ -14,10 +14,12 @@ from likeness.contract.requests import (
     RequestRejected,
     ResolvedGenerate,
     ResolvedTrain,
+    TemplateRequest,
     TrainRequest,
     read_resolved,
     resolve_generate,
     resolve_generation,
+    resolve_templating,
     resolve_train,
 )
 from pipelines.errors import InvalidConfig
@@ -135,6 +137,15 @@ def test_a_packs_own_family_block_wins_over_the_familys_defaults():
     on_sdxl = pack.for_family("sdxl")
     assert (on_sdxl.steps, on_sdxl.guidance_scale, on_sdxl.negative_prompt) == (30, 4.5, "color")
     assert pack.for_family("sd15") == pack
+
+
+def test_face_refinement_is_on_for_portrait_styles_and_templates_unless_turned_off():
+    assert resolve_generation(GenerateRequest(style="studio_headshot")).face_refine is True
+    assert resolve_generation(GenerateRequest(prompts=["{instance} {class} on a beach"])).face_refine is False
+    assert resolve_generation(GenerateRequest(prompts=["{instance} {class}"], face_refine="on")).face_refine is True
+    assert resolve_generation(GenerateRequest(style="studio_headshot", face_refine="off")).face_refine is False
+    assert resolve_templating(TemplateRequest(template="id_photo"))[1].face_refine is True
+    assert resolve_templating(TemplateRequest(template="id_photo", face_refine="off"))[1].face_refine is False
 
 
 def test_resolved_requests_round_trip_through_json_exactly():
