@@ -56,6 +56,10 @@ def test_sdxl_text_to_image_with_controlnet_uses_the_familys_pipeline_and_sizes(
     posed = generate(sdxl_engine, sdxl_adapter, controlnets=(pose,), upscale=2)
     assert posed.image.size == (64, 64) and posed.upscaled.size == (128, 128)
     assert "<subj> girl" in posed.prompt and posed.rank == 1
+    # Face refinement re-renders with the family's image-to-image pipeline (SDXL's img2img here).
+    assert type(sdxl_engine.pipeline("image_to_image", spec)[0]).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    refined = generate(sdxl_engine, sdxl_adapter, steps=4, face_refine=True)
+    assert refined.face_refined and refined.image.size == (64, 64)
 
 
 def test_sdxl_adapter_changes_the_image_reproducibly_and_detaches_bit_for_bit(sdxl_engine, sdxl_adapter):
