@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
 def time_face_refinement(engine: GenerationEngine, spec: GenerationSpec, images, prompts) -> float:
     """Seconds per image that the face-refinement pass adds: re-render of the face crop, colour match,
     paste-back (random weights draw no face to detect, so a centred face box stands in)."""
-    from pipelines.engine.core import Candidate, Delivery, Job
     from pipelines.engine.face_refine import CONTEXT, FaceRefinePass
+    from pipelines.engine.job import Candidate, Delivery, Job
     from pipelines.templates.masking import Region, face_only_mask
     from pipelines.vision.boxes import Box
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from PIL import Image
 
-from pipelines.engine.core import Candidate, EngineCore, Job
+from pipelines.engine.job import Candidate, Job, Renderer
 from pipelines.progress import Stage, StageProgress
 from pipelines.templates.masking import Region, face_only_mask, lab_color_transfer, paste
 from pipelines.types import TokenSpec
@@ -46,12 +46,12 @@ def face_region(image: Image.Image, detector) -> Region | None:
 
 
 class FaceRefinePass:
-    """A post-pass (:class:`pipelines.engine.core.PostPass`): on when the job's delivery asks for it."""
+    """A post-pass (:class:`pipelines.engine.job.PostPass`): on when the job's delivery asks for it."""
 
-    def applies(self, engine: EngineCore, job: Job) -> bool:
+    def applies(self, engine: Renderer, job: Job) -> bool:
         return job.delivery.face_refine
 
-    def __call__(self, engine: EngineCore, candidates: list[Candidate], job: Job,
+    def __call__(self, engine: Renderer, candidates: list[Candidate], job: Job,
                  tokens: TokenSpec) -> list[Candidate]:
         regions = [face_region(c.image, engine.models.ranking.face_detector) for c in candidates]
         todo = [i for i, region in enumerate(regions) if region is not None]
@@ -63,7 +63,7 @@ class FaceRefinePass:
             out[i] = replace(candidates[i], image=image, face_refined=True)
         return out
 
-    def refine(self, engine: EngineCore, candidates: Sequence[Candidate], regions: Sequence[Region],
+    def refine(self, engine: Renderer, candidates: Sequence[Candidate], regions: Sequence[Region],
                job: Job) -> list[Image.Image]:
         """Re-render every region's crop (one batched call), match colours, paste back."""
         resolution = engine.preset.resolution

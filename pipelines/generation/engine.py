@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from pipelines.engine.components import EngineModels, Needs, engine_models, resolve_device
-from pipelines.engine.core import BASE_TOKENS, Candidate, Control, Delivery, EngineCore, Job, Result
+from pipelines.engine.core import EngineCore
+from pipelines.engine.job import BASE_TOKENS, Candidate, Control, Delivery, Job, Result
 from pipelines.generation.conditions import condition_image
 from pipelines.generation.request import GenerationSpec
 from pipelines.generation.styles import fill_prompt, template_path

@@ -33,7 +33,8 @@ import torch
 from PIL import Image
 
 from pipelines.engine.components import EngineModels, Needs, engine_models, resolve_device
-from pipelines.engine.core import Candidate, Control, Delivery, EngineCore, Job, Result
+from pipelines.engine.core import EngineCore
+from pipelines.engine.job import Candidate, Control, Delivery, Job, Result
 from pipelines.errors import InvalidConfig
 from pipelines.generation.styles import fill_prompt
 from pipelines.models.presets import ModelPreset

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.engine.core import BASE_TOKENS, Candidate, Delivery, Job
 from pipelines.engine.face_refine import FaceRefinePass, face_region
+from pipelines.engine.job import BASE_TOKENS, Candidate, Delivery, Job
 from pipelines.generation import GenerationSpec
 from pipelines.templates.engine import changed_pixels
 from pipelines.vision.faces import FaceBox

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.engine.core import Control
+from pipelines.engine.job import Control
 from pipelines.generation import ControlNetSpec, GenerationSpec
 from tests.pipelines.generation.test_engine import FAST, base_state, pixels
 
