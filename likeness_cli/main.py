@@ -272,7 +272,8 @@ def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
 
 @models_app.command("pull")
 def models_pull(
-    preset: Annotated[str | None, typer.Option(help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
     from worker.weights import pull
@@ -283,7 +284,8 @@ def models_pull(
 
 @models_app.command("check")
 def models_check(
-    preset: Annotated[str | None, typer.Option(help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Report what the preset still needs locally; exit 1 if anything is missing."""
     from worker.weights import check
@@ -443,7 +445,8 @@ def run(
     template: Annotated[str | None, typer.Option(
         help="Template mode instead of a style: a shipped template's name (pipelines/templates/library) or a "
              "photo file of one person to put the subject into.")] = None,
-    preset: Annotated[str, typer.Option(help="tiny | tiny-sdxl (random weights: images are noise) | sd15 | sdxl")] = "tiny",
+    preset: Annotated[str, typer.Option(
+        help="tiny | tiny-sdxl (random weights: images are noise) | sd15 | sdxl")] = "tiny",
     n: Annotated[int, typer.Option(help="Candidates generated.")] = 8,
     k: Annotated[int, typer.Option(help="Best candidates kept (and upscaled).")] = 4,
     seed: int = 0,
