@@ -169,3 +169,22 @@ def test_full_mode_with_checkpointing_resumes_and_restores_the_base(examples, pr
         a = load_file(str(next((whole.adapter_dir / component).glob("*.safetensors"))))
         b = load_file(str(next((resumed.adapter_dir / component).glob("*.safetensors"))))
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_kohya_zip_and_cli_export_hold_the_lora_every_token_and_how_to_prompt(lora_run, tmp_path):
+    import zipfile
+
+    from typer.testing import CliRunner
+
+    from likeness_cli import main as cli
+    from pipelines.adapters import kohya_zip
+
+    adapter = lora_run["result"].adapter_dir
+    with zipfile.ZipFile(kohya_zip(adapter, tmp_path / "a1111.zip")) as archive:
+        assert sorted(archive.namelist()) == ["HOW-TO-PROMPT.txt", "bg0.safetensors", "bg1.safetensors",
+                                              "lora.safetensors", "subj.safetensors"]
+        assert "embeddings/" in archive.read("HOW-TO-PROMPT.txt").decode()
+    result = CliRunner().invoke(cli.app, ["adapters", "export", str(adapter), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "subj.safetensors  a learned token's embedding" in result.output
+    assert (tmp_path / "out" / "lora.safetensors").is_file() and (tmp_path / "out" / "subj.safetensors").is_file()
