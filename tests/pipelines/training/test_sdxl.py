@@ -188,3 +188,23 @@ def test_kohya_zip_and_cli_export_hold_the_lora_every_token_and_how_to_prompt(lo
     assert result.exit_code == 0, result.output
     assert "subj.safetensors  a learned token's embedding" in result.output
     assert (tmp_path / "out" / "lora.safetensors").is_file() and (tmp_path / "out" / "subj.safetensors").is_file()
+
+
+def test_stage2_caches_hidden_and_pooled_text_and_the_attention_loss_runs(examples, preset, tmp_path):
+    from tests.pipelines.training.test_steps import prepared
+
+    trainer = prepared(examples, preset, tmp_path, max_train_steps=4, attention_loss_weight=0.5,
+                       prior_preservation=False)
+    trainer.begin_stage(0, 0)
+    assert trainer.stage_text is None  # stage 1 trains both encoders: encoded every step
+    trainer.training_step(0)
+    trainer.begin_stage(1, 1)
+    cached = trainer.stage_text
+    assert cached.hidden.shape[-1] == 32 + 40 and cached.pooled.shape[-1] == 32  # both encoders, then pooled
+    used = trainer.schedule.used_prompts(1, 4)
+    with torch.no_grad():
+        fresh = trainer.encode_text(tuple(ids[used] for ids in trainer.data.ids))
+    assert torch.allclose(cached.hidden[used], fresh.hidden, atol=1e-6)
+    assert torch.allclose(cached.pooled[used], fresh.pooled, atol=1e-6)
+    losses = [trainer.training_step(step) for step in (1, 2, 3)]
+    assert all(torch.isfinite(loss) for loss in losses)
