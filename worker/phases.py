@@ -275,12 +275,12 @@ def run_training(ctx: PhaseContext) -> dict[str, Any]:
 
 
 def _store_kohya_export(ctx: PhaseContext, adapter_dir: Path, version: int) -> None:
-    """The LoRA in kohya/A1111 naming, ready for ``GET /v1/subjects/{id}/adapter?format=kohya``."""
-    from pipelines.adapters import export_kohya
+    """The A1111/ComfyUI zip (LoRA, one embedding per token, how to prompt), ready for
+    ``GET /v1/subjects/{id}/adapter?format=kohya``."""
+    from pipelines.adapters import kohya_zip
 
-    out = export_kohya(adapter_dir, ctx.workdir / "exports" / "kohya.safetensors")
-    ctx.store.put(adapter_export_key(ctx.job.subject_id, version, "kohya"), out.read_bytes(),
-                  "application/octet-stream")
+    out = kohya_zip(adapter_dir, ctx.workdir / "exports" / "kohya.zip")
+    ctx.store.put(adapter_export_key(ctx.job.subject_id, version, "kohya"), out.read_bytes(), "application/zip")
 
 
 def _jsonable(value: Any) -> Any:

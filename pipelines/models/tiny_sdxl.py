@@ -18,11 +18,12 @@ from pipelines.models import tiny
 
 SEED = 4321
 # Bump when a builder changes: the preset lives in a folder named after it.
-BUILD_VERSION = 1
-TEXT_HIDDEN = 32  # both encoders; the U-Net's cross-attention width is their sum
+BUILD_VERSION = 2  # 2: the second encoder wider than the first (as SDXL's 1280 vs 768)
+TEXT_HIDDEN = 32  # the first encoder (CLIP ViT-L's 768 in SDXL)
+TEXT_HIDDEN_2 = 40  # the second (OpenCLIP bigG's 1280): the U-Net's cross-attention width is their sum
 POOLED_DIM = 32  # the second encoder's projection
 TIME_EMBED_DIM = 8  # per micro-conditioning number (6 of them)
-CROSS_ATTENTION_DIM = 2 * TEXT_HIDDEN
+CROSS_ATTENTION_DIM = TEXT_HIDDEN + TEXT_HIDDEN_2
 ADDED_EMBED_DIM = POOLED_DIM + 6 * TIME_EMBED_DIM
 SECOND_PAD_TOKEN = "!"
 
@@ -36,11 +37,11 @@ _SDXL_CONDITIONING = dict(
 )
 
 
-def _text_config(tokenizer, **extra):
+def _text_config(tokenizer, hidden_size: int, **extra):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
     )
@@ -63,8 +64,8 @@ def build_stable_diffusion_xl(folder: Path) -> None:
         attention_head_dim=8, norm_num_groups=32, **_SDXL_CONDITIONING,
     )
     vae = _vae()
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=POOLED_DIM))
+    text_encoder = CLIPTextModel(_text_config(tokenizer, TEXT_HIDDEN))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, TEXT_HIDDEN_2, projection_dim=POOLED_DIM))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1, timestep_spacing="leading",
