@@ -26,7 +26,7 @@ from PIL import Image
 from pipelines.engine.components import EngineModels, build_pipeline, make_scheduler, resolve_device, vae_mode
 from pipelines.engine.job import BASE_TOKENS, Candidate, Control, Delivery, Job, PostPass, RenderSpec, Result
 from pipelines.engine.postpasses import POST_PASSES
-from pipelines.errors import InvalidConfig, ModelNotFound
+from pipelines.errors import ModelNotFound
 from pipelines.models.presets import ModelPreset
 from pipelines.progress import CancelFn, StageProgress, raise_if_canceled
 from pipelines.types import TokenSpec
@@ -88,11 +88,7 @@ class EngineCore:
 
     def size(self, aspect: str) -> tuple[int, int]:
         """(width, height) of ``aspect`` at this preset's resolution, from the model family's sizes."""
-        sizes = self.family.scaled_sizes(self.preset.resolution)
-        if aspect not in sizes:
-            raise InvalidConfig(f"unknown aspect {aspect!r}", {"aspect": aspect, "known": sorted(sizes)},
-                                code="unknown_aspect")
-        return sizes[aspect]
+        return self.family.size_at(aspect, self.preset.resolution)
 
     def check_delivery(self, delivery: Delivery) -> None:
         """The models the tail needs are here (before any model work)."""
