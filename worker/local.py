@@ -190,7 +190,7 @@ def run_local(
 
     # 2. intake
     intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device,
-                          class_token=resolved_train.class_token)
+                          class_token=resolved_train.class_token, crop_size=preset.intake_crop_size)
     inputs = [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in photos]
     check_inputs(inputs, intake)
     files = {photo.photo_id: photo.path.name for photo in photos}
@@ -240,7 +240,8 @@ def run_local(
     mode = "template" if isinstance(spec, TemplateSpec) else "generation"
     for result in sorted((r for r in results if r.rank > 0), key=lambda r: r.rank):
         entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
-                 "scores": dict(result.scores), "width": result.image.width, "height": result.image.height}
+                 "scores": dict(result.scores), "width": result.image.width, "height": result.image.height,
+                 "face_refined": result.face_refined}
         entry["file"] = f"rank_{result.rank:02d}.png"
         result.image.save(out_dir / entry["file"])
         if result.upscaled is not None:

@@ -112,7 +112,7 @@ def intake_config(ctx: PhaseContext):
     request = _train_request(ctx)
     preset = _preset(request.preset, ctx.settings)
     return IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, class_token=request.class_token,
-                        device=resolve_device(ctx.settings.device))
+                        device=resolve_device(ctx.settings.device), crop_size=preset.intake_crop_size)
 
 
 def run_intake(ctx: PhaseContext) -> dict[str, Any]:
@@ -252,12 +252,12 @@ def run_training(ctx: PhaseContext) -> dict[str, Any]:
 
 
 def _store_kohya_export(ctx: PhaseContext, adapter_dir: Path, version: int) -> None:
-    """The LoRA in kohya/A1111 naming, ready for ``GET /v1/subjects/{id}/adapter?format=kohya``."""
-    from pipelines.adapters import export_kohya
+    """The A1111/ComfyUI zip (LoRA, one embedding per token, how to prompt), ready for
+    ``GET /v1/subjects/{id}/adapter?format=kohya``."""
+    from pipelines.adapters import kohya_zip
 
-    out = export_kohya(adapter_dir, ctx.workdir / "exports" / "kohya.safetensors")
-    ctx.store.put(adapter_export_key(ctx.job.subject_id, version, "kohya"), out.read_bytes(),
-                  "application/octet-stream")
+    out = kohya_zip(adapter_dir, ctx.workdir / "exports" / "kohya.zip")
+    ctx.store.put(adapter_export_key(ctx.job.subject_id, version, "kohya"), out.read_bytes(), "application/zip")
 
 
 def _jsonable(value: Any) -> Any:
@@ -330,7 +330,7 @@ def candidate_scores(results: list) -> list[dict[str, Any]]:
     dashboard can see why the delivered ones won."""
     return [
         {"seed": int(r.seed), "rank": int(r.rank), "faces": int(r.faces), "flagged": bool(r.flagged),
-         "scores": _jsonable(dict(r.scores))}
+         "face_refined": bool(r.face_refined), "scores": _jsonable(dict(r.scores))}
         for r in sorted(results, key=lambda r: r.seed)
     ]
 
