@@ -7,7 +7,6 @@ Imported by the worker only (``include=["worker.tasks"]``); the API sends them b
 from __future__ import annotations
 
 import logging
-import os
 
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
@@ -19,8 +18,6 @@ from worker.celery_app import celery_app
 log = logging.getLogger(__name__)
 
 JOB_RETRY_BACKOFF_S = (5, 30, 120, 300)
-# Integration tests shrink webhook backoff (10 s, 30 s, ...) to keep the suite short.
-WEBHOOK_BACKOFF_SCALE = float(os.environ.get("LIKENESS_TEST_WEBHOOK_BACKOFF_SCALE", "1"))
 
 
 def _consumed_queues(task: Task) -> set[str] | None:
@@ -58,7 +55,7 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
         return "done"
     with UnitOfWork() as uow:
         attempt = uow.session.get(WebhookDelivery, delivery_id).attempt
-    raise self.retry(countdown=backoff_s(attempt) * WEBHOOK_BACKOFF_SCALE)
+    raise self.retry(countdown=backoff_s(attempt, get_settings().webhook_backoff_first_s))
 
 
 @celery_app.task(name=TaskName.SWEEP)
