@@ -22,8 +22,10 @@ from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
 from worker import jobs, registry
 from worker.checkpoints import discard_checkpoints
+from worker.models import get_manager, resolve_device
 from worker.phases import PHASE_RUNNERS, PhaseContext
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
+from worker.service_edge import ServiceEdge
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +177,9 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                 beat.lost.set()
 
         progress = JobProgress(job.kind, write, start_progress=job.progress, start_eta=job.eta_s)
-        ctx = PhaseContext(job, settings, get_blob_store(settings), progress, should_stop, workdir)
+        edge = ServiceEdge(settings, get_blob_store(settings))
+        ctx = PhaseContext(job, edge, get_manager(), resolve_device(settings.device),
+                           settings.resolved_model_cache_dir, progress, should_stop, workdir)
         outcome = ""
         try:
             remaining = list(plan.remaining_phases(job.completed_stages))
@@ -189,7 +193,7 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                 hand_over = following is not None and not runs_here(following)
                 stages = [str(s) for s in phase.stage_names]
                 if not through_db_outage(f"job {job_id}: {phase.name} done", jobs.complete_phase, settings, job_id,
-                                         stages, result, hand_over=hand_over):
+                                         stages, result.stored() if result else None, hand_over=hand_over):
                     outcome = "lost"
                     break
                 if hand_over:
@@ -214,10 +218,10 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
         else:
             outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED)
     if outcome == "lost":
-        _purge_if_subject_deleted(ctx)
+        _purge_if_subject_deleted(settings, edge.store, job, workdir)
     else:  # a terminal job needs no scratch space nor checkpoints (a retry would have resumed from them)
         shutil.rmtree(workdir, ignore_errors=True)
-        _ended(settings, job, ctx.store)
+        _ended(settings, job, edge.store)
     return outcome
 
 
@@ -227,17 +231,17 @@ def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None
         discard_checkpoints(settings, job.subject_id, job.id, store)
 
 
-def _purge_if_subject_deleted(ctx: PhaseContext) -> None:
+def _purge_if_subject_deleted(settings: Settings, store, job: jobs.JobSnapshot, workdir) -> None:  # noqa: ANN001
     """The subject was deleted while this job wrote blobs: remove what landed after the API's purge."""
     from core.db.models import Subject
     from core.storage import subject_prefix
 
-    with UnitOfWork(ctx.settings) as uow:
-        if uow.session.get(Subject, ctx.job.subject_id) is not None:
+    with UnitOfWork(settings) as uow:
+        if uow.session.get(Subject, job.subject_id) is not None:
             return
-    removed = ctx.store.delete_prefix(subject_prefix(ctx.job.subject_id))
-    shutil.rmtree(ctx.workdir, ignore_errors=True)
-    log.info("job %s: subject deleted meanwhile; removed %d late blobs", ctx.job.id, removed)
+    removed = store.delete_prefix(subject_prefix(job.subject_id))
+    shutil.rmtree(workdir, ignore_errors=True)
+    log.info("job %s: subject deleted meanwhile; removed %d late blobs", job.id, removed)
 
 
 def _end(settings: Settings, job_id: str, state: JobState, code: str | None = None, message: str | None = None,

@@ -85,7 +85,7 @@ def _trained_job(pg_url: str, settings, faces: list[Image.Image]) -> str:
     from core.storage import dataset_prefix, get_blob_store
     from likeness.contract.requests import TrainRequest, resolve_train, with_training
     from pipelines.intake.dataset import Dataset, DatasetItem
-    from worker.phases import upload_folder
+    from worker.blob_folders import upload_folder
 
     resolved = with_training(resolve_train(TrainRequest(mode="lora", steps=STEPS), preset="tiny"),
                              checkpoint_every=CHECKPOINT_EVERY)

@@ -74,7 +74,7 @@ def _seed_adapter(pg_url: str, storage_dir: Path, subject_id: str, tiny_preset, 
     from core.storage import LocalBlobStore, adapter_prefix
     from tests.app.fixtures import session_scope
     from tests.pipelines.generation.conftest import build_lora_adapter
-    from worker.phases import upload_folder
+    from worker.blob_folders import upload_folder
 
     folder = build_lora_adapter(tmp_path / "adapter", tiny_preset, "<subj>", seed=21)
     upload_folder(LocalBlobStore(storage_dir), folder, adapter_prefix(subject_id, 1))

@@ -12,8 +12,8 @@ def test_runner_hands_the_gpu_phase_to_the_gpu_queue(sqlite_db, monkeypatch, que
     from worker import phases, runner
 
     ran = []
-    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: ran.append("intake") or {})
-    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), lambda ctx: ran.append("training") or {})
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: ran.append("intake"))
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), lambda ctx: ran.append("training"))
     settings = settings_with()
     job_id = make_job()
     outcome = runner.run_job(job_id, consumes={settings.queue("cpu")}, settings=settings)
@@ -37,7 +37,6 @@ def test_a_cancel_during_intake_ends_the_job_instead_of_handing_it_over(sqlite_d
     def intake_canceled_at_its_end(ctx):
         with session_scope() as session:
             session.get(Job, ctx.job.id).cancel_requested = True
-        return {}
 
     monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), intake_canceled_at_its_end)
     settings = settings_with()
@@ -61,10 +60,9 @@ def test_stage_runs_are_recorded_with_their_durations(sqlite_db, monkeypatch, qu
         for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
             ctx.on_progress(ProgressEvent(stage, 0.0))
             ctx.on_progress(ProgressEvent(stage, 1.0))
-        return {}
 
     monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"),
-                        lambda ctx: ctx.on_progress(ProgressEvent(Stage.INTAKE, 1.0)) or {})
+                        lambda ctx: ctx.on_progress(ProgressEvent(Stage.INTAKE, 1.0)))
     monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
     job_id = make_job()
     assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
@@ -102,8 +100,7 @@ def test_blobs_written_after_the_subject_was_deleted_are_removed(sqlite_db, monk
     def write_after_delete(ctx):
         with session_scope() as session:  # what DELETE /v1/subjects/{id} does meanwhile
             session.execute(delete(Subject).where(Subject.id == ctx.job.subject_id))
-        ctx.store.put(subject_prefix(ctx.job.subject_id) + "late/blob.bin", b"late")
-        return {}
+        ctx.edge.store.put(subject_prefix(ctx.job.subject_id) + "late/blob.bin", b"late")
 
     monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), write_after_delete)
     job_id = make_job()
@@ -118,6 +115,7 @@ def test_a_database_outage_mid_phase_does_not_lose_the_job(sqlite_db, monkeypatc
     import sqlalchemy.exc
 
     from likeness.contract.plan import JobKind, Stage
+    from likeness.contract.results import TrainingSummary, TrainResult
     from worker import jobs, phases, runner
 
     outage = {"on": False, "refused": 0}
@@ -146,12 +144,12 @@ def test_a_database_outage_mid_phase_does_not_lose_the_job(sqlite_db, monkeypatc
         for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
             ctx.on_progress(ProgressEvent(stage, 1.0))
             assert not ctx.should_stop()
-        return {"training": {"steps": 10}}
+        return TrainResult(training=TrainingSummary(steps=10))
 
-    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: {})
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: None)
     monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
     job_id = make_job()
     assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
     assert outage["refused"] >= 4  # progress writes, a cancel check and the phase record met the outage
     job = read_job(job_id)
-    assert job.attempts == 1 and job.result["training"] == {"steps": 10}
+    assert job.attempts == 1 and job.result["training"]["steps"] == 10

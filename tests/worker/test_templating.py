@@ -24,7 +24,7 @@ def _subject_with_adapter(settings, tiny_preset, tmp_path) -> str:
     from core.storage import adapter_prefix, get_blob_store
     from tests.app.fixtures import session_scope
     from tests.pipelines.generation.conftest import build_lora_adapter
-    from worker.phases import upload_folder
+    from worker.blob_folders import upload_folder
 
     folder = build_lora_adapter(tmp_path / "adapter", tiny_preset, "<subj>", seed=11)
     with session_scope() as session:
