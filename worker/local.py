@@ -273,7 +273,7 @@ def run_local(
     kind = JobKind.TEMPLATE if isinstance(second, ResolvedTemplate) else JobKind.GENERATE
     # 2. template mode: judge the template first (detectors only), as the service does at upload
     if template is not None:
-        place_template(context(kind, second), template)
+        place_template(manager, resolve_device(config.device), template, progress, should_stop)
     # 3. the train job (intake, training), then the generate or template job
     report: dict[str, Any] = {"preset": config.preset, "device": resolve_device(config.device),
                               "request": {"train": train.model_dump(mode="json"),

@@ -329,13 +329,15 @@ def decode_template(data: bytes) -> Image:
     return image
 
 
-def place_template(ctx: PhaseContext, image: Image):  # noqa: ANN201 - pipelines.templates.masking.PreparedTemplate
+def place_template(manager: ModelManager, device: str, image: Image, on_progress: ProgressFn | None = None,
+                   should_stop: CancelFn | None = None):  # noqa: ANN201 - pipelines.templates.masking.PreparedTemplate
     """The ``masking`` stage: judge the template (one person, a face big enough) and place the subject's
-    region in it, with detectors only; raises ``TemplateRejected`` for a template that can never work."""
+    region in it, with detectors only; raises ``TemplateRejected`` for a template that can never work.
+    The verdict of an upload (:mod:`worker.template_photos`, a local run's template file) is this too."""
     from pipelines.templates.masking import masking_models, prepare_template
 
-    with ctx.manager.borrow(masking_models(ctx.device)) as masking:
-        return prepare_template(image, masking, on_progress=ctx.on_progress, should_stop=ctx.should_stop)
+    with manager.borrow(masking_models(device)) as masking:
+        return prepare_template(image, masking, on_progress=on_progress, should_stop=should_stop)
 
 
 def run_templating(ctx: PhaseContext) -> TemplateResult:
@@ -348,7 +350,8 @@ def run_templating(ctx: PhaseContext) -> TemplateResult:
     adapter_id, adapter_dir = ctx.edge.adapter(job, request.adapter_version)  # a missing one fails first
     template = ctx.edge.template_image(job, request.source)
     raise_if_canceled(ctx.should_stop)
-    prepared = place_template(ctx, template)  # a bad template fails here, before any diffusion model loads
+    # a bad template fails here, before any diffusion model loads (an upload was judged when it came)
+    prepared = place_template(ctx.manager, ctx.device, template, ctx.on_progress, ctx.should_stop)
     references = ctx.edge.reference_crops(job)
     preset = ctx.preset(request.preset)
     with ctx.manager.borrow(template_models(preset, ctx.device, spec=request.templating)) as models:

@@ -58,6 +58,23 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
     raise self.retry(countdown=backoff_s(attempt, get_settings().webhook_backoff_first_s))
 
 
+@celery_app.task(name=TaskName.JUDGE_TEMPLATE_PHOTO, bind=True, acks_late=True,
+                 max_retries=len(JOB_RETRY_BACKOFF_S))
+def judge_template_photo(self: Task, photo_id: str) -> str:
+    """An uploaded template photo's verdict (worker.template_photos); storage or database away: later."""
+    from core.storage import get_blob_store
+    from worker.runner import is_transient
+    from worker.template_photos import judge_template_photo as judge
+
+    settings = get_settings()
+    try:
+        return judge(settings, get_blob_store(settings), photo_id)
+    except Exception as exc:
+        if not is_transient(exc) or self.request.retries >= self.max_retries:
+            raise
+        raise self.retry(countdown=JOB_RETRY_BACKOFF_S[self.request.retries], exc=exc) from exc
+
+
 @celery_app.task(name=TaskName.SWEEP)
 def sweep() -> dict:
     from worker.recovery import sweep as run_sweep

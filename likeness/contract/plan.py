@@ -85,6 +85,7 @@ class Task(StrEnum):
     DELIVER_WEBHOOK = "likeness.deliver_webhook"
     SWEEP = "likeness.sweep"
     PURGE_EXPIRED = "likeness.purge_expired"  # retention (core.retention), on a schedule
+    JUDGE_TEMPLATE_PHOTO = "likeness.judge_template_photo"  # an uploaded template photo's verdict (cpu queue)
 
 
 @dataclass(frozen=True)
