@@ -14,10 +14,10 @@ import os
 import time
 from pathlib import Path
 
+from core.storage import dataset_prefix
 from likeness.contract.plan import JobKind, Stage
 from likeness.contract.results import IntakeSummary, TrainingSummary, TrainResult
 from pipelines.progress import StageProgress, raise_if_canceled
-from core.storage import dataset_prefix
 from worker import phases
 from worker.celery_app import celery_app  # noqa: F401  (the -A target)
 from worker.phases import PhaseContext
