@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
-from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
 
 from core.config import Settings, get_settings
+from core.db.models import utcnow
 from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
 from core.storage import StorageError, get_blob_store
@@ -22,6 +23,7 @@ from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
 from worker import jobs, registry
 from worker.checkpoints import discard_checkpoints
+from worker.jobs import through_db_outage
 from worker.models import get_manager, resolve_device
 from worker.phases import PHASE_RUNNERS, PhaseContext
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
@@ -30,13 +32,6 @@ from worker.service_edge import ServiceEdge
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "an internal error stopped this job; the operators have the details"
-
-#: how long the record of a finished phase (or of the job's end) waits for an unavailable database:
-#: the phase's outputs are in the blob store, and minutes of training are worth a wait
-DB_OUTAGE_WAIT_S = 120.0
-
-T = TypeVar("T")
-
 
 class TransientError(Exception):
     """Infrastructure hiccup (storage, broker, database): release the job and retry later."""
@@ -64,20 +59,6 @@ def is_transient(exc: BaseException) -> bool:
         return isinstance(exc, (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError))
     except ImportError:  # pragma: no cover
         return False
-
-
-def through_db_outage(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``call(*args, **kwargs)``, retried while the database is unavailable, for at most ``DB_OUTAGE_WAIT_S``."""
-    deadline, delay = time.monotonic() + DB_OUTAGE_WAIT_S, 0.5
-    while True:
-        try:
-            return call(*args, **kwargs)
-        except Exception as exc:
-            if not database_unavailable(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
 
 
 class _Heartbeat:
@@ -163,10 +144,18 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                     log.warning("job %s: cancel check skipped, database unavailable", job_id)
             return cancel_seen
 
+        # Stages that began since the last recorded write (a stage beginning while the database is away
+        # still gets its row, opened at its own start, with the next write that gets through: progress or
+        # the phase's record).
+        started: list[tuple[str, datetime]] = []
+
         def write(update: JobProgressUpdate) -> None:
+            if update.stage_started:
+                started.append((update.stage, utcnow()))
             try:
                 owned = jobs.write_progress(settings, job_id, job.kind, update.stage, update.progress, update.eta_s,
-                                            stage_started=update.stage_started, attempt=job.attempts)
+                                            started=list(started), attempt=job.attempts)
+                started.clear()
             except Exception as exc:
                 if not database_unavailable(exc):
                     raise
@@ -193,9 +182,11 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                 hand_over = following is not None and not runs_here(following)
                 stages = [str(s) for s in phase.stage_names]
                 if not through_db_outage(f"job {job_id}: {phase.name} done", jobs.complete_phase, settings, job_id,
-                                         stages, result.stored() if result else None, hand_over=hand_over):
+                                         stages, result.stored() if result else None, hand_over=hand_over,
+                                         started=list(started)):
                     outcome = "lost"
                     break
+                started.clear()
                 if hand_over:
                     return f"handed over to {settings.queue(following.queue)}"
         except Canceled:

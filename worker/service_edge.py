@@ -39,7 +39,7 @@ from likeness.contract.results import AdapterRef, Resumed
 from pipelines.errors import InvalidConfig
 from worker.blob_folders import download_folder, upload_folder
 from worker.checkpoints import mirror_checkpoint, restore_checkpoint
-from worker.jobs import JobSnapshot, record_result
+from worker.jobs import JobSnapshot, record_result, through_db_outage
 from worker.phases import box, decode_template, jsonable
 
 
@@ -74,6 +74,9 @@ class ServiceEdge:
         return [PhotoInput(photo_id=p.id, data=self.store.get(p.original_key)) for p in photos]
 
     def photos_judged(self, job: JobSnapshot, reports: list[dict[str, Any]], crops: dict[str, Any]) -> None:
+        through_db_outage(f"job {job.id}: photo verdicts", self._write_verdicts, job, reports, crops)
+
+    def _write_verdicts(self, job: JobSnapshot, reports: list[dict[str, Any]], crops: dict[str, Any]) -> None:
         """Per-photo status/reason/measurements on the ``photos`` rows, crop and mask blobs."""
         with UnitOfWork(self.settings) as uow:
             for report in reports:
@@ -116,6 +119,17 @@ class ServiceEdge:
 
     def keep_adapter(self, job: JobSnapshot, adapter_dir: Path, manifest: dict[str, Any], workdir: Path) -> AdapterRef:
         """The ``adapters`` row (a rerun reuses its version and blob prefix), the blobs and the kohya export."""
+        ref, prefix, mode = through_db_outage(f"job {job.id}: adapter row", self._adapter_row, job, manifest)
+        upload_folder(self.store, adapter_dir, prefix)
+        if mode == "lora":  # the LoRA in kohya/A1111 naming, for GET /v1/subjects/{id}/adapter?format=kohya
+            from pipelines.adapters import export_kohya
+
+            out = export_kohya(adapter_dir, workdir / "exports" / "kohya.safetensors")
+            self.store.put(adapter_export_key(job.subject_id, ref.version, "kohya"), out.read_bytes(),
+                           "application/octet-stream")
+        return ref
+
+    def _adapter_row(self, job: JobSnapshot, manifest: dict[str, Any]) -> tuple[AdapterRef, str, str]:
         with UnitOfWork(self.settings) as uow:
             session = uow.session
             adapter = session.execute(select(Adapter).where(Adapter.job_id == job.id)).scalar_one_or_none()
@@ -128,15 +142,7 @@ class ServiceEdge:
             adapter.mode = str(manifest.get("mode", "lora"))
             adapter.manifest = manifest
             session.flush()
-            ref, prefix, mode = AdapterRef(id=adapter.id, version=adapter.version), adapter.blob_prefix, adapter.mode
-        upload_folder(self.store, adapter_dir, prefix)
-        if mode == "lora":  # the LoRA in kohya/A1111 naming, for GET /v1/subjects/{id}/adapter?format=kohya
-            from pipelines.adapters import export_kohya
-
-            out = export_kohya(adapter_dir, workdir / "exports" / "kohya.safetensors")
-            self.store.put(adapter_export_key(job.subject_id, ref.version, "kohya"), out.read_bytes(),
-                           "application/octet-stream")
-        return ref
+            return AdapterRef(id=adapter.id, version=adapter.version), adapter.blob_prefix, adapter.mode
 
     # ---- generate / template
 
@@ -200,7 +206,12 @@ class ServiceEdge:
             scores=jsonable(dict(result.scores)), size_bytes=size_bytes))
 
     def delivered(self, job: JobSnapshot) -> None:
+        """The ``images`` rows. The images are computed and stored: the rows wait for an unavailable
+        database (up to ``DB_OUTAGE_WAIT_S``) rather than the whole generation running again."""
         rows, self._images = self._images, []
+        through_db_outage(f"job {job.id}: image rows", self._write_images, job, rows)
+
+    def _write_images(self, job: JobSnapshot, rows: list[dict[str, Any]]) -> None:
         with UnitOfWork(self.settings) as uow:
             uow.session.execute(delete(Image).where(Image.job_id == job.id))  # a rerun replaces, never duplicates
             uow.session.add_all(Image(**row) for row in rows)
