@@ -181,14 +181,14 @@ class FolderEdge:
     def dataset(self, job: JobSnapshot, workdir: Path):  # noqa: ANN201
         return self._dataset
 
-    def restore_checkpoint(self, job: JobSnapshot, checkpoint_dir: Path) -> None:
-        """A local run starts fresh: nothing to resume."""
+    def checkpoint_dir(self, job: JobSnapshot, workdir: Path) -> None:
+        """A local run starts fresh and nothing takes it over: no checkpoints."""
 
     def mirror_checkpoint(self, job: JobSnapshot, folder: Path) -> None:
-        """Nothing takes a local run over: its own disk is enough."""
+        """Never called (no checkpoints)."""
 
     def training_resumed(self, job: JobSnapshot, resumed: Resumed) -> None:
-        """Never (see :meth:`restore_checkpoint`)."""
+        """Never (no checkpoints)."""
 
     def keep_adapter(self, job: JobSnapshot, adapter_dir: Path, manifest: dict[str, Any], workdir: Path) -> AdapterRef:
         self._adapter_dir = adapter_dir
@@ -268,7 +268,7 @@ def run_local(
 
     def context(kind: JobKind, request) -> PhaseContext:  # noqa: ANN001
         return PhaseContext(local_job(kind, request), edge, manager, resolve_device(config.device),
-                            model_cache_dir, progress, should_stop, work / kind.value)
+                            model_cache_dir, progress, should_stop, work)
 
     kind = JobKind.TEMPLATE if isinstance(second, ResolvedTemplate) else JobKind.GENERATE
     # 2. template mode: judge the template first (detectors only), as the service does at upload

@@ -90,8 +90,9 @@ class JobEdge(Protocol):
     def dataset(self, job: JobSnapshot, workdir: Path) -> Dataset:
         """The dataset intake kept for this job."""
 
-    def restore_checkpoint(self, job: JobSnapshot, checkpoint_dir: Path) -> None:
-        """Put the newest checkpoint an earlier attempt left into ``checkpoint_dir`` (if any)."""
+    def checkpoint_dir(self, job: JobSnapshot, workdir: Path) -> Path | None:
+        """Where the trainer keeps its checkpoints, with the newest one an earlier attempt left restored
+        into it; None: no checkpoints (nothing would resume from them)."""
 
     def mirror_checkpoint(self, job: JobSnapshot, folder: Path) -> None:
         """A checkpoint the trainer just wrote (so another attempt can resume from it)."""
@@ -228,8 +229,7 @@ def run_training(ctx: PhaseContext) -> TrainResult:
     preset = ctx.preset(request.preset)
     # Checkpoints: kept across attempts on this machine; the edge mirrors them so that whichever
     # machine runs the next attempt resumes from the newest one (see worker.checkpoints).
-    checkpoint_dir = ctx.workdir / "checkpoints"
-    ctx.edge.restore_checkpoint(job, checkpoint_dir)
+    checkpoint_dir = ctx.edge.checkpoint_dir(job, ctx.workdir)
     curve: list[list[float]] = []
 
     def on_progress(event: ProgressEvent) -> None:  # (step, loss) of each report: the dashboard's loss curve
@@ -246,7 +246,8 @@ def run_training(ctx: PhaseContext) -> TrainResult:
             trained = train(dataset.training_examples(), dataset.token_spec(), request.training, preset,
                             ctx.workdir / "training", base=base, device=ctx.device, on_progress=on_progress,
                             should_stop=ctx.should_stop, checkpoint_dir=checkpoint_dir,
-                            on_checkpoint=lambda folder: ctx.edge.mirror_checkpoint(job, folder))
+                            on_checkpoint=(lambda folder: ctx.edge.mirror_checkpoint(job, folder))
+                            if checkpoint_dir is not None else None)
     except BaseNotRestored:
         ctx.manager.evict(spec)  # never lend a base training could not put back
         raise

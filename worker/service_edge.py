@@ -108,8 +108,10 @@ class ServiceEdge:
         return Dataset.load(download_folder(self.store, dataset_prefix(job.subject_id, job.id),
                                             workdir / "dataset-in"))
 
-    def restore_checkpoint(self, job: JobSnapshot, checkpoint_dir: Path) -> None:
+    def checkpoint_dir(self, job: JobSnapshot, workdir: Path) -> Path:
+        checkpoint_dir = workdir / "checkpoints"
         restore_checkpoint(self.store, checkpoint_prefix(job.subject_id, job.id), checkpoint_dir)
+        return checkpoint_dir
 
     def mirror_checkpoint(self, job: JobSnapshot, folder: Path) -> None:
         mirror_checkpoint(self.store, checkpoint_prefix(job.subject_id, job.id), folder)
