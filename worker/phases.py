@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from likeness.contract.plan import PLANS, JobKind, plan_for
 from likeness.contract.requests import (
@@ -69,6 +69,7 @@ class NoDeliverableImage(PipelineError):
     code = "no_deliverable_image"
 
 
+@runtime_checkable
 class JobEdge(Protocol):
     """Where a job's inputs come from and where its outputs go (the port of the orchestration).
 

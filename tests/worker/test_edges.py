@@ -14,9 +14,17 @@ from tests.conftest import MODEL_CACHE, encode
 from tests.pipelines.intake.conftest import person_variants
 from tests.worker.conftest import read_job, settings_with
 
-pytestmark = [pytest.mark.slow]
-
 N, K, STEPS = 3, 2, 10
+
+
+def test_both_edges_answer_every_question_of_the_port(tmp_path):
+    from core.storage import LocalBlobStore
+    from worker.local import FolderEdge
+    from worker.phases import JobEdge
+    from worker.service_edge import ServiceEdge
+
+    assert isinstance(ServiceEdge(settings_with(), LocalBlobStore(tmp_path / "blobs")), JobEdge)
+    assert isinstance(FolderEdge([], tmp_path / "out"), JobEdge)
 
 
 def _requests():
@@ -75,6 +83,7 @@ def _stages(job_id: str) -> list[str]:
                                     .order_by(JobStage.started_at)))
 
 
+@pytest.mark.slow
 def test_the_service_and_a_local_run_produce_the_same_jobs(sqlite_db, queue, tiny_preset, grace_hopper, tmp_path):
     from core.db.models import Image
     from likeness.contract.results import read_result
