@@ -270,8 +270,9 @@ def complete_phase(settings: Settings, job_id: str, stages: list[str], result: d
 
 
 def finish(settings: Settings, job_id: str, state: JobState, code: str | None = None, message: str | None = None,
-           result: dict[str, Any] | None = None) -> bool:
-    """Move an owned job to a terminal state; False when another process owns it now."""
+           result: dict[str, Any] | None = None, *, started: Sequence[tuple[str, datetime]] = ()) -> bool:
+    """Move an owned job to a terminal state; False when another process owns it now. ``started``: as for
+    :func:`complete_phase` (a stage that began while the database was away, then failed or was canceled)."""
     with UnitOfWork(settings) as uow:
         job = _locked(uow, job_id)
         if job is None or job.worker != worker_id() or job.state != JobState.RUNNING:
@@ -279,6 +280,7 @@ def finish(settings: Settings, job_id: str, state: JobState, code: str | None = 
         now = utcnow()
         transition(job, state, now, code=code, message=message)
         job.heartbeat_at = now
+        _open_stages(uow.session, job_id, job.kind.value, started, job.attempts)
         _close_open_stages(uow.session, job_id, now)
         if result:
             job.result = {**(job.result or {}), **result}

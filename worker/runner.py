@@ -191,11 +191,11 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                     return f"handed over to {settings.queue(following.queue)}"
         except Canceled:
             outcome = "lost" if beat.lost.is_set() else _end(settings, job_id, JobState.CANCELED, "canceled",
-                                                             "canceled by request")
+                                                             "canceled by request", started=started)
         except PipelineError as exc:
             log.info("job %s failed: %s (%s)", job_id, exc.message, exc.error_code)
             outcome = _end(settings, job_id, JobState.FAILED, exc.error_code, exc.message,
-                           {"error_details": exc.details} if exc.details else None)
+                           {"error_details": exc.details} if exc.details else None, started=started)
         except Exception as exc:
             if is_transient(exc):
                 log.warning("job %s: transient error, will retry: %r", job_id, exc)
@@ -205,9 +205,10 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                     log.warning("job %s could not be released", job_id, exc_info=True)
                 raise TransientError(repr(exc)) from exc
             log.exception("job %s failed with an internal error", job_id)
-            outcome = _end(settings, job_id, JobState.FAILED, "internal_error", INTERNAL_ERROR_MESSAGE)
+            outcome = _end(settings, job_id, JobState.FAILED, "internal_error", INTERNAL_ERROR_MESSAGE,
+                           started=started)
         else:
-            outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED)
+            outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED, started=started)
     if outcome == "lost":
         _purge_if_subject_deleted(settings, edge.store, job, workdir)
     else:  # a terminal job needs no scratch space nor checkpoints (a retry would have resumed from them)
@@ -236,9 +237,9 @@ def _purge_if_subject_deleted(settings: Settings, store, job: jobs.JobSnapshot, 
 
 
 def _end(settings: Settings, job_id: str, state: JobState, code: str | None = None, message: str | None = None,
-         result: dict[str, Any] | None = None) -> str:
+         result: dict[str, Any] | None = None, started: list[tuple[str, datetime]] | None = None) -> str:
     if not through_db_outage(f"job {job_id}: {state.value}", jobs.finish, settings, job_id, state, code, message,
-                             result):
+                             result, started=started or ()):
         log.warning("job %s: no longer owned by this process; outcome %s dropped", job_id, state.value)
         return "lost"
     return state.value

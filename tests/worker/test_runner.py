@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipelines.progress import ProgressEvent
 from tests.worker.conftest import make_job, read_job, settings_with
 
@@ -173,12 +175,15 @@ def _stage_rows(job_id: str) -> list[tuple[str, int, float]]:
         return [(r.stage, r.attempt, r.seconds) for r in rows]
 
 
-def test_a_stage_that_starts_while_the_database_is_away_still_gets_its_record(sqlite_db, monkeypatch, queue):
-    """The database is away as training:stage1 begins and back before stage2: stage1 still has its row,
-    opened when it began, so caching does not absorb its time (the dashboard's timeline, the metric)."""
+@pytest.mark.parametrize("then", ["stage2", "failure"])
+def test_a_stage_that_starts_while_the_database_is_away_still_gets_its_record(sqlite_db, monkeypatch, queue, then):
+    """The database is away as training:stage1 begins, and back before stage2 begins (or before stage1
+    fails): stage1 still has its row, opened when it began, so caching does not absorb its time (the
+    dashboard's timeline, the stage-duration metric)."""
     import time
 
     from likeness.contract.plan import JobKind, Stage
+    from pipelines.errors import InvalidConfig
     from worker import jobs, phases, runner
 
     outage = {"on": False}
@@ -197,8 +202,11 @@ def test_a_stage_that_starts_while_the_database_is_away_still_gets_its_record(sq
         outage["on"] = True
         ctx.on_progress(ProgressEvent(Stage.TRAINING_STAGE1, 0.0))
         time.sleep(0.3)  # stage 1 takes its time while the database is away
+        if then == "failure":
+            outage["on"] = False  # back as the failure is recorded
+            raise InvalidConfig("stage 1 failed", code="stage_failed")
+        ctx.on_progress(ProgressEvent(Stage.TRAINING_STAGE1, 0.5))
         outage["on"] = False
-        ctx.on_progress(ProgressEvent(Stage.TRAINING_STAGE1, 1.0))
         ctx.on_progress(ProgressEvent(Stage.TRAINING_STAGE2, 0.0))
         ctx.on_progress(ProgressEvent(Stage.TRAINING_STAGE2, 1.0))
 
@@ -206,9 +214,10 @@ def test_a_stage_that_starts_while_the_database_is_away_still_gets_its_record(sq
                         lambda ctx: ctx.on_progress(ProgressEvent(Stage.INTAKE, 1.0)))
     monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
     job_id = make_job()
-    assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
+    assert runner.run_job(job_id, settings=settings_with()) == ("succeeded" if then == "stage2" else "failed")
     rows = _stage_rows(job_id)
-    assert [stage for stage, _, _ in rows] == ["intake", "caching", "training:stage1", "training:stage2"]
+    assert [stage for stage, _, _ in rows] == ["intake", "caching", "training:stage1", "training:stage2"][
+        : 4 if then == "stage2" else 3]
     seconds = {stage: s for stage, _, s in rows}
     assert seconds["caching"] < 0.25 <= seconds["training:stage1"]  # stage 1's time is its own
 
