@@ -90,7 +90,7 @@ class CandidateScore(_Part):
     rank: int
     faces: int
     flagged: bool
-    scores: dict[str, float]
+    scores: dict[str, float | None]  # None: a score that could not be computed (identity without reference photos)
 
 
 class GenerateResult(_Result):
