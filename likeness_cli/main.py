@@ -1,7 +1,10 @@
 """``likeness`` command line: serve, worker, migrate, create-client, models, run.
 
 Errors print one human line and exit non-zero; ``--debug`` shows the traceback.
-Heavy imports (torch, uvicorn, celery worker) happen inside the commands that need them.
+A command imports what only it needs inside itself: the optional extras (the database, queue and
+API of ``api``; the image stack and torch of ``worker``; aiogram of ``bot``), so a client-only install
+(``pip install likeness``) runs the remote commands, and the settings, client and request models
+(pydantic-settings, httpx: ~0.5 s), so ``likeness --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from core.private_files import private_dir, private_umask
+from likeness.contract.plan import Queue
+from pipelines.errors import DatasetRejected, PipelineError
+from worker.weights import check, pull
 
 app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -123,12 +131,13 @@ def worker(
 ) -> None:
     """Start a Celery worker on the given queues (GPU workers run one job at a time)."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = set(names) - {"gpu", "cpu"}
+    unknown = set(names) - set(Queue)
     if unknown or not names:
         raise CliError(f"unknown queue(s) {sorted(unknown)}; use gpu and/or cpu")
     if concurrency is None:
-        concurrency = 1 if "gpu" in names else (os.cpu_count() or 1)
+        concurrency = 1 if Queue.GPU in names else (os.cpu_count() or 1)
     cmd = worker_command(names, concurrency, _settings(), loglevel)
+    private_umask()  # the files a worker writes (embedded broker, blobs, local adapter copies) stay private
     os.execv(sys.executable, cmd)
 
 
@@ -164,6 +173,14 @@ def _admin_key(settings) -> tuple[str, bool]:
     return key, True
 
 
+def api_command(settings, host: str, port: int) -> list[str]:
+    """The uvicorn command of the API; forwarded headers believed only from LIKENESS_FORWARDED_ALLOW_IPS."""
+    from app.main import proxy_args
+
+    return [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host, "--port", str(port),
+            "--log-level", "warning", *proxy_args(settings)]
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Default: LIKENESS_HOST.")] = None,
@@ -181,7 +198,8 @@ def serve(
     """
     settings = _settings()
     host, port = host or settings.host, port or settings.port
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_umask()  # the API's and workers' files (database, broker, blobs, keys) are the operator's alone
+    private_dir(settings.data_dir)
     from core.db.migrate import upgrade_to_head
 
     upgrade_to_head()
@@ -191,11 +209,9 @@ def serve(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if embedded_worker:
-            children.append(subprocess.Popen(worker_command(["gpu"], 1, settings, "warning")))
-            children.append(subprocess.Popen(worker_command(["cpu"], cpu_concurrency, settings, "warning")))
-        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-                                          "--host", host,
-                                          "--port", str(port), "--log-level", "warning"]))
+            children.append(subprocess.Popen(worker_command([Queue.GPU], 1, settings, "warning")))
+            children.append(subprocess.Popen(worker_command([Queue.CPU], cpu_concurrency, settings, "warning")))
+        children.append(subprocess.Popen(api_command(settings, host, port)))
         url = f"http://{host}:{port}"
         core = list(children)
         if os.environ.get("LIKENESS_TELEGRAM_TOKEN"):  # embedded: the Telegram bot runs beside the API
@@ -275,8 +291,6 @@ def models_pull(
     preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
-    from worker.weights import pull
-
     settings = _settings()
     pull(preset or settings.model_preset, settings.resolved_model_cache_dir, console)
 
@@ -286,8 +300,6 @@ def models_check(
     preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Report what the preset still needs locally; exit 1 if anything is missing."""
-    from worker.weights import check
-
     settings = _settings()
     missing = check(preset or settings.model_preset, settings.resolved_model_cache_dir)
     name = preset or settings.model_preset
@@ -457,7 +469,6 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from likeness.contract.requests import GenerateRequest, TrainRequest
-    from pipelines.errors import DatasetRejected
     from worker.local import LocalRunConfig, run_local
 
     if (style is None) == (template is None):
@@ -526,8 +537,6 @@ def main() -> None:
 
 
 def _describe(exc: Exception) -> str:
-    from pipelines.errors import PipelineError
-
     if isinstance(exc, PipelineError):
         return f"{exc.message} ({exc.error_code})"
     if isinstance(exc, CliError):

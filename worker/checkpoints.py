@@ -22,8 +22,7 @@ import shutil
 from pathlib import Path
 
 from core.config import Settings
-from core.storage import BlobStore, checkpoint_prefix, get_blob_store
-from worker.blob_folders import download_folder
+from core.storage import BlobStore, checkpoint_prefix, download_folder, get_blob_store
 
 log = logging.getLogger(__name__)
 

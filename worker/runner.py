@@ -15,10 +15,10 @@ from datetime import datetime
 from typing import Any
 
 from core.config import Settings, get_settings
-from core.db.models import utcnow
+from core.db.models import Subject, utcnow
 from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
-from core.storage import StorageError, get_blob_store
+from core.storage import StorageError, get_blob_store, purge_subject_blobs
 from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
 from worker import jobs, registry
@@ -225,13 +225,10 @@ def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None
 
 def _purge_if_subject_deleted(settings: Settings, store, job: jobs.JobSnapshot, workdir) -> None:  # noqa: ANN001
     """The subject was deleted while this job wrote blobs: remove what landed after the API's purge."""
-    from core.db.models import Subject
-    from core.storage import subject_prefix
-
     with UnitOfWork(settings) as uow:
         if uow.session.get(Subject, job.subject_id) is not None:
             return
-    removed = store.delete_prefix(subject_prefix(job.subject_id))
+    removed = purge_subject_blobs(store, job.subject_id)
     shutil.rmtree(workdir, ignore_errors=True)
     log.info("job %s: subject deleted meanwhile; removed %d late blobs", job.id, removed)
 

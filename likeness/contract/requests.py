@@ -11,7 +11,7 @@ Torch-free: the API imports this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,7 +57,8 @@ class RequestRejected(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and the infinities (JSON's non-standard `NaN`, `Infinity`, or `1e999`) are never a valid setting.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---- train --------------------------------------------------------------------------------------------------
@@ -483,8 +484,3 @@ RESOLVED_MODELS: dict[JobKind, type[BaseModel]] = {JobKind.TRAIN: ResolvedTrain,
 def read_resolved(kind: str, stored: dict[str, Any]) -> ResolvedTrain | ResolvedGenerate | ResolvedTemplate:
     """A job's stored request, parsed with the model of its kind (worker, retries, dashboard)."""
     return RESOLVED_MODELS[JobKind(kind)].model_validate(stored)  # type: ignore[return-value]
-
-
-def with_training(resolved: ResolvedTrain, **changes: Any) -> ResolvedTrain:
-    """``resolved`` with some training options replaced (tests, benchmarks, the CLI's quick runs)."""
-    return resolved.model_copy(update={"training": replace(resolved.training, **changes)})

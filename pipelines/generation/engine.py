@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import ModelNotFound
-from pipelines.generation.conditions import condition_image
+from pipelines.generation.conditions import condition_image, depth_estimator_spec, pose_estimator_spec
 from pipelines.generation.request import GenerationSpec, aspect_size
 from pipelines.generation.styles import fill_prompt, template_path
 from pipelines.models.presets import ModelPreset
@@ -98,7 +98,6 @@ def generation_models(
     CUDA), so the base here is the one training borrows too. Raises ``ModelNotFound`` for a
     ControlNet the preset lacks, before anything loads.
     """
-    from pipelines.generation.conditions import depth_estimator_spec, pose_estimator_spec
     from pipelines.models.loading import base_spec, controlnet_spec, default_dtype, improved_vae_spec
     from pipelines.ranking import ranking_models
     from pipelines.upscale import upscaler_spec

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipelines.errors import InvalidConfig
+from pipelines.models.family import get_family
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,6 @@ class ModelPreset:
 
     @property
     def family(self):
-        from pipelines.models.family import get_family
-
         return get_family(self.family_name)
 
     def to_dict(self) -> dict:
