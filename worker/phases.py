@@ -280,7 +280,8 @@ def _store_kohya_export(ctx: PhaseContext, adapter_dir: Path, version: int) -> N
     ``GET /v1/subjects/{id}/adapter?format=kohya``."""
     from pipelines.adapters import kohya_zip
 
-    out = kohya_zip(adapter_dir, ctx.workdir / "exports" / "kohya.zip")
+    name = f"likeness-{ctx.job.subject_id[:8]}-v{version}"  # what A1111/ComfyUI will call the files
+    out = kohya_zip(adapter_dir, ctx.workdir / "exports" / "kohya.zip", name)
     ctx.store.put(adapter_export_key(ctx.job.subject_id, version, "kohya"), out.read_bytes(), "application/zip")
 
 
