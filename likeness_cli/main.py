@@ -1,7 +1,10 @@
 """``likeness`` command line: serve, worker, migrate, create-client, models, run.
 
 Errors print one human line and exit non-zero; ``--debug`` shows the traceback.
-Heavy imports (torch, uvicorn, celery worker) happen inside the commands that need them.
+A command imports what only it needs inside itself: the optional extras (the database, queue and
+API of ``api``; the image stack and torch of ``worker``; aiogram of ``bot``), so a client-only install
+(``pip install likeness``) runs the remote commands, and the settings, client and request models
+(pydantic-settings, httpx: ~0.5 s), so ``likeness --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import typer
 from rich.console import Console
 
 from core.private_files import private_dir, private_umask
+from likeness.contract.plan import Queue
+from pipelines.errors import DatasetRejected, PipelineError
+from worker.weights import check, pull
 
 app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -125,11 +131,11 @@ def worker(
 ) -> None:
     """Start a Celery worker on the given queues (GPU workers run one job at a time)."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = set(names) - {"gpu", "cpu"}
+    unknown = set(names) - set(Queue)
     if unknown or not names:
         raise CliError(f"unknown queue(s) {sorted(unknown)}; use gpu and/or cpu")
     if concurrency is None:
-        concurrency = 1 if "gpu" in names else (os.cpu_count() or 1)
+        concurrency = 1 if Queue.GPU in names else (os.cpu_count() or 1)
     cmd = worker_command(names, concurrency, _settings(), loglevel)
     private_umask()  # the files a worker writes (embedded broker, blobs, local adapter copies) stay private
     os.execv(sys.executable, cmd)
@@ -203,8 +209,8 @@ def serve(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if embedded_worker:
-            children.append(subprocess.Popen(worker_command(["gpu"], 1, settings, "warning")))
-            children.append(subprocess.Popen(worker_command(["cpu"], cpu_concurrency, settings, "warning")))
+            children.append(subprocess.Popen(worker_command([Queue.GPU], 1, settings, "warning")))
+            children.append(subprocess.Popen(worker_command([Queue.CPU], cpu_concurrency, settings, "warning")))
         children.append(subprocess.Popen(api_command(settings, host, port)))
         url = f"http://{host}:{port}"
         core = list(children)
@@ -286,8 +292,6 @@ def models_pull(
         help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
-    from worker.weights import pull
-
     settings = _settings()
     pull(preset or settings.model_preset, settings.resolved_model_cache_dir, console)
 
@@ -298,8 +302,6 @@ def models_check(
         help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Report what the preset still needs locally; exit 1 if anything is missing."""
-    from worker.weights import check
-
     settings = _settings()
     missing = check(preset or settings.model_preset, settings.resolved_model_cache_dir)
     name = preset or settings.model_preset
@@ -505,7 +507,6 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from likeness.contract.requests import GenerateRequest, TrainRequest
-    from pipelines.errors import DatasetRejected
     from worker.local import LocalRunConfig, run_local
 
     if (style is None) == (template is None):
@@ -574,8 +575,6 @@ def main() -> None:
 
 
 def _describe(exc: Exception) -> str:
-    from pipelines.errors import PipelineError
-
     if isinstance(exc, PipelineError):
         return f"{exc.message} ({exc.error_code})"
     if isinstance(exc, CliError):

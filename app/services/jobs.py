@@ -20,10 +20,10 @@ from app.services.photos import count_photos
 from app.services.quotas import check_job_quotas
 from app.services.subjects import get_subject
 from core.config import Settings
-from core.db.models import Adapter, Job, JobKind, JobStage, JobState, utcnow
+from core.db.models import Adapter, Job, JobStage, utcnow
 from core.db.uow import UnitOfWork
 from core.webhooks import notify_job
-from likeness.contract.plan import ACTIVE_STATES, transition
+from likeness.contract.plan import ACTIVE_STATES, UNSUCCESSFUL_STATES, JobKind, JobState, transition
 from likeness.contract.requests import (
     GenerateRequest,
     GenerationLimits,
@@ -187,7 +187,7 @@ def cancel_job(uow: UnitOfWork, caller: Caller | None, job_id: str) -> Job:
 def retry_job(uow: UnitOfWork, job_id: str, settings: Settings) -> Job:
     """A new job running the same resolved request as a failed or canceled one (admins)."""
     job = get_job(uow.session, None, job_id)
-    if job.state not in (JobState.FAILED, JobState.CANCELED):
+    if job.state not in UNSUCCESSFUL_STATES:
         raise Conflict("Only a failed or canceled job can be retried.", {"job_id": job.id, "state": job.state.value},
                        code="job_not_retryable")
     return queue_job(uow, job.client_id, job.subject_id, job.kind, dict(job.request), settings)

@@ -20,9 +20,10 @@ from app.services.jobs import generation_limits, queue_job, resolve_with_adapter
 from app.services.photos import CleanPhoto, FileOutcome, UploadedFile, store_uploads
 from app.services.subjects import get_subject
 from core.config import Settings
-from core.db.models import Job, JobKind, PhotoStatus, TemplatePhoto
+from core.db.models import Job, PhotoStatus, TemplatePhoto
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore, template_photo_key
+from likeness.contract.plan import JobKind
 from likeness.contract.requests import TemplatePhotoVerdict, TemplateRequest, resolve_template
 
 

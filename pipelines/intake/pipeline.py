@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.errors import DatasetRejected, InvalidConfig
+from pipelines.intake import captions
+from pipelines.intake.class_token import choose_class, clip_class_scores
 from pipelines.intake.config import IntakeConfig
 from pipelines.intake.crops import (
     blur_score,
@@ -51,8 +53,10 @@ from pipelines.intake.models import IntakeModels, check_models
 from pipelines.intake.reasons import ReasonCode
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 from pipelines.types import CropGeometry
-from pipelines.vision.faces import FaceBox
+from pipelines.vision.faces import FaceBox, detect_faces
 from pipelines.vision.people import People, count_people, detect_in_tiles, face_near
+from pipelines.vision.persons import detect_persons
+from pipelines.vision.segmentation import person_mask
 
 #: the reduced decode that the detectors look at has at least this long side; JPEG's
 #: 1/4 scale of a 4000-4032 px phone photo lands just above it, so the detectors (which
@@ -155,16 +159,12 @@ def prepare_dataset(
 
     # 5. class token
     raise_if_canceled(should_stop)
-    from pipelines.intake.class_token import choose_class, clip_class_scores
-
     crops = [c.crop for c in candidates]
     scores = clip_class_scores(crops, config.class_candidates, models.clip)
     class_token = config.class_token.strip() if config.class_token else choose_class(scores)
 
     # 6. captions
     raise_if_canceled(should_stop)
-    from pipelines.intake import captions
-
     if config.context_mode == "blip":
         contexts = captions.blip_contexts(crops, models.captioner)
     else:
@@ -172,8 +172,6 @@ def prepare_dataset(
 
     # 7. person masks
     raise_if_canceled(should_stop)
-    from pipelines.vision.segmentation import person_mask
-
     items = [
         DatasetItem(c.photo_id, c.crop, person_mask(c.crop, models.segmenter), ctx, c.geometry)
         for c, ctx in zip(candidates, contexts)
@@ -313,9 +311,6 @@ def _find_people(image: Image.Image, config: IntakeConfig, models: IntakeModels,
     With ``tile``: faces only, in ``tile`` x ``tile`` windows (the person detector costs ~7x a
     face look per window and fires on enlarged textures); every face is checked up close.
     """
-    from pipelines.vision.faces import detect_faces
-    from pipelines.vision.persons import detect_persons
-
     if tile is None:
         persons = detect_persons(image, models.person_detector, min_score=config.person_min_score)
         faces = detect_faces(image, models.face_detector, min_score=config.face_min_score)

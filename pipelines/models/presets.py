@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipelines.errors import InvalidConfig
+from pipelines.models.family import get_family
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,6 @@ class ModelPreset:
 
     @property
     def family(self):
-        from pipelines.models.family import get_family
-
         return get_family(self.family_name)
 
     @property
@@ -228,3 +227,13 @@ def _build_once(root: Path, build) -> None:
 
 def with_overrides(preset: ModelPreset, **changes) -> ModelPreset:
     return replace(preset, **changes)
+
+
+def preset_family(name: str):
+    """The model family of preset ``name``, read without building or loading anything (the API asks it
+    for a style's per-family defaults)."""
+    tiny = _tiny(Path())
+    described = {"sd15": SD15, "sdxl": SDXL, "tiny": tiny, "tiny-sdxl": _tiny_sdxl(Path(), tiny)}
+    if name not in described:
+        raise InvalidConfig(f"unknown model preset {name!r}", {"known": list(PRESET_NAMES)})
+    return described[name].family

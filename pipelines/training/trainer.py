@@ -54,6 +54,7 @@ from PIL import Image
 from pipelines.adapters import AdapterManifest, LoraSpec, save_adapter
 from pipelines.errors import InvalidConfig
 from pipelines.models.loading import load_base_pipeline
+from pipelines.models.presets import default_cache_dir
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 from pipelines.training import checkpoint as ckpt
 from pipelines.training.config import StagePlan, TrainConfig, check_config, plan_stages
@@ -819,7 +820,6 @@ def train(
 
 
 def _class_images(pipe, config: TrainConfig, tokens: TokenSpec, preset, cache_root) -> list[Image.Image]:
-    from pipelines.models.presets import default_cache_dir
     from pipelines.training.prior import class_images_folder, ensure_class_images
 
     prompt = config.class_prompt.format(class_token=tokens.class_token)
