@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tests.integration.test_cli_run import STYLE, TINY_SIZE, cli_env, photos_dir  # noqa: F401  (fixtures)
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_run_on_tiny_sdxl_trains_both_encoders_and_writes_ranked_images(cli_env, photos_dir, tmp_path):  # noqa: F811
