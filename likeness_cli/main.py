@@ -329,29 +329,32 @@ def adapters_export(
     format: Annotated[ExportFormat, typer.Option("--format", help="kohya: for A1111/ComfyUI (the LoRA, one "  # noqa: A002
                                                                   "embedding per token, HOW-TO-PROMPT.txt).")]
     = ExportFormat.kohya,
+    name: Annotated[str, typer.Option(help="What A1111/ComfyUI will call the LoRA; the embeddings are "
+                                           "NAME-<token>.")] = "likeness",
 ) -> None:
     """Convert a LoRA adapter for A1111/ComfyUI: the LoRA, the learned tokens' embeddings and how to prompt."""
     from pipelines.adapters import export_kohya, kohya_zip
 
     if out.suffix == ".zip":
-        written = kohya_zip(adapter_dir, out)
+        written = kohya_zip(adapter_dir, out, name)
         console.print(f"{format.value} export written to {written}:")
         _print_export_files(written)
         return
-    export = export_kohya(adapter_dir, out)
+    export = export_kohya(adapter_dir, out, name)
     console.print(f"{format.value} export written to {out}:")
     for path in export.files:
-        console.print(f"  {path.name}  {_export_file_role(path.name)}")
+        relative = path.relative_to(out).as_posix()
+        console.print(f"  {relative}  {_export_file_role(relative)}")
 
 
 def _export_file_role(name: str) -> str:
-    from pipelines.adapters import KOHYA_LORA_NAME, KOHYA_README_NAME
+    from pipelines.adapters import KOHYA_EMBEDDINGS_DIR, KOHYA_README_NAME
 
-    if name == KOHYA_LORA_NAME:
-        return "the LoRA (models/Lora)"
     if name == KOHYA_README_NAME:
         return "how to prompt with these files"
-    return "a learned token's embedding (embeddings/)"
+    if name.startswith(f"{KOHYA_EMBEDDINGS_DIR}/"):
+        return "a learned token's embedding (embeddings/)"
+    return "the LoRA (models/Lora)"
 
 
 def _print_export_files(path: Path) -> None:

@@ -128,7 +128,8 @@ class ServiceEdge:
             # GET /v1/subjects/{id}/adapter?format=kohya
             from pipelines.adapters import kohya_zip
 
-            out = kohya_zip(adapter_dir, workdir / "exports" / "kohya.zip")
+            name = f"likeness-{job.subject_id[:8]}-v{ref.version}"  # what A1111/ComfyUI will call the files
+            out = kohya_zip(adapter_dir, workdir / "exports" / "kohya.zip", name)
             self.store.put(adapter_export_key(job.subject_id, ref.version, "kohya"), out.read_bytes(),
                            "application/zip")
         return ref
