@@ -147,6 +147,8 @@ class ImagePublic(ORMModel):
     negative_prompt: str | None
     style: str | None
     scores: dict[str, Any]
+    face_refined: bool = Field(False, description="The face-refinement pass redrew this image's face "
+                                                   "(false: the pass was off, or no face was detected).")
     has_upscaled: bool = False
     created_at: datetime
 

@@ -104,6 +104,7 @@ class Image(_Answer):
     prompt: str
     style: str | None = None
     scores: dict[str, Any] = Field(default_factory=dict)
+    face_refined: bool = False  # the face-refinement pass redrew this image's face
     has_upscaled: bool = False
     created_at: datetime
 
