@@ -25,11 +25,20 @@ class Page(_Answer, Generic[T]):
     count: int
 
 
+class TrainedModel(_Answer):
+    """What a subject's newest adapter was trained on."""
+
+    family: str  # sd15 | sdxl
+    preset: str | None = None
+    adapter_version: int
+
+
 class Subject(_Answer):
     id: str
     name: str
     class_token_override: str | None = None
     external_ref: str | None = None
+    model: TrainedModel | None = None  # None until a training succeeds
     created_at: datetime
 
 
