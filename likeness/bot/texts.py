@@ -15,6 +15,7 @@ from aiogram.utils.i18n import I18n, I18nMiddleware
 from aiogram.utils.i18n import gettext as _
 
 from likeness.client import Job
+from likeness.client.models import TrainedModel
 from likeness.contract.plan import JobKind, JobState, Stage
 
 LOCALES_DIR = Path(__file__).resolve().parent / "locales"
@@ -149,3 +150,16 @@ def help_text() -> str:
 
 def api_down_text() -> str:
     return _("The portrait service isn't answering right now. Please try again in a minute.")
+
+
+# ---- the trained model -----------------------------------------------------------------------------------------
+
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL"}  # product names: not translated
+
+
+def model_text(model: TrainedModel) -> str:
+    """Which model family (and preset) the user's portraits are made with."""
+    family = FAMILY_NAMES.get(model.family, model.family)
+    if model.preset is None:
+        return _("Model: {family}.").format(family=family)
+    return _("Model: {family} (preset {preset}).").format(family=family, preset=model.preset)
