@@ -91,6 +91,7 @@ STAGES: dict[Stage, str] = {
     Stage.TRAINING_STAGE1: N_("learning your face (part 1 of 2)"),
     Stage.TRAINING_STAGE2: N_("learning your face (part 2 of 2)"),
     Stage.GENERATING: N_("painting portraits"),
+    Stage.REFINING: N_("refining faces"),
     Stage.RANKING: N_("picking the best ones"),
     Stage.UPSCALING: N_("making full-size files"),
     Stage.DELIVERING: N_("almost there"),
