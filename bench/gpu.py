@@ -94,7 +94,8 @@ def device_line(smoke: bool) -> str:
 
     if not smoke and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, torch {torch.__version__}"
+        memory = f"{props.total_memory / 2**30:.0f} GiB"
+        return f"{props.name}, {memory}, CUDA {torch.version.cuda}, torch {torch.__version__}"
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
 
 

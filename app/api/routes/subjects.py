@@ -10,6 +10,7 @@ from app.api.schemas import Page, SubjectCreate, SubjectPublic, TrainedModelPubl
 from app.services import subjects
 from core.db.models import Subject
 
+
 def _public(session: Session, rows: list[Subject]) -> list[SubjectPublic]:
     """The subjects as answered, each with what its newest adapter was trained on."""
     models = subjects.trained_models(session, [r.id for r in rows])
