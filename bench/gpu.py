@@ -84,7 +84,7 @@ def smoke_runs() -> list[Run]:
             gen, *cpu, "--arch", "sdxl-small", "--resolution", "64", "--n", "2", "--k", "1", "--steps", "2",
             "--batch-size", "2", "--no-template"), 300),
         Run("End to end (smoke: tiny preset)", (
-            e2e, *cpu, "--preset", "tiny", "--photos", "4", "--n", "2", "--k", "1", "--train-steps", "4",
+            e2e, *cpu, "--preset", "tiny", "--photos", "5", "--n", "2", "--k", "1", "--train-steps", "10",
             "--steps", "2", "--runs", "1"), 300),
     ]
 
@@ -100,9 +100,12 @@ def device_line(smoke: bool) -> str:
 
 
 def markdown_tables(output: str) -> str:
-    """The lines of a run's output worth pasting: its tables and the line describing them."""
-    keep = [line for line in output.splitlines()
-            if line.startswith("|") or line.startswith(("device=", "job ", "Whole-process"))]
+    """The lines of a run's output worth pasting: its markdown tables and the lines describing them;
+    a run that prints plain-text tables (``bench/e2e.py``) is kept whole, as a code block."""
+    lines = output.splitlines()
+    if not any(line.startswith("|") for line in lines):
+        return "```\n" + output.strip()[-4000:] + "\n```"
+    keep = [line for line in lines if line.startswith("|") or line.startswith(("device=", "Whole-process"))]
     return "\n".join(keep)
 
 
