@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+BENCH_MODELS = Path(__file__).resolve().parent.parent / ".likeness" / "bench-models"  # bench/train.py's --cache
 
 import itertools
 
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         from pipelines.models.sdxl_random import build_sdxl_random
 
         preset = with_overrides(get_preset("tiny-sdxl"), name=args.arch, resolution=args.resolution or 1024,
-                                base_model=str(build_sdxl_random(work / args.arch, args.arch.removeprefix("sdxl-"))))
+                                base_model=str(build_sdxl_random(BENCH_MODELS / args.arch,  # shared with train.py
+                                                                 args.arch.removeprefix("sdxl-"))))
         engine = GenerationEngine.load(preset, device, dtype, identity_backend="none", **options)
         ranking = engine.models.ranking
     else:
