@@ -5,7 +5,7 @@ images get ``false``: they were delivered before the column existed, and a job's
 is the only record of which were refined (older jobs have none).
 
 Revision ID: 0009_image_face_refined
-Revises: 0007_job_template_photo
+Revises: 0008_client_priority
 Create Date: 2026-12-05 05:45:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009_image_face_refined"
-down_revision = "0007_job_template_photo"
+down_revision = "0008_client_priority"
 branch_labels = None
 depends_on = None
 
