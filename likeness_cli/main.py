@@ -19,6 +19,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from likeness_cli.health import health_app
+
 app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Model weights of a preset: prefetch and check.", no_args_is_help=True)
@@ -28,6 +30,7 @@ adapters_app = typer.Typer(help="Trained adapters: download from the service, co
 app.add_typer(adapters_app, name="adapters")
 jobs_app = typer.Typer(help="Jobs of a running service (remote, through the Python client).", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(health_app, name="health")
 
 console = Console()
 err = Console(stderr=True)
