@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.services import clients
+from app.services.scaling import QueueSignal, queue_signals
 from core.config import Settings
 from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
 from core.storage import BlobStore, subject_prefix
@@ -190,6 +191,7 @@ class Overview:
     queues: dict[str, int] | None
     outbox: tuple[int, datetime | None]
     totals: dict[str, int] = field(default_factory=dict)
+    signals: dict[str, QueueSignal] = field(default_factory=dict)  # waiting, oldest wait, drain time per queue
 
 
 def overview(session: Session, settings: Settings, now: datetime | None = None, window: timedelta = WINDOW) -> Overview:
@@ -204,7 +206,7 @@ def overview(session: Session, settings: Settings, now: datetime | None = None, 
     return Overview(now=now, since=since, by_state=jobs_by_state(session, since), per_hour=jobs_per_hour(session, now),
                     stages=stage_durations(session, since), failed=failed_by_code(session, since),
                     workers=list_workers(session, settings, now), queues=queue_depths(settings),
-                    outbox=outbox_waiting(session), totals=totals)
+                    outbox=outbox_waiting(session), totals=totals, signals=queue_signals(session, settings, now))
 
 
 # ---- clients and subjects -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import venv
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,8 +253,8 @@ class Builder:
     def _tree(self, stage: str) -> tuple[Path, str]:
         """A stage's files (for COPY --from): its COPY steps only, built once."""
         if stage not in self._trees:
-            rootfs = self.into / f"from-{stage}"
-            rootfs.mkdir(parents=True)
+            self.into.mkdir(parents=True, exist_ok=True)
+            rootfs = Path(tempfile.mkdtemp(prefix=f"from-{stage}-", dir=self.into))
             workdir = "/"
             for chained in self.chain(stage):
                 for step in chained.steps:
