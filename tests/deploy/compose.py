@@ -31,9 +31,9 @@ def interpolate(value: str, variables: dict[str, str]) -> str:
 
 def service_environment(service: dict, variables: dict[str, str]) -> dict[str, str]:
     env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {key: interpolate(str(value), variables) for key, value in env.items()}
+    if isinstance(env, list):  # `NAME=value`, or `NAME` alone: passed through from the shell when it is set there
+        env = dict(item.split("=", 1) if "=" in item else (item, variables.get(item)) for item in env)
+    return {key: interpolate(str(value), variables) for key, value in env.items() if value is not None}
 
 
 def build_target(service: dict) -> str | None:
