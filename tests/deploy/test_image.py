@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from tests.deploy import compose
-from tests.deploy.imagebuild import BuiltImage, Builder, read_lock
+from tests.deploy.imagebuild import Builder, BuiltImage, read_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get("LIKENESS_TEST_PG_URL", "postgresql+psycopg://postgres@localhost:5432/postgres")
