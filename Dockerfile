@@ -10,8 +10,9 @@ ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# /data and /models belong to the service's user, so that volumes mounted there are writable.
 RUN python -m venv /opt/venv && useradd --create-home --uid 10001 likeness \
- && mkdir -p /data && chown likeness:likeness /data
+ && mkdir -p /data /models && chown likeness:likeness /data /models
 WORKDIR /srv/likeness
 # Dependencies first, from the lock and the project's metadata alone, so that code edits keep this layer.
 COPY pyproject.toml constraints.txt ./
