@@ -205,15 +205,18 @@ def workers_needed(workload: Workload, durations: JobDurations, target_p95_s: fl
                    seed: int = 0) -> tuple[int, Outcome]:
     """The fewest GPU workers whose p95 wait is at most ``target_p95_s``, and that simulation's outcome.
 
-    Waits only grow with fewer workers, so: from the offered load up, double until the target is met, then
-    halve the interval between the last count that failed and the first that met it."""
+    At most the offered load's worth of workers never keeps up (the queue grows without end, even when a
+    finite run's p95 happens to look fine), so the search starts one above it. Waits only grow with fewer
+    workers, so: double until the target is met, then halve the interval between the last count that
+    failed and the first that met it."""
     outcomes: dict[int, Outcome] = {}
 
     def meets(workers: int) -> bool:
         outcomes[workers] = simulate(workload, durations, workers, days, seed)
         return outcomes[workers].p95() <= target_p95_s
 
-    low, high = 0, max(1, math.ceil(offered_load(workload, durations)))  # no worker runs nothing: 0 fails
+    low = math.floor(offered_load(workload, durations))  # fails: utilisation 100 % or more
+    high = low + 1
     while not meets(high):
         low, high = high, high * 2
     while high - low > 1:
@@ -226,7 +229,7 @@ def workers_needed(workload: Workload, durations: JobDurations, target_p95_s: fl
 
 
 def table(subjects: list[float], durations: JobDurations, targets: list[float], swings: list[float],
-          generations: int, cv: float, days: float, seed: int) -> str:
+          generations: int, cv: float, days: float | None, seed: int) -> str:
     header = ["subjects a day", "GPU-hours a day", "busy GPUs (mean)"]
     for swing in swings:
         for target in targets:
@@ -239,7 +242,8 @@ def table(subjects: list[float], durations: JobDurations, targets: list[float], 
         for swing in swings:
             for target in targets:
                 workload = Workload(count, generations, swing, cv)
-                workers, outcome = workers_needed(workload, durations, target, days, seed)
+                span = days or min(30.0, max(1.0, 50_000 / count))
+                workers, outcome = workers_needed(workload, durations, target, span, seed)
                 cells.append(f"**{workers}** (p95 {outcome.p95():.0f} s, {outcome.utilisation:.0%} busy)")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generations-per-subject", type=int, default=3)
     parser.add_argument("--duration-cv", type=float, default=0.2)
     parser.add_argument("--durations", type=Path, help="JSON: kind -> stage -> seconds (the dashboard's)")
-    parser.add_argument("--days", type=float, default=1.0)
+    parser.add_argument("--days", type=float, help="simulated days (default: enough for ~50,000 subjects, 1-30)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     stages = json.loads(args.durations.read_text()) if args.durations else {}
@@ -262,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"GPU seconds: training {durations.training_s:g}, generation {durations.generation_s:g} "
           f"(x{args.generations_per_subject}); cpu intake {durations.intake_s:g} s"
           + ("" if args.durations else "  [defaults: ESTIMATES, not measured]"))
+    for count in args.subjects_per_day:
+        days = args.days or min(30.0, max(1.0, 50_000 / count))
+        print(f"{count:,.0f} subjects a day: {days:g} simulated day(s), the first hour's jobs not counted")
     print(table(args.subjects_per_day, durations, args.target_p95_s, args.daily_swing, args.generations_per_subject,
                 args.duration_cv, args.days, args.seed))
 
