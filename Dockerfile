@@ -50,7 +50,9 @@ USER likeness
 ENV LIKENESS_DATA_DIR=/data LIKENESS_HOST=0.0.0.0
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s CMD ["likeness", "health", "http", "http://127.0.0.1:8000/healthz"]
-CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# Forwarded headers believed from nobody (as LIKENESS_FORWARDED_ALLOW_IPS unset does for `likeness serve`); behind a
+# reverse proxy: --proxy-headers --forwarded-allow-ips <its address>.
+CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--no-proxy-headers"]
 
 # GPU and CPU workers: `likeness worker --queues gpu|cpu`.
 FROM worker-deps AS worker

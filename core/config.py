@@ -44,18 +44,25 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
 
     # Security
-    # Signs download URLs (webhooks use per-client secrets). Unset: a random one generated once per
+    # Signs download URLs and derives the key that encrypts webhook secrets at rest (core.sealed); every API
+    # process and worker needs the same one. Unset: a random one generated once per
     # install and kept in ``<data_dir>/secret_key`` (mode 600); see core.signing.signing_secret.
     secret_key: str | None = None
     signed_url_ttl_s: int = 300
     bootstrap_admin_key: str | None = None  # creates an admin client with this key at start if set
     webhook_allow_private: bool = False  # let webhooks reach loopback/private addresses (self-hosted receivers)
+    # Bearer token that /metrics asks for (unset: /metrics is open, for a scraper on a private network).
+    metrics_token: str | None = None
 
-    # Per-client limits: the defaults for clients whose own value is NULL (None: unlimited).
-    default_requests_per_minute: int | None = None
-    default_max_concurrent_jobs: int | None = None
-    default_max_trainings_per_day: int | None = None
-    default_max_storage_bytes: int | None = None
+    # Failed authentications (wrong API keys, bad signed links) per address and sliding minute; 0: unlimited.
+    auth_failures_per_minute: int = 30
+
+    # Per-client limits: the defaults for clients whose own value is NULL (``none``: unlimited). A new client is
+    # bounded from its first request; an admin raises (or lifts) a client's own limits.
+    default_requests_per_minute: int | None = 1200  # 20 a second: polls of several jobs at once
+    default_max_concurrent_jobs: int | None = 4
+    default_max_trainings_per_day: int | None = 20
+    default_max_storage_bytes: int | None = 5 * 1024**3  # 5 GiB
 
     # Retention (per-client values override; None: keep forever) and the purge's schedule.
     retain_training_data_days: int | None = 30  # uploads, crops, datasets: days after the training that used them
@@ -88,6 +95,9 @@ class Settings(BaseSettings):
     # API server
     host: str = "127.0.0.1"
     port: int = 8000
+    # Reverse proxies whose X-Forwarded-For / -Proto are believed (comma-separated addresses or networks, "*" for
+    # any); empty: none, the peer's address is the client's (per-address limits cannot be dodged with a header).
+    forwarded_allow_ips: str = ""
 
     @field_validator("default_requests_per_minute", "default_max_concurrent_jobs", "default_max_trainings_per_day",
                      "default_max_storage_bytes", "retain_training_data_days", "retain_images_days", mode="before")

@@ -21,6 +21,7 @@ from kombu import Exchange
 from kombu import Queue as KombuQueue
 
 from core.config import Settings, get_settings
+from core.private_files import private_dir
 from likeness.contract.plan import Queue, Task
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_celery(settings: Settings | None = None, include: tuple[str, ...] = ()) -> Celery:
     settings = settings or get_settings()
     if settings.embedded:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)
     app = Celery("likeness", include=list(include))
     app.conf.update(celery_config(settings))
     return app

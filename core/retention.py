@@ -44,6 +44,7 @@ from core.db.models import (
     TemplatePhoto,
     utcnow,
 )
+from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore, checkpoint_prefix, dataset_prefix, get_blob_store, photo_prefix
 from likeness.contract.plan import ACTIVE_STATES, JobState
@@ -94,6 +95,7 @@ def purge_expired(settings: Settings | None = None, store: BlobStore | None = No
     _record(settings, report, now)
     if report.photos or report.datasets or report.templates or report.images:
         log.info("retention purge: %s", report.as_dict())
+        scrub_deleted(settings.resolved_database_url)  # no deleted row left in the SQLite file or its log
     return report
 
 

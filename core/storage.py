@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from core.config import Settings, get_settings
+from core.private_files import private_dir
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 CHUNK = 1024 * 1024
@@ -172,7 +173,7 @@ class LocalBlobStore(BlobStore):
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).resolve()
         with _storage_errors("create the folder of", "blobs"):
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
 
     def _path(self, key: str) -> Path:
         path = (self.root / validate_key(key)).resolve()

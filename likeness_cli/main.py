@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from core.private_files import private_dir, private_umask
 from likeness_cli.health import health_app
 
 app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.", no_args_is_help=True,
@@ -132,6 +133,7 @@ def worker(
     if concurrency is None:
         concurrency = 1 if "gpu" in names else (os.cpu_count() or 1)
     cmd = worker_command(names, concurrency, _settings(), loglevel)
+    private_umask()  # the files a worker writes (embedded broker, blobs, local adapter copies) stay private
     os.execv(sys.executable, cmd)
 
 
@@ -167,6 +169,14 @@ def _admin_key(settings) -> tuple[str, bool]:
     return key, True
 
 
+def api_command(settings, host: str, port: int) -> list[str]:
+    """The uvicorn command of the API; forwarded headers believed only from LIKENESS_FORWARDED_ALLOW_IPS."""
+    from app.main import proxy_args
+
+    return [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host, "--port", str(port),
+            "--log-level", "warning", *proxy_args(settings)]
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Default: LIKENESS_HOST.")] = None,
@@ -184,7 +194,8 @@ def serve(
     """
     settings = _settings()
     host, port = host or settings.host, port or settings.port
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_umask()  # the API's and workers' files (database, broker, blobs, keys) are the operator's alone
+    private_dir(settings.data_dir)
     from core.db.migrate import upgrade_to_head
 
     upgrade_to_head()
@@ -196,9 +207,7 @@ def serve(
         if embedded_worker:
             children.append(subprocess.Popen(worker_command(["gpu"], 1, settings, "warning")))
             children.append(subprocess.Popen(worker_command(["cpu"], cpu_concurrency, settings, "warning")))
-        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-                                          "--host", host,
-                                          "--port", str(port), "--log-level", "warning"]))
+        children.append(subprocess.Popen(api_command(settings, host, port)))
         url = f"http://{host}:{port}"
         core = list(children)
         if os.environ.get("LIKENESS_TELEGRAM_TOKEN"):  # embedded: the Telegram bot runs beside the API

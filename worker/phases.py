@@ -46,6 +46,7 @@ from likeness.contract.plan import PLANS, JobKind
 from likeness.contract.requests import ResolvedGenerate, ResolvedTemplate, ResolvedTrain, TemplateSource, read_resolved
 from pipelines.errors import InvalidConfig, PipelineError
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
+from worker.adapter_cache import local_adapter_path
 from worker.checkpoints import mirror_checkpoint, restore_checkpoint
 from worker.jobs import JobSnapshot, record_result
 from worker.models import get_manager, resolve_device
@@ -300,7 +301,7 @@ def find_adapter(settings: Settings, subject_id: str, version: int) -> tuple[str
 
 def _adapter_dir(ctx: PhaseContext, adapter_id: str, prefix: str) -> Path:
     """Local copy of an adapter, shared by every generation job of this machine."""
-    target = ctx.settings.data_dir.resolve() / "adapters" / adapter_id
+    target = local_adapter_path(ctx.settings, adapter_id)  # pruned once the adapter is deleted
     if not (target / "manifest.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))

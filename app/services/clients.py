@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
 from core.db.models import Client, Image, Job, Photo, Role, Subject, utcnow
+from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore
 
@@ -153,6 +154,7 @@ def delete_client(uow: UnitOfWork, client_id: str, store: BlobStore, *, caller_i
     session.flush()
     _refresh_callers_after_commit(uow, client_id)
     uow.after_commit(lambda: [purge_subject_blobs(store, subject_id) for subject_id in subject_ids])
+    uow.after_commit(lambda: scrub_deleted(uow.settings.resolved_database_url))
 
 
 def usage(session: Session, client_id: str) -> dict[str, int]:

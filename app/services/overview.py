@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.services import clients
+from app.services.quotas import stored_bytes
 from app.services.scaling import QueueSignal, queue_signals
 from core.config import Settings
 from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
@@ -212,15 +213,9 @@ def overview(session: Session, settings: Settings, now: datetime | None = None, 
 # ---- clients and subjects -----------------------------------------------------------------------------------
 
 
-def storage_bytes(session: Session, store: BlobStore, client_id: str) -> int:
-    """Bytes the client's subjects hold in the blob store (photos, crops, masks, adapters, images)."""
-    subject_ids = session.scalars(select(Subject.id).where(Subject.client_id == client_id))
-    return sum(store.size_of_prefix(subject_prefix(subject_id)) for subject_id in subject_ids)
-
-
 def client_usage(session: Session, store: BlobStore, client_id: str) -> dict[str, int]:
     """What a client has: subjects, photos, jobs, images and the bytes they take."""
-    return {**clients.usage(session, client_id), "storage_bytes": storage_bytes(session, store, client_id)}
+    return {**clients.usage(session, client_id), "storage_bytes": stored_bytes(session, store, client_id)}
 
 
 def subject_leftovers(session: Session, store: BlobStore, subject_id: str) -> dict[str, int]:

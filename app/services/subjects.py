@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.errors import NotFound
 from app.services.clients import Caller
 from core.db.models import Job, Subject, utcnow
+from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore, subject_prefix
 from core.webhooks import notify_job
@@ -73,6 +74,7 @@ def delete_subject(uow: UnitOfWork, caller: Caller | None, subject_id: str, stor
     session.flush()
     subject_key = subject.id
     uow.after_commit(lambda: purge_subject_blobs(store, subject_key))
+    uow.after_commit(lambda: scrub_deleted(uow.settings.resolved_database_url))
 
 
 def purge_subject_blobs(store: BlobStore, subject_id: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Literal
 
 from sqlalchemy import func, select
@@ -10,29 +9,34 @@ from sqlalchemy.orm import Session
 
 from app.errors import InvalidRequest, NotFound
 from app.services.clients import Caller, get_client
-from core.db.models import Client, WebhookDelivery, utcnow
+from core import sealed
+from core.config import Settings
+from core.db.models import WebhookDelivery, utcnow
 from core.db.uow import UnitOfWork
 from core.webhook_targets import DestinationRefused, check_url
+from likeness.webhooks import new_secret
 
 DeliveryStatus = Literal["delivered", "pending", "failed"]
 
 
-def set_webhook(session: Session, caller: Caller, url: str | None, *, allow_private: bool = False) -> Client:
-    """Register (or with ``None`` remove) the webhook URL; a new secret each time one is set.
+def set_webhook(session: Session, caller: Caller, url: str | None, settings: Settings) -> str | None:
+    """Register (or with ``None`` remove) the webhook URL; returns the new secret (one each time a URL is
+    set; shown once: only its encrypted form is stored, :mod:`core.sealed`).
 
     The destination must be public (:mod:`core.webhook_targets`; checked again at each delivery),
     unless the operator allows private targets.
     """
     if url is not None:
         try:
-            check_url(url, allow_private=allow_private)
+            check_url(url, allow_private=settings.webhook_allow_private)
         except DestinationRefused as exc:
             raise InvalidRequest(str(exc), {"url": url}, code="invalid_webhook_url") from None
     client = get_client(session, caller.id)
+    secret = new_secret() if url else None
     client.webhook_url = url
-    client.webhook_secret = ("whsec_" + secrets.token_urlsafe(32)) if url else None
+    client.webhook_secret = sealed.seal(settings, secret) if secret else None
     session.flush()
-    return client
+    return secret
 
 
 def list_deliveries(session: Session, caller: Caller | None, *, job_id: str | None = None,

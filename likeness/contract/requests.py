@@ -57,7 +57,8 @@ class RequestRejected(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and the infinities (JSON's non-standard `NaN`, `Infinity`, or `1e999`) are never a valid setting.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---- train --------------------------------------------------------------------------------------------------

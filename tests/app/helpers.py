@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zlib
@@ -64,3 +65,31 @@ def add_adapter(subject_id: str, version: int = 1) -> None:
     with session_scope() as session:
         session.add(Adapter(subject_id=subject_id, version=version, mode="lora",
                             blob_prefix=adapter_prefix(subject_id, version), manifest={"base": "tiny"}))
+
+
+@contextlib.contextmanager
+def served(app, **uvicorn_options):  # noqa: ANN001, ANN003, ANN201
+    """``app`` behind a real uvicorn server on a free 127.0.0.1 port (its lifespan off: the test app's is run
+    by the ``http`` fixture); yields the base URL. What uvicorn itself does (proxy headers) is then real."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
+                                           **uvicorn_options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
