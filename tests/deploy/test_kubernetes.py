@@ -105,7 +105,8 @@ def test_gpu_workers_hold_a_gpu_scale_on_the_gpu_queue_to_zero_and_have_time_to_
     broker = config["LIKENESS_BROKER_URL"]
     assert trigger["type"] == "redis"
     assert broker == f"redis://{trigger['metadata']['address']}/{trigger['metadata']['databaseIndex']}"
-    settings = Settings(broker_url=broker)  # the list kombu keeps the gpu queue in (no prefix configured)
+    # the Redis list kombu keeps the gpu queue in: the prefix (a key prefix too) and the queue's name
+    settings = Settings(broker_url=broker, queue_prefix=config.get("LIKENESS_QUEUE_PREFIX", ""))
     assert trigger["metadata"]["listName"] == f"{settings.queue_prefix}{settings.queue('gpu')}"
 
 
