@@ -27,7 +27,6 @@ class Settings(BaseSettings):
     # Data and queues. Empty means "embedded default under data_dir".
     database_url: str = ""
     broker_url: str = ""  # redis://... in production
-    result_backend: str = ""
     redis_url: str = ""  # rate/idempotency/queue-depth metrics; optional in embedded mode
     queue_prefix: str = ""  # isolates queues (and Redis keys) of several deployments/test runs
     # Redis: an unacked message goes to another worker after this. Not how a lost job comes back (the
@@ -77,7 +76,7 @@ class Settings(BaseSettings):
     max_candidates_per_request: int = 64
 
     # ML
-    model_preset: Literal["tiny", "sd15"] = "tiny"
+    model_preset: Literal["tiny", "sd15", "tiny-sdxl", "sdxl"] = "tiny"
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)
@@ -139,10 +138,6 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         # Embedded mode: kombu's SQLAlchemy transport on a SQLite file, so no Redis is needed.
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite3').resolve()}"
-
-    @property
-    def resolved_result_backend(self) -> str:
-        return self.result_backend or f"db+sqlite:///{(self.data_dir / 'results.sqlite3').resolve()}"
 
     @property
     def resolved_redis_url(self) -> str | None:

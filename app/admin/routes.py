@@ -209,7 +209,7 @@ def job_page(request: Request, job_id: str, admin: AdminSessionDep, uow: UoW):
     client = clients.get_client(uow.session, job.client_id)
     subject = subjects.get_subject(uow.session, None, job.subject_id)
     return render(request, "job.html", nav="jobs", admin=admin, deliveries=deliveries, client=client,
-                  status_of=webhooks.delivery_status,
+                  status_of=webhooks.DeliveryStatus.of,
                   subject=subject, notice=_notice(request), **_job_context(uow, job))
 
 
@@ -393,8 +393,8 @@ def webhooks_page(request: Request, admin: AdminSessionDep, uow: UoW):
     q = request.query_params
     page = _page_number(q.get("page"))
     status = q.get("status") or None
-    if status not in (None, "delivered", "pending", "failed"):
-        raise InvalidRequest(f"Unknown status {status!r}.", {"allowed": ["delivered", "pending", "failed"]})
+    if status is not None and status not in list(webhooks.DeliveryStatus):
+        raise InvalidRequest(f"Unknown status {status!r}.", {"allowed": [s.value for s in webhooks.DeliveryStatus]})
     rows, count = webhooks.list_deliveries(uow.session, None,
                                            client_id=_filter_or_none(q.get("client_id"), "client_id"),
                                            job_id=_filter_or_none(q.get("job_id"), "job_id"), status=status,
@@ -403,7 +403,8 @@ def webhooks_page(request: Request, admin: AdminSessionDep, uow: UoW):
     filters = {k: q.get(k, "") for k in ("client_id", "job_id", "status")}
     return render(request, "webhooks.html", nav="webhooks", admin=admin, rows=rows, count=count, page=page,
                   pages=max(1, -(-count // PAGE_SIZE)), filters=filters, client_names=_client_names(uow),
-                  status_of=webhooks.delivery_status, notice=_notice(request),
+                  statuses=list(webhooks.DeliveryStatus), status_of=webhooks.DeliveryStatus.of,
+                  notice=_notice(request),
                   query={k: v for k, v in filters.items() if v})
 
 

@@ -15,13 +15,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.metrics import QueueDepthCollector
 from app.services import clients
 from app.services.quotas import stored_bytes
 from app.services.scaling import QueueSignal, queue_signals
 from core.config import Settings
 from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
 from core.storage import BlobStore, subject_prefix
-from likeness.contract.plan import PLANS, JobState
+from likeness.contract.plan import ACTIVE_STATES, PLANS, JobState, Queue
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,6 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
     url = settings.resolved_broker_url
     try:
         if url.startswith(("redis://", "rediss://")):
-            from app.metrics import QueueDepthCollector
-
             return QueueDepthCollector(settings).depths()
         if url.startswith("sqla+"):
             return _kombu_sql_depths(settings, url.removeprefix("sqla+"))
@@ -164,7 +163,7 @@ def _kombu_sql_depths(settings: Settings, url: str) -> dict[str, int]:
     engine = _BROKER_ENGINES.get(url)
     if engine is None:
         engine = _BROKER_ENGINES[url] = create_engine(url)
-    names = {settings.queue(name): name for name in ("cpu", "gpu")}
+    names = {settings.queue(queue): queue.value for queue in Queue}
     depths = dict.fromkeys(names.values(), 0)
     if not inspect(engine).has_table("kombu_queue"):  # nothing was ever sent
         return depths
@@ -202,7 +201,7 @@ def overview(session: Session, settings: Settings, now: datetime | None = None, 
         "clients": session.scalar(select(func.count()).select_from(clients.Client)) or 0,
         "subjects": session.scalar(select(func.count()).select_from(Subject)) or 0,
         "active_jobs": session.scalar(select(func.count()).select_from(Job).where(
-            Job.state.in_([JobState.QUEUED, JobState.RUNNING]))) or 0,
+            Job.state.in_(ACTIVE_STATES))) or 0,
     }
     return Overview(now=now, since=since, by_state=jobs_by_state(session, since), per_hour=jobs_per_hour(session, now),
                     stages=stage_durations(session, since), failed=failed_by_code(session, since),

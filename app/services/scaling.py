@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -45,8 +45,6 @@ class QueueSignal:
 
 
 def _aware(moment: datetime | None) -> datetime | None:
-    from datetime import UTC
-
     return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 

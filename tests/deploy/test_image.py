@@ -87,7 +87,7 @@ def local_services(scratch_pg, build_dir) -> dict[str, str]:
     data.mkdir(exist_ok=True)
     redis_base = REDIS_URL.rsplit("/", 1)[0]
     return {"LIKENESS_DATABASE_URL": scratch_pg, "LIKENESS_BROKER_URL": f"{redis_base}/0",
-            "LIKENESS_RESULT_BACKEND": f"{redis_base}/1", "LIKENESS_REDIS_URL": f"{redis_base}/2",
+            "LIKENESS_REDIS_URL": f"{redis_base}/2",
             "LIKENESS_QUEUE_PREFIX": f"image-test-{uuid.uuid4().hex[:8]}-", "LIKENESS_STORAGE_BACKEND": "local",
             "LIKENESS_DATA_DIR": str(data), "LIKENESS_MODEL_PRESET": "tiny", "HF_HUB_OFFLINE": "1"}
 

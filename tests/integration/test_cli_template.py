@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration]
 
 
 def _fails_in_one_line(argv, capsys, monkeypatch) -> str:  # noqa: ANN001
-    from likeness import cli
+    from likeness_cli import main as cli
 
     monkeypatch.setattr(sys, "argv", ["likeness", *argv])
     with pytest.raises(SystemExit) as exited:
