@@ -15,6 +15,7 @@ Writing to the job record is throttled; stage changes and completion always go o
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -118,13 +119,14 @@ class JobProgress:
         if not stage_changed and fraction < 1.0 and now - self._last_write < self._min_interval:
             return
         self._last_write = now
-        if eta is not None and self._last_eta is not None:  # a person watching sees no wild swings
-            floor = max(self._last_eta, 1.0)
-            eta = min(max(eta, floor / MAX_ETA_CHANGE), floor * MAX_ETA_CHANGE)
         if eta is not None:
+            eta = round(eta, 1)  # as reported: the bound below holds between the numbers a person sees
+            if self._last_eta is not None:  # a person watching sees no wild swings
+                floor = max(self._last_eta, 1.0)
+                eta = min(max(eta, math.ceil(10 * floor / MAX_ETA_CHANGE) / 10),
+                          math.floor(10 * floor * MAX_ETA_CHANGE) / 10)
             self._last_eta = eta
-        self._write(JobProgressUpdate(str(event.stage), round(self.progress, 2),
-                                      None if eta is None else round(eta, 1), event.message,
+        self._write(JobProgressUpdate(str(event.stage), round(self.progress, 2), eta, event.message,
                                       stage_started=stage_changed))
 
     def _eta(self, stage: str, fraction: float) -> float | None:
