@@ -130,7 +130,7 @@ class RetentionCollector(Collector):
         except Exception:  # noqa: BLE001
             log.warning("retention metrics unavailable", exc_info=True)
             return
-        for kind in ("photos", "datasets", "images", "blobs", "runs"):
+        for kind in ("photos", "datasets", "templates", "images", "blobs", "orphans", "runs"):
             deleted.add_metric([kind], found.get(kind, (0, None))[0])
         if "runs" in found:
             last.add_metric([], found["runs"][1].timestamp())

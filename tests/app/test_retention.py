@@ -184,7 +184,7 @@ def own_store(request, tmp_path):  # noqa: ANN001, ANN201
         yield s3
 
 
-def test_blobs_no_row_names_are_swept_after_the_grace_period(client_a, own_store, settings):
+def test_blobs_no_row_names_are_swept_after_the_grace_period(client_a, own_store, settings, http):
     """What a process killed between storing files and committing leaves (whole files and, locally, a
     half-written ``.tmp-`` file) goes with the next purge once older than the grace period; every blob a
     row names stays, and so does anything outside the key layout or still young."""
@@ -219,3 +219,7 @@ def test_blobs_no_row_names_are_swept_after_the_grace_period(client_a, own_store
     if isinstance(own_store, LocalBlobStore):
         assert not partial.exists()
     assert purge_expired(settings, own_store, now=later).orphans == 0
+    if isinstance(own_store, LocalBlobStore):
+        text = http.get("/metrics").text  # the metric counts them
+        deleted = dict(re.findall(r'likeness_retention_deleted_total\{kind="(\w+)"\} ([0-9.e+]+)', text))
+        assert float(deleted["orphans"]) >= expected_orphans
