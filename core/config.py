@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     retain_training_data_days: int | None = 30  # uploads, crops, datasets: days after the training that used them
     retain_images_days: int | None = 90  # generated images: days after they were made
     purge_interval_s: int = 3600
+    # Blobs no row names (a process killed between storing files and committing) are deleted by the purge
+    # once they are this old; a write in progress is always younger.
+    orphan_blob_grace_s: int = 6 * 3600
 
     # Upload limits
     max_file_bytes: int = 25 * 1024 * 1024

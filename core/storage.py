@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +23,7 @@ from core.private_files import private_dir
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 CHUNK = 1024 * 1024
+TEMP_PREFIX = ".tmp-"  # a local write in progress (or one a killed process left half-written)
 
 
 class BlobNotFound(KeyError):
@@ -160,6 +162,11 @@ class BlobStore(abc.ABC):
     def ping(self) -> None:
         """Raise if the store is unreachable (readiness probe)."""
 
+    @abc.abstractmethod
+    def list_with_times(self, prefix: str = "") -> list[tuple[str, datetime]]:
+        """Every blob under ``prefix`` with the time it was last written (UTC), including partial writes
+        (local ``.tmp-`` files) that :meth:`list` hides: what the orphan sweep looks at."""
+
     def size_of_prefix(self, prefix: str) -> int:
         """Bytes stored under ``prefix`` (backends override this with a listing that carries sizes)."""
         return sum(len(self.get(key)) for key in self.list(prefix))
@@ -191,7 +198,7 @@ class LocalBlobStore(BlobStore):
         path = self._path(key)
         with _storage_errors("write", key):
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -243,8 +250,21 @@ class LocalBlobStore(BlobStore):
             return []
         return sorted(
             p.relative_to(self.root).as_posix()
-            for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+            for p in base.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX)
         )
+
+    def list_with_times(self, prefix: str = "") -> list[tuple[str, datetime]]:
+        _validate_prefix(prefix)
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        found = []
+        for path in base.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # deleted or renamed while we walked
+                if path.is_file():
+                    written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                    found.append((path.relative_to(self.root).as_posix(), written))
+        return sorted(found)
 
     def ping(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
@@ -255,7 +275,7 @@ class LocalBlobStore(BlobStore):
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return 0
-        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX))
 
 
 class S3BlobStore(BlobStore):
@@ -336,6 +356,12 @@ class S3BlobStore(BlobStore):
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
+
+    def list_with_times(self, prefix: str = "") -> list[tuple[str, datetime]]:
+        _validate_prefix(prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted((obj["Key"], obj["LastModified"].astimezone(UTC))
+                      for page in pages for obj in page.get("Contents", []))
 
     def size_of_prefix(self, prefix: str) -> int:
         _validate_prefix(prefix)

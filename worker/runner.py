@@ -28,6 +28,7 @@ from worker.models import get_manager, resolve_device
 from worker.phases import PHASE_RUNNERS, PhaseContext
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
 from worker.service_edge import ServiceEdge
+from worker.stage_history import expected_stage_seconds
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
             if not owned:
                 beat.lost.set()
 
-        progress = JobProgress(job.kind, write, start_progress=job.progress, start_eta=job.eta_s)
+        progress = JobProgress(job.kind, write, start_progress=job.progress, start_eta=job.eta_s,
+                               expected_s=_stage_history(settings, job))
         edge = ServiceEdge(settings, get_blob_store(settings))
         ctx = PhaseContext(job, edge, get_manager(), resolve_device(settings.device),
                            settings.resolved_model_cache_dir, progress, should_stop, workdir)
@@ -221,6 +223,16 @@ def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None
     """The job reached a final state: nothing will resume its training, so its mirrored checkpoints go."""
     if job is not None and job.kind == JobKind.TRAIN.value:
         discard_checkpoints(settings, job.subject_id, job.id, store)
+
+
+def _stage_history(settings: Settings, job: jobs.JobSnapshot) -> dict[str, float]:
+    """What each stage took in earlier jobs like this one (none while the database is away)."""
+    try:
+        return expected_stage_seconds(settings, job.kind, job.request)
+    except Exception as exc:
+        if not database_unavailable(exc):
+            raise
+        return {}
 
 
 def _purge_if_subject_deleted(settings: Settings, store, job: jobs.JobSnapshot, workdir) -> None:  # noqa: ANN001
