@@ -8,8 +8,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from app.api.routes import API_PREFIX
 from app.api.schemas import ErrorBody
 from app.errors import InvalidRequest
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}  # a download's content entry (raw bytes)
 
 _DESCRIPTIONS = {
     401: "Missing or unknown API key.",
@@ -33,6 +36,26 @@ def errors(*statuses: int, authenticated: bool = True) -> dict[int | str, dict[s
 def replayable(status: int, body: dict[str, Any], replayed: bool) -> JSONResponse:
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def located(status: int, what: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry of a 201/202 answer that names its resource in a ``Location`` header."""
+    return {status: {"headers": {"Location": {"description": f"The URL of {what}.", "schema": {"type": "string"}}}}}
+
+
+def job_location(body: dict[str, Any]) -> str:
+    return f"{API_PREFIX}/jobs/{body['id']}"
+
+
+def page(request: Request, data: list[Any], count: int, offset: int = 0) -> dict[str, Any]:
+    """A :class:`~app.api.schemas.Page`: ``next`` is this request's URL at the next offset (same filters and
+    limit), or None on the last page."""
+    following = offset + len(data)
+    next_url = None
+    if data and following < count:
+        url = request.url.include_query_params(offset=following)
+        next_url = f"{url.path}?{url.query}"
+    return {"data": data, "count": count, "next": next_url}
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}
