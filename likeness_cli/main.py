@@ -181,6 +181,7 @@ def serve(
     """
     settings = _settings()
     host, port = host or settings.host, port or settings.port
+    _check_port_free(host, port)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     from core.db.migrate import upgrade_to_head
 
@@ -193,11 +194,12 @@ def serve(
         if embedded_worker:
             children.append(subprocess.Popen(worker_command(["gpu"], 1, settings, "warning")))
             children.append(subprocess.Popen(worker_command(["cpu"], cpu_concurrency, settings, "warning")))
-        children.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-                                          "--host", host,
-                                          "--port", str(port), "--log-level", "warning"]))
+        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
+                                "--port", str(port), "--log-level", "warning"])
+        children.append(api)
         url = f"http://{host}:{port}"
         core = list(children)
+        _wait_listening(api, host, port)
         if os.environ.get("LIKENESS_TELEGRAM_TOKEN"):  # embedded: the Telegram bot runs beside the API
             children.append(_start_bot(settings, url))
         console.print(f"Likeness listening on [bold]{url}[/]  (API docs: {url}/docs)")
@@ -222,6 +224,39 @@ def serve(
         console.print("stopping...")
     finally:
         _stop(children)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line and a non-zero exit when another process holds the port (before anything starts)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a listener blocks it
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another `likeness serve`? "
+                           "choose a port with --port or LIKENESS_PORT)") from None
+
+
+def _wait_listening(api: subprocess.Popen, host: str, port: int, timeout_s: float = 120.0) -> None:
+    """Until the API answers ``/healthz`` (so "listening on" is printed when it is true)."""
+    import httpx
+
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/healthz"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if api.poll() is not None:
+            raise CliError(f"the API stopped before it listened on {host}:{port}; see its log above")
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise CliError(f"the API did not answer on {host}:{port} within {timeout_s:.0f} s; see its log above")
 
 
 def _secret_banner(settings) -> str:
