@@ -378,18 +378,33 @@ def jobs_wait(
     """Follow a job with a progress bar until it ends; exit 1 unless it succeeded."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with _remote(api, key) as client, Progress(TextColumn("{task.description:<24}"), BarColumn(),
-                                               TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[eta]}"),
-                                               TimeElapsedColumn(), console=console) as bars:
-        task = bars.add_task("queued", total=100, eta="")
-        job = None
-        for job in client.wait(job_id, timeout_s=timeout):
-            eta = f"ETA {job.eta_s:.0f} s" if job.eta_s else ""
-            bars.update(task, completed=job.progress, description=job.stage or job.state.value, eta=eta)
-    assert job is not None
+    from likeness.client.errors import LikenessError
+
+    with _remote(api, key) as client:
+        try:  # the first answer before any progress bar: an unreachable API fails now, in one line
+            first = client.get_job(job_id)
+        except LikenessError as exc:
+            if exc.transient:
+                raise CliError(f"{exc} Is the service running? (--api or LIKENESS_API_URL)") from None
+            raise
+        with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                      TextColumn("{task.fields[eta]}"), TimeElapsedColumn(), console=console) as bars:
+            job = _follow(client, first, bars, timeout)
     if not job.succeeded:
         raise CliError(f"job {job.id} {job.state.value}: {job.error_message or ''} ({job.error_code})")
     console.print(f"job {job.id} ({job.kind.value}) succeeded")
+
+
+def _follow(client, first, bars, timeout: float | None):  # noqa: ANN001, ANN202 - a Client, a Job, a Progress
+    """Update one progress bar from the job's polls until it ends; returns the final job."""
+    task = bars.add_task(first.stage or first.state.value, total=100, completed=first.progress, eta="")
+    job = first
+    if not first.done:
+        for job in client.wait(first.id, timeout_s=timeout):  # noqa: B007 - the last one is the answer
+            eta = f"ETA {job.eta_s:.0f} s" if job.eta_s else ""
+            bars.update(task, completed=job.progress, description=job.stage or job.state.value, eta=eta)
+    bars.update(task, completed=job.progress)
+    return job
 
 
 class AdapterFormat(str, Enum):
@@ -400,7 +415,8 @@ class AdapterFormat(str, Enum):
 @adapters_app.command("download")
 def adapters_download(
     subject_id: str,
-    out: Annotated[Path, typer.Option("--out", help="A folder (the server's file name) or a file path.")] = Path("."),
+    out: Annotated[str, typer.Option("--out", help="A folder (an existing one, or a path ending in /: the server's "
+                                                   "file name) or a file path.")] = ".",
     format: Annotated[AdapterFormat, typer.Option("--format", help="diffusers: zip of the adapter folder; "  # noqa: A002
                                                                      "kohya: one file for A1111/ComfyUI.")]
     = AdapterFormat.diffusers,
@@ -410,7 +426,7 @@ def adapters_download(
 ) -> None:
     """Download a subject's trained adapter from the service."""
     with _remote(api, key) as client:
-        path = client.download_adapter(subject_id, out, format=format.value, version=version)
+        path = client.download_adapter(subject_id, out, format=format.value, version=version)  # str: keeps a "/"
     console.print(f"adapter written to {path} ({path.stat().st_size} bytes)")
 
 
@@ -493,6 +509,7 @@ def run(
 
     from likeness.contract.requests import GenerateRequest, TrainRequest
     from pipelines.errors import DatasetRejected
+    from pipelines.templates.masking import TemplateRejected
     from worker.local import LocalRunConfig, run_local
 
     if (style is None) == (template is None):
@@ -520,23 +537,31 @@ def run(
         except DatasetRejected as exc:
             raise CliError(f"{exc.message} Nothing was trained. Each photo's verdict and what to do about it: "
                            f"{out / 'report.json'}") from None
+        except TemplateRejected as exc:
+            raise CliError(f"{exc.message} ({exc.error_code}) Nothing was trained; see {out / 'report.json'}") from None
         for task_id in tasks.values():
             bars.update(task_id, completed=100)
     accepted = sum(1 for p in report["photos"] if p["accepted"])
     console.print(f"{accepted}/{len(report['photos'])} photos used, class token [bold]{report['class_token']}[/]; "
-                  f"{len(report['candidates'])} images and report.json in {out}")
+                  f"{_count(len(report['candidates']), 'image')} and report.json in {out}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _verdict_table(rows: list[dict]):
     """Intake's verdict per photo, printed before training starts (and for a rejected set)."""
     from rich.table import Table
 
-    used = sum(1 for row in rows if row["accepted"])
+    used = sum(1 for row in rows if row.get("used", row["accepted"]))
     table = Table(title=f"photos: {used} of {len(rows)} used", title_justify="left", show_edge=False)
     for column in ("photo", "verdict", "reason", "what to do"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        if row["accepted"]:
+        if row["accepted"] and not row.get("used", True):  # fine, but too few fine ones: nothing was trained
+            table.add_row(row["file"] or row["photo_id"], "[yellow]usable[/]", "", "")
+        elif row["accepted"]:
             table.add_row(row["file"] or row["photo_id"], "[green]used[/]", "", "")
         else:
             table.add_row(row["file"] or row["photo_id"], "[red]not used[/]", row["reason_code"], row["what_to_do"])

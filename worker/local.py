@@ -26,7 +26,7 @@ from likeness.contract.requests import (
     resolve_templating,
     resolve_train,
 )
-from pipelines.errors import DatasetRejected, InvalidConfig
+from pipelines.errors import DatasetRejected, InvalidConfig, PipelineError
 from pipelines.generation.request import GenerationSpec
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, never_stop, no_progress
 from pipelines.templates.spec import TemplateSpec
@@ -131,12 +131,21 @@ def read_template(config: LocalRunConfig):
                             code=f"template_{exc.reason.value}") from None
 
 
-def photo_verdicts(rows: list[dict[str, Any]], files: dict[str, str]) -> list[dict[str, Any]]:
-    """Intake's per-photo report rows with the file name and what the person can do about a refusal."""
+def photo_verdicts(rows: list[dict[str, Any]], files: dict[str, str], trained: bool = True) -> list[dict[str, Any]]:
+    """Intake's per-photo report rows with the file name and what the person can do about a refusal;
+    ``used``: the photo went into training (never, when the set was rejected)."""
     from pipelines.intake.reasons import ReasonCode
 
-    return [{**row, "file": files.get(row["photo_id"]), "what_to_do": ReasonCode(row["reason_code"]).what_to_do}
-            for row in rows]
+    return [{**row, "file": files.get(row["photo_id"]), "used": trained and bool(row["accepted"]),
+             "what_to_do": ReasonCode(row["reason_code"]).what_to_do} for row in rows]
+
+
+def _write_rejection(out_dir: Path, exc: PipelineError, preset: str, **extra: Any) -> None:
+    """``report.json`` of a run refused before training (the photo set or the template)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps({
+        "status": "rejected", "error": {"code": exc.error_code, "message": exc.message}, "preset": preset, **extra,
+    }, indent=2, default=str))
 
 
 def run_local(
@@ -187,8 +196,13 @@ def run_local(
     if template is not None:
         from pipelines.templates.masking import masking_models, prepare_template
 
-        with manager.borrow(masking_models(device)) as masking:
-            prepared = prepare_template(template, masking, on_progress=progress, should_stop=should_stop)
+        try:
+            with manager.borrow(masking_models(device)) as masking:
+                prepared = prepare_template(template, masking, on_progress=progress, should_stop=should_stop)
+        except PipelineError as exc:
+            if exc.user_error:
+                _write_rejection(out_dir, exc, preset.name, template=exc.details)
+            raise
 
     # 2. intake
     intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device,
@@ -200,13 +214,9 @@ def run_local(
         with manager.borrow(intake_models(intake)) as models:
             dataset = prepare_dataset(inputs, intake, models, on_progress=progress, should_stop=should_stop)
     except DatasetRejected as exc:
-        verdicts = photo_verdicts(exc.details.get("report", []), files)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "report.json").write_text(json.dumps({
-            "status": "rejected", "error": {"code": exc.error_code, "message": exc.message},
-            "preset": preset.name, "photos": verdicts,
-            "accepted": exc.details.get("accepted"), "min_photos": exc.details.get("min_photos"),
-        }, indent=2, default=str))
+        verdicts = photo_verdicts(exc.details.get("report", []), files, trained=False)
+        _write_rejection(out_dir, exc, preset.name, photos=verdicts, accepted=exc.details.get("accepted"),
+                         min_photos=exc.details.get("min_photos"))
         if on_verdicts is not None:
             on_verdicts(verdicts)
         raise

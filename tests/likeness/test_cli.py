@@ -40,3 +40,37 @@ def test_cli_create_client_prints_a_working_key(sqlite_db):
     assert caller is not None and caller.role.value == "bot"
 
 
+
+
+def test_help_shows_flags_without_a_type():
+    from typer.testing import CliRunner
+
+    from likeness_cli.main import app
+
+    for command in ([], ["run"], ["serve"], ["migrate"]):
+        result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "--help" in result.output
+        assert "<bool>" not in result.output, result.output
+
+
+def test_counts_are_spelt_in_the_singular_and_the_plural():
+    from likeness_cli.main import _count
+
+    assert (_count(1, "image"), _count(0, "image"), _count(4, "image")) == ("1 image", "0 images", "4 images")
+
+
+def test_jobs_wait_fails_at_once_when_the_api_is_unreachable(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "likeness", "jobs", "wait", "j1", "--api",
+                             f"http://127.0.0.1:{port}", "--key", "lk_x"], capture_output=True, text=True,
+                            env=clean_environ(COLUMNS="200"), timeout=120)
+    assert time.monotonic() - started < 20  # not the client's minute of waiting out an outage
+    assert result.returncode == 1 and "queued" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "running" in lines[0], result.stderr

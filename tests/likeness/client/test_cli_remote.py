@@ -58,6 +58,9 @@ def test_adapters_download_writes_the_file(client_a, store, remote, tmp_path):
     kohya = CliRunner().invoke(cli.app, ["adapters", "download", subject_id, "--format", "kohya",
                                                   "--out", str(tmp_path / "lora.safetensors")])
     assert kohya.exit_code == 0 and (tmp_path / "lora.safetensors").read_bytes() == b"kohya-file"
+    into = CliRunner().invoke(cli.app, ["adapters", "download", subject_id, "--out", f"{tmp_path / 'new'}/"])
+    assert into.exit_code == 0, into.output
+    assert (tmp_path / "new").is_dir() and len(list((tmp_path / "new").glob("*.zip"))) == 1  # a folder, as spelt
 
 
 def test_remote_commands_say_what_is_missing(monkeypatch):
