@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     max_candidates_per_request: int = 64
 
     # ML
-    model_preset: Literal["tiny", "sd15"] = "tiny"
+    # auto: sd15 when its weights are on this machine (`likeness models pull --preset sd15`), else tiny
+    model_preset: Literal["auto", "tiny", "sd15"] = "auto"
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)
@@ -149,6 +150,13 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return (self.model_cache_dir or self.data_dir / "models").resolve()
+
+    @property
+    def preset(self) -> str:
+        """The model preset jobs use: ``model_preset`` with ``auto`` resolved (once per process)."""
+        from pipelines.models.weights import resolve_preset
+
+        return resolve_preset(self.model_preset, self.resolved_model_cache_dir)
 
     def queue(self, name: str) -> str:
         """The broker's name of a job-plan queue (``cpu``/``gpu``), with this deployment's prefix."""

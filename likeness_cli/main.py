@@ -182,6 +182,9 @@ def serve(
     settings = _settings()
     host, port = host or settings.host, port or settings.port
     _check_port_free(host, port)
+    preset = _checked_preset(settings.model_preset, settings)
+    console.print(_preset_banner(settings.model_preset, preset), highlight=False)
+    os.environ["LIKENESS_MODEL_PRESET"] = preset  # the API and the workers use the preset resolved here
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     from core.db.migrate import upgrade_to_head
 
@@ -205,8 +208,7 @@ def serve(
         console.print(f"Likeness listening on [bold]{url}[/]  (API docs: {url}/docs)")
         console.print(f"admin dashboard: [bold]{url}/admin[/]  (log in with the admin API key)")
         mode = "embedded" if settings.embedded else "distributed"
-        console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, "
-                      f"preset: {settings.model_preset}")
+        console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, preset: {preset}")
         console.print(_secret_banner(settings), soft_wrap=True)
         if created:
             console.print("admin API key (created now, kept in data_dir/admin_api_key):")
@@ -224,6 +226,24 @@ def serve(
         console.print("stopping...")
     finally:
         _stop(children)
+
+
+def _checked_preset(name: str, settings) -> str:
+    """``name`` (``auto`` resolved) once its weights are known to be here: a missing one is one line now,
+    with the command that fetches it, rather than hub retries inside the first job."""
+    from pipelines.models.weights import require_weights, resolve_preset
+
+    preset = resolve_preset(name, settings.resolved_model_cache_dir)
+    require_weights(preset, settings.resolved_model_cache_dir)
+    return preset
+
+
+def _preset_banner(asked: str, preset: str) -> str:
+    if preset == "tiny":
+        why = " (auto: no real weights here; `likeness models pull --preset sd15` fetches them)" if asked == "auto" \
+            else ""
+        return f"model preset: tiny - random weights, its images are noise{why}"
+    return f"model preset: {preset}" + (" (auto: its weights are on this machine)" if asked == "auto" else "")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -307,13 +327,15 @@ def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
 
 @models_app.command("pull")
 def models_pull(
-    preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET; auto: sd15).")]
+    = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
     from worker.weights import pull
 
     settings = _settings()
-    pull(preset or settings.model_preset, settings.resolved_model_cache_dir, console)
+    name = preset or settings.model_preset
+    pull("sd15" if name == "auto" else name, settings.resolved_model_cache_dir, console)
 
 
 @models_app.command("check")
@@ -324,8 +346,8 @@ def models_check(
     from worker.weights import check
 
     settings = _settings()
-    missing = check(preset or settings.model_preset, settings.resolved_model_cache_dir)
-    name = preset or settings.model_preset
+    name = preset or settings.preset
+    missing = check(name, settings.resolved_model_cache_dir)
     if missing:
         for item in missing:
             console.print(f"[red]missing[/] {item}")
@@ -494,7 +516,8 @@ def run(
     template: Annotated[str | None, typer.Option(
         help="Template mode instead of a style: a shipped template's name (pipelines/templates/library) or a "
              "photo file of one person to put the subject into.")] = None,
-    preset: Annotated[str, typer.Option(help="tiny (random weights: images are noise) | sd15")] = "tiny",
+    preset: Annotated[str | None, typer.Option(help="tiny (random weights: images are noise) | sd15 | auto: sd15 when "
+                                                    "its weights are here (default: LIKENESS_MODEL_PRESET)")] = None,
     n: Annotated[int, typer.Option(help="Candidates generated.")] = 8,
     k: Annotated[int, typer.Option(help="Best candidates kept (and upscaled).")] = 4,
     seed: int = 0,
@@ -514,6 +537,10 @@ def run(
 
     if (style is None) == (template is None):
         raise CliError("give --style STYLE or --template NAME_OR_FILE (one of them)")
+    settings = _settings()
+    asked = preset or settings.model_preset
+    preset = _checked_preset(asked, settings)  # before any photo is read or model loaded
+    console.print(_preset_banner(asked, preset), highlight=False)
     config = LocalRunConfig(train=TrainRequest(steps=train_steps), preset=preset, device=device)
     if style is not None:
         config = dataclasses.replace(config, generate=GenerateRequest(style=style, n=n, k=k, seed=seed))
@@ -532,7 +559,7 @@ def run(
             bars.update(tasks[event.stage], completed=100 * event.fraction)
 
         try:
-            report = run_local(photos_dir, out, config, _settings().resolved_model_cache_dir,
+            report = run_local(photos_dir, out, config, settings.resolved_model_cache_dir,
                                on_progress=on_progress, on_verdicts=lambda rows: console.print(_verdict_table(rows)))
         except DatasetRejected as exc:
             raise CliError(f"{exc.message} Nothing was trained. Each photo's verdict and what to do about it: "

@@ -82,7 +82,9 @@ def image_id(job_id: str, rank: int) -> str:
 
 def _preset(name: str, settings: Settings):
     from pipelines.models.presets import get_preset
+    from pipelines.models.weights import require_weights
 
+    require_weights(name, settings.resolved_model_cache_dir)  # missing weights: one line, before any work
     return get_preset(name, settings.resolved_model_cache_dir)
 
 

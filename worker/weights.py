@@ -9,55 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.models.presets import ModelPreset, get_preset, tiny_dir, tiny_is_built
+from pipelines.models.presets import get_preset, tiny_dir
+from pipelines.models.weights import ALLOW_PATTERNS, check, is_local, references, split_file
 
-# Only what diffusers/transformers load: skips duplicate .ckpt/.bin/fp16 copies of the same weights.
-ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
-
-
-def references(preset: ModelPreset) -> list[str]:
-    refs = [preset.base_model, preset.clip, preset.aesthetic_head, preset.upscaler_x2, preset.upscaler_x4]
-    refs += [preset.vae] if preset.vae else []
-    refs += list(preset.controlnets.values())
-    return refs
-
-
-def _split_file(ref: str) -> tuple[str, str]:
-    owner, repo, filename = ref.removeprefix("hf://").split("/", 2)
-    return f"{owner}/{repo}", filename
-
-
-def is_local(ref: str) -> bool:
-    return not ref.startswith("hf://") and Path(ref).exists()
-
-
-def available(ref: str, revision: str | None = None) -> bool:
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    if is_local(ref):
-        return True
-    try:
-        if ref.startswith("hf://"):
-            repo, filename = _split_file(ref)
-            hf_hub_download(repo, filename, local_files_only=True)
-        else:
-            folder = Path(snapshot_download(ref, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                            local_files_only=True))
-            if not any(folder.rglob("*.safetensors")):
-                return False
-        return True
-    except Exception:
-        return False
-
-
-def check(name: str, cache_dir: Path) -> list[str]:
-    """References of ``name`` that are not available offline (empty: ready)."""
-    if name == "tiny":
-        if tiny_is_built(cache_dir):
-            return []
-        return [f"tiny models under {tiny_dir(cache_dir)} (built by models pull)"]
-    preset = get_preset(name, cache_dir)
-    return [ref for ref in references(preset) if not available(ref, preset.revision)]
+__all__ = ["check", "pull"]
 
 
 def pull(name: str, cache_dir: Path, console=None) -> None:
@@ -81,7 +36,7 @@ def pull(name: str, cache_dir: Path, console=None) -> None:
             bars.update(task, description=f"{name}: {ref}")
             if not is_local(ref):
                 if ref.startswith("hf://"):
-                    repo, filename = _split_file(ref)
+                    repo, filename = split_file(ref)
                     hf_hub_download(repo, filename)  # huggingface_hub shows a byte-level bar per file
                 else:
                     snapshot_download(ref, revision=preset.revision, allow_patterns=ALLOW_PATTERNS)

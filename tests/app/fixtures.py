@@ -71,6 +71,7 @@ def configure_test_environment() -> None:
     os.environ.setdefault("LIKENESS_DATA_DIR", str(tmp))
     os.environ.setdefault("LIKENESS_STORAGE_DIR", str(tmp / "blobs"))
     os.environ.setdefault("LIKENESS_SECRET_KEY", "test-secret-" + run_id)
+    os.environ.setdefault("LIKENESS_MODEL_PRESET", "tiny")  # never `auto`: weights a developer pulled stay unused
     from core.config import get_settings
 
     get_settings.cache_clear()

@@ -74,3 +74,20 @@ def test_jobs_wait_fails_at_once_when_the_api_is_unreachable(tmp_path):
     assert result.returncode == 1 and "queued" not in result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "running" in lines[0], result.stderr
+
+
+def test_run_with_missing_weights_fails_before_any_work(tmp_path):
+    import time
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    env = clean_environ(LIKENESS_DATA_DIR=str(tmp_path / "data"), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "likeness", "run", str(photos), "--preset", "sd15", "--style",
+                             "cinematic", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert time.monotonic() - started < 30  # no hub retries
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "preset sd15 is missing" in line and "likeness models pull --preset sd15" in line
+    assert not (tmp_path / "out").exists()

@@ -155,3 +155,22 @@ def test_a_database_outage_mid_phase_does_not_lose_the_job(sqlite_db, monkeypatc
     assert outage["refused"] >= 4  # progress writes, a cancel check and the phase record met the outage
     job = read_job(job_id)
     assert job.attempts == 1 and job.result["training"] == {"steps": 10}
+
+
+def test_a_job_whose_preset_lacks_weights_fails_in_its_first_phase_with_the_command(sqlite_db, tmp_path, monkeypatch,
+                                                                                     queue):
+    from likeness.contract.requests import TrainRequest, resolve_train
+    from tests.app.fixtures import session_scope
+    from worker import runner
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    job_id = make_job()
+    with session_scope() as session:
+        from core.db.models import Job
+
+        session.get(Job, job_id).request = resolve_train(TrainRequest(), preset="sd15").model_dump(mode="json")
+    assert runner.run_job(job_id, settings=settings_with()) == "failed"
+    job = read_job(job_id)
+    assert job.error_code == "weights_missing" and job.stage is None  # before any stage began
+    assert "likeness models pull --preset sd15" in job.error_message
