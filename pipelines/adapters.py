@@ -65,7 +65,7 @@ class LoraSpec:
 @dataclass(frozen=True)
 class AdapterManifest:
     mode: str  # "lora" | "full"
-    base_model: str
+    base_model: str  # the hub id, or the preset's name for a locally built base (never a path)
     instance_token: str
     class_token: str
     tokens: tuple[str, ...]  # every added token, in the order they were added
@@ -78,6 +78,7 @@ class AdapterManifest:
     components: tuple[str, ...] = ()  # full mode: the saved components; lora mode: those with LoRA
     format: str = FORMAT
     version: int = VERSION
+    preset: str | None = None  # the model preset trained on (tiny, sd15)
 
     def __post_init__(self):
         if self.mode not in ("lora", "full"):
