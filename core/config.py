@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)
+    log_format: Literal["auto", "json", "text"] = "auto"  # worker logs; auto: JSON lines unless on a terminal
 
     # Jobs
     max_attempts: int = 3

@@ -528,6 +528,9 @@ def run(
                                                                     "higher resolution.")] = False,
 ) -> None:
     """Photos folder -> portraits folder, locally, through the same pipeline as the service."""
+    from core import logs
+
+    logs.quiet_libraries()  # before the ML libraries load: no weight-loading bars or TF Lite chatter
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from likeness.contract.requests import GenerateRequest, TrainRequest

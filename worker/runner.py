@@ -26,6 +26,7 @@ from worker.phases import PHASE_RUNNERS, PhaseContext
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
 
 log = logging.getLogger(__name__)
+stage_log = logging.getLogger("likeness.jobs")  # one structured line per stage (job_id, kind, stage, preset)
 
 INTERNAL_ERROR_MESSAGE = "an internal error stopped this job; the operators have the details"
 
@@ -143,6 +144,7 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
     workdir.mkdir(parents=True, exist_ok=True)
     cancel_check = Throttle(1.0)
     cancel_seen = False
+    preset = (job.request or {}).get("preset")
 
     with _Heartbeat(settings, job_id, settings.job_heartbeat_s) as beat:
 
@@ -162,6 +164,10 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
             return cancel_seen
 
         def write(update: JobProgressUpdate) -> None:
+            if update.stage_started:  # one line per stage: what a log reader follows a job by
+                stage_log.info("job %s %s: %s (preset %s, attempt %d)", job_id, job.kind, update.stage, preset,
+                               job.attempts, extra={"job_id": job_id, "kind": str(job.kind), "stage": update.stage,
+                                                    "preset": preset, "attempt": job.attempts})
             try:
                 owned = jobs.write_progress(settings, job_id, job.kind, update.stage, update.progress, update.eta_s,
                                             stage_started=update.stage_started, attempt=job.attempts)

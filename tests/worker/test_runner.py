@@ -174,3 +174,34 @@ def test_a_job_whose_preset_lacks_weights_fails_in_its_first_phase_with_the_comm
     job = read_job(job_id)
     assert job.error_code == "weights_missing" and job.stage is None  # before any stage began
     assert "likeness models pull --preset sd15" in job.error_message
+
+
+def test_each_stage_is_one_structured_log_line_with_the_job_id(sqlite_db, monkeypatch, queue, caplog):
+    import json
+    import logging
+
+    from core.db.models import Job
+    from core.logs import JsonFormatter
+    from likeness.contract.plan import JobKind, Stage
+    from tests.app.fixtures import session_scope
+    from worker import phases, runner
+
+    def training(ctx):
+        for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
+            for fraction in (0.0, 0.5, 1.0):  # many progress events, one line per stage
+                ctx.on_progress(ProgressEvent(stage, fraction))
+        return {}
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"),
+                        lambda ctx: ctx.on_progress(ProgressEvent(Stage.INTAKE, 1.0)) or {})
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
+    job_id = make_job()
+    with session_scope() as session:
+        session.get(Job, job_id).request = {"preset": "tiny"}
+    with caplog.at_level(logging.INFO, logger="likeness.jobs"):
+        assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "likeness.jobs"]
+    assert [line["stage"] for line in lines] == ["intake", "caching", "training:stage1", "training:stage2"]
+    for line in lines:
+        assert line["job_id"] == job_id and line["kind"] == "train" and line["preset"] == "tiny"
+        assert line["attempt"] == 1 and job_id in line["msg"] and line["level"] == "info" and line["ts"]
