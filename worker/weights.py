@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.errors import PipelineError
 from pipelines.models.presets import get_preset, tiny_dir
 from pipelines.models.weights import ALLOW_PATTERNS, check, is_local, references, split_file
 
-__all__ = ["check", "pull"]
+__all__ = ["HubOffline", "check", "pull"]
+
+
+class HubOffline(PipelineError):
+    code = "hub_offline"
 
 
 def pull(name: str, cache_dir: Path, console=None) -> None:
@@ -25,8 +30,11 @@ def pull(name: str, cache_dir: Path, console=None) -> None:
             get_preset("tiny", cache_dir)
         console.print(f"tiny preset ready under {tiny_dir(cache_dir)} (random weights: its images are noise)")
         return
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
 
+    if constants.HF_HUB_OFFLINE:  # the settings say there is no hub: say so rather than retry it
+        raise HubOffline(f"HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it to pull preset {name} "
+                         "(or copy a Hugging Face cache that has it into HF_HOME)", {"preset": name})
     preset = get_preset(name, cache_dir)
     refs = references(preset)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -91,3 +91,15 @@ def test_run_with_missing_weights_fails_before_any_work(tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert "preset sd15 is missing" in line and "likeness models pull --preset sd15" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_models_pull_says_the_hub_is_offline_instead_of_retrying_it(tmp_path):
+    import time
+
+    env = clean_environ(LIKENESS_DATA_DIR=str(tmp_path), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "likeness", "models", "pull", "--preset", "sd15"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert time.monotonic() - started < 30 and result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "HF_HUB_OFFLINE is set" in line and "Traceback" not in result.stderr
