@@ -5,8 +5,9 @@ same format (``LIKENESS_LOG_FORMAT``: ``json`` lines for a log collector, ``text
 ``auto``: JSON unless stderr is a terminal), and fields passed as ``extra`` (``job_id``, ``stage``,
 ...) become JSON keys. :func:`quiet_libraries` silences what the libraries print on every job
 while being correct: progress bars of weight loading (transformers, diffusers, huggingface_hub),
-their advisory warnings, diffusers' ``torch_dtype`` deprecation and the TF Lite / absl lines that
-MediaPipe's native graphs write straight to file descriptor 2. Call it before the libraries load.
+their advisory warnings, diffusers' ``torch_dtype`` deprecation, peft's note on saving a LoRA of a
+local base, and the TF Lite / absl lines that MediaPipe's native graphs write straight to file
+descriptor 2. Call it before the libraries load.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def quiet_libraries() -> None:
     for name, value in LIBRARY_QUIET_ENV.items():
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated", category=FutureWarning)
+    # peft, saving a LoRA of a local base folder: our tokens live in the adapter's own files
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary")
     for name in ("transformers", "diffusers"):  # already imported: their loggers read the environment once
         if name in sys.modules:
             logging.getLogger(name).setLevel(logging.ERROR)
