@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -26,7 +27,19 @@ class AppError(Exception):
         super().__init__(self.message)
 
     def body(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "details": self.details}
+        return {"code": self.code, "message": self.message, "details": json_safe(self.details)}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±Infinity: not JSON) written as a string, so an error
+    body that echoes a bad input always serialises."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class Unauthorized(AppError):
@@ -92,10 +105,10 @@ class TooManyRequests(AppError):
     status, code, default_message = 429, "rate_limited", "Too many requests; slow down."
 
     def __init__(self, message: str | None = None, details: dict[str, Any] | None = None, *,
-                 code: str | None = None, retry_after_s: float | None = None):
-        headers = None
+                 code: str | None = None, retry_after_s: float | None = None, headers: dict[str, str] | None = None):
+        headers = dict(headers or {})
         if retry_after_s is not None:
             seconds = max(1, int(-(-retry_after_s // 1)))  # whole seconds, rounded up
-            headers = {"Retry-After": str(seconds)}
+            headers["Retry-After"] = str(seconds)
             details = {**(details or {}), "retry_after_s": seconds}
-        super().__init__(message, details, code=code, headers=headers)
+        super().__init__(message, details, code=code, headers=headers or None)

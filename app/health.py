@@ -1,12 +1,17 @@
-"""Readiness checks: each returns "ok" or a short error string; none takes more than a few seconds."""
+"""Readiness checks: each dependency is "ok" or "unavailable" (a status word: ``/readyz`` is public, so the
+driver's error text, with its host names and ports, goes to the log only); none takes more than a few seconds."""
 
 from __future__ import annotations
+
+import logging
 
 from sqlalchemy import text
 
 from core.config import Settings
 from core.db.session import get_engine
 from core.storage import get_blob_store
+
+log = logging.getLogger("likeness.api")
 
 TIMEOUT_S = 2.0
 
@@ -37,5 +42,6 @@ def check_all(settings: Settings) -> dict[str, str]:
         try:
             results[name] = check(settings)
         except Exception as exc:  # noqa: BLE001 - report, don't raise
-            results[name] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("readiness: %s unavailable: %s: %s", name, type(exc).__name__, str(exc)[:300])
+            results[name] = "unavailable"
     return results

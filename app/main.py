@@ -21,12 +21,15 @@ from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
 from app.auth_sync import AuthSubscriber
 from app.docs import install_offline_docs
-from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable
+from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable, Unauthorized, json_safe
+from app.health import check_all
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
-from app.ratelimit import rate_limiter
+from app.ratelimit import RateLimitHeaders, rate_limiter
+from app.services.clients import ensure_client_with_key
 from core.config import Settings, get_settings
 from core.db.session import SessionLocal, database_unavailable
 from core.db.uow import UnitOfWork
+from core.signing import same_text
 from core.storage import StorageError
 
 log = logging.getLogger("likeness.api")
@@ -55,7 +58,11 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        limit = self.upload_limit if scope["path"].endswith("/photos") else self.default_limit
+        # The big limit only for multipart uploads (their files are spooled to disk as they arrive); any other
+        # body a route reads whole into memory, so it keeps the small one.
+        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
+        uploading = scope["path"].endswith("/photos") and content_type.startswith(b"multipart/form-data")
+        limit = self.upload_limit if uploading else self.default_limit
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_error(send, PayloadTooLarge(details={"max_bytes": limit}))
@@ -90,8 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                    for e in exc.errors()]
+        problems = [{"loc": json_safe(list(e.get("loc", ()))), "msg": str(e.get("msg", "")),
+                     "type": str(e.get("type", ""))} for e in exc.errors()]
         return JSONResponse({"code": "validation_error", "message": "The request is invalid.",
                              "details": {"errors": problems}}, status_code=422)
 
@@ -140,10 +147,23 @@ def _dependency_error(exc: BaseException) -> AppError | None:
 def _bootstrap_admin(settings: Settings) -> None:
     if not settings.bootstrap_admin_key:
         return
-    from app.services.clients import ensure_client_with_key
-
     with UnitOfWork(settings) as uow:
         ensure_client_with_key(uow.session, "bootstrap-admin", "admin", settings.bootstrap_admin_key)
+
+
+def proxy_options(settings: Settings) -> dict[str, object]:
+    """uvicorn's proxy settings: forwarded headers are read only from ``LIKENESS_FORWARDED_ALLOW_IPS``
+    (none by default; uvicorn alone would believe them from 127.0.0.1)."""
+    trusted = settings.forwarded_allow_ips.strip()
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None}
+
+
+def proxy_args(settings: Settings) -> list[str]:
+    """:func:`proxy_options` as uvicorn's command-line flags."""
+    options = proxy_options(settings)
+    if not options["proxy_headers"]:
+        return ["--no-proxy-headers"]
+    return ["--proxy-headers", "--forwarded-allow-ips", str(options["forwarded_allow_ips"])]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -185,6 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_probes(app, settings)
     install_offline_docs(app)
     install_admin_dashboard(app)  # /admin: server-rendered pages over the same services
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware)
     return app
@@ -199,15 +220,19 @@ def _install_probes(app: FastAPI, settings: Settings) -> None:
              responses={503: {"model": ErrorBody, "description": "A dependency is down (details say which)."}},
              response_model=dict[str, object])
     def readyz():  # noqa: ANN202
-        from app.health import check_all
-
-        checks = check_all(settings)
+        checks = check_all(settings)  # status words only: this route is public
         if all(c == "ok" for c in checks.values()):
             return {"status": "ok", "checks": checks}
         return JSONResponse({"code": "not_ready", "message": "A dependency is unavailable.",
                              "details": {"checks": checks}}, status_code=503)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse,
+             description="With `LIKENESS_METRICS_TOKEN` set, only for `Authorization: Bearer <that token>`.",
+             responses={401: {"model": ErrorBody, "description": "The metrics token is required."}})
+    def metrics(request: Request) -> PlainTextResponse:
+        if settings.metrics_token and not same_text(f"Bearer {settings.metrics_token}",
+                                                    request.headers.get("authorization", "")):
+            raise Unauthorized("Send the metrics token as 'Authorization: Bearer <token>'.",
+                               code="metrics_token_required", headers={"WWW-Authenticate": "Bearer"})
         return PlainTextResponse(render(app.state.scrape_registry), media_type="text/plain; version=0.0.4")
 

@@ -27,7 +27,6 @@ class Settings(BaseSettings):
     # Data and queues. Empty means "embedded default under data_dir".
     database_url: str = ""
     broker_url: str = ""  # redis://... in production
-    result_backend: str = ""
     redis_url: str = ""  # rate/idempotency/queue-depth metrics; optional in embedded mode
     queue_prefix: str = ""  # isolates queues (and Redis keys) of several deployments/test runs
     # Redis: an unacked message goes to another worker after this. Not how a lost job comes back (the
@@ -44,18 +43,25 @@ class Settings(BaseSettings):
     s3_secret_access_key: str | None = None
 
     # Security
-    # Signs download URLs (webhooks use per-client secrets). Unset: a random one generated once per
+    # Signs download URLs and derives the key that encrypts webhook secrets at rest (core.sealed); every API
+    # process and worker needs the same one. Unset: a random one generated once per
     # install and kept in ``<data_dir>/secret_key`` (mode 600); see core.signing.signing_secret.
     secret_key: str | None = None
     signed_url_ttl_s: int = 300
     bootstrap_admin_key: str | None = None  # creates an admin client with this key at start if set
     webhook_allow_private: bool = False  # let webhooks reach loopback/private addresses (self-hosted receivers)
+    # Bearer token that /metrics asks for (unset: /metrics is open, for a scraper on a private network).
+    metrics_token: str | None = None
 
-    # Per-client limits: the defaults for clients whose own value is NULL (None: unlimited).
-    default_requests_per_minute: int | None = None
-    default_max_concurrent_jobs: int | None = None
-    default_max_trainings_per_day: int | None = None
-    default_max_storage_bytes: int | None = None
+    # Failed authentications (wrong API keys, bad signed links) per address and sliding minute; 0: unlimited.
+    auth_failures_per_minute: int = 30
+
+    # Per-client limits: the defaults for clients whose own value is NULL (``none``: unlimited). A new client is
+    # bounded from its first request; an admin raises (or lifts) a client's own limits.
+    default_requests_per_minute: int | None = 1200  # 20 a second: polls of several jobs at once
+    default_max_concurrent_jobs: int | None = 4
+    default_max_trainings_per_day: int | None = 20
+    default_max_storage_bytes: int | None = 5 * 1024**3  # 5 GiB
 
     # Retention (per-client values override; None: keep forever) and the purge's schedule.
     retain_training_data_days: int | None = 30  # uploads, crops, datasets: days after the training that used them
@@ -71,7 +77,7 @@ class Settings(BaseSettings):
 
     # ML
     # auto: sd15 when its weights are on this machine (`likeness models pull --preset sd15`), else tiny
-    model_preset: Literal["auto", "tiny", "sd15"] = "auto"
+    model_preset: Literal["auto", "tiny", "sd15", "tiny-sdxl", "sdxl"] = "auto"
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)
@@ -90,6 +96,9 @@ class Settings(BaseSettings):
     # API server
     host: str = "127.0.0.1"
     port: int = 8000
+    # Reverse proxies whose X-Forwarded-For / -Proto are believed (comma-separated addresses or networks, "*" for
+    # any); empty: none, the peer's address is the client's (per-address limits cannot be dodged with a header).
+    forwarded_allow_ips: str = ""
 
     @field_validator("default_requests_per_minute", "default_max_concurrent_jobs", "default_max_trainings_per_day",
                      "default_max_storage_bytes", "retain_training_data_days", "retain_images_days", mode="before")
@@ -131,10 +140,6 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         # Embedded mode: kombu's SQLAlchemy transport on a SQLite file, so no Redis is needed.
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite3').resolve()}"
-
-    @property
-    def resolved_result_backend(self) -> str:
-        return self.result_backend or f"db+sqlite:///{(self.data_dir / 'results.sqlite3').resolve()}"
 
     @property
     def resolved_redis_url(self) -> str | None:

@@ -37,23 +37,22 @@ from core.db.models import (
     IdempotencyRecord,
     Image,
     Job,
-    JobKind,
     Photo,
     PurgeTotal,
     Subject,
     TemplatePhoto,
     utcnow,
 )
+from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore, checkpoint_prefix, dataset_prefix, get_blob_store, photo_prefix
-from likeness.contract.plan import ACTIVE_STATES, JobState
+from likeness.contract.plan import ACTIVE_STATES, TERMINAL_STATES, JobKind
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_DAYS = 7  # an Idempotency-Key is for retries, not for history
 
 BATCH = 200
-FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
 DATASET_PURGED = "dataset_purged_at"  # marker in a training job's result: its dataset is gone
 
 
@@ -94,6 +93,7 @@ def purge_expired(settings: Settings | None = None, store: BlobStore | None = No
     _record(settings, report, now)
     if report.photos or report.datasets or report.templates or report.images:
         log.info("retention purge: %s", report.as_dict())
+        scrub_deleted(settings.resolved_database_url)  # no deleted row left in the SQLite file or its log
     return report
 
 
@@ -118,7 +118,7 @@ def _purge_training_data(settings: Settings, store: BlobStore, client_id: str, c
         with UnitOfWork(settings) as uow:
             trainings = uow.session.execute(
                 select(Job.id, Job.subject_id, Job.result).where(
-                    Job.client_id == client_id, Job.kind == JobKind.TRAIN, Job.state.in_(FINAL_STATES),
+                    Job.client_id == client_id, Job.kind == JobKind.TRAIN, Job.state.in_(TERMINAL_STATES),
                     Job.finished_at < cutoff).order_by(Job.finished_at)).all()
             pending = [t for t in trainings if not (t.result or {}).get(DATASET_PURGED)][:BATCH]
             for job_id, subject_id, result in pending:

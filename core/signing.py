@@ -25,6 +25,7 @@ from typing import Literal
 from urllib.parse import urlencode
 
 from core.config import Settings
+from core.private_files import private_dir
 
 SIGNED_PATH = "/v1/blobs/signed"
 SECRET_FILE = "secret_key"
@@ -57,7 +58,7 @@ def install_secret(path: Path) -> str:
         return _read_secret(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # created with mode 600
     try:
         with os.fdopen(fd, "w") as f:
@@ -81,6 +82,12 @@ def _read_secret(path: Path) -> str:
 
 # ---- signing -----------------------------------------------------------------------------------------------
 
+def same_text(expected: str, given: str) -> bool:
+    """Constant-time equality of two texts, compared as UTF-8 bytes: a non-ASCII character in a cookie,
+    header, form field or query is simply unequal (``compare_digest`` on two ``str`` raises on those)."""
+    return hmac.compare_digest(expected.encode("utf-8", "replace"), given.encode("utf-8", "replace"))
+
+
 def _mac(secret: str, client_id: str, subject_id: str, image_id: str, variant: str, expires_at: int) -> str:
     message = "\n".join((_PURPOSE, client_id, subject_id, image_id, variant, str(expires_at)))
     return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
@@ -99,7 +106,7 @@ def check_image_signature(secret: str, client_id: str, subject_id: str, image_id
                           expires_at: int, sig: str, now: float | None = None) -> str | None:
     """None when valid, else the error code (``invalid_signature`` or ``url_expired``)."""
     expected = _mac(secret, client_id, subject_id, image_id, variant, expires_at)
-    if not hmac.compare_digest(expected.encode(), sig.encode(errors="replace")):
+    if not same_text(expected, sig):
         return "invalid_signature"
     if expires_at < (now if now is not None else time.time()):
         return "url_expired"

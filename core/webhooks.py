@@ -1,8 +1,10 @@
 """Webhooks: signed job events, one delivery row per attempt series.
 
-Signature header ``X-Likeness-Signature: t=<unix ts>,v1=<hex>`` where ``hex`` is
-HMAC-SHA256 over ``f"{t}." + body`` with the client's webhook secret; signing and verifying
-live in :mod:`likeness.webhooks` (one implementation, importable without the API).
+Each delivery is signed the Standard Webhooks way (``webhook-id`` = the delivery id,
+``webhook-timestamp``, ``webhook-signature: v1,<base64>``) and with the original
+``X-Likeness-Signature: t=<unix ts>,v1=<hex>``; signing and verifying live in
+:mod:`likeness.webhooks` (one implementation, importable without the API). The client's
+secret is stored encrypted (:mod:`core.sealed`) and opened only to sign.
 
 Flow: a job changes state -> :func:`notify_job` adds a delivery row and an outbox message
 in the same transaction -> after the commit the message reaches the worker's
@@ -20,14 +22,25 @@ from typing import Any
 import httpx
 from sqlalchemy.orm import Session
 
+from core import sealed
 from core.config import get_settings
 from core.db.models import Client, Job, WebhookDelivery, utcnow
+from core.db.uow import UnitOfWork
 from core.webhook_targets import DestinationRefused, pinned_request_args, resolve_checked
-from likeness.webhooks import DEFAULT_TOLERANCE_S, SIGNATURE_HEADER, sign, verify  # noqa: F401 - re-exported
+from likeness.webhooks import (  # noqa: F401 - re-exported
+    DEFAULT_TOLERANCE_S,
+    SIGNATURE_HEADER,
+    sign,
+    signature_headers,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 10.0
+#: What the tenant's delivery log says of a refused destination: never what a name resolved to (that would
+#: let a tenant map the internal network); the operator's log has the reason.
+DESTINATION_REFUSED = "destination refused: the webhook URL does not lead to an allowed (public) address"
 
 
 def build_event(job: Job) -> dict[str, Any]:
@@ -61,7 +74,7 @@ def queue_job_event(session: Session, job: Job) -> str | None:
     return delivery.id
 
 
-def notify_job(uow, job: Job) -> None:  # noqa: ANN001 - core.db.uow.UnitOfWork (imports this module)
+def notify_job(uow: UnitOfWork, job: Job) -> None:
     """Queue the webhook of ``job``'s current state: a delivery row now, the send after the commit."""
     uow.notify(queue_job_event(uow.session, job))
 
@@ -77,8 +90,6 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
     2xx -> delivered; 4xx other than 408/429 -> given up (the receiver refuses it);
     5xx, 408, 429 and network errors -> retry until ``webhook_max_attempts``.
     """
-    from core.db.uow import UnitOfWork
-
     if session is None:
         with UnitOfWork() as uow:
             return record_and_send(delivery_id, session=uow.session)
@@ -93,13 +104,20 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
         return False
 
     settings = get_settings()
+    try:
+        secret = sealed.unseal(settings, client.webhook_secret)
+    except sealed.SecretUnreadable as exc:
+        delivery.error = f"{exc}; set the webhook again to get a new secret"
+        delivery.next_attempt_at = None
+        log.error("webhook delivery %s: %s", delivery.id, exc)
+        return False
     body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "Likeness-Webhooks/1",
         "X-Likeness-Event": delivery.event,
         "X-Likeness-Delivery": delivery.id,
-        SIGNATURE_HEADER: sign(body, client.webhook_secret, int(time.time())),
+        **signature_headers(body, secret, delivery.id, int(time.time())),
     }
     delivery.attempt += 1
     delivery.status_code = None
@@ -119,7 +137,7 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
             delivery.error = f"receiver answered HTTP {response.status_code}"
         retryable = response.status_code >= 500 or response.status_code in (408, 429)
     except DestinationRefused as exc:  # never retried: the address will not become acceptable by waiting
-        delivery.error = f"destination refused: {exc}"[:1000]
+        delivery.error = DESTINATION_REFUSED
         delivery.next_attempt_at = None
         log.warning("webhook delivery %s refused: %s", delivery.id, exc)
         return False

@@ -28,8 +28,16 @@ from likeness.contract.requests import (
 )
 from pipelines.errors import DatasetRejected, InvalidConfig, PipelineError
 from pipelines.generation.request import GenerationSpec
+from pipelines.intake import intake_models, prepare_dataset
+from pipelines.intake.config import IntakeConfig
+from pipelines.intake.dataset import PhotoInput
+from pipelines.intake.decode import PhotoRejected, decode_photo
+from pipelines.intake.reasons import ReasonCode
+from pipelines.models.presets import get_preset
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, never_stop, no_progress
+from pipelines.templates.catalog import open_template
 from pipelines.templates.spec import TemplateSpec
+from worker.models import ModelManager, resolve_device
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif", ".tiff"}
 
@@ -114,9 +122,6 @@ def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, GenerationSpec | Tem
 
 def read_template(config: LocalRunConfig):
     """The template image of a template-mode run: a shipped one, or the file through the upload's decode checks."""
-    from pipelines.intake.decode import PhotoRejected, decode_photo
-    from pipelines.templates.catalog import open_template
-
     if config.template is None:
         return None
     if config.template_file is None:
@@ -134,8 +139,6 @@ def read_template(config: LocalRunConfig):
 def photo_verdicts(rows: list[dict[str, Any]], files: dict[str, str], trained: bool = True) -> list[dict[str, Any]]:
     """Intake's per-photo report rows with the file name and what the person can do about a refusal;
     ``used``: the photo went into training (never, when the set was rejected)."""
-    from pipelines.intake.reasons import ReasonCode
-
     return [{**row, "file": files.get(row["photo_id"]), "used": trained and bool(row["accepted"]),
              "what_to_do": ReasonCode(row["reason_code"]).what_to_do} for row in rows]
 
@@ -167,13 +170,8 @@ def run_local(
     from (a warm worker keeps one across runs); default: a new one for this run.
     """
     from pipelines.generation.engine import GenerationEngine, generation_models
-    from pipelines.intake import intake_models, prepare_dataset
-    from pipelines.intake.config import IntakeConfig
-    from pipelines.intake.dataset import PhotoInput
     from pipelines.intake.pipeline import check_inputs
-    from pipelines.models.presets import get_preset
     from pipelines.training import train
-    from worker.models import ModelManager, resolve_device
 
     manager = manager or ModelManager()
 
@@ -206,7 +204,7 @@ def run_local(
 
     # 2. intake
     intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device,
-                          class_token=resolved_train.class_token)
+                          class_token=resolved_train.class_token, crop_size=preset.intake_crop_size)
     inputs = [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in photos]
     check_inputs(inputs, intake)
     files = {photo.photo_id: photo.path.name for photo in photos}
@@ -252,7 +250,8 @@ def run_local(
     mode = "template" if isinstance(spec, TemplateSpec) else "generation"
     for result in sorted((r for r in results if r.rank > 0), key=lambda r: r.rank):
         entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
-                 "scores": dict(result.scores), "width": result.image.width, "height": result.image.height}
+                 "scores": dict(result.scores), "width": result.image.width, "height": result.image.height,
+                 "face_refined": result.face_refined}
         entry["file"] = f"rank_{result.rank:02d}.png"
         result.image.save(out_dir / entry["file"])
         if result.upscaled is not None:

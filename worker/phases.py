@@ -37,15 +37,26 @@ from core.storage import (
     adapter_prefix,
     checkpoint_prefix,
     dataset_prefix,
+    download_folder,
     image_key,
     photo_crop_key,
     photo_mask_key,
+    upload_folder,
     upscaled_image_key,
 )
-from likeness.contract.plan import PLANS, JobKind
+from likeness.contract.plan import PLANS, JobKind, Stage
 from likeness.contract.requests import ResolvedGenerate, ResolvedTemplate, ResolvedTrain, TemplateSource, read_resolved
-from pipelines.errors import InvalidConfig, PipelineError
-from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
+from pipelines.errors import DatasetRejected, InvalidConfig, PipelineError
+from pipelines.intake import intake_models, prepare_dataset
+from pipelines.intake.config import IntakeConfig
+from pipelines.intake.dataset import Dataset, PhotoInput
+from pipelines.intake.decode import decode_photo
+from pipelines.intake.reasons import ReasonCode
+from pipelines.models.presets import get_preset
+from pipelines.models.weights import require_weights
+from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, StageProgress, raise_if_canceled
+from pipelines.templates.catalog import open_template
+from worker.adapter_cache import local_adapter_path
 from worker.checkpoints import mirror_checkpoint, restore_checkpoint
 from worker.jobs import JobSnapshot, record_result
 from worker.models import get_manager, resolve_device
@@ -81,36 +92,8 @@ def image_id(job_id: str, rank: int) -> str:
 
 
 def _preset(name: str, settings: Settings):
-    from pipelines.models.presets import get_preset
-    from pipelines.models.weights import require_weights
-
     require_weights(name, settings.resolved_model_cache_dir)  # missing weights: one line, before any work
     return get_preset(name, settings.resolved_model_cache_dir)
-
-
-# ---- blob folders ----------------------------------------------------------------------------------------
-
-
-def upload_folder(store: BlobStore, folder: Path, prefix: str) -> list[str]:
-    """Mirror ``folder`` to ``prefix``: stale keys from an earlier run are removed first."""
-    store.delete_prefix(prefix)
-    keys = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        key = prefix + path.relative_to(folder).as_posix()
-        store.put(key, path.read_bytes())
-        keys.append(key)
-    return keys
-
-
-def download_folder(store: BlobStore, prefix: str, folder: Path) -> Path:
-    keys = store.list(prefix)
-    if not keys:
-        raise FileNotFoundError(f"nothing stored under {prefix}")
-    for key in keys:
-        target = folder / key.removeprefix(prefix)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.get(key))
-    return folder
 
 
 def _png(image) -> bytes:
@@ -128,18 +111,13 @@ def _train_request(ctx: PhaseContext) -> ResolvedTrain:
 
 def intake_config(ctx: PhaseContext):
     """The intake settings of a train job: the preset's CLIP/upscaler plus the request's class word."""
-    from pipelines.intake.config import IntakeConfig
-
     request = _train_request(ctx)
     preset = _preset(request.preset, ctx.settings)
     return IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, class_token=request.class_token,
-                        device=resolve_device(ctx.settings.device))
+                        device=resolve_device(ctx.settings.device), crop_size=preset.intake_crop_size)
 
 
 def run_intake(ctx: PhaseContext) -> dict[str, Any]:
-    from pipelines.errors import DatasetRejected
-    from pipelines.intake import intake_models, prepare_dataset
-    from pipelines.intake.dataset import PhotoInput
     from pipelines.intake.pipeline import check_inputs
 
     job = ctx.job
@@ -214,7 +192,6 @@ def _write_photo_reports(ctx: PhaseContext, reports: list, crops: dict[str, Any]
 
 
 def run_training(ctx: PhaseContext) -> dict[str, Any]:
-    from pipelines.intake.dataset import Dataset
     from pipelines.models.loading import base_spec
     from pipelines.training import BaseNotRestored, train
 
@@ -277,12 +254,12 @@ def run_training(ctx: PhaseContext) -> dict[str, Any]:
 
 
 def _store_kohya_export(ctx: PhaseContext, adapter_dir: Path, version: int) -> None:
-    """The LoRA in kohya/A1111 naming, ready for ``GET /v1/subjects/{id}/adapter?format=kohya``."""
-    from pipelines.adapters import export_kohya
+    """The A1111/ComfyUI zip (LoRA, one embedding per token, how to prompt), ready for
+    ``GET /v1/subjects/{id}/adapter?format=kohya``."""
+    from pipelines.adapters import kohya_zip
 
-    out = export_kohya(adapter_dir, ctx.workdir / "exports" / "kohya.safetensors")
-    ctx.store.put(adapter_export_key(ctx.job.subject_id, version, "kohya"), out.read_bytes(),
-                  "application/octet-stream")
+    out = kohya_zip(adapter_dir, ctx.workdir / "exports" / "kohya.zip")
+    ctx.store.put(adapter_export_key(ctx.job.subject_id, version, "kohya"), out.read_bytes(), "application/zip")
 
 
 def _jsonable(value: Any) -> Any:
@@ -302,7 +279,7 @@ def find_adapter(settings: Settings, subject_id: str, version: int) -> tuple[str
 
 def _adapter_dir(ctx: PhaseContext, adapter_id: str, prefix: str) -> Path:
     """Local copy of an adapter, shared by every generation job of this machine."""
-    target = ctx.settings.data_dir.resolve() / "adapters" / adapter_id
+    target = local_adapter_path(ctx.settings, adapter_id)  # pruned once the adapter is deleted
     if not (target / "manifest.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
@@ -355,7 +332,7 @@ def candidate_scores(results: list) -> list[dict[str, Any]]:
     dashboard can see why the delivered ones won."""
     return [
         {"seed": int(r.seed), "rank": int(r.rank), "faces": int(r.faces), "flagged": bool(r.flagged),
-         "scores": _jsonable(dict(r.scores))}
+         "face_refined": bool(r.face_refined), "scores": _jsonable(dict(r.scores))}
         for r in sorted(results, key=lambda r: r.seed)
     ]
 
@@ -453,9 +430,6 @@ def run_templating(ctx: PhaseContext) -> dict[str, Any]:
 
 def template_image(ctx: PhaseContext, source: TemplateSource):
     """The template a job names: a shipped one, or the subject's uploaded template photo (RGB)."""
-    from pipelines.intake.decode import decode_photo
-    from pipelines.templates.catalog import open_template
-
     if source.kind == "shipped":
         return open_template(str(source.name))
     with UnitOfWork(ctx.settings) as uow:
@@ -475,8 +449,6 @@ def _template_verdict(ctx: PhaseContext, source: TemplateSource, *, face_box: An
     at once (shipped templates are checked by the test suite)."""
     if source.kind != "upload":
         return
-    from pipelines.intake.reasons import ReasonCode
-
     with UnitOfWork(ctx.settings) as uow:
         row = uow.session.get(TemplatePhoto, source.photo_id)
         if row is None or row.subject_id != ctx.job.subject_id:

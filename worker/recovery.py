@@ -19,7 +19,8 @@ A duplicate message (the sweep's and the broker's redelivery) never runs a job t
 :func:`worker.jobs.claim` locks the row and skips a job whose owner is alive.
 
 It also sends what the outbox still holds (task messages written while the broker was
-down) and purges expired idempotency records. Between sweeps the worker sends the outbox
+down), purges expired idempotency records and deletes this machine's copies of deleted
+adapters (:mod:`worker.adapter_cache`). Between sweeps the worker sends the outbox
 every ``OUTBOX_FLUSH_S``, so work accepted during a broker outage starts seconds after the
 broker is back, not a sweep interval later.
 """
@@ -40,6 +41,7 @@ from core.db.uow import UnitOfWork, flush_outbox
 from core.retention import purge_idempotency_records
 from likeness.contract.plan import JobState
 from worker import jobs
+from worker.adapter_cache import prune_local_adapters
 from worker.checkpoints import discard_checkpoints
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class SweepReport:
     failed: list[str] = field(default_factory=list)
     outbox_sent: int = 0
     idempotency_purged: int = 0
+    adapter_copies_removed: list[str] = field(default_factory=list)
 
 
 def sweep(settings: Settings | None = None, queue=None) -> SweepReport:  # noqa: ANN001 - core.queue.TaskQueue
@@ -64,6 +67,7 @@ def sweep(settings: Settings | None = None, queue=None) -> SweepReport:  # noqa:
     report.outbox_sent = flush_outbox(settings, queue)
     with UnitOfWork(settings) as uow:
         report.idempotency_purged = purge_idempotency_records(uow.session)
+    report.adapter_copies_removed = prune_local_adapters(settings)
     if report.requeued or report.failed or report.outbox_sent:
         log.info("recovery sweep: requeued %s, failed %s, %d outbox messages sent", report.requeued, report.failed,
                  report.outbox_sent)

@@ -15,9 +15,10 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from core.config import Settings, get_settings
+from core.db.models import Subject
 from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
-from core.storage import StorageError, get_blob_store
+from core.storage import StorageError, get_blob_store, purge_subject_blobs
 from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
 from worker import jobs, registry
@@ -235,13 +236,10 @@ def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None
 
 def _purge_if_subject_deleted(ctx: PhaseContext) -> None:
     """The subject was deleted while this job wrote blobs: remove what landed after the API's purge."""
-    from core.db.models import Subject
-    from core.storage import subject_prefix
-
     with UnitOfWork(ctx.settings) as uow:
         if uow.session.get(Subject, ctx.job.subject_id) is not None:
             return
-    removed = ctx.store.delete_prefix(subject_prefix(ctx.job.subject_id))
+    removed = purge_subject_blobs(ctx.store, ctx.job.subject_id)
     shutil.rmtree(ctx.workdir, ignore_errors=True)
     log.info("job %s: subject deleted meanwhile; removed %d late blobs", ctx.job.id, removed)
 

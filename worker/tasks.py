@@ -1,4 +1,6 @@
-"""Celery tasks: thin shells over :mod:`worker.runner`, :mod:`worker.recovery` and webhooks.
+"""Celery tasks: thin shells over :mod:`worker.runner`, webhooks and retention; the signals that start
+a pool process (registry heartbeat, model manager) and the main process's timers (recovery sweep,
+embedded-mode purge).
 
 Imported by the worker only (``include=["worker.tasks"]``); the API sends them by name
 (:class:`likeness.contract.plan.Task`).
@@ -13,8 +15,22 @@ from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from core.config import get_settings
+from core.db import session as db_session
+from core.db.models import WebhookDelivery
+from core.db.uow import UnitOfWork
+from core.retention import purge_expired as purge
+from core.webhooks import backoff_s, record_and_send
+from likeness.contract.plan import Queue
 from likeness.contract.plan import Task as TaskName
+from pipelines.models.presets import get_preset
 from worker.celery_app import celery_app
+from worker.jobs import worker_id
+from worker.models import get_manager, resolve_budget, resolve_device
+from worker.recovery import PeriodicSweep
+from worker.registry import RegistryHeartbeat, status
+from worker.retention import PeriodicPurge
+from worker.runner import TransientError, fail_after_retries
+from worker.runner import run_job as run
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +47,6 @@ def _consumed_queues(task: Task) -> set[str] | None:
 @celery_app.task(name=TaskName.RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
                  max_retries=len(JOB_RETRY_BACKOFF_S))
 def run_job(self: Task, job_id: str) -> str:
-    from worker.runner import TransientError, fail_after_retries
-    from worker.runner import run_job as run
-
     try:
         return run(job_id, consumes=_consumed_queues(self))
     except TransientError as exc:
@@ -50,10 +63,6 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
     The attempt count lives on the delivery row (``core.webhooks.record_and_send`` keeps
     it), so a redelivered message continues the series instead of restarting it.
     """
-    from core.db.models import WebhookDelivery
-    from core.db.uow import UnitOfWork
-    from core.webhooks import backoff_s, record_and_send
-
     if not record_and_send(delivery_id):
         return "done"
     with UnitOfWork() as uow:
@@ -61,19 +70,9 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
     raise self.retry(countdown=backoff_s(attempt) * WEBHOOK_BACKOFF_SCALE)
 
 
-@celery_app.task(name=TaskName.SWEEP)
-def sweep() -> dict:
-    from worker.recovery import sweep as run_sweep
-
-    report = run_sweep()
-    return {"requeued": report.requeued, "failed": report.failed, "outbox_sent": report.outbox_sent}
-
-
 @celery_app.task(name=TaskName.PURGE_EXPIRED)
 def purge_expired() -> dict:
     """Delete what the clients' retention says is due (sent by `likeness beat`; embedded: a timer)."""
-    from core.retention import purge_expired as purge
-
     return purge().as_dict()
 
 
@@ -88,29 +87,22 @@ _registry = None
 def _start_pool_process(**_) -> None:
     """A forked pool process: fresh DB connections (never the parent's), and its registry heartbeat."""
     global _registry
-    from core.db import session as db_session
-    from worker.registry import RegistryHeartbeat, status
-
     for engine in list(db_session._ENGINES.values()):
         engine.dispose(close=False)
-    from worker.jobs import worker_id
-    from worker.models import get_manager, resolve_budget, resolve_device
-
     settings = get_settings()
-    queues = sorted(celery_app.amqp.queues.consume_from or ()) or [settings.queue(q) for q in ("cpu", "gpu")]
+    queues = sorted(celery_app.amqp.queues.consume_from or ()) or [settings.queue(q) for q in Queue]
     device = resolve_device(settings.device)
     manager = get_manager(resolve_budget(settings.model_memory_budget, device), name=worker_id())
     status.watch(manager)
     _registry = RegistryHeartbeat(settings, queues, interval_s=settings.job_heartbeat_s).start()
-    if device.startswith("cuda") and settings.queue("gpu") in queues:
+    if device.startswith("cuda") and settings.queue(Queue.GPU) in queues:
         _preload_generation(manager, settings, device)  # ready before the first job: starting -> loading -> idle
     else:
         manager.mark_ready()  # load on first use
 
 
 def _preload_generation(manager, settings, device: str) -> None:  # noqa: ANN001
-    from pipelines.generation.engine import generation_models
-    from pipelines.models.presets import get_preset
+    from pipelines.generation.engine import generation_models  # torch: only a GPU worker pays for it
 
     try:
         manager.preload(generation_models(get_preset(settings.preset, settings.resolved_model_cache_dir),
@@ -131,8 +123,6 @@ def _start_recovery(sender=None, **_) -> None:
     """At worker start: sweep once, then keep sweeping from a thread of the main process, once per
     heartbeat interval, so a job whose owner's lease expired is handed on within one more beat."""
     global _periodic
-    from worker.recovery import PeriodicSweep
-
     settings = get_settings()
     _periodic = PeriodicSweep(settings.job_heartbeat_s, settings).start()
     _start_purge_timer(settings)
@@ -142,10 +132,8 @@ def _start_purge_timer(settings) -> None:  # noqa: ANN001
     """Embedded mode has no beat: the worker of the cpu queue purges expired data itself, every
     ``purge_interval_s`` (``likeness serve`` runs one worker per queue; one purges)."""
     global _purge_timer
-    from worker.retention import PeriodicPurge
-
     consumed = set(celery_app.amqp.queues.consume_from or ())
-    if settings.embedded and _purge_timer is None and (not consumed or settings.queue("cpu") in consumed):
+    if settings.embedded and _purge_timer is None and (not consumed or settings.queue(Queue.CPU) in consumed):
         _purge_timer = PeriodicPurge(settings.purge_interval_s, settings).start()
 
 

@@ -1,8 +1,8 @@
 """Prefetch and check every weight a model preset needs (``likeness models pull|check``).
 
 Hub repositories go to the Hugging Face cache (the loaders find them there, offline);
-``hf://owner/repo/file`` entries are single files of a repository. The ``tiny`` preset
-is built locally instead. Detectors ship inside mediapipe and need nothing.
+``hf://owner/repo/file`` entries are single files of a repository. The tiny presets
+(``tiny``, ``tiny-sdxl``) are built locally instead. Detectors ship inside mediapipe and need nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.errors import PipelineError
-from pipelines.models.presets import get_preset, tiny_dir
+from pipelines.models.presets import TINY_PRESETS, get_preset
 from pipelines.models.weights import ALLOW_PATTERNS, check, is_local, references, split_file
 
 __all__ = ["HubOffline", "check", "pull"]
@@ -25,10 +25,11 @@ def pull(name: str, cache_dir: Path, console=None) -> None:
     from rich.progress import BarColumn, Progress, TextColumn
 
     console = console or Console()
-    if name == "tiny":
-        with console.status("building tiny random-weight models (no download)..."):
-            get_preset("tiny", cache_dir)
-        console.print(f"tiny preset ready under {tiny_dir(cache_dir)} (random weights: its images are noise)")
+    if name in TINY_PRESETS:
+        with console.status(f"building {name} random-weight models (no download)..."):
+            preset = get_preset(name, cache_dir)
+        console.print(f"{name} preset ready under {Path(preset.base_model).parent} "
+                      "(random weights: its images are noise)")
         return
     from huggingface_hub import constants, hf_hub_download, snapshot_download
 

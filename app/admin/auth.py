@@ -28,7 +28,7 @@ from app.api.deps import UoW, app_settings
 from app.services.clients import Caller, get_client
 from core.config import Settings
 from core.db.models import Client, Role
-from core.signing import signing_secret
+from core.signing import same_text, signing_secret
 
 SESSION_COOKIE = "likeness_admin"
 LOGIN_COOKIE = "likeness_admin_login"
@@ -74,7 +74,7 @@ def unseal(settings: Settings, value: str | None, now: float | None = None) -> d
     if not value or "." not in value:
         return None
     body, mac = value.rsplit(".", 1)
-    if not hmac.compare_digest(_mac(settings, "session", body), mac):
+    if not same_text(_mac(settings, "session", body), mac):
         return None
     try:
         payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -121,7 +121,7 @@ def admin_session(request: Request, uow: UoW) -> AdminSession:
     except Exception:  # noqa: BLE001 - NotFound, or a malformed payload signed by us long ago
         raise LoginRequired from None
     if (client.role != Role.admin or client.revoked_at is not None
-            or not hmac.compare_digest(key_fingerprint(settings, client.api_key_hash), str(payload.get("kf")))):
+            or not same_text(key_fingerprint(settings, client.api_key_hash), str(payload.get("kf")))):
         raise LoginRequired
     request.state.admin_csrf = csrf = csrf_token(settings, str(payload["sid"]))
     return AdminSession(Caller.of(client), csrf, int(payload["exp"]))
@@ -134,7 +134,7 @@ async def checked_form(request: Request, session: AdminSessionDep) -> dict[str, 
     """The POSTed form of a request with a valid admin session and its CSRF token (else :class:`CsrfRefused`)."""
     form = await request.form()
     given = request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)
-    if not isinstance(given, str) or not hmac.compare_digest(given, session.csrf):
+    if not isinstance(given, str) or not same_text(session.csrf, given):
         raise CsrfRefused
     return {k: v for k, v in form.items() if isinstance(v, str) and k != CSRF_FIELD}
 
@@ -157,5 +157,5 @@ def login_csrf(settings: Settings, nonce: str) -> str:
 
 def check_login_csrf(request: Request, settings: Settings, given: object) -> None:
     nonce = request.cookies.get(LOGIN_COOKIE)
-    if not nonce or not isinstance(given, str) or not hmac.compare_digest(login_csrf(settings, nonce), given):
+    if not nonce or not isinstance(given, str) or not same_text(login_csrf(settings, nonce), given):
         raise CsrfRefused

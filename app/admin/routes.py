@@ -22,6 +22,7 @@ from app.admin.pages import AdminRoute, error_page, is_htmx, render, safe_next
 from app.api.deps import SettingsDep, StoreDep, UoW
 from app.api.schemas import ClientLimits
 from app.errors import InvalidRequest, NotFound
+from app.ratelimit import client_address
 from app.services import clients, images, jobs, overview, photos, subjects, webhooks
 from core.db.models import Job, Role
 from core.storage import BlobNotFound
@@ -43,11 +44,30 @@ def _see(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
 
+#: Every query parameter is bounded (a page past this, a date outside these years: 422, never an overflow).
+MAX_PAGE = 100_000
+FIRST_DATE, LAST_DATE = date(1970, 1, 1), date(9998, 12, 31)
+MAX_FILTER_CHARS = 64
+
+
 def _page_number(value: str | None) -> int:
     try:
-        return max(1, int(value or 1))
+        page = int(value or 1) if len(value or "") <= 12 else MAX_PAGE + 1
     except ValueError:
-        raise InvalidRequest("The page must be a number.", {"page": value}) from None
+        raise InvalidRequest("The page must be a number.", {"page": value[:20] if value else value}) from None
+    if page > MAX_PAGE:
+        raise InvalidRequest(f"The page must be at most {MAX_PAGE}.", {"max_page": MAX_PAGE})
+    return max(1, page)
+
+
+def _filter_or_none(value: str | None, name: str) -> str | None:
+    """A free-text filter (an id): short and without control characters, else 422."""
+    if not value:
+        return None
+    if len(value) > MAX_FILTER_CHARS or not value.isprintable():
+        raise InvalidRequest(f"{name} must be an id of at most {MAX_FILTER_CHARS} printable characters.",
+                             {"parameter": name})
+    return value
 
 
 def _enum_or_none(cls, value: str | None, name: str):  # noqa: ANN001, ANN202
@@ -63,9 +83,12 @@ def _date_or_none(value: str | None, name: str) -> datetime | None:
     if not value:
         return None
     try:
-        return datetime.combine(date.fromisoformat(value), datetime.min.time(), tzinfo=UTC)
+        day = date.fromisoformat(value[:32])
     except ValueError:
-        raise InvalidRequest(f"{name} must be a date like 2025-01-31.", {name: value}) from None
+        raise InvalidRequest(f"{name} must be a date like 2025-01-31.", {name: value[:32]}) from None
+    if not FIRST_DATE <= day <= LAST_DATE:
+        raise InvalidRequest(f"{name} must be a date between {FIRST_DATE} and {LAST_DATE}.", {name: value})
+    return datetime.combine(day, datetime.min.time(), tzinfo=UTC)
 
 
 def _notice(request: Request) -> str | None:
@@ -107,12 +130,13 @@ LOGIN_FAILURES_PER_MINUTE = 10
 def login(request: Request, settings: SettingsDep, uow: UoW, form: Annotated[dict[str, str], Depends(_posted_form)]):
     auth.check_login_csrf(request, settings, form.get("csrf_token"))
     key, next_page = (form.get("api_key") or "").strip(), form.get("next")
-    # Failed sign-ins are counted per address; past the limit even a right key waits for the next window.
-    limiter, address = request.app.state.rate_limiter, f"admin-login:{request.client.host if request.client else '-'}"
-    if (retry_after := limiter.hit(address, LOGIN_FAILURES_PER_MINUTE - 1, cost=0)) is not None:  # N failed: wait
+    # Failed sign-ins are counted per address (a sliding minute); past the limit even a right key waits.
+    limiter, address = request.app.state.rate_limiter, f"admin-login:{client_address(request)}"
+    if not (waiting := limiter.peek(address, LOGIN_FAILURES_PER_MINUTE)).allowed:  # N failed: wait
+        retry_after = max(1, math.ceil(waiting.reset_s))
         response = _login_page(request, settings, 429, f"Too many failed sign-ins from this address; "
-                                                       f"try again in {math.ceil(retry_after)} s.", next_page)
-        response.headers["Retry-After"] = str(math.ceil(retry_after))
+                                                       f"try again in {retry_after} s.", next_page)
+        response.headers.update({**waiting.headers(), "Retry-After": str(retry_after)})
         return response
     caller = clients.authenticate(uow.session, key) if key else None
     if caller is None or not caller.is_admin:
@@ -154,8 +178,9 @@ def jobs_page(request: Request, admin: AdminSessionDep, uow: UoW):
     kind = _enum_or_none(JobKind, q.get("kind"), "kind")
     since, until = _date_or_none(q.get("date_from"), "date_from"), _date_or_none(q.get("date_to"), "date_to")
     page = _page_number(q.get("page"))
-    rows, count = jobs.list_jobs(uow.session, None, state=state, kind=kind, client_id=q.get("client_id") or None,
-                                 subject_id=q.get("subject_id") or None, since=since,
+    rows, count = jobs.list_jobs(uow.session, None, state=state, kind=kind,
+                                 client_id=_filter_or_none(q.get("client_id"), "client_id"),
+                                 subject_id=_filter_or_none(q.get("subject_id"), "subject_id"), since=since,
                                  until=until + timedelta(days=1) if until else None,
                                  limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     filters = {k: q.get(k, "") for k in ("state", "kind", "client_id", "subject_id", "date_from", "date_to")}
@@ -184,7 +209,7 @@ def job_page(request: Request, job_id: str, admin: AdminSessionDep, uow: UoW):
     client = clients.get_client(uow.session, job.client_id)
     subject = subjects.get_subject(uow.session, None, job.subject_id)
     return render(request, "job.html", nav="jobs", admin=admin, deliveries=deliveries, client=client,
-                  status_of=webhooks.delivery_status,
+                  status_of=webhooks.DeliveryStatus.of,
                   subject=subject, notice=_notice(request), **_job_context(uow, job))
 
 
@@ -216,7 +241,7 @@ def retry_job(job_id: str, form: CheckedForm, uow: UoW, settings: SettingsDep):
 def subjects_page(request: Request, admin: AdminSessionDep, uow: UoW):
     q = request.query_params
     page = _page_number(q.get("page"))
-    client_id = q.get("client_id") or None
+    client_id = _filter_or_none(q.get("client_id"), "client_id")
     rows, count = subjects.list_subjects(uow.session, None, client_id=client_id, limit=PAGE_SIZE,
                                          offset=(page - 1) * PAGE_SIZE)
     counts = {s.id: {"photos": photos.count_photos(uow.session, s.id),
@@ -368,15 +393,18 @@ def webhooks_page(request: Request, admin: AdminSessionDep, uow: UoW):
     q = request.query_params
     page = _page_number(q.get("page"))
     status = q.get("status") or None
-    if status not in (None, "delivered", "pending", "failed"):
-        raise InvalidRequest(f"Unknown status {status!r}.", {"allowed": ["delivered", "pending", "failed"]})
-    rows, count = webhooks.list_deliveries(uow.session, None, client_id=q.get("client_id") or None,
-                                           job_id=q.get("job_id") or None, status=status, limit=PAGE_SIZE,
+    if status is not None and status not in list(webhooks.DeliveryStatus):
+        raise InvalidRequest(f"Unknown status {status!r}.", {"allowed": [s.value for s in webhooks.DeliveryStatus]})
+    rows, count = webhooks.list_deliveries(uow.session, None,
+                                           client_id=_filter_or_none(q.get("client_id"), "client_id"),
+                                           job_id=_filter_or_none(q.get("job_id"), "job_id"), status=status,
+                                           limit=PAGE_SIZE,
                                            offset=(page - 1) * PAGE_SIZE)
     filters = {k: q.get(k, "") for k in ("client_id", "job_id", "status")}
     return render(request, "webhooks.html", nav="webhooks", admin=admin, rows=rows, count=count, page=page,
                   pages=max(1, -(-count // PAGE_SIZE)), filters=filters, client_names=_client_names(uow),
-                  status_of=webhooks.delivery_status, notice=_notice(request),
+                  statuses=list(webhooks.DeliveryStatus), status_of=webhooks.DeliveryStatus.of,
+                  notice=_notice(request),
                   query={k: v for k, v in filters.items() if v})
 
 

@@ -15,9 +15,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from app.auth_sync import auth_cache
 from app.errors import Forbidden, TooManyRequests, Unauthorized
+from app.ratelimit import client_address, remember_headers
 from app.services import idempotency
-from app.services.clients import Caller, auth_cache, authenticate, hash_key
+from app.services.clients import Caller, authenticate, hash_key
 from core.config import Settings, get_settings
 from core.db.session import SessionLocal
 from core.db.uow import UnitOfWork
@@ -47,31 +49,81 @@ def _lookup(api_key: str, settings: Settings) -> Caller | None:
         return authenticate(session, api_key, cached=False)
 
 
+def _failures_key(request: Request) -> str:
+    return f"auth-failures:{client_address(request)}"
+
+
+def refuse_failing_address(request: Request) -> None:
+    """429 ``too_many_failed_attempts`` for an address past ``auth_failures_per_minute`` failed
+    authentications (wrong API keys, bad signed links) in the last minute: no key from it is looked up
+    in the database until the minute has passed (a key this process knows from its cache still works)."""
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    per_minute = app_settings(request).auth_failures_per_minute
+    if limiter is None or not per_minute:
+        return
+    decision = limiter.peek(_failures_key(request), per_minute)
+    if not decision.allowed:
+        raise TooManyRequests(f"More than {per_minute} failed attempts from this address in a minute; retry after "
+                              "the Retry-After seconds.", {"limit_per_minute": per_minute},
+                              code="too_many_failed_attempts", retry_after_s=decision.reset_s,
+                              headers=decision.headers())
+
+
+def limit_address(request: Request, scope: str) -> None:
+    """Requests per minute of an unauthenticated route (signed links), per address: the install's default
+    client rate (``default_requests_per_minute``); 429 ``rate_limited`` past it."""
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    per_minute = app_settings(request).default_requests_per_minute
+    if limiter is None or not per_minute:
+        return
+    decision = limiter.hit(f"{scope}:{client_address(request)}", per_minute)
+    if not decision.allowed:
+        raise TooManyRequests(f"More than {per_minute} requests per minute from this address; retry after the "
+                              "Retry-After seconds.", {"limit_per_minute": per_minute},
+                              retry_after_s=decision.reset_s, headers=decision.headers())
+    remember_headers(request, decision)
+
+
+def count_failure(request: Request) -> None:
+    """Count one failed authentication of the request's address."""
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    per_minute = app_settings(request).auth_failures_per_minute
+    if limiter is not None and per_minute:
+        remember_headers(request, limiter.hit(_failures_key(request), per_minute))
+
+
 async def current_client(request: Request,
                          bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_key)] = None,
                          x_api_key: Annotated[str | None, Security(header_key)] = None) -> Caller:
-    """The caller from its API key, within its requests-per-minute limit.
+    """The caller from its API key, within its requests-per-minute limit; an address that keeps sending
+    wrong keys is refused for a while (:func:`refuse_failing_address`).
 
-    A cache hit costs no thread hop and no query (status polls); the cache is used only while this
-    process hears about key changes made by the others (:mod:`app.auth_sync`).
+    A cache hit costs no thread hop, no query and no failure check (status polls); the cache is used
+    only while this process hears about key changes made by the others (:mod:`app.auth_sync`).
     """
     key = (bearer.credentials.strip() if bearer is not None else None) or x_api_key or None
     if key is None:
+        refuse_failing_address(request)
+        count_failure(request)
         raise Unauthorized("Send your API key as 'Authorization: Bearer <key>' or 'X-API-Key'.")
     state = request.app.state
     subscriber = getattr(state, "auth_subscriber", None)
     caller = auth_cache.get(hash_key(key)) if subscriber is None or subscriber.trusted else None
     if caller is None:
+        refuse_failing_address(request)  # before the database is asked about a key from a guessing address
         caller = await run_in_threadpool(_lookup, key, app_settings(request))
         if caller is None:
+            count_failure(request)
             raise Unauthorized("Unknown or revoked API key.")
     limit = caller.requests_per_minute or app_settings(request).default_requests_per_minute
     limiter = getattr(state, "rate_limiter", None)
     if limit and limiter is not None:
-        retry_after = limiter.hit(caller.id, limit)
-        if retry_after is not None:
+        decision = limiter.hit(f"client:{caller.id}", limit)
+        if not decision.allowed:
             raise TooManyRequests(f"More than {limit} requests per minute; retry after the Retry-After seconds.",
-                                  {"limit_per_minute": limit}, retry_after_s=retry_after)
+                                  {"limit_per_minute": limit}, retry_after_s=decision.reset_s,
+                                  headers=decision.headers())
+        remember_headers(request, decision)
     return caller
 
 

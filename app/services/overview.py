@@ -15,11 +15,13 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.metrics import QueueDepthCollector
 from app.services import clients
+from app.services.quotas import stored_bytes
 from core.config import Settings
 from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
 from core.storage import BlobStore, subject_prefix
-from likeness.contract.plan import PLANS, JobState
+from likeness.contract.plan import ACTIVE_STATES, PLANS, JobState, Queue
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +148,6 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
     url = settings.resolved_broker_url
     try:
         if url.startswith(("redis://", "rediss://")):
-            from app.metrics import QueueDepthCollector
-
             return QueueDepthCollector(settings).depths()
         if url.startswith("sqla+"):
             return _kombu_sql_depths(settings, url.removeprefix("sqla+"))
@@ -162,7 +162,7 @@ def _kombu_sql_depths(settings: Settings, url: str) -> dict[str, int]:
     engine = _BROKER_ENGINES.get(url)
     if engine is None:
         engine = _BROKER_ENGINES[url] = create_engine(url)
-    names = {settings.queue(name): name for name in ("cpu", "gpu")}
+    names = {settings.queue(queue): queue.value for queue in Queue}
     depths = dict.fromkeys(names.values(), 0)
     if not inspect(engine).has_table("kombu_queue"):  # nothing was ever sent
         return depths
@@ -199,7 +199,7 @@ def overview(session: Session, settings: Settings, now: datetime | None = None, 
         "clients": session.scalar(select(func.count()).select_from(clients.Client)) or 0,
         "subjects": session.scalar(select(func.count()).select_from(Subject)) or 0,
         "active_jobs": session.scalar(select(func.count()).select_from(Job).where(
-            Job.state.in_([JobState.QUEUED, JobState.RUNNING]))) or 0,
+            Job.state.in_(ACTIVE_STATES))) or 0,
     }
     return Overview(now=now, since=since, by_state=jobs_by_state(session, since), per_hour=jobs_per_hour(session, now),
                     stages=stage_durations(session, since), failed=failed_by_code(session, since),
@@ -210,15 +210,9 @@ def overview(session: Session, settings: Settings, now: datetime | None = None, 
 # ---- clients and subjects -----------------------------------------------------------------------------------
 
 
-def storage_bytes(session: Session, store: BlobStore, client_id: str) -> int:
-    """Bytes the client's subjects hold in the blob store (photos, crops, masks, adapters, images)."""
-    subject_ids = session.scalars(select(Subject.id).where(Subject.client_id == client_id))
-    return sum(store.size_of_prefix(subject_prefix(subject_id)) for subject_id in subject_ids)
-
-
 def client_usage(session: Session, store: BlobStore, client_id: str) -> dict[str, int]:
     """What a client has: subjects, photos, jobs, images and the bytes they take."""
-    return {**clients.usage(session, client_id), "storage_bytes": storage_bytes(session, store, client_id)}
+    return {**clients.usage(session, client_id), "storage_bytes": stored_bytes(session, store, client_id)}
 
 
 def subject_leftovers(session: Session, store: BlobStore, subject_id: str) -> dict[str, int]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
 from app.services.clients import Caller
-from app.services.quotas import check_storage
+from app.services.quotas import StorageBudget
 from app.services.subjects import get_subject
 from core.config import Settings
 from core.db.models import Photo, PhotoStatus, Subject, new_id
@@ -25,11 +28,35 @@ STORED_AS = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "webp":
              "heif": ("heic", "image/heic"), "avif": ("avif", "image/avif")}
 
 
+#: bytes read at a time when hashing an upload
+CHUNK = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class UploadedFile:
+    """One uploaded file, left where the form parser put it (in memory up to 1 MB, on disk past that) and
+    read only while it is processed: a request holds one file's bytes at a time, whatever its size."""
+
     filename: str
-    data: bytes  # at most max_file_bytes + 1 bytes: a longer file was cut while reading
-    truncated: bool = False
+    source: BinaryIO
+
+    def read(self, max_bytes: int) -> bytes:
+        """The file's first ``max_bytes + 1`` bytes (more than ``max_bytes``: the file is too large)."""
+        size = self.source.seek(0, io.SEEK_END)
+        self.source.seek(0)
+        return self.source.read(min(size, max_bytes + 1))  # read(n) allocates n bytes first: never the limit
+
+    def fingerprint(self) -> list[str]:
+        """``[filename, sha256]``, read in chunks (what an Idempotency-Key's request is recognised by)."""
+        digest = hashlib.sha256()
+        self.source.seek(0)
+        while chunk := self.source.read(CHUNK):
+            digest.update(chunk)
+        return [self.filename, digest.hexdigest()]
+
+    @classmethod
+    def of(cls, data: bytes, filename: str = "") -> UploadedFile:
+        return cls(filename, io.BytesIO(data))
 
 
 @dataclass(frozen=True)
@@ -61,19 +88,15 @@ def clean_photo(upload: UploadedFile, limits: DecodeLimits) -> CleanPhoto | Phot
     damage inside the compressed pixels shows when intake decodes it (same reason code).
     """
     try:
-        if upload.truncated or len(upload.data) > limits.max_bytes:
+        raw = upload.read(limits.max_bytes)
+        if len(raw) > limits.max_bytes:
             raise PhotoRejected(ReasonCode.TOO_LARGE_BYTES, f"The file is larger than {limits.max_bytes} bytes.",
                                 {"max_bytes": limits.max_bytes})
-        header = inspect_photo(upload.data, limits)
-        data = strip_metadata(upload.data, header.format, header.orientation)
+        header = inspect_photo(raw, limits)
+        data = strip_metadata(raw, header.format, header.orientation)
         return CleanPhoto(header.format, header.width, header.height, data)
     except PhotoRejected as exc:
         return exc
-
-
-def clean_uploads(files: list[UploadedFile], limits: DecodeLimits) -> list[CleanPhoto | PhotoRejected]:
-    """:func:`clean_photo` for each file (header reads and byte copies: milliseconds)."""
-    return [clean_photo(upload, limits) for upload in files]
 
 
 def store_uploads(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
@@ -84,18 +107,21 @@ def store_uploads(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
     ``key_for(subject_id, new_id, extension)`` names the blob, ``row_for(new_id, subject_id, key, filename,
     photo)`` builds its row. The blob is written before the row is flushed and removed again if the
     transaction rolls back: a crash in between leaves at most an orphan blob under the subject's prefix
-    (removed with the subject), never a row without its blob.
+    (removed with the subject), never a row without its blob. Files are read, cleaned and stored one at a
+    time; one that would pass the storage quota refuses the whole request (the stored ones are removed).
     """
     session = uow.session
     subject = get_subject(session, caller, subject_id)
-    cleaned = clean_uploads(files, decode_limits(settings))
-    check_storage(session, caller, settings, sum(len(r.data) for r in cleaned if isinstance(r, CleanPhoto)))
+    limits = decode_limits(settings)
+    budget = StorageBudget.of(session, caller, settings, store)
     outcomes: list[FileOutcome] = []
-    for upload, result in zip(files, cleaned):
+    for upload in files:
+        result = clean_photo(upload, limits)
         name = (upload.filename or "")[:255]
         if isinstance(result, PhotoRejected):
             outcomes.append(FileOutcome(name, "rejected", reason_code=result.reason.value, message=result.message))
             continue
+        budget.take(len(result.data))
         photo_id = new_id()
         extension, content_type = STORED_AS[result.format]
         key = key_for(subject.id, photo_id, extension)

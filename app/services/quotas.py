@@ -6,6 +6,7 @@ Requests per minute are enforced on every request (``app.api.deps.current_client
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, select
@@ -14,8 +15,9 @@ from sqlalchemy.orm import Session
 from app.errors import AppError, TooManyRequests
 from app.services.clients import Caller
 from core.config import Settings
-from core.db.models import Client, Image, Job, JobKind, Photo, Subject, utcnow
-from likeness.contract.plan import ACTIVE_STATES
+from core.db.models import Client, Job, Subject, utcnow
+from core.storage import BlobStore, subject_prefix
+from likeness.contract.plan import ACTIVE_STATES, JobKind
 
 DAY = timedelta(days=1)
 
@@ -59,23 +61,35 @@ def check_job_quotas(session: Session, caller: Caller, settings: Settings, kind:
                                   retry_after_s=max(1.0, (oldest + DAY - now).total_seconds()))
 
 
-def stored_bytes(session: Session, client_id: str) -> int:
-    """What the client stores: uploaded photos (as stored) and result images (original + upscaled)."""
-    subjects = select(Subject.id).where(Subject.client_id == client_id)
-    photos = session.scalar(select(func.coalesce(func.sum(Photo.size_bytes), 0))
-                            .where(Photo.subject_id.in_(subjects))) or 0
-    images = session.scalar(select(func.coalesce(func.sum(Image.size_bytes), 0))
-                            .where(Image.subject_id.in_(subjects))) or 0
-    return int(photos) + int(images)
+def stored_bytes(session: Session, store: BlobStore, client_id: str) -> int:
+    """Every byte the client's subjects hold in the blob store: photos with their crops and masks, template
+    photos, datasets, checkpoints, adapters and their exports, result images (original and upscaled).
+
+    Every blob of a subject lives under its prefix (:func:`core.storage.subject_prefix`), so nothing a client
+    owns escapes the count, whatever kind of file is added later.
+    """
+    subject_ids = session.scalars(select(Subject.id).where(Subject.client_id == client_id))
+    return sum(store.size_of_prefix(subject_prefix(subject_id)) for subject_id in subject_ids)
 
 
-def check_storage(session: Session, caller: Caller, settings: Settings, incoming: int) -> None:
-    """Refuse storing ``incoming`` more bytes past the client's storage quota (403 ``storage_quota_exceeded``)."""
-    limit = _effective(caller.max_storage_bytes, settings.default_max_storage_bytes)
-    if limit is None or incoming <= 0:
-        return
-    used = stored_bytes(session, caller.id)
-    if used + incoming > limit:
-        raise StorageQuotaExceeded(
-            f"Storing these photos would exceed the storage quota ({used + incoming} of {limit} bytes); delete "
-            "subjects or images first.", {"limit_bytes": limit, "used_bytes": used, "incoming_bytes": incoming})
+@dataclass
+class StorageBudget:
+    """What one request may still store under the client's storage quota (``limit`` None: unlimited)."""
+
+    limit: int | None
+    used: int = 0
+    incoming: int = 0
+
+    @classmethod
+    def of(cls, session: Session, caller: Caller, settings: Settings, store: BlobStore) -> StorageBudget:
+        limit = _effective(caller.max_storage_bytes, settings.default_max_storage_bytes)
+        return cls(limit, stored_bytes(session, store, caller.id) if limit is not None else 0)
+
+    def take(self, size: int) -> None:
+        """Count ``size`` more bytes of this request; 403 ``storage_quota_exceeded`` past the quota."""
+        self.incoming += size
+        if self.limit is not None and self.used + self.incoming > self.limit:
+            raise StorageQuotaExceeded(
+                f"Storing these files would exceed the storage quota ({self.used + self.incoming} of {self.limit} "
+                "bytes); delete subjects or images first.",
+                {"limit_bytes": self.limit, "used_bytes": self.used, "incoming_bytes": self.incoming})

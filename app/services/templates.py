@@ -20,9 +20,10 @@ from app.services.jobs import generation_limits, queue_job, resolve_with_adapter
 from app.services.photos import CleanPhoto, FileOutcome, UploadedFile, store_uploads
 from app.services.subjects import get_subject
 from core.config import Settings
-from core.db.models import Job, JobKind, PhotoStatus, TemplatePhoto
+from core.db.models import Job, PhotoStatus, TemplatePhoto
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore, template_photo_key
+from likeness.contract.plan import JobKind
 from likeness.contract.requests import TemplatePhotoVerdict, TemplateRequest, resolve_template
 
 
@@ -70,7 +71,7 @@ def create_template_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: 
     if body.template_photo_id is not None and body.template is None:
         photo = get_template_photo(session, caller, subject.id, body.template_photo_id)
         verdict = TemplatePhotoVerdict(photo.id, photo.status.value, photo.reason_code, photo.message)
-    resolved = resolve_with_adapter(session, subject.id, body.adapter_version, lambda version, _token: (
-        resolve_template(body, preset=settings.preset, adapter_version=version,
+    resolved = resolve_with_adapter(session, subject.id, body.adapter_version, lambda version, _token, preset: (
+        resolve_template(body, preset=preset or settings.preset, adapter_version=version,
                          limits=generation_limits(caller, settings), photo=verdict)))
     return queue_job(uow, caller, subject.id, JobKind.TEMPLATE, resolved.model_dump(mode="json"), settings)

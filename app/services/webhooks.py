@@ -2,37 +2,61 @@
 
 from __future__ import annotations
 
-import secrets
-from typing import Literal
+from enum import StrEnum
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidRequest, NotFound
 from app.services.clients import Caller, get_client
-from core.db.models import Client, WebhookDelivery, utcnow
+from core import sealed
+from core.config import Settings
+from core.db.models import WebhookDelivery, utcnow
 from core.db.uow import UnitOfWork
 from core.webhook_targets import DestinationRefused, check_url
+from likeness.webhooks import new_secret
 
-DeliveryStatus = Literal["delivered", "pending", "failed"]
+
+class DeliveryStatus(StrEnum):
+    """Where a webhook delivery stands, read from its row (``core.webhooks.record_and_send`` writes it)."""
+
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    PENDING = "pending"  # a next attempt is planned
+    FAILED = "failed"  # given up: out of attempts, refused by the receiver or the address checks
+
+    @classmethod
+    def of(cls, delivery: WebhookDelivery) -> DeliveryStatus:
+        if delivery.delivered_at is not None:
+            return cls.DELIVERED
+        return cls.PENDING if delivery.next_attempt_at is not None else cls.FAILED
 
 
-def set_webhook(session: Session, caller: Caller, url: str | None, *, allow_private: bool = False) -> Client:
-    """Register (or with ``None`` remove) the webhook URL; a new secret each time one is set.
+#: The rows of each status, as SQL: the same rule as :meth:`DeliveryStatus.of`.
+_STATUS_CONDITIONS = {
+    DeliveryStatus.DELIVERED: (WebhookDelivery.delivered_at.is_not(None),),
+    DeliveryStatus.PENDING: (WebhookDelivery.delivered_at.is_(None), WebhookDelivery.next_attempt_at.is_not(None)),
+    DeliveryStatus.FAILED: (WebhookDelivery.delivered_at.is_(None), WebhookDelivery.next_attempt_at.is_(None)),
+}
+
+
+def set_webhook(session: Session, caller: Caller, url: str | None, settings: Settings) -> str | None:
+    """Register (or with ``None`` remove) the webhook URL; returns the new secret (one each time a URL is
+    set; shown once: only its encrypted form is stored, :mod:`core.sealed`).
 
     The destination must be public (:mod:`core.webhook_targets`; checked again at each delivery),
     unless the operator allows private targets.
     """
     if url is not None:
         try:
-            check_url(url, allow_private=allow_private)
+            check_url(url, allow_private=settings.webhook_allow_private)
         except DestinationRefused as exc:
             raise InvalidRequest(str(exc), {"url": url}, code="invalid_webhook_url") from None
     client = get_client(session, caller.id)
+    secret = new_secret() if url else None
     client.webhook_url = url
-    client.webhook_secret = ("whsec_" + secrets.token_urlsafe(32)) if url else None
+    client.webhook_secret = sealed.seal(settings, secret) if secret else None
     session.flush()
-    return client
+    return secret
 
 
 def list_deliveries(session: Session, caller: Caller | None, *, job_id: str | None = None,
@@ -46,25 +70,12 @@ def list_deliveries(session: Session, caller: Caller | None, *, job_id: str | No
         conditions.append(WebhookDelivery.client_id == client_id)
     if job_id is not None:
         conditions.append(WebhookDelivery.job_id == job_id)
-    if status == "delivered":
-        conditions.append(WebhookDelivery.delivered_at.is_not(None))
-    elif status == "pending":
-        conditions.append(WebhookDelivery.delivered_at.is_(None))
-        conditions.append(WebhookDelivery.next_attempt_at.is_not(None))
-    elif status == "failed":
-        conditions.append(WebhookDelivery.delivered_at.is_(None))
-        conditions.append(WebhookDelivery.next_attempt_at.is_(None))
+    if status is not None:
+        conditions.extend(_STATUS_CONDITIONS[DeliveryStatus(status)])
     count = session.scalar(select(func.count()).select_from(WebhookDelivery).where(*conditions)) or 0
     rows = session.scalars(select(WebhookDelivery).where(*conditions)
                            .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id).limit(limit).offset(offset))
     return list(rows), count
-
-
-def delivery_status(delivery: WebhookDelivery) -> DeliveryStatus:
-    """``delivered``; ``pending`` (a next attempt is planned); ``failed`` (given up)."""
-    if delivery.delivered_at is not None:
-        return "delivered"
-    return "pending" if delivery.next_attempt_at is not None else "failed"
 
 
 def redeliver(uow: UnitOfWork, delivery_id: str) -> WebhookDelivery:

@@ -9,6 +9,7 @@ from alembic.config import Config
 
 from core.config import get_settings
 from core.db.session import get_engine, normalize_url
+from core.private_files import private_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,7 @@ def upgrade_to_head(url: str | None = None) -> None:
     """Create or upgrade every table (idempotent)."""
     url = url or get_settings().resolved_database_url
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(url.removeprefix("sqlite:///")).parent)
     command.upgrade(alembic_config(url), "head")
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import threading
+from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import get_settings
+from core.private_files import private_file
 
 
 @functools.lru_cache(maxsize=64)
@@ -32,14 +34,18 @@ _ENGINES_LOCK = threading.Lock()
 
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        database = make_url(url).database
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE needs it
+            cur.execute("PRAGMA secure_delete=ON")  # a deleted row's bytes are overwritten, not left in free pages
             cur.execute("PRAGMA journal_mode=WAL")  # API and worker processes share the file
             cur.close()
+            if database:
+                private_file(Path(database))  # personal data: 600 (its -wal and -shm follow its mode)
 
         return engine
     # A restarted or unreachable server must cost a request seconds, never minutes: pooled connections
@@ -67,6 +73,17 @@ def SessionLocal(url: str | None = None) -> Session:  # noqa: N802 - conventiona
     """A new session on the configured database (or ``url``). Business operations use
     :class:`core.db.uow.UnitOfWork`, which owns one of these."""
     return _factory(bind=get_engine(url))
+
+
+def scrub_deleted(url: str | None = None) -> None:
+    """After personal data was deleted from the embedded database: copy the write-ahead log into the
+    database file (whose deleted cells ``secure_delete`` zeroes) and truncate the log, so no deleted row
+    survives in either file. PostgreSQL: nothing (its autovacuum reclaims dead rows)."""
+    engine = get_engine(url)
+    if engine.dialect.name != "sqlite":
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def dispose_engines() -> None:

@@ -5,7 +5,7 @@ whose weights are missing fails in one line that names them and the command that
 instead of minutes of hub retries inside a loader. Every check reads the local caches only
 (never the network). ``hf://owner/repo/file`` entries are single files of a hub repository;
 other names are whole repositories (or local folders). The ``tiny`` preset is built locally on
-first use and needs nothing.
+first use (``tiny``, ``tiny-sdxl``) and needs nothing.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ import functools
 from pathlib import Path
 
 from pipelines.errors import PipelineError
-from pipelines.models.presets import ModelPreset, get_preset, tiny_dir, tiny_is_built
+from pipelines.models.presets import TINY_PRESETS, ModelPreset, get_preset, tiny_dir, tiny_is_built, tiny_sdxl_dir
 
-# Only what diffusers/transformers load: skips duplicate .ckpt/.bin/fp16 copies of the same weights.
-ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# Only the files diffusers/transformers load: configs, tokenizers and the (possibly sharded) safetensors
+# weights named ``model`` / ``diffusion_pytorch_model``. Skips .ckpt/.bin copies, fp16 variants
+# (``*.fp16.safetensors``) and the single-file checkpoints base repositories also carry (SDXL's 6.9 GB
+# ``sd_xl_base_1.0.safetensors``, SD 1.5's ``v1-5-pruned*.safetensors``).
+ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*model.safetensors", "*model-*-of-*.safetensors"]
 #: ``auto`` picks the first of these whose weights are all local, else ``tiny``
-AUTO_CANDIDATES = ("sd15",)
+AUTO_CANDIDATES = ("sd15", "sdxl")
 
 
 class WeightsMissing(PipelineError):
@@ -68,10 +71,11 @@ def available(ref: str, revision: str | None = None) -> bool:
 
 def check(name: str, cache_dir: Path) -> list[str]:
     """References of preset ``name`` that are not available offline (empty: ready)."""
-    if name == "tiny":
-        if tiny_is_built(cache_dir):
+    if name in TINY_PRESETS:
+        if tiny_is_built(cache_dir, name):
             return []
-        return [f"tiny models under {tiny_dir(cache_dir)} (built by models pull)"]
+        folder = tiny_sdxl_dir(cache_dir) if name == "tiny-sdxl" else tiny_dir(cache_dir)
+        return [f"{name} models under {folder} (built by models pull)"]
     preset = get_preset(name, cache_dir)
     return [ref for ref in references(preset) if not available(ref, preset.revision)]
 
@@ -82,8 +86,8 @@ def pull_command(name: str) -> str:
 
 def require_weights(name: str, cache_dir: Path) -> None:
     """Raise :class:`WeightsMissing` (one line: what is missing, the command that fetches it) unless
-    every weight of preset ``name`` is local. ``tiny`` builds itself and always passes."""
-    if name == "tiny" or (name, cache_dir) in _READY:
+    every weight of preset ``name`` is local. The tiny presets build themselves and always pass."""
+    if name in TINY_PRESETS or (name, cache_dir) in _READY:
         return
     missing = check(name, cache_dir)
     if missing:

@@ -65,13 +65,17 @@ def configure_test_environment() -> None:
     os.environ.setdefault("LIKENESS_ENVIRONMENT", "test")
     os.environ.setdefault("LIKENESS_DATABASE_URL", pg_url_for(f"likeness_test_{run_id}"))
     os.environ.setdefault("LIKENESS_BROKER_URL", REDIS_URL)
-    os.environ.setdefault("LIKENESS_RESULT_BACKEND", REDIS_URL)
     os.environ.setdefault("LIKENESS_REDIS_URL", REDIS_URL)
     os.environ.setdefault("LIKENESS_QUEUE_PREFIX", f"test-{run_id}-")
     os.environ.setdefault("LIKENESS_DATA_DIR", str(tmp))
     os.environ.setdefault("LIKENESS_STORAGE_DIR", str(tmp / "blobs"))
     os.environ.setdefault("LIKENESS_SECRET_KEY", "test-secret-" + run_id)
     os.environ.setdefault("LIKENESS_MODEL_PRESET", "tiny")  # never `auto`: weights a developer pulled stay unused
+    # Every test client shares one address and many tests one client: the shipped defaults (checked in
+    # tests/app/test_keys_and_limits.py) are lifted; each limit's own test sets it.
+    os.environ.setdefault("LIKENESS_AUTH_FAILURES_PER_MINUTE", "0")
+    for limit in ("REQUESTS_PER_MINUTE", "MAX_CONCURRENT_JOBS", "MAX_TRAININGS_PER_DAY", "MAX_STORAGE_BYTES"):
+        os.environ.setdefault(f"LIKENESS_DEFAULT_{limit}", "none")
     from core.config import get_settings
 
     get_settings.cache_clear()

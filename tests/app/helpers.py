@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zlib
@@ -55,12 +56,42 @@ def subject_with_photo(client) -> str:  # noqa: ANN001
     return subject_id
 
 
-def add_adapter(subject_id: str, version: int = 1) -> None:
-    """What a finished training leaves behind (as the worker writes it)."""
+def add_adapter(subject_id: str, version: int = 1, preset: str | None = None) -> None:
+    """What a finished training leaves behind (as the worker writes it); ``preset``: the one it was trained
+    on, as the adapter's manifest records it (None: an adapter from before manifests recorded it)."""
     from core.db.models import Adapter
     from core.storage import adapter_prefix
     from tests.app.fixtures import session_scope
 
+    manifest = {"base": "tiny"} if preset is None else {"base": "tiny", "preset": preset}
     with session_scope() as session:
         session.add(Adapter(subject_id=subject_id, version=version, mode="lora",
-                            blob_prefix=adapter_prefix(subject_id, version), manifest={"base": "tiny"}))
+                            blob_prefix=adapter_prefix(subject_id, version), manifest=manifest))
+
+
+@contextlib.contextmanager
+def served(app, **uvicorn_options):  # noqa: ANN001, ANN003, ANN201
+    """``app`` behind a real uvicorn server on a free 127.0.0.1 port (its lifespan off: the test app's is run
+    by the ``http`` fixture); yields the base URL. What uvicorn itself does (proxy headers) is then real."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
+                                           **uvicorn_options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(5)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import re
 import time
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from app.admin import auth
 from core.db.models import Client, Job, JobKind, JobState, Photo, PhotoStatus, Subject, WebhookDelivery
 from tests.app.fixtures import session_scope
-from tests.app.helpers import create_subject, jpeg, upload
+from tests.app.helpers import create_subject, jpeg, served, upload
 
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -123,6 +124,38 @@ def test_sign_in_attempts_are_limited_per_address(app, admin):
     assert log_in(elsewhere, admin.key).status_code == 303
 
 
+def _log_in_over(http: httpx.Client, key: str, forwarded_for: str) -> httpx.Response:
+    page = http.get("/admin/login")
+    return http.post("/admin/login", data={"api_key": key, "csrf_token": csrf_of(page.text), "next": "/admin"},
+                     headers={"X-Forwarded-For": forwarded_for})
+
+
+def test_the_sign_in_limit_cannot_be_dodged_with_x_forwarded_for(app, admin, settings):
+    """Served as `likeness serve` serves it (real uvicorn, proxies from settings: none by default), a fresh
+    X-Forwarded-For header per attempt is still one address."""
+    from app.admin.routes import LOGIN_FAILURES_PER_MINUTE
+    from app.main import proxy_options
+
+    assert settings.forwarded_allow_ips == ""
+    with served(app, **proxy_options(settings)) as base, httpx.Client(base_url=base, timeout=10) as http:
+        for i in range(LOGIN_FAILURES_PER_MINUTE):
+            assert _log_in_over(http, "lk_guess", f"198.18.0.{i}").status_code == 401
+        assert _log_in_over(http, admin.key, "198.18.1.1").status_code == 429
+
+
+def test_a_proxy_named_in_settings_is_believed(app, admin, settings, monkeypatch):
+    """Behind a trusted proxy (here: 127.0.0.1 named in LIKENESS_FORWARDED_ALLOW_IPS) the forwarded address counts."""
+    from app.admin.routes import LOGIN_FAILURES_PER_MINUTE
+    from app.main import proxy_options
+
+    monkeypatch.setattr(settings, "forwarded_allow_ips", "127.0.0.1")
+    with served(app, **proxy_options(settings)) as base, httpx.Client(base_url=base, timeout=10) as http:
+        for _ in range(LOGIN_FAILURES_PER_MINUTE):
+            assert _log_in_over(http, "lk_guess", "198.18.2.7").status_code == 401
+        assert _log_in_over(http, admin.key, "198.18.2.7").status_code == 429
+        assert _log_in_over(http, admin.key, "198.18.2.8").status_code == 303  # another client behind the proxy
+
+
 def test_posts_without_the_csrf_token_are_refused(browser, operator):
     name = f"csrf-{time.time_ns()}"
     for data in ({"name": name}, {"name": name, "csrf_token": "forged"}):
@@ -153,6 +186,56 @@ def test_a_forged_or_expired_cookie_is_no_session(browser, operator, settings):
         browser.cookies.clear()
         browser.cookies.set(auth.SESSION_COOKIE, value, path="/admin")
         assert browser.get("/admin").status_code == 303
+
+
+def test_non_ascii_cookies_headers_and_form_fields_are_refused_not_errors(app, browser, operator):
+    """A byte outside ASCII in the session cookie, the CSRF header or a CSRF form field is a wrong value
+    (never a 500)."""
+    stranger = TestClient(app, raise_server_exceptions=False, follow_redirects=False)
+    for cookie in ("likeness_admin=abc.\u00e9", "likeness_admin=\u00e9\u00e9.\u00e9"):
+        response = stranger.get("/admin", headers=[(b"cookie", cookie.encode())])
+        assert response.status_code == 303 and response.headers["location"].startswith("/admin/login")
+    by_header = browser.post("/admin/clients", data={"name": "x"},
+                             headers=[(b"x-csrf-token", "\u00e9t\u00e9".encode())])
+    assert by_header.status_code == 403
+    by_form = browser.post("/admin/clients", data={"name": "x", "csrf_token": "\u00e9t\u00e9"})
+    assert by_form.status_code == 403
+    page = stranger.get("/admin/login")
+    login = stranger.post("/admin/login", data={"api_key": "k", "csrf_token": "\u00e9" + csrf_of(page.text)})
+    assert login.status_code == 403
+
+
+LISTS = ("/admin/jobs", "/admin/subjects", "/admin/clients", "/admin/webhooks")
+OUT_OF_RANGE = [(path, query) for path in LISTS
+                for query in ("page=1000000000000000000000", "page=100001", "page=-5e300")] + [
+    (path, query) for path in LISTS if path != "/admin/clients"  # the pages with a client filter
+    for query in ("client_id=x%00y", "client_id=" + "x" * 500)]
+
+
+@pytest.mark.parametrize("path,query", OUT_OF_RANGE)
+def test_out_of_range_query_parameters_are_4xx_pages_not_500(browser, operator, path, query):
+    response = browser.get(f"{path}?{query}")
+    assert 400 <= response.status_code < 500, response.text
+    assert "Traceback" not in response.text and 'href="/admin"' in response.text
+
+
+@pytest.mark.parametrize("query", ["date_to=9999-12-31", "date_from=0001-01-01", "date_to=99999-01-01"])
+def test_dates_outside_the_calendar_are_422_not_500(browser, operator, query):
+    response = browser.get(f"/admin/jobs?{query}")
+    assert response.status_code == 422, response.text
+
+
+def test_the_last_allowed_page_and_date_answer_normally(browser, operator):
+    assert browser.get("/admin/jobs?page=100000&date_to=9998-12-31").status_code == 200
+
+
+def test_the_client_pages_show_the_default_limits(browser, operator, client_a, settings, monkeypatch):
+    monkeypatch.setattr(settings, "default_requests_per_minute", 600)
+    monkeypatch.setattr(settings, "default_max_storage_bytes", 5 * 1024**3)
+    monkeypatch.setattr(settings, "default_max_concurrent_jobs", None)
+    for page in (browser.get(f"/admin/clients/{client_a.id}").text, browser.get("/admin/clients").text):
+        assert 'placeholder="default: 600"' in page
+        assert f"({5 * 1024**3})" in page and 'placeholder="default: unlimited"' in page
 
 
 @pytest.mark.parametrize("change", ["rotate", "revoke"])

@@ -86,3 +86,27 @@ def test_unparsable_bodies_and_nul_characters_are_422_not_400_or_500(client_a):
                      client_a.get("/v1/jobs/abc%00def")):
         assert response.status_code == 422, response.text
         assert response.json()["details"]["errors"][0]["type"] == "nul_character"
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+@pytest.mark.parametrize("path,body", [
+    ("/v1/subjects/{sid}/generations", '{"style": "cinematic", "guidance_scale": %s}'),
+    ("/v1/subjects/{sid}/templates", '{"template": "id_photo", "strength": %s}'),
+    ("/v1/subjects/{sid}/train", '{"steps": %s}')])
+def test_non_finite_numbers_are_422_with_a_json_body(client_a, number, path, body):
+    subject_id = create_subject(client_a)
+    response = client_a.post(path.format(sid=subject_id), content=body % number,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert error["code"] == "validation_error"
+    assert error["details"]["errors"][0]["loc"][0] == "body"
+
+
+def test_a_non_multipart_body_to_an_upload_path_gets_the_small_limit(client_a):
+    """Only multipart uploads (spooled to disk) may be large; a form-encoded or raw body is read whole."""
+    subject_id = create_subject(client_a)
+    for content_type in ("application/x-www-form-urlencoded", "application/octet-stream"):
+        response = client_a.post(f"/v1/subjects/{subject_id}/photos", content=b"a=" + b"x" * (2 * 1024 * 1024),
+                                 headers={"Content-Type": content_type})
+        assert response.status_code == 413 and response.json()["code"] == "request_too_large", content_type

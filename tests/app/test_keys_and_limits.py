@@ -102,15 +102,32 @@ def test_the_cache_is_not_trusted_while_key_changes_cannot_be_heard(settings):
     assert AuthSubscriber(settings.model_copy(update={"redis_url": "", "broker_url": ""})).trusted  # embedded
 
 
-def test_requests_per_minute_in_process_limiter():
-    from app.ratelimit import LocalRateLimiter
+@pytest.mark.parametrize("storage", ["memory://", "redis"])
+def test_the_window_slides_no_double_burst_where_two_minutes_meet(storage, settings, monkeypatch):
+    """A fixed window lets 2x the limit through around a minute boundary; the sliding one does not."""
+    import secrets
 
-    limiter = LocalRateLimiter()
-    now = 1_000_000 * 60 + 10.0
-    assert [limiter.hit("c", 3, now) for _ in range(3)] == [None, None, None]
-    assert limiter.hit("c", 3, now + 5) == pytest.approx(45.0)
-    assert limiter.hit("other", 3, now) is None  # per client
-    assert limiter.hit("c", 3, now + 49.0) is not None and limiter.hit("c", 3, now + 50.0) is None  # next minute
+    from app.ratelimit import RateLimiter
+
+    limiter = RateLimiter(settings.resolved_redis_url if storage == "redis" else storage,
+                          f"test-{secrets.token_hex(4)}:")
+    minute = (int(time.time()) // 60 + 2) * 60  # a minute boundary ahead (the storage's own clock is moved)
+    monkeypatch.setattr(time, "time", lambda: minute - 1.0)
+    assert [limiter.hit("c", 3).allowed for _ in range(3)] == [True, True, True]
+    assert not limiter.hit("c", 3).allowed and limiter.hit("other", 3).allowed  # per key
+    monkeypatch.setattr(time, "time", lambda: minute + 1.0)  # the next minute has begun: 3 were sent 2 s ago
+    after = [limiter.hit("c", 3) for _ in range(3)]
+    assert sum(d.allowed for d in after) <= 1  # a fixed window would let all 3 through (6 in 2 s)
+    refused = after[-1]
+    assert not refused.allowed and refused.remaining == 0 and 0 < refused.reset_s <= 60
+    assert refused.headers()["RateLimit-Limit"] == "3" and refused.headers()["RateLimit-Remaining"] == "0"
+
+
+def test_an_unreachable_limiter_lets_requests_through():
+    from app.ratelimit import RateLimiter
+
+    decision = RateLimiter("redis://127.0.0.1:1/0").hit("c", 1)
+    assert decision.allowed and not decision.counted and decision.headers() == {}
 
 
 def test_rate_limit_answers_429_with_retry_after_and_the_error_body(client_a, admin, settings):
@@ -122,7 +139,67 @@ def test_rate_limit_answers_429_with_retry_after_and_the_error_body(client_a, ad
     body = limited.json()
     assert body["code"] == "rate_limited" and body["details"]["limit_per_minute"] == 3
     assert int(limited.headers["retry-after"]) == body["details"]["retry_after_s"] <= 60
+    assert limited.headers["ratelimit-limit"] == "3" and limited.headers["ratelimit-remaining"] == "0"
     assert admin.get("/v1/admin/jobs").status_code == 200  # other clients are not limited
+
+
+def test_answers_within_the_limit_say_what_is_left(client_a, admin):
+    assert admin.put(f"/v1/admin/clients/{client_a.id}/limits", json={"requests_per_minute": 50}).status_code == 200
+    first, second = client_a.get("/v1/jobs"), client_a.get("/v1/jobs")
+    assert first.headers["ratelimit-limit"] == "50" and first.headers["ratelimit-policy"] == "50;w=60"
+    assert int(second.headers["ratelimit-remaining"]) == int(first.headers["ratelimit-remaining"]) - 1
+
+
+@pytest.mark.parametrize("attempt", ["wrong_key", "no_key", "bad_signed_link"])
+def test_failed_authentication_is_limited_per_address(app, admin, settings, monkeypatch, attempt):
+    """Wrong keys (or forged signed links) from one address: after the limit even a right key waits; another
+    address is unaffected."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(settings, "auth_failures_per_minute", 5)
+    address = f"203.0.113.{10 + ['wrong_key', 'no_key', 'bad_signed_link'].index(attempt)}"
+    guesser = TestClient(app, raise_server_exceptions=False, client=(address, 50000))
+    fail = {"wrong_key": lambda: guesser.get("/v1/jobs", headers={"Authorization": "Bearer lk_guess"}),
+            "no_key": lambda: guesser.get("/v1/jobs"),
+            "bad_signed_link": lambda: guesser.get("/v1/blobs/signed", params={
+                "client": "c", "subject": "s", "image": "i", "variant": "original", "exp": 2**40, "sig": "0" * 64})}
+    statuses = [fail[attempt]().status_code for _ in range(5)]
+    assert statuses == [403 if attempt == "bad_signed_link" else 401] * 5
+    blocked = guesser.get("/v1/jobs", headers=admin.headers)
+    assert blocked.status_code == 429 and blocked.json()["code"] == "too_many_failed_attempts"
+    assert int(blocked.headers["retry-after"]) >= 1 and blocked.headers["ratelimit-remaining"] == "0"
+    elsewhere = TestClient(app, raise_server_exceptions=False, client=("198.51.100.20", 50000))
+    assert elsewhere.get("/v1/jobs", headers=admin.headers).status_code == 200
+
+
+def test_signed_links_are_rate_limited_per_address(app, settings, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(settings, "default_requests_per_minute", 3)
+    fetcher = TestClient(app, raise_server_exceptions=False, client=("203.0.113.40", 50000))
+    params = {"client": "c", "subject": "s", "image": "i", "variant": "original", "exp": 1, "sig": "0" * 64}
+    statuses = [fetcher.get("/v1/blobs/signed", params=params).status_code for _ in range(4)]
+    assert statuses == [403, 403, 403, 429]
+
+
+def test_a_new_client_gets_the_shipped_default_limits(monkeypatch):
+    """Without configuration a client is bounded: requests, jobs at once, trainings a day, storage."""
+    from core.config import Settings
+
+    for name in [k for k in os.environ if k.startswith(("LIKENESS_DEFAULT_", "LIKENESS_AUTH_FAILURES"))]:
+        monkeypatch.delenv(name)
+    shipped = Settings(_env_file=None)
+    assert shipped.default_requests_per_minute == 1200 and shipped.default_max_concurrent_jobs == 4
+    assert shipped.default_max_trainings_per_day == 20 and shipped.default_max_storage_bytes == 5 * 1024**3
+    assert shipped.auth_failures_per_minute == 30
+
+
+def test_the_defaults_apply_to_a_client_without_its_own_limits(client_a, settings, monkeypatch):
+    monkeypatch.setattr(settings, "default_max_concurrent_jobs", 1)
+    first, second = subject_with_photo(client_a), subject_with_photo(client_a)
+    assert client_a.post(f"/v1/subjects/{first}/train").status_code == 202
+    busy = client_a.post(f"/v1/subjects/{second}/train")
+    assert busy.status_code == 429 and busy.json()["code"] == "too_many_active_jobs"
 
 
 def test_concurrent_jobs_and_trainings_per_day(client_a, admin):
@@ -153,7 +230,7 @@ def test_storage_quota_refuses_uploads_past_it(client_a, admin, store):
     from tests.app.fixtures import session_scope
 
     with session_scope() as session:
-        stored = stored_bytes(session, client_a.id)
+        stored = stored_bytes(session, store, client_a.id)
     assert stored > 0
     limits = {"max_storage_bytes": stored + 100}
     assert admin.put(f"/v1/admin/clients/{client_a.id}/limits", json=limits).status_code == 200
@@ -162,6 +239,34 @@ def test_storage_quota_refuses_uploads_past_it(client_a, admin, store):
     assert refused.json()["details"]["used_bytes"] == stored
     assert client_a.get(f"/v1/subjects/{subject_id}/photos").json()["count"] == 1
     assert len(store.list(f"subjects/{subject_id}/")) == 1  # nothing of the refused upload was kept
+
+
+def test_template_photos_and_adapters_count_against_the_storage_quota(client_a, admin, store):
+    """Every blob a client owns counts: template photos and a trained adapter too, not only photos and images."""
+    from core.storage import adapter_prefix
+    from tests.app.helpers import add_adapter
+
+    subject_id = create_subject(client_a)
+    photo = jpeg(seed=3)
+    limit = 3 * len(photo) + len(photo) // 2  # room for three such files, not four
+    assert admin.put(f"/v1/admin/clients/{client_a.id}/limits", json={"max_storage_bytes": limit}).status_code == 200
+    for seed in (3, 4, 5):
+        stored = client_a.post(f"/v1/subjects/{subject_id}/templates/photos",
+                               files=[("files", (f"t{seed}.jpg", jpeg(seed=seed), "image/jpeg"))])
+        assert stored.status_code == 201, stored.text
+    refused = client_a.post(f"/v1/subjects/{subject_id}/templates/photos",
+                            files=[("files", ("t6.jpg", jpeg(seed=6), "image/jpeg"))])
+    assert refused.status_code == 403 and refused.json()["code"] == "storage_quota_exceeded"
+    assert upload(client_a, subject_id, [("p.jpg", jpeg(seed=7))]).status_code == 403  # photos too
+
+    other = create_subject(client_a)  # an adapter's files count as well
+    add_adapter(other)
+    store.put(adapter_prefix(other, 1) + "pytorch_lora_weights.safetensors", bytes(5000))
+    adapter_bytes = store.size_of_prefix(adapter_prefix(other, 1))
+    assert adapter_bytes == 5000
+    used = refused.json()["details"]["used_bytes"]
+    again = upload(client_a, subject_id, [("p.jpg", jpeg(seed=7))])
+    assert again.json()["details"]["used_bytes"] == used + adapter_bytes
 
 
 def test_last_used_at_is_recorded(client_a, admin):

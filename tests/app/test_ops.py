@@ -16,7 +16,21 @@ def test_healthz_and_readyz(http, settings, monkeypatch):
     down = http.get("/readyz")
     assert down.status_code == 503 and down.json()["code"] == "not_ready"
     checks = down.json()["details"]["checks"]
-    assert checks["database"] == "ok" and checks["broker"].startswith("error")
+    # A status word: the public probe never shows the driver's error (host names, ports, paths).
+    assert checks == {"database": "ok", "broker": "unavailable", "storage": "ok"}
+    assert "127.0.0.1" not in down.text and "Error" not in down.text
+
+
+def test_metrics_can_ask_for_a_token(http, settings, monkeypatch):
+    assert http.get("/metrics").status_code == 200  # unset: open, for a scraper on a private network
+    monkeypatch.setattr(settings, "metrics_token", "scrape-token-0123456789")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "scrape-token-0123456789"},
+                    [(b"authorization", "Bearer \u00e9".encode())]):
+        refused = http.get("/metrics", headers=headers)
+        assert refused.status_code == 401 and refused.json()["code"] == "metrics_token_required"
+        assert "likeness_" not in refused.text
+    allowed = http.get("/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"})
+    assert allowed.status_code == 200 and "likeness_jobs" in allowed.text
 
 
 def _sample(text: str, name: str, **labels: str) -> float | None:

@@ -125,3 +125,44 @@ def test_body_without_content_length_is_cut_at_the_limit(client_a, settings):
         response = http.post(f"/v1/subjects/{subject_id}/photos", content=chunks(),
                              headers={**client_a.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413 and response.json()["code"] == "request_too_large"
+
+
+def test_upload_memory_stays_bounded_by_one_file_whatever_the_request_size(app, client_a, tmp_path):
+    """Photos of 3 MB sent by another process to a real server: the API holds one file (and its cleaned copy)
+    at a time, the form parser having spooled each to disk, so 8 files take no more memory than 2."""
+    import subprocess
+    import sys
+    import tracemalloc
+
+    from tests.app.helpers import create_subject, served
+    from tests.conftest import noise_image
+
+    paths = []
+    for seed in range(8):
+        path = tmp_path / f"big{seed}.png"
+        noise_image(1024, seed=seed).save(path, "PNG", compress_level=0)
+        paths.append(path)
+    file_bytes = max(p.stat().st_size for p in paths)
+    assert file_bytes > 3_000_000
+    sender = ("import httpx, sys; files = [('files', (p.rsplit('/', 1)[-1], open(p, 'rb'), 'image/png')) "
+              "for p in sys.argv[3:]]; r = httpx.post(sys.argv[1], files=files, "
+              "headers={'Authorization': sys.argv[2]}, timeout=120); print(r.status_code, r.json()['stored'])")
+
+    def peak_of_upload(base: str, files: list) -> int:
+        subject_id = create_subject(client_a)
+        tracemalloc.start()
+        try:
+            done = subprocess.run([sys.executable, "-c", sender, f"{base}/v1/subjects/{subject_id}/photos",
+                                   f"Bearer {client_a.key}", *map(str, files)], capture_output=True, text=True,
+                                  timeout=180)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert done.stdout.split() == ["201", str(len(files))], done.stderr
+        return peak
+
+    with served(app) as base:
+        two, eight = peak_of_upload(base, paths[:2]), peak_of_upload(base, paths)
+    megabytes = f"{two / 1e6:.1f} MB for 2 files, {eight / 1e6:.1f} MB for 8 files of {file_bytes / 1e6:.1f} MB"
+    assert eight < two + file_bytes, megabytes  # does not grow with the request
+    assert eight < 5 * file_bytes, megabytes  # about one file and its cleaned copy

@@ -83,3 +83,13 @@ def test_settings_pick_the_backend(tmp_path):
         store.ensure_bucket()
         store.put("subjects/s/x.bin", b"1")
         assert store.list("subjects/") == ["subjects/s/x.bin"]
+
+
+def test_the_local_blob_folder_and_its_files_are_private(tmp_path):
+    import stat
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.put("subjects/s1/photos/p1/original.jpg", b"jpeg bytes")
+    assert stat.S_IMODE((tmp_path / "blobs").stat().st_mode) == 0o700
+    written = tmp_path / "blobs" / "subjects/s1/photos/p1/original.jpg"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600

@@ -75,6 +75,8 @@ def _fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
 
 def _delivery_to(client, url: str) -> str:  # noqa: ANN001
     """A delivery row for a job event of ``client`` whose webhook is ``url`` (stored as is)."""
+    from core import sealed
+    from core.config import get_settings
     from core.db.models import Client, Job
     from tests.app.fixtures import session_scope
 
@@ -82,7 +84,7 @@ def _delivery_to(client, url: str) -> str:  # noqa: ANN001
     job_id = client.post(f"/v1/subjects/{subject_id}/train").json()["id"]
     with session_scope() as session:
         row = session.get(Client, client.id)
-        row.webhook_url, row.webhook_secret = url, "whsec_test"
+        row.webhook_url, row.webhook_secret = url, sealed.seal(get_settings(), "whsec_test")
         session.flush()
         return webhooks.queue_job_event(session, session.get(Job, job_id))
 
@@ -104,19 +106,24 @@ def test_a_name_that_resolves_to_loopback_at_delivery_is_refused(client_a, recei
     delivery_id = _delivery_to(client_a, f"http://hooks.example.test:{port}/hook")
     assert webhooks.record_and_send(delivery_id) is False  # refused for good, not retried
     row = _delivery(delivery_id)
-    assert "loopback" in row.error and row.delivered_at is None and row.next_attempt_at is None
+    assert row.error == webhooks.DESTINATION_REFUSED and row.delivered_at is None and row.next_attempt_at is None
     assert asked == ["hooks.example.test"] and receiver.requests == []
+    # The tenant's log never says what an internal name resolves to.
+    logged = client_a.get("/v1/webhook/deliveries").json()["data"]
+    assert logged and all("127.0.0.1" not in (d["error"] or "") and "loopback" not in (d["error"] or "")
+                          for d in logged)
 
     # One bad address among several refuses the name: every address is checked.
     mixed = _delivery_to(client_a, f"http://mixed.example.test:{port}/hook")
-    assert webhooks.record_and_send(mixed) is False and "private" in _delivery(mixed).error
+    assert webhooks.record_and_send(mixed) is False and _delivery(mixed).error == webhooks.DESTINATION_REFUSED
+    assert "10.0.0.7" not in _delivery(mixed).error
     assert receiver.requests == []
 
 
 def test_a_loopback_url_stored_before_the_check_is_refused_at_delivery(client_a, receiver):  # noqa: F811
     delivery_id = _delivery_to(client_a, receiver.url)  # http://127.0.0.1:<port>/hook, as once accepted
     assert webhooks.record_and_send(delivery_id) is False
-    assert "loopback" in _delivery(delivery_id).error and receiver.requests == []
+    assert _delivery(delivery_id).error == webhooks.DESTINATION_REFUSED and receiver.requests == []
 
 
 def test_delivery_connects_to_the_address_it_checked(client_a, receiver, allow_private, monkeypatch):  # noqa: F811

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import importlib
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
 
 from core import webhooks
+from likeness import webhooks as signing
 from tests.app.helpers import subject_with_photo
 
 
@@ -73,6 +80,62 @@ def test_sign_and_verify():
     assert not webhooks.verify(body, "s3cret", "garbage")
 
 
+def _standard_webhooks_signature_ok(body: bytes, secret: str, headers: dict[str, str]) -> bool:
+    """The check any Standard Webhooks library makes, written from the specification: the key is the base64
+    payload of the ``whsec_`` secret; the signature is base64 HMAC-SHA256 over ``id.timestamp.body``."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return abs(time.time() - int(headers["webhook-timestamp"])) < 300 and expected in headers[
+        "webhook-signature"].split(" ")
+
+
+def test_standard_webhooks_signature_is_verified_and_tampering_is_not():
+    secret = signing.new_secret()
+    assert base64.b64decode(secret.removeprefix("whsec_"), validate=True)  # the standard secret form
+    body, now = b'{"job_id":"x"}', int(time.time())
+    headers = signing.signature_headers(body, secret, "msg_1", now)
+    assert _standard_webhooks_signature_ok(body, secret, headers)
+    assert signing.verify(body, secret, headers)
+    assert signing.verify(body, secret, {"X-Likeness-Signature": headers["X-Likeness-Signature"]})
+    assert not signing.verify(body, secret, {**headers, "webhook-id": "msg_2"})  # the id is signed
+    assert not signing.verify(body + b" ", secret, headers)
+    assert not signing.verify(body, signing.new_secret(), headers)
+    assert not signing.verify(body, secret, headers, now=now + 3600)
+
+
+def test_a_non_ascii_signature_is_refused_not_an_error():
+    body, now = b"{}", int(time.time())
+    assert not signing.verify(body, "whsec_x", f"t={now},v1=abc\u00e9")
+    assert not signing.verify(body, "whsec_x", {"webhook-id": "m", "webhook-timestamp": str(now),
+                                                 "webhook-signature": "v1,\u00e9\u00e9"})
+
+
+def test_webhook_secrets_are_stored_encrypted_and_old_rows_are_migrated(client_a, receiver, allow_private, settings):
+    from sqlalchemy import text
+
+    from core import sealed
+    from core.db.models import Client
+    from tests.app.fixtures import session_scope
+
+    secret = client_a.put("/v1/webhook", json={"url": receiver.url}).json()["secret"]
+    with session_scope() as session:
+        stored = session.get(Client, client_a.id).webhook_secret
+    assert secret not in stored and stored.startswith("enc1:")
+    assert sealed.unseal(settings, stored) == secret
+
+    # A row written before encryption (plaintext) is encrypted by the migration.
+    migration = importlib.import_module("migrations.versions.0006_sealed_webhook_secrets")
+    with session_scope() as session:
+        session.execute(text("UPDATE clients SET webhook_secret = :s WHERE id = :id"),
+                        {"s": "whsec_legacy", "id": client_a.id})
+        context = MigrationContext.configure(session.connection())
+        with Operations.context(context):
+            migration.upgrade()
+        stored = session.get(Client, client_a.id).webhook_secret
+    assert stored.startswith("enc1:") and sealed.unseal(settings, stored) == "whsec_legacy"
+
+
 def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, receiver, allow_private):
     from core.db.models import WebhookDelivery
     from tests.app.fixtures import session_scope
@@ -103,7 +166,10 @@ def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, r
     receiver.status = 204
     assert webhooks.record_and_send(delivery["id"]) is False
     headers, body = receiver.requests[-1]
-    assert webhooks.verify(body, secret, headers["x-likeness-signature"])
+    assert webhooks.verify(body, secret, headers["x-likeness-signature"])  # the original header, still sent
+    assert signing.verify(body, secret, headers)  # the Standard Webhooks one
+    assert _standard_webhooks_signature_ok(body, secret, headers)
+    assert headers["webhook-id"] == delivery["id"]
     assert json.loads(body)["job_id"] == job_id and headers["x-likeness-event"] == "job.canceled"
     logged = client_a.get("/v1/webhook/deliveries").json()["data"][0]
     assert logged["attempt"] == 2 and logged["status_code"] == 204 and logged["delivered_at"]

@@ -79,7 +79,6 @@ def it_env(pg_url: str, tmp_path_factory) -> dict[str, str]:
         "LIKENESS_DATA_DIR": str(data_dir),
         "LIKENESS_DATABASE_URL": pg_url,
         "LIKENESS_BROKER_URL": REDIS_URL,
-        "LIKENESS_RESULT_BACKEND": REDIS_URL,
         "LIKENESS_REDIS_URL": REDIS_URL,
         "LIKENESS_QUEUE_PREFIX": prefix,
         "LIKENESS_STORAGE_BACKEND": "local",

@@ -28,9 +28,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def make_job(pg_url, it_settings, sender):
     def make(*, webhook_url: str | None = None, secret: str | None = None, max_attempts: int = 3) -> str:
+        from core import sealed
+
         with session_scope(pg_url) as session:
             client = Client(name="it", api_key_hash=os.urandom(16).hex(), webhook_url=webhook_url,
-                            webhook_secret=secret)
+                            webhook_secret=sealed.seal(it_settings, secret) if secret else None)
             session.add(client)
             session.flush()
             subject = Subject(client_id=client.id, name="grace")

@@ -71,10 +71,9 @@ def service(template_env, pg_url, tmp_path_factory):
 def _seed_adapter(pg_url: str, storage_dir: Path, subject_id: str, tiny_preset, tmp_path: Path) -> None:
     """What a finished training leaves: the adapter's blobs and its row."""
     from core.db.models import Adapter
-    from core.storage import LocalBlobStore, adapter_prefix
+    from core.storage import LocalBlobStore, adapter_prefix, upload_folder
     from tests.app.fixtures import session_scope
     from tests.pipelines.generation.conftest import build_lora_adapter
-    from worker.phases import upload_folder
 
     folder = build_lora_adapter(tmp_path / "adapter", tiny_preset, "<subj>", seed=21)
     upload_folder(LocalBlobStore(storage_dir), folder, adapter_prefix(subject_id, 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -40,6 +41,35 @@ def test_cli_create_client_prints_a_working_key(sqlite_db):
     assert caller is not None and caller.role.value == "bot"
 
 
+
+
+def test_the_data_folder_and_the_embedded_database_are_private(tmp_path):
+    """Folder 700, database 600 (its -wal and -shm follow): other users of the machine read nothing."""
+    data = tmp_path / "data"
+    env = clean_environ(LIKENESS_DATA_DIR=str(data))
+    result = subprocess.run([sys.executable, "-m", "likeness", "migrate"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, "-m", "likeness", "create-client", "app-1"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = [p for p in data.iterdir() if p.name.startswith("likeness.sqlite3")]
+    assert any(p.name == "likeness.sqlite3" for p in files)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_an_existing_data_folder_is_made_private(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    env = clean_environ(LIKENESS_DATA_DIR=str(data))
+    result = subprocess.run([sys.executable, "-m", "likeness", "migrate"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "likeness.sqlite3").stat().st_mode) == 0o600
 
 
 def test_help_shows_flags_without_a_type():

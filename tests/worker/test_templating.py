@@ -21,10 +21,9 @@ def settings(sqlite_db):
 def _subject_with_adapter(settings, tiny_preset, tmp_path) -> str:
     """A trained subject, as a finished training leaves it: adapter blobs and row."""
     from core.db.models import Adapter, Client, Subject
-    from core.storage import adapter_prefix, get_blob_store
+    from core.storage import adapter_prefix, get_blob_store, upload_folder
     from tests.app.fixtures import session_scope
     from tests.pipelines.generation.conftest import build_lora_adapter
-    from worker.phases import upload_folder
 
     folder = build_lora_adapter(tmp_path / "adapter", tiny_preset, "<subj>", seed=11)
     with session_scope() as session:

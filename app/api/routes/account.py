@@ -9,20 +9,24 @@ from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, page
 from app.api.schemas import DeliveryPublic, Page, StylePublic, WebhookIn, WebhookOut
 from app.services import webhooks
+from pipelines.generation.styles import list_styles as load_styles
 
 router = APIRouter(prefix=API_PREFIX, tags=["account"])
 
 
 @router.put("/webhook", response_model=WebhookOut, responses=errors(),
             summary="Register the webhook URL for job events; returns a new signing secret (shown once)",
-            description="Each job state change is POSTed as JSON with `X-Likeness-Signature: t=<ts>,v1=<hex>`, "
-                        "hex = HMAC-SHA256(secret, `<ts>.` + body). Failed deliveries are retried with backoff. "
+            description="Each job state change is POSTed as JSON, signed the Standard Webhooks way "
+                        "(`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64>` over "
+                        "`<id>.<ts>.` + body with the base64 key of the `whsec_` secret) and, during a transition, "
+                        "with `X-Likeness-Signature: t=<ts>,v1=<hex>`, hex = HMAC-SHA256(secret, `<ts>.` + body). "
+                        "Failed deliveries are retried with backoff. "
                         "The URL must reach a public address (422 `invalid_webhook_url` for loopback, private, "
                         "link-local, multicast, reserved or unspecified ones, in any notation; checked again "
                         "after DNS resolution at every delivery); redirects are not followed.")
 def put_webhook(body: WebhookIn, caller: CurrentClient, uow: UoW, settings: SettingsDep):
-    client = webhooks.set_webhook(uow.session, caller, body.url, allow_private=settings.webhook_allow_private)
-    return WebhookOut(url=client.webhook_url, secret=client.webhook_secret)
+    secret = webhooks.set_webhook(uow.session, caller, body.url, settings)
+    return WebhookOut(url=body.url, secret=secret)
 
 
 @router.get("/webhook/deliveries", response_model=Page[DeliveryPublic], responses=errors(),
@@ -35,10 +39,6 @@ def list_deliveries(request: Request, caller: CurrentClient, uow: UoW, job_id: s
 
 @router.get("/styles", response_model=Page[StylePublic], responses=errors(), summary="Available style packs")
 def list_styles(caller: CurrentClient):
-    try:
-        from pipelines.generation.styles import list_styles as load_styles
-    except ImportError:  # generation package not installed: nothing to list
-        return {"data": [], "count": 0}
     data = [StylePublic(name=s.name, version=s.version, title=s.title, description=s.description, aspect=s.aspect,
                         controlnet=s.controlnet.model_dump() if s.controlnet else None) for s in load_styles()]
     return {"data": data, "count": len(data)}

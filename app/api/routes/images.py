@@ -1,12 +1,21 @@
 from __future__ import annotations
 
 import mimetypes
+from pathlib import PurePosixPath
 from typing import Literal
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import CurrentClient, SettingsDep, StoreDep, UoW
+from app.api.deps import (
+    CurrentClient,
+    SettingsDep,
+    StoreDep,
+    UoW,
+    count_failure,
+    limit_address,
+    refuse_failing_address,
+)
 from app.api.routes import API_PREFIX
 from app.api.routes._common import BINARY, errors, page
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
@@ -66,16 +75,19 @@ def image_url(image_id: str, caller: CurrentClient, uow: UoW, settings: Settings
 
 
 @router.get("/blobs/signed", response_class=StreamingResponse,
-            responses={**_IMAGE_RESPONSE, **errors(403, 404, authenticated=False)},
+            responses={**_IMAGE_RESPONSE, **errors(403, 404, 429, authenticated=False)},
             summary="Fetch a result image through a signed URL (expires; any change voids it)",
             description="Serves only the result image the URL was made for (`POST /v1/images/{id}/url`), while it "
                         "still belongs to that subject and client; needs no API key.")
-def signed_blob(settings: SettingsDep, store: StoreDep, uow: UoW, client: str = Query(max_length=64),
+def signed_blob(request: Request, settings: SettingsDep, store: StoreDep, uow: UoW, client: str = Query(max_length=64),
                 subject: str = Query(max_length=64), image: str = Query(max_length=64),
                 variant: Literal["original", "upscaled"] = Query(), exp: int = Query(ge=0, le=2**62),
                 sig: str = Query(max_length=128)):
+    refuse_failing_address(request)
+    limit_address(request, "signed-links")
     problem = check_image_signature(signing_secret(settings), client, subject, image, variant, exp, sig)
     if problem is not None:
+        count_failure(request)
         raise Forbidden("This link is invalid." if problem == "invalid_signature" else "This link has expired.",
                         code=problem)
     key = images.image_blob_key(images.get_signed_image(uow.session, client, subject, image), variant)
@@ -85,7 +97,8 @@ def signed_blob(settings: SettingsDep, store: StoreDep, uow: UoW, client: str = 
 @router.get("/subjects/{subject_id}/adapter", response_class=StreamingResponse,
             responses={200: {"content": {"application/zip": BINARY, "application/octet-stream": BINARY},
                              "description": "diffusers: the adapter folder as a zip (load_lora_weights + "
-                                            "load_textual_inversion); kohya: one .safetensors for A1111/ComfyUI."},
+                                            "load_textual_inversion); kohya: a zip for A1111/ComfyUI: the LoRA, "
+                                            "one embedding per learned token and HOW-TO-PROMPT.txt."},
                        **errors(404, 409)},
             summary="Download the subject's trained adapter (owner only)")
 def download_adapter(subject_id: str, caller: CurrentClient, uow: UoW, store: StoreDep,
@@ -96,4 +109,5 @@ def download_adapter(subject_id: str, caller: CurrentClient, uow: UoW, store: St
     if format == "diffusers":
         return StreamingResponse(adapters.zip_stream(store, adapter.blob_prefix), media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
-    return _stream(store, adapters.export_key(adapter, format), f"{name}-{format}.safetensors")
+    key = adapters.export_key(store, adapter, format)
+    return _stream(store, key, f"{name}-{format}{PurePosixPath(key).suffix}")

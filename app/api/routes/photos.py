@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import hashlib
-
 from fastapi import APIRouter, File, UploadFile
 
 from app.api.deps import CurrentClient, IdempotencyDep, SettingsDep, StoreDep, UoW
@@ -14,12 +12,9 @@ from app.services import photos
 router = APIRouter(prefix=f"{API_PREFIX}/subjects/{{subject_id}}/photos", tags=["photos"])
 
 
-def _read_files(files: list[UploadFile], max_bytes: int) -> list[photos.UploadedFile]:
-    read: list[photos.UploadedFile] = []
-    for upload in files:
-        data = upload.file.read(max_bytes + 1)  # never hold more than the limit of one file
-        read.append(photos.UploadedFile(upload.filename or "", data[: max_bytes + 1], truncated=len(data) > max_bytes))
-    return read
+def _read_files(files: list[UploadFile]) -> list[photos.UploadedFile]:
+    """The uploads as the services read them: one at a time, from where the form parser spooled them."""
+    return [photos.UploadedFile(upload.filename or "", upload.file) for upload in files]
 
 
 @router.post(
@@ -41,9 +36,8 @@ def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep,
     if not 1 <= len(files) <= settings.max_photos_per_request:
         raise InvalidRequest(f"Upload between 1 and {settings.max_photos_per_request} files per request.",
                              {"files": len(files), "max": settings.max_photos_per_request}, code="invalid_file_count")
-    uploaded = _read_files(files, settings.max_file_bytes)
-    if replay := idempotency.replay(uow, [[f.filename, hashlib.sha256(f.data).hexdigest()] for f in uploaded],
-                                    _photos_location):
+    uploaded = _read_files(files)
+    if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded], _photos_location):
         return replay
     outcomes = photos.upload_photos(uow, caller, subject_id, uploaded, store, settings)
     results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,

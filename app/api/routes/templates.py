@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 from fastapi import APIRouter, File, Response, UploadFile
 
 from app.api.deps import CurrentClient, IdempotencyDep, SettingsDep, StoreDep, UoW
@@ -62,9 +60,8 @@ def upload_template_photos(subject_id: str, caller: CurrentClient, settings: Set
     if not 1 <= len(files) <= MAX_TEMPLATE_FILES:
         raise InvalidRequest(f"Upload between 1 and {MAX_TEMPLATE_FILES} template photos per request.",
                              {"files": len(files), "max": MAX_TEMPLATE_FILES}, code="invalid_file_count")
-    uploaded = _read_files(files, settings.max_file_bytes)
-    if replay := idempotency.replay(uow, [[f.filename, hashlib.sha256(f.data).hexdigest()] for f in uploaded],
-                                    _template_photos_location):
+    uploaded = _read_files(files)
+    if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded], _template_photos_location):
         return replay
     outcomes = templates.upload_template_photos(uow, caller, subject_id, uploaded, store, settings)
     results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,
