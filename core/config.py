@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.models.weights import resolve_preset
+
 #: The public placeholder once shipped as the default: refused anywhere but tests (anyone can sign with it).
 DEV_SECRET = "dev-insecure-secret-change-me"
 
@@ -160,8 +162,6 @@ class Settings(BaseSettings):
     @property
     def preset(self) -> str:
         """The model preset jobs use: ``model_preset`` with ``auto`` resolved (once per process)."""
-        from pipelines.models.weights import resolve_preset
-
         return resolve_preset(self.model_preset, self.resolved_model_cache_dir)
 
     def queue(self, name: str) -> str:
