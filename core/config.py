@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.models.weights import resolve_preset
+
 #: The public placeholder once shipped as the default: refused anywhere but tests (anyone can sign with it).
 DEV_SECRET = "dev-insecure-secret-change-me"
 
@@ -79,10 +81,12 @@ class Settings(BaseSettings):
     max_candidates_per_request: int = 64
 
     # ML
-    model_preset: Literal["tiny", "sd15", "tiny-sdxl", "sdxl"] = "tiny"
+    # auto: sd15 when its weights are on this machine (`likeness models pull --preset sd15`), else tiny
+    model_preset: Literal["auto", "tiny", "sd15", "tiny-sdxl", "sdxl"] = "auto"
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)
+    log_format: Literal["auto", "json", "text"] = "auto"  # worker logs; auto: JSON lines unless on a terminal
 
     # Jobs
     max_attempts: int = 3
@@ -158,6 +162,11 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return (self.model_cache_dir or self.data_dir / "models").resolve()
+
+    @property
+    def preset(self) -> str:
+        """The model preset jobs use: ``model_preset`` with ``auto`` resolved (once per process)."""
+        return resolve_preset(self.model_preset, self.resolved_model_cache_dir)
 
     def queue(self, name: str) -> str:
         """The broker's name of a job-plan queue (``cpu``/``gpu``), with this deployment's prefix."""

@@ -31,6 +31,7 @@ from worker.service_edge import ServiceEdge
 from worker.stage_history import expected_stage_seconds
 
 log = logging.getLogger(__name__)
+stage_log = logging.getLogger("likeness.jobs")  # one structured line per stage (job_id, kind, stage, preset)
 
 INTERNAL_ERROR_MESSAGE = "an internal error stopped this job; the operators have the details"
 
@@ -127,6 +128,7 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
     workdir.mkdir(parents=True, exist_ok=True)
     cancel_check = Throttle(1.0)
     cancel_seen = False
+    preset = (job.request or {}).get("preset")
 
     with _Heartbeat(settings, job_id, settings.job_heartbeat_s) as beat:
 
@@ -151,8 +153,11 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
         started: list[tuple[str, datetime]] = []
 
         def write(update: JobProgressUpdate) -> None:
-            if update.stage_started:
+            if update.stage_started:  # one line per stage: what a log reader follows a job by
                 started.append((update.stage, utcnow()))
+                stage_log.info("job %s %s: %s (preset %s, attempt %d)", job_id, job.kind, update.stage, preset,
+                               job.attempts, extra={"job_id": job_id, "kind": str(job.kind), "stage": update.stage,
+                                                    "preset": preset, "attempt": job.attempts})
             try:
                 owned = jobs.write_progress(settings, job_id, job.kind, update.stage, update.progress, update.eta_s,
                                             started=list(started), attempt=job.attempts)

@@ -117,10 +117,10 @@ def _preload_generation(manager, settings, device: str) -> None:  # noqa: ANN001
     from pipelines.generation.engine import generation_models  # torch: only a GPU worker pays for it
 
     try:
-        manager.preload(generation_models(get_preset(settings.model_preset, settings.resolved_model_cache_dir),
+        manager.preload(generation_models(get_preset(settings.preset, settings.resolved_model_cache_dir),
                                           device))
     except Exception:  # noqa: BLE001 - a job will report the missing model with its own clear error
-        log.exception("preloading the %s models failed; loading on demand", settings.model_preset)
+        log.exception("preloading the %s models failed; loading on demand", settings.preset)
     manager.mark_ready()
 
 

@@ -25,6 +25,7 @@ class ErrorBody(BaseModel):
 class Page(BaseModel, Generic[T]):
     data: list[T]
     count: int = Field(description="Total matching rows (for pagination).")
+    next: str | None = Field(None, description="URL of the next page (same filters and limit); null on the last.")
 
 
 class ORMModel(BaseModel):

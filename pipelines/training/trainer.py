@@ -729,7 +729,7 @@ class Trainer:
             shutil.rmtree(adapter_dir)  # a rerun replaces, never mixes
         new_tokens = list(self.tokens.new_tokens)
         manifest = AdapterManifest(
-            mode=config.mode, base_model=self.preset.base_model, base_revision=self.preset.revision,
+            mode=config.mode, base_model=self.preset.public_base_model, base_revision=self.preset.revision,
             family=self.family.name, preset=self.preset.name,
             instance_token=self.tokens.instance_token, class_token=self.tokens.class_token, tokens=tuple(new_tokens),
             lora=self.lora_spec if config.mode == "lora" else None, training_config=config.to_dict(),

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, File, UploadFile
 
 from app.api.deps import CurrentClient, IdempotencyDep, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
-from app.api.routes._common import errors
+from app.api.routes._common import errors, located
 from app.api.schemas import Page, PhotoPublic, UploadResponse, UploadResult
 from app.errors import InvalidRequest
 from app.services import photos
@@ -18,7 +20,8 @@ def _read_files(files: list[UploadFile]) -> list[photos.UploadedFile]:
 
 
 @router.post(
-    "", status_code=201, response_model=UploadResponse, responses=errors(403, 404, 413),
+    "", status_code=201, response_model=UploadResponse,
+    responses={**errors(403, 404, 413), **located(201, "the subject's photos")},
     summary="Upload 1-30 photos; each file is validated on its own",
     description=("Formats are recognised from the file's content (JPEG, PNG, WebP, HEIC, AVIF). A bad file is "
                  "rejected with its own `reason_code` (`empty_file`, `not_an_image`, `too_large_bytes`, "
@@ -36,13 +39,14 @@ def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep,
         raise InvalidRequest(f"Upload between 1 and {settings.max_photos_per_request} files per request.",
                              {"files": len(files), "max": settings.max_photos_per_request}, code="invalid_file_count")
     uploaded = _read_files(files)
-    if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded]):
+    if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded], _photos_location):
         return replay
     outcomes = photos.upload_photos(uow, caller, subject_id, uploaded, store, settings)
     return upload_answer(idempotency, subject_id, outcomes)
 
 
-def upload_answer(idempotency: IdempotencyDep, subject_id: str, outcomes: list[photos.FileOutcome]):  # noqa: ANN201
+def upload_answer(idempotency: IdempotencyDep, subject_id: str, outcomes: list[photos.FileOutcome],  # noqa: ANN201
+                  location: Callable[[dict], str] | None = None):
     """201 with each file's verdict; 422 ``all_files_rejected`` (the same list in ``details``) when no file
     was stored (photos and template photos alike)."""
     results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,
@@ -53,7 +57,11 @@ def upload_answer(idempotency: IdempotencyDep, subject_id: str, outcomes: list[p
         return idempotency.respond(422, {"code": "all_files_rejected", "message": "None of the files could be "
                                          "used; each file's reason is listed in details.files.",
                                          "details": body.model_dump(mode="json")})
-    return idempotency.respond(201, body.model_dump(mode="json"))
+    return idempotency.respond(201, body.model_dump(mode="json"), location or _photos_location)
+
+
+def _photos_location(body: dict) -> str:
+    return f"{API_PREFIX}/subjects/{body['subject_id']}/photos"
 
 
 @router.get("", response_model=Page[PhotoPublic], responses=errors(404),
