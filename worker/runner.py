@@ -15,18 +15,21 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from core.config import Settings, get_settings
+from core.db.models import utcnow
 from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
 from core.storage import StorageError, get_blob_store
 from likeness.contract.plan import JobKind, JobState, plan_for
-from pipelines.errors import Canceled, PipelineError
+from pipelines.errors import Canceled, PipelineError, Preempted
 from worker import jobs, registry
 from worker.checkpoints import discard_checkpoints
 from worker.phases import PHASE_RUNNERS, PhaseContext
+from worker.preemption import raise_if_draining
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
 
 log = logging.getLogger(__name__)
 
+PREEMPTED = "preempted"  # the outcome of a job handed back at worker shutdown
 INTERNAL_ERROR_MESSAGE = "an internal error stopped this job; the operators have the details"
 
 #: how long the record of a finished phase (or of the job's end) waits for an unavailable database:
@@ -150,6 +153,7 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
         # is skipped (the next one retries); the phase's record waits for the database (through_db_outage).
         def should_stop() -> bool:
             nonlocal cancel_seen
+            raise_if_draining()  # the worker is shutting down: Preempted
             if beat.lost.is_set():
                 return True
             if not cancel_seen and cancel_check.ready():
@@ -194,6 +198,8 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                     break
                 if hand_over:
                     return f"handed over to {settings.queue(following.queue)}"
+        except Preempted as exc:
+            outcome = _hand_back(settings, job_id, exc)
         except Canceled:
             outcome = "lost" if beat.lost.is_set() else _end(settings, job_id, JobState.CANCELED, "canceled",
                                                              "canceled by request")
@@ -215,10 +221,21 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
             outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED)
     if outcome == "lost":
         _purge_if_subject_deleted(ctx)
-    else:  # a terminal job needs no scratch space nor checkpoints (a retry would have resumed from them)
+    elif outcome != PREEMPTED:  # terminal: no scratch space nor checkpoints needed
         shutil.rmtree(workdir, ignore_errors=True)
         _ended(settings, job, ctx.store)
     return outcome
+
+
+def _hand_back(settings: Settings, job_id: str, exc: Preempted) -> str:
+    """The worker is shutting down: the job goes back to the queue with its lease released (its local
+    scratch space and mirrored checkpoints stay for the next attempt)."""
+    step = exc.details.get("checkpoint_step")
+    record = {"preempted": {"worker": jobs.worker_id(), "at": utcnow().isoformat(), "checkpoint_step": step}}
+    if not through_db_outage(f"job {job_id}: hand back", jobs.hand_back, settings, job_id, record):
+        return "lost"
+    log.warning("job %s handed back at shutdown (training checkpointed at step %s)", job_id, step)
+    return PREEMPTED
 
 
 def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None:  # noqa: ANN001

@@ -10,7 +10,13 @@ import logging
 import os
 
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from core.config import get_settings
 from likeness.contract.plan import Task as TaskName
@@ -93,6 +99,9 @@ def _start_pool_process(**_) -> None:
 
     for engine in list(db_session._ENGINES.values()):
         engine.dispose(close=False)
+    from worker.preemption import install_drain_handler
+
+    install_drain_handler()  # SIGTERM to the worker: this process's job is handed back (worker.preemption)
     from worker.jobs import worker_id
     from worker.models import get_manager, resolve_budget, resolve_device
 
@@ -147,6 +156,14 @@ def _start_purge_timer(settings) -> None:  # noqa: ANN001
     consumed = set(celery_app.amqp.queues.consume_from or ())
     if settings.embedded and _purge_timer is None and (not consumed or settings.queue("cpu") in consumed):
         _purge_timer = PeriodicPurge(settings.purge_interval_s, settings).start()
+
+
+@worker_shutting_down.connect
+def _drain(**_) -> None:
+    """Warm shutdown (SIGTERM): running jobs checkpoint and go back to the queue now, not when they end."""
+    from worker.preemption import drain_pool
+
+    drain_pool()
 
 
 @worker_shutdown.connect
