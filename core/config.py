@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     job_stale_after_s: int = 30
     job_requeue_after_s: int = 300  # a queued (or handed-over) job nobody took this long: its message is resent
     webhook_max_attempts: int = 6
+    # Fair share (worker.fair_share): a worker claims the waiting job of the least served client (recent
+    # seconds on the queue / the client's priority), then end user; off: first in, first out.
+    fair_share: bool = True
+    fair_share_window_s: float = 1800.0
 
     # API server
     host: str = "127.0.0.1"

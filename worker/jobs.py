@@ -108,10 +108,19 @@ def _locked(uow: UnitOfWork, job_id: str) -> Job | None:
     return uow.session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
 
 
-def claim(settings: Settings, job_id: str) -> Claim:
-    """Take ownership of ``job_id`` if it needs running; see :class:`ClaimOutcome`."""
+def claim(settings: Settings, job_id: str, queue: str | None = None) -> Claim:
+    """Take ownership of ``job_id`` if it needs running; see :class:`ClaimOutcome`.
+
+    ``queue`` (the logical queue the message came from) with ``settings.fair_share``: the message is a
+    wake-up; the fairest job waiting on that queue is claimed instead (:mod:`worker.fair_share`), and
+    ``job_id`` only when none waits (a redelivery, a takeover, a cancel).
+    """
     me, now = worker_id(), utcnow()
     with UnitOfWork(settings) as uow:
+        if queue is not None and settings.fair_share:
+            from worker.fair_share import fairest_waiting
+
+            job_id = fairest_waiting(uow.session, queue, settings.fair_share_window_s) or job_id
         job = _locked(uow, job_id)
         if job is None:
             log.info("job %s no longer exists", job_id)

@@ -110,8 +110,12 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
-def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: Settings | None = None) -> str:
+def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: Settings | None = None,
+            queue: str | None = None) -> str:
     """Run what is left of ``job_id`` here; returns what happened (for logs and tests).
+
+    ``queue``: the queue the message came from; the worker then claims the fairest job waiting
+    there, which may be another one (:mod:`worker.fair_share`).
 
     ``consumes``: broker queue names this worker listens to; when the job's next phase runs on
     another queue, the job is handed over to it. None runs every phase here.
@@ -119,7 +123,7 @@ def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: S
     """
     settings = settings or get_settings()
     try:
-        claim = jobs.claim(settings, job_id)
+        claim = jobs.claim(settings, job_id, queue)
     except Exception as exc:
         if is_transient(exc):  # the database is away: the task retries later, the job stays queued
             raise TransientError(repr(exc)) from exc
@@ -128,6 +132,7 @@ def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: S
         _ended(settings, claim.job)
     if claim.outcome is not jobs.ClaimOutcome.run:
         return claim.outcome.value
+    job_id = claim.job.id
     registry.status.job(job_id)
     try:
         return _run_claimed(settings, claim.job, consumes)

@@ -34,6 +34,15 @@ def _consumed_queues(task: Task) -> set[str] | None:
     return set(consumer) if consumer else None
 
 
+def _delivered_from(task: Task) -> str | None:
+    """The logical queue (``cpu``/``gpu``) the message came from, for the fair-share claim."""
+    from likeness.contract.plan import Queue
+
+    key = (getattr(task.request, "delivery_info", None) or {}).get("routing_key")
+    settings = get_settings()
+    return next((queue.value for queue in Queue if key and settings.queue(queue) == key), None)
+
+
 @celery_app.task(name=TaskName.RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
                  max_retries=len(JOB_RETRY_BACKOFF_S))
 def run_job(self: Task, job_id: str) -> str:
@@ -41,7 +50,7 @@ def run_job(self: Task, job_id: str) -> str:
     from worker.runner import run_job as run
 
     try:
-        return run(job_id, consumes=_consumed_queues(self))
+        return run(job_id, consumes=_consumed_queues(self), queue=_delivered_from(self))
     except TransientError as exc:
         if self.request.retries >= self.max_retries:
             fail_after_retries(job_id, str(exc))

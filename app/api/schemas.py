@@ -245,6 +245,8 @@ class ClientLimits(BaseModel):
         None, ge=1, le=36500, description="Days uploads, crops and datasets are kept after the training that used "
                                           "them (uploads never trained on: after upload).")
     retain_images_days: int | None = Field(None, ge=1, le=36500, description="Days generated images are kept.")
+    priority: float = Field(1.0, gt=0, le=1000, allow_inf_nan=False,
+                            description="Fair-share weight on the workers: 2 gets twice the GPU share of 1.")
 
 
 class ClientCreate(ClientLimits):
@@ -264,6 +266,7 @@ class ClientPublic(ORMModel):
     max_storage_bytes: int | None
     retain_training_data_days: int | None
     retain_images_days: int | None
+    priority: float
     revoked_at: datetime | None
     last_used_at: datetime | None
     created_at: datetime
