@@ -266,18 +266,19 @@ def release(settings: Settings, job_id: str) -> None:
         uow.session.execute(_owned(job_id).values(worker=None, heartbeat_at=utcnow()))
 
 
-def hand_back(settings: Settings, job_id: str, result: dict[str, Any] | None = None) -> bool:
+def hand_back(settings: Settings, job_id: str, checkpoint_step: int | None = None) -> bool:
     """This worker is shutting down: release an owned job and queue it again in one transaction, so
-    another worker claims it at once (same attempt) instead of waiting out the lease; ``result`` is
-    merged into the job's (e.g. the step its training was checkpointed at). False when not owned."""
+    another worker claims it at once (same attempt) instead of waiting out the lease. The job's
+    ``result.preempted`` says by whom, when, and at which step its training was checkpointed.
+    False when this process no longer owns the job."""
     with UnitOfWork(settings) as uow:
         job = _locked(uow, job_id)
         if job is None or job.worker != worker_id() or job.state != JobState.RUNNING:
             return False
-        job.heartbeat_at = utcnow()
-        _close_open_stages(uow.session, job_id, job.heartbeat_at)
-        if result:
-            job.result = {**(job.result or {}), **result}
+        job.heartbeat_at = now = utcnow()
+        _close_open_stages(uow.session, job_id, now)
+        job.result = {**(job.result or {}), "preempted": {"worker": job.worker, "at": now.isoformat(),
+                                                          "checkpoint_step": checkpoint_step}}
         job.worker = None
         uow.enqueue_job(job)
         return True

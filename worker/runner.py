@@ -15,7 +15,6 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from core.config import Settings, get_settings
-from core.db.models import utcnow
 from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
 from core.storage import StorageError, get_blob_store
@@ -236,8 +235,7 @@ def _hand_back(settings: Settings, job_id: str, exc: Preempted) -> str:
     """The worker is shutting down: the job goes back to the queue with its lease released (its local
     scratch space and mirrored checkpoints stay for the next attempt)."""
     step = exc.details.get("checkpoint_step")
-    record = {"preempted": {"worker": jobs.worker_id(), "at": utcnow().isoformat(), "checkpoint_step": step}}
-    if not through_db_outage(f"job {job_id}: hand back", jobs.hand_back, settings, job_id, record):
+    if not through_db_outage(f"job {job_id}: hand back", jobs.hand_back, settings, job_id, step):
         return "lost"
     log.warning("job %s handed back at shutdown (training checkpointed at step %s)", job_id, step)
     return PREEMPTED
