@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
+    # Direct uploads (S3 mode): clients PUT photos to presigned URLs at this address (default: s3_endpoint_url),
+    # valid this long; the API then checks what arrived (app.services.direct_uploads).
+    s3_public_endpoint_url: str | None = None
+    direct_upload_expires_s: int = 900
 
     # Security
     # Signs download URLs and derives the key that encrypts webhook secrets at rest (core.sealed); every API

@@ -66,6 +66,46 @@ class UploadResult(BaseModel):
     message: str | None = None
 
 
+class DirectUploadFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = Field("", max_length=255)
+    size_bytes: int = Field(ge=1, le=2**40, description="The exact size: the URL accepts this many bytes.")
+
+
+class DirectUploadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"files": [{"filename": "selfie1.jpg", "size_bytes": 5242880}]}]})
+
+    files: list[DirectUploadFile] = Field(min_length=1, max_length=30)
+
+
+class DirectUploadSlot(BaseModel):
+    upload_id: str
+    filename: str
+    url: str = Field(description="PUT the file's bytes here (exactly size_bytes of them) before expires_at.")
+    method: Literal["PUT"] = "PUT"
+    expires_at: datetime
+
+
+class DirectUploadSlots(BaseModel):
+    data: list[DirectUploadSlot]
+    count: int
+
+
+class ArrivedUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    upload_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    filename: str = Field("", max_length=255)
+
+
+class DirectUploadCompletion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uploads: list[ArrivedUpload] = Field(min_length=1, max_length=30)
+
+
 class UploadResponse(BaseModel):
     subject_id: str
     stored: int

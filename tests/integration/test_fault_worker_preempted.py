@@ -181,4 +181,4 @@ def test_sigterm_hands_training_back_at_its_current_step_and_another_worker_resu
     assert taken_at - exited_at <= RESUME_WITHIN_S  # no lease to wait out (30 s here)
     assert job.attempts == 1  # a preemption is not a failure
     assert {r.worker for r in resumed_runs} == {job.worker}
-    assert store.list(prefix) == []  # the finished job's checkpoints are gone
+    wait_for(lambda: store.list(prefix) == [], 30, 0.2, "the finished job's checkpoints to go")
