@@ -1,6 +1,7 @@
 """Fair share under load: how long a light client waits behind a heavy one, and how evenly busy clients share.
 
-    python bench/fairness.py [--job-s 1.0] [--workers 2] [--before-only | --after-only]
+    python bench/fairness.py [--job-s 2.0] [--workers 2] [--b-every-s 4] [--b-jobs 12] [--busy-jobs 10]
+                             [--before-only | --after-only]
 
 Real PostgreSQL (a fresh database ``likeness_bench_<random>``, migrated), the workers' real claim
 (:func:`worker.jobs.claim`, which applies :func:`worker.fair_share.pick_fairest`), and ``--workers``
@@ -12,7 +13,7 @@ Scenarios, each run with fair share off ("before", first in first out) and on ("
 
 * **burst**: client A submits 60 generations at once; client B submits one every ``--b-every-s``
   seconds. Reported: B's p50/p95 wait (submitted -> started). Goal: p95 <= one job's duration + 10 %.
-* **three busy clients**: A, B and C each submit 20 generations at once (A's first, then B's, then C's).
+* **three busy clients**: A, B and C each submit ``--busy-jobs`` generations at once (A's first, then B's, then C's).
   Reported: Jain's index of the GPU seconds each got over the first third of the run (while all three
   had work waiting). Goal: >= 0.9 (1.0 = perfectly even, 1/3 = one client had everything).
 """
@@ -189,7 +190,7 @@ def three_busy(fair: bool, args) -> dict:  # noqa: ANN001
     try:
         clients = [service.client(n) for n in "ABC"]
         for client in clients:
-            service.submit(client, 20)
+            service.submit(client, args.busy_jobs)
         service.wait_all()
         rows = service.jobs()
     finally:
@@ -207,10 +208,11 @@ def three_busy(fair: bool, args) -> dict:  # noqa: ANN001
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job-s", type=float, default=1.0, help="simulated duration of one generation")
+    parser.add_argument("--job-s", type=float, default=2.0, help="simulated duration of one generation")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--b-every-s", type=float, default=3.0)
-    parser.add_argument("--b-jobs", type=int, default=8)
+    parser.add_argument("--b-every-s", type=float, default=4.0)
+    parser.add_argument("--b-jobs", type=int, default=12)
+    parser.add_argument("--busy-jobs", type=int, default=10, help="jobs each of the three busy clients submits")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--before-only", action="store_true")
     group.add_argument("--after-only", action="store_true")

@@ -79,14 +79,15 @@ def _end_user():  # noqa: ANN202
 
 
 def waiting_jobs(session: Session, queue: Queue | str) -> list[Waiting]:
-    """Jobs waiting for a worker of ``queue`` (queued, or handed over / handed back with no owner), oldest
-    first, locked for this transaction (every claim of the queue waits for the one before it: claims take
-    milliseconds, and two workers never pick the same job)."""
+    """Jobs waiting for a worker of ``queue`` (queued, or handed over / handed back with no owner; one with a
+    cancel requested too: claimed, it ends, and its message stays a wake-up for another), oldest first.
+
+    Locked for this transaction: every claim of the queue waits for the one before it (claims take
+    milliseconds), so two workers never pick the same job."""
     rows = session.execute(
         select(Job.id, Job.client_id, _end_user(), Job.created_at, Job.kind, Job.completed_stages)
         .join(Subject, Subject.id == Job.subject_id)
-        .where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)), Job.worker.is_(None),
-               Job.cancel_requested.is_(False))
+        .where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)), Job.worker.is_(None))
         .order_by(Job.created_at, Job.id).limit(MAX_CANDIDATES)
         .with_for_update(of=Job)
     ).all()
