@@ -1,8 +1,9 @@
 """A rotated, revoked, re-limited or deleted client takes effect at once in every API process.
 
-Each API process keeps authenticated callers in a short-lived cache (``app.services.clients.auth_cache``)
-so a status poll costs no query. With several processes (uvicorn ``--workers``, several hosts) a
-change made through one process must reach the others' caches before the admin's request returns:
+Each API process keeps authenticated callers in a short-lived cache (:data:`auth_cache`, filled by
+``app.services.clients.authenticate``) so a status poll costs no query. With several processes
+(uvicorn ``--workers``, several hosts) a change made through one process must reach the others'
+caches before the admin's request returns:
 
 * every API process runs an :class:`AuthSubscriber`: a thread subscribed to a Redis channel; a
   message names a client, the thread drops that client's cache entries and acknowledges
@@ -25,13 +26,66 @@ import logging
 import threading
 import time
 import uuid
+from typing import Protocol
 
 from core.config import Settings
 
 log = logging.getLogger(__name__)
 
+AUTH_CACHE_TTL_S = 30.0
 ACK_TIMEOUT_S = 2.0
 RECONNECT_S = 1.0
+
+
+class CachedCaller(Protocol):
+    """What the cache needs of an authenticated caller (``app.services.clients.Caller``)."""
+
+    @property
+    def id(self) -> str: ...
+
+
+class AuthCache:
+    """Key hash -> caller for a few seconds, so status polls skip the clients query.
+
+    ``generation`` grows with every invalidation: a lookup that started before one must not cache
+    what it read (it may predate the change), see :meth:`put`.
+    """
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, CachedCaller]] = {}
+        self._lock = threading.Lock()
+        self.generation = 0
+
+    def get(self, key_hash: str) -> CachedCaller | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, caller: CachedCaller, generation: int | None = None) -> None:
+        """Cache ``caller`` unless an invalidation happened since ``generation`` was read."""
+        with self._lock:
+            if generation is not None and generation != self.generation:
+                return
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[key_hash] = (time.monotonic() + self.ttl_s, caller)
+
+    def forget_client(self, client_id: str) -> None:
+        with self._lock:
+            self.generation += 1
+            for key_hash in [h for h, (_, c) in self._entries.items() if c.id == client_id]:
+                del self._entries[key_hash]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.generation += 1
+            self._entries.clear()
+
+
+#: This process's cache of authenticated callers.
+auth_cache = AuthCache(AUTH_CACHE_TTL_S)
 
 
 def _channel(settings: Settings) -> str:
@@ -65,8 +119,6 @@ def invalidate_everywhere(settings: Settings, client_id: str, *, timeout_s: floa
     Call after the change is committed. Returns True when every process acknowledged in time
     (always True without Redis: embedded mode has one API process).
     """
-    from app.services.clients import auth_cache
-
     auth_cache.forget_client(client_id)
     url = settings.resolved_redis_url
     if url is None:
@@ -121,8 +173,6 @@ class AuthSubscriber:
         self._subscribed.clear()
 
     def _run(self) -> None:
-        from app.services.clients import auth_cache
-
         while not self._stop.is_set():
             pubsub = None
             try:
@@ -137,7 +187,7 @@ class AuthSubscriber:
                         auth_cache.clear()  # whatever was cached while unsubscribed may be stale
                         self._subscribed.set()
                     elif message["type"] == "message":
-                        self._handle(redis, auth_cache, message["data"])
+                        self._handle(redis, message["data"])
             except Exception:  # noqa: BLE001 - Redis away: stop trusting the cache, retry
                 if self._subscribed.is_set():
                     log.warning("auth invalidation channel lost; checking every key against the database "
@@ -152,7 +202,7 @@ class AuthSubscriber:
                     except Exception:  # noqa: BLE001
                         pass
 
-    def _handle(self, redis, auth_cache, data: bytes) -> None:  # noqa: ANN001
+    def _handle(self, redis, data: bytes) -> None:  # noqa: ANN001
         try:
             message = json.loads(data)
             auth_cache.forget_client(str(message["client_id"]))

@@ -21,8 +21,10 @@ from app.api.schemas import ErrorBody
 from app.auth_sync import AuthSubscriber
 from app.docs import install_offline_docs
 from app.errors import AppError, DatabaseUnavailable, PayloadTooLarge, StorageUnavailable, Unauthorized, json_safe
+from app.health import check_all
 from app.metrics import RequestMetricsMiddleware, render, scrape_registry
 from app.ratelimit import RateLimitHeaders, rate_limiter
+from app.services.clients import ensure_client_with_key
 from core.config import Settings, get_settings
 from core.db.session import SessionLocal, database_unavailable
 from core.db.uow import UnitOfWork
@@ -144,8 +146,6 @@ def _dependency_error(exc: BaseException) -> AppError | None:
 def _bootstrap_admin(settings: Settings) -> None:
     if not settings.bootstrap_admin_key:
         return
-    from app.services.clients import ensure_client_with_key
-
     with UnitOfWork(settings) as uow:
         ensure_client_with_key(uow.session, "bootstrap-admin", "admin", settings.bootstrap_admin_key)
 
@@ -218,8 +218,6 @@ def _install_probes(app: FastAPI, settings: Settings) -> None:
              responses={503: {"model": ErrorBody, "description": "A dependency is down (details say which)."}},
              response_model=dict[str, object])
     def readyz():  # noqa: ANN202
-        from app.health import check_all
-
         checks = check_all(settings)  # status words only: this route is public
         if all(c == "ok" for c in checks.values()):
             return {"status": "ok", "checks": checks}

@@ -22,6 +22,11 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from core.db.models import Job, JobStage, OutboxMessage, WorkerRecord, utcnow
+from core.retention import totals
+from likeness.contract.plan import JobKind, JobState, Queue
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +59,6 @@ class JobsCollector(Collector):
         self.session_factory = session_factory
 
     def collect(self):  # noqa: ANN201
-        from sqlalchemy import func, select
-
-        from core.db.models import Job, JobStage, OutboxMessage, utcnow
-        from likeness.contract.plan import JobKind, JobState
-
         by_state = GaugeMetricFamily("likeness_jobs", "Jobs by kind and state.", labels=["kind", "state"])
         outbox = GaugeMetricFamily("likeness_outbox_messages", "Task messages waiting for the broker.")
         stages: dict[tuple[str, ...], list[float]] = {}
@@ -95,10 +95,6 @@ class WorkersCollector(Collector):
         self.stale_after = timedelta(seconds=stale_after_s)
 
     def collect(self):  # noqa: ANN201
-        from sqlalchemy import select
-
-        from core.db.models import WorkerRecord, utcnow
-
         states = GaugeMetricFamily("likeness_worker_state", "Worker process state (1 = current).",
                                    labels=["worker", "state"])
         loaded = GaugeMetricFamily("likeness_worker_loaded_model_bytes", "Bytes of models a worker holds loaded.",
@@ -125,8 +121,6 @@ class RetentionCollector(Collector):
         self.session_factory = session_factory
 
     def collect(self):  # noqa: ANN201
-        from core.retention import totals
-
         deleted = CounterMetricFamily("likeness_retention_deleted", "Deleted by the retention purge, by kind.",
                                       labels=["kind"])
         last = GaugeMetricFamily("likeness_retention_last_purge_timestamp_seconds", "When the purge last ran.")
@@ -154,7 +148,7 @@ class QueueDepthCollector(Collector):
     def queue_keys(self) -> dict[str, str]:
         s = self.settings
         # kombu's global_keyprefix (set to queue_prefix by worker.celery_app) prefixes every Redis key.
-        return {name: f"{s.queue_prefix}{s.queue(name)}" for name in ("gpu", "cpu")}
+        return {queue.value: f"{s.queue_prefix}{s.queue(queue)}" for queue in Queue}
 
     def depths(self) -> dict[str, int] | None:
         """Messages waiting in each job queue; None when the broker is not Redis (raises if it is unreachable)."""

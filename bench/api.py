@@ -280,7 +280,7 @@ def main() -> None:
     db_url = create_database(dbname)
     tmp = Path(tempfile.mkdtemp(prefix="likeness-bench-"))
     env = {**os.environ, "LIKENESS_ENVIRONMENT": "test", "LIKENESS_DATABASE_URL": pg_url_for(dbname),
-           "LIKENESS_BROKER_URL": REDIS_URL, "LIKENESS_RESULT_BACKEND": REDIS_URL,
+           "LIKENESS_BROKER_URL": REDIS_URL,
            "LIKENESS_QUEUE_PREFIX": f"bench-{run_id}-", "LIKENESS_DATA_DIR": str(tmp),
            "LIKENESS_STORAGE_DIR": str(tmp / "blobs"), "LIKENESS_SECRET_KEY": secrets.token_hex(16),
            "LIKENESS_DEFAULT_REQUESTS_PER_MINUTE": "none"}  # the load is one client polling as fast as it can

@@ -27,7 +27,6 @@ class Settings(BaseSettings):
     # Data and queues. Empty means "embedded default under data_dir".
     database_url: str = ""
     broker_url: str = ""  # redis://... in production
-    result_backend: str = ""
     redis_url: str = ""  # rate/idempotency/queue-depth metrics; optional in embedded mode
     queue_prefix: str = ""  # isolates queues (and Redis keys) of several deployments/test runs
     # Redis: an unacked message goes to another worker after this. Not how a lost job comes back (the
@@ -81,7 +80,7 @@ class Settings(BaseSettings):
     max_candidates_per_request: int = 64
 
     # ML
-    model_preset: Literal["tiny", "sd15"] = "tiny"
+    model_preset: Literal["tiny", "sd15", "tiny-sdxl", "sdxl"] = "tiny"
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)
@@ -95,6 +94,7 @@ class Settings(BaseSettings):
     job_stale_after_s: int = 30
     job_requeue_after_s: int = 300  # a queued (or handed-over) job nobody took this long: its message is resent
     webhook_max_attempts: int = 6
+    webhook_backoff_first_s: float = 10.0  # a failed delivery is retried after this, then 3x longer each time
     # Fair share (worker.fair_share): a worker claims the waiting job of the least served client (recent
     # seconds on the queue / the client's priority), then end user; off: first in, first out.
     fair_share: bool = True
@@ -147,10 +147,6 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         # Embedded mode: kombu's SQLAlchemy transport on a SQLite file, so no Redis is needed.
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite3').resolve()}"
-
-    @property
-    def resolved_result_backend(self) -> str:
-        return self.result_backend or f"db+sqlite:///{(self.data_dir / 'results.sqlite3').resolve()}"
 
     @property
     def resolved_redis_url(self) -> str | None:

@@ -52,14 +52,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     return dict(
         broker_url=broker_url,
-        result_backend=settings.resolved_result_backend,
         task_acks_late=True,  # a task killed mid-run is redelivered, not lost
         task_reject_on_worker_lost=True,  # ... including when its pool process is SIGKILLed
         worker_prefetch_multiplier=1,  # a GPU worker reserves one job at a time
         task_serializer="json",
         accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,  # job state lives in the jobs table, not in Celery results
+        task_ignore_result=True,  # job state lives in the jobs table: no Celery result backend
         task_queues=queues,
         task_default_queue=settings.queue(Queue.CPU),
         task_default_exchange=settings.queue(Queue.CPU),
@@ -104,14 +102,14 @@ class CeleryQueue:
                               countdown=countdown, retry=False, ignore_result=True)
 
 
-_QUEUES: dict[tuple[str, str, str], CeleryQueue] = {}
+_QUEUES: dict[tuple[str, str], CeleryQueue] = {}
 _QUEUES_LOCK = threading.Lock()
 
 
 def task_queue(settings: Settings | None = None) -> TaskQueue:
     """The process's queue for ``settings`` (one Celery app and broker pool per broker and prefix)."""
     settings = settings or get_settings()
-    key = (settings.resolved_broker_url, settings.resolved_result_backend, settings.queue_prefix)
+    key = (settings.resolved_broker_url, settings.queue_prefix)
     with _QUEUES_LOCK:
         if key not in _QUEUES:
             _QUEUES[key] = CeleryQueue(settings)

@@ -37,7 +37,6 @@ from core.db.models import (
     IdempotencyRecord,
     Image,
     Job,
-    JobKind,
     Photo,
     PurgeTotal,
     Subject,
@@ -47,14 +46,13 @@ from core.db.models import (
 from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore, checkpoint_prefix, dataset_prefix, get_blob_store, photo_prefix
-from likeness.contract.plan import ACTIVE_STATES, JobState
+from likeness.contract.plan import ACTIVE_STATES, TERMINAL_STATES, JobKind
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL_DAYS = 7  # an Idempotency-Key is for retries, not for history
 
 BATCH = 200
-FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
 DATASET_PURGED = "dataset_purged_at"  # marker in a training job's result: its dataset is gone
 
 
@@ -120,7 +118,7 @@ def _purge_training_data(settings: Settings, store: BlobStore, client_id: str, c
         with UnitOfWork(settings) as uow:
             trainings = uow.session.execute(
                 select(Job.id, Job.subject_id, Job.result).where(
-                    Job.client_id == client_id, Job.kind == JobKind.TRAIN, Job.state.in_(FINAL_STATES),
+                    Job.client_id == client_id, Job.kind == JobKind.TRAIN, Job.state.in_(TERMINAL_STATES),
                     Job.finished_at < cutoff).order_by(Job.finished_at)).all()
             pending = [t for t in trainings if not (t.result or {}).get(DATASET_PURGED)][:BATCH]
             for job_id, subject_id, result in pending:
@@ -137,16 +135,12 @@ def _purge_training_data(settings: Settings, store: BlobStore, client_id: str, c
 
 def _purge_template_photos(settings: Settings, store: BlobStore, client_id: str, cutoff: datetime,
                            report: PurgeReport) -> None:
-    with UnitOfWork(settings) as uow:
-        active_requests = uow.session.scalars(select(Job.request).where(
-            Job.client_id == client_id, Job.kind == JobKind.TEMPLATE, Job.state.in_(ACTIVE_STATES))).all()
-    in_use = {((request or {}).get("source") or {}).get("photo_id") for request in active_requests} - {None}
+    in_use = exists().where(Job.template_photo_id == TemplatePhoto.id, Job.state.in_(ACTIVE_STATES))
     while True:
         with UnitOfWork(settings) as uow:
             photos = uow.session.execute(
                 select(TemplatePhoto.id, TemplatePhoto.key).join(Subject, Subject.id == TemplatePhoto.subject_id)
-                .where(Subject.client_id == client_id, TemplatePhoto.created_at < cutoff,
-                       TemplatePhoto.id.not_in(in_use)).limit(BATCH)).all()
+                .where(Subject.client_id == client_id, TemplatePhoto.created_at < cutoff, ~in_use).limit(BATCH)).all()
             for _, key in photos:
                 store.delete(key)
                 report.blobs += 1

@@ -114,7 +114,13 @@ def adapter_prefix(subject_id: str, version: int) -> str:
 
 
 def adapter_export_key(subject_id: str, version: int, fmt: str) -> str:
-    """An adapter converted for other tools (``kohya``: one safetensors file for A1111/ComfyUI)."""
+    """An adapter converted for other tools (``kohya``: a zip of the LoRA, one embedding per token and how to
+    prompt with them, for A1111/ComfyUI)."""
+    return f"subjects/{subject_id}/exports/adapter-{version}.{fmt}.zip"
+
+
+def legacy_adapter_export_key(subject_id: str, version: int, fmt: str) -> str:
+    """Where adapters trained before the zip export keep theirs: the LoRA file alone."""
     return f"subjects/{subject_id}/exports/adapter-{version}.{fmt}.safetensors"
 
 
@@ -375,6 +381,36 @@ class S3BlobStore(BlobStore):
             self.client.head_bucket(Bucket=self.bucket)
         except self.client.exceptions.ClientError:
             self.client.create_bucket(Bucket=self.bucket)
+
+
+# ---- whole prefixes ----------------------------------------------------------------------------------------
+
+def purge_subject_blobs(store: BlobStore, subject_id: str) -> int:
+    """Delete every blob the subject owns (one prefix); returns how many."""
+    return store.delete_prefix(subject_prefix(subject_id))
+
+
+def upload_folder(store: BlobStore, folder: Path, prefix: str) -> list[str]:
+    """Mirror ``folder`` to ``prefix``: stale keys from an earlier run are removed first."""
+    store.delete_prefix(prefix)
+    keys = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = prefix + path.relative_to(folder).as_posix()
+        store.put(key, path.read_bytes())
+        keys.append(key)
+    return keys
+
+
+def download_folder(store: BlobStore, prefix: str, folder: Path) -> Path:
+    """Write every blob under ``prefix`` into ``folder`` (same relative paths); refuses an empty prefix."""
+    keys = store.list(prefix)
+    if not keys:
+        raise FileNotFoundError(f"nothing stored under {prefix}")
+    for key in keys:
+        target = folder / key.removeprefix(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.get(key))
+    return folder
 
 
 _STORES: dict[tuple, BlobStore] = {}

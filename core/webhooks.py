@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from core import sealed
 from core.config import get_settings
 from core.db.models import Client, Job, WebhookDelivery, utcnow
+from core.db.uow import UnitOfWork
 from core.webhook_targets import DestinationRefused, pinned_request_args, resolve_checked
 from likeness.webhooks import (  # noqa: F401 - re-exported
     DEFAULT_TOLERANCE_S,
@@ -73,14 +74,14 @@ def queue_job_event(session: Session, job: Job) -> str | None:
     return delivery.id
 
 
-def notify_job(uow, job: Job) -> None:  # noqa: ANN001 - core.db.uow.UnitOfWork (imports this module)
+def notify_job(uow: UnitOfWork, job: Job) -> None:
     """Queue the webhook of ``job``'s current state: a delivery row now, the send after the commit."""
     uow.notify(queue_job_event(uow.session, job))
 
 
-def backoff_s(attempt: int) -> float:
-    """Delay before retry ``attempt`` (1-based): 10 s, 30 s, 90 s, ... capped at one hour."""
-    return min(3600.0, 10.0 * 3 ** max(0, attempt - 1))
+def backoff_s(attempt: int, first_s: float = 10.0) -> float:
+    """Delay before retry ``attempt`` (1-based): ``first_s``, 3x, 9x, ... (10 s, 30 s, 90 s) capped at one hour."""
+    return min(3600.0, first_s * 3 ** max(0, attempt - 1))
 
 
 def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool:
@@ -89,8 +90,6 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
     2xx -> delivered; 4xx other than 408/429 -> given up (the receiver refuses it);
     5xx, 408, 429 and network errors -> retry until ``webhook_max_attempts``.
     """
-    from core.db.uow import UnitOfWork
-
     if session is None:
         with UnitOfWork() as uow:
             return record_and_send(delivery_id, session=uow.session)
@@ -147,7 +146,8 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
         retryable = True
 
     if retryable and delivery.attempt < settings.webhook_max_attempts:
-        delivery.next_attempt_at = utcnow() + timedelta(seconds=backoff_s(delivery.attempt))
+        delay_s = backoff_s(delivery.attempt, settings.webhook_backoff_first_s)
+        delivery.next_attempt_at = utcnow() + timedelta(seconds=delay_s)
         return True
     delivery.next_attempt_at = None
     return False

@@ -1,7 +1,10 @@
 """``likeness`` command line: serve, worker, migrate, create-client, models, run.
 
 Errors print one human line and exit non-zero; ``--debug`` shows the traceback.
-Heavy imports (torch, uvicorn, celery worker) happen inside the commands that need them.
+A command imports what only it needs inside itself: the optional extras (the database, queue and
+API of ``api``; the image stack and torch of ``worker``; aiogram of ``bot``), so a client-only install
+(``pip install likeness``) runs the remote commands, and the settings, client and request models
+(pydantic-settings, httpx: ~0.5 s), so ``likeness --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import typer
 from rich.console import Console
 
 from core.private_files import private_dir, private_umask
+from likeness.contract.plan import Queue
+from pipelines.errors import DatasetRejected, PipelineError
+from worker.weights import check, pull
 
 app = typer.Typer(help="Likeness: photos of a person in, ranked portraits out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -128,7 +134,7 @@ def worker(
 ) -> None:
     """Start a Celery worker on the given queues (GPU workers run one job at a time)."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = set(names) - {"gpu", "cpu"}
+    unknown = set(names) - set(Queue)
     if unknown or not names:
         raise CliError(f"unknown queue(s) {sorted(unknown)}; use gpu and/or cpu")
     if gpus is not None:
@@ -144,7 +150,7 @@ def worker(
         code = supervise(per_gpu_children(devices, lambda d: worker_command(names, 1, settings, loglevel, f"-gpu{d}")))
         raise typer.Exit(code)
     if concurrency is None:
-        concurrency = 1 if "gpu" in names else (os.cpu_count() or 1)
+        concurrency = 1 if Queue.GPU in names else (os.cpu_count() or 1)
     cmd = worker_command(names, concurrency, _settings(), loglevel)
     private_umask()  # the files a worker writes (embedded broker, blobs, local adapter copies) stay private
     os.execv(sys.executable, cmd)
@@ -218,8 +224,8 @@ def serve(
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if embedded_worker:
-            children.append(subprocess.Popen(worker_command(["gpu"], 1, settings, "warning")))
-            children.append(subprocess.Popen(worker_command(["cpu"], cpu_concurrency, settings, "warning")))
+            children.append(subprocess.Popen(worker_command([Queue.GPU], 1, settings, "warning")))
+            children.append(subprocess.Popen(worker_command([Queue.CPU], cpu_concurrency, settings, "warning")))
         children.append(subprocess.Popen(api_command(settings, host, port)))
         url = f"http://{host}:{port}"
         core = list(children)
@@ -297,22 +303,20 @@ def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
 
 @models_app.command("pull")
 def models_pull(
-    preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
-    from worker.weights import pull
-
     settings = _settings()
     pull(preset or settings.model_preset, settings.resolved_model_cache_dir, console)
 
 
 @models_app.command("check")
 def models_check(
-    preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Report what the preset still needs locally; exit 1 if anything is missing."""
-    from worker.weights import check
-
     settings = _settings()
     missing = check(preset or settings.model_preset, settings.resolved_model_cache_dir)
     name = preset or settings.model_preset
@@ -336,14 +340,44 @@ def adapters_export(
     adapter_dir: Annotated[Path, typer.Argument(help="An adapter folder (manifest.json inside), e.g. from "
                                                      "`likeness run` (OUT/.work/training/adapter) or a downloaded "
                                                      "zip of GET /v1/subjects/{id}/adapter, unpacked.")],
-    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="kohya: one file for A1111/ComfyUI.")] = ExportFormat.kohya,  # noqa: A002,E501
+    out: Annotated[Path, typer.Option("--out", help="The folder to write into (a path ending in .zip: one zip).")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="kohya: for A1111/ComfyUI (the LoRA, one "  # noqa: A002
+                                                                  "embedding per token, HOW-TO-PROMPT.txt).")]
+    = ExportFormat.kohya,
 ) -> None:
-    """Convert a LoRA adapter to the kohya/A1111 format (the instance token's embedding stays in the folder)."""
-    from pipelines.adapters import export_kohya
+    """Convert a LoRA adapter for A1111/ComfyUI: the LoRA, the learned tokens' embeddings and how to prompt."""
+    from pipelines.adapters import export_kohya, kohya_zip
 
-    written = export_kohya(adapter_dir, out)
-    console.print(f"{format.value} LoRA written to {written}")
+    if out.suffix == ".zip":
+        written = kohya_zip(adapter_dir, out)
+        console.print(f"{format.value} export written to {written}:")
+        _print_export_files(written)
+        return
+    export = export_kohya(adapter_dir, out)
+    console.print(f"{format.value} export written to {out}:")
+    for path in export.files:
+        console.print(f"  {path.name}  {_export_file_role(path.name)}")
+
+
+def _export_file_role(name: str) -> str:
+    from pipelines.adapters import KOHYA_LORA_NAME, KOHYA_README_NAME
+
+    if name == KOHYA_LORA_NAME:
+        return "the LoRA (models/Lora)"
+    if name == KOHYA_README_NAME:
+        return "how to prompt with these files"
+    return "a learned token's embedding (embeddings/)"
+
+
+def _print_export_files(path: Path) -> None:
+    """What a kohya zip holds, one line per file (nothing for a single file)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            console.print(f"  {name}  {_export_file_role(name)}")
 
 
 # ---- remote commands (a running service, through likeness.client) ----------------------------------------------
@@ -392,7 +426,7 @@ def adapters_download(
     subject_id: str,
     out: Annotated[Path, typer.Option("--out", help="A folder (the server's file name) or a file path.")] = Path("."),
     format: Annotated[AdapterFormat, typer.Option("--format", help="diffusers: zip of the adapter folder; "  # noqa: A002
-                                                                     "kohya: one file for A1111/ComfyUI.")]
+                                                                     "kohya: zip for A1111/ComfyUI.")]
     = AdapterFormat.diffusers,
     version: Annotated[int | None, typer.Option(help="Default: the newest adapter.")] = None,
     api: ApiUrl = None,
@@ -402,6 +436,8 @@ def adapters_download(
     with _remote(api, key) as client:
         path = client.download_adapter(subject_id, out, format=format.value, version=version)
     console.print(f"adapter written to {path} ({path.stat().st_size} bytes)")
+    if format is AdapterFormat.kohya:
+        _print_export_files(path)
 
 
 # ---- Telegram bot ------------------------------------------------------------------------------------------------
@@ -468,7 +504,8 @@ def run(
     template: Annotated[str | None, typer.Option(
         help="Template mode instead of a style: a shipped template's name (pipelines/templates/library) or a "
              "photo file of one person to put the subject into.")] = None,
-    preset: Annotated[str, typer.Option(help="tiny (random weights: images are noise) | sd15")] = "tiny",
+    preset: Annotated[str, typer.Option(
+        help="tiny | tiny-sdxl (random weights: images are noise) | sd15 | sdxl")] = "tiny",
     n: Annotated[int, typer.Option(help="Candidates generated.")] = 8,
     k: Annotated[int, typer.Option(help="Best candidates kept (and upscaled).")] = 4,
     seed: int = 0,
@@ -482,7 +519,6 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from likeness.contract.requests import GenerateRequest, TrainRequest
-    from pipelines.errors import DatasetRejected
     from worker.local import LocalRunConfig, run_local
 
     if (style is None) == (template is None):
@@ -551,8 +587,6 @@ def main() -> None:
 
 
 def _describe(exc: Exception) -> str:
-    from pipelines.errors import PipelineError
-
     if isinstance(exc, PipelineError):
         return f"{exc.message} ({exc.error_code})"
     if isinstance(exc, CliError):

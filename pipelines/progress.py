@@ -18,8 +18,9 @@ from pipelines.errors import Canceled
 class Stage(StrEnum):
     """The steps of the pipeline a client can see, in the order they run.
 
-    Pipelines emit these names in :class:`ProgressEvent`; the job contract
-    (``likeness.contract.plan``) groups them into phases and job kinds.
+    Pipelines emit these names in :class:`ProgressEvent`, so the names live here, in the lowest
+    room; the job contract (``likeness.contract.plan``) groups them into phases and job kinds and
+    is where the API, the workers, the bot and clients import them from.
     """
 
     INTAKE = "intake"

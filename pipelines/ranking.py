@@ -56,6 +56,8 @@ from PIL import Image
 from pipelines.errors import InvalidConfig, ModelNotFound
 from pipelines.models.specs import BundleSpec, ModelSpec
 from pipelines.progress import ProgressEvent, ProgressFn, Stage, no_progress
+from pipelines.vision.faces import detect_faces, face_detector_spec
+from pipelines.vision.identity import face_embedder_spec
 
 SCORE_NAMES = ("aesthetic", "identity", "text")
 NO_FACE_IDENTITY = -1.0
@@ -108,8 +110,6 @@ def ranking_models(
 ) -> BundleSpec[RankingModels]:
     """The ranking bundle of ``preset`` on ``device``: keys and loaders, nothing loaded yet."""
     from pipelines.models.clip import clip_spec
-    from pipelines.vision.faces import face_detector_spec
-    from pipelines.vision.identity import face_embedder_spec
 
     return BundleSpec(
         {
@@ -234,8 +234,6 @@ def rank(
     ``require_one_face=False`` lifts the delivery rule (only for random-weight demo models
     whose images are noise).
     """
-    from pipelines.vision.faces import detect_faces
-
     # 1. Check inputs.
     check_inputs(images, prompts, k)
     on_progress = on_progress or no_progress

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from core.config import Settings
-from core.storage import BlobStore, checkpoint_prefix, get_blob_store
+from core.storage import BlobStore, checkpoint_prefix, download_folder, get_blob_store
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,6 @@ def restore_checkpoint(store: BlobStore, prefix: str, checkpoint_dir: Path) -> i
     name = f"step-{step:06d}"
     staging = checkpoint_dir / f".{name}.download"  # the trainer only looks at step-* folders
     shutil.rmtree(staging, ignore_errors=True)
-    from worker.phases import download_folder
-
     download_folder(store, f"{prefix}{name}/", staging)
     if read_meta(staging) is None:  # sizes differ from what meta.json recorded: never resume from it
         log.warning("mirrored checkpoint %s%s is incomplete; training without it", prefix, name)

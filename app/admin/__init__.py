@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from app.admin.routes import router
 from app.security_headers import NoSniffStaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -17,7 +18,5 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 def install(app: FastAPI) -> None:
     """Serve the dashboard from ``app`` (static files first: the pages' catch-all comes last)."""
-    from app.admin.routes import router
-
     app.mount("/admin/static", NoSniffStaticFiles(directory=STATIC_DIR), name="admin-static")
     app.include_router(router)

@@ -25,7 +25,7 @@ from app.admin import charts
 from app.admin.auth import CsrfRefused, LoginRequired
 from app.errors import AppError
 from app.services.overview import aware
-from likeness.contract.plan import JobKind, JobState
+from likeness.contract.plan import ACTIVE_STATES, UNSUCCESSFUL_STATES, JobKind, JobState
 
 log = logging.getLogger("likeness.admin")
 
@@ -81,7 +81,8 @@ env = Environment(loader=PackageLoader("app.admin", "templates"), autoescape=Tru
                   trim_blocks=True, lstrip_blocks=True)
 env.filters.update(dt=_dt, ago=_ago, human_bytes=_bytes, pretty=_pretty, value=_value, seconds=charts.seconds_label,
                    score=_score)
-env.globals.update(charts=charts, JobState=JobState, JobKind=JobKind, STATE_COLOURS=charts.STATE_COLOURS)
+env.globals.update(charts=charts, JobState=JobState, JobKind=JobKind, ACTIVE_STATES=ACTIVE_STATES,
+                   UNSUCCESSFUL_STATES=UNSUCCESSFUL_STATES, STATE_COLOURS=charts.STATE_COLOURS)
 
 
 def render(request: Request, template: str, status: int = 200, headers: dict[str, str] | None = None,

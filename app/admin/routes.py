@@ -209,7 +209,7 @@ def job_page(request: Request, job_id: str, admin: AdminSessionDep, uow: UoW):
     client = clients.get_client(uow.session, job.client_id)
     subject = subjects.get_subject(uow.session, None, job.subject_id)
     return render(request, "job.html", nav="jobs", admin=admin, deliveries=deliveries, client=client,
-                  status_of=webhooks.delivery_status,
+                  status_of=webhooks.DeliveryStatus.of,
                   subject=subject, notice=_notice(request), **_job_context(uow, job))
 
 
@@ -255,16 +255,17 @@ def subjects_page(request: Request, admin: AdminSessionDep, uow: UoW):
 def subject_page(request: Request, subject_id: str, admin: AdminSessionDep, uow: UoW):
     subject = subjects.get_subject(uow.session, None, subject_id)
     trainings, _ = jobs.list_jobs(uow.session, None, subject_id=subject.id, kind=JobKind.TRAIN, limit=20)
-    trained = next((j for j in trainings if j.result and j.result.get("intake")), None)
-    class_word, word_scores = overview.word_scores(trained.result if trained else None)
-    fitted = next((j for j in trainings if j.result and j.result.get("training")), None)
+    results = overview.train_results(trainings)
+    trained, intake = next(((j, r.intake) for j, r in results if r.intake), (None, None))
+    class_word, word_scores = overview.word_scores(intake)
+    fitted, training = next(((j, r.training) for j, r in results if r.training), (None, None))
     gallery, image_count = images.list_images(uow.session, None, subject.id, limit=200, order="by_job")
     recent, job_count = jobs.list_jobs(uow.session, None, subject_id=subject.id, limit=10)
     return render(request, "subject.html", nav="subjects", admin=admin, subject=subject,
                   client=clients.get_client(uow.session, subject.client_id),
                   photos=photos.list_photos(uow.session, None, subject.id), trained=trained, class_word=class_word,
-                  word_scores=word_scores, fitted=fitted,
-                  curve=overview.loss_curve(fitted.result if fitted else None), gallery=gallery,
+                  word_scores=word_scores, intake=intake, fitted=fitted, training=training,
+                  curve=overview.loss_curve(training), gallery=gallery,
                   image_count=image_count, recent=recent, job_count=job_count)
 
 
@@ -393,8 +394,8 @@ def webhooks_page(request: Request, admin: AdminSessionDep, uow: UoW):
     q = request.query_params
     page = _page_number(q.get("page"))
     status = q.get("status") or None
-    if status not in (None, "delivered", "pending", "failed"):
-        raise InvalidRequest(f"Unknown status {status!r}.", {"allowed": ["delivered", "pending", "failed"]})
+    if status is not None and status not in list(webhooks.DeliveryStatus):
+        raise InvalidRequest(f"Unknown status {status!r}.", {"allowed": [s.value for s in webhooks.DeliveryStatus]})
     rows, count = webhooks.list_deliveries(uow.session, None,
                                            client_id=_filter_or_none(q.get("client_id"), "client_id"),
                                            job_id=_filter_or_none(q.get("job_id"), "job_id"), status=status,
@@ -403,7 +404,8 @@ def webhooks_page(request: Request, admin: AdminSessionDep, uow: UoW):
     filters = {k: q.get(k, "") for k in ("client_id", "job_id", "status")}
     return render(request, "webhooks.html", nav="webhooks", admin=admin, rows=rows, count=count, page=page,
                   pages=max(1, -(-count // PAGE_SIZE)), filters=filters, client_names=_client_names(uow),
-                  status_of=webhooks.delivery_status, notice=_notice(request),
+                  statuses=list(webhooks.DeliveryStatus), status_of=webhooks.DeliveryStatus.of,
+                  notice=_notice(request),
                   query={k: v for k, v in filters.items() if v})
 
 

@@ -14,10 +14,11 @@ from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from app.auth_sync import auth_cache
 from app.errors import Forbidden, TooManyRequests, Unauthorized
 from app.ratelimit import client_address, remember_headers
 from app.services import idempotency
-from app.services.clients import Caller, auth_cache, authenticate, hash_key
+from app.services.clients import Caller, authenticate, hash_key
 from core.config import Settings, get_settings
 from core.db.session import SessionLocal
 from core.db.uow import UnitOfWork

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -13,14 +11,14 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from app.auth_sync import auth_cache, invalidate_everywhere
 from app.errors import Conflict, NotFound
 from core.db.models import Client, Image, Job, Photo, Role, Subject, utcnow
 from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
-from core.storage import BlobStore
+from core.storage import BlobStore, purge_subject_blobs
 
 KEY_PREFIX = "lk_"
-AUTH_CACHE_TTL_S = 30.0
 LAST_USED_PRECISION = timedelta(minutes=1)  # last_used_at is written at most this often
 LIMIT_FIELDS = ("max_candidates", "requests_per_minute", "max_concurrent_jobs", "max_trainings_per_day",
                 "max_storage_bytes")
@@ -96,8 +94,6 @@ def list_clients(session: Session, *, limit: int = 100, offset: int = 0) -> tupl
 def _refresh_callers_after_commit(uow: UnitOfWork, client_id: str) -> None:
     """Once the change is committed, every API process drops the client's cached callers
     (:mod:`app.auth_sync`): the old key, the old limits are refused at once everywhere."""
-    from app.auth_sync import invalidate_everywhere
-
     auth_cache.forget_client(client_id)
     settings = uow.settings
     uow.after_commit(lambda: invalidate_everywhere(settings, client_id))
@@ -143,8 +139,6 @@ def delete_client(uow: UnitOfWork, client_id: str, store: BlobStore, *, caller_i
 
     A worker still running one of its jobs finds the row gone and stops (as for a deleted subject).
     """
-    from app.services.subjects import purge_subject_blobs
-
     session = uow.session
     client = get_client(session, client_id)
     if client.id == caller_id:
@@ -168,49 +162,6 @@ def usage(session: Session, client_id: str) -> dict[str, int]:
         "jobs": session.scalar(select(func.count()).select_from(Job).where(Job.client_id == client_id)) or 0,
         "images": session.scalar(select(func.count()).select_from(Image).where(Image.subject_id.in_(subjects))) or 0,
     }
-
-
-class _AuthCache:
-    """Key hash -> Caller for a few seconds, so status polls skip the clients query.
-
-    ``generation`` grows with every invalidation: a lookup that started before one must not cache
-    what it read (it may predate the change), see :meth:`put`.
-    """
-
-    def __init__(self, ttl_s: float):
-        self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, Caller]] = {}
-        self._lock = threading.Lock()
-        self.generation = 0
-
-    def get(self, key_hash: str) -> Caller | None:
-        entry = self._entries.get(key_hash)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return entry[1]
-
-    def put(self, key_hash: str, caller: Caller, generation: int | None = None) -> None:
-        """Cache ``caller`` unless an invalidation happened since ``generation`` was read."""
-        with self._lock:
-            if generation is not None and generation != self.generation:
-                return
-            if len(self._entries) > 10_000:
-                self._entries.clear()
-            self._entries[key_hash] = (time.monotonic() + self.ttl_s, caller)
-
-    def forget_client(self, client_id: str) -> None:
-        with self._lock:
-            self.generation += 1
-            for key_hash in [h for h, (_, c) in self._entries.items() if c.id == client_id]:
-                del self._entries[key_hash]
-
-    def clear(self) -> None:
-        with self._lock:
-            self.generation += 1
-            self._entries.clear()
-
-
-auth_cache = _AuthCache(AUTH_CACHE_TTL_S)
 
 
 def authenticate(session: Session, api_key: str, *, cached: bool = True) -> Caller | None:

@@ -15,12 +15,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.metrics import QueueDepthCollector
 from app.services import clients
 from app.services.quotas import stored_bytes
 from core.config import Settings
 from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
 from core.storage import BlobStore, subject_prefix
-from likeness.contract.plan import PLANS, JobState
+from likeness.contract.plan import ACTIVE_STATES, PLANS, JobState, Queue
+from likeness.contract.results import IntakeSummary, TrainingSummary, TrainResult, read_result
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +149,6 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
     url = settings.resolved_broker_url
     try:
         if url.startswith(("redis://", "rediss://")):
-            from app.metrics import QueueDepthCollector
-
             return QueueDepthCollector(settings).depths()
         if url.startswith("sqla+"):
             return _kombu_sql_depths(settings, url.removeprefix("sqla+"))
@@ -163,7 +163,7 @@ def _kombu_sql_depths(settings: Settings, url: str) -> dict[str, int]:
     engine = _BROKER_ENGINES.get(url)
     if engine is None:
         engine = _BROKER_ENGINES[url] = create_engine(url)
-    names = {settings.queue(name): name for name in ("cpu", "gpu")}
+    names = {settings.queue(queue): queue.value for queue in Queue}
     depths = dict.fromkeys(names.values(), 0)
     if not inspect(engine).has_table("kombu_queue"):  # nothing was ever sent
         return depths
@@ -200,7 +200,7 @@ def overview(session: Session, settings: Settings, now: datetime | None = None, 
         "clients": session.scalar(select(func.count()).select_from(clients.Client)) or 0,
         "subjects": session.scalar(select(func.count()).select_from(Subject)) or 0,
         "active_jobs": session.scalar(select(func.count()).select_from(Job).where(
-            Job.state.in_([JobState.QUEUED, JobState.RUNNING]))) or 0,
+            Job.state.in_(ACTIVE_STATES))) or 0,
     }
     return Overview(now=now, since=since, by_state=jobs_by_state(session, since), per_hour=jobs_per_hour(session, now),
                     stages=stage_durations(session, since), failed=failed_by_code(session, since),
@@ -231,17 +231,29 @@ def subject_leftovers(session: Session, store: BlobStore, subject_id: str) -> di
     }
 
 
-def word_scores(result: dict | None) -> tuple[str | None, list[tuple[str, float]]]:
+def train_results(trainings: list[Job]) -> list[tuple[Job, TrainResult]]:
+    """Each training job with its typed result (newest first, as given); a result that does not read as
+    one (written by an older version) is left out and logged, never a broken page."""
+    out = []
+    for job in trainings:
+        try:
+            out.append((job, read_result(job.kind, job.result)))
+        except ValueError:
+            log.warning("job %s: its result does not read as a %s result; not shown", job.id, job.kind)
+    return out
+
+
+def word_scores(intake: IntakeSummary | None) -> tuple[str | None, list[tuple[str, float]]]:
     """The class word an intake chose and every candidate word's CLIP score, best first."""
-    intake = (result or {}).get("intake") or {}
-    scores = intake.get("class_scores") or {}
-    ranked = sorted(((str(k), float(v)) for k, v in scores.items()), key=lambda kv: -kv[1])
-    return intake.get("class_token"), ranked
+    if intake is None:
+        return None, []
+    ranked = sorted(((str(k), float(v)) for k, v in intake.class_scores.items()), key=lambda kv: -kv[1])
+    return intake.class_token, ranked
 
 
-def loss_curve(result: dict | None) -> list[tuple[float, float]]:
-    """(step, loss) points of a training job's result (``training.loss_curve``), in step order."""
-    points = ((result or {}).get("training") or {}).get("loss_curve") or []
+def loss_curve(training: TrainingSummary | None) -> list[tuple[float, float]]:
+    """(step, loss) points of a training's loss curve, in step order."""
+    points = training.loss_curve if training is not None else []
     curve = []
     for point in points:
         try:

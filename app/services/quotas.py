@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 from app.errors import AppError, TooManyRequests
 from app.services.clients import Caller
 from core.config import Settings
-from core.db.models import Client, Job, JobKind, Subject, utcnow
+from core.db.models import Client, Job, Subject, utcnow
 from core.storage import BlobStore, subject_prefix
-from likeness.contract.plan import ACTIVE_STATES
+from likeness.contract.plan import ACTIVE_STATES, JobKind
 
 DAY = timedelta(days=1)
 

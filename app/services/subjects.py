@@ -10,7 +10,7 @@ from app.services.clients import Caller
 from core.db.models import Job, Subject, utcnow
 from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
-from core.storage import BlobStore, subject_prefix
+from core.storage import BlobStore, purge_subject_blobs
 from core.webhooks import notify_job
 from likeness.contract.plan import ACTIVE_STATES, JobState, transition
 
@@ -75,8 +75,3 @@ def delete_subject(uow: UnitOfWork, caller: Caller | None, subject_id: str, stor
     subject_key = subject.id
     uow.after_commit(lambda: purge_subject_blobs(store, subject_key))
     uow.after_commit(lambda: scrub_deleted(uow.settings.resolved_database_url))
-
-
-def purge_subject_blobs(store: BlobStore, subject_id: str) -> int:
-    """Delete every blob the subject owns (one prefix); returns how many."""
-    return store.delete_prefix(subject_prefix(subject_id))

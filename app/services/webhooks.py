@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -16,7 +16,27 @@ from core.db.uow import UnitOfWork
 from core.webhook_targets import DestinationRefused, check_url
 from likeness.webhooks import new_secret
 
-DeliveryStatus = Literal["delivered", "pending", "failed"]
+
+class DeliveryStatus(StrEnum):
+    """Where a webhook delivery stands, read from its row (``core.webhooks.record_and_send`` writes it)."""
+
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    PENDING = "pending"  # a next attempt is planned
+    FAILED = "failed"  # given up: out of attempts, refused by the receiver or the address checks
+
+    @classmethod
+    def of(cls, delivery: WebhookDelivery) -> DeliveryStatus:
+        if delivery.delivered_at is not None:
+            return cls.DELIVERED
+        return cls.PENDING if delivery.next_attempt_at is not None else cls.FAILED
+
+
+#: The rows of each status, as SQL: the same rule as :meth:`DeliveryStatus.of`.
+_STATUS_CONDITIONS = {
+    DeliveryStatus.DELIVERED: (WebhookDelivery.delivered_at.is_not(None),),
+    DeliveryStatus.PENDING: (WebhookDelivery.delivered_at.is_(None), WebhookDelivery.next_attempt_at.is_not(None)),
+    DeliveryStatus.FAILED: (WebhookDelivery.delivered_at.is_(None), WebhookDelivery.next_attempt_at.is_(None)),
+}
 
 
 def set_webhook(session: Session, caller: Caller, url: str | None, settings: Settings) -> str | None:
@@ -50,25 +70,12 @@ def list_deliveries(session: Session, caller: Caller | None, *, job_id: str | No
         conditions.append(WebhookDelivery.client_id == client_id)
     if job_id is not None:
         conditions.append(WebhookDelivery.job_id == job_id)
-    if status == "delivered":
-        conditions.append(WebhookDelivery.delivered_at.is_not(None))
-    elif status == "pending":
-        conditions.append(WebhookDelivery.delivered_at.is_(None))
-        conditions.append(WebhookDelivery.next_attempt_at.is_not(None))
-    elif status == "failed":
-        conditions.append(WebhookDelivery.delivered_at.is_(None))
-        conditions.append(WebhookDelivery.next_attempt_at.is_(None))
+    if status is not None:
+        conditions.extend(_STATUS_CONDITIONS[DeliveryStatus(status)])
     count = session.scalar(select(func.count()).select_from(WebhookDelivery).where(*conditions)) or 0
     rows = session.scalars(select(WebhookDelivery).where(*conditions)
                            .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id).limit(limit).offset(offset))
     return list(rows), count
-
-
-def delivery_status(delivery: WebhookDelivery) -> DeliveryStatus:
-    """``delivered``; ``pending`` (a next attempt is planned); ``failed`` (given up)."""
-    if delivery.delivered_at is not None:
-        return "delivered"
-    return "pending" if delivery.next_attempt_at is not None else "failed"
 
 
 def redeliver(uow: UnitOfWork, delivery_id: str) -> WebhookDelivery:

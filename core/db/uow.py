@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings, get_settings
 from core.db.models import Job, OutboxMessage, utcnow
 from core.db.session import SessionLocal
+from core.queue import TaskQueue, task_queue
 from likeness.contract.plan import Queue, Task, plan_for
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ OUTBOX_GRACE_S = 5.0
 
 
 class UnitOfWork:
-    def __init__(self, settings: Settings | None = None, *, queue=None):  # noqa: ANN001 - core.queue.TaskQueue
+    def __init__(self, settings: Settings | None = None, *, queue: TaskQueue | None = None):
         self.settings = settings or get_settings()
         self._queue = queue
         self.session: Session = SessionLocal(self.settings.resolved_database_url)
@@ -112,11 +113,10 @@ class UnitOfWork:
             self.close()
 
 
-def send_outbox(settings: Settings, messages: list[tuple[str, str, list[Any], str]], queue=None) -> int:  # noqa: ANN001
+def send_outbox(settings: Settings, messages: list[tuple[str, str, list[Any], str]],
+                queue: TaskQueue | None = None) -> int:
     """Send outbox messages ``(id, task, args, queue)``; remove the rows of those sent. Never raises."""
     if queue is None:
-        from core.queue import task_queue
-
         queue = task_queue(settings)
     sent: list[str] = []
     for message_id, task, args, queue_name in messages:
@@ -135,7 +135,8 @@ def send_outbox(settings: Settings, messages: list[tuple[str, str, list[Any], st
     return len(sent)
 
 
-def flush_outbox(settings: Settings | None = None, queue=None, *, grace_s: float = OUTBOX_GRACE_S) -> int:  # noqa: ANN001
+def flush_outbox(settings: Settings | None = None, queue: TaskQueue | None = None, *,
+                 grace_s: float = OUTBOX_GRACE_S) -> int:
     """Send what earlier transactions left in the outbox (the broker was down); returns how many."""
     settings = settings or get_settings()
     cutoff = utcnow() - timedelta(seconds=grace_s)

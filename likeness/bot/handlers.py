@@ -26,6 +26,7 @@ from likeness.bot.service import Service
 from likeness.bot.store import PendingJob
 from likeness.bot.tracker import Tracker
 from likeness.client import LikenessError
+from likeness.contract.plan import JobKind
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ def build_router() -> Router:
         if active:
             lines = []
             for job in active:
-                what = _("Training") if job.kind.value == "train" else _("Portraits")
-                lines.append(f"{what}: {texts.stage_text(job.stage if job.state.value == 'running' else None)}, "
+                what = _("Training") if job.kind == JobKind.TRAIN else _("Portraits")
+                lines.append(f"{what}: {texts.stage_text(job)}, "
                              f"{int(job.progress)}%")
             await message.answer("\n".join(lines))
             return
@@ -266,9 +267,9 @@ async def _train(message: Message, user_id: int, ctx: Context) -> None:
             await message.answer(_("Send at least {need} photos of yourself first.").format(
                 need=ctx.settings.bot_min_photos))
             return
-        if wait := await service.wait_s(user_id, "train"):
+        if wait := await service.wait_s(user_id, JobKind.TRAIN):
             await message.answer(_("You have used today's {limit} trainings. You can train again in {time}.").format(
-                limit=service.limit("train"), time=_duration(wait)))
+                limit=service.limit(JobKind.TRAIN), time=_duration(wait)))
             return
         try:
             job = await service.api.train(subject.id, ctx.settings.train_request())
@@ -277,8 +278,8 @@ async def _train(message: Message, user_id: int, ctx: Context) -> None:
                 await message.answer(_("Your model is already training; I'll tell you when it's ready."))
                 return
             raise
-        await service.store.record_use(user_id, "train")
-        await _follow(message, user_id, job.id, "train", None, ctx)
+        await service.store.record_use(user_id, JobKind.TRAIN)
+        await _follow(message, user_id, job.id, JobKind.TRAIN, None, ctx)
 
 
 async def _offer_styles(message: Message, user_id: int, ctx: Context) -> None:
@@ -301,20 +302,20 @@ async def _generate(message: Message, user_id: int, style_name: str, ctx: Contex
         if subject is None or not await service.is_trained(subject.id):
             await message.answer(_("Train your model first: send 5 to 20 photos of yourself, then press Train."))
             return
-        if wait := await service.wait_s(user_id, "generate"):
+        if wait := await service.wait_s(user_id, JobKind.GENERATE):
             await message.answer(_("You have made {limit} sets of portraits this hour. Next one in {time}.").format(
-                limit=service.limit("generate"), time=_duration(wait)))
+                limit=service.limit(JobKind.GENERATE), time=_duration(wait)))
             return
         request = ctx.settings.generate_request(style.name, seed=random.randrange(2**31 - 1))
         job = await service.api.generate(subject.id, request)
-        await service.store.record_use(user_id, "generate")
-        await _follow(message, user_id, job.id, "generate", style.name, ctx)
+        await service.store.record_use(user_id, JobKind.GENERATE)
+        await _follow(message, user_id, job.id, JobKind.GENERATE, style.name, ctx)
 
 
-async def _follow(message: Message, user_id: int, job_id: str, kind: str, style: str | None, ctx: Context) -> None:
+async def _follow(message: Message, user_id: int, job_id: str, kind: JobKind, style: str | None, ctx: Context) -> None:
     locale = ctx.i18n.current_locale
-    title = _("Training your model") if kind == "train" else _("Painting portraits")
-    status = await message.answer(f"{title}\n⏳ {texts.stage_text(None)}")
+    title = _("Training your model") if kind == JobKind.TRAIN else _("Painting portraits")
+    status = await message.answer(f"{title}\n⏳ {texts.queued_text()}")
     await ctx.tracker.follow(PendingJob(job_id=job_id, kind=kind, user_id=user_id, chat_id=message.chat.id,
                                         message_id=status.message_id, locale=locale, style=style,
                                         created_at=time.time()))

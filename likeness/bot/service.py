@@ -18,7 +18,8 @@ from likeness.client import AsyncClient, Job, Style, Subject
 from likeness.contract.plan import JobKind, JobState
 
 STYLES_TTL_S = 300.0
-WINDOWS = {"train": 86400.0, "generate": 3600.0}
+#: The window each per-user limit counts in: trainings per day, generations per hour.
+WINDOWS = {JobKind.TRAIN: 86400.0, JobKind.GENERATE: 3600.0}
 
 
 def user_ref(user_id: int) -> str:
@@ -79,10 +80,10 @@ class Service:
 
     # ---- per-user limits ---------------------------------------------------------------------------------
 
-    def limit(self, what: str) -> int:
-        return self.settings.bot_trainings_per_day if what == "train" else self.settings.bot_generations_per_hour
+    def limit(self, what: JobKind) -> int:
+        return self.settings.bot_trainings_per_day if what == JobKind.TRAIN else self.settings.bot_generations_per_hour
 
-    async def wait_s(self, user_id: int, what: str, now: float | None = None) -> float:
+    async def wait_s(self, user_id: int, what: JobKind, now: float | None = None) -> float:
         """0 when the user may start another ``what`` now, else seconds until they may."""
         now = time.time() if now is None else now
         uses = await self.store.uses_since(user_id, what, now - WINDOWS[what])

@@ -21,6 +21,7 @@ from typing import Any
 from aiogram.fsm.storage.base import BaseStorage, StateType, StorageKey
 
 from likeness.bot.config import BotSettings
+from likeness.contract.plan import JobKind
 
 
 @dataclass
@@ -28,7 +29,7 @@ class PendingJob:
     """A job the bot started for a user and still has to report on."""
 
     job_id: str
-    kind: str  # train | generate
+    kind: JobKind  # train | generate
     user_id: int
     chat_id: int
     message_id: int  # the status message edited in place
@@ -43,7 +44,8 @@ class PendingJob:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> PendingJob:
-        return cls(**json.loads(raw))
+        fields = json.loads(raw)
+        return cls(**{**fields, "kind": JobKind(fields["kind"])})
 
 
 class BotStore(ABC):
@@ -62,10 +64,10 @@ class BotStore(ABC):
         return [p for p in await self.pending() if p.user_id == user_id]
 
     @abstractmethod
-    async def record_use(self, user_id: int, what: str, at: float | None = None) -> None: ...
+    async def record_use(self, user_id: int, what: JobKind, at: float | None = None) -> None: ...
 
     @abstractmethod
-    async def uses_since(self, user_id: int, what: str, since: float) -> list[float]:
+    async def uses_since(self, user_id: int, what: JobKind, since: float) -> list[float]:
         """Times of the user's ``what`` (``train`` / ``generate``) at or after ``since``, oldest first."""
 
     @abstractmethod
@@ -109,14 +111,14 @@ class RedisBotStore(BotStore):
     async def drop_pending(self, job_id: str) -> None:
         await self.redis.hdel(self._k("pending"), job_id)
 
-    async def record_use(self, user_id: int, what: str, at: float | None = None) -> None:
+    async def record_use(self, user_id: int, what: JobKind, at: float | None = None) -> None:
         at = time.time() if at is None else at
         key = self._k("uses", user_id, what)
         await self.redis.zadd(key, {f"{at:.6f}": at})
         await self.redis.zremrangebyscore(key, "-inf", at - 8 * 86400)  # longer than any limit's window
         await self.redis.expire(key, 8 * 86400)
 
-    async def uses_since(self, user_id: int, what: str, since: float) -> list[float]:
+    async def uses_since(self, user_id: int, what: JobKind, since: float) -> list[float]:
         rows = await self.redis.zrangebyscore(self._k("uses", user_id, what), since, "+inf", withscores=True)
         return [score for _, score in rows]
 
@@ -217,12 +219,12 @@ class SqliteBotStore(BotStore):
     async def drop_pending(self, job_id: str) -> None:
         self.db.run("DELETE FROM pending WHERE job_id = ?", (job_id,))
 
-    async def record_use(self, user_id: int, what: str, at: float | None = None) -> None:
+    async def record_use(self, user_id: int, what: JobKind, at: float | None = None) -> None:
         at = time.time() if at is None else at
         self.db.run("INSERT INTO uses (user_id, what, at) VALUES (?, ?, ?)", (user_id, what, at))
         self.db.run("DELETE FROM uses WHERE at < ?", (at - 8 * 86400,))
 
-    async def uses_since(self, user_id: int, what: str, since: float) -> list[float]:
+    async def uses_since(self, user_id: int, what: JobKind, since: float) -> list[float]:
         rows = self.db.run("SELECT at FROM uses WHERE user_id = ? AND what = ? AND at >= ? ORDER BY at",
                            (user_id, what, since))
         return [r[0] for r in rows]

@@ -14,6 +14,9 @@ from aiogram.types import TelegramObject, User
 from aiogram.utils.i18n import I18n, I18nMiddleware
 from aiogram.utils.i18n import gettext as _
 
+from likeness.client import Job
+from likeness.contract.plan import JobKind, JobState, Stage
+
 LOCALES_DIR = Path(__file__).resolve().parent / "locales"
 LANGUAGES = ("en", "ru")
 
@@ -77,16 +80,19 @@ JOB_ERRORS: dict[str, str] = {
     "no_deliverable_image": N_("None of the portraits came out well enough to send. Try again or another style."),
 }
 
-#: what each stage of a job means to a user
-STAGES: dict[str, str] = {
-    "intake": N_("checking your photos"),
-    "caching": N_("preparing"),
-    "training:stage1": N_("learning your face (part 1 of 2)"),
-    "training:stage2": N_("learning your face (part 2 of 2)"),
-    "generating": N_("painting portraits"),
-    "ranking": N_("picking the best ones"),
-    "upscaling": N_("making full-size files"),
-    "delivering": N_("almost there"),
+#: the kinds of job the bot starts
+BOT_JOB_KINDS = (JobKind.TRAIN, JobKind.GENERATE)
+
+#: what each stage of the bot's jobs means to a user (every stage of their plans: tests/bot/test_texts.py)
+STAGES: dict[Stage, str] = {
+    Stage.INTAKE: N_("checking your photos"),
+    Stage.CACHING: N_("preparing"),
+    Stage.TRAINING_STAGE1: N_("learning your face (part 1 of 2)"),
+    Stage.TRAINING_STAGE2: N_("learning your face (part 2 of 2)"),
+    Stage.GENERATING: N_("painting portraits"),
+    Stage.RANKING: N_("picking the best ones"),
+    Stage.UPSCALING: N_("making full-size files"),
+    Stage.DELIVERING: N_("almost there"),
 }
 
 
@@ -102,8 +108,15 @@ def job_error_text(code: str | None, fallback: str | None = None) -> str:
     return _("Something went wrong on our side ({code}). Please try again later.").format(code=code or "error")
 
 
-def stage_text(stage: str | None) -> str:
-    return _(STAGES[stage]) if stage in STAGES else _("in the queue")
+def queued_text() -> str:
+    return _("in the queue")
+
+
+def stage_text(job: Job) -> str:
+    """What a running job is doing now; a job not running yet is in the queue."""
+    if job.state != JobState.RUNNING or job.stage not in STAGES:
+        return queued_text()
+    return _(STAGES[job.stage])
 
 
 # ---- conversation ------------------------------------------------------------------------------------------

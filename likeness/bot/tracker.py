@@ -24,6 +24,7 @@ from likeness.bot import keyboards, texts
 from likeness.bot.service import Service
 from likeness.bot.store import PendingJob
 from likeness.client import Backoff, Job, LikenessError
+from likeness.contract.plan import JobKind, Stage
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,14 @@ def eta_text(eta_s: float | None) -> str:
 
 
 def status_text(pending: PendingJob, job: Job, percent: int, style_title: str | None = None) -> str:
-    title = _("Training your model") if pending.kind == "train" else \
+    title = _("Training your model") if pending.kind == JobKind.TRAIN else \
         _("Painting portraits: {style}").format(style=style_title or pending.style or "")
     if job.succeeded:
         done = _("Done!")
         return f"{title}\n✅ {done}\n{progress_bar(100)}"
     if job.done:
         return f"{title}\n❌ {texts.job_error_text(job.error_code, job.error_message)}"
-    lines = [title, "⏳ " + texts.stage_text(job.stage if job.state.value == "running" else None),
-             progress_bar(percent)]
+    lines = [title, "⏳ " + texts.stage_text(job), progress_bar(percent)]
     if eta := eta_text(job.eta_s):
         lines.append(eta)
     return "\n".join(lines)
@@ -123,8 +123,8 @@ class Tracker:
         style = await self._style_title(pending.style) if pending.style else None
         last_text, last_edit, job = None, 0.0, None
         async for job in self.service.api.wait(pending.job_id, backoff=backoff, max_outage_s=None):
-            if pending.kind == "train" and not pending.intake_reported and (job.done or job.stage not in (None,
-                                                                                                         "intake")):
+            if pending.kind == JobKind.TRAIN and not pending.intake_reported and (job.done or job.stage not in (
+                    None, Stage.INTAKE)):
                 await self._report_intake(pending, job)
             percent = 100 if job.succeeded else max(pending.percent, int(job.progress))
             text = status_text(pending, job, percent, style)
@@ -137,7 +137,7 @@ class Tracker:
                     await self.store.save_pending(pending)
         if job is None or not job.succeeded:
             return
-        if pending.kind == "train":
+        if pending.kind == JobKind.TRAIN:
             await self._offer_styles(pending)
         else:
             await self._deliver(pending, job, style)

@@ -1,6 +1,11 @@
 """The job plan: kinds, states, phases, stages, queues, progress weights and allowed state
 changes, defined once and imported by the API, the workers, the recovery sweep and clients.
 
+Like Celery's ``celery/states.py``, it also holds the sets of states callers test against
+(:data:`ACTIVE_STATES`, :data:`TERMINAL_STATES`, :data:`UNSUCCESSFUL_STATES`): nobody spells a
+state or a stage as a string. :class:`Stage` is defined in :mod:`pipelines.progress` because the
+pipelines, the one room below this one, emit it; everyone else imports it from here.
+
 A job of a kind runs its phases in order. Each phase runs on one queue (``cpu`` or ``gpu``)
 and covers client-visible stages; each stage owns a share of the job's 0-100 progress.
 Everything else is derived from :data:`PLANS`: where a job is routed next, how far along it
@@ -27,6 +32,7 @@ __all__ = [
     "ACTIVE_STATES",
     "PLANS",
     "TERMINAL_STATES",
+    "UNSUCCESSFUL_STATES",
     "IllegalTransition",
     "JobKind",
     "JobPlan",
@@ -60,8 +66,13 @@ class JobState(StrEnum):
         return self in TERMINAL_STATES
 
 
+#: Not finished: the job holds its subject's place in the queues, counts against concurrency limits,
+#: and is canceled with its subject.
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
+#: Finished, for good: a job never leaves one (a retry is a new job).
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+#: Finished without a result: the job has an error code, and an admin may retry it.
+UNSUCCESSFUL_STATES = frozenset({JobState.FAILED, JobState.CANCELED})
 
 #: Every state change a job may make. A job never leaves a terminal state: a retry is a new job.
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -83,8 +94,8 @@ class Task(StrEnum):
 
     RUN_JOB = "likeness.run_job"
     DELIVER_WEBHOOK = "likeness.deliver_webhook"
-    SWEEP = "likeness.sweep"
     PURGE_EXPIRED = "likeness.purge_expired"  # retention (core.retention), on a schedule
+    JUDGE_TEMPLATE_PHOTO = "likeness.judge_template_photo"  # an uploaded template photo's verdict (cpu queue)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Torch-free: the API imports this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +28,7 @@ from pipelines.generation.styles import (
     placeholders,
     template_path,
 )
+from pipelines.models.presets import PRESET_NAMES, preset_family
 from pipelines.templates.catalog import get_template
 from pipelines.templates.spec import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -78,6 +79,10 @@ class TrainRequest(_Body):
     attention_loss: bool = Field(False, description="Masked cross-attention penalty: converges about twice as fast "
                                                     "but the model loses expressiveness (off by default).")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    preset: Literal[PRESET_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="The model preset to train on (sd15: Stable Diffusion 1.5 at 512 px; sdxl: SDXL at "
+                          "1024 px; tiny, tiny-sdxl: random weights for demos). Default: the deployment's. The "
+                          "subject's generations and templates then use the same preset.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"mode": "lora", "steps": 800}]})
 
@@ -93,6 +98,10 @@ class ResolvedTrain(BaseModel):
     training: TrainConfig
 
 
+FACE_REFINE_HELP = ("Redraw each candidate's face at the model's native resolution before ranking: on, off, or "
+                    "auto (on for portrait styles and template jobs). Each image says face_refined.")
+
+
 #: Training defaults that depend on the model preset: the random-weight ``tiny`` preset is for demos
 #: and wiring checks (its images are noise whatever it learns), so it trains just long enough to run
 #: every stage: 4 steps a photo, 20 for the usual 5 photos, at most 40. With its generation defaults
@@ -100,17 +109,24 @@ class ResolvedTrain(BaseModel):
 #: ``sd15`` keeps the method's defaults (90 steps a photo, at most 1500).
 PRESET_TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"steps_per_photo": 4, "max_steps_cap": 40, "unet_rank": 4, "text_encoder_rank": 4},
+    "tiny-sdxl": {"steps_per_photo": 4, "max_steps_cap": 40, "unet_rank": 4, "text_encoder_rank": 4},
     "sd15": {},
+    "sdxl": {},
 }
-#: Generation defaults that depend on the model preset (a request's own value always wins): ``tiny``
-#: denoises 10 steps instead of a style's 25; ``sd15`` takes the style's.
+#: Generation defaults that depend on the model preset (a request's own value always wins): the tiny
+#: presets denoise 10 steps instead of a style's; ``sd15`` and ``sdxl`` take the style's as it runs on
+#: their family (``StylePack.for_family``).
 PRESET_GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 10},
+    "tiny-sdxl": {"steps": 10},
     "sd15": {},
+    "sdxl": {},
 }
 
 
 def resolve_train(body: TrainRequest, *, preset: str, class_token_override: str | None = None) -> ResolvedTrain:
+    """``preset``: the deployment's default, used unless the request names one."""
+    preset = body.preset or preset
     values: dict[str, Any] = {**PRESET_TRAINING_DEFAULTS.get(preset, {}), "mode": body.mode,
                               "strategy": body.strategy, "seed": body.seed}
     if body.steps is not None:
@@ -158,6 +174,7 @@ class GenerateRequest(_Body):
     no_controlnet: bool = Field(False, description="Disable the style's ControlNet.")
     upscale: Literal[2, 4, "none"] = 2
     ranking: str = Field("aesthetic", description="aesthetic (the method's choice) or balanced.")
+    face_refine: Literal["auto", "on", "off"] = Field("auto", description=FACE_REFINE_HELP)
     allow_prompt_without_instance: bool = Field(False, description="Allow custom prompts that do not show the "
                                                                    "subject.")
     adapter_version: int | None = Field(None, ge=1, description="Adapter to use; default: the newest.")
@@ -198,7 +215,7 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
     of the subject's adapter) unless ``allow_prompt_without_instance``.
     """
     limits = limits or GenerationLimits()
-    style = _style(body.style) if body.style is not None else None
+    style = _style(body.style, preset) if body.style is not None else None
     if style is None and not body.prompts:
         _reject("style_or_prompts_required", "Give a style or at least one prompt.")
     _check_candidates(body.n, body.k, limits)
@@ -233,6 +250,7 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
         prompts=templates, negative_prompt=negative, n=body.n, k=body.k, seed=body.seed, aspect=aspect,
         steps=steps, guidance_scale=guidance, sampler=body.sampler, controlnets=controlnets,
         upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+        face_refine=body.face_refine == "on" or (body.face_refine == "auto" and style is not None and style.portrait),
     )
 
 
@@ -254,11 +272,13 @@ def resolve_generate(body: GenerateRequest, *, preset: str, adapter_version: int
     return ResolvedGenerate(preset=preset, adapter_version=adapter_version, generation=spec)
 
 
-def _style(name: str) -> StylePack:
+def _style(name: str, preset: str | None = None) -> StylePack:
+    """The style pack ``name`` as it runs on ``preset``'s model family (its per-family defaults applied)."""
     try:
-        return get_style(name)
+        style = get_style(name)
     except InvalidConfig as exc:
         raise RequestRejected(exc.error_code, f"Unknown style {name!r}.", **exc.details) from None
+    return style.for_family(preset_family(preset).name) if preset else style
 
 
 def _check_prompt(template: str, body: GenerateRequest, limits: GenerationLimits, instance_token: str | None):
@@ -353,6 +373,7 @@ class TemplateRequest(_Body):
     upscale: Literal[2, 4, "none"] = 2
     ranking: str = Field("identity", description="identity (default: likeness to the subject weighs most), "
                                                  "balanced or aesthetic.")
+    face_refine: Literal["auto", "on", "off"] = Field("auto", description=FACE_REFINE_HELP)
     adapter_version: int | None = Field(None, ge=1, description="Adapter to use; default: the newest.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -384,7 +405,8 @@ class ResolvedTemplate(BaseModel):
 
 @dataclass(frozen=True)
 class TemplatePhotoVerdict:
-    """What the API knows of an uploaded template photo (the worker judges a pending one)."""
+    """What the API knows of an uploaded template photo (pending until the judge task sent with its upload
+    decides; a template job using a pending one fails at ``masking`` with the same code if it is refused)."""
 
     photo_id: str
     status: str  # pending | accepted | rejected
@@ -458,6 +480,7 @@ def resolve_templating(body: TemplateRequest, *, limits: GenerationLimits | None
         guidance_scale=guidance, pose_scale=pose, edge_scale=edge, color_transfer=body.color_transfer,
         second_pass=body.second_pass, second_pass_strength=second,
         upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+        face_refine=body.face_refine != "off",  # auto: template jobs are portraits
     )
     return source, spec
 
@@ -483,8 +506,3 @@ RESOLVED_MODELS: dict[JobKind, type[BaseModel]] = {JobKind.TRAIN: ResolvedTrain,
 def read_resolved(kind: str, stored: dict[str, Any]) -> ResolvedTrain | ResolvedGenerate | ResolvedTemplate:
     """A job's stored request, parsed with the model of its kind (worker, retries, dashboard)."""
     return RESOLVED_MODELS[JobKind(kind)].model_validate(stored)  # type: ignore[return-value]
-
-
-def with_training(resolved: ResolvedTrain, **changes: Any) -> ResolvedTrain:
-    """``resolved`` with some training options replaced (tests, benchmarks, the CLI's quick runs)."""
-    return resolved.model_copy(update={"training": replace(resolved.training, **changes)})

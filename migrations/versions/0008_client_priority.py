@@ -1,7 +1,7 @@
 """clients.priority: the fair-share weight of a client on the workers (worker.fair_share)
 
 Revision ID: 0008_client_priority
-Revises: 0006_sealed_webhook_secrets
+Revises: 0007_job_template_photo
 Create Date: 2026-12-05 05:40:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008_client_priority"
-down_revision = "0006_sealed_webhook_secrets"
+down_revision = "0007_job_template_photo"
 branch_labels = None
 depends_on = None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from pipelines.eval.metrics import (
     text_alignment,
     without_token,
 )
+from pipelines.training.trainer import TrainCallback
 
 METRICS = ("image_alignment", "text_alignment", "lpips", "identity")
 
@@ -108,8 +109,6 @@ class Evaluator:
 def make_eval_callback(config: EvalConfig, references: Sequence[Image.Image], clip, resolution: int,
                        device: str = "cpu", **models):
     """``clip``: a loaded CLIP or its path; ``models``: ``face_embedder``/``face_detector`` (see Evaluator)."""
-    from pipelines.training import TrainCallback
-
     return TrainCallback(every=config.every, fn=Evaluator(config, references, clip, resolution, device, **models))
 
 
@@ -117,8 +116,6 @@ def make_validation_callback(prompts: Sequence[str], out_dir: str | Path, every:
                              num_inference_steps: int = 25, seed: int = 0):
     """Save one image per prompt at step 0, every ``every`` steps and at the end:
     ``out_dir/step-000050/00.png``. Prompts may use ``{instance}`` and ``{class_token}``."""
-    from pipelines.training import TrainCallback
-
     out_dir = Path(out_dir)
 
     def save(state) -> None:
@@ -185,7 +182,3 @@ def write_report(runs: dict[str, Sequence[dict[str, Any]]], out_dir: str | Path,
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return {"markdown": md_path, "csv": csv_path, "plot": png_path}
-
-
-def eval_config_dict(config: EvalConfig) -> dict[str, Any]:
-    return asdict(config)

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.vision.faces import detect_faces, load_face_detector
+from pipelines.vision.identity import load_face_embedder
+
 
 @dataclass(frozen=True)
 class MetricValue:
@@ -117,9 +120,6 @@ class IdentityScorer:
 
     def __init__(self, references: Sequence[Image.Image], backend: str = "auto", *, embedder=None,
                  face_detector=None):
-        from pipelines.vision.faces import detect_faces, load_face_detector
-        from pipelines.vision.identity import load_face_embedder
-
         self.why = ""
         self.embedder = embedder if embedder is not None else load_face_embedder(backend)
         if not self.embedder.available:

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.errors import InvalidConfig
+from pipelines.intake.captions import captioner_spec
 from pipelines.intake.config import IntakeConfig
 from pipelines.models.specs import BundleSpec
+from pipelines.vision.faces import face_detector_spec
+from pipelines.vision.identity import face_embedder_spec
+from pipelines.vision.persons import person_detector_spec
+from pipelines.vision.segmentation import segmenter_spec
 
 
 @dataclass
@@ -33,13 +38,8 @@ def intake_models(config: IntakeConfig) -> BundleSpec[IntakeModels]:
 
     Raises :class:`InvalidConfig` for a config that can never work, before anything loads.
     """
-    from pipelines.intake.captions import captioner_spec
     from pipelines.models.clip import clip_spec
     from pipelines.upscale import upscaler_spec
-    from pipelines.vision.faces import face_detector_spec
-    from pipelines.vision.identity import face_embedder_spec
-    from pipelines.vision.persons import person_detector_spec
-    from pipelines.vision.segmentation import segmenter_spec
 
     config.check()
     device = config.device

@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.errors import DatasetRejected, InvalidConfig
+from pipelines.intake import captions
+from pipelines.intake.class_token import choose_class, clip_class_scores
 from pipelines.intake.config import IntakeConfig
 from pipelines.intake.crops import (
     blur_score,
@@ -50,8 +52,11 @@ from pipelines.intake.decode import PhotoRejected, decode_photo
 from pipelines.intake.models import IntakeModels, check_models
 from pipelines.intake.reasons import ReasonCode
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
-from pipelines.vision.faces import FaceBox
+from pipelines.types import CropGeometry
+from pipelines.vision.faces import FaceBox, detect_faces
 from pipelines.vision.people import People, count_people, detect_in_tiles, face_near
+from pipelines.vision.persons import detect_persons
+from pipelines.vision.segmentation import person_mask
 
 #: the reduced decode that the detectors look at has at least this long side; JPEG's
 #: 1/4 scale of a 4000-4032 px phone photo lands just above it, so the detectors (which
@@ -78,6 +83,7 @@ class _Candidate:
     blur: float
     phash: int
     identity_distance: float | None = None
+    geometry: CropGeometry | None = None  # the square cut from the photo (SDXL's size conditioning)
 
     def report(self, reason: ReasonCode = ReasonCode.ACCEPTED, message: str | None = None) -> PhotoReport:
         return PhotoReport(
@@ -153,16 +159,12 @@ def prepare_dataset(
 
     # 5. class token
     raise_if_canceled(should_stop)
-    from pipelines.intake.class_token import choose_class, clip_class_scores
-
     crops = [c.crop for c in candidates]
     scores = clip_class_scores(crops, config.class_candidates, models.clip)
     class_token = config.class_token.strip() if config.class_token else choose_class(scores)
 
     # 6. captions
     raise_if_canceled(should_stop)
-    from pipelines.intake import captions
-
     if config.context_mode == "blip":
         contexts = captions.blip_contexts(crops, models.captioner)
     else:
@@ -170,10 +172,8 @@ def prepare_dataset(
 
     # 7. person masks
     raise_if_canceled(should_stop)
-    from pipelines.vision.segmentation import person_mask
-
     items = [
-        DatasetItem(c.photo_id, c.crop, person_mask(c.crop, models.segmenter), ctx)
+        DatasetItem(c.photo_id, c.crop, person_mask(c.crop, models.segmenter), ctx, c.geometry)
         for c, ctx in zip(candidates, contexts)
     ]
     return Dataset(
@@ -267,7 +267,9 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: I
     to_crop = config.crop_size / side
     face_in_crop = FaceBox((face.x0 - left) * to_crop, (face.y0 - top) * to_crop,
                            (face.x1 - left) * to_crop, (face.y1 - top) * to_crop, face.score)
-    return _Candidate(index, photo.photo_id, crop, face, face_in_crop, blur_score(crop), perceptual_hash(crop))
+    geometry = CropGeometry(full_width, full_height, left, top, side)
+    return _Candidate(index, photo.photo_id, crop, face, face_in_crop, blur_score(crop), perceptual_hash(crop),
+                      geometry=geometry)
 
 
 def _require_one_person(people: People) -> None:
@@ -309,9 +311,6 @@ def _find_people(image: Image.Image, config: IntakeConfig, models: IntakeModels,
     With ``tile``: faces only, in ``tile`` x ``tile`` windows (the person detector costs ~7x a
     face look per window and fires on enlarged textures); every face is checked up close.
     """
-    from pipelines.vision.faces import detect_faces
-    from pipelines.vision.persons import detect_persons
-
     if tile is None:
         persons = detect_persons(image, models.person_detector, min_score=config.person_min_score)
         faces = detect_faces(image, models.face_detector, min_score=config.face_min_score)

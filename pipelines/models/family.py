@@ -25,6 +25,9 @@ class TextEncoderSlot:
     kohya_prefix: str  # A1111 / kohya LoRA key prefix: "lora_te", "lora_te1", "lora_te2"
     embedding_key: str  # A1111 / ComfyUI textual-inversion tensor name: "emb_params", "clip_l", "clip_g"
     pooled: bool = False  # its projected pooled output conditions the U-Net (SDXL's second encoder)
+    # which hidden states the U-Net attends to: None, the encoder's (normed) last output; -2, the
+    # penultimate layer's (SDXL, both encoders, concatenated along the width)
+    hidden_state: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,25 @@ class ModelFamily:
     def tokenizer_names(self) -> tuple[str, ...]:
         return tuple(slot.tokenizer for slot in self.text_encoders)
 
+    @property
+    def pooled_text(self) -> bool:
+        """Whether the U-Net takes a pooled text embedding (``added_cond_kwargs["text_embeds"]``)."""
+        return any(slot.pooled for slot in self.text_encoders)
+
     def size(self, aspect: str) -> tuple[int, int]:
         try:
             return self.sizes[aspect]
         except KeyError:
             raise InvalidConfig(f"the {self.name} family has no size for aspect {aspect!r}",
                                 {"known": sorted(self.sizes)}) from None
+
+    def size_at(self, aspect: str, resolution: int) -> tuple[int, int]:
+        """(width, height) of ``aspect`` for a preset whose square side is ``resolution`` (the engines' sizes)."""
+        sizes = self.scaled_sizes(resolution)
+        if aspect not in sizes:
+            raise InvalidConfig(f"unknown aspect {aspect!r}", {"aspect": aspect, "known": sorted(sizes)},
+                                code="unknown_aspect")
+        return sizes[aspect]
 
     def scaled_sizes(self, resolution: int) -> dict[str, tuple[int, int]]:
         """The aspect sizes for a preset whose square side is ``resolution`` (tiny presets), multiples of 8."""
@@ -91,8 +107,8 @@ SD15 = ModelFamily(
 SDXL = ModelFamily(
     name="sdxl",
     text_encoders=(
-        TextEncoderSlot("text_encoder", "tokenizer", "lora_te1", "clip_l"),
-        TextEncoderSlot("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", pooled=True),
+        TextEncoderSlot("text_encoder", "tokenizer", "lora_te1", "clip_l", hidden_state=-2),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", pooled=True, hidden_state=-2),
     ),
     native_resolution=1024,
     sizes={"1:1": (1024, 1024), "4:5": (896, 1120), "9:16": (768, 1344)},

@@ -30,13 +30,16 @@ import numpy as np
 from PIL import Image
 
 from pipelines.errors import PipelineError
+from pipelines.generation.conditions import draw_openpose, pose_estimator_spec, pose_keypoints
 from pipelines.intake.crops import crop_square, resize_square
 from pipelines.intake.decode import PhotoRejected
 from pipelines.intake.reasons import ReasonCode
 from pipelines.models.specs import BundleSpec
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
 from pipelines.vision.boxes import Box
-from pipelines.vision.faces import FaceBox
+from pipelines.vision.faces import FaceBox, face_detector_spec
+from pipelines.vision.persons import person_detector_spec
+from pipelines.vision.segmentation import segmenter_spec
 
 #: a template's face must be at least this many pixels across (the subject's face is drawn there)
 MIN_FACE_PX = 64
@@ -97,11 +100,6 @@ class MaskingModels:
 def masking_models(device: str = "cpu", *, face_backend: str = "blazeface",
                    person_backend: str = "blazepose") -> BundleSpec[MaskingModels]:
     """The detectors of :func:`prepare_template` (keys shared with intake and ranking)."""
-    from pipelines.generation.conditions import pose_estimator_spec
-    from pipelines.vision.faces import face_detector_spec
-    from pipelines.vision.persons import person_detector_spec
-    from pipelines.vision.segmentation import segmenter_spec
-
     return BundleSpec(
         {
             "person_detector": person_detector_spec(person_backend),
@@ -150,6 +148,11 @@ class Region:
 
     crop: Square
     mask: np.ndarray
+
+    @classmethod
+    def around(cls, mask: np.ndarray, context: float = CONTEXT) -> Region:
+        """The region that redraws ``mask``, its crop square ``context`` times the mask's longer side."""
+        return cls(Square.around(_support(mask), context), mask)
 
     @property
     def mask_box(self) -> Box:
@@ -200,7 +203,6 @@ def prepare_template(
     should_stop: CancelFn | None = None,
 ) -> PreparedTemplate:
     """Judge ``image`` as a template (raises :class:`TemplateRejected`) and place the subject's face in it."""
-    from pipelines.generation.conditions import pose_keypoints
     from pipelines.intake.pipeline import the_one_face
 
     progress = StageProgress(on_progress, Stage.MASKING, total=4, min_interval_s=0.0)
@@ -224,9 +226,9 @@ def prepare_template(
     # 3. the template's pose
     keypoints = pose_keypoints(image, models.pose_estimator)
     progress.advance()
-    region = Region(Square.around(_support(mask)), mask)
+    region = Region.around(mask)
     face_mask = face_only_mask(image.size, face) * (mask > 0)
-    prepared = PreparedTemplate(image, face, region, Region(Square.around(_support(face_mask)), face_mask), keypoints)
+    prepared = PreparedTemplate(image, face, region, Region.around(face_mask), keypoints)
     progress.advance(message="placed")
     return prepared
 
@@ -300,8 +302,6 @@ def edge_condition(crop: Image.Image, low: int = 100, high: int = 200) -> Image.
 def pose_condition(prepared: PreparedTemplate, region: Region, resolution: int) -> Image.Image | None:
     """The template's OpenPose skeleton in ``region``'s crop at ``resolution``; None when fewer than
     three keypoints fall inside it (the pose ControlNet is then left out)."""
-    from pipelines.generation.conditions import draw_openpose
-
     width, height = prepared.size
     left, top, side = region.crop.left, region.crop.top, region.crop.side
     points = [None if p is None else ((p[0] * width - left) / side, (p[1] * height - top) / side)

@@ -57,10 +57,6 @@ def detect_persons(
     return sorted(persons, key=lambda p: (-round(p.score, 4), -p.area, p.x0, p.y0))
 
 
-def count_persons(image: Image.Image, detector: PersonDetector, min_score: float = 0.5) -> int:
-    return len(detect_persons(image, detector, min_score=min_score))
-
-
 def check_person_backend(backend: str) -> None:
     if backend != "blazepose" and backend != "yolo" and not backend.startswith("yolo:"):
         raise InvalidConfig(f"unknown person backend {backend!r}", {"known": list(PERSON_BACKENDS)})

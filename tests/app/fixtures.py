@@ -65,7 +65,6 @@ def configure_test_environment() -> None:
     os.environ.setdefault("LIKENESS_ENVIRONMENT", "test")
     os.environ.setdefault("LIKENESS_DATABASE_URL", pg_url_for(f"likeness_test_{run_id}"))
     os.environ.setdefault("LIKENESS_BROKER_URL", REDIS_URL)
-    os.environ.setdefault("LIKENESS_RESULT_BACKEND", REDIS_URL)
     os.environ.setdefault("LIKENESS_REDIS_URL", REDIS_URL)
     os.environ.setdefault("LIKENESS_QUEUE_PREFIX", f"test-{run_id}-")
     os.environ.setdefault("LIKENESS_DATA_DIR", str(tmp))

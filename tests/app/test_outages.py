@@ -59,7 +59,7 @@ def test_broker_down_train_answers_202_at_once_and_leaves_the_message_in_the_out
 
     subject_id = subject_with_photo(client_a)
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    down = app_with(broker_url=dead, result_backend=dead)
+    down = app_with(broker_url=dead)
     started = time.monotonic()
     response = down.post(f"/v1/subjects/{subject_id}/train", json={"steps": 10}, headers=client_a.headers)
     took = time.monotonic() - started

@@ -105,11 +105,11 @@ def test_queue_depths_and_outbox(settings):
 
     before = overview.queue_depths(settings)
     assert set(before) == {"cpu", "gpu"}
-    task_queue(settings).send(Task.SWEEP, [], Queue.GPU)
+    task_queue(settings).send(Task.PURGE_EXPIRED, [], Queue.GPU)
     assert overview.queue_depths(settings)["gpu"] == before["gpu"] + 1
     with session_scope() as session:
         count, _ = overview.outbox_waiting(session)
-        session.add(OutboxMessage(task="likeness.sweep", args=[], queue="cpu"))
+        session.add(OutboxMessage(task=Task.PURGE_EXPIRED, args=[], queue=Queue.CPU))
         session.flush()
         assert overview.outbox_waiting(session)[0] == count + 1
         session.rollback()
@@ -119,13 +119,13 @@ def test_embedded_broker_queue_depth(tmp_path):
     from core.config import Settings
 
     # Every broker-related field explicit: this process's LIKENESS_* point at the shared Redis.
-    settings = Settings(data_dir=tmp_path, broker_url="", result_backend="", queue_prefix=f"emb{uuid.uuid4().hex[:6]}.")
+    settings = Settings(data_dir=tmp_path, broker_url="", queue_prefix=f"emb{uuid.uuid4().hex[:6]}.")
     assert settings.embedded and settings.resolved_broker_url.startswith("sqla+sqlite:")
     assert overview.queue_depths(settings) == {"cpu": 0, "gpu": 0}  # nothing was ever sent
     from core.queue import task_queue
     from likeness.contract.plan import Queue, Task
 
-    task_queue(settings).send(Task.SWEEP, [], Queue.CPU)
+    task_queue(settings).send(Task.PURGE_EXPIRED, [], Queue.CPU)
     assert overview.queue_depths(settings) == {"cpu": 1, "gpu": 0}
 
 

@@ -8,10 +8,13 @@ import io
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import pytest
 
 from likeness.bot import texts
+from likeness.client import Job
+from likeness.contract.plan import PLANS, JobKind, JobState, Stage
 
 LOCALES = texts.LOCALES_DIR
 PLACEHOLDER = re.compile(r"{(\w*)}")
@@ -22,6 +25,36 @@ def _catalog(lang: str):
 
     with open(LOCALES / lang / "LC_MESSAGES" / "messages.po", "rb") as f:
         return read_po(f)
+
+
+def _job(state: JobState, stage: str | None, kind: JobKind = JobKind.TRAIN) -> Job:
+    now = datetime.now(UTC)
+    return Job(id="j", subject_id="s", kind=kind, state=state, stage=stage, progress=0, created_at=now,
+               updated_at=now)
+
+
+@pytest.fixture
+def english():
+    i18n = texts.make_i18n()
+    with i18n.context(), i18n.use_locale("en"):
+        yield
+
+
+def test_every_stage_of_the_bots_jobs_tells_the_user_what_happens(english):
+    stages = {stage for kind in texts.BOT_JOB_KINDS for stage in PLANS[kind].stages}
+    assert stages - set(texts.STAGES) == set()
+    for stage in stages:
+        assert texts.stage_text(_job(JobState.RUNNING, stage)) == texts.STAGES[stage]
+
+
+def test_a_job_not_running_is_in_the_queue_whatever_stage_it_reported(english):
+    queued = texts.queued_text()
+    assert queued == "in the queue"
+    # between its phases a training is queued again with the intake behind it
+    assert texts.stage_text(_job(JobState.QUEUED, Stage.INTAKE)) == queued
+    assert texts.stage_text(_job(JobState.QUEUED, None)) == queued
+    assert texts.stage_text(_job(JobState.RUNNING, "some-future-stage")) == queued
+    assert texts.stage_text(_job(JobState.RUNNING, Stage.RANKING, JobKind.GENERATE)) == "picking the best ones"
 
 
 def test_every_reason_code_of_the_api_has_a_sentence():
@@ -78,6 +111,6 @@ def test_the_user_language_picks_the_catalogue():
     with i18n.context(), i18n.use_locale("ru"):
         assert texts.reason_text("no_person").startswith("На этом фото нет человека")
         assert texts.reason_text("some_future_code", "The API's own words.") == "The API's own words."
-        assert texts.stage_text("training:stage1") == "изучаю ваше лицо (часть 1 из 2)"
+        assert texts.stage_text(_job(JobState.RUNNING, Stage.TRAINING_STAGE1)) == "изучаю ваше лицо (часть 1 из 2)"
     with i18n.context(), i18n.use_locale("en"):
         assert texts.reason_text("multiple_people").startswith("More than one person")

@@ -129,7 +129,6 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             "LIKENESS_DATA_DIR": str(data_dir),
             "LIKENESS_DATABASE_URL": database_url,
             "LIKENESS_BROKER_URL": redis.url,
-            "LIKENESS_RESULT_BACKEND": redis.url,
             "LIKENESS_REDIS_URL": redis.url,
             "LIKENESS_QUEUE_PREFIX": f"faults{uuid.uuid4().hex[:6]}.",
             "LIKENESS_STORAGE_BACKEND": "local",

@@ -79,7 +79,6 @@ def it_env(pg_url: str, tmp_path_factory) -> dict[str, str]:
         "LIKENESS_DATA_DIR": str(data_dir),
         "LIKENESS_DATABASE_URL": pg_url,
         "LIKENESS_BROKER_URL": REDIS_URL,
-        "LIKENESS_RESULT_BACKEND": REDIS_URL,
         "LIKENESS_REDIS_URL": REDIS_URL,
         "LIKENESS_QUEUE_PREFIX": prefix,
         "LIKENESS_STORAGE_BACKEND": "local",
@@ -93,7 +92,7 @@ def it_env(pg_url: str, tmp_path_factory) -> dict[str, str]:
         "LIKENESS_MAX_ATTEMPTS": "3",
         "LIKENESS_WEBHOOK_MAX_ATTEMPTS": "4",
         "LIKENESS_WEBHOOK_ALLOW_PRIVATE": "true",  # the tests' webhook receivers listen on 127.0.0.1
-        "LIKENESS_TEST_WEBHOOK_BACKOFF_SCALE": "0.1",  # 1 s, 3 s, ... instead of 10 s, 30 s
+        "LIKENESS_WEBHOOK_BACKOFF_FIRST_S": "1",  # 1 s, 3 s, ... instead of 10 s, 30 s
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }

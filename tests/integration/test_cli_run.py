@@ -133,7 +133,7 @@ def test_report_scores_every_candidate(cli_run):
 
 
 def test_unknown_style_fails_in_one_line_before_training(cli_env, photos_dir, tmp_path, monkeypatch, capsys):
-    from likeness import cli
+    from likeness_cli import main as cli
 
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv",
@@ -166,7 +166,7 @@ def test_a_rejected_photo_set_still_gets_report_json_and_a_verdict_table(cli_env
                                                                         monkeypatch, capsys):
     """Too few usable photos: exit 1 with one clear line, the verdicts printed, report.json saying per photo
     why and what to do; nothing trained."""
-    from likeness import cli
+    from likeness_cli import main as cli
 
     photos = tmp_path / "photos"
     photos.mkdir()

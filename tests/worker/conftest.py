@@ -80,6 +80,6 @@ class RecordingQueue:
 @pytest.fixture
 def queue(monkeypatch) -> RecordingQueue:
     recording = RecordingQueue()
-    monkeypatch.setattr("core.queue.task_queue", lambda settings=None: recording)
+    monkeypatch.setattr("core.db.uow.task_queue", lambda settings=None: recording)  # where the outbox sends
     return recording
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from app.api.schemas import ErrorBody
@@ -28,11 +27,6 @@ def errors(*statuses: int, authenticated: bool = True) -> dict[int | str, dict[s
     (plus what every authenticated route can answer: 401, 422 and 429)."""
     common = (401, 422, 429) if authenticated else (422,)
     return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in (*common, *statuses)}
-
-
-def replayable(status: int, body: dict[str, Any], replayed: bool) -> JSONResponse:
-    headers = {"Idempotent-Replayed": "true"} if replayed else {}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}

@@ -9,6 +9,7 @@ from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
 from app.api.schemas import DeliveryPublic, Page, StylePublic, WebhookIn, WebhookOut
 from app.services import webhooks
+from pipelines.generation.styles import list_styles as load_styles
 
 router = APIRouter(prefix=API_PREFIX, tags=["account"])
 
@@ -38,10 +39,6 @@ def list_deliveries(caller: CurrentClient, uow: UoW, job_id: str | None = None,
 
 @router.get("/styles", response_model=Page[StylePublic], responses=errors(), summary="Available style packs")
 def list_styles(caller: CurrentClient):
-    try:
-        from pipelines.generation.styles import list_styles as load_styles
-    except ImportError:  # generation package not installed: nothing to list
-        return {"data": [], "count": 0}
     data = [StylePublic(name=s.name, version=s.version, title=s.title, description=s.description, aspect=s.aspect,
                         controlnet=s.controlnet.model_dump() if s.controlnet else None) for s in load_styles()]
     return {"data": data, "count": len(data)}

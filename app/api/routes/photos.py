@@ -47,11 +47,13 @@ def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep,
     uploaded = _read_files(files)
     if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded]):
         return replay
-    return _upload_response(subject_id, photos.upload_photos(uow, caller, subject_id, uploaded, store, settings),
-                            idempotency)
+    outcomes = photos.upload_photos(uow, caller, subject_id, uploaded, store, settings)
+    return upload_answer(idempotency, subject_id, outcomes)
 
 
-def _upload_response(subject_id: str, outcomes: list[photos.FileOutcome], idempotency: IdempotencyDep):
+def upload_answer(idempotency: IdempotencyDep, subject_id: str, outcomes: list[photos.FileOutcome]):  # noqa: ANN201
+    """201 with each file's verdict; 422 ``all_files_rejected`` (the same list in ``details``) when no file
+    was stored (photos and template photos alike)."""
     results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,
                             message=o.message) for o in outcomes]
     stored = sum(r.status == "stored" for r in results)
@@ -102,5 +104,5 @@ def complete_direct_upload(subject_id: str, body: DirectUploadCompletion, caller
     uploads = [(u.upload_id, u.filename) for u in body.uploads]
     if replay := idempotency.replay(uow, [list(u) for u in uploads]):
         return replay
-    return _upload_response(subject_id, direct_uploads.complete(uow, caller, subject_id, uploads, store, settings),
-                            idempotency)
+    return upload_answer(idempotency, subject_id,
+                         direct_uploads.complete(uow, caller, subject_id, uploads, store, settings))
