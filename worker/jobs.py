@@ -142,7 +142,7 @@ def claim(settings: Settings, job_id: str, queue: str | None = None) -> Claim:
     me, now = worker_id(), utcnow()
     with UnitOfWork(settings) as uow:
         if queue is not None and settings.fair_share:
-            job_id = fairest_waiting(uow.session, queue, settings.fair_share_window_s) or job_id
+            job_id = _fairest(uow, settings, queue) or job_id
         job = _locked(uow, job_id)
         if job is None:
             log.info("job %s no longer exists", job_id)
@@ -175,6 +175,19 @@ def claim(settings: Settings, job_id: str, queue: str | None = None) -> Claim:
         job.worker = me
         job.heartbeat_at = now
         return Claim(ClaimOutcome.run, JobSnapshot.of(job), previous)
+
+
+def _fairest(uow: UnitOfWork, settings: Settings, queue: str, tries: int = 3) -> str | None:
+    """The fairest job waiting on ``queue``, locked and still waiting (where the database cannot lock the
+    waiting set, SQLite, another claimer may have taken the one picked: pick again)."""
+    for _ in range(tries):
+        chosen = fairest_waiting(uow.session, queue, settings.fair_share_window_s)
+        job = _locked(uow, chosen) if chosen else None
+        if job is None:
+            return None
+        if job.worker is None and job.state in (JobState.QUEUED, JobState.RUNNING):
+            return chosen
+    return None
 
 
 def fail_lost(uow: UnitOfWork, job: Job, now: datetime) -> None:
