@@ -27,6 +27,7 @@ from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
 from core.webhooks import notify_job
 from likeness.contract.plan import TERMINAL_STATES, JobState, transition
+from likeness.contract.results import HandedBack
 from worker.fair_share import fairest_waiting
 
 log = logging.getLogger(__name__)
@@ -327,8 +328,8 @@ def hand_back(settings: Settings, job_id: str, checkpoint_step: int | None = Non
             return False
         job.heartbeat_at = now = utcnow()
         _close_open_stages(uow.session, job_id, now)
-        job.result = {**(job.result or {}), "preempted": {"worker": job.worker, "at": now.isoformat(),
-                                                          "checkpoint_step": checkpoint_step}}
+        handed_back = HandedBack(worker=job.worker, at=now.isoformat(), checkpoint_step=checkpoint_step)
+        job.result = {**(job.result or {}), "preempted": handed_back.model_dump(mode="json")}
         job.worker = None
         uow.enqueue_job(job)
         return True

@@ -11,6 +11,7 @@ same attempt, and succeed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -74,13 +75,13 @@ def gpu_workers(preempt_env, preempt_settings, tmp_path_factory):
 
 def _training_job(pg_url: str, settings, faces: list[Image.Image]) -> str:
     """A train job whose intake is done: its dataset stored where intake leaves it."""
-    from core.storage import dataset_prefix, get_blob_store
-    from likeness.contract.requests import TrainRequest, resolve_train, with_training
+    from core.storage import dataset_prefix, get_blob_store, upload_folder
+    from likeness.contract.requests import TrainRequest, resolve_train
     from pipelines.intake.dataset import Dataset, DatasetItem
-    from worker.phases import upload_folder
 
-    resolved = with_training(resolve_train(TrainRequest(mode="lora", steps=STEPS), preset="tiny"),
-                             checkpoint_every=CHECKPOINT_EVERY, progress_every=1)
+    resolved = resolve_train(TrainRequest(mode="lora", steps=STEPS), preset="tiny")
+    resolved = resolved.model_copy(update={"training": dataclasses.replace(
+        resolved.training, checkpoint_every=CHECKPOINT_EVERY, progress_every=1)})
     with session_scope(pg_url) as session:
         client = Client(name="preempt", api_key_hash=os.urandom(16).hex())
         session.add(client)

@@ -44,6 +44,9 @@ def test_a_training_stopped_by_shutdown_goes_back_to_the_queue_with_its_checkpoi
     job = read_job(job_id)
     assert job.state.value == "running" and job.worker is None and job.error_code is None
     assert job.result["preempted"]["checkpoint_step"] == 7 and job.attempts == 1
+    from likeness.contract.results import read_result
+
+    assert read_result("train", job.result).preempted.checkpoint_step == 7  # the API and dashboard can read it
     assert queue.sent[-1] == ("likeness.run_job", [job_id], "gpu")  # queued again at once, no lease to wait out
     assert (settings.data_dir.resolve() / "work" / job_id / "checkpoints").is_dir()  # kept for the next attempt
 
