@@ -117,6 +117,11 @@ def complete(uow: UnitOfWork, caller: Caller, subject_id: str, uploads: list[tup
     finally:
         for _, upload in arrived:
             upload.source.close()
-    uow.after_commit(lambda: [store.delete(key) for key, _ in arrived])
+
+    def drop_incoming() -> None:  # checked and stored (or rejected): the incoming copies have served
+        for key, _ in arrived:
+            store.delete(key)
+
+    uow.after_commit(drop_incoming)
     outcomes = iter(stored)
     return [missing[upload_id] if upload_id in missing else next(outcomes) for upload_id, _ in uploads]
