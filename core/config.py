@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
+    # Direct uploads (S3 mode): clients PUT photos to presigned URLs at this address (default: s3_endpoint_url),
+    # valid this long; the API then checks what arrived (app.services.direct_uploads).
+    s3_public_endpoint_url: str | None = None
+    direct_upload_expires_s: int = 900
 
     # Security
     # Signs download URLs and derives the key that encrypts webhook secrets at rest (core.sealed); every API
@@ -98,6 +102,10 @@ class Settings(BaseSettings):
     job_requeue_after_s: int = 300  # a queued (or handed-over) job nobody took this long: its message is resent
     webhook_max_attempts: int = 6
     webhook_backoff_first_s: float = 10.0  # a failed delivery is retried after this, then 3x longer each time
+    # Fair share (worker.fair_share): a worker claims the waiting job of the least served client (recent
+    # seconds on the queue / the client's priority), then end user; off: first in, first out.
+    fair_share: bool = True
+    fair_share_window_s: float = 1800.0
 
     # API server
     host: str = "127.0.0.1"

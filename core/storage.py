@@ -93,6 +93,11 @@ def photo_original_key(subject_id: str, photo_id: str, extension: str = "jpg") -
     return f"subjects/{subject_id}/photos/{photo_id}/original.{extension}"
 
 
+def incoming_upload_key(subject_id: str, upload_id: str) -> str:
+    """Where a client's direct upload lands before the API checks it (under the subject: deleted with it)."""
+    return f"subjects/{subject_id}/incoming/{upload_id}"
+
+
 def photo_crop_key(subject_id: str, photo_id: str) -> str:
     return f"subjects/{subject_id}/photos/{photo_id}/crop.png"
 
@@ -157,6 +162,15 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix``, sorted."""
+
+    def presigned_put(self, key: str, content_length: int, expires_s: int) -> str | None:
+        """A URL a client can PUT exactly ``content_length`` bytes to, for ``expires_s`` seconds (None: this
+        store has no such URLs; the client uploads through the API)."""
+        return None
+
+    def size_of(self, key: str) -> int:
+        """The blob's size in bytes, without reading it (raises :class:`BlobNotFound`)."""
+        return len(self.get(key))
 
     @abc.abstractmethod
     def ping(self) -> None:
@@ -282,16 +296,22 @@ class S3BlobStore(BlobStore):
     """S3 or any S3-compatible store (MinIO: set ``endpoint_url``)."""
 
     def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str = "us-east-1",
-                 access_key_id: str | None = None, secret_access_key: str | None = None, client=None):  # noqa: ANN001
+                 access_key_id: str | None = None, secret_access_key: str | None = None, client=None,  # noqa: ANN001
+                 public_endpoint_url: str | None = None):
+        """``public_endpoint_url``: the address clients reach the store at, for presigned URLs (default:
+        ``endpoint_url``; differs when the service reaches MinIO at e.g. ``http://minio:9000``)."""
         import boto3
         from botocore.config import Config
 
+        def make(endpoint: str | None):  # noqa: ANN202
+            return boto3.client("s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=access_key_id,
+                                aws_secret_access_key=secret_access_key,
+                                config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3},
+                                              signature_version="s3v4"))
+
         self.bucket = bucket
-        self.client = client or boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}),
-        )
+        self.client = client or make(endpoint_url)
+        self.presign_client = make(public_endpoint_url) if public_endpoint_url else self.client
 
     def _missing(self, exc: Exception) -> bool:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code")
@@ -368,6 +388,20 @@ class S3BlobStore(BlobStore):
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sum(obj.get("Size", 0) for page in pages for obj in page.get("Contents", []))
 
+    def presigned_put(self, key: str, content_length: int, expires_s: int) -> str | None:
+        params = {"Bucket": self.bucket, "Key": validate_key(key), "ContentLength": content_length}
+        with _storage_errors("sign", key):
+            return self.presign_client.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_s)
+
+    def size_of(self, key: str) -> int:
+        with _storage_errors("inspect", key):
+            try:
+                return int(self.client.head_object(Bucket=self.bucket, Key=validate_key(key))["ContentLength"])
+            except self.client.exceptions.ClientError as exc:
+                if self._missing(exc):
+                    raise BlobNotFound(key) from None
+                raise
+
     def ensure_bucket(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
@@ -418,6 +452,7 @@ def get_blob_store(settings: Settings | None = None) -> BlobStore:
             _STORES[cache_key] = S3BlobStore(
                 settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
                 access_key_id=settings.s3_access_key_id, secret_access_key=settings.s3_secret_access_key,
+                public_endpoint_url=settings.s3_public_endpoint_url,
             )
         return _STORES[cache_key]
     cache_key = ("local", str(settings.resolved_storage_dir))

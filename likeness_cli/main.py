@@ -116,11 +116,11 @@ def create_client(
 # ---- processes ---------------------------------------------------------------------------------------------
 
 
-def worker_command(queues: list[str], concurrency: int, settings, loglevel: str = "info") -> list[str]:
+def worker_command(queues: list[str], concurrency: int, settings, loglevel: str = "info", tag: str = "") -> list[str]:
     names = ",".join(settings.queue(q) for q in queues)
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", names,
             "--concurrency", str(concurrency), "--loglevel", loglevel, "--without-gossip", "--without-mingle",
-            "-n", f"likeness-{'-'.join(queues)}-{os.getpid()}@%h"]
+            "-n", f"likeness-{'-'.join(queues)}{tag}-{os.getpid()}@%h"]
 
 
 @app.command()
@@ -128,12 +128,27 @@ def worker(
     queues: Annotated[str, typer.Option("--queues", "-q", help="Comma-separated: gpu, cpu.")] = "gpu,cpu",
     concurrency: Annotated[int | None, typer.Option(help="Default: 1 when serving gpu, else CPU count.")] = None,
     loglevel: str = "info",
+    gpus: Annotated[str | None, typer.Option(
+        help="all | 0,1,...: one worker process per GPU (each sees only its device: its own models and memory "
+             "budget, one job at a time).")] = None,
 ) -> None:
     """Start a Celery worker on the given queues (GPU workers run one job at a time)."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = set(names) - set(Queue)
     if unknown or not names:
         raise CliError(f"unknown queue(s) {sorted(unknown)}; use gpu and/or cpu")
+    if gpus is not None:
+        from likeness_cli.gpus import GpuSpecError, parse_gpus, per_gpu_children, supervise
+
+        try:
+            devices = parse_gpus(gpus)
+        except GpuSpecError as exc:
+            raise CliError(str(exc)) from None
+        settings = _settings()
+        private_umask()
+        console.print(f"starting {len(devices)} worker(s), one per GPU: {', '.join(devices)}")
+        code = supervise(per_gpu_children(devices, lambda d: worker_command(names, 1, settings, loglevel, f"-gpu{d}")))
+        raise typer.Exit(code)
     if concurrency is None:
         concurrency = 1 if Queue.GPU in names else (os.cpu_count() or 1)
     cmd = worker_command(names, concurrency, _settings(), loglevel)
