@@ -46,7 +46,7 @@ VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TOKENS_DIR = "tokens"
-KOHYA_LORA_NAME = "lora.safetensors"
+KOHYA_EMBEDDINGS_DIR = "embeddings"
 KOHYA_README_NAME = "HOW-TO-PROMPT.txt"
 
 
@@ -74,7 +74,7 @@ class LoraSpec:
 @dataclass(frozen=True)
 class AdapterManifest:
     mode: str  # "lora" | "full"
-    base_model: str
+    base_model: str  # the hub id, or the preset's name for a locally built base (never a path)
     instance_token: str
     class_token: str
     tokens: tuple[str, ...]  # every added token, in the order they were added
@@ -432,13 +432,14 @@ class KohyaExport:
         return [self.lora, *self.embeddings.values(), self.readme]
 
 
-def export_kohya(folder: str | Path, out_dir: str | Path) -> KohyaExport:
+def export_kohya(folder: str | Path, out_dir: str | Path, name: str = "likeness") -> KohyaExport:
     """Write the adapter in the format A1111 and ComfyUI load, into ``out_dir``:
 
-    * ``lora.safetensors``: the LoRA in kohya naming (``lora_unet_*``, and per text encoder its prefix:
+    * ``<name>.safetensors``: the LoRA in kohya naming (``lora_unet_*``, and per text encoder its prefix:
       ``lora_te_*`` for SD 1.5, ``lora_te1_*``/``lora_te2_*`` for SDXL), ``.lora_down``/``.lora_up``/``.alpha``;
-    * one embedding file per token, ``<token name>.safetensors``, holding per text encoder its A1111 name
-      (``emb_params`` for SD 1.5; ``clip_l`` and ``clip_g`` for SDXL), each ``[1, width]``;
+    * ``embeddings/<name>-<token>.safetensors``, one per token, holding per text encoder its A1111 name
+      (``emb_params`` for SD 1.5; ``clip_l`` and ``clip_g`` for SDXL), each ``[1, width]``; A1111 and ComfyUI
+      call an embedding by its file name, so ``name`` (the subject's) keeps two subjects' ``<subj>`` apart;
     * ``HOW-TO-PROMPT.txt``: which files go where and a prompt that uses them.
 
     Keys come from diffusers' ``convert_state_dict_to_kohya``; three things it leaves to the caller:
@@ -475,42 +476,40 @@ def export_kohya(folder: str | Path, out_dir: str | Path) -> KohyaExport:
             value = torch.tensor(float(spec.alpha if spec.alpha is not None else int(value)))
         kohya[key] = value.contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
-    lora_out = out_dir / KOHYA_LORA_NAME
+    lora_out = out_dir / f"{name}.safetensors"
     save_file(kohya, str(lora_out), metadata={"ss_network_module": "networks.lora", "ss_base_model_version":
                                               family.name, "likeness_tokens": json.dumps(list(manifest.tokens))})
     embeddings = {}
+    (out_dir / KOHYA_EMBEDDINGS_DIR).mkdir(exist_ok=True)
     for token, per_encoder in load_token_embeddings(folder, manifest).items():
-        path = out_dir / f"{embedding_file_stem(token)}.safetensors"
+        path = out_dir / KOHYA_EMBEDDINGS_DIR / f"{embedding_name(name, token)}.safetensors"
         save_file({slot.embedding_key: per_encoder[slot.encoder].reshape(1, -1).contiguous()
                    for slot in family.text_encoders}, str(path), metadata={"token": token})
         embeddings[token] = path
     readme = out_dir / KOHYA_README_NAME
-    readme.write_text(how_to_prompt(manifest, lora_out.name, embeddings))
+    readme.write_text(how_to_prompt(manifest, name))
     return KohyaExport(lora_out, embeddings, readme)
 
 
-def embedding_file_stem(token: str) -> str:
-    """A token's embedding file name without its suffix: A1111 and ComfyUI call an embedding by its file
-    name, so ``<subj>`` becomes ``subj`` (only letters, digits, ``_`` and ``-`` kept)."""
-    return re.sub(r"[^\w-]", "", token) or "token"
+def embedding_name(name: str, token: str) -> str:
+    """What A1111 and ComfyUI call a token's embedding (its file name): ``likeness-1a2b-v1-subj`` for ``<subj>``
+    (only letters, digits, ``_`` and ``-`` kept)."""
+    return f"{name}-{re.sub(r'[^A-Za-z0-9_-]', '', token) or 'token'}"
 
 
-def how_to_prompt(manifest: AdapterManifest, lora_name: str, embeddings: Mapping[str, Path]) -> str:
+def how_to_prompt(manifest: AdapterManifest, name: str) -> str:
     """The short text that travels with a kohya export: where each file goes and a prompt that uses them."""
     family = manifest.model_family
-    instance = embedding_file_stem(manifest.instance_token)
-    backgrounds = [embedding_file_stem(t) for t in manifest.tokens if t != manifest.instance_token]
-    lora_stem = Path(lora_name).stem
-    scale = f"{float(manifest.lora.alpha or manifest.lora.unet_rank) / manifest.lora.unet_rank:g}" \
-        if manifest.lora else "1"
+    instance = embedding_name(name, manifest.instance_token)
+    backgrounds = [embedding_name(name, t) for t in manifest.tokens if t != manifest.instance_token]
     lines = [
         f"Likeness adapter for {manifest.class_token} ({family.name}; trained on {manifest.preset or 'a base'} "
         f"for {manifest.steps} steps).",
         "",
         "Files:",
-        f"  {lora_name}  the LoRA: put it in models/Lora (A1111) or models/loras (ComfyUI).",
-        f"  {instance}.safetensors  the learned subject token: put it in embeddings/ (A1111) or models/embeddings "
-        "(ComfyUI).",
+        f"  {name}.safetensors  the LoRA: put it in models/Lora (A1111) or models/loras (ComfyUI).",
+        f"  {KOHYA_EMBEDDINGS_DIR}/{instance}.safetensors  the learned subject token: put it in embeddings/ "
+        "(A1111) or models/embeddings (ComfyUI).",
     ]
     if backgrounds:
         lines.append(f"  {len(backgrounds)} more token files ({', '.join(backgrounds[:3])}"
@@ -519,7 +518,8 @@ def how_to_prompt(manifest: AdapterManifest, lora_name: str, embeddings: Mapping
     lines += [
         "",
         "Prompt (A1111):",
-        f"  <lora:{lora_stem}:{scale}> a portrait photo of {instance} {manifest.class_token}, studio light",
+        # weight 1: the file's alpha already carries the trained scale
+        f"  <lora:{name}:1> a portrait photo of {instance} {manifest.class_token}, studio light",
         "Prompt (ComfyUI: load the LoRA with a LoraLoader node, then in the text):",
         f"  a portrait photo of embedding:{instance} {manifest.class_token}, studio light",
         "",
@@ -529,7 +529,7 @@ def how_to_prompt(manifest: AdapterManifest, lora_name: str, embeddings: Mapping
     return "\n".join(lines) + "\n"
 
 
-def kohya_zip(folder: str | Path, out_file: str | Path) -> Path:
+def kohya_zip(folder: str | Path, out_file: str | Path, name: str = "likeness") -> Path:
     """The kohya export as one zip (what ``GET /v1/subjects/{id}/adapter?format=kohya`` returns)."""
     import tempfile
     import zipfile
@@ -537,8 +537,8 @@ def kohya_zip(folder: str | Path, out_file: str | Path) -> Path:
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        export = export_kohya(folder, work)
+        export = export_kohya(folder, work, name)
         with zipfile.ZipFile(out_file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for path in export.files:
-                archive.write(path, path.name)
+                archive.write(path, path.relative_to(work).as_posix())
     return out_file

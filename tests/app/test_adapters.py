@@ -10,8 +10,9 @@ from tests.app.fixtures import session_scope
 from tests.app.helpers import subject_with_photo
 
 #: what a training job stores as the kohya export (pipelines.adapters.kohya_zip)
-KOHYA_FILES = {"lora.safetensors": b"kohya-lora", "subj.safetensors": b"clip_l+clip_g",
-               "HOW-TO-PROMPT.txt": b"<lora:lora:1> a portrait photo of subj girl"}
+KOHYA_FILES = {"likeness-1a2b3c4d-v1.safetensors": b"kohya-lora",
+               "embeddings/likeness-1a2b3c4d-v1-subj.safetensors": b"clip_l+clip_g",
+               "HOW-TO-PROMPT.txt": b"<lora:likeness-1a2b3c4d-v1:1> a portrait photo of likeness-1a2b3c4d-v1-subj girl"}
 
 
 def kohya_zip_bytes(files: dict[str, bytes] = KOHYA_FILES) -> bytes:

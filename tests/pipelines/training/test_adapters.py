@@ -143,9 +143,10 @@ def test_kohya_export_loads_back_with_same_output(tiny_preset, base_pipe, lora_a
     assert {k.split(".", 1)[1] for k in keys} == {"lora_down.weight", "lora_up.weight", "alpha"}
     assert all(float(v) == 2.0 for k, v in load_file(str(out.lora)).items() if k.endswith(".alpha"))
     # one A1111 embedding per token (SD 1.5: emb_params), named so that the prompt can call it
-    assert [p.name for p in out.embeddings.values()] == ["subj.safetensors", "bg0.safetensors"]
+    assert out.lora.name == "likeness.safetensors"
+    assert [p.name for p in out.embeddings.values()] == ["likeness-subj.safetensors", "likeness-bg0.safetensors"]
     assert load_file(str(out.embeddings["<subj>"]))["emb_params"].shape == (1, 32)
-    assert "a portrait photo of subj girl" in out.readme.read_text()
+    assert "<lora:likeness:1> a portrait photo of likeness-subj girl" in out.readme.read_text()
 
     with adapter_attached(base_pipe, lora_adapter):
         native = generate(base_pipe)

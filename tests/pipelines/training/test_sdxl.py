@@ -26,6 +26,8 @@ from pipelines.training import trainer as trainer_module
 from pipelines.types import CropGeometry, TrainingExample
 from tests.pipelines.training.helpers import TOKENS
 
+pytestmark = pytest.mark.slow  # each test trains or renders on CPU: more than ~20 s on 2 cores
+
 #: where intake cut the astronaut's crop: a 400 px square at (60, 20) of the 512 x 512 photo
 ASTRONAUT_CROP = CropGeometry(photo_width=512, photo_height=512, left=60, top=20, side=400)
 
@@ -128,13 +130,13 @@ def test_plain_sdxl_pipeline_reproduces_the_attached_adapter(lora_run, preset):
 
 def test_a1111_export_loads_with_diffusers_kohya_loader_and_matches(lora_run, preset, tmp_path):
     adapter = lora_run["result"].adapter_dir
-    out = export_kohya(adapter, tmp_path / "a1111")
+    out = export_kohya(adapter, tmp_path / "a1111", name="likeness-1a2b3c4d-v1")
     keys = load_file(str(out.lora)).keys()
     assert {k.split("_", 2)[1] for k in keys} == {"unet", "te1", "te2"}
     assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
     embedding = load_file(str(out.embeddings["<subj>"]))
     assert {k: tuple(v.shape) for k, v in embedding.items()} == {"clip_l": (1, 32), "clip_g": (1, 40)}
-    assert "<lora:lora:1> a portrait photo of subj girl" in out.readme.read_text()
+    assert "<lora:likeness-1a2b3c4d-v1:1> a portrait photo of likeness-1a2b3c4d-v1-subj girl" in out.readme.read_text()
 
     native = load_pipe(preset)
     native.load_lora_weights(str(adapter))
@@ -180,14 +182,16 @@ def test_kohya_zip_and_cli_export_hold_the_lora_every_token_and_how_to_prompt(lo
     from pipelines.adapters import kohya_zip
 
     adapter = lora_run["result"].adapter_dir
-    with zipfile.ZipFile(kohya_zip(adapter, tmp_path / "a1111.zip")) as archive:
-        assert sorted(archive.namelist()) == ["HOW-TO-PROMPT.txt", "bg0.safetensors", "bg1.safetensors",
-                                              "lora.safetensors", "subj.safetensors"]
-        assert "embeddings/" in archive.read("HOW-TO-PROMPT.txt").decode()
+    with zipfile.ZipFile(kohya_zip(adapter, tmp_path / "a1111.zip", name="anna")) as archive:
+        assert sorted(archive.namelist()) == [
+            "HOW-TO-PROMPT.txt", "anna.safetensors", "embeddings/anna-bg0.safetensors",
+            "embeddings/anna-bg1.safetensors", "embeddings/anna-subj.safetensors"]
+        assert "embeddings/anna-subj.safetensors" in archive.read("HOW-TO-PROMPT.txt").decode()
     result = CliRunner().invoke(cli.app, ["adapters", "export", str(adapter), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "subj.safetensors  a learned token's embedding" in result.output
-    assert (tmp_path / "out" / "lora.safetensors").is_file() and (tmp_path / "out" / "subj.safetensors").is_file()
+    assert "embeddings/likeness-subj.safetensors  a learned token's embedding" in result.output
+    assert "likeness.safetensors  the LoRA" in result.output
+    assert (tmp_path / "out" / "embeddings" / "likeness-subj.safetensors").is_file()
 
 
 def test_stage2_caches_hidden_and_pooled_text_and_the_attention_loss_runs(examples, preset, tmp_path):
