@@ -67,3 +67,20 @@ def sqlite_db(tmp_path, monkeypatch):
     yield get_settings().resolved_database_url
     dispose_engines()
     get_settings.cache_clear()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    """The figures the fault tests record (tests/faults: ``("fault recovery", (fault, figures))`` in a
+    test's user properties), read from the reports, where pytest-xdist workers send them too."""
+    recorded: dict[str, dict] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "fault recovery":
+                    fault, figures = value
+                    recorded[fault] = figures
+    if recorded:
+        terminalreporter.section("fault recovery")
+        for fault, figures in recorded.items():
+            terminalreporter.write_line(f"{fault}: " + ", ".join(
+                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))

@@ -29,16 +29,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
-#: fault -> measured figures, printed at the end of the run (bench/RESULTS.md quotes them)
+#: fault -> measured figures of the running test; printed at the end of the run (bench/RESULTS.md quotes
+#: them) by tests/conftest.py, which reads them from the test reports (so also from pytest-xdist workers)
 RECOVERY: dict[str, dict[str, float | str]] = {}
 
 
-def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
-    if RECOVERY:
-        terminalreporter.section("fault recovery")
-        for fault, figures in RECOVERY.items():
-            terminalreporter.write_line(f"{fault}: " + ", ".join(
-                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+@pytest.fixture(autouse=True)
+def _report_recovery(request) -> Iterator[None]:  # noqa: ANN001
+    yield
+    for fault, figures in RECOVERY.items():
+        request.node.user_properties.append(("fault recovery", (fault, figures)))
+    RECOVERY.clear()
 
 
 class ApiProcess:
