@@ -69,6 +69,30 @@ def sqlite_db(tmp_path, monkeypatch):
     get_settings.cache_clear()
 
 
+# ---- parallel runs (pytest-xdist, ``-n auto --dist loadgroup`` in pyproject's addopts) -----------------------
+#
+# A test module runs whole on one worker (its module and session fixtures are built once), unless its
+# tests name an ``xdist_group`` of their own: modules sharing an expensive fixture (their own servers, one
+# ``likeness serve``) name the same group and run one after the other on one worker. Modules with slow
+# or integration tests are handed out first, so that the quick ones fill the gaps at the end.
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    if not hasattr(config, "workerinput"):  # not an xdist worker: nothing to hand out
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+    def group(item) -> str:  # noqa: ANN001
+        marker = item.get_closest_marker("xdist_group")
+        return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
+
+    heavy = {group(item) for item in items if item.get_closest_marker("slow") or item.get_closest_marker("integration")}
+    items.sort(key=lambda item: group(item) not in heavy)  # stable: each module keeps its order
+
+
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
     """The figures the fault tests record (tests/faults: ``("fault recovery", (fault, figures))`` in a
     test's user properties), read from the reports, where pytest-xdist workers send them too."""

@@ -25,8 +25,6 @@ from tests.conftest import MODEL_CACHE
 from tests.faults.servers import PostgresServer, RedisServer, free_port
 from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 TERMINAL = ("succeeded", "failed", "canceled")
 
 #: fault -> measured figures of the running test; printed at the end of the run (bench/RESULTS.md quotes
