@@ -73,8 +73,8 @@ def sqlite_db(tmp_path, monkeypatch):
 #
 # A test module runs whole on one worker (its module and session fixtures are built once), unless its
 # tests name an ``xdist_group`` of their own: modules sharing an expensive fixture (their own servers, one
-# ``likeness serve``) name the same group and run one after the other on one worker. Modules with slow
-# or integration tests are handed out first, so that the quick ones fill the gaps at the end.
+# ``likeness serve``) name the same group and run one after the other on one worker. Groups with slow
+# tests are handed out first, then those with integration tests, so that quick ones fill the gaps at the end.
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -89,8 +89,10 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
         marker = item.get_closest_marker("xdist_group")
         return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
 
-    heavy = {group(item) for item in items if item.get_closest_marker("slow") or item.get_closest_marker("integration")}
-    items.sort(key=lambda item: group(item) not in heavy)  # stable: each module keeps its order
+    slow = {group(item) for item in items if item.get_closest_marker("slow")}
+    integration = {group(item) for item in items if item.get_closest_marker("integration")}
+    # stable: each module keeps its order
+    items.sort(key=lambda item: 0 if group(item) in slow else 1 if group(item) in integration else 2)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
