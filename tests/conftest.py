@@ -69,30 +69,50 @@ def sqlite_db(tmp_path, monkeypatch):
     get_settings.cache_clear()
 
 
-# ---- parallel runs (pytest-xdist, ``-n auto --dist loadgroup`` in pyproject's addopts) -----------------------
+# ---- parallel runs (pytest-xdist: ``-n auto --dist loadfile`` in pyproject's addopts) -------------------------
 #
-# A test module runs whole on one worker (its module and session fixtures are built once), unless its
-# tests name an ``xdist_group`` of their own: modules sharing an expensive fixture (their own servers, one
-# ``likeness serve``) name the same group and run one after the other on one worker. Groups with slow
-# tests are handed out first, then those with integration tests, so that quick ones fill the gaps at the end.
+# A test module runs whole on one worker (its module and session fixtures are built once). Modules that
+# share an expensive session fixture are one unit of work (``SAME_WORKER``): they run one after the other
+# on one worker. Units with slow tests are handed out first, then those with integration tests, so that
+# quick ones fill the gaps at the end. (xdist's own ``xdist_group`` marker does not reach its scheduler
+# with pytest 9, whose node ids can no longer be renamed; hence the scheduler below.)
+
+#: module -> the unit of work it shares with other modules
+SAME_WORKER = {
+    # one `likeness serve` (tests/integration/embedded.py)
+    "tests/integration/test_embedded_queues.py": "embedded-serve",
+    "tests/integration/test_embedded_serve.py": "embedded-serve",
+    "tests/integration/test_readme_walkthrough.py": "embedded-serve",
+}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def work_unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return SAME_WORKER.get(module, module)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):  # noqa: ANN001, ANN201
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesAndSharedUnits(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ModulesAndSharedUnits(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
-    if not hasattr(config, "workerinput"):  # not an xdist worker: nothing to hand out
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the order stays as collected
         return
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
-
-    def group(item) -> str:  # noqa: ANN001
-        marker = item.get_closest_marker("xdist_group")
-        return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
-
-    slow = {group(item) for item in items if item.get_closest_marker("slow")}
-    integration = {group(item) for item in items if item.get_closest_marker("integration")}
+    slow = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
+    integration = {work_unit(item.nodeid) for item in items if item.get_closest_marker("integration")}
     # stable: each module keeps its order
-    items.sort(key=lambda item: 0 if group(item) in slow else 1 if group(item) in integration else 2)
+    items.sort(key=lambda item: 0 if work_unit(item.nodeid) in slow else 1 if work_unit(item.nodeid) in integration
+               else 2)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001

@@ -29,7 +29,7 @@ from tests.conftest import encode, noise_image
 from tests.faults.conftest import RECOVERY, Calls, db_rows, job_state, subject_with_photos, timed, wait_job
 from tests.integration.conftest import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("faults")]  # one stack
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OUTAGE_S = 4.0  # how long each server stays down
 

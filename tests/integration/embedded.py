@@ -5,7 +5,8 @@ The shared service (fixture ``embedded_service`` in conftest.py) is started the 
 it: in an empty folder (data dir ``./data``) with ``photos/`` of one person, the tests' prebuilt tiny
 models, a Telegram token (so the bot runs too, against the tests' Bot API stand-in) and private webhook
 receivers allowed (the tests' receivers listen on 127.0.0.1). The modules that use it run one after
-the other on one pytest-xdist worker (``GROUP``); each test makes its own client, subjects and jobs.
+the other on one pytest-xdist worker (``SAME_WORKER`` in tests/conftest.py); each test makes its own
+client, subjects and jobs.
 """
 
 from __future__ import annotations
@@ -19,14 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import MODEL_CACHE, encode
 from tests.integration.conftest import ROOT, clean_environ, wait_for
-
-#: the xdist group of the modules that share the service
-GROUP = "embedded-serve"
-group = pytest.mark.xdist_group(GROUP)
 
 
 def user_env(**extra: str) -> dict[str, str]:

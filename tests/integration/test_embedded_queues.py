@@ -12,10 +12,9 @@ import httpx
 import pytest
 
 from tests.faults.conftest import photos
-from tests.integration import embedded
 from tests.integration.conftest import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, embedded.group]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 class _Hooks(http.server.BaseHTTPRequestHandler):

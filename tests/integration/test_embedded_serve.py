@@ -14,7 +14,7 @@ from tests.conftest import encode
 from tests.integration import embedded
 from tests.integration.conftest import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, embedded.group]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _dashboard_shows_the_failed_job(base: str, key: str, job_id: str) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from tests.integration import embedded
 from tests.integration.conftest import ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, embedded.group]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SECTION = "## Walk through the REST flow"
 WALKTHROUGH_BUDGET_S = 300  # the README promises about two minutes on a 2-core CPU; shared CI machines are slower
