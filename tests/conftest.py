@@ -110,9 +110,12 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
         return
     slow = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
     integration = {work_unit(item.nodeid) for item in items if item.get_closest_marker("integration")}
-    # stable: each module keeps its order
-    items.sort(key=lambda item: 0 if work_unit(item.nodeid) in slow else 1 if work_unit(item.nodeid) in integration
-               else 2)
+
+    def handed_out(item) -> int:  # noqa: ANN001
+        unit = work_unit(item.nodeid)
+        return 0 if unit in slow else 1 if unit in integration else 2
+
+    items.sort(key=handed_out)  # stable: each module keeps its order
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
