@@ -139,7 +139,9 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             "LIKENESS_MODEL_CACHE_DIR": str(MODEL_CACHE),
             "LIKENESS_DEVICE": "cpu",
             "LIKENESS_JOB_HEARTBEAT_S": "1",
-            "LIKENESS_JOB_STALE_AFTER_S": "6",  # the recovery sweep runs every 3 s
+            # a worker starved of CPU (a loaded machine; a model load can hold it for 20 s) is not taken for
+            # dead: lease takeover has tests of its own (tests/integration/test_fault_worker_killed.py)
+            "LIKENESS_JOB_STALE_AFTER_S": "30",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
