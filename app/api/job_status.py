@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import threading
@@ -66,6 +67,17 @@ def public_body(job) -> bytes:  # noqa: ANN001 - a Job row or anything with JobP
     """The response body of ``GET /v1/jobs/{id}``: what ``JSONResponse`` renders for ``response_model=JobPublic``."""
     content = JobPublic.model_validate(job).model_dump(mode="json")
     return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+
+
+def etag(body: bytes) -> str:
+    """A strong ETag of a status body: equal bodies, equal tags (whichever process serves the poll)."""
+    return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+
+
+def etag_matches(if_none_match: str, tag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``tag`` (``*``, a list, weak tags compared weakly)."""
+    sent = [t.strip() for t in if_none_match.split(",")]
+    return "*" in sent or tag in (t.removeprefix("W/") for t in sent)
 
 
 def read_job(settings: Settings, job_id: str) -> tuple[str, bytes] | None:
