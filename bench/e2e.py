@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("intake", "caching", "training:stage1", "training:stage2", "generating", "ranking", "upscaling", "delivering")
+STAGES = ("intake", "caching", "training:stage1", "training:stage2", "generating", "refining", "ranking", "upscaling",
+          "delivering")
 
 
 def write_photos(folder: Path, count: int) -> None:

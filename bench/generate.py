@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+BENCH_MODELS = Path(__file__).resolve().parent.parent / ".likeness" / "bench-models"  # bench/train.py's --cache
 
 import itertools
 
@@ -120,18 +121,18 @@ def lora_adapter(folder: Path, engine: GenerationEngine, rank_: int) -> Path:
     unet.add_adapter(LoraConfig(**spec.peft_kwargs("unet"), init_lora_weights="gaussian"))
     unet_lora = get_peft_model_state_dict(unet)
     del unet
-    hidden = engine.pipe.text_encoder.config.hidden_size
+    family = engine.preset.family
+    rows = {name: torch.randn(getattr(engine.pipe, name).config.hidden_size) * 0.01 for name in family.encoder_names}
     manifest = AdapterManifest(
         mode="lora",
         base_model="bench",
         instance_token="<subj>",
         class_token="girl",
         tokens=("<subj>",),
+        family=family.name,
         lora=spec,
     )
-    return save_adapter(
-        folder, manifest, unet_lora=unet_lora, token_embeddings={"<subj>": torch.randn(hidden) * 0.01}
-    )
+    return save_adapter(folder, manifest, unet_lora=unet_lora, token_embeddings={"<subj>": rows})
 
 
 # ---------------------------------------------------------------------------- main
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--arch", choices=("tiny", "sd15-random"), default="tiny")
+    parser.add_argument("--arch", choices=("tiny", "sd15-random", "sdxl-small", "sdxl-full"), default="tiny",
+                        help="sdxl-*: SDXL's layout with random weights (full: SDXL 1.0 base's shapes), at 1024 px")
     parser.add_argument("--n", type=int, default=None, help="candidates (CPU 4, GPU 100)")
     parser.add_argument("--k", type=int, default=None, help="images upscaled (CPU 2, GPU 16)")
     parser.add_argument(
@@ -198,6 +200,14 @@ def main(argv: list[str] | None = None) -> None:
             base=pipeline, ranking=ranking, upscalers={2: load_upscaler(preset.upscaler_x2, device)}
         )
         engine = GenerationEngine(preset, models, **options)
+    elif args.arch.startswith("sdxl-"):
+        from pipelines.models.sdxl_random import build_sdxl_random
+
+        preset = with_overrides(get_preset("tiny-sdxl"), name=args.arch, resolution=args.resolution or 1024,
+                                base_model=str(build_sdxl_random(BENCH_MODELS / args.arch,  # shared with train.py
+                                                                 args.arch.removeprefix("sdxl-"))))
+        engine = GenerationEngine.load(preset, device, dtype, identity_backend="none", **options)
+        ranking = engine.models.ranking
     else:
         preset = get_preset("tiny")
         if args.resolution:
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.pipe.unet.compile(mode="max-autotune-no-cudagraphs", fullgraph=False)
     ranking.face_embedder = None  # identity needs reference photos; timed here: aesthetic, text, faces
     upscaler = engine.upscaler(2)
-    adapter = lora_adapter(work / "adapter", engine, rank_=16 if args.arch == "sd15-random" else 4)
+    adapter = lora_adapter(work / "adapter", engine, rank_=4 if args.arch == "tiny" else 16)
     sync(device)
     rows.append(("setup (build/load models, make adapter)", f"{time.perf_counter() - t0:.1f} s"))
 

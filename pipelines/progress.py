@@ -29,6 +29,7 @@ class Stage(StrEnum):
     TRAINING_STAGE2 = "training:stage2"
     MASKING = "masking"  # template mode: find the template's face, mask face and hair, crop around it
     GENERATING = "generating"
+    REFINING = "refining"  # the face-refinement pass (when the job asks for it)
     RANKING = "ranking"
     UPSCALING = "upscaling"
     DELIVERING = "delivering"

@@ -144,6 +144,8 @@ class JobProgress:
         for following in later:  # by their history, else at the job's pace by their shares
             if following in self._expected:
                 rest += self._expected[following]
+            elif self._expected:  # jobs like this one ran without it (e.g. refining when no face was redrawn)
+                continue
             elif pace is not None:
                 rest += pace * self._share[following]
             else:

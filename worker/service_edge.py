@@ -204,7 +204,8 @@ class ServiceEdge:
             id=iid, job_id=job.id, subject_id=job.subject_id, rank=int(result.rank), key=key, upscaled_key=up_key,
             width=result.image.width, height=result.image.height, seed=int(result.seed), prompt=result.prompt,
             negative_prompt=getattr(result, "negative_prompt", None), style=getattr(result, "style", None),
-            scores=jsonable(dict(result.scores)), size_bytes=size_bytes))
+            scores=jsonable(dict(result.scores)), face_refined=bool(getattr(result, "face_refined", False)),
+            size_bytes=size_bytes))
 
     def delivered(self, job: JobSnapshot) -> None:
         """The ``images`` rows. The images are computed and stored: the rows wait for an unavailable

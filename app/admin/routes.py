@@ -249,6 +249,7 @@ def subjects_page(request: Request, admin: AdminSessionDep, uow: UoW):
                      "jobs": jobs.list_jobs(uow.session, None, subject_id=s.id, limit=1)[1]} for s in rows}
     return render(request, "subjects.html", nav="subjects", admin=admin, rows=rows, count=count, page=page,
                   pages=max(1, -(-count // PAGE_SIZE)), client_id=client_id or "", counts=counts,
+                  models=subjects.trained_models(uow.session, [s.id for s in rows]),
                   client_names=_client_names(uow), query={"client_id": client_id} if client_id else {})
 
 
@@ -267,7 +268,8 @@ def subject_page(request: Request, subject_id: str, admin: AdminSessionDep, uow:
                   photos=photos.list_photos(uow.session, None, subject.id), trained=trained, class_word=class_word,
                   word_scores=word_scores, intake=intake, fitted=fitted, training=training,
                   curve=overview.loss_curve(training), gallery=gallery,
-                  image_count=image_count, recent=recent, job_count=job_count)
+                  image_count=image_count, recent=recent, job_count=job_count,
+                  model=subjects.trained_models(uow.session, [subject.id]).get(subject.id))
 
 
 @router.get("/subjects/{subject_id}/delete")

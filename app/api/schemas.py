@@ -48,11 +48,22 @@ class SubjectCreate(BaseModel):
         {"name": "Grace", "class_token_override": None, "external_ref": "user-42"}]})
 
 
+class TrainedModelPublic(ORMModel):
+    family: str = Field(description="The model family the subject was trained on: sd15 (512 px) or sdxl (1024 px).",
+                        examples=["sdxl"])
+    preset: str | None = Field(description="The model preset trained on (null for adapters older than presets).",
+                               examples=["sdxl"])
+    adapter_version: int = Field(description="The newest adapter's version; generations use it by default.")
+
+
 class SubjectPublic(ORMModel):
     id: str
     name: str
     class_token_override: str | None
     external_ref: str | None
+    model: TrainedModelPublic | None = Field(
+        None, description="What the subject's newest adapter was trained on (its generations and templates use the "
+                          "same family); null until a training succeeds.")
     created_at: datetime
 
 
@@ -188,6 +199,8 @@ class ImagePublic(ORMModel):
     negative_prompt: str | None
     style: str | None
     scores: dict[str, Any]
+    face_refined: bool = Field(False, description="The face-refinement pass redrew this image's face "
+                                                   "(false: the pass was off, or no face was detected).")
     has_upscaled: bool = False
     created_at: datetime
 

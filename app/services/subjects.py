@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
 from app.services.clients import Caller
-from core.db.models import Job, Subject, utcnow
+from core.db.models import Adapter, Job, Subject, utcnow
 from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore, purge_subject_blobs
@@ -52,6 +54,32 @@ def list_subjects(session: Session, caller: Caller | None, *, external_ref: str 
         select(Subject).where(*conditions).order_by(Subject.created_at.desc(), Subject.id).limit(limit).offset(offset)
     ).all()
     return list(rows), count
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What a subject's newest adapter was trained on (its generations and templates use the same)."""
+
+    family: str  # the model family: sd15 | sdxl
+    preset: str | None  # the model preset; None for adapters trained before presets were recorded
+    adapter_version: int
+
+
+def trained_models(session: Session, subject_ids: list[str]) -> dict[str, TrainedModel]:
+    """Each trained subject's newest adapter's family and preset (from the adapter manifest);
+    subjects not trained yet are absent."""
+    if not subject_ids:
+        return {}
+    rows = session.execute(select(Adapter.subject_id, Adapter.version, Adapter.manifest)
+                           .where(Adapter.subject_id.in_(subject_ids))
+                           .order_by(Adapter.subject_id, Adapter.version.desc())).all()
+    models: dict[str, TrainedModel] = {}
+    for subject_id, version, manifest in rows:
+        if subject_id not in models:
+            manifest = manifest or {}
+            models[subject_id] = TrainedModel(family=str(manifest.get("family") or "sd15"),  # older adapters: sd15
+                                              preset=manifest.get("preset"), adapter_version=int(version))
+    return models
 
 
 def delete_subject(uow: UnitOfWork, caller: Caller | None, subject_id: str, store: BlobStore) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -233,6 +234,8 @@ class Image(Base):
     negative_prompt: Mapped[str | None] = mapped_column(Text)
     style: Mapped[str | None] = mapped_column(String(64))
     scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The face-refinement pass redrew this image's face (false: pass off, or no face detected).
+    face_refined: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)  # original + upscaled (storage quota)
     created_at: Mapped[datetime] = _created_at()
 

@@ -108,8 +108,8 @@ def build_router() -> Router:
             return
         photos = (await ctx.service.api.list_photos(subject.id)).count
         if await ctx.service.is_trained(subject.id):
-            await message.answer(_("Your model is trained ({photos} photos). Pick a style with /styles.").format(
-                photos=photos))
+            trained = _("Your model is trained ({photos} photos). Pick a style with /styles.").format(photos=photos)
+            await message.answer(f"{trained}\n{texts.model_text(subject.model)}" if subject.model else trained)
         else:
             await message.answer(_("You have sent {photos} photos; nothing is running.").format(photos=photos),
                                  reply_markup=keyboards.train() if photos >= ctx.settings.bot_min_photos else None)

@@ -15,6 +15,7 @@ from aiogram.utils.i18n import I18n, I18nMiddleware
 from aiogram.utils.i18n import gettext as _
 
 from likeness.client import Job
+from likeness.client.models import TrainedModel
 from likeness.contract.plan import JobKind, JobState, Stage
 
 LOCALES_DIR = Path(__file__).resolve().parent / "locales"
@@ -90,6 +91,7 @@ STAGES: dict[Stage, str] = {
     Stage.TRAINING_STAGE1: N_("learning your face (part 1 of 2)"),
     Stage.TRAINING_STAGE2: N_("learning your face (part 2 of 2)"),
     Stage.GENERATING: N_("painting portraits"),
+    Stage.REFINING: N_("refining faces"),
     Stage.RANKING: N_("picking the best ones"),
     Stage.UPSCALING: N_("making full-size files"),
     Stage.DELIVERING: N_("almost there"),
@@ -149,3 +151,16 @@ def help_text(min_photos: int, max_photos: int) -> str:
 
 def api_down_text() -> str:
     return _("The portrait service isn't answering right now. Please try again in a minute.")
+
+
+# ---- the trained model -----------------------------------------------------------------------------------------
+
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL"}  # product names: not translated
+
+
+def model_text(model: TrainedModel) -> str:
+    """Which model family (and preset) the user's portraits are made with."""
+    family = FAMILY_NAMES.get(model.family, model.family)
+    if model.preset is None:
+        return _("Model: {family}.").format(family=family)
+    return _("Model: {family} (preset {preset}).").format(family=family, preset=model.preset)

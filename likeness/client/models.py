@@ -26,11 +26,20 @@ class Page(_Answer, Generic[T]):
     next: str | None = None  # the next page's URL; None on the last
 
 
+class TrainedModel(_Answer):
+    """What a subject's newest adapter was trained on."""
+
+    family: str  # sd15 | sdxl
+    preset: str | None = None
+    adapter_version: int
+
+
 class Subject(_Answer):
     id: str
     name: str
     class_token_override: str | None = None
     external_ref: str | None = None
+    model: TrainedModel | None = None  # None until a training succeeds
     created_at: datetime
 
 
@@ -105,6 +114,7 @@ class Image(_Answer):
     prompt: str
     style: str | None = None
     scores: dict[str, Any] = Field(default_factory=dict)
+    face_refined: bool = False  # the face-refinement pass redrew this image's face
     has_upscaled: bool = False
     created_at: datetime
 

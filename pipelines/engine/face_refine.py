@@ -18,13 +18,14 @@ Ranking then scores what is delivered: the refined images.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
 from PIL import Image
 
 from pipelines.engine.job import Candidate, Job, Renderer
-from pipelines.progress import Stage, StageProgress
+from pipelines.progress import ProgressEvent, Stage, StageProgress
 from pipelines.templates.masking import Region, face_only_mask, lab_color_transfer, paste
 from pipelines.types import TokenSpec
 from pipelines.vision.faces import detect_faces
@@ -53,9 +54,11 @@ class FaceRefinePass:
 
     def __call__(self, engine: Renderer, candidates: list[Candidate], job: Job,
                  tokens: TokenSpec) -> list[Candidate]:
+        job.on_progress(ProgressEvent(Stage.REFINING, 0.0, None, f"finding the faces of {len(candidates)} candidates"))
         regions = [face_region(c.image, engine.models.ranking.face_detector) for c in candidates]
         todo = [i for i, region in enumerate(regions) if region is not None]
-        if not todo:
+        if not todo:  # the stage still shows (and ends): the pass ran and found no face to redraw
+            job.on_progress(ProgressEvent(Stage.REFINING, 1.0, 0.0, "no face to refine"))
             return candidates
         refined = self.refine(engine, [candidates[i] for i in todo], [regions[i] for i in todo], job)
         out = list(candidates)
@@ -70,12 +73,14 @@ class FaceRefinePass:
         spec = job.spec
         crops = [region.crop_image(c.image, resolution) for c, region in zip(candidates, regions)]
         pipe, _ = engine.pipeline("image_to_image", spec)
-        steps = max(1, min(int(spec.steps * STRENGTH), spec.steps))
-        # The pass's own progress stays inside the generating stage's clients already saw finish; only
-        # cancel is checked here, at every step.
-        progress = StageProgress(None, Stage.GENERATING, total=len(crops) * steps)
+        # img2img runs int(schedule * strength) of a schedule's steps: a short schedule still gets one
+        schedule = max(spec.steps, math.ceil(1 / STRENGTH))
+        steps = int(schedule * STRENGTH)
+        # Its own stage (``refining``, between generating and ranking), so the job's progress and ETA count it.
+        progress = StageProgress(job.on_progress, Stage.REFINING, total=len(crops) * steps)
         drawn = engine.render(pipe, spec, [c.prompt for c in candidates], [c.seed for c in candidates], progress,
-                              job.should_stop, per_candidate={"image": crops}, strength=STRENGTH)
+                              job.should_stop, per_candidate={"image": crops}, strength=STRENGTH,
+                              num_inference_steps=schedule)
         out = []
         for candidate, region, crop, new in zip(candidates, regions, crops, drawn):
             new = lab_color_transfer(new, crop, region.crop_mask(resolution))

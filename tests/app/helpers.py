@@ -56,14 +56,16 @@ def subject_with_photo(client) -> str:  # noqa: ANN001
     return subject_id
 
 
-def add_adapter(subject_id: str, version: int = 1, preset: str | None = None) -> None:
-    """What a finished training leaves behind (as the worker writes it); ``preset``: the one it was trained
-    on, as the adapter's manifest records it (None: an adapter from before manifests recorded it)."""
+def add_adapter(subject_id: str, version: int = 1, preset: str | None = None, family: str | None = None) -> None:
+    """What a finished training leaves behind (as the worker writes it); ``preset`` and ``family``: what it was
+    trained on, as the adapter's manifest records it (None: an adapter from before manifests recorded it)."""
     from core.db.models import Adapter
     from core.storage import adapter_prefix
     from tests.app.fixtures import session_scope
 
     manifest = {"base": "tiny"} if preset is None else {"base": "tiny", "preset": preset}
+    if family is not None:
+        manifest["family"] = family
     with session_scope() as session:
         session.add(Adapter(subject_id=subject_id, version=version, mode="lora",
                             blob_prefix=adapter_prefix(subject_id, version), manifest=manifest))

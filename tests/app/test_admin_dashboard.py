@@ -391,6 +391,19 @@ def test_redeliver_from_the_log(browser, operator, client_a):
         assert row.next_attempt_at is not None
 
 
+def test_the_subject_pages_show_the_model_family_and_preset_it_was_trained_on(browser, operator, client_a):
+    from tests.app.helpers import add_adapter
+
+    subject_id = create_subject(client_a)
+    assert "not trained yet" in browser.get(f"/admin/subjects/{subject_id}").text
+    add_adapter(subject_id, 1, preset="sdxl", family="sdxl")
+    detail = re.search(r'id="subject-model">(.*?)</dd>', browser.get(f"/admin/subjects/{subject_id}").text).group(1)
+    assert "<b>sdxl</b>" in detail and "preset sdxl" in detail and "adapter v1" in detail
+    listed = browser.get(f"/admin/subjects?client_id={client_a.id}").text
+    row = re.search(rf'href="/admin/subjects/{subject_id}".*?</tr>', listed, re.S).group(0)
+    assert "sdxl · sdxl" in row
+
+
 def test_the_job_page_header_updates_with_the_live_poll(browser, operator, client_a):
     """Started, worker and heartbeat sit in the header: the live poll sends it again (out of band)."""
     subject_id = create_subject(client_a)

@@ -114,3 +114,16 @@ def test_the_user_language_picks_the_catalogue():
         assert texts.stage_text(_job(JobState.RUNNING, Stage.TRAINING_STAGE1)) == "изучаю ваше лицо (часть 1 из 2)"
     with i18n.context(), i18n.use_locale("en"):
         assert texts.reason_text("multiple_people").startswith("More than one person")
+
+
+def test_status_names_the_model_family_and_preset_in_the_users_language():
+    from likeness.client.models import TrainedModel
+
+    i18n = texts.make_i18n()
+    sdxl = TrainedModel(family="sdxl", preset="sdxl", adapter_version=2)
+    older = TrainedModel(family="sd15", preset=None, adapter_version=1)  # an adapter from before presets
+    with i18n.context(), i18n.use_locale("en"):
+        assert texts.model_text(sdxl) == "Model: SDXL (preset sdxl)."
+        assert texts.model_text(older) == "Model: Stable Diffusion 1.5."
+    with i18n.context(), i18n.use_locale("ru"):
+        assert texts.model_text(sdxl) == "Модель: SDXL (пресет sdxl)."

@@ -31,7 +31,7 @@ from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, wait_
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TRAIN_STAGES = ["intake", "caching", "training:stage1", "training:stage2"]
-GENERATE_STAGES = ["generating", "ranking", "upscaling", "delivering"]
+GENERATE_STAGES = ["generating", "refining", "ranking", "upscaling", "delivering"]
 
 
 def _free_port() -> int:

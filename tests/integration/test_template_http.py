@@ -28,7 +28,7 @@ from tests.integration.test_e2e_http import _free_port, _poll, _show_logs_unless
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STAGES = ["masking", "generating", "ranking", "upscaling", "delivering"]
+STAGES = ["masking", "generating", "refining", "ranking", "upscaling", "delivering"]
 FAST = {"n": 2, "k": 1, "seed": 5, "steps": 4, "strength": 0.5, "guidance_scale": 1.0}
 
 

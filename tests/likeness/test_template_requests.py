@@ -23,7 +23,8 @@ PHOTO = "9b2e4c0d1f3a4e5b8c7d6e5f4a3b2c1d"
 
 def test_template_mode_is_a_kind_with_its_own_plan_request_and_resolved_model():
     plan = plan_for("template")
-    assert plan.stages == (Stage.MASKING, Stage.GENERATING, Stage.RANKING, Stage.UPSCALING, Stage.DELIVERING)
+    assert plan.stages == (Stage.MASKING, Stage.GENERATING, Stage.REFINING, Stage.RANKING, Stage.UPSCALING,
+                           Stage.DELIVERING)
     assert [p.name for p in plan.phases] == ["templating"] and plan.next_queue([]) == "gpu"
     assert REQUEST_MODELS[JobKind.TEMPLATE] is TemplateRequest and RESOLVED_MODELS[JobKind.TEMPLATE] is ResolvedTemplate
     assert set(PLANS) == set(REQUEST_MODELS) == set(RESOLVED_MODELS) == set(JobKind)

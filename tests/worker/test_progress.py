@@ -173,3 +173,13 @@ def test_the_eta_of_a_recorded_job_starts_near_the_truth_and_never_jumps_more_th
 def test_without_history_the_eta_is_the_measured_one():
     assert _replay("generate", GENERATE_TRACE, GENERATE_PHASES, {}) != _replay(
         "generate", GENERATE_TRACE, GENERATE_PHASES, GENERATE_HISTORY)
+
+
+def test_a_stage_that_jobs_like_this_one_never_ran_adds_nothing_to_the_eta():
+    """History has no ``refining`` (the pass redrew no face in earlier jobs like this one): the first ETA is
+    the other stages' history, not history plus a guess for a stage that will most likely not run."""
+    writes = []
+    history = {"generating": 4.0, "ranking": 1.0, "upscaling": 2.0, "delivering": 0.5}
+    progress = JobProgress("generate", writes.append, clock=FakeClock(), expected_s=history)
+    progress(ProgressEvent("generating", 0.0))
+    assert writes[0].eta_s == 7.5

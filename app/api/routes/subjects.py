@@ -1,12 +1,22 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.orm import Session
 
 from app.api.deps import CurrentClient, IdempotencyDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors, located, page
-from app.api.schemas import Page, SubjectCreate, SubjectPublic
+from app.api.schemas import Page, SubjectCreate, SubjectPublic, TrainedModelPublic
 from app.services import subjects
+from core.db.models import Subject
+
+
+def _public(session: Session, rows: list[Subject]) -> list[SubjectPublic]:
+    """The subjects as answered, each with what its newest adapter was trained on."""
+    models = subjects.trained_models(session, [r.id for r in rows])
+    return [SubjectPublic.model_validate(r).model_copy(update={
+        "model": TrainedModelPublic.model_validate(models[r.id]) if r.id in models else None}) for r in rows]
+
 
 router = APIRouter(prefix=f"{API_PREFIX}/subjects", tags=["subjects"])
 
@@ -30,12 +40,12 @@ def list_subjects(request: Request, caller: CurrentClient, uow: UoW,
                   external_ref: str | None = Query(None, max_length=200, description="Only this end user's."),
                   limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = subjects.list_subjects(uow.session, caller, external_ref=external_ref, limit=limit, offset=offset)
-    return page(request, [SubjectPublic.model_validate(r) for r in rows], count, offset)
+    return page(request, _public(uow.session, rows), count, offset)
 
 
 @router.get("/{subject_id}", summary="Get a subject", response_model=SubjectPublic, responses=errors(404))
 def get_subject(subject_id: str, caller: CurrentClient, uow: UoW):
-    return SubjectPublic.model_validate(subjects.get_subject(uow.session, caller, subject_id))
+    return _public(uow.session, [subjects.get_subject(uow.session, caller, subject_id)])[0]
 
 
 @router.delete("/{subject_id}", status_code=204, response_class=Response, responses=errors(404),

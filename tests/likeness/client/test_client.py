@@ -71,6 +71,20 @@ def test_subjects_photos_and_jobs_round_trip(client_a):
     assert api.list_subjects(external_ref="tg:1").count == 0
 
 
+def test_a_subject_says_which_model_family_and_preset_it_was_trained_on(client_a):
+    """The newest adapter's family and preset (from its manifest), on get and list; none before training."""
+    api = _client(client_a)
+    grace = api.create_subject("Grace", external_ref="tg:7")
+    assert grace.model is None and api.get_subject(grace.id).model is None
+    add_adapter(grace.id, 1)  # an adapter from before manifests recorded family and preset: SD 1.5
+    old = api.get_subject(grace.id).model
+    assert (old.family, old.preset, old.adapter_version) == ("sd15", None, 1)
+    add_adapter(grace.id, 2, preset="tiny-sdxl", family="sdxl")
+    newest = api.get_subject(grace.id).model
+    assert (newest.family, newest.preset, newest.adapter_version) == ("sdxl", "tiny-sdxl", 2)
+    assert api.list_subjects(external_ref="tg:7").data[0].model == newest
+
+
 def test_api_errors_are_one_exception_with_code_message_details_and_status(client_a, client_b):
     api = _client(client_a)
     subject = api.create_subject("Grace")

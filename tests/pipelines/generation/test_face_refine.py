@@ -83,3 +83,24 @@ def test_refined_candidates_are_ranked_reproducible_and_differ_from_unrefined(en
     (alone,) = engine.generate(GenerationSpec(**{**REFINE, "n": 1, "k": 1, "seed": 31}))
     again = next(r for r in refined if r.seed == 31)
     assert alone.face_refined and np.abs(pixels(alone.image) - pixels(again.image)).max() <= 1
+
+
+def test_the_pass_reports_its_own_stage_so_the_eta_counts_it(engine):
+    """``refining`` runs between generating and ranking with monotonic progress up to done; a short
+    schedule (2 steps, where strength 0.35 would leave img2img no step at all) still refines."""
+    events = []
+    results = engine.generate(GenerationSpec(**{**REFINE, "n": 2, "k": 2, "steps": 2}), on_progress=events.append)
+    assert all(r.face_refined for r in results)
+    stages = [str(e.stage) for e in events]
+    order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    assert order == ["generating", "refining", "ranking"]
+    fractions = [e.fraction for e in events if e.stage == "refining"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_a_pass_that_finds_no_face_still_shows_its_stage_done(real_faces):
+    events = []
+    flat = Image.new("RGB", (64, 64), (128, 128, 128))
+    refining = replace(job(), on_progress=events.append)
+    FaceRefinePass()(real_faces, [Candidate(flat, seed=1, prompt="p")], refining, BASE_TOKENS)
+    assert [(str(e.stage), e.fraction) for e in events] == [("refining", 0.0), ("refining", 1.0)]
