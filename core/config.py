@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     job_stale_after_s: int = 30
     job_requeue_after_s: int = 300  # a queued (or handed-over) job nobody took this long: its message is resent
     webhook_max_attempts: int = 6
+    webhook_backoff_first_s: float = 10.0  # a failed delivery is retried after this, then 3x longer each time
 
     # API server
     host: str = "127.0.0.1"

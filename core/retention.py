@@ -135,16 +135,12 @@ def _purge_training_data(settings: Settings, store: BlobStore, client_id: str, c
 
 def _purge_template_photos(settings: Settings, store: BlobStore, client_id: str, cutoff: datetime,
                            report: PurgeReport) -> None:
-    with UnitOfWork(settings) as uow:
-        active_requests = uow.session.scalars(select(Job.request).where(
-            Job.client_id == client_id, Job.kind == JobKind.TEMPLATE, Job.state.in_(ACTIVE_STATES))).all()
-    in_use = {((request or {}).get("source") or {}).get("photo_id") for request in active_requests} - {None}
+    in_use = exists().where(Job.template_photo_id == TemplatePhoto.id, Job.state.in_(ACTIVE_STATES))
     while True:
         with UnitOfWork(settings) as uow:
             photos = uow.session.execute(
                 select(TemplatePhoto.id, TemplatePhoto.key).join(Subject, Subject.id == TemplatePhoto.subject_id)
-                .where(Subject.client_id == client_id, TemplatePhoto.created_at < cutoff,
-                       TemplatePhoto.id.not_in(in_use)).limit(BATCH)).all()
+                .where(Subject.client_id == client_id, TemplatePhoto.created_at < cutoff, ~in_use).limit(BATCH)).all()
             for _, key in photos:
                 store.delete(key)
                 report.blobs += 1

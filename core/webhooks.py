@@ -79,9 +79,9 @@ def notify_job(uow: UnitOfWork, job: Job) -> None:
     uow.notify(queue_job_event(uow.session, job))
 
 
-def backoff_s(attempt: int) -> float:
-    """Delay before retry ``attempt`` (1-based): 10 s, 30 s, 90 s, ... capped at one hour."""
-    return min(3600.0, 10.0 * 3 ** max(0, attempt - 1))
+def backoff_s(attempt: int, first_s: float = 10.0) -> float:
+    """Delay before retry ``attempt`` (1-based): ``first_s``, 3x, 9x, ... (10 s, 30 s, 90 s) capped at one hour."""
+    return min(3600.0, first_s * 3 ** max(0, attempt - 1))
 
 
 def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool:
@@ -146,7 +146,8 @@ def record_and_send(delivery_id: str, *, session: Session | None = None) -> bool
         retryable = True
 
     if retryable and delivery.attempt < settings.webhook_max_attempts:
-        delivery.next_attempt_at = utcnow() + timedelta(seconds=backoff_s(delivery.attempt))
+        delay_s = backoff_s(delivery.attempt, settings.webhook_backoff_first_s)
+        delivery.next_attempt_at = utcnow() + timedelta(seconds=delay_s)
         return True
     delivery.next_attempt_at = None
     return False

@@ -12,15 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 
 from core.config import Settings
 from core.db.models import Job, JobStage, utcnow
+from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
 from core.webhooks import notify_job
 from likeness.contract.plan import TERMINAL_STATES, JobState, transition
@@ -28,6 +31,26 @@ from likeness.contract.plan import TERMINAL_STATES, JobState, transition
 log = logging.getLogger(__name__)
 
 WORKER_LOST_MESSAGE = "the worker running this job stopped unexpectedly {n} times; giving up"
+
+#: how long a write that ends a stretch of work (a phase's outputs, its record, the job's end) waits for an
+#: unavailable database: what it records is computed already, and minutes of GPU work are worth a wait
+DB_OUTAGE_WAIT_S = 120.0
+
+T = TypeVar("T")
+
+
+def through_db_outage(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, retried while the database is unavailable, for at most ``DB_OUTAGE_WAIT_S``."""
+    deadline, delay = time.monotonic() + DB_OUTAGE_WAIT_S, 0.5
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not database_unavailable(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def worker_id() -> str:
@@ -158,10 +181,12 @@ def _owned(job_id: str):
 
 
 def write_progress(settings: Settings, job_id: str, kind: str, stage: str, progress: float, eta_s: float | None,
-                   *, stage_started: bool = False, attempt: int = 1) -> bool:
+                   *, started: Sequence[tuple[str, datetime]] = (), attempt: int = 1) -> bool:
     """Store progress (never lower than what is stored); False when this process no longer owns the job.
 
-    ``stage_started``: ``stage`` begins now; the previous stage's row is closed and a new one opened.
+    ``started``: the stages that began since the last write that was recorded, with when, in order
+    (usually ``stage`` just now; more when the database was away as they began): each closes the row
+    of the stage before it and opens its own.
     """
     now = utcnow()
     with UnitOfWork(settings) as uow:
@@ -172,11 +197,17 @@ def write_progress(settings: Settings, job_id: str, kind: str, stage: str, progr
             values["progress"] = progress
         if session.execute(_owned(job_id).values(**values)).rowcount != 1:
             return False
-        if stage_started:
-            _close_open_stages(session, job_id, now)
-            session.add(JobStage(job_id=job_id, kind=kind, stage=stage, attempt=attempt, worker=worker_id(),
-                                 started_at=now))
+        _open_stages(session, job_id, kind, started, attempt)
         return True
+
+
+def _open_stages(session, job_id: str, kind: str, started: Sequence[tuple[str, datetime]],  # noqa: ANN001
+                 attempt: int) -> None:
+    for name, at in started:
+        _close_open_stages(session, job_id, at)
+        session.add(JobStage(job_id=job_id, kind=kind, stage=name, attempt=attempt, worker=worker_id(),
+                             started_at=at))
+        session.flush()
 
 
 def _close_open_stages(session, job_id: str, now: datetime) -> None:  # noqa: ANN001
@@ -209,8 +240,11 @@ def cancel_requested(settings: Settings, job_id: str) -> bool:
 
 
 def complete_phase(settings: Settings, job_id: str, stages: list[str], result: dict[str, Any] | None = None,
-                   *, hand_over: bool = False) -> bool:
+                   *, hand_over: bool = False, started: Sequence[tuple[str, datetime]] = ()) -> bool:
     """Record stages whose outputs are persisted (a rerun skips them).
+
+    ``started``: stages of the phase whose beginning no progress write recorded (the database was away
+    then): their rows are opened at their own start before every open row is closed.
 
     ``hand_over``: the next phase runs on another queue; the job is released and its next
     task queued in the same transaction. A cancel requested meanwhile ends the job here instead:
@@ -224,6 +258,7 @@ def complete_phase(settings: Settings, job_id: str, stages: list[str], result: d
         if result:
             job.result = {**(job.result or {}), **result}
         job.heartbeat_at = utcnow()
+        _open_stages(uow.session, job_id, job.kind.value, started, job.attempts)
         _close_open_stages(uow.session, job_id, job.heartbeat_at)
         if hand_over and job.cancel_requested:
             transition(job, JobState.CANCELED, job.heartbeat_at, code="canceled", message="canceled by request")
@@ -235,8 +270,9 @@ def complete_phase(settings: Settings, job_id: str, stages: list[str], result: d
 
 
 def finish(settings: Settings, job_id: str, state: JobState, code: str | None = None, message: str | None = None,
-           result: dict[str, Any] | None = None) -> bool:
-    """Move an owned job to a terminal state; False when another process owns it now."""
+           result: dict[str, Any] | None = None, *, started: Sequence[tuple[str, datetime]] = ()) -> bool:
+    """Move an owned job to a terminal state; False when another process owns it now. ``started``: as for
+    :func:`complete_phase` (a stage that began while the database was away, then failed or was canceled)."""
     with UnitOfWork(settings) as uow:
         job = _locked(uow, job_id)
         if job is None or job.worker != worker_id() or job.state != JobState.RUNNING:
@@ -244,6 +280,7 @@ def finish(settings: Settings, job_id: str, state: JobState, code: str | None = 
         now = utcnow()
         transition(job, state, now, code=code, message=message)
         job.heartbeat_at = now
+        _open_stages(uow.session, job_id, job.kind.value, started, job.attempts)
         _close_open_stages(uow.session, job_id, now)
         if result:
             job.result = {**(job.result or {}), **result}
@@ -252,6 +289,7 @@ def finish(settings: Settings, job_id: str, state: JobState, code: str | None = 
 
 
 def release(settings: Settings, job_id: str) -> None:
-    """Give an owned job back (worker shutdown, transient error): the next delivery resumes it."""
+    """Give an owned job back after a transient error: the next delivery runs what is left of it again,
+    as a new attempt (its stage rows say so), as after a takeover from a lost worker."""
     with UnitOfWork(settings) as uow:
-        uow.session.execute(_owned(job_id).values(worker=None, heartbeat_at=utcnow()))
+        uow.session.execute(_owned(job_id).values(worker=None, heartbeat_at=utcnow(), attempts=Job.attempts + 1))

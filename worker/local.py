@@ -1,9 +1,10 @@
 """One-shot local run: photos folder -> intake -> training -> generation (or template mode) -> output folder.
 
-The same pipeline functions the workers call, without API, database or broker. Used by
-``likeness run`` and ``bench/e2e.py``; stage timings are recorded for the benchmark.
-In template mode the template is judged and placed first (``masking``), so a template that
-can never work fails before any photo is examined or any step trained.
+The phases the workers run (:mod:`worker.phases`), without API, database or broker: a train job and
+a generate (or template) job on a :class:`FolderEdge`. Used by ``likeness run`` and ``bench/e2e.py``;
+stage timings are recorded for the benchmark. In template mode the template is judged first (as the
+service judges an uploaded one), so a template that can never work fails before any photo is
+examined or any step trained.
 """
 
 from __future__ import annotations
@@ -15,29 +16,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from likeness.contract.plan import JobKind
 from likeness.contract.requests import (
     GenerateRequest,
     RequestRejected,
+    ResolvedGenerate,
+    ResolvedTemplate,
     ResolvedTrain,
     TemplatePhotoVerdict,
     TemplateRequest,
+    TemplateSource,
     TrainRequest,
-    resolve_generation,
-    resolve_templating,
+    resolve_generate,
+    resolve_template,
     resolve_train,
 )
-from pipelines.errors import DatasetRejected, InvalidConfig
-from pipelines.generation.request import GenerationSpec
-from pipelines.intake import intake_models, prepare_dataset
-from pipelines.intake.config import IntakeConfig
-from pipelines.intake.dataset import PhotoInput
-from pipelines.intake.decode import PhotoRejected, decode_photo
-from pipelines.intake.reasons import ReasonCode
-from pipelines.models.presets import get_preset
+from likeness.contract.results import AdapterRef, Resumed
+from pipelines.errors import DatasetRejected, InvalidConfig, PipelineError
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, never_stop, no_progress
-from pipelines.templates.catalog import open_template
-from pipelines.templates.spec import TemplateSpec
-from worker.models import ModelManager, resolve_device
+from worker.jobs import JobSnapshot
+from worker.phases import PhaseContext, decode_template, jsonable, place_template, run_phases
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif", ".tiff"}
 
@@ -71,6 +69,8 @@ class StageTimer:
 
 #: the template photo id of ``LocalRunConfig.template_file`` in a local template request
 LOCAL_TEMPLATE_ID = "local-file"
+#: the adapter a local run trains (and its generation uses)
+LOCAL_ADAPTER_ID, LOCAL_ADAPTER_VERSION = "local", 1
 
 
 @dataclass(frozen=True)
@@ -105,29 +105,35 @@ def read_photos(folder: Path) -> list[LocalPhoto]:
     return [LocalPhoto(f"photo-{i:03d}", path, path.read_bytes()) for i, path in enumerate(files, start=1)]
 
 
-def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, GenerationSpec | TemplateSpec]:
+def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, ResolvedGenerate | ResolvedTemplate]:
     """Check both requests before anything loads, with the API's error codes."""
     try:
         train = resolve_train(config.train, preset=config.preset)
         if config.template is None:
-            return train, resolve_generation(config.generate, preset=config.preset)
+            return train, resolve_generate(config.generate, preset=config.preset, adapter_version=LOCAL_ADAPTER_VERSION)
         verdict = TemplatePhotoVerdict(LOCAL_TEMPLATE_ID, "pending") if config.template.template_photo_id else None
-        _, spec = resolve_templating(config.template, photo=verdict)
+        resolved = resolve_template(config.template, preset=config.preset, adapter_version=LOCAL_ADAPTER_VERSION,
+                                    photo=verdict)
         if config.template_file is not None:
-            spec = spec.model_copy(update={"template": config.template_file.name[:48]})
-        return train, spec
+            label = config.template_file.name[:48]
+            resolved = resolved.model_copy(update={"templating": resolved.templating.model_copy(
+                update={"template": label})})
+        return train, resolved
     except RequestRejected as exc:
         raise InvalidConfig(exc.message, exc.details, code=exc.code) from None
 
 
-def read_template(config: LocalRunConfig):
+def read_template(config: LocalRunConfig):  # noqa: ANN201 - PIL image or None
     """The template image of a template-mode run: a shipped one, or the file through the upload's decode checks."""
+    from pipelines.intake.decode import PhotoRejected
+    from pipelines.templates.catalog import open_template
+
     if config.template is None:
         return None
     if config.template_file is None:
         return open_template(str(config.template.template))
     try:
-        return decode_photo(config.template_file.read_bytes())
+        return decode_template(config.template_file.read_bytes())
     except OSError as exc:
         raise InvalidConfig(f"cannot read the template {config.template_file}: {exc}",
                             code="template_not_found") from None
@@ -138,8 +144,87 @@ def read_template(config: LocalRunConfig):
 
 def photo_verdicts(rows: list[dict[str, Any]], files: dict[str, str]) -> list[dict[str, Any]]:
     """Intake's per-photo report rows with the file name and what the person can do about a refusal."""
+    from pipelines.intake.reasons import ReasonCode
+
     return [{**row, "file": files.get(row["photo_id"]), "what_to_do": ReasonCode(row["reason_code"]).what_to_do}
             for row in rows]
+
+
+class FolderEdge:
+    """A local run's edge of its jobs (:class:`worker.phases.JobEdge`): photos from a folder, everything
+    else in memory, ranked images as ``rank_XX.png`` / ``rank_XX_x<f>.png`` in ``out_dir``."""
+
+    def __init__(self, photos: list[LocalPhoto], out_dir: Path, template=None,  # noqa: ANN001 - PIL image
+                 on_verdicts: Callable[[list[dict[str, Any]]], None] | None = None):
+        self._photos = photos
+        self.out_dir = out_dir
+        self._template = template
+        self._on_verdicts = on_verdicts
+        self.verdicts: list[dict[str, Any]] = []
+        self.delivered_files: list[dict[str, Any]] = []
+        self._dataset = None
+        self._adapter_dir: Path | None = None
+
+    def photos(self, job: JobSnapshot) -> list:
+        from pipelines.intake.dataset import PhotoInput
+
+        return [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in self._photos]
+
+    def photos_judged(self, job: JobSnapshot, reports: list[dict[str, Any]], crops: dict[str, Any]) -> None:
+        self.verdicts = photo_verdicts(jsonable(reports), {p.photo_id: p.path.name for p in self._photos})
+        if self._on_verdicts is not None:
+            self._on_verdicts(self.verdicts)
+
+    def keep_dataset(self, job: JobSnapshot, dataset, folder: Path) -> None:  # noqa: ANN001
+        self._dataset = dataset
+
+    def dataset(self, job: JobSnapshot, workdir: Path):  # noqa: ANN201
+        return self._dataset
+
+    def checkpoint_dir(self, job: JobSnapshot, workdir: Path) -> None:
+        """A local run starts fresh and nothing takes it over: no checkpoints."""
+
+    def mirror_checkpoint(self, job: JobSnapshot, folder: Path) -> None:
+        """Never called (no checkpoints)."""
+
+    def training_resumed(self, job: JobSnapshot, resumed: Resumed) -> None:
+        """Never (no checkpoints)."""
+
+    def keep_adapter(self, job: JobSnapshot, adapter_dir: Path, manifest: dict[str, Any], workdir: Path) -> AdapterRef:
+        self._adapter_dir = adapter_dir
+        return AdapterRef(id=LOCAL_ADAPTER_ID, version=LOCAL_ADAPTER_VERSION)
+
+    def adapter(self, job: JobSnapshot, version: int) -> tuple[str, Path]:
+        if self._adapter_dir is None:
+            raise InvalidConfig("nothing was trained in this run", code="adapter_not_found")
+        return LOCAL_ADAPTER_ID, self._adapter_dir
+
+    def reference_crops(self, job: JobSnapshot) -> list:
+        return [item.crop for item in self._dataset.items] if self._dataset is not None else []
+
+    def template_image(self, job: JobSnapshot, source: TemplateSource):  # noqa: ANN201
+        return self._template
+
+    def deliver(self, job: JobSnapshot, result: Any) -> None:  # noqa: ANN401
+        entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
+                 "scores": jsonable(dict(result.scores)), "width": result.image.width,
+                 "height": result.image.height, "file": f"rank_{result.rank:02d}.png"}
+        result.image.save(self.out_dir / entry["file"])
+        if result.upscaled is not None:
+            factor = round(result.upscaled.width / result.image.width)
+            entry["upscaled_file"] = f"rank_{result.rank:02d}_x{factor}.png"
+            result.upscaled.save(self.out_dir / entry["upscaled_file"])
+        self.delivered_files.append(entry)
+
+    def delivered(self, job: JobSnapshot) -> None:
+        """The files are written as they come."""
+
+
+def local_job(kind: JobKind, request: ResolvedTrain | ResolvedGenerate | ResolvedTemplate) -> JobSnapshot:
+    """A job of a local run, as the phases see a queued one."""
+    return JobSnapshot(id=f"local-{kind.value}", client_id="local", subject_id="local", kind=kind.value,
+                       request=request.model_dump(mode="json"), completed_stages=(), attempts=1, max_attempts=1,
+                       progress=0.0, result={})
 
 
 def run_local(
@@ -153,18 +238,17 @@ def run_local(
     manager=None,  # noqa: ANN001 - worker.models.ModelManager
     on_verdicts: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole pipeline; writes ``rank_XX.png``, ``rank_XX_x2.png`` and ``report.json`` to ``out_dir``.
+    """A train job then a generate (or template) job, through the phases the workers run
+    (:mod:`worker.phases`) on a :class:`FolderEdge`; writes ``rank_XX.png``, ``rank_XX_x2.png`` and
+    ``report.json`` to ``out_dir``.
 
-    ``report.json`` is written for a rejected photo set too (``status: rejected``, each photo's verdict,
-    reason and what to do), before :class:`DatasetRejected` is raised. ``on_verdicts`` gets those rows
-    once intake has judged the photos, before any training. ``manager``: the model manager to borrow
-    from (a warm worker keeps one across runs); default: a new one for this run.
+    ``report.json`` is written for a rejected photo set or a failed generation too (``status``
+    ``rejected`` / ``failed``, the error, each photo's verdict, reason and what to do) before the error
+    is raised. ``on_verdicts`` gets those rows once intake has judged the photos, before any training.
+    ``manager``: the model manager to borrow from (a warm worker keeps one across runs); default: a new
+    one for this run.
     """
-    from pipelines.generation.engine import GenerationEngine, generation_models
-    from pipelines.intake.pipeline import check_inputs
-    from pipelines.training import train
-
-    manager = manager or ModelManager()
+    from worker.models import ModelManager, resolve_device
 
     timer = timer or StageTimer()
 
@@ -174,106 +258,76 @@ def run_local(
 
     # 1. check inputs before any model loads
     photos = read_photos(photos_dir)
-    resolved_train, spec = resolve(config)
+    train, second = resolve(config)
     template = read_template(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preset = get_preset(config.preset, model_cache_dir)
-    device = resolve_device(config.device)
-
-    # 1b. template mode: judge and place the template first (detectors only)
-    prepared = None
-    if template is not None:
-        from pipelines.templates.masking import masking_models, prepare_template
-
-        with manager.borrow(masking_models(device)) as masking:
-            prepared = prepare_template(template, masking, on_progress=progress, should_stop=should_stop)
-
-    # 2. intake
-    intake = IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, device=device,
-                          class_token=resolved_train.class_token)
-    inputs = [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in photos]
-    check_inputs(inputs, intake)
-    files = {photo.photo_id: photo.path.name for photo in photos}
-    try:
-        with manager.borrow(intake_models(intake)) as models:
-            dataset = prepare_dataset(inputs, intake, models, on_progress=progress, should_stop=should_stop)
-    except DatasetRejected as exc:
-        verdicts = photo_verdicts(exc.details.get("report", []), files)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "report.json").write_text(json.dumps({
-            "status": "rejected", "error": {"code": exc.error_code, "message": exc.message},
-            "preset": preset.name, "photos": verdicts,
-            "accepted": exc.details.get("accepted"), "min_photos": exc.details.get("min_photos"),
-        }, indent=2, default=str))
-        if on_verdicts is not None:
-            on_verdicts(verdicts)
-        raise
-    verdicts = photo_verdicts([r.to_dict() for r in dataset.report], files)
-    if on_verdicts is not None:
-        on_verdicts(verdicts)
-    # 3. training (caching, training:stage1, training:stage2)
+    edge = FolderEdge(photos, out_dir, template, on_verdicts)
     work = out_dir / ".work"
-    from pipelines.models.loading import base_spec
 
-    with manager.borrow(base_spec(preset, device)) as base:  # the base generation borrows next
-        trained = train(dataset.training_examples(), dataset.token_spec(), resolved_train.training, preset,
-                        work / "training", base=base, on_progress=progress, should_stop=should_stop, device=device)
-    adapter_dir = trained.adapter_dir
-    # 4. generation or template mode (generating, ranking, upscaling)
-    references = [item.crop for item in dataset.items]
-    if isinstance(spec, TemplateSpec):
-        from pipelines.templates.engine import TemplateEngine, template_models
+    manager = manager or ModelManager()
 
-        with manager.borrow(template_models(preset, device, spec=spec)) as models:
-            results = TemplateEngine(preset, models).run(spec, prepared, adapter_dir, references, on_progress=progress,
-                                                         should_stop=should_stop, return_all=True)
-    else:
-        with manager.borrow(generation_models(preset, device, request=spec)) as models:
-            results = GenerationEngine(preset, models).generate(spec, adapter_dir, references, on_progress=progress,
-                                                                should_stop=should_stop, return_all=True)
-    # 5. delivering
-    start = time.perf_counter()
-    scored = [{"rank": r.rank, "seed": r.seed, "prompt": r.prompt, "faces": r.faces, "scores": dict(r.scores),
-               "flagged": r.flagged} for r in sorted(results, key=lambda r: r.seed)]  # rank 0 = not delivered
-    candidates = []
-    upscale = spec.upscale
-    mode = "template" if isinstance(spec, TemplateSpec) else "generation"
-    for result in sorted((r for r in results if r.rank > 0), key=lambda r: r.rank):
-        entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
-                 "scores": dict(result.scores), "width": result.image.width, "height": result.image.height}
-        entry["file"] = f"rank_{result.rank:02d}.png"
-        result.image.save(out_dir / entry["file"])
-        if result.upscaled is not None:
-            entry["upscaled_file"] = f"rank_{result.rank:02d}_x{upscale}.png"
-            result.upscaled.save(out_dir / entry["upscaled_file"])
-        candidates.append(entry)
-    report = {
-        "preset": preset.name,
-        "device": device,
-        "request": {"train": resolved_train.model_dump(mode="json"), mode: spec.model_dump(mode="json")},
-        "style": spec.style_label if mode == "template" else spec.style,
-        "status": "succeeded",
-        "photos": verdicts,
-        "class_token": dataset.class_token,
-        "class_scores": dict(dataset.class_scores),
-        "checks": dict(dataset.checks),
-        "training": {"steps": trained.steps, **_to_jsonable(trained.metrics)},
-        "candidates": candidates,
-        "all_candidates": scored,
-    }
-    if prepared is not None:
-        report["template"] = {"name": spec.template, "size": list(prepared.size), "face_box": prepared.face.to_dict(),
-                              "mask_box": prepared.region.mask_box.to_dict()}
-    if not candidates:
-        report["status"] = "failed"
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        raise InvalidConfig(f"none of the {len(results)} candidates could be delivered (each must show exactly one "
-                            "face); see report.json", {"candidates": len(results)}, code="no_deliverable_image")
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    timer.mark("delivering", start, time.perf_counter())
+    def context(kind: JobKind, request) -> PhaseContext:  # noqa: ANN001
+        return PhaseContext(local_job(kind, request), edge, manager, resolve_device(config.device),
+                            model_cache_dir, progress, should_stop, work)
+
+    kind = JobKind.TEMPLATE if isinstance(second, ResolvedTemplate) else JobKind.GENERATE
+    # 2. template mode: judge the template first (detectors only), as the service does at upload
+    if template is not None:
+        place_template(manager, resolve_device(config.device), template, progress, should_stop)
+    # 3. the train job (intake, training), then the generate or template job
+    report: dict[str, Any] = {"preset": config.preset, "device": resolve_device(config.device),
+                              "request": {"train": train.model_dump(mode="json"),
+                                          kind.value: _spec(second).model_dump(mode="json")},
+                              "style": _style(second), "status": "succeeded"}
+    results: dict[str, Any] = {}
+    try:
+        trained = run_phases(context(JobKind.TRAIN, train))
+        results["train"] = trained.stored()
+        made = run_phases(context(kind, second))
+        results[kind.value] = made.stored()
+    except PipelineError as exc:
+        report.update(status="rejected" if isinstance(exc, DatasetRejected) else "failed",
+                      error={"code": exc.error_code, "message": exc.message},
+                      **_rejected_photos(exc), **_summary(edge, results))
+        _write_report(out_dir, report)
+        raise
+    report.update(_summary(edge, results))
+    _write_report(out_dir, report)
     report["timings_s"] = timer.durations()
     return report
 
 
-def _to_jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o)))
+def _spec(resolved: ResolvedGenerate | ResolvedTemplate):  # noqa: ANN202
+    return resolved.templating if isinstance(resolved, ResolvedTemplate) else resolved.generation
+
+
+def _style(resolved: ResolvedGenerate | ResolvedTemplate) -> str | None:
+    return resolved.templating.style_label if isinstance(resolved, ResolvedTemplate) else resolved.generation.style
+
+
+def _rejected_photos(exc: PipelineError) -> dict[str, Any]:
+    if not isinstance(exc, DatasetRejected):
+        return {}
+    return {"accepted": exc.details.get("accepted"), "min_photos": exc.details.get("min_photos")}
+
+
+def _summary(edge: FolderEdge, results: dict[str, Any]) -> dict[str, Any]:
+    """What the report shows: each photo's verdict, the jobs' typed results (as the service stores them on
+    its jobs) and, spelled out for a reader, the class word, training metrics and delivered files."""
+    summary: dict[str, Any] = {"photos": edge.verdicts, "results": results}
+    train = results.get("train", {})
+    if "intake" in train:
+        summary.update(class_token=train["intake"]["class_token"], class_scores=train["intake"]["class_scores"],
+                       checks=train["intake"]["checks"])
+    if "training" in train:
+        summary["training"] = train["training"]
+    made = results.get("generate") or results.get("template") or {}
+    if made:
+        summary.update(candidates=edge.delivered_files, all_candidates=made.get("candidates", []))
+    if "template" in made:
+        summary["template"] = made["template"]
+    return summary
+
+
+def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
-from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
 
 from core.config import Settings, get_settings
-from core.db.models import Subject
+from core.db.models import Subject, utcnow
 from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
 from core.storage import StorageError, get_blob_store, purge_subject_blobs
@@ -23,19 +23,15 @@ from likeness.contract.plan import JobKind, JobState, plan_for
 from pipelines.errors import Canceled, PipelineError
 from worker import jobs, registry
 from worker.checkpoints import discard_checkpoints
+from worker.jobs import through_db_outage
+from worker.models import get_manager, resolve_device
 from worker.phases import PHASE_RUNNERS, PhaseContext
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
+from worker.service_edge import ServiceEdge
 
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "an internal error stopped this job; the operators have the details"
-
-#: how long the record of a finished phase (or of the job's end) waits for an unavailable database:
-#: the phase's outputs are in the blob store, and minutes of training are worth a wait
-DB_OUTAGE_WAIT_S = 120.0
-
-T = TypeVar("T")
-
 
 class TransientError(Exception):
     """Infrastructure hiccup (storage, broker, database): release the job and retry later."""
@@ -63,20 +59,6 @@ def is_transient(exc: BaseException) -> bool:
         return isinstance(exc, (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError))
     except ImportError:  # pragma: no cover
         return False
-
-
-def through_db_outage(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``call(*args, **kwargs)``, retried while the database is unavailable, for at most ``DB_OUTAGE_WAIT_S``."""
-    deadline, delay = time.monotonic() + DB_OUTAGE_WAIT_S, 0.5
-    while True:
-        try:
-            return call(*args, **kwargs)
-        except Exception as exc:
-            if not database_unavailable(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
 
 
 class _Heartbeat:
@@ -162,10 +144,18 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                     log.warning("job %s: cancel check skipped, database unavailable", job_id)
             return cancel_seen
 
+        # Stages that began since the last recorded write (a stage beginning while the database is away
+        # still gets its row, opened at its own start, with the next write that gets through: progress or
+        # the phase's record).
+        started: list[tuple[str, datetime]] = []
+
         def write(update: JobProgressUpdate) -> None:
+            if update.stage_started:
+                started.append((update.stage, utcnow()))
             try:
                 owned = jobs.write_progress(settings, job_id, job.kind, update.stage, update.progress, update.eta_s,
-                                            stage_started=update.stage_started, attempt=job.attempts)
+                                            started=list(started), attempt=job.attempts)
+                started.clear()
             except Exception as exc:
                 if not database_unavailable(exc):
                     raise
@@ -176,7 +166,9 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                 beat.lost.set()
 
         progress = JobProgress(job.kind, write, start_progress=job.progress, start_eta=job.eta_s)
-        ctx = PhaseContext(job, settings, get_blob_store(settings), progress, should_stop, workdir)
+        edge = ServiceEdge(settings, get_blob_store(settings))
+        ctx = PhaseContext(job, edge, get_manager(), resolve_device(settings.device),
+                           settings.resolved_model_cache_dir, progress, should_stop, workdir)
         outcome = ""
         try:
             remaining = list(plan.remaining_phases(job.completed_stages))
@@ -190,18 +182,20 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                 hand_over = following is not None and not runs_here(following)
                 stages = [str(s) for s in phase.stage_names]
                 if not through_db_outage(f"job {job_id}: {phase.name} done", jobs.complete_phase, settings, job_id,
-                                         stages, result, hand_over=hand_over):
+                                         stages, result.stored() if result else None, hand_over=hand_over,
+                                         started=list(started)):
                     outcome = "lost"
                     break
+                started.clear()
                 if hand_over:
                     return f"handed over to {settings.queue(following.queue)}"
         except Canceled:
             outcome = "lost" if beat.lost.is_set() else _end(settings, job_id, JobState.CANCELED, "canceled",
-                                                             "canceled by request")
+                                                             "canceled by request", started=started)
         except PipelineError as exc:
             log.info("job %s failed: %s (%s)", job_id, exc.message, exc.error_code)
             outcome = _end(settings, job_id, JobState.FAILED, exc.error_code, exc.message,
-                           {"error_details": exc.details} if exc.details else None)
+                           {"error_details": exc.details} if exc.details else None, started=started)
         except Exception as exc:
             if is_transient(exc):
                 log.warning("job %s: transient error, will retry: %r", job_id, exc)
@@ -211,14 +205,15 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                     log.warning("job %s could not be released", job_id, exc_info=True)
                 raise TransientError(repr(exc)) from exc
             log.exception("job %s failed with an internal error", job_id)
-            outcome = _end(settings, job_id, JobState.FAILED, "internal_error", INTERNAL_ERROR_MESSAGE)
+            outcome = _end(settings, job_id, JobState.FAILED, "internal_error", INTERNAL_ERROR_MESSAGE,
+                           started=started)
         else:
-            outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED)
+            outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED, started=started)
     if outcome == "lost":
-        _purge_if_subject_deleted(ctx)
+        _purge_if_subject_deleted(settings, edge.store, job, workdir)
     else:  # a terminal job needs no scratch space nor checkpoints (a retry would have resumed from them)
         shutil.rmtree(workdir, ignore_errors=True)
-        _ended(settings, job, ctx.store)
+        _ended(settings, job, edge.store)
     return outcome
 
 
@@ -228,20 +223,20 @@ def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None
         discard_checkpoints(settings, job.subject_id, job.id, store)
 
 
-def _purge_if_subject_deleted(ctx: PhaseContext) -> None:
+def _purge_if_subject_deleted(settings: Settings, store, job: jobs.JobSnapshot, workdir) -> None:  # noqa: ANN001
     """The subject was deleted while this job wrote blobs: remove what landed after the API's purge."""
-    with UnitOfWork(ctx.settings) as uow:
-        if uow.session.get(Subject, ctx.job.subject_id) is not None:
+    with UnitOfWork(settings) as uow:
+        if uow.session.get(Subject, job.subject_id) is not None:
             return
-    removed = purge_subject_blobs(ctx.store, ctx.job.subject_id)
-    shutil.rmtree(ctx.workdir, ignore_errors=True)
-    log.info("job %s: subject deleted meanwhile; removed %d late blobs", ctx.job.id, removed)
+    removed = purge_subject_blobs(store, job.subject_id)
+    shutil.rmtree(workdir, ignore_errors=True)
+    log.info("job %s: subject deleted meanwhile; removed %d late blobs", job.id, removed)
 
 
 def _end(settings: Settings, job_id: str, state: JobState, code: str | None = None, message: str | None = None,
-         result: dict[str, Any] | None = None) -> str:
+         result: dict[str, Any] | None = None, started: list[tuple[str, datetime]] | None = None) -> str:
     if not through_db_outage(f"job {job_id}: {state.value}", jobs.finish, settings, job_id, state, code, message,
-                             result):
+                             result, started=started or ()):
         log.warning("job %s: no longer owned by this process; outcome %s dropped", job_id, state.value)
         return "lost"
     return state.value

@@ -9,7 +9,6 @@ Imported by the worker only (``include=["worker.tasks"]``); the API sends them b
 from __future__ import annotations
 
 import logging
-import os
 
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
@@ -35,8 +34,6 @@ from worker.runner import run_job as run
 log = logging.getLogger(__name__)
 
 JOB_RETRY_BACKOFF_S = (5, 30, 120, 300)
-# Integration tests shrink webhook backoff (10 s, 30 s, ...) to keep the suite short.
-WEBHOOK_BACKOFF_SCALE = float(os.environ.get("LIKENESS_TEST_WEBHOOK_BACKOFF_SCALE", "1"))
 
 
 def _consumed_queues(task: Task) -> set[str] | None:
@@ -67,7 +64,24 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
         return "done"
     with UnitOfWork() as uow:
         attempt = uow.session.get(WebhookDelivery, delivery_id).attempt
-    raise self.retry(countdown=backoff_s(attempt) * WEBHOOK_BACKOFF_SCALE)
+    raise self.retry(countdown=backoff_s(attempt, get_settings().webhook_backoff_first_s))
+
+
+@celery_app.task(name=TaskName.JUDGE_TEMPLATE_PHOTO, bind=True, acks_late=True,
+                 max_retries=len(JOB_RETRY_BACKOFF_S))
+def judge_template_photo(self: Task, photo_id: str) -> str:
+    """An uploaded template photo's verdict (worker.template_photos); storage or database away: later."""
+    from core.storage import get_blob_store
+    from worker.runner import is_transient
+    from worker.template_photos import judge_template_photo as judge
+
+    settings = get_settings()
+    try:
+        return judge(settings, get_blob_store(settings), photo_id)
+    except Exception as exc:
+        if not is_transient(exc) or self.request.retries >= self.max_retries:
+            raise
+        raise self.retry(countdown=JOB_RETRY_BACKOFF_S[self.request.retries], exc=exc) from exc
 
 
 @celery_app.task(name=TaskName.PURGE_EXPIRED)

@@ -255,16 +255,17 @@ def subjects_page(request: Request, admin: AdminSessionDep, uow: UoW):
 def subject_page(request: Request, subject_id: str, admin: AdminSessionDep, uow: UoW):
     subject = subjects.get_subject(uow.session, None, subject_id)
     trainings, _ = jobs.list_jobs(uow.session, None, subject_id=subject.id, kind=JobKind.TRAIN, limit=20)
-    trained = next((j for j in trainings if j.result and j.result.get("intake")), None)
-    class_word, word_scores = overview.word_scores(trained.result if trained else None)
-    fitted = next((j for j in trainings if j.result and j.result.get("training")), None)
+    results = overview.train_results(trainings)
+    trained, intake = next(((j, r.intake) for j, r in results if r.intake), (None, None))
+    class_word, word_scores = overview.word_scores(intake)
+    fitted, training = next(((j, r.training) for j, r in results if r.training), (None, None))
     gallery, image_count = images.list_images(uow.session, None, subject.id, limit=200, order="by_job")
     recent, job_count = jobs.list_jobs(uow.session, None, subject_id=subject.id, limit=10)
     return render(request, "subject.html", nav="subjects", admin=admin, subject=subject,
                   client=clients.get_client(uow.session, subject.client_id),
                   photos=photos.list_photos(uow.session, None, subject.id), trained=trained, class_word=class_word,
-                  word_scores=word_scores, fitted=fitted,
-                  curve=overview.loss_curve(fitted.result if fitted else None), gallery=gallery,
+                  word_scores=word_scores, intake=intake, fitted=fitted, training=training,
+                  curve=overview.loss_curve(training), gallery=gallery,
                   image_count=image_count, recent=recent, job_count=job_count)
 
 

@@ -196,7 +196,7 @@ class TemplatePhotoPublic(ORMModel):
     width: int
     height: int
     status: Literal["pending", "accepted", "rejected"] = Field(
-        description="pending until the first template job using it judged it (one person, a face).")
+        description="pending until a worker has judged it, seconds after the upload (one person, a face).")
     reason_code: str | None = Field(description="Why it was refused: no_person, multiple_people, no_face, "
                                                 "face_too_small.")
     message: str | None

@@ -28,6 +28,7 @@ from likeness.contract.requests import (
     GenerateRequest,
     GenerationLimits,
     RequestRejected,
+    ResolvedTemplate,
     TrainRequest,
     read_resolved,
     resolve_generate,
@@ -100,12 +101,13 @@ def queue_job(uow: UnitOfWork, owner: Caller | str, subject_id: str, kind: JobKi
 
     ``owner``: the client asking (its job quotas apply), or a client id (an admin's retry).
     """
-    read_resolved(kind, resolved)  # a stored request always parses back
+    request = read_resolved(kind, resolved)  # a stored request always parses back
     if isinstance(owner, Caller):
         check_job_quotas(uow.session, owner, settings, kind)
     client_id = owner.id if isinstance(owner, Caller) else owner
+    template_photo_id = request.source.photo_id if isinstance(request, ResolvedTemplate) else None
     job = Job(client_id=client_id, subject_id=subject_id, kind=kind, state=JobState.QUEUED, request=resolved,
-              max_attempts=settings.max_attempts, completed_stages=[])
+              template_photo_id=template_photo_id, max_attempts=settings.max_attempts, completed_stages=[])
     uow.session.add(job)
     uow.session.flush()
     uow.enqueue_job(job)

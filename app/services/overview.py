@@ -22,6 +22,7 @@ from core.config import Settings
 from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
 from core.storage import BlobStore, subject_prefix
 from likeness.contract.plan import ACTIVE_STATES, PLANS, JobState, Queue
+from likeness.contract.results import IntakeSummary, TrainingSummary, TrainResult, read_result
 
 log = logging.getLogger(__name__)
 
@@ -230,17 +231,29 @@ def subject_leftovers(session: Session, store: BlobStore, subject_id: str) -> di
     }
 
 
-def word_scores(result: dict | None) -> tuple[str | None, list[tuple[str, float]]]:
+def train_results(trainings: list[Job]) -> list[tuple[Job, TrainResult]]:
+    """Each training job with its typed result (newest first, as given); a result that does not read as
+    one (written by an older version) is left out and logged, never a broken page."""
+    out = []
+    for job in trainings:
+        try:
+            out.append((job, read_result(job.kind, job.result)))
+        except ValueError:
+            log.warning("job %s: its result does not read as a %s result; not shown", job.id, job.kind)
+    return out
+
+
+def word_scores(intake: IntakeSummary | None) -> tuple[str | None, list[tuple[str, float]]]:
     """The class word an intake chose and every candidate word's CLIP score, best first."""
-    intake = (result or {}).get("intake") or {}
-    scores = intake.get("class_scores") or {}
-    ranked = sorted(((str(k), float(v)) for k, v in scores.items()), key=lambda kv: -kv[1])
-    return intake.get("class_token"), ranked
+    if intake is None:
+        return None, []
+    ranked = sorted(((str(k), float(v)) for k, v in intake.class_scores.items()), key=lambda kv: -kv[1])
+    return intake.class_token, ranked
 
 
-def loss_curve(result: dict | None) -> list[tuple[float, float]]:
-    """(step, loss) points of a training job's result (``training.loss_curve``), in step order."""
-    points = ((result or {}).get("training") or {}).get("loss_curve") or []
+def loss_curve(training: TrainingSummary | None) -> list[tuple[float, float]]:
+    """(step, loss) points of a training's loss curve, in step order."""
+    points = training.loss_curve if training is not None else []
     curve = []
     for point in points:
         try:

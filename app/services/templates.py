@@ -1,12 +1,12 @@
 """Template mode: template photos uploaded to a subject, and template jobs.
 
 An uploaded template photo gets the photos' upload safety (content sniffing, decompression-bomb
-guard from the header, metadata stripped without re-encoding, a verdict per file); the template
-job decodes it (EXIF rotation applied) at most ``TEMPLATE_MAX_SIDE`` pixels on its long side
-(``worker.phases``). The API has no detectors (its room has no ML
-stack), so whether a photo shows exactly one person with a face is judged by the first template
-job using it (its ``masking`` stage, before any diffusion model loads); that verdict is kept on
-the row, and a request naming a refused photo is refused at once with the same code.
+guard from the header, metadata stripped without re-encoding, a verdict per file; every file
+refused: 422 ``all_files_rejected``); it is decoded (EXIF rotation applied) at most
+``TEMPLATE_MAX_SIDE`` pixels on its long side (``worker.phases``). The API has no detectors (its
+room imports no ML framework), so with the upload it sends a cpu-queue task that decides whether a
+stored photo shows exactly one person with a face (``worker.template_photos``) and records the
+verdict on the row; a request naming a refused photo is refused at once with the same code.
 """
 
 from __future__ import annotations
@@ -23,18 +23,22 @@ from core.config import Settings
 from core.db.models import Job, PhotoStatus, TemplatePhoto
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore, template_photo_key
-from likeness.contract.plan import JobKind
+from likeness.contract.plan import JobKind, Queue, Task
 from likeness.contract.requests import TemplatePhotoVerdict, TemplateRequest, resolve_template
 
 
 def upload_template_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile],
                            store: BlobStore, settings: Settings) -> list[FileOutcome]:
-    """Photos to put the subject into; the first template job using one judges it (one person, a face)."""
+    """Photos to put the subject into, each judged (one person, a face) by a cpu-queue task sent after the commit."""
     def row(photo_id: str, subject_id: str, key: str, name: str, photo: CleanPhoto) -> TemplatePhoto:
         return TemplatePhoto(id=photo_id, subject_id=subject_id, key=key, filename=name or None, format=photo.format,
                              width=photo.width, height=photo.height, status=PhotoStatus.pending)
 
-    return store_uploads(uow, caller, subject_id, files, store, settings, template_photo_key, row)
+    outcomes = store_uploads(uow, caller, subject_id, files, store, settings, template_photo_key, row)
+    for outcome in outcomes:
+        if outcome.photo_id is not None:
+            uow.enqueue(Task.JUDGE_TEMPLATE_PHOTO, [outcome.photo_id], Queue.CPU)
+    return outcomes
 
 
 def list_template_photos(session: Session, caller: Caller, subject_id: str) -> list[TemplatePhoto]:

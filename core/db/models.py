@@ -144,8 +144,8 @@ class Photo(Base):
 
 
 class TemplatePhoto(Base):
-    """A photo uploaded to put its subject into (template mode). Decoded and stored clean at upload;
-    judged (one person, a face) by the first template job that uses it, which fills in the verdict."""
+    """A photo uploaded to put its subject into (template mode). Stored clean at upload, then judged
+    (one person, a face) by a cpu-queue task sent with the upload (``worker.template_photos``)."""
 
     __tablename__ = "template_photos"
     __table_args__ = (Index("ix_template_photos_subject_created", "subject_id", "created_at"),)
@@ -186,7 +186,11 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     request: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the resolved request (likeness.contract)
-    result: Mapped[dict[str, Any] | None] = mapped_column()  # intake summary, training metrics, ...
+    # The uploaded template photo a template job puts its subject into (its request's ``source``).
+    template_photo_id: Mapped[str | None] = mapped_column(
+        ForeignKey("template_photos.id", ondelete="SET NULL"), index=True)
+    # What it produced so far: likeness.contract.results, read with read_result(kind, result).
+    result: Mapped[dict[str, Any] | None] = mapped_column()
     completed_stages: Mapped[list[Any]] = mapped_column(default=list)
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     worker: Mapped[str | None] = mapped_column(String(200))

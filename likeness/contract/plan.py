@@ -95,6 +95,7 @@ class Task(StrEnum):
     RUN_JOB = "likeness.run_job"
     DELIVER_WEBHOOK = "likeness.deliver_webhook"
     PURGE_EXPIRED = "likeness.purge_expired"  # retention (core.retention), on a schedule
+    JUDGE_TEMPLATE_PHOTO = "likeness.judge_template_photo"  # an uploaded template photo's verdict (cpu queue)
 
 
 @dataclass(frozen=True)

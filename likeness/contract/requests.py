@@ -384,7 +384,8 @@ class ResolvedTemplate(BaseModel):
 
 @dataclass(frozen=True)
 class TemplatePhotoVerdict:
-    """What the API knows of an uploaded template photo (the worker judges a pending one)."""
+    """What the API knows of an uploaded template photo (pending until the judge task sent with its upload
+    decides; a template job using a pending one fails at ``masking`` with the same code if it is refused)."""
 
     photo_id: str
     status: str  # pending | accepted | rejected

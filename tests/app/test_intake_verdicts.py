@@ -114,6 +114,7 @@ def test_rest_path_and_prepare_dataset_give_the_same_verdicts(client_a, settings
     from worker.jobs import JobSnapshot
     from worker.models import get_manager
     from worker.phases import PhaseContext, intake_config, run_intake
+    from worker.service_edge import ServiceEdge
 
     # REST: upload, then the intake phase of a training job
     subject_id = create_subject(client_a)
@@ -124,8 +125,8 @@ def test_rest_path_and_prepare_dataset_give_the_same_verdicts(client_a, settings
     with session_scope() as session:
         job = JobSnapshot.of(session.get(Job, job_id))
     worker_settings = settings.model_copy(update={"model_cache_dir": MODEL_CACHE, "device": "cpu"})
-    ctx = PhaseContext(job, worker_settings, store, on_progress=lambda event: None, should_stop=lambda: False,
-                       workdir=tmp_path)
+    ctx = PhaseContext(job, ServiceEdge(worker_settings, store), get_manager(), "cpu", MODEL_CACHE,
+                       on_progress=lambda event: None, should_stop=lambda: False, workdir=tmp_path)
     try:
         run_intake(ctx)
     except DatasetRejected:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import secrets
 
 from sqlalchemy import inspect
@@ -64,3 +65,39 @@ def test_embedded_sqlite_database_migrates_and_cascades(tmp_path):
     from core.db import session as db_session
 
     db_session._ENGINES.pop(db_session.normalize_url(url)).dispose()
+
+
+def test_template_jobs_get_their_template_photo_column_from_their_request(tmp_path):
+    """0006 fills ``jobs.template_photo_id`` of existing template jobs from ``request["source"]``."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from core.db.migrate import alembic_config, upgrade_to_head
+    from core.db.session import get_engine, normalize_url
+
+    url = f"sqlite:///{tmp_path / 'likeness.sqlite3'}"
+    command.upgrade(alembic_config(url), "0005_job_status_notify")
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO clients (id, name, role, api_key_hash, max_candidates, created_at) "
+                             "VALUES ('c', 'c', 'app', 'h', 8, '2026-01-01')"))
+        conn.execute(sa.text("INSERT INTO subjects (id, client_id, name, created_at) "
+                             "VALUES ('s', 'c', 's', '2026-01-01')"))
+        conn.execute(sa.text("INSERT INTO template_photos (id, subject_id, key, format, width, height, status, "
+                             "created_at) VALUES ('p', 's', 'k', 'jpeg', 1, 1, 'pending', '2026-01-01')"))
+        for job_id, kind, source in (("upload", "template", {"kind": "upload", "photo_id": "p"}),
+                                     ("gone", "template", {"kind": "upload", "photo_id": "deleted"}),
+                                     ("shipped", "template", {"kind": "shipped", "name": "astronaut", "version": 1}),
+                                     ("train", "train", None)):
+            request = json.dumps({"kind": kind, **({"source": source} if source else {})})
+            conn.execute(sa.text("INSERT INTO jobs (id, client_id, subject_id, kind, state, progress, attempts, "
+                                 "max_attempts, cancel_requested, request, completed_stages, created_at, updated_at) "
+                                 "VALUES (:id, 'c', 's', :kind, 'succeeded', 100, 1, 3, 0, :request, '[]', "
+                                 "'2026-01-01', '2026-01-01')"), {"id": job_id, "kind": kind, "request": request})
+    upgrade_to_head(url)
+    with engine.connect() as conn:
+        filled = dict(conn.execute(sa.text("SELECT id, template_photo_id FROM jobs")).all())
+    assert filled == {"upload": "p", "gone": None, "shipped": None, "train": None}
+    from core.db import session as db_session
+
+    db_session._ENGINES.pop(normalize_url(url)).dispose()

@@ -13,7 +13,7 @@ from core.db.models import Image, Job, JobKind, JobState, Photo, TemplatePhoto, 
 from core.retention import purge_expired
 from core.storage import checkpoint_prefix, dataset_prefix, image_key, photo_crop_key, template_photo_key
 from tests.app.fixtures import session_scope
-from tests.app.helpers import subject_with_photo
+from tests.app.helpers import add_adapter, subject_with_photo
 
 DAY = timedelta(days=1)
 
@@ -126,10 +126,11 @@ def test_uploaded_template_photos_go_with_the_training_data_unless_a_job_uses_th
     """A template photo shows another person: it is kept no longer than the subject's own uploads."""
     subject_id = subject_with_photo(client_a)
     old, in_use, recent = (_template_photo(subject_id, days, store) for days in (40, 40, 5))
+    add_adapter(subject_id)
+    queued = client_a.post(f"/v1/subjects/{subject_id}/templates", json={"template_photo_id": in_use})
+    assert queued.status_code == 202, queued.text
     with session_scope() as session:
-        session.add(Job(client_id=client_a.id, subject_id=subject_id, kind=JobKind.TEMPLATE, state=JobState.RUNNING,
-                        request={"kind": "template", "source": {"kind": "upload", "photo_id": in_use}},
-                        completed_stages=[]))
+        assert session.get(Job, queued.json()["id"]).template_photo_id == in_use
 
     report = purge_expired(settings, store)
 

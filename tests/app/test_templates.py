@@ -66,6 +66,43 @@ def test_template_photos_get_the_photo_uploads_checks_and_verdicts(client_a, cli
     assert client_a.get(f"/v1/subjects/{subject_id}/templates/photos").json()["count"] == 1
 
 
+def test_a_template_upload_whose_every_file_is_rejected_answers_422_as_a_photo_upload_does(client_a):
+    subject_id = create_subject(client_a)
+    bad = [("notes.jpg", b"not an image"), ("bomb.png", png_bomb())]
+    response = _upload(client_a, subject_id, bad)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "all_files_rejected" and body["details"]["stored"] == 0
+    assert [(f["filename"], f["reason_code"]) for f in body["details"]["files"]] == [
+        ("notes.jpg", "not_an_image"), ("bomb.png", "decompression_bomb")]
+    assert all(f["photo_id"] is None for f in body["details"]["files"])  # nothing a request could name
+    photos = client_a.post(f"/v1/subjects/{subject_id}/photos",
+                           files=[("files", (name, data, "image/jpeg")) for name, data in bad])
+    assert photos.status_code == 422 and photos.json() == body  # the same answer for the same files
+    assert client_a.get(f"/v1/subjects/{subject_id}/templates/photos").json()["count"] == 0
+
+
+def test_each_stored_template_photo_is_sent_to_a_cpu_worker_to_be_judged(client_a, settings, astronaut):
+    import base64
+    import json
+
+    import redis
+
+    subject_id = create_subject(client_a)
+    cpu = f"{settings.queue_prefix}{settings.queue('cpu')}"
+    broker = redis.Redis.from_url(settings.resolved_broker_url)
+    before = broker.llen(cpu)
+    response = _upload(client_a, subject_id, [("a.jpg", encode(astronaut)), ("notes.jpg", b"not an image")])
+    assert response.status_code == 201
+    stored = [f["photo_id"] for f in response.json()["files"] if f["status"] == "stored"]
+    sent = [json.loads(m) for m in broker.lrange(cpu, 0, broker.llen(cpu) - before - 1)]
+    judged = [json.loads(base64.b64decode(m["body"]))[0] for m in sent
+              if m["headers"]["task"] == "likeness.judge_template_photo"]
+    assert judged == [stored]  # one task per stored file, none for the refused one
+    listed = client_a.get(f"/v1/subjects/{subject_id}/templates/photos").json()["data"]
+    assert [p["status"] for p in listed] == ["pending"]  # until a worker has judged it
+
+
 def test_template_jobs_are_checked_before_anything_is_queued(make_client):
     client = make_client(max_candidates=8)
     subject_id = subject_with_photo(client)
@@ -107,7 +144,7 @@ def test_template_jobs_are_checked_before_anything_is_queued(make_client):
     assert canceled.json()["state"] == "canceled"
 
 
-def test_a_template_photo_refused_by_a_job_is_refused_at_request_time(client_a, client_b, astronaut):
+def test_a_refused_template_photo_is_refused_at_request_time(client_a, client_b, astronaut):
     from core.db.models import PhotoStatus, TemplatePhoto
     from tests.app.fixtures import session_scope
 
@@ -116,7 +153,7 @@ def test_a_template_photo_refused_by_a_job_is_refused_at_request_time(client_a, 
     photo_id = _upload(client_a, subject_id, [("two.jpg", encode(astronaut))]).json()["files"][0]["photo_id"]
     pending = client_a.post(f"/v1/subjects/{subject_id}/templates", json={"template_photo_id": photo_id})
     assert pending.status_code == 202 and pending.json()["request"]["source"]["photo_id"] == photo_id
-    with session_scope() as session:  # what the job's masking stage writes for a photo of two people
+    with session_scope() as session:  # what the judge task sent with the upload writes for two people
         row = session.get(TemplatePhoto, photo_id)
         row.status, row.reason_code = PhotoStatus.rejected, "multiple_people"
         row.message = "2 people are in the template; choose a photo of one person alone."

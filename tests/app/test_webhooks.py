@@ -7,6 +7,7 @@ import importlib
 import json
 import threading
 import time
+from datetime import UTC
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -161,6 +162,11 @@ def test_job_event_is_delivered_signed_and_a_500_is_logged_for_retry(client_a, r
         row = session.get(WebhookDelivery, delivery["id"])
         assert row.attempt == 1 and row.status_code == 500 and "500" in row.error
         assert row.delivered_at is None and row.next_attempt_at is not None
+        from core.config import get_settings
+        from core.db.models import utcnow
+
+        wait_s = (row.next_attempt_at.replace(tzinfo=row.next_attempt_at.tzinfo or UTC) - utcnow()).total_seconds()
+        assert 0 < wait_s <= get_settings().webhook_backoff_first_s  # the configured first delay
 
     # It recovers: the retry is delivered, signed with the client's secret.
     receiver.status = 204

@@ -207,7 +207,7 @@ def test_postgres_restarted_mid_job_is_503_then_the_job_succeeds(stack, grace_ho
         return job if (job["stage"] or "").startswith("training") else None
 
     # Few steps (a 2-core CPU shared with other work): the training may end during the outage, when
-    # the phase's record waits for the database (worker.runner.through_db_outage).
+    # the phase's record waits for the database (worker.jobs.through_db_outage).
     stage = wait_for(training, 120, 0.1, "the training to start")["stage"]
     calls = Calls()
     stack.pg.stop()

@@ -92,7 +92,7 @@ def it_env(pg_url: str, tmp_path_factory) -> dict[str, str]:
         "LIKENESS_MAX_ATTEMPTS": "3",
         "LIKENESS_WEBHOOK_MAX_ATTEMPTS": "4",
         "LIKENESS_WEBHOOK_ALLOW_PRIVATE": "true",  # the tests' webhook receivers listen on 127.0.0.1
-        "LIKENESS_TEST_WEBHOOK_BACKOFF_SCALE": "0.1",  # 1 s, 3 s, ... instead of 10 s, 30 s
+        "LIKENESS_WEBHOOK_BACKOFF_FIRST_S": "1",  # 1 s, 3 s, ... instead of 10 s, 30 s
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }

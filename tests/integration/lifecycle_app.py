@@ -14,7 +14,9 @@ import os
 import time
 from pathlib import Path
 
+from core.storage import dataset_prefix
 from likeness.contract.plan import JobKind, Stage
+from likeness.contract.results import IntakeSummary, TrainingSummary, TrainResult
 from pipelines.progress import StageProgress, raise_if_canceled
 from worker import phases
 from worker.celery_app import celery_app  # noqa: F401  (the -A target)
@@ -25,7 +27,7 @@ STEPS = int(os.environ.get("LIFECYCLE_STEPS", "10"))
 
 
 def _log_run(ctx: PhaseContext, phase: str) -> None:
-    with open(Path(ctx.settings.data_dir) / "phase_runs.log", "a") as log:
+    with open(Path(ctx.edge.settings.data_dir) / "phase_runs.log", "a") as log:
         log.write(f"{ctx.job.id} {phase} attempt={ctx.job.attempts}\n")
 
 
@@ -38,20 +40,20 @@ def _steps(ctx: PhaseContext, stage: str) -> None:
         progress.advance()
 
 
-def scripted_intake(ctx: PhaseContext) -> dict:
+def scripted_intake(ctx: PhaseContext) -> TrainResult:
     _log_run(ctx, "intake")
     _steps(ctx, Stage.INTAKE)
-    key = phases.dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json"
-    ctx.store.put(key, b'{"scripted": true}')
-    return {"intake": {"accepted": 0, "scripted": True}}
+    key = dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json"
+    ctx.edge.store.put(key, b'{"scripted": true}')
+    return TrainResult(intake=IntakeSummary(accepted=0, rejected=0, class_token="man", class_scores={}))
 
 
-def scripted_training(ctx: PhaseContext) -> dict:
+def scripted_training(ctx: PhaseContext) -> TrainResult:
     _log_run(ctx, "training")
-    ctx.store.get(phases.dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json")  # intake's output
+    ctx.edge.store.get(dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json")  # intake's output
     for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
         _steps(ctx, stage)
-    return {"training": {"steps": 2 * STEPS}}
+    return TrainResult(training=TrainingSummary(steps=2 * STEPS))
 
 
 phases.PHASE_RUNNERS[(JobKind.TRAIN, "intake")] = scripted_intake

@@ -81,7 +81,7 @@ def test_run_with_a_shipped_template_writes_ranked_composites(cli_env, photos_di
         composite = np.asarray(image.convert("RGB"))
     with Image.open(out / best["upscaled_file"]) as upscaled:
         assert upscaled.size == (544, 680)
-    mask_box = report["template"]["mask_box"]
+    x0, y0, x1, y1 = report["template"]["mask_box"]  # as the service stores it on a template job's result
     outside = np.ones(template.shape[:2], bool)
-    outside[round(mask_box["y0"]) : round(mask_box["y1"]), round(mask_box["x0"]) : round(mask_box["x1"])] = False
+    outside[round(y0) : round(y1), round(x0) : round(x1)] = False
     assert composite.shape == template.shape and np.array_equal(composite[outside], template[outside])

@@ -86,7 +86,7 @@ def test_job_runs_through_named_stages_with_monotonic_progress(lifecycle_worker,
     assert len(order) >= 3  # polled fast enough to see most stages
     progresses = [p for _, _, p in samples]
     assert progresses == sorted(progresses), "progress went backwards"
-    assert job.result["training"] == {"steps": 20}
+    assert job.result["training"]["steps"] == 20
 
 
 def test_cancel_stops_a_running_job_at_the_next_step(lifecycle_worker, make_job, pg_url):

@@ -105,21 +105,23 @@ def test_template_jobs_over_http(service, pg_url, template_env, tiny_preset, tmp
     storage = Path(template_env["LIKENESS_STORAGE_DIR"])
     _seed_adapter(pg_url, storage, sid, tiny_preset, tmp_path)
 
-    # 1. An uploaded template of two people: stored (it decodes), refused by its job's masking stage,
-    #    then refused at once by the API.
+    # 1. An uploaded template of two people: stored (it decodes), judged by the worker seconds after the
+    #    upload (no job involved), then refused at once by the API. An upload of nothing usable: 422.
     two = encode(side_by_side(astronaut, grace_hopper), quality=90)
     upload = client.post(f"/v1/subjects/{sid}/templates/photos", files=[("files", ("two.jpg", two, "image/jpeg"))])
     assert upload.status_code == 201 and upload.json()["stored"] == 1, upload.text
     photo_id = upload.json()["files"][0]["photo_id"]
-    bad = client.post(f"/v1/subjects/{sid}/templates", json={"template_photo_id": photo_id, **FAST})
-    assert bad.status_code == 202, bad.text
-    job, _ = _poll(client, bad.json()["id"], timeout_s=180)
-    _show_logs_unless(job["state"] == "failed", worker)
-    assert (job["state"], job["error_code"], job["stage"]) == ("failed", "template_multiple_people", "masking")
-    (photo,) = client.get(f"/v1/subjects/{sid}/templates/photos").json()["data"]
-    assert photo["status"] == "rejected" and photo["reason_code"] == "multiple_people"
+    deadline = time.monotonic() + 120
+    while (photo := client.get(f"/v1/subjects/{sid}/templates/photos").json()["data"][0])["status"] == "pending":
+        assert time.monotonic() < deadline, "the template photo was never judged"
+        time.sleep(0.5)
+    _show_logs_unless(photo["status"] == "rejected", worker)
+    assert photo["reason_code"] == "multiple_people" and "2 people" in photo["message"]
     again = client.post(f"/v1/subjects/{sid}/templates", json={"template_photo_id": photo_id})
     assert again.status_code == 422 and again.json()["code"] == "template_multiple_people"
+    nothing = client.post(f"/v1/subjects/{sid}/templates/photos",
+                          files=[("files", ("notes.jpg", b"not an image", "image/jpeg"))])
+    assert nothing.status_code == 422 and nothing.json()["code"] == "all_files_rejected"
 
     # 2. A shipped template: the plan's stages in order, progress monotonic, the image delivered.
     started = time.monotonic()

@@ -114,14 +114,14 @@ def test_a_jobs_checkpoints_are_deleted_when_it_ends(sqlite_db, monkeypatch, que
     from worker import phases, runner
 
     def training(ctx):
-        assert ctx.store.list(checkpoint_prefix(ctx.job.subject_id, ctx.job.id))  # still there while it runs
+        assert ctx.edge.store.list(checkpoint_prefix(ctx.job.subject_id, ctx.job.id))  # still there while it runs
         if ending == "failed":
             raise InvalidConfig("bad")
         if ending == "canceled_while_running":
             raise Canceled("canceled by request")
-        return {}
+        return None
 
-    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: {})
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: None)
     monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
     settings = settings_with()
     job_id = make_job()

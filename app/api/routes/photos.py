@@ -39,6 +39,12 @@ def upload_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep,
     if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded]):
         return replay
     outcomes = photos.upload_photos(uow, caller, subject_id, uploaded, store, settings)
+    return upload_answer(idempotency, subject_id, outcomes)
+
+
+def upload_answer(idempotency: IdempotencyDep, subject_id: str, outcomes: list[photos.FileOutcome]):  # noqa: ANN201
+    """201 with each file's verdict; 422 ``all_files_rejected`` (the same list in ``details``) when no file
+    was stored (photos and template photos alike)."""
     results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,
                             message=o.message) for o in outcomes]
     stored = sum(r.status == "stored" for r in results)

@@ -7,8 +7,8 @@ from fastapi import APIRouter, File, Response, UploadFile
 from app.api.deps import CurrentClient, IdempotencyDep, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
 from app.api.routes._common import errors
-from app.api.routes.photos import _read_files
-from app.api.schemas import JobPublic, Page, TemplatePhotoPublic, TemplatePublic, UploadResponse, UploadResult
+from app.api.routes.photos import _read_files, upload_answer
+from app.api.schemas import JobPublic, Page, TemplatePhotoPublic, TemplatePublic, UploadResponse
 from app.errors import InvalidRequest, NotFound
 from app.services import templates
 from likeness.contract.requests import TemplateRequest
@@ -48,10 +48,13 @@ def template_thumbnail(name: str, caller: CurrentClient):
     responses=errors(404, 413), summary="Upload template photos to put the subject into; each file gets a verdict",
     description=("The same checks as subject photos (content sniffing, `decompression_bomb`, `not_an_image`, ...; "
                  "a bad file is rejected with its own `reason_code` while the good ones are stored, without "
-                 "metadata, at most 2048 px on the long side). `photo_id` of a stored file is its "
-                 "`template_photo_id`. Whether it shows exactly one person with a face is judged by the first "
-                 "template job using it (`template_no_person`, `template_multiple_people`, `template_no_face`, "
-                 "`template_face_too_small`); a refused photo is refused at once by later requests."),
+                 "metadata; when every file is rejected the answer is 422 `all_files_rejected` with the same "
+                 "per-file list in `details`). `photo_id` of a stored file is its `template_photo_id`. Whether it "
+                 "shows exactly one person with a face is then decided by a worker within seconds, before any job "
+                 "uses it: `GET .../templates/photos` shows the verdict (`pending` until then; `no_person`, "
+                 "`multiple_people`, `no_face`, `face_too_small`), and a request naming a refused photo is "
+                 "refused at once (`template_multiple_people`, ...). Photos are worked on at most 2048 px on the "
+                 "long side."),
 )
 def upload_template_photos(subject_id: str, caller: CurrentClient, settings: SettingsDep, store: StoreDep, uow: UoW,
                            idempotency: IdempotencyDep,
@@ -63,11 +66,7 @@ def upload_template_photos(subject_id: str, caller: CurrentClient, settings: Set
     if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded]):
         return replay
     outcomes = templates.upload_template_photos(uow, caller, subject_id, uploaded, store, settings)
-    results = [UploadResult(filename=o.filename, status=o.status, photo_id=o.photo_id, reason_code=o.reason_code,
-                            message=o.message) for o in outcomes]
-    stored = sum(r.status == "stored" for r in results)
-    body = UploadResponse(subject_id=subject_id, stored=stored, rejected=len(results) - stored, files=results)
-    return idempotency.respond(201, body.model_dump(mode="json"))
+    return upload_answer(idempotency, subject_id, outcomes)
 
 
 @router.get("/subjects/{subject_id}/templates/photos", response_model=Page[TemplatePhotoPublic],
