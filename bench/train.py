@@ -4,6 +4,10 @@
     python bench/train.py --arch sd15-random --resolution 128 --steps 6 --photos 4 --modes lora,full,full-ib
                                                # CPU, SD 1.5 shapes (random weights), ~20 min, peaks ~17 GB RAM
     python bench/train.py --device cuda        # GPU, SD 1.5 architecture, 512 px, 500 steps, bf16
+    python bench/train.py --arch sdxl-small --resolution 128 --steps 6 --photos 4 --modes lora \
+        --script /elsewhere/train_dreambooth_lora_sdxl.py
+                                               # CPU, SDXL layout (random weights, small widths): the trainer
+                                               # against diffusers' SDXL LoRA script run unchanged
 
 Modes: ``lora``, ``full`` and ``full-ib`` (full with ``optimizer_in_backward``; its reference is the
 full reference). Each loop runs in its own process, one after the other, so peak memory (RSS on CPU,
@@ -53,6 +57,12 @@ def get_bench_preset(arch: str, cache: Path, resolution: int | None = None):
     from pipelines.models.presets import get_preset, with_overrides
     from pipelines.models.sd15_random import build_sd15_random
 
+    if arch.startswith("sdxl-"):  # sdxl-small | sdxl-full: SDXL's layout with random weights
+        from pipelines.models.sdxl_random import build_sdxl_random
+
+        size = arch.removeprefix("sdxl-")
+        return with_overrides(get_preset("tiny-sdxl", cache), name=arch, resolution=resolution or 1024,
+                              base_model=str(build_sdxl_random(cache / arch, size)))
     tiny = get_preset("tiny", cache)
     if arch == "tiny":
         return with_overrides(tiny, resolution=resolution or tiny.resolution)
@@ -124,7 +134,7 @@ def run_trainer(args) -> dict:
     return {"loop": f"likeness {args.mode}", "steps": args.steps, "precision": m["mixed_precision"],
             "steps_per_s": m["steps_per_s"], "load_s": load_s, "caching_s": m["caching_s"], "train_s": m["train_s"],
             "train_cpu_s": cpu["end"] - cpu["start"], "caching_cpu_s": cpu["cached"] - cpu["caching"],
-            "vae_images": m["vae_images"], "restore_s": m["restore_s"],
+            "vae_images": m["vae_images"], "restore_s": m["restore_s"], "process_cpu_s": time.process_time(),
             "wall_s": time.perf_counter() - _T0, "peak_mb": peak_memory_mb(args.device)}
 
 
@@ -263,11 +273,54 @@ def run_reference(args) -> dict:
             "peak_mb": peak_memory_mb(args.device)}
 
 
+# ---------------------------------------------------------------------------- diffusers' SDXL script, unchanged
+
+
+def run_script(args) -> dict:
+    """diffusers' ``train_dreambooth_lora_sdxl.py``, unchanged, in a child process on the same weights and photos
+    with the trainer's settings where the script has them (LoRA rank 16, learning rates, min-SNR 5, no mixed
+    precision on CPU); it trains both text encoders every step (``--train_text_encoder``: no stage split)."""
+    import re
+
+
+    preset = get_bench_preset(args.arch, args.cache, args.resolution)
+    examples, _ = bench_examples(args.photos)
+    with tempfile.TemporaryDirectory() as work:
+        photos = Path(work) / "photos"
+        photos.mkdir()
+        for i, example in enumerate(examples):
+            example.image.save(photos / f"{i}.png")
+        cmd = [sys.executable, str(args.script), "--pretrained_model_name_or_path", preset.base_model,
+               "--instance_data_dir", str(photos), "--instance_prompt", "a photo of sks girl",
+               "--output_dir", str(Path(work) / "out"), "--resolution", str(args.resolution),
+               "--train_batch_size", "1", "--max_train_steps", str(args.steps), "--rank", "16",
+               "--train_text_encoder", "--learning_rate", "1e-4", "--text_encoder_lr", "5e-5", "--seed", "0",
+               "--mixed_precision", "no" if not args.device.startswith("cuda") else "bf16", "--snr_gamma", "5.0",
+               "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--dataloader_num_workers", "0",
+               "--checkpointing_steps", str(10**6)]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ,
+                                                                                     "HF_HUB_OFFLINE": "1"})
+        wall_s = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"the script failed:\n{done.stderr[-3000:]}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # tqdm's last "Steps: 100%|...| 6/6 [01:23<00:00, ...]": the step loop's elapsed time
+    loops = re.findall(r"Steps: 100%\|[^|]*\| (\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<", done.stderr)
+    hours, minutes, seconds = (int(x or 0) for x in loops[-1][2:])
+    train_s = hours * 3600 + minutes * 60 + seconds
+    return {"loop": "diffusers train_dreambooth_lora_sdxl.py (unchanged)", "steps": args.steps, "precision": "no",
+            "steps_per_s": args.steps / max(train_s, 1), "load_s": float("nan"), "caching_s": 0.0,
+            "train_s": float(train_s), "train_cpu_s": float("nan"), "restore_s": 0.0,
+            "process_cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall_s, "peak_mb": usage.ru_maxrss / 1024}
+
+
 # ---------------------------------------------------------------------------- driver
 
 
 def measure(args, loop: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--one", loop, "--mode", mode, "--device", args.device, "--arch", args.arch,
+           *(["--script", str(args.script)] if args.script else []),
            "--steps", str(args.steps), "--photos", str(args.photos), "--cache", str(args.cache),
            "--strategy", args.strategy,
            "--resolution", str(args.resolution)]
@@ -309,7 +362,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--arch", default=None, choices=("tiny", "sd15-random"),
+    parser.add_argument("--arch", default=None, choices=("tiny", "sd15-random", "sdxl-small", "sdxl-full"),
                         help="default: tiny on CPU, sd15-random on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="default: 40 on CPU, 500 on CUDA")
     parser.add_argument("--photos", type=int, default=10)
@@ -321,7 +374,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per loop, alternating ours and the reference; the best of each is reported")
     parser.add_argument("--cache", type=Path, default=ROOT / ".likeness" / "bench-models")
-    parser.add_argument("--one", choices=("likeness", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--script", type=Path, default=None,
+                        help="diffusers' train_dreambooth_lora_sdxl.py (kept outside this repository): the reference "
+                             "for SDXL archs, run unchanged (lora mode only)")
+    parser.add_argument("--one", choices=("likeness", "reference", "script"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -330,7 +386,8 @@ def main(argv=None) -> None:
     args.resolution = args.resolution or (512 if gpu else 64)
 
     if args.one:
-        result = run_trainer(args) if args.one == "likeness" else run_reference(args)
+        loops = {"likeness": run_trainer, "reference": run_reference, "script": run_script}
+        result = loops[args.one](args)
         print(json.dumps(result))
         return
 
@@ -342,7 +399,7 @@ def main(argv=None) -> None:
         for _ in range(args.repeat):  # alternate, so both loops see the same background load
             runs["ours"].append(measure(args, "likeness", mode))
             if not args.no_reference and base_mode not in references:  # full-ib reuses the full reference
-                runs["ref"].append(measure(args, "reference", base_mode))
+                runs["ref"].append(measure(args, "script" if args.script else "reference", base_mode))
         ours = best(runs["ours"])
         rows.append(ours)
         if args.no_reference:
@@ -358,7 +415,9 @@ def main(argv=None) -> None:
           f"photos={args.photos} strategy={args.strategy} batch=1 repeat={args.repeat} (best of each) "
           f"date={time.strftime('%Y-%m-%d')}")
     print(table(rows))
-    if not args.no_reference and not gpu:
+    print("\nWhole-process CPU s (loading, caching, training, saving): "
+          + ", ".join(f"{r['loop']}: {r.get('process_cpu_s', float('nan')):.1f}" for r in rows))
+    if not args.no_reference and not gpu and not args.script:
         print("\nCaching against the per-step encoding it replaces (process CPU s): the reference's VAE encode "
               "every step and text encode in the steps where the text encoder is frozen; ours: VAE encode of "
               "the images the run draws (stage text caching is inside train CPU s):")

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     max_candidates_per_request: int = 64
 
     # ML
-    model_preset: Literal["tiny", "sd15"] = "tiny"
+    model_preset: Literal["tiny", "sd15", "tiny-sdxl", "sdxl"] = "tiny"
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)

@@ -109,7 +109,13 @@ def adapter_prefix(subject_id: str, version: int) -> str:
 
 
 def adapter_export_key(subject_id: str, version: int, fmt: str) -> str:
-    """An adapter converted for other tools (``kohya``: one safetensors file for A1111/ComfyUI)."""
+    """An adapter converted for other tools (``kohya``: a zip of the LoRA, one embedding per token and how to
+    prompt with them, for A1111/ComfyUI)."""
+    return f"subjects/{subject_id}/exports/adapter-{version}.{fmt}.zip"
+
+
+def legacy_adapter_export_key(subject_id: str, version: int, fmt: str) -> str:
+    """Where adapters trained before the zip export keep theirs: the LoRA file alone."""
     return f"subjects/{subject_id}/exports/adapter-{version}.{fmt}.safetensors"
 
 

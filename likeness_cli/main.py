@@ -288,7 +288,8 @@ def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
 
 @models_app.command("pull")
 def models_pull(
-    preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
     settings = _settings()
@@ -297,7 +298,8 @@ def models_pull(
 
 @models_app.command("check")
 def models_check(
-    preset: Annotated[str | None, typer.Option(help="tiny | sd15 (default: LIKENESS_MODEL_PRESET).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
 ) -> None:
     """Report what the preset still needs locally; exit 1 if anything is missing."""
     settings = _settings()
@@ -323,14 +325,47 @@ def adapters_export(
     adapter_dir: Annotated[Path, typer.Argument(help="An adapter folder (manifest.json inside), e.g. from "
                                                      "`likeness run` (OUT/.work/training/adapter) or a downloaded "
                                                      "zip of GET /v1/subjects/{id}/adapter, unpacked.")],
-    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="kohya: one file for A1111/ComfyUI.")] = ExportFormat.kohya,  # noqa: A002,E501
+    out: Annotated[Path, typer.Option("--out", help="The folder to write into (a path ending in .zip: one zip).")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="kohya: for A1111/ComfyUI (the LoRA, one "  # noqa: A002
+                                                                  "embedding per token, HOW-TO-PROMPT.txt).")]
+    = ExportFormat.kohya,
+    name: Annotated[str, typer.Option(help="What A1111/ComfyUI will call the LoRA; the embeddings are "
+                                           "NAME-<token>.")] = "likeness",
 ) -> None:
-    """Convert a LoRA adapter to the kohya/A1111 format (the instance token's embedding stays in the folder)."""
-    from pipelines.adapters import export_kohya
+    """Convert a LoRA adapter for A1111/ComfyUI: the LoRA, the learned tokens' embeddings and how to prompt."""
+    from pipelines.adapters import export_kohya, kohya_zip
 
-    written = export_kohya(adapter_dir, out)
-    console.print(f"{format.value} LoRA written to {written}")
+    if out.suffix == ".zip":
+        written = kohya_zip(adapter_dir, out, name)
+        console.print(f"{format.value} export written to {written}:")
+        _print_export_files(written)
+        return
+    export = export_kohya(adapter_dir, out, name)
+    console.print(f"{format.value} export written to {out}:")
+    for path in export.files:
+        relative = path.relative_to(out).as_posix()
+        console.print(f"  {relative}  {_export_file_role(relative)}")
+
+
+def _export_file_role(name: str) -> str:
+    from pipelines.adapters import KOHYA_EMBEDDINGS_DIR, KOHYA_README_NAME
+
+    if name == KOHYA_README_NAME:
+        return "how to prompt with these files"
+    if name.startswith(f"{KOHYA_EMBEDDINGS_DIR}/"):
+        return "a learned token's embedding (embeddings/)"
+    return "the LoRA (models/Lora)"
+
+
+def _print_export_files(path: Path) -> None:
+    """What a kohya zip holds, one line per file (nothing for a single file)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            console.print(f"  {name}  {_export_file_role(name)}")
 
 
 # ---- remote commands (a running service, through likeness.client) ----------------------------------------------
@@ -379,7 +414,7 @@ def adapters_download(
     subject_id: str,
     out: Annotated[Path, typer.Option("--out", help="A folder (the server's file name) or a file path.")] = Path("."),
     format: Annotated[AdapterFormat, typer.Option("--format", help="diffusers: zip of the adapter folder; "  # noqa: A002
-                                                                     "kohya: one file for A1111/ComfyUI.")]
+                                                                     "kohya: zip for A1111/ComfyUI.")]
     = AdapterFormat.diffusers,
     version: Annotated[int | None, typer.Option(help="Default: the newest adapter.")] = None,
     api: ApiUrl = None,
@@ -389,6 +424,8 @@ def adapters_download(
     with _remote(api, key) as client:
         path = client.download_adapter(subject_id, out, format=format.value, version=version)
     console.print(f"adapter written to {path} ({path.stat().st_size} bytes)")
+    if format is AdapterFormat.kohya:
+        _print_export_files(path)
 
 
 # ---- Telegram bot ------------------------------------------------------------------------------------------------
@@ -455,7 +492,8 @@ def run(
     template: Annotated[str | None, typer.Option(
         help="Template mode instead of a style: a shipped template's name (pipelines/templates/library) or a "
              "photo file of one person to put the subject into.")] = None,
-    preset: Annotated[str, typer.Option(help="tiny (random weights: images are noise) | sd15")] = "tiny",
+    preset: Annotated[str, typer.Option(
+        help="tiny | tiny-sdxl (random weights: images are noise) | sd15 | sdxl")] = "tiny",
     n: Annotated[int, typer.Option(help="Candidates generated.")] = 8,
     k: Annotated[int, typer.Option(help="Best candidates kept (and upscaled).")] = 4,
     seed: int = 0,

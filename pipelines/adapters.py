@@ -2,18 +2,25 @@
 
 An adapter folder holds safetensors only, in layouts other tools already read:
 
-    manifest.json                      what this is (AdapterManifest)
+    manifest.json                      what this is (AdapterManifest), with its model family and preset
     pytorch_lora_weights.safetensors   LoRA mode: U-Net and text-encoder LoRA, diffusers keys
-                                       (``pipe.load_lora_weights(folder)``)
-    tokens/<i>.safetensors             one learned embedding per new token, ``{token: vector}``
-                                       (``pipe.load_textual_inversion(file, token=token)``)
-    unet/, text_encoder/               full mode: only the components training changed,
-                                       diffusers format; the text encoder keeps the base vocabulary
+                                       (``pipe.load_lora_weights(folder)``, SD 1.5 and SDXL pipelines)
+    tokens/<i>.safetensors             one learned embedding per new token: ``{token: vector}`` for a
+                                       family with one text encoder (``pipe.load_textual_inversion(file,
+                                       token=token)``); one vector per encoder under its A1111 name
+                                       otherwise (SDXL: ``clip_l``, ``clip_g``; load each with
+                                       ``load_textual_inversion(t, token=..., text_encoder=...,
+                                       tokenizer=...)``)
+    unet/, text_encoder*/              full mode: only the components training changed,
+                                       diffusers format; text encoders keep the base vocabulary
                                        (new tokens live in ``tokens/`` in both modes)
 
 The warm generation worker keeps one base pipeline loaded and lends it to many subjects:
-``attach_adapter`` adds a subject's tokens, LoRA (under its own adapter name) or swapped
-components; ``detach_adapter`` puts the base back bit for bit.
+``attach_adapter`` adds a subject's tokens (to each of its family's text encoders), LoRA (under
+its own adapter name) or swapped components; ``detach_adapter`` puts the base back bit for bit.
+
+What differs between families (encoder names, A1111 key prefixes and embedding names, the
+pipeline class that packs LoRA files) is read from :mod:`pipelines.models.family`.
 """
 
 from __future__ import annotations
@@ -32,13 +39,15 @@ import torch
 from torch import nn
 
 from pipelines.errors import InvalidConfig, ModelNotFound
+from pipelines.models.family import ModelFamily, get_family
 
 FORMAT = "likeness-adapter"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TOKENS_DIR = "tokens"
-FULL_COMPONENTS = ("unet", "text_encoder")
+KOHYA_EMBEDDINGS_DIR = "embeddings"
+KOHYA_README_NAME = "HOW-TO-PROMPT.txt"
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,8 @@ class AdapterManifest:
     instance_token: str
     class_token: str
     tokens: tuple[str, ...]  # every added token, in the order they were added
+    family: str = "sd15"  # the model family trained on (pipelines.models.family); older adapters: sd15
+    preset: str | None = None  # the model preset trained on; generation uses the same
     base_revision: str | None = None
     lora: LoraSpec | None = None
     training_config: Mapping[str, Any] = field(default_factory=dict)
@@ -80,6 +91,7 @@ class AdapterManifest:
     version: int = VERSION
 
     def __post_init__(self):
+        get_family(self.family)  # raises InvalidConfig for an unknown family
         if self.mode not in ("lora", "full"):
             raise InvalidConfig(f"adapter mode must be 'lora' or 'full', not {self.mode!r}")
         if self.instance_token not in self.tokens:
@@ -114,6 +126,13 @@ class AdapterManifest:
     def from_json(cls, text: str) -> AdapterManifest:
         return cls.from_dict(json.loads(text))
 
+    @property
+    def model_family(self) -> ModelFamily:
+        return get_family(self.family)
+
+
+TokenRows = Mapping[str, torch.Tensor]  # text encoder name -> one token's vector in that encoder
+
 
 # ---------------------------------------------------------------------------- saving
 
@@ -123,57 +142,81 @@ def save_adapter(
     manifest: AdapterManifest,
     *,
     unet_lora: Mapping[str, torch.Tensor] | None = None,
-    text_encoder_lora: Mapping[str, torch.Tensor] | None = None,
-    token_embeddings: Mapping[str, torch.Tensor],
+    text_encoder_lora: Mapping[str, torch.Tensor] | Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    token_embeddings: Mapping[str, torch.Tensor | TokenRows],
     full_components: Mapping[str, nn.Module] | None = None,
 ) -> Path:
     """Write an adapter folder. LoRA dicts are peft state dicts (``get_peft_model_state_dict``).
 
-    ``full_components`` maps ``unet``/``text_encoder`` to changed modules; a text encoder
+    ``text_encoder_lora``: ``{encoder name: state dict}`` (a bare state dict is the first encoder's).
+    ``token_embeddings``: ``{token: {encoder name: vector}}`` (a bare vector: the first encoder's).
+    ``full_components`` maps ``unet`` or a text encoder's name to a changed module; a text encoder
     must carry the base vocabulary only (the new tokens travel in ``token_embeddings``).
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    family = manifest.model_family
     full_components = dict(full_components or {})
-    if not (unet_lora or text_encoder_lora or token_embeddings or full_components):
+    encoder_loras = {name: sd for name, sd in _per_encoder(family, text_encoder_lora or {}).items() if sd}
+    rows = {token: _per_encoder(family, value) for token, value in token_embeddings.items()}
+    if not (unet_lora or encoder_loras or token_embeddings or full_components):
         raise InvalidConfig("refusing to save an adapter with no weights")
-    if set(token_embeddings) != set(manifest.tokens):
+    if set(rows) != set(manifest.tokens):
         raise InvalidConfig("token embeddings must cover exactly the manifest's tokens",
-                            {"tokens": list(manifest.tokens), "embeddings": list(token_embeddings)})
-    if unknown := set(full_components) - set(FULL_COMPONENTS):
-        raise InvalidConfig(f"cannot save components {sorted(unknown)}", {"known": list(FULL_COMPONENTS)})
+                            {"tokens": list(manifest.tokens), "embeddings": list(rows)})
+    if any(set(per_encoder) != set(family.encoder_names) for per_encoder in rows.values()):
+        raise InvalidConfig(f"each token needs one embedding per {family.name} text encoder",
+                            {"encoders": list(family.encoder_names)})
+    known = ("unet", *family.encoder_names)
+    if unknown := set(full_components) - set(known):
+        raise InvalidConfig(f"cannot save components {sorted(unknown)}", {"known": list(known)})
     folder.mkdir(parents=True, exist_ok=True)
 
-    if unet_lora or text_encoder_lora:
-        _save_lora(folder, manifest.lora or LoraSpec(), unet_lora, text_encoder_lora)
+    if unet_lora or encoder_loras:
+        _save_lora(folder, family, manifest.lora or LoraSpec(), unet_lora, encoder_loras)
     (folder / TOKENS_DIR).mkdir(exist_ok=True)
     for index, token in enumerate(manifest.tokens):
-        vector = token_embeddings[token].detach().float().reshape(-1).contiguous().cpu()
-        save_file({token: vector}, str(folder / TOKENS_DIR / f"{index}.safetensors"))
+        tensors = {_token_file_key(family, slot, token): rows[token][slot.encoder].detach().float().reshape(-1)
+                   .contiguous().cpu() for slot in family.text_encoders}
+        save_file(tensors, str(folder / TOKENS_DIR / f"{index}.safetensors"), metadata={"token": token})
     for name, module in full_components.items():
         module.save_pretrained(str(folder / name), safe_serialization=True)
 
-    components = tuple(full_components) if full_components else tuple(
-        name for name, sd in (("unet", unet_lora), ("text_encoder", text_encoder_lora)) if sd
-    )
+    components = tuple(full_components) if full_components else (("unet",) if unet_lora else ()) + tuple(
+        name for name in family.encoder_names if name in encoder_loras)
     manifest = _replace(manifest, components=components)
     (folder / MANIFEST_NAME).write_text(manifest.to_json())
     return folder
 
 
-def _save_lora(folder: Path, spec: LoraSpec, unet_lora, text_encoder_lora) -> None:
-    from diffusers import StableDiffusionPipeline
+def _per_encoder(family: ModelFamily, value):
+    """``{encoder name: value}``: a bare tensor or state dict belongs to the family's first encoder."""
+    if isinstance(value, torch.Tensor) or (value and all(isinstance(v, torch.Tensor) for v in value.values())
+                                           and not set(value) <= set(family.encoder_names)):
+        return {family.text_encoders[0].encoder: value}
+    return dict(value)
 
-    # The SD loader mixin only packs prefixes and metadata; SDXL would add text_encoder_2.
-    StableDiffusionPipeline.save_lora_weights(
-        str(folder),
-        unet_lora_layers=_cpu_contiguous(unet_lora) if unet_lora else None,
-        text_encoder_lora_layers=_cpu_contiguous(text_encoder_lora) if text_encoder_lora else None,
-        safe_serialization=True,
-        unet_lora_adapter_metadata=spec.peft_kwargs("unet") if unet_lora else None,
-        text_encoder_lora_adapter_metadata=spec.peft_kwargs("text_encoder") if text_encoder_lora else None,
-    )
+
+def _token_file_key(family: ModelFamily, slot, token: str) -> str:
+    """A token file's tensor name: the token itself for one encoder (the format before SDXL, which
+    ``load_textual_inversion(file)`` reads), the encoder's A1111 name (``clip_l``, ``clip_g``) for several."""
+    return token if len(family.text_encoders) == 1 else slot.embedding_key
+
+
+def _save_lora(folder: Path, family: ModelFamily, spec: LoraSpec, unet_lora, encoder_loras) -> None:
+    import diffusers
+
+    # The family's pipeline class packs the component prefixes (text_encoder_2 for SDXL) and metadata.
+    kwargs: dict[str, Any] = {
+        "unet_lora_layers": _cpu_contiguous(unet_lora) if unet_lora else None,
+        "unet_lora_adapter_metadata": spec.peft_kwargs("unet") if unet_lora else None,
+    }
+    for name in family.encoder_names:
+        state = encoder_loras.get(name)
+        kwargs[f"{name}_lora_layers"] = _cpu_contiguous(state) if state else None
+        kwargs[f"{name}_lora_adapter_metadata"] = spec.peft_kwargs("text_encoder") if state else None
+    getattr(diffusers, family.text_to_image).save_lora_weights(str(folder), safe_serialization=True, **kwargs)
 
 
 def _cpu_contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,23 +239,38 @@ def load_manifest(folder: str | Path) -> AdapterManifest:
     return AdapterManifest.from_json(path.read_text())
 
 
-def load_token_embeddings(folder: str | Path, manifest: AdapterManifest | None = None) -> dict[str, torch.Tensor]:
+def load_token_embeddings(folder: str | Path,
+                          manifest: AdapterManifest | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{token: {text encoder name: vector}}`` of an adapter folder, in the manifest's token order."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     manifest = manifest or load_manifest(folder)
+    family = manifest.model_family
     embeddings = {}
     for index, token in enumerate(manifest.tokens):
         state = load_file(str(folder / TOKENS_DIR / f"{index}.safetensors"))
-        embeddings[token] = state[token]
+        embeddings[token] = {slot.encoder: state[_token_file_key(family, slot, token)] for slot in family.text_encoders}
     return embeddings
 
 
 def token_embedding_files(folder: str | Path) -> tuple[list[str], list[str]]:
-    """(files, tokens) for ``pipe.load_textual_inversion(files, token=tokens)``."""
+    """(files, tokens) for ``pipe.load_textual_inversion(files, token=tokens)`` (one-encoder families; for
+    SDXL load each encoder's vectors from :func:`load_token_embeddings`, see :func:`load_tokens_with_diffusers`)."""
     manifest = load_manifest(folder)
     files = [str(Path(folder) / TOKENS_DIR / f"{i}.safetensors") for i in range(len(manifest.tokens))]
     return files, list(manifest.tokens)
+
+
+def load_tokens_with_diffusers(pipe, folder: str | Path) -> None:
+    """Put an adapter's tokens on a plain diffusers pipeline with its own ``load_textual_inversion``, once
+    per text encoder of the family: what a user of the downloaded adapter does (documentation and tests)."""
+    manifest = load_manifest(folder)
+    rows = load_token_embeddings(folder, manifest)
+    tokens = list(manifest.tokens)
+    for slot in manifest.model_family.text_encoders:
+        pipe.load_textual_inversion([rows[t][slot.encoder] for t in tokens], token=tokens,
+                                    text_encoder=getattr(pipe, slot.encoder), tokenizer=getattr(pipe, slot.tokenizer))
 
 
 def add_token_rows(tokenizer, text_encoder: nn.Module, rows: Mapping[str, torch.Tensor]):
@@ -250,17 +308,25 @@ def add_token_rows(tokenizer, text_encoder: nn.Module, rows: Mapping[str, torch.
 
 
 @dataclass
+class _ReplacedTokens:
+    """What attaching tokens to one text encoder replaced, to put back on detach."""
+
+    tokenizer_name: str
+    tokenizer: Any
+    text_encoder: nn.Module
+    embedding: nn.Module
+    vocab_size: int
+
+
+@dataclass
 class AttachedAdapter:
     folder: Path
     manifest: AdapterManifest
     adapter_name: str
-    token_ids: list[int]
+    token_ids: list[int]  # in the first text encoder's vocabulary (the same ids in every encoder)
     lora_components: tuple[str, ...]
     # What attach replaced, to put back on detach.
-    _tokenizer: Any = None
-    _text_encoder: nn.Module | None = None
-    _embedding: nn.Module | None = None
-    _vocab_size: int = 0
+    _replaced_tokens: list[_ReplacedTokens] = field(default_factory=list)
     _swapped: dict[str, nn.Module] = field(default_factory=dict)
     detached: bool = False
 
@@ -284,15 +350,18 @@ def attach_adapter(pipe, folder: str | Path, adapter_name: str | None = None) ->
             attached._swapped[name] = original
             setattr(pipe, name, replacement)
 
-    # 2. Tokens: a private tokenizer copy and a larger embedding module on the current text encoder.
+    # 2. Tokens: per text encoder, a private tokenizer copy and a larger embedding module on the current encoder.
     try:
         rows = load_token_embeddings(folder, manifest)
-        text_encoder = pipe.text_encoder
-        attached._tokenizer = pipe.tokenizer
-        attached._text_encoder = text_encoder
-        attached._vocab_size = text_encoder.config.vocab_size
-        tokenizer, attached.token_ids, attached._embedding = add_token_rows(pipe.tokenizer, text_encoder, rows)
-        pipe.tokenizer = tokenizer
+        for index, slot in enumerate(manifest.model_family.text_encoders):
+            text_encoder, tokenizer = getattr(pipe, slot.encoder), getattr(pipe, slot.tokenizer)
+            vocab_size = text_encoder.config.vocab_size
+            new_tokenizer, ids, old = add_token_rows(tokenizer, text_encoder,
+                                                     {t: per_encoder[slot.encoder] for t, per_encoder in rows.items()})
+            attached._replaced_tokens.append(_ReplacedTokens(slot.tokenizer, tokenizer, text_encoder, old, vocab_size))
+            setattr(pipe, slot.tokenizer, new_tokenizer)
+            if index == 0:
+                attached.token_ids = ids
 
         # 3. LoRA under a per-subject adapter name, made the only active one.
         if manifest.mode == "lora" and (folder / LORA_WEIGHTS_NAME).is_file():
@@ -322,11 +391,10 @@ def _undo(pipe, attached: AttachedAdapter) -> None:
         pipe.delete_adapters([attached.adapter_name])
         if not _remaining_lora_adapters(pipe):
             pipe.unload_lora_weights()  # removes the peft wrapper layers themselves
-    if attached._embedding is not None:
-        attached._text_encoder.set_input_embeddings(attached._embedding)
-        attached._text_encoder.config.vocab_size = attached._vocab_size
-    if attached._tokenizer is not None:
-        pipe.tokenizer = attached._tokenizer
+    for replaced in reversed(attached._replaced_tokens):
+        replaced.text_encoder.set_input_embeddings(replaced.embedding)
+        replaced.text_encoder.config.vocab_size = replaced.vocab_size
+        setattr(pipe, replaced.tokenizer_name, replaced.tokenizer)
     for name, original in attached._swapped.items():
         setattr(pipe, name, original)
     attached.detached = True
@@ -351,39 +419,126 @@ def adapter_attached(pipe, folder: str | Path, adapter_name: str | None = None) 
 # ---------------------------------------------------------------------------- kohya export
 
 
-def export_kohya(folder: str | Path, out_file: str | Path) -> Path:
-    """Write the LoRA in kohya/A1111 naming (``lora_unet_*``/``lora_te_*`` with
-    ``.lora_down``/``.lora_up``/``.alpha``); the learned tokens go next to it as
-    A1111 embeddings (``<stem>.<i>.safetensors`` with ``emb_params``).
+@dataclass(frozen=True)
+class KohyaExport:
+    """What :func:`export_kohya` wrote: the LoRA, one embedding file per token, and how to prompt."""
+
+    lora: Path
+    embeddings: dict[str, Path]  # token -> its embedding file
+    readme: Path
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.lora, *self.embeddings.values(), self.readme]
+
+
+def export_kohya(folder: str | Path, out_dir: str | Path, name: str = "likeness") -> KohyaExport:
+    """Write the adapter in the format A1111 and ComfyUI load, into ``out_dir``:
+
+    * ``<name>.safetensors``: the LoRA in kohya naming (``lora_unet_*``, and per text encoder its prefix:
+      ``lora_te_*`` for SD 1.5, ``lora_te1_*``/``lora_te2_*`` for SDXL), ``.lora_down``/``.lora_up``/``.alpha``;
+    * ``embeddings/<name>-<token>.safetensors``, one per token, holding per text encoder its A1111 name
+      (``emb_params`` for SD 1.5; ``clip_l`` and ``clip_g`` for SDXL), each ``[1, width]``; A1111 and ComfyUI
+      call an embedding by its file name, so ``name`` (the subject's) keeps two subjects' ``<subj>`` apart;
+    * ``HOW-TO-PROMPT.txt``: which files go where and a prompt that uses them.
 
     Keys come from diffusers' ``convert_state_dict_to_kohya``; three things it leaves to the caller:
     A1111 names CLIP layers from ``CLIPTextModel``'s root (``text_model.``, which diffusers' LoRA
-    files leave out), SD 1.x names its one text encoder ``lora_te_`` (``lora_te1_`` is SDXL's
-    first), and the alpha it writes is the rank (scale 1) where the adapter's may differ."""
+    files leave out), the prefix of each encoder is the family's (diffusers writes ``lora_te1_`` /
+    ``lora_te2_``; SD 1.x's one encoder is ``lora_te_``), and the alpha it writes is the rank (scale 1)
+    where the adapter's may differ."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import load_file, save_file
 
-    folder, out_file = Path(folder), Path(out_file)
+    folder, out_dir = Path(folder), Path(out_dir)
     manifest = load_manifest(folder)
+    family = manifest.model_family
     lora_file = folder / LORA_WEIGHTS_NAME
     if manifest.mode != "lora" or not lora_file.is_file():
         raise InvalidConfig("only LoRA-mode adapters with LoRA weights can be exported to kohya format",
                             {"mode": manifest.mode})
     spec = manifest.lora or LoraSpec()
+    state = {}
+    for key, value in load_file(str(lora_file)).items():
+        component, _, rest = key.partition(".")
+        if component in family.encoder_names and not rest.startswith("text_model."):
+            key = f"{component}.text_model.{rest}"
+        state[key] = value
+    # diffusers' converter names encoders lora_te1_ / lora_te2_ by position; the family says what A1111 expects
+    prefixes = {f"lora_te{i}_": f"{slot.kohya_prefix}_" for i, slot in enumerate(family.text_encoders, start=1)}
     kohya: dict[str, torch.Tensor] = {}
-    state = {("text_encoder.text_model." + k[len("text_encoder."):]
-              if k.startswith("text_encoder.") and not k.startswith("text_encoder.text_model.") else k): v
-             for k, v in load_file(str(lora_file)).items()}
     for key, value in convert_state_dict_to_kohya(state).items():
-        if key.startswith("lora_te1_"):
-            key = "lora_te_" + key[len("lora_te1_"):]
+        for diffusers_prefix, prefix in prefixes.items():
+            if key.startswith(diffusers_prefix):
+                key = prefix + key[len(diffusers_prefix):]
+                break
         if key.endswith(".alpha"):
             value = torch.tensor(float(spec.alpha if spec.alpha is not None else int(value)))
         kohya[key] = value.contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora_out = out_dir / f"{name}.safetensors"
+    save_file(kohya, str(lora_out), metadata={"ss_network_module": "networks.lora", "ss_base_model_version":
+                                              family.name, "likeness_tokens": json.dumps(list(manifest.tokens))})
+    embeddings = {}
+    (out_dir / KOHYA_EMBEDDINGS_DIR).mkdir(exist_ok=True)
+    for token, per_encoder in load_token_embeddings(folder, manifest).items():
+        path = out_dir / KOHYA_EMBEDDINGS_DIR / f"{embedding_name(name, token)}.safetensors"
+        save_file({slot.embedding_key: per_encoder[slot.encoder].reshape(1, -1).contiguous()
+                   for slot in family.text_encoders}, str(path), metadata={"token": token})
+        embeddings[token] = path
+    readme = out_dir / KOHYA_README_NAME
+    readme.write_text(how_to_prompt(manifest, name))
+    return KohyaExport(lora_out, embeddings, readme)
+
+
+def embedding_name(name: str, token: str) -> str:
+    """What A1111 and ComfyUI call a token's embedding (its file name): ``likeness-1a2b-v1-subj`` for ``<subj>``
+    (only letters, digits, ``_`` and ``-`` kept)."""
+    return f"{name}-{re.sub(r'[^A-Za-z0-9_-]', '', token) or 'token'}"
+
+
+def how_to_prompt(manifest: AdapterManifest, name: str) -> str:
+    """The short text that travels with a kohya export: where each file goes and a prompt that uses them."""
+    family = manifest.model_family
+    instance = embedding_name(name, manifest.instance_token)
+    backgrounds = [embedding_name(name, t) for t in manifest.tokens if t != manifest.instance_token]
+    lines = [
+        f"Likeness adapter for {manifest.class_token} ({family.name}; trained on {manifest.preset or 'a base'} "
+        f"for {manifest.steps} steps).",
+        "",
+        "Files:",
+        f"  {name}.safetensors  the LoRA: put it in models/Lora (A1111) or models/loras (ComfyUI).",
+        f"  {KOHYA_EMBEDDINGS_DIR}/{instance}.safetensors  the learned subject token: put it in embeddings/ "
+        "(A1111) or models/embeddings (ComfyUI).",
+    ]
+    if backgrounds:
+        lines.append(f"  {len(backgrounds)} more token files ({', '.join(backgrounds[:3])}"
+                     f"{', ...' if len(backgrounds) > 3 else ''}): the training photos' backgrounds; not needed "
+                     "for prompting.")
+    lines += [
+        "",
+        "Prompt (A1111):",
+        # weight 1: the file's alpha already carries the trained scale
+        f"  <lora:{name}:1> a portrait photo of {instance} {manifest.class_token}, studio light",
+        "Prompt (ComfyUI: load the LoRA with a LoraLoader node, then in the text):",
+        f"  a portrait photo of embedding:{instance} {manifest.class_token}, studio light",
+        "",
+        f"Use a {family.name.upper()} base model at {family.native_resolution} x {family.native_resolution} "
+        "and keep the subject words together: the token, then the class word.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def kohya_zip(folder: str | Path, out_file: str | Path, name: str = "likeness") -> Path:
+    """The kohya export as one zip (what ``GET /v1/subjects/{id}/adapter?format=kohya`` returns)."""
+    import tempfile
+    import zipfile
+
+    out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya, str(out_file), metadata={"ss_network_module": "networks.lora",
-                                             "likeness_tokens": json.dumps(list(manifest.tokens))})
-    for index, (token, vector) in enumerate(load_token_embeddings(folder, manifest).items()):
-        save_file({"emb_params": vector.reshape(1, -1).contiguous()},
-                  str(out_file.with_name(f"{out_file.stem}.{index}.safetensors")), metadata={"token": token})
+    with tempfile.TemporaryDirectory() as work:
+        export = export_kohya(folder, work, name)
+        with zipfile.ZipFile(out_file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in export.files:
+                archive.write(path, path.relative_to(work).as_posix())
     return out_file

@@ -27,6 +27,14 @@ def tiny_preset():
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_preset():
+    """The ``tiny-sdxl`` preset (SDXL's layout, random weights), built once per machine and reused."""
+    from pipelines.models.presets import get_preset
+
+    return get_preset("tiny-sdxl", MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
 def astronaut() -> Image.Image:
     from skimage import data
 

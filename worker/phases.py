@@ -183,7 +183,7 @@ def intake_config(ctx: PhaseContext):  # noqa: ANN201 - pipelines.intake.config.
     request: ResolvedTrain = ctx.request()  # type: ignore[assignment]
     preset = ctx.preset(request.preset)
     return IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, class_token=request.class_token,
-                        device=ctx.device)
+                        device=ctx.device, crop_size=preset.intake_crop_size)
 
 
 def run_intake(ctx: PhaseContext) -> TrainResult:

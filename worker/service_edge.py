@@ -125,12 +125,14 @@ class ServiceEdge:
         """The ``adapters`` row (a rerun reuses its version and blob prefix), the blobs and the kohya export."""
         ref, prefix, mode = through_db_outage(f"job {job.id}: adapter row", self._adapter_row, job, manifest)
         upload_folder(self.store, adapter_dir, prefix)
-        if mode == "lora":  # the LoRA in kohya/A1111 naming, for GET /v1/subjects/{id}/adapter?format=kohya
-            from pipelines.adapters import export_kohya
+        if mode == "lora":  # the A1111/ComfyUI zip (LoRA, one embedding per token, how to prompt), for
+            # GET /v1/subjects/{id}/adapter?format=kohya
+            from pipelines.adapters import kohya_zip
 
-            out = export_kohya(adapter_dir, workdir / "exports" / "kohya.safetensors")
+            name = f"likeness-{job.subject_id[:8]}-v{ref.version}"  # what A1111/ComfyUI will call the files
+            out = kohya_zip(adapter_dir, workdir / "exports" / "kohya.zip", name)
             self.store.put(adapter_export_key(job.subject_id, ref.version, "kohya"), out.read_bytes(),
-                           "application/octet-stream")
+                           "application/zip")
         return ref
 
     def _adapter_row(self, job: JobSnapshot, manifest: dict[str, Any]) -> tuple[AdapterRef, str, str]:

@@ -1,18 +1,21 @@
 """Prefetch and check every weight a model preset needs (``likeness models pull|check``).
 
 Hub repositories go to the Hugging Face cache (the loaders find them there, offline);
-``hf://owner/repo/file`` entries are single files of a repository. The ``tiny`` preset
-is built locally instead. Detectors ship inside mediapipe and need nothing.
+``hf://owner/repo/file`` entries are single files of a repository. The tiny presets
+(``tiny``, ``tiny-sdxl``) are built locally instead. Detectors ship inside mediapipe and need nothing.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.models.presets import ModelPreset, get_preset, tiny_dir, tiny_is_built
+from pipelines.models.presets import TINY_PRESETS, ModelPreset, get_preset, tiny_dir, tiny_is_built, tiny_sdxl_dir
 
-# Only what diffusers/transformers load: skips duplicate .ckpt/.bin/fp16 copies of the same weights.
-ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# Only the files diffusers/transformers load: configs, tokenizers and the (possibly sharded) safetensors
+# weights named ``model`` / ``diffusion_pytorch_model``. Skips .ckpt/.bin copies, fp16 variants
+# (``*.fp16.safetensors``) and the single-file checkpoints base repositories also carry (SDXL's 6.9 GB
+# ``sd_xl_base_1.0.safetensors``, SD 1.5's ``v1-5-pruned*.safetensors``).
+ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*model.safetensors", "*model-*-of-*.safetensors"]
 
 
 def references(preset: ModelPreset) -> list[str]:
@@ -52,10 +55,11 @@ def available(ref: str, revision: str | None = None) -> bool:
 
 def check(name: str, cache_dir: Path) -> list[str]:
     """References of ``name`` that are not available offline (empty: ready)."""
-    if name == "tiny":
-        if tiny_is_built(cache_dir):
+    if name in TINY_PRESETS:
+        if tiny_is_built(cache_dir, name):
             return []
-        return [f"tiny models under {tiny_dir(cache_dir)} (built by models pull)"]
+        folder = tiny_sdxl_dir(cache_dir) if name == "tiny-sdxl" else tiny_dir(cache_dir)
+        return [f"{name} models under {folder} (built by models pull)"]
     preset = get_preset(name, cache_dir)
     return [ref for ref in references(preset) if not available(ref, preset.revision)]
 
@@ -65,10 +69,11 @@ def pull(name: str, cache_dir: Path, console=None) -> None:
     from rich.progress import BarColumn, Progress, TextColumn
 
     console = console or Console()
-    if name == "tiny":
-        with console.status("building tiny random-weight models (no download)..."):
-            get_preset("tiny", cache_dir)
-        console.print(f"tiny preset ready under {tiny_dir(cache_dir)} (random weights: its images are noise)")
+    if name in TINY_PRESETS:
+        with console.status(f"building {name} random-weight models (no download)..."):
+            preset = get_preset(name, cache_dir)
+        console.print(f"{name} preset ready under {Path(preset.base_model).parent} "
+                      "(random weights: its images are noise)")
         return
     from huggingface_hub import hf_hub_download, snapshot_download
 

@@ -1,4 +1,4 @@
-"""A subject's trained adapters and their downloads (diffusers folder as a zip, kohya file)."""
+"""A subject's trained adapters and their downloads (diffusers folder as a zip, the kohya/A1111 zip)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from app.errors import Conflict, NotFound
 from app.services.clients import Caller
 from app.services.subjects import get_subject
 from core.db.models import Adapter
-from core.storage import CHUNK, BlobNotFound, BlobStore, adapter_export_key
+from core.storage import CHUNK, BlobNotFound, BlobStore, adapter_export_key, legacy_adapter_export_key
 
 ExportFormat = Literal["diffusers", "kohya"]
 
@@ -32,12 +32,15 @@ def get_adapter(session: Session, caller: Caller, subject_id: str, version: int 
     return adapter
 
 
-def export_key(adapter: Adapter, fmt: ExportFormat) -> str:
-    """The blob of a single-file export; 409 when the adapter's mode has none."""
+def export_key(store: BlobStore, adapter: Adapter, fmt: ExportFormat) -> str:
+    """The blob of an export (a zip; the LoRA file alone for adapters trained before the zip existed);
+    409 when the adapter's mode has none."""
     if adapter.mode != "lora":
         raise Conflict(f"A {adapter.mode} adapter has no {fmt} export; download format=diffusers.",
                        {"mode": adapter.mode, "format": fmt}, code="export_unavailable")
-    return adapter_export_key(adapter.subject_id, adapter.version, fmt)
+    key = adapter_export_key(adapter.subject_id, adapter.version, fmt)
+    legacy = legacy_adapter_export_key(adapter.subject_id, adapter.version, fmt)
+    return legacy if not store.exists(key) and store.exists(legacy) else key
 
 
 def zip_stream(store: BlobStore, prefix: str) -> Iterator[bytes]:

@@ -65,22 +65,28 @@ def generation_limits(caller: Caller, settings: Settings) -> GenerationLimits:
     return GenerationLimits(max_candidates=min(caller.max_candidates, settings.max_candidates_per_request))
 
 
+def trained_preset(adapter: Adapter) -> str | None:
+    """The model preset the adapter was trained on (its manifest records it; None for adapters from before)."""
+    return (adapter.manifest or {}).get("preset")
+
+
 def resolve_with_adapter(session: Session, subject_id: str, adapter_version: int | None,
-                         resolve: Callable[[int, str | None], T]) -> T:
-    """``resolve(adapter version, instance token)`` with the subject's adapter (the newest, or
-    ``adapter_version``); request errors become 422 with their code. Without such an adapter the
-    request is still checked first, then refused: 404 ``adapter_not_found``, 409 ``subject_not_trained``."""
+                         resolve: Callable[[int, str | None, str | None], T]) -> T:
+    """``resolve(adapter version, instance token, trained preset)`` with the subject's adapter (the newest,
+    or ``adapter_version``): its generations run on the preset, so the family, it was trained on (None:
+    the deployment's). Request errors become 422 with their code. Without such an adapter the request is
+    still checked first, then refused: 404 ``adapter_not_found``, 409 ``subject_not_trained``."""
     adapter = latest_adapter(session, subject_id, adapter_version)
     try:
         if adapter is None:  # still refuse a request that could never run, first
-            resolve(1, None)
+            resolve(1, None, None)
             if adapter_version is not None:
                 raise NotFound("This subject has no adapter of that version.",
                                {"subject_id": subject_id, "adapter_version": adapter_version},
                                code="adapter_not_found")
             raise Conflict("Train this subject before generating portraits.", {"subject_id": subject_id},
                            code="subject_not_trained")
-        return resolve(adapter.version, (adapter.manifest or {}).get("instance_token"))
+        return resolve(adapter.version, (adapter.manifest or {}).get("instance_token"), trained_preset(adapter))
     except RequestRejected as exc:
         raise InvalidRequest(exc.message, exc.details, code=exc.code) from None
 
@@ -89,8 +95,8 @@ def create_generation_job(uow: UnitOfWork, caller: Caller, subject_id: str, body
                           settings: Settings) -> Job:
     """A queued generation job; the subject needs a trained adapter (409 ``subject_not_trained``)."""
     subject = get_subject(uow.session, caller, subject_id)
-    resolved = resolve_with_adapter(uow.session, subject.id, body.adapter_version, lambda version, token: (
-        resolve_generate(body, preset=settings.model_preset, adapter_version=version,
+    resolved = resolve_with_adapter(uow.session, subject.id, body.adapter_version, lambda version, token, preset: (
+        resolve_generate(body, preset=preset or settings.model_preset, adapter_version=version,
                          limits=generation_limits(caller, settings), instance_token=token)))
     return queue_job(uow, caller, subject.id, JobKind.GENERATE, resolved.model_dump(mode="json"), settings)
 

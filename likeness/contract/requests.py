@@ -28,6 +28,7 @@ from pipelines.generation.styles import (
     placeholders,
     template_path,
 )
+from pipelines.models.presets import PRESET_NAMES
 from pipelines.templates.catalog import get_template
 from pipelines.templates.spec import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -78,6 +79,10 @@ class TrainRequest(_Body):
     attention_loss: bool = Field(False, description="Masked cross-attention penalty: converges about twice as fast "
                                                     "but the model loses expressiveness (off by default).")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    preset: Literal[PRESET_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="The model preset to train on (sd15: Stable Diffusion 1.5 at 512 px; sdxl: SDXL at "
+                          "1024 px; tiny, tiny-sdxl: random weights for demos). Default: the deployment's. The "
+                          "subject's generations and templates then use the same preset.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"mode": "lora", "steps": 800}]})
 
@@ -100,17 +105,23 @@ class ResolvedTrain(BaseModel):
 #: ``sd15`` keeps the method's defaults (90 steps a photo, at most 1500).
 PRESET_TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"steps_per_photo": 4, "max_steps_cap": 40, "unet_rank": 4, "text_encoder_rank": 4},
+    "tiny-sdxl": {"steps_per_photo": 4, "max_steps_cap": 40, "unet_rank": 4, "text_encoder_rank": 4},
     "sd15": {},
+    "sdxl": {},
 }
 #: Generation defaults that depend on the model preset (a request's own value always wins): ``tiny``
 #: denoises 10 steps instead of a style's 25; ``sd15`` takes the style's.
 PRESET_GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 10},
+    "tiny-sdxl": {"steps": 10},
     "sd15": {},
+    "sdxl": {},
 }
 
 
 def resolve_train(body: TrainRequest, *, preset: str, class_token_override: str | None = None) -> ResolvedTrain:
+    """``preset``: the deployment's default, used unless the request names one."""
+    preset = body.preset or preset
     values: dict[str, Any] = {**PRESET_TRAINING_DEFAULTS.get(preset, {}), "mode": body.mode,
                               "strategy": body.strategy, "seed": body.seed}
     if body.steps is not None:

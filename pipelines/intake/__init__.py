@@ -4,7 +4,7 @@ Public API::
 
     from pipelines.intake import PhotoInput, IntakeConfig, load_intake_models, prepare_dataset
 
-    config = IntakeConfig(clip_model=preset.clip)
+    config = IntakeConfig(clip_model=preset.clip, crop_size=preset.intake_crop_size)
     models = load_intake_models(config)   # the worker borrows intake_models(config) from its manager
     dataset = prepare_dataset([PhotoInput("p1", data), ...], config, models)
     dataset.training_examples()   # -> list[pipelines.types.TrainingExample]

@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.intake.reasons import ReasonCode
-from pipelines.types import TokenSpec, TrainingExample
+from pipelines.types import CropGeometry, TokenSpec, TrainingExample
 from pipelines.vision.faces import FaceBox
 
 #: In BLIP captions the subject's place is marked with this; it becomes "<instance> <class>".
@@ -65,6 +65,7 @@ class DatasetItem:
     crop: Image.Image  # RGB, crop_size x crop_size
     mask: Image.Image  # "L", same size, 255 = person
     context: str  # "<bg3>", or a BLIP caption containing SUBJECT
+    geometry: CropGeometry | None = None  # the square cut from the photo (None in datasets saved before it)
 
     def prompt(self, instance_token: str, class_token: str) -> str:
         subject = f"{instance_token} {class_token}"
@@ -91,6 +92,7 @@ class Dataset:
                 prompt=item.prompt(self.instance_token, self.class_token),
                 mask=item.mask,
                 photo_id=item.photo_id,
+                crop=item.geometry,
             )
             for item in self.items
         ]
@@ -108,7 +110,8 @@ class Dataset:
             crop_path, mask_path = f"crops/{index:04d}.png", f"masks/{index:04d}.png"
             item.crop.save(folder / crop_path)
             item.mask.save(folder / mask_path)
-            entries.append({"photo_id": item.photo_id, "context": item.context, "crop": crop_path, "mask": mask_path})
+            entries.append({"photo_id": item.photo_id, "context": item.context, "crop": crop_path, "mask": mask_path,
+                            "geometry": item.geometry.to_dict() if item.geometry is not None else None})
         manifest = {
             "version": 1,
             "instance_token": self.instance_token,
@@ -131,7 +134,9 @@ class Dataset:
         items = []
         for entry in manifest["items"]:
             with Image.open(folder / entry["crop"]) as crop, Image.open(folder / entry["mask"]) as mask:
-                items.append(DatasetItem(entry["photo_id"], crop.convert("RGB"), mask.convert("L"), entry["context"]))
+                geometry = CropGeometry(**entry["geometry"]) if entry.get("geometry") else None
+                items.append(DatasetItem(entry["photo_id"], crop.convert("RGB"), mask.convert("L"), entry["context"],
+                                         geometry))
         return cls(
             items=items,
             instance_token=manifest["instance_token"],

@@ -52,6 +52,7 @@ from pipelines.intake.decode import PhotoRejected, decode_photo
 from pipelines.intake.models import IntakeModels, check_models
 from pipelines.intake.reasons import ReasonCode
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
+from pipelines.types import CropGeometry
 from pipelines.vision.faces import FaceBox, detect_faces
 from pipelines.vision.people import People, count_people, detect_in_tiles, face_near
 from pipelines.vision.persons import detect_persons
@@ -82,6 +83,7 @@ class _Candidate:
     blur: float
     phash: int
     identity_distance: float | None = None
+    geometry: CropGeometry | None = None  # the square cut from the photo (SDXL's size conditioning)
 
     def report(self, reason: ReasonCode = ReasonCode.ACCEPTED, message: str | None = None) -> PhotoReport:
         return PhotoReport(
@@ -171,7 +173,7 @@ def prepare_dataset(
     # 7. person masks
     raise_if_canceled(should_stop)
     items = [
-        DatasetItem(c.photo_id, c.crop, person_mask(c.crop, models.segmenter), ctx)
+        DatasetItem(c.photo_id, c.crop, person_mask(c.crop, models.segmenter), ctx, c.geometry)
         for c, ctx in zip(candidates, contexts)
     ]
     return Dataset(
@@ -265,7 +267,9 @@ def examine_photo(index: int, photo: PhotoInput, config: IntakeConfig, models: I
     to_crop = config.crop_size / side
     face_in_crop = FaceBox((face.x0 - left) * to_crop, (face.y0 - top) * to_crop,
                            (face.x1 - left) * to_crop, (face.y1 - top) * to_crop, face.score)
-    return _Candidate(index, photo.photo_id, crop, face, face_in_crop, blur_score(crop), perceptual_hash(crop))
+    geometry = CropGeometry(full_width, full_height, left, top, side)
+    return _Candidate(index, photo.photo_id, crop, face, face_in_crop, blur_score(crop), perceptual_hash(crop),
+                      geometry=geometry)
 
 
 def _require_one_person(people: People) -> None:

@@ -25,6 +25,9 @@ class TextEncoderSlot:
     kohya_prefix: str  # A1111 / kohya LoRA key prefix: "lora_te", "lora_te1", "lora_te2"
     embedding_key: str  # A1111 / ComfyUI textual-inversion tensor name: "emb_params", "clip_l", "clip_g"
     pooled: bool = False  # its projected pooled output conditions the U-Net (SDXL's second encoder)
+    # which hidden states the U-Net attends to: None, the encoder's (normed) last output; -2, the
+    # penultimate layer's (SDXL, both encoders, concatenated along the width)
+    hidden_state: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ class ModelFamily:
     @property
     def tokenizer_names(self) -> tuple[str, ...]:
         return tuple(slot.tokenizer for slot in self.text_encoders)
+
+    @property
+    def pooled_text(self) -> bool:
+        """Whether the U-Net takes a pooled text embedding (``added_cond_kwargs["text_embeds"]``)."""
+        return any(slot.pooled for slot in self.text_encoders)
 
     def size(self, aspect: str) -> tuple[int, int]:
         try:
@@ -91,8 +99,8 @@ SD15 = ModelFamily(
 SDXL = ModelFamily(
     name="sdxl",
     text_encoders=(
-        TextEncoderSlot("text_encoder", "tokenizer", "lora_te1", "clip_l"),
-        TextEncoderSlot("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", pooled=True),
+        TextEncoderSlot("text_encoder", "tokenizer", "lora_te1", "clip_l", hidden_state=-2),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g", pooled=True, hidden_state=-2),
     ),
     native_resolution=1024,
     sizes={"1:1": (1024, 1024), "4:5": (896, 1120), "9:16": (768, 1344)},

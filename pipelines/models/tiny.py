@@ -23,10 +23,11 @@ TEXT_HIDDEN = 32
 CLIP_PROJECTION = 32
 
 
-def write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path, pad_token: str | None = None) -> None:
     """CLIP's real tokenizer (its full BPE vocabulary, shipped in ``pipelines/text``) in the Hugging Face
     layout: a prompt takes exactly as many positions as with SD 1.5, so one that fits CLIP's 77 fits here
-    too (a finer vocabulary would cut and warn about prompts that fit), and ``face`` is one token."""
+    too (a finer vocabulary would cut and warn about prompts that fit), and ``face`` is one token.
+    ``pad_token``: SDXL's second tokenizer pads with ``!`` instead of the end token."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab = vocabulary()
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab.tokens)}))
@@ -39,7 +40,7 @@ def write_tokenizer(folder: Path) -> None:
                 "bos_token": START,
                 "eos_token": END,
                 "unk_token": END,
-                "pad_token": END,
+                "pad_token": pad_token or END,
                 "do_lower_case": True,
             }
         )

@@ -90,20 +90,24 @@ class CachedData:
     schedule: torch.Tensor  # [steps, batch] image indices, on the device
     prompt_of: torch.Tensor  # [n_images] prompt row of each image
     latents: torch.Tensor  # [n_images, C, h, w]
-    ids: torch.Tensor  # [n_prompts, 77] token ids
+    ids: tuple[torch.Tensor, ...]  # per text encoder: [n_prompts, 77] token ids
+    time_ids: torch.Tensor | None = None  # [n_images, 6] size conditioning (families that use it)
     class_schedule: torch.Tensor | None = None  # [steps, batch] class-image indices
     class_latents: torch.Tensor | None = None  # [n_class_images, C, h, w]
-    class_ids: torch.Tensor | None = None  # [1, 77]
+    class_ids: tuple[torch.Tensor, ...] | None = None  # per text encoder: [1, 77]
+    class_time_ids: torch.Tensor | None = None  # [1, 6]: class images are whole, uncropped images
     outside: torch.Tensor | None = None  # [n_images, 1, s, s] inverted person masks (attention loss)
-    instance_position: torch.Tensor | None = None  # [n_prompts] index of the instance token in ``ids``
+    instance_position: torch.Tensor | None = None  # [n_prompts] index of the instance token in ``ids[0]``
     vae_images: int = 0  # images the VAE encoded
 
 
-def cache_data(vae, tokenizer, examples: Sequence[TrainingExample], schedule: SampleSchedule, *, resolution: int,
-               flip: bool, device: torch.device, instance_token: str, class_prompt: str | None = None,
-               class_images: Sequence[Image.Image] = (), attention_side: int | None = None,
+def cache_data(vae, tokenizers: Sequence, examples: Sequence[TrainingExample], schedule: SampleSchedule, *,
+               resolution: int, flip: bool, device: torch.device, instance_token: str,
+               class_prompt: str | None = None, class_images: Sequence[Image.Image] = (),
+               attention_side: int | None = None, size_conditioning: bool = False,
                on_images: Callable[[int], None] | None = None) -> CachedData:
-    """Encode the images ``schedule`` draws (batched), tokenise prompts, build masks: once per run."""
+    """Encode the images ``schedule`` draws (batched), tokenise prompts for each text encoder's tokenizer,
+    build masks and (``size_conditioning``) each image's size/crop numbers: once per run."""
     n = len(examples)
     n_images = n * (2 if flip else 1)
     used = schedule.used_images()
@@ -114,18 +118,21 @@ def cache_data(vae, tokenizer, examples: Sequence[TrainingExample], schedule: Sa
     latents[used] = encoded.cpu()
     del pixels, encoded
 
-    def tokenize(prompts: list[str]) -> torch.Tensor:
-        return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+    def tokenize(prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        return tuple(tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                               return_tensors="pt").input_ids.to(device) for tokenizer in tokenizers)
 
     ids = tokenize([e.prompt for e in examples])
     data = CachedData(
         schedule=schedule.images.to(device),
         prompt_of=(torch.arange(n_images) % n).to(device),
         latents=latents.to(device),
-        ids=ids.to(device),
+        ids=ids,
         vae_images=len(used),
     )
+    if size_conditioning:
+        data.time_ids = torch.tensor([_size_conditioning(examples[i % n], resolution, flipped=i >= n)
+                                      for i in range(n_images)], dtype=torch.float32, device=device)
     if device.type == "cuda":
         data.latents = data.latents.contiguous(memory_format=torch.channels_last)
 
@@ -137,12 +144,15 @@ def cache_data(vae, tokenizer, examples: Sequence[TrainingExample], schedule: Sa
         class_latents[used_classes] = encoded.cpu()
         data.class_latents = class_latents.to(device)
         data.class_schedule = schedule.classes.to(device)
-        data.class_ids = tokenize([class_prompt]).to(device)
+        data.class_ids = tokenize([class_prompt])
+        if size_conditioning:
+            data.class_time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                               dtype=torch.float32, device=device)
         data.vae_images += len(used_classes)
 
     if attention_side is not None:
-        instance_id = tokenizer.convert_tokens_to_ids(instance_token)
-        has_instance = ids == instance_id
+        instance_id = tokenizers[0].convert_tokens_to_ids(instance_token)
+        has_instance = (ids[0] == instance_id).cpu()
         masks = torch.stack([image_tensor(e.mask, resolution, "L") if e.mask is not None
                              else torch.ones(1, resolution, resolution) for e in examples])
         valid = torch.tensor([e.mask is not None for e in examples], dtype=torch.float32).view(-1, 1, 1, 1)
@@ -153,6 +163,18 @@ def cache_data(vae, tokenizer, examples: Sequence[TrainingExample], schedule: Sa
         data.outside = outside.to(device)
         data.instance_position = has_instance.float().argmax(1).to(device)
     return data
+
+
+def _size_conditioning(example: TrainingExample, resolution: int, flipped: bool) -> tuple[int, ...]:
+    """SDXL's (original size, crop corner, target size) for an example: intake's real crop when known,
+    else the image taken whole (its centre square, as ``image_tensor`` cuts it)."""
+    if example.crop is not None:
+        return example.crop.size_conditioning(resolution, flipped)
+    width, height = example.image.size
+    side = min(width, height)
+    scale = resolution / side
+    return (height, width, round((height - side) // 2 * scale), round((width - side) // 2 * scale),
+            resolution, resolution)
 
 
 def _pixels(image: Image.Image, resolution: int, flipped: bool) -> torch.Tensor:

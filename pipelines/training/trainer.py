@@ -4,11 +4,13 @@
 numbered steps, each a method of :class:`Trainer` that tests can call on its own:
 
 1. base        borrow the caller's loaded pipeline (recorded, restored after the job) or load one
-2. tokens      a tokenizer copy with the new tokens and their initial embedding rows
+2. tokens      per text encoder (the family's: one for SD 1.5, two for SDXL), a tokenizer copy with the
+               new tokens and their initial embedding rows
 3. cache       the sampling schedule for the whole run, then latents of exactly the images it draws
 4. setup       token rows, LoRA or full weights as fp32 trainables, optimizer, mixed precision
 5. resume      the newest compatible checkpoint in ``checkpoint_dir``, if any
-6. stages      ``training_step`` per step; text embeddings cached in stages that freeze the text encoder
+6. stages      ``training_step`` per step; text embeddings (with SDXL's pooled one) cached in stages that
+               freeze the text encoders
 7. save        the adapter folder (``pipelines.adapters`` format)
 
 A step never waits for the device: batches are slices of device tensors, noise comes from a device
@@ -57,6 +59,7 @@ from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise
 from pipelines.training import checkpoint as ckpt
 from pipelines.training.config import StagePlan, TrainConfig, check_config, plan_stages
 from pipelines.training.data import CachedData, SampleSchedule, cache_data, encode_latents, image_tensor
+from pipelines.training.text import EncoderTokens, TextConditioning, encode, encoders_of, unet_kwargs
 from pipelines.types import TokenSpec, TrainingExample
 
 __all__ = ["TrainCallback", "TrainResult", "Trainer", "TrainingState", "check_inputs", "encode_latents",
@@ -118,9 +121,10 @@ def check_inputs(examples: Sequence[TrainingExample], tokens: TokenSpec, config:
         raise InvalidConfig(f"no prompt contains the instance token {tokens.instance_token!r}")
     base_index = Path(preset.base_model) / "model_index.json"
     if base_index.is_file():
-        components = json.loads(base_index.read_text())
-        if "text_encoder_2" in components:
-            raise InvalidConfig("bases with two text encoders (SDXL) are not supported by the trainer yet")
+        encoders = {n for n in json.loads(base_index.read_text()) if n.startswith("text_encoder")}
+        if encoders != set(preset.family.encoder_names):
+            raise InvalidConfig(f"the base model's text encoders {sorted(encoders)} are not the {preset.family.name} "
+                                f"family's {list(preset.family.encoder_names)}", {"family": preset.family.name})
 
 
 def data_fingerprint(examples: Sequence[TrainingExample], tokens: TokenSpec, preset) -> str:
@@ -129,6 +133,8 @@ def data_fingerprint(examples: Sequence[TrainingExample], tokens: TokenSpec, pre
                               tokens.class_token]).encode())
     for example in examples:
         digest.update(example.prompt.encode() + example.photo_id.encode())
+        if preset.family.size_conditioning and example.crop is not None:
+            digest.update(json.dumps(example.crop.to_dict(), sort_keys=True).encode())
         digest.update(np.asarray(example.image.convert("RGB").resize((16, 16))).tobytes())
         if example.mask is not None:
             digest.update(np.asarray(example.mask.convert("L").resize((16, 16))).tobytes())
@@ -140,10 +146,6 @@ def data_fingerprint(examples: Sequence[TrainingExample], tokens: TokenSpec, pre
 
 def text_encoder_names(pipe) -> list[str]:
     return sorted(n for n, c in pipe.components.items() if n.startswith("text_encoder") and c is not None)
-
-
-def encode_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(ids)[0]
 
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -168,13 +170,13 @@ class Trainables:
     """The tensors a run trains, per component, under stable names (checkpoint keys)."""
 
     unet: list[torch.nn.Parameter] = field(default_factory=list)
-    text_encoder: list[torch.nn.Parameter] = field(default_factory=list)
-    rows: torch.nn.Parameter | None = None
+    text_encoder: list[torch.nn.Parameter] = field(default_factory=list)  # every text encoder's
+    rows: list[torch.nn.Parameter] = field(default_factory=list)  # the new tokens' rows, one per text encoder
     named: dict[str, torch.nn.Parameter] = field(default_factory=dict)
 
     def groups(self, plan: StagePlan) -> list[tuple[list[torch.nn.Parameter], bool]]:
         return [(self.unet, plan.train_unet), (self.text_encoder, plan.train_text_encoder),
-                ([self.rows] if self.rows is not None else [], plan.train_tokens)]
+                (self.rows, plan.train_tokens)]
 
     def set_stage(self, plan: StagePlan) -> list[torch.nn.Parameter]:
         """Freeze what ``plan`` does not train; returns the parameters it trains."""
@@ -288,7 +290,9 @@ class Trainer:
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self.pipe = self.tokenizer = self.rows_init = self.first_id = self.token_embedding = None
+        self.pipe = None
+        self.family = self.preset.family
+        self.encoders: list[EncoderTokens] = []
         self.schedule: SampleSchedule | None = None
         self.data: CachedData | None = None
         self.trainables: Trainables | None = None
@@ -353,14 +357,18 @@ class Trainer:
 
         dtype = self.autocast_dtype or torch.float32  # mixed precision: frozen weights in half precision
         pipe = load_base_pipeline(self.preset, self.device, dtype)
-        if len(text_encoder_names(pipe)) != 1:
-            raise InvalidConfig("the trainer supports bases with exactly one text encoder for now")
+        self.check_encoders(pipe)
         return pipe
+
+    def check_encoders(self, pipe) -> None:
+        if text_encoder_names(pipe) != sorted(self.family.encoder_names):
+            raise InvalidConfig(f"the base pipeline's text encoders {text_encoder_names(pipe)} are not the "
+                                f"{self.family.name} family's {list(self.family.encoder_names)}",
+                                {"family": self.family.name})
 
     def check_base(self, pipe) -> None:
         """A lent base must suit the run; checked before anything on it changes."""
-        if len(text_encoder_names(pipe)) != 1:
-            raise InvalidConfig("the trainer supports bases with exactly one text encoder for now")
+        self.check_encoders(pipe)
         if pipe.unet.device.type != self.device.type:
             raise InvalidConfig(f"the lent base is on {pipe.unet.device}, the run on {self.device}")
         if self.precision == "no" and pipe.unet.dtype != torch.float32:
@@ -370,21 +378,32 @@ class Trainer:
             from pipelines.training.base import BaseWeights
 
             weights = BaseWeights(self.preset.base_model, self.preset.revision)
-            for component in ("unet", "text_encoder"):
+            for component in ("unet", *self.family.encoder_names):
                 weights.files(component)  # full mode restores from these files: fail now, not after training
 
     # ------------------------------------------------------------------ 2. tokens
 
     def prepare_tokens(self) -> None:
-        """A tokenizer copy with the new tokens and their initial rows; the pipeline is not changed yet."""
+        """Per text encoder, a tokenizer copy with the new tokens and their initial rows (the instance token
+        initialised in each encoder from that encoder's own embedding of the init word, as in pivotal
+        tuning); the pipeline is not changed yet."""
         from pipelines.training.tokens import add_tokens, initial_rows
 
-        pipe = self.pipe
         generator = torch.Generator().manual_seed(self.config.seed)
-        self.rows_init = initial_rows(self.config, pipe.tokenizer, pipe.text_encoder.get_input_embeddings(),
-                                      self.tokens.instance_token, self.tokens.class_token,
-                                      list(self.tokens.new_tokens), generator)
-        self.tokenizer, self.first_id = add_tokens(pipe.tokenizer, list(self.tokens.new_tokens))
+        new = list(self.tokens.new_tokens)
+        self.encoders = []
+        for slot, encoder, tokenizer in encoders_of(self.pipe, self.family):
+            rows = initial_rows(self.config, tokenizer, encoder.get_input_embeddings(), self.tokens.instance_token,
+                                self.tokens.class_token, new, generator)
+            tokenizer, first_id = add_tokens(tokenizer, new)
+            self.encoders.append(EncoderTokens(slot, encoder, tokenizer, first_id, rows))
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e.encoder for e in self.encoders]
+
+    def encode_text(self, ids: tuple[torch.Tensor, ...]) -> TextConditioning:
+        return encode([e.slot for e in self.encoders], self.text_encoders, ids)
 
     # ------------------------------------------------------------------ 3. cache
 
@@ -407,10 +426,12 @@ class Trainer:
             scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
             side = recorded_resolution(pipe.unet, self.preset.resolution // scale)
         self.data = cache_data(
-            pipe.vae, self.tokenizer, self.examples, schedule, resolution=self.preset.resolution, flip=config.flip,
-            device=self.device, instance_token=self.tokens.instance_token,
+            pipe.vae, [e.tokenizer for e in self.encoders], self.examples, schedule,
+            resolution=self.preset.resolution, flip=config.flip, device=self.device,
+            instance_token=self.tokens.instance_token,
             class_prompt=config.class_prompt.format(class_token=self.tokens.class_token),
-            class_images=class_images, attention_side=side, on_images=progress.advance,
+            class_images=class_images, attention_side=side, size_conditioning=self.family.size_conditioning,
+            on_images=progress.advance,
         )
         self.metrics["caching_s"] += time.perf_counter() - started
         self.metrics["vae_images"] = self.data.vae_images
@@ -427,14 +448,15 @@ class Trainer:
         from pipelines.training.tokens import TokenRowsEmbedding
 
         config, device, pipe = self.config, self.device, self.pipe
-        unet, text_encoder = pipe.unet, pipe.text_encoder
-        for module in (unet, pipe.vae, text_encoder):
+        unet, text_encoders = pipe.unet, self.text_encoders
+        for module in (unet, pipe.vae, *text_encoders):
             module.requires_grad_(False)
 
-        # Token rows: the only part of the embedding that can change.
-        self.token_embedding = TokenRowsEmbedding(text_encoder.get_input_embeddings(), self.rows_init, self.first_id)
-        text_encoder.set_input_embeddings(self.token_embedding)
-        pipe.tokenizer = self.tokenizer
+        # Token rows: the only part of each encoder's embedding that can change.
+        for entry in self.encoders:
+            entry.embedding = TokenRowsEmbedding(entry.encoder.get_input_embeddings(), entry.rows_init, entry.first_id)
+            entry.encoder.set_input_embeddings(entry.embedding)
+            setattr(pipe, entry.slot.tokenizer, entry.tokenizer)
 
         # Trainable parameters: LoRA adapters or whole components (fp32 masters), plus the token rows.
         if config.mode == "lora":
@@ -446,26 +468,30 @@ class Trainer:
                 if self.trains_unet:
                     unet.add_adapter(LoraConfig(**self.lora_spec.peft_kwargs("unet")))
                 if self.trains_text_encoder:
-                    text_encoder.add_adapter(LoraConfig(**self.lora_spec.peft_kwargs("text_encoder")))
+                    for text_encoder in text_encoders:
+                        text_encoder.add_adapter(LoraConfig(**self.lora_spec.peft_kwargs("text_encoder")))
             unet_named = [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
-            te_named = [(n, p) for n, p in text_encoder.named_parameters() if "lora_" in n]
+            te_named = [(f"{e.slot.encoder}.{n}", p) for e in self.encoders
+                        for n, p in e.encoder.named_parameters() if "lora_" in n]
         else:
             unet_named = list(unet.named_parameters()) if self.trains_unet else []
-            te_named = [(n, p) for n, p in text_encoder.named_parameters()
+            te_named = [(f"{e.slot.encoder}.{n}", p) for e in self.encoders for n, p in e.encoder.named_parameters()
                         if self.trains_text_encoder and ".token_embedding." not in n]
         for _, p in unet_named + te_named:
             p.requires_grad_(True)
-        cast_training_params([unet, text_encoder], dtype=torch.float32)  # the trainables only; frozen stay as lent
+        cast_training_params([unet, *text_encoders], dtype=torch.float32)  # the trainables only; frozen stay as lent
+        rows = {e.rows_name: e.embedding.rows for e in self.encoders}
         self.trainables = Trainables(
-            unet=[p for _, p in unet_named], text_encoder=[p for _, p in te_named], rows=self.token_embedding.rows,
-            named={**{f"unet.{n}": p for n, p in unet_named}, **{f"text_encoder.{n}": p for n, p in te_named},
-                   "tokens": self.token_embedding.rows})
+            unet=[p for _, p in unet_named], text_encoder=[p for _, p in te_named], rows=list(rows.values()),
+            named={**{f"unet.{n}": p for n, p in unet_named}, **dict(te_named), **rows})
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if self.trains_text_encoder:
-                text_encoder.gradient_checkpointing_enable()
+                for text_encoder in text_encoders:
+                    text_encoder.gradient_checkpointing_enable()
         unet.train()
-        text_encoder.train()
+        for text_encoder in text_encoders:
+            text_encoder.train()
         if config.attention_loss_weight > 0:
             from pipelines.training.attention import install_recorder
 
@@ -482,7 +508,7 @@ class Trainer:
             {"params": self.trainables.unet, "lr": config.resolved_unet_lr, "weight_decay": config.weight_decay},
             {"params": self.trainables.text_encoder, "lr": config.resolved_text_encoder_lr,
              "weight_decay": config.weight_decay},
-            {"params": [self.trainables.rows], "lr": config.token_lr, "weight_decay": 0.0},
+            {"params": self.trainables.rows, "lr": config.token_lr, "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
         self.accelerator = make_accelerator(self.precision, device)
@@ -599,15 +625,14 @@ class Trainer:
         if plan.train_text_encoder or plan.train_tokens:
             return
         started = time.perf_counter()
-        data, text_encoder = self.data, self.pipe.text_encoder
+        data = self.data
         prompts = self.schedule.used_prompts(stage_start, stage_start + plan.steps)
         with torch.no_grad(), self.accelerator.autocast():
-            encoded = encode_ids(text_encoder, data.ids[prompts])
-            self.stage_text = torch.zeros((data.ids.shape[0], *encoded.shape[1:]), dtype=encoded.dtype,
-                                          device=self.device)
-            self.stage_text[prompts] = encoded
+            encoded = self.encode_text(tuple(ids[prompts] for ids in data.ids))
+            self.stage_text = TextConditioning.empty_like(encoded, data.ids[0].shape[0])
+            self.stage_text.put(prompts, encoded)
             if data.class_ids is not None:
-                self.stage_class_text = encode_ids(text_encoder, data.class_ids)
+                self.stage_class_text = self.encode_text(data.class_ids)
         self.metrics["caching_s"] += time.perf_counter() - started
 
     def training_step(self, step: int) -> torch.Tensor:
@@ -618,16 +643,19 @@ class Trainer:
         index = data.schedule[step]
         prompt_index = data.prompt_of[index]
         latents = data.latents[index]
+        time_ids = data.time_ids[index] if data.time_ids is not None else None
         with self.accelerator.autocast():
             if self.stage_text is not None:
                 text = self.stage_text[prompt_index]
             else:
-                text = encode_ids(self.pipe.text_encoder, data.ids[prompt_index])
+                text = self.encode_text(tuple(ids[prompt_index] for ids in data.ids))
             if data.class_latents is not None:
                 latents = torch.cat([latents, data.class_latents[data.class_schedule[step]]])
                 class_text = self.stage_class_text if self.stage_class_text is not None \
-                    else encode_ids(self.pipe.text_encoder, data.class_ids)
-                text = torch.cat([text, class_text.expand(batch, -1, -1).to(text.dtype)])
+                    else self.encode_text(data.class_ids)
+                text = text.cat(class_text.expand(batch))
+                if time_ids is not None:
+                    time_ids = torch.cat([time_ids, data.class_time_ids.expand(batch, -1)])
             noise = torch.randn(latents.shape, device=self.device, generator=self.generator, dtype=latents.dtype)
             if config.offset_noise:
                 noise = noise + config.offset_noise * torch.randn(
@@ -639,7 +667,7 @@ class Trainer:
             target = noise if epsilon else scheduler.get_velocity(latents, noise, timesteps)
             if self.attention_store is not None:
                 self.attention_store.reset(data.instance_position[prompt_index])
-            prediction = self.unet_forward(noisy, timesteps, encoder_hidden_states=text).sample
+            prediction = self.unet_forward(noisy, timesteps, **unet_kwargs(self.family, text, time_ids)).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma is not None:
             from diffusers.training_utils import compute_snr
@@ -702,28 +730,31 @@ class Trainer:
         new_tokens = list(self.tokens.new_tokens)
         manifest = AdapterManifest(
             mode=config.mode, base_model=self.preset.base_model, base_revision=self.preset.revision,
+            family=self.family.name, preset=self.preset.name,
             instance_token=self.tokens.instance_token, class_token=self.tokens.class_token, tokens=tuple(new_tokens),
             lora=self.lora_spec if config.mode == "lora" else None, training_config=config.to_dict(),
             steps=self.total, metrics=dict(self.metrics),
         )
-        rows = self.token_embedding.rows
-        token_rows = {token: rows[i].detach().float().cpu() for i, token in enumerate(new_tokens)}
+        token_rows = {token: {e.slot.encoder: e.embedding.rows[i].detach().float().cpu() for e in self.encoders}
+                      for i, token in enumerate(new_tokens)}
         if config.mode == "lora":
             save_adapter(adapter_dir, manifest, token_embeddings=token_rows,
                          unet_lora=get_peft_model_state_dict(pipe.unet) if self.trains_unet else None,
-                         text_encoder_lora=get_peft_model_state_dict(pipe.text_encoder)
+                         text_encoder_lora={e.slot.encoder: get_peft_model_state_dict(e.encoder) for e in self.encoders}
                          if self.trains_text_encoder else None)
         else:
             full: dict[str, torch.nn.Module] = {}
             if self.trains_unet:
                 full["unet"] = pipe.unet
             if self.trains_text_encoder:
-                full["text_encoder"] = pipe.text_encoder
-            pipe.text_encoder.set_input_embeddings(self.token_embedding.base)  # saved with the base vocabulary
+                full.update({e.slot.encoder: e.encoder for e in self.encoders})
+            for e in self.encoders:
+                e.encoder.set_input_embeddings(e.embedding.base)  # saved with the base vocabulary
             try:
                 save_adapter(adapter_dir, manifest, token_embeddings=token_rows, full_components=full)
             finally:
-                pipe.text_encoder.set_input_embeddings(self.token_embedding)
+                for e in self.encoders:
+                    e.encoder.set_input_embeddings(e.embedding)
         manifest = load_manifest(adapter_dir)
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)  # the run is complete; nothing left to resume
         self.metrics["save_s"] = time.perf_counter() - started
@@ -738,7 +769,7 @@ class Trainer:
         """Per component, the base weights whose values training changed (full mode)."""
         if self.trainables is None or self.config.mode != "full":
             return {}
-        out: dict[str, list[str]] = {"unet": [], "text_encoder": []}
+        out: dict[str, list[str]] = {"unet": [], **{name: [] for name in self.family.encoder_names}}
         for name in self.trainables.named:
             component, _, rest = name.partition(".")
             if component in out:

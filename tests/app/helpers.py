@@ -56,15 +56,17 @@ def subject_with_photo(client) -> str:  # noqa: ANN001
     return subject_id
 
 
-def add_adapter(subject_id: str, version: int = 1) -> None:
-    """What a finished training leaves behind (as the worker writes it)."""
+def add_adapter(subject_id: str, version: int = 1, preset: str | None = None) -> None:
+    """What a finished training leaves behind (as the worker writes it); ``preset``: the one it was trained
+    on, as the adapter's manifest records it (None: an adapter from before manifests recorded it)."""
     from core.db.models import Adapter
     from core.storage import adapter_prefix
     from tests.app.fixtures import session_scope
 
+    manifest = {"base": "tiny"} if preset is None else {"base": "tiny", "preset": preset}
     with session_scope() as session:
         session.add(Adapter(subject_id=subject_id, version=version, mode="lora",
-                            blob_prefix=adapter_prefix(subject_id, version), manifest={"base": "tiny"}))
+                            blob_prefix=adapter_prefix(subject_id, version), manifest=manifest))
 
 
 @contextlib.contextmanager

@@ -133,3 +133,25 @@ def test_generation_requests_are_checked_before_anything_is_queued(make_client):
 def test_styles_are_listed(client_a):
     styles = client_a.get("/v1/styles").json()
     assert styles["count"] >= 1 and "cinematic" in {s["name"] for s in styles["data"]}
+
+
+def test_a_subject_trains_on_the_preset_it_names_and_generates_on_the_one_it_was_trained_on(client_a, settings):
+    subject_id = subject_with_photo(client_a)
+    trained = client_a.post(f"/v1/subjects/{subject_id}/train", json={"preset": "tiny-sdxl", "steps": 20})
+    assert trained.status_code == 202, trained.text
+    assert trained.json()["request"]["preset"] == "tiny-sdxl"
+    unknown = client_a.post(f"/v1/subjects/{subject_id}/train", json={"preset": "sd3"})
+    assert unknown.status_code == 422 and "preset" in unknown.text
+
+    add_adapter(subject_id, version=1, preset="tiny-sdxl")  # what that training leaves (the manifest's preset)
+    generation = client_a.post(f"/v1/subjects/{subject_id}/generations", json={"style": "cinematic", "n": 2, "k": 1})
+    assert generation.status_code == 202, generation.text
+    assert generation.json()["request"]["preset"] == "tiny-sdxl" != settings.model_preset
+    template = client_a.post(f"/v1/subjects/{subject_id}/templates", json={"template": "id_photo"})
+    assert template.status_code == 202, template.text
+    assert template.json()["request"]["preset"] == "tiny-sdxl"
+
+    older = subject_with_photo(client_a)
+    add_adapter(older)  # trained before adapters recorded their preset: the deployment's
+    generation = client_a.post(f"/v1/subjects/{older}/generations", json={"style": "cinematic", "n": 2, "k": 1})
+    assert generation.json()["request"]["preset"] == settings.model_preset

@@ -162,3 +162,13 @@ def test_the_contract_does_not_import_torch():
             "resolve_train; resolve_generation(GenerateRequest(style='anime')); resolve_train(TrainRequest(), "
             "preset='tiny'); import likeness.contract.plan; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_train_request_may_name_its_preset_and_gets_that_presets_defaults():
+    assert resolve_train(TrainRequest(), preset="sd15").preset == "sd15"  # the deployment's default
+    sdxl = resolve_train(TrainRequest(preset="sdxl"), preset="tiny")
+    assert sdxl.preset == "sdxl" and sdxl.training == resolve_train(TrainRequest(), preset="sd15").training
+    tiny_sdxl = resolve_train(TrainRequest(preset="tiny-sdxl"), preset="sd15")
+    assert tiny_sdxl.training.max_steps_cap == resolve_train(TrainRequest(), preset="tiny").training.max_steps_cap
+    with pytest.raises(ValueError, match="preset"):
+        TrainRequest(preset="sd3")

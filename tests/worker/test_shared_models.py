@@ -135,3 +135,25 @@ def test_intake_runs_on_borrowed_models(manager, preset, astronaut):
     with manager.borrow(intake_models(config)) as models:
         dataset = prepare_dataset(photos, config, models)
     assert [r.accepted for r in dataset.report] == [True, True]
+
+
+def test_one_worker_holds_both_families_within_its_budget_and_evicts_the_least_recently_used(
+        tiny_preset, tiny_sdxl_preset):
+    sd15, sdxl = base_spec(tiny_preset, "cpu"), base_spec(tiny_sdxl_preset, "cpu")
+    assert sd15.key != sdxl.key
+    roomy = ModelManager(budget_bytes=None)
+    with roomy.borrow(sd15) as first, roomy.borrow(sdxl) as second:
+        assert type(first).__name__ == "StableDiffusionPipeline"
+        assert type(second).__name__ == "StableDiffusionXLPipeline"
+    assert sd15.key in roomy and sdxl.key in roomy  # both stay warm: no reload between families
+
+    sizes = {entry["name"]: entry["bytes"] for entry in roomy.loaded()}
+    tight = ModelManager(budget_bytes=max(sizes.values()) + 1)  # room for one base at a time
+    with tight.borrow(sd15):
+        pass
+    with tight.borrow(sdxl):
+        pass
+    assert sdxl.key in tight and sd15.key not in tight  # the idle SD 1.5 base made room
+    with tight.borrow(sd15):
+        pass
+    assert sd15.key in tight and sdxl.key not in tight

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import mimetypes
+from pathlib import PurePosixPath
 from typing import Literal
 
 from fastapi import APIRouter, Body, Query, Request
@@ -96,7 +97,8 @@ def signed_blob(request: Request, settings: SettingsDep, store: StoreDep, uow: U
 @router.get("/subjects/{subject_id}/adapter", response_class=StreamingResponse,
             responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}},
                              "description": "diffusers: the adapter folder as a zip (load_lora_weights + "
-                                            "load_textual_inversion); kohya: one .safetensors for A1111/ComfyUI."},
+                                            "load_textual_inversion); kohya: a zip for A1111/ComfyUI: the LoRA, "
+                                            "one embedding per learned token and HOW-TO-PROMPT.txt."},
                        **errors(404, 409)},
             summary="Download the subject's trained adapter (owner only)")
 def download_adapter(subject_id: str, caller: CurrentClient, uow: UoW, store: StoreDep,
@@ -107,4 +109,5 @@ def download_adapter(subject_id: str, caller: CurrentClient, uow: UoW, store: St
     if format == "diffusers":
         return StreamingResponse(adapters.zip_stream(store, adapter.blob_prefix), media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
-    return _stream(store, adapters.export_key(adapter, format), f"{name}-{format}.safetensors")
+    key = adapters.export_key(store, adapter, format)
+    return _stream(store, key, f"{name}-{format}{PurePosixPath(key).suffix}")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from likeness.client import Client
 from likeness_cli import main as cli
 from tests.app.helpers import subject_with_photo
-from tests.app.test_adapters import _stored_adapter
+from tests.app.test_adapters import _stored_adapter, kohya_zip_bytes
 from tests.app.test_tenancy_and_deletion import _seed_results
 from tests.likeness.client.test_client import FAST, InProcess
 
@@ -56,8 +56,12 @@ def test_adapters_download_writes_the_file(client_a, store, remote, tmp_path):
     with zipfile.ZipFile(path) as archive:
         assert set(archive.namelist()) == set(files)
     kohya = CliRunner().invoke(cli.app, ["adapters", "download", subject_id, "--format", "kohya",
-                                                  "--out", str(tmp_path / "lora.safetensors")])
-    assert kohya.exit_code == 0 and (tmp_path / "lora.safetensors").read_bytes() == b"kohya-file"
+                                         "--out", str(tmp_path / "a1111.zip")])
+    assert kohya.exit_code == 0 and (tmp_path / "a1111.zip").read_bytes() == kohya_zip_bytes()
+    # it says what it wrote: the LoRA, the token's embedding and the prompting notes
+    assert "likeness-1a2b3c4d-v1.safetensors  the LoRA" in kohya.output
+    assert "embeddings/likeness-1a2b3c4d-v1-subj.safetensors  a learned token" in kohya.output
+    assert "HOW-TO-PROMPT.txt" in kohya.output
 
 
 def test_remote_commands_say_what_is_missing(monkeypatch):

@@ -18,7 +18,7 @@ from likeness.contract.plan import JobKind, JobState
 from likeness.contract.requests import GenerateRequest, TrainRequest
 from likeness.webhooks import SIGNATURE_HEADER, sign, verify
 from tests.app.helpers import add_adapter, jpeg
-from tests.app.test_adapters import _stored_adapter
+from tests.app.test_adapters import _stored_adapter, kohya_zip_bytes
 from tests.app.test_tenancy_and_deletion import _seed_results
 
 FAST = Retry(attempts=3, initial_s=0.01, max_s=0.02)
@@ -180,8 +180,8 @@ def test_images_download_signed_urls_and_adapter(client_a, store, tmp_path):
     assert path.parent == tmp_path and path.name.endswith("-v2.zip")
     with zipfile.ZipFile(path) as archive:
         assert {n: archive.read(n) for n in archive.namelist()} == files
-    kohya = api.download_adapter(subject_id, tmp_path / "mine.safetensors", format="kohya")
-    assert kohya.read_bytes() == b"kohya-file" and not list(tmp_path.glob("*.part"))
+    kohya = api.download_adapter(subject_id, tmp_path / "mine.zip", format="kohya")
+    assert kohya.read_bytes() == kohya_zip_bytes() and not list(tmp_path.glob("*.part"))
     with pytest.raises(LikenessError) as missing:
         api.download_adapter(subject_id, tmp_path, version=9)
     assert missing.value.code == "adapter_not_found"

@@ -146,6 +146,13 @@ def test_class_token_captions_and_training_examples(run):
     examples = dataset.training_examples()
     assert [e.prompt for e in examples] == [f"<bg{i}> <subj> {dataset.class_token}" for i in range(len(examples))]
     assert all(e.mask is not None and e.image.size == (512, 512) for e in examples)
+    # each example knows where its crop came from (SDXL's size conditioning): the square around the face
+    faces = {r.photo_id: r.face_box for r in dataset.report}
+    for example in examples:
+        crop, face = example.crop, faces[example.photo_id]
+        assert crop.left <= face.x0 < face.x1 <= crop.left + crop.side
+        assert crop.top <= face.y0 < face.y1 <= crop.top + crop.side
+        assert max(crop.photo_width, crop.photo_height) >= crop.side
     spec = dataset.token_spec()
     assert spec == TokenSpec("<subj>", dataset.class_token, tuple(f"<bg{i}>" for i in range(len(examples))))
 
@@ -168,6 +175,7 @@ def test_save_and_load_round_trip(run, tmp_path):
         (dataset.class_token, dataset.class_scores, dataset.checks)
     assert [e.prompt for e in loaded.training_examples()] == [e.prompt for e in dataset.training_examples()]
     for a, b in zip(loaded.items, dataset.items):
+        assert a.geometry == b.geometry is not None
         assert np.array_equal(np.asarray(a.crop), np.asarray(b.crop))
         assert np.array_equal(np.asarray(a.mask), np.asarray(b.mask))
 

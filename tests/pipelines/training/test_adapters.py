@@ -136,19 +136,23 @@ def test_attached_output_matches_plain_diffusers_loading(tiny_preset, base_pipe,
 def test_kohya_export_loads_back_with_same_output(tiny_preset, base_pipe, lora_adapter, tmp_path):
     from safetensors.torch import load_file
 
-    out = export_kohya(lora_adapter, tmp_path / "subject.safetensors")
-    keys = load_file(str(out)).keys()
+    out = export_kohya(lora_adapter, tmp_path / "kohya")
+    keys = load_file(str(out.lora)).keys()
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
     assert {k.split(".", 1)[1] for k in keys} == {"lora_down.weight", "lora_up.weight", "alpha"}
-    assert all(float(v) == 2.0 for k, v in load_file(str(out)).items() if k.endswith(".alpha"))
+    assert all(float(v) == 2.0 for k, v in load_file(str(out.lora)).items() if k.endswith(".alpha"))
+    # one A1111 embedding per token (SD 1.5: emb_params), named so that the prompt can call it
+    assert out.lora.name == "likeness.safetensors"
+    assert [p.name for p in out.embeddings.values()] == ["likeness-subj.safetensors", "likeness-bg0.safetensors"]
+    assert load_file(str(out.embeddings["<subj>"]))["emb_params"].shape == (1, 32)
+    assert "<lora:likeness:1> a portrait photo of likeness-subj girl" in out.readme.read_text()
 
     with adapter_attached(base_pipe, lora_adapter):
         native = generate(base_pipe)
     kohya = load_pipe(tiny_preset)
-    kohya.load_lora_weights(str(out))
-    embeddings = sorted(tmp_path.glob("subject.*.safetensors"))
-    kohya.load_textual_inversion([str(p) for p in embeddings], token=["<subj>", "<bg0>"])
+    kohya.load_lora_weights(str(out.lora))
+    kohya.load_textual_inversion([str(p) for p in out.embeddings.values()], token=list(out.embeddings))
     assert torch.allclose(generate(kohya), native, atol=1e-5)
 
 

@@ -60,9 +60,9 @@ def test_text_embeddings_are_cached_only_where_text_encoder_and_tokens_are_froze
         assert (trainer.stage_text is not None) == cached[index], plan.name
         if trainer.stage_text is not None:
             with torch.no_grad():
-                fresh = trainer.pipe.text_encoder(trainer.data.ids)[0]
+                fresh = trainer.pipe.text_encoder(trainer.data.ids[0])[0]
             used = trainer.schedule.used_prompts(start, start + plan.steps)
-            assert torch.allclose(trainer.stage_text[used], fresh[used], atol=1e-6)
+            assert torch.allclose(trainer.stage_text.hidden[used], fresh[used], atol=1e-6)
         start += plan.steps
 
 
