@@ -5,8 +5,8 @@ retention purge parsed requests to find the photos still in use. Existing templa
 the column filled from their request; a photo deleted meanwhile leaves it NULL (and so does
 deleting the photo later: ``ON DELETE SET NULL``).
 
-Revision ID: 0006_job_template_photo
-Revises: 0005_job_status_notify
+Revision ID: 0007_job_template_photo
+Revises: 0006_sealed_webhook_secrets
 Create Date: 2026-12-05 05:00:00
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_job_template_photo"
-down_revision = "0005_job_status_notify"
+revision = "0007_job_template_photo"
+down_revision = "0006_sealed_webhook_secrets"
 branch_labels = None
 depends_on = None
 
