@@ -165,6 +165,7 @@ PLANS: dict[JobKind, JobPlan] = {
             StageShare(Stage.CACHING, 5),
             StageShare(Stage.TRAINING_STAGE1, 30),
             StageShare(Stage.TRAINING_STAGE2, 55),
+            StageShare(Stage.SELECTING, 10),  # checkpoint selection (skipped when turned off)
         )),
     )),
     JobKind.GENERATE: JobPlan(JobKind.GENERATE, (
