@@ -79,10 +79,10 @@ def test_job_runs_through_named_stages_with_monotonic_progress(lifecycle_worker,
     job = read_job(pg_url, job_id)
     assert job.state == JobState.SUCCEEDED, (job.error_code, job.error_message, lifecycle_worker.log()[-3000:])
     assert job.progress == 100.0 and job.attempts == 1 and job.finished_at is not None
-    assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2"]
+    assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2", "selecting"]
     seen = [stage for _, stage, _ in samples if stage]
     order = list(dict.fromkeys(seen))
-    assert order == ["intake", "caching", "training:stage1", "training:stage2"][-len(order):]
+    assert order == ["intake", "caching", "training:stage1", "training:stage2", "selecting"][-len(order):]
     assert len(order) >= 3  # polled fast enough to see most stages
     progresses = [p for _, _, p in samples]
     assert progresses == sorted(progresses), "progress went backwards"

@@ -31,8 +31,8 @@ def test_progress_is_monotonic_across_stages_and_throttled():
     clock.t += 1
     progress(ProgressEvent("caching", 0.2))  # a stage restarting its count never moves the job back
     clock.t += 1
-    progress(ProgressEvent("training:stage2", 1.0))
-    assert [w.stage for w in writes] == ["intake", "intake", "caching", "caching", "training:stage2"]
+    progress(ProgressEvent("selecting", 1.0))
+    assert [w.stage for w in writes] == ["intake", "intake", "caching", "caching", "selecting"]
     values = [w.progress for w in writes]
     assert values == sorted(values) and values[-1] == 100.0
     assert values[2] == pytest.approx(plan_for("train").progress("caching", 0.5))  # shares come from the plan
