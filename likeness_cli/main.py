@@ -499,6 +499,9 @@ def run(
     seed: int = 0,
     device: str = "auto",
     train_steps: Annotated[int | None, typer.Option(help="Override total training steps (quick demos).")] = None,
+    no_checkpoint_selection: Annotated[bool, typer.Option(
+        "--no-checkpoint-selection", help="Keep the finished adapter instead of the training snapshot that "
+                                          "looks most like the person (saves the selecting stage).")] = False,
     strength: Annotated[float | None, typer.Option(help="Template mode: denoising strength (default 0.45).")] = None,
     second_pass: Annotated[bool, typer.Option("--second-pass", help="Template mode: redraw the face alone at "
                                                                     "higher resolution.")] = False,
@@ -511,7 +514,8 @@ def run(
 
     if (style is None) == (template is None):
         raise CliError("give --style STYLE or --template NAME_OR_FILE (one of them)")
-    config = LocalRunConfig(train=TrainRequest(steps=train_steps), preset=preset, device=device)
+    train = TrainRequest(steps=train_steps, select_checkpoint=False if no_checkpoint_selection else None)
+    config = LocalRunConfig(train=train, preset=preset, device=device)
     if style is not None:
         config = dataclasses.replace(config, generate=GenerateRequest(style=style, n=n, k=k, seed=seed))
     else:
