@@ -55,6 +55,7 @@ UNEVEN_TRAIN = [
     ("caching", [0.3] * 8),
     ("training:stage1", [0.2, 0.2, 1.4] * 15),
     ("training:stage2", [0.2, 0.2, 1.4] * 35),
+    ("selecting", [2.5, 3.5, 2.5, 3.5]),  # each snapshot renders and scores the validation set
 ]
 
 
@@ -91,6 +92,9 @@ def test_eta_never_jumps_by_more_than_twice_and_converges_on_uneven_steps():
     stage1 = [(eta, left) for _, eta, left, stage, done in etas if stage == "training:stage1" and
               done >= plan_for("train").progress("training:stage1", 0.5)]
     assert stage1 and all(0.5 * left <= eta <= 2.0 * left for eta, left in stage1), stage1
+    # the selecting stage is in the estimate from the start: at the end of stage 2 the ETA is its time
+    last_of_stage2 = [(eta, left) for _, eta, left, stage, _ in etas if stage == "training:stage2"][-1]
+    assert 0.5 * last_of_stage2[1] <= last_of_stage2[0] <= 2.0 * last_of_stage2[1], last_of_stage2
 
 
 def test_a_phase_on_another_worker_continues_the_eta_it_was_handed():
