@@ -3,7 +3,7 @@ every worker process here, and their removal once the adapter is deleted.
 
 A deleted subject or client takes its adapter rows and blobs at once (:mod:`app.services.subjects`); a
 worker machine cannot be reached from the API, so each one checks its own copies against the database:
-a job looks its adapter up before it uses the copy (:func:`worker.phases.find_adapter`), and every
+a job looks its adapter up before it uses the copy (:meth:`worker.service_edge.ServiceEdge.adapter`), and every
 recovery sweep (at worker start, then every ``job_heartbeat_s``) deletes the copies whose adapter row is
 gone. A machine whose worker is stopped prunes at its next start.
 """

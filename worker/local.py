@@ -33,8 +33,13 @@ from likeness.contract.requests import (
 )
 from likeness.contract.results import AdapterRef, Resumed
 from pipelines.errors import DatasetRejected, InvalidConfig, PipelineError
+from pipelines.intake.dataset import PhotoInput
+from pipelines.intake.decode import PhotoRejected
+from pipelines.intake.reasons import ReasonCode
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, never_stop, no_progress
+from pipelines.templates.catalog import open_template
 from worker.jobs import JobSnapshot
+from worker.models import ModelManager, resolve_device
 from worker.phases import PhaseContext, decode_template, jsonable, place_template, run_phases
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".tif", ".tiff"}
@@ -125,9 +130,6 @@ def resolve(config: LocalRunConfig) -> tuple[ResolvedTrain, ResolvedGenerate | R
 
 def read_template(config: LocalRunConfig):  # noqa: ANN201 - PIL image or None
     """The template image of a template-mode run: a shipped one, or the file through the upload's decode checks."""
-    from pipelines.intake.decode import PhotoRejected
-    from pipelines.templates.catalog import open_template
-
     if config.template is None:
         return None
     if config.template_file is None:
@@ -144,8 +146,6 @@ def read_template(config: LocalRunConfig):  # noqa: ANN201 - PIL image or None
 
 def photo_verdicts(rows: list[dict[str, Any]], files: dict[str, str]) -> list[dict[str, Any]]:
     """Intake's per-photo report rows with the file name and what the person can do about a refusal."""
-    from pipelines.intake.reasons import ReasonCode
-
     return [{**row, "file": files.get(row["photo_id"]), "what_to_do": ReasonCode(row["reason_code"]).what_to_do}
             for row in rows]
 
@@ -165,9 +165,7 @@ class FolderEdge:
         self._dataset = None
         self._adapter_dir: Path | None = None
 
-    def photos(self, job: JobSnapshot) -> list:
-        from pipelines.intake.dataset import PhotoInput
-
+    def photos(self, job: JobSnapshot) -> list[PhotoInput]:
         return [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in self._photos]
 
     def photos_judged(self, job: JobSnapshot, reports: list[dict[str, Any]], crops: dict[str, Any]) -> None:
@@ -214,7 +212,8 @@ class FolderEdge:
     def deliver(self, job: JobSnapshot, result: Any) -> None:  # noqa: ANN401
         entry = {"rank": result.rank, "seed": result.seed, "prompt": result.prompt, "style": result.style,
                  "scores": jsonable(dict(result.scores)), "width": result.image.width,
-                 "height": result.image.height, "file": f"rank_{result.rank:02d}.png"}
+                 "height": result.image.height, "face_refined": result.face_refined,
+                 "file": f"rank_{result.rank:02d}.png"}
         result.image.save(self.out_dir / entry["file"])
         if result.upscaled is not None:
             factor = round(result.upscaled.width / result.image.width)
@@ -254,8 +253,6 @@ def run_local(
     ``manager``: the model manager to borrow from (a warm worker keeps one across runs); default: a new
     one for this run.
     """
-    from worker.models import ModelManager, resolve_device
-
     timer = timer or StageTimer()
 
     def progress(event: ProgressEvent) -> None:

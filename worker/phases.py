@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from likeness.contract.plan import PLANS, JobKind, plan_for
+from likeness.contract.plan import PLANS, JobKind, Stage, plan_for
 from likeness.contract.requests import (
     ResolvedGenerate,
     ResolvedTemplate,
@@ -51,8 +51,13 @@ from likeness.contract.results import (
     TrainResult,
     read_result,
 )
-from pipelines.errors import InvalidConfig, PipelineError
-from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, Stage, StageProgress, raise_if_canceled
+from pipelines.errors import DatasetRejected, InvalidConfig, PipelineError
+from pipelines.intake import intake_models, prepare_dataset
+from pipelines.intake.config import IntakeConfig
+from pipelines.intake.dataset import Dataset, PhotoInput
+from pipelines.intake.decode import decode_photo
+from pipelines.models.presets import get_preset
+from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, StageProgress, raise_if_canceled
 from pipelines.training.config import total_steps
 from pipelines.training.selection import snapshot_steps
 from worker.jobs import JobSnapshot
@@ -60,8 +65,6 @@ from worker.models import ModelManager
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-    from pipelines.intake.dataset import Dataset, PhotoInput
 
 #: an uploaded template is worked on at most this many pixels on its long side
 TEMPLATE_MAX_SIDE = 2048
@@ -145,8 +148,6 @@ class PhaseContext:
         return read_resolved(self.job.kind, self.job.request)
 
     def preset(self, name: str):  # noqa: ANN201 - pipelines.models.presets.ModelPreset
-        from pipelines.models.presets import get_preset
-
         return get_preset(name, self.model_cache_dir)
 
 
@@ -187,8 +188,6 @@ def box(value: Any) -> list[float] | None:  # noqa: ANN401
 
 def intake_config(ctx: PhaseContext):  # noqa: ANN201 - pipelines.intake.config.IntakeConfig
     """The intake settings of a train job: the preset's CLIP/upscaler plus the request's class word."""
-    from pipelines.intake.config import IntakeConfig
-
     request: ResolvedTrain = ctx.request()  # type: ignore[assignment]
     preset = ctx.preset(request.preset)
     return IntakeConfig(clip_model=preset.clip, upscaler_model=preset.upscaler_x2, class_token=request.class_token,
@@ -196,8 +195,6 @@ def intake_config(ctx: PhaseContext):  # noqa: ANN201 - pipelines.intake.config.
 
 
 def run_intake(ctx: PhaseContext) -> TrainResult:
-    from pipelines.errors import DatasetRejected
-    from pipelines.intake import intake_models, prepare_dataset
     from pipelines.intake.pipeline import check_inputs
 
     config = intake_config(ctx)
@@ -328,7 +325,7 @@ def candidate_scores(results: list) -> list[CandidateScore]:
     """Every candidate's scores, kept on the job record (rank 0 = not delivered), so a client or the
     dashboard can see why the delivered ones won."""
     return [CandidateScore(seed=int(r.seed), rank=int(r.rank), faces=int(r.faces), flagged=bool(r.flagged),
-                           scores=jsonable(dict(r.scores)))
+                           face_refined=bool(r.face_refined), scores=jsonable(dict(r.scores)))
             for r in sorted(results, key=lambda r: r.seed)]
 
 
@@ -369,8 +366,6 @@ def deliver(ctx: PhaseContext, results: list) -> int:
 def decode_template(data: bytes) -> Image:
     """An uploaded template as every phase works on it: decoded (EXIF rotation applied), RGB, at most
     :data:`TEMPLATE_MAX_SIDE` pixels on its long side; raises ``PhotoRejected`` for a file that is no image."""
-    from pipelines.intake.decode import decode_photo
-
     image = decode_photo(data, reduce_to=TEMPLATE_MAX_SIDE)
     image.thumbnail((TEMPLATE_MAX_SIDE, TEMPLATE_MAX_SIDE))  # the reduced decode is at least this big
     return image

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from PIL import Image as PILImage
 from sqlalchemy import delete, func, select
 
 from core.config import Settings
@@ -40,6 +41,8 @@ from core.storage import (
 from likeness.contract.requests import TemplateSource
 from likeness.contract.results import AdapterRef, Resumed
 from pipelines.errors import InvalidConfig
+from pipelines.intake.dataset import Dataset, PhotoInput
+from pipelines.templates.catalog import open_template
 from worker.adapter_cache import local_adapter_path
 from worker.checkpoints import mirror_checkpoint, restore_checkpoint
 from worker.jobs import JobSnapshot, record_preview, record_result, through_db_outage
@@ -67,9 +70,7 @@ class ServiceEdge:
 
     # ---- train: intake
 
-    def photos(self, job: JobSnapshot) -> list:
-        from pipelines.intake.dataset import PhotoInput
-
+    def photos(self, job: JobSnapshot) -> list[PhotoInput]:
         with UnitOfWork(self.settings) as uow:
             photos = uow.session.execute(
                 select(Photo.id, Photo.original_key).where(Photo.subject_id == job.subject_id)
@@ -105,9 +106,7 @@ class ServiceEdge:
 
     # ---- train: training
 
-    def dataset(self, job: JobSnapshot, workdir: Path):  # noqa: ANN201 - pipelines.intake.dataset.Dataset
-        from pipelines.intake.dataset import Dataset
-
+    def dataset(self, job: JobSnapshot, workdir: Path) -> Dataset:
         return Dataset.load(download_folder(self.store, dataset_prefix(job.subject_id, job.id),
                                             workdir / "dataset-in"))
 
@@ -177,19 +176,15 @@ class ServiceEdge:
                 shutil.rmtree(staging, ignore_errors=True)  # another job got there first
         return row.id, target
 
-    def reference_crops(self, job: JobSnapshot) -> list:
-        from PIL import Image as PILImage
-
+    def reference_crops(self, job: JobSnapshot) -> list[PILImage.Image]:
         with UnitOfWork(self.settings) as uow:
             crop_keys = uow.session.execute(select(Photo.crop_key).where(
                 Photo.subject_id == job.subject_id, Photo.status == PhotoStatus.accepted,
                 Photo.crop_key.is_not(None))).scalars().all()
         return [PILImage.open(io.BytesIO(self.store.get(key))).convert("RGB") for key in crop_keys]
 
-    def template_image(self, job: JobSnapshot, source: TemplateSource):  # noqa: ANN201 - PIL image
+    def template_image(self, job: JobSnapshot, source: TemplateSource) -> PILImage.Image:
         """A shipped template, or the subject's uploaded template photo (its verdict was given at upload)."""
-        from pipelines.templates.catalog import open_template
-
         if source.kind == "shipped":
             return open_template(str(source.name))
         with UnitOfWork(self.settings) as uow:

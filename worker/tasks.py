@@ -18,6 +18,7 @@ from core.db import session as db_session
 from core.db.models import WebhookDelivery
 from core.db.uow import UnitOfWork
 from core.retention import purge_expired as purge
+from core.storage import get_blob_store
 from core.webhooks import backoff_s, record_and_send
 from likeness.contract.plan import Queue
 from likeness.contract.plan import Task as TaskName
@@ -28,8 +29,9 @@ from worker.models import get_manager, resolve_budget, resolve_device
 from worker.recovery import PeriodicSweep
 from worker.registry import RegistryHeartbeat, status
 from worker.retention import PeriodicPurge
-from worker.runner import TransientError, fail_after_retries
+from worker.runner import TransientError, fail_after_retries, is_transient
 from worker.runner import run_job as run
+from worker.template_photos import judge_template_photo as judge
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,6 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
                  max_retries=len(JOB_RETRY_BACKOFF_S))
 def judge_template_photo(self: Task, photo_id: str) -> str:
     """An uploaded template photo's verdict (worker.template_photos); storage or database away: later."""
-    from core.storage import get_blob_store
-    from worker.runner import is_transient
-    from worker.template_photos import judge_template_photo as judge
-
     settings = get_settings()
     try:
         return judge(settings, get_blob_store(settings), photo_id)

@@ -16,6 +16,8 @@ from core.config import Settings
 from core.db.models import PhotoStatus, TemplatePhoto
 from core.db.uow import UnitOfWork
 from core.storage import BlobStore
+from pipelines.intake.decode import PhotoRejected
+from pipelines.intake.reasons import ReasonCode
 from worker.models import get_manager, resolve_device
 from worker.phases import box, decode_template, place_template
 
@@ -25,9 +27,7 @@ log = logging.getLogger(__name__)
 def judge_template_photo(settings: Settings, store: BlobStore, photo_id: str) -> str:
     """Decide a pending template photo's verdict; returns it (``accepted``, ``rejected``) or ``skip``
     (deleted meanwhile, or already judged: a redelivered message)."""
-    from pipelines.intake.decode import PhotoRejected
-    from pipelines.intake.reasons import ReasonCode
-    from pipelines.templates.masking import TemplateRejected
+    from pipelines.templates.masking import TemplateRejected  # OpenCV, mediapipe
 
     with UnitOfWork(settings) as uow:
         row = uow.session.get(TemplatePhoto, photo_id)

@@ -28,7 +28,7 @@ from pipelines.generation.styles import (
     placeholders,
     template_path,
 )
-from pipelines.models.presets import PRESET_NAMES
+from pipelines.models.presets import PRESET_NAMES, preset_family
 from pipelines.templates.catalog import get_template
 from pipelines.templates.spec import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -104,6 +104,10 @@ class ResolvedTrain(BaseModel):
     select_checkpoint: bool = False  # keep the snapshot that looks most like the person (pipelines.training.selection)
 
 
+FACE_REFINE_HELP = ("Redraw each candidate's face at the model's native resolution before ranking: on, off, or "
+                    "auto (on for portrait styles and template jobs). Each image says face_refined.")
+
+
 #: Training defaults that depend on the model preset: the random-weight ``tiny`` preset is for demos
 #: and wiring checks (its images are noise whatever it learns), so it trains just long enough to run
 #: every stage: 4 steps a photo, 20 for the usual 5 photos, at most 40. With its generation defaults
@@ -115,8 +119,9 @@ PRESET_TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd15": {},
     "sdxl": {},
 }
-#: Generation defaults that depend on the model preset (a request's own value always wins): ``tiny``
-#: denoises 10 steps instead of a style's 25; ``sd15`` takes the style's.
+#: Generation defaults that depend on the model preset (a request's own value always wins): the tiny
+#: presets denoise 10 steps instead of a style's; ``sd15`` and ``sdxl`` take the style's as it runs on
+#: their family (``StylePack.for_family``).
 PRESET_GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 10},
     "tiny-sdxl": {"steps": 10},
@@ -176,6 +181,7 @@ class GenerateRequest(_Body):
     no_controlnet: bool = Field(False, description="Disable the style's ControlNet.")
     upscale: Literal[2, 4, "none"] = 2
     ranking: str = Field("aesthetic", description="aesthetic (the method's choice) or balanced.")
+    face_refine: Literal["auto", "on", "off"] = Field("auto", description=FACE_REFINE_HELP)
     allow_prompt_without_instance: bool = Field(False, description="Allow custom prompts that do not show the "
                                                                    "subject.")
     adapter_version: int | None = Field(None, ge=1, description="Adapter to use; default: the newest.")
@@ -216,7 +222,7 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
     of the subject's adapter) unless ``allow_prompt_without_instance``.
     """
     limits = limits or GenerationLimits()
-    style = _style(body.style) if body.style is not None else None
+    style = _style(body.style, preset) if body.style is not None else None
     if style is None and not body.prompts:
         _reject("style_or_prompts_required", "Give a style or at least one prompt.")
     _check_candidates(body.n, body.k, limits)
@@ -251,6 +257,7 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
         prompts=templates, negative_prompt=negative, n=body.n, k=body.k, seed=body.seed, aspect=aspect,
         steps=steps, guidance_scale=guidance, sampler=body.sampler, controlnets=controlnets,
         upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+        face_refine=body.face_refine == "on" or (body.face_refine == "auto" and style is not None and style.portrait),
     )
 
 
@@ -272,11 +279,13 @@ def resolve_generate(body: GenerateRequest, *, preset: str, adapter_version: int
     return ResolvedGenerate(preset=preset, adapter_version=adapter_version, generation=spec)
 
 
-def _style(name: str) -> StylePack:
+def _style(name: str, preset: str | None = None) -> StylePack:
+    """The style pack ``name`` as it runs on ``preset``'s model family (its per-family defaults applied)."""
     try:
-        return get_style(name)
+        style = get_style(name)
     except InvalidConfig as exc:
         raise RequestRejected(exc.error_code, f"Unknown style {name!r}.", **exc.details) from None
+    return style.for_family(preset_family(preset).name) if preset else style
 
 
 def _check_prompt(template: str, body: GenerateRequest, limits: GenerationLimits, instance_token: str | None):
@@ -371,6 +380,7 @@ class TemplateRequest(_Body):
     upscale: Literal[2, 4, "none"] = 2
     ranking: str = Field("identity", description="identity (default: likeness to the subject weighs most), "
                                                  "balanced or aesthetic.")
+    face_refine: Literal["auto", "on", "off"] = Field("auto", description=FACE_REFINE_HELP)
     adapter_version: int | None = Field(None, ge=1, description="Adapter to use; default: the newest.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -477,6 +487,7 @@ def resolve_templating(body: TemplateRequest, *, limits: GenerationLimits | None
         guidance_scale=guidance, pose_scale=pose, edge_scale=edge, color_transfer=body.color_transfer,
         second_pass=body.second_pass, second_pass_strength=second,
         upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+        face_refine=body.face_refine != "off",  # auto: template jobs are portraits
     )
     return source, spec
 

@@ -113,6 +113,7 @@ class CandidateScore(_Part):
     rank: int
     faces: int
     flagged: bool
+    face_refined: bool = False  # the face-refinement pass re-rendered its face
     scores: dict[str, float | None]  # None: a score that could not be computed (identity without reference photos)
 
 

@@ -11,8 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.errors import InvalidConfig
-from pipelines.generation.styles import ASPECTS
+from pipelines.models.family import get_family
 
 SAMPLERS = ("euler", "dpmpp_2m", "ddim", "euler_a")
 
@@ -56,19 +55,14 @@ class GenerationSpec(BaseModel):
     safety_checker: bool = False
     use_improved_vae: bool = True
     batch_size: int | None = None  # None: the engine's default
+    face_refine: bool = False  # redraw each candidate's face before ranking (pipelines.engine.face_refine)
 
     def prompt_template(self, index: int) -> str:
         return self.prompts[index % len(self.prompts)]
 
 
-def aspect_size(aspect: str, resolution: int, multiple: int = 8) -> tuple[int, int]:
-    """(width, height) for ``aspect`` at the base model's ``resolution``: the short side
-    is ``resolution`` and the long side is rounded to the nearest ``multiple`` (512: 1:1 ->
-    512x512, 9:16 -> 512x912, 4:5 -> 512x640; tiny 128: 128x224, 128x160)."""
-    if aspect not in ASPECTS:
-        raise InvalidConfig(f"unknown aspect {aspect!r}", {"aspect": aspect, "known": list(ASPECTS)},
-                            code="unknown_aspect")
-    w, h = (int(x) for x in aspect.split(":"))
-    width = resolution
-    height = max(multiple, round(resolution * h / w / multiple) * multiple)
-    return width, height
+def aspect_size(aspect: str, resolution: int, family: str = "sd15") -> tuple[int, int]:
+    """(width, height) for ``aspect`` at a preset's ``resolution``, from the model family's sizes
+    (``pipelines.models.family``; the engines ask the same). SD 1.5 at 512: 1:1 -> 512x512, 9:16 ->
+    512x912, 4:5 -> 512x640; tiny 128: 128x224, 128x160. SDXL at 1024: 1024x1024, 768x1344, 896x1120."""
+    return get_family(family).size_at(aspect, resolution)

@@ -3,6 +3,11 @@
 A pack names prompt templates (with ``{instance}`` and ``{class}`` placeholders), a
 negative prompt, sampler settings, an aspect ratio and optionally a ControlNet
 template image. This module never imports torch: the API lists packs through it.
+
+One pack serves every model family: :meth:`StylePack.for_family` applies the family's defaults
+(``styles/families/<family>.yaml``: steps, guidance for every pack) and then the pack's own
+``families: {<family>: ...}`` block. The size of an aspect comes from the family description
+(``pipelines.models.family``), not from the pack.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pipelines.errors import InvalidConfig
 
 STYLES_DIR = Path(__file__).resolve().parent.parent / "styles"
 TEMPLATES_DIR = STYLES_DIR / "templates"
+FAMILY_DEFAULTS_DIR = STYLES_DIR / "families"
 ASPECTS = ("1:1", "9:16", "4:5")
 CONTROLNET_KINDS = ("pose", "depth")
 PLACEHOLDERS = frozenset({"instance", "class"})
@@ -29,6 +35,16 @@ class StyleControlNet(BaseModel):
     kind: str
     template: str  # file name under pipelines/styles/templates/
     scale: float = Field(1.0, ge=0.0, le=2.0)
+
+
+class StyleDefaults(BaseModel):
+    """Sampler settings that differ on one model family (unset: the pack's own)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    negative_prompt: str | None = None
 
 
 class StylePack(BaseModel):
@@ -44,6 +60,8 @@ class StylePack(BaseModel):
     steps: int = 25
     aspect: str = "1:1"
     controlnet: StyleControlNet | None = None
+    portrait: bool = True  # a face fills the frame: face refinement is on by default ("auto")
+    families: dict[str, StyleDefaults] = Field(default_factory=dict)  # per model family ("sdxl": ...)
 
     @field_validator("prompts")
     @classmethod
@@ -65,6 +83,14 @@ class StylePack(BaseModel):
         """Candidate ``index`` cycles through the pack's prompt variations."""
         return self.prompts[index % len(self.prompts)]
 
+    def for_family(self, family: str) -> StylePack:
+        """This pack as it runs on model family ``family``: the family's defaults, then the pack's own."""
+        changes: dict[str, object] = {}
+        for layer in (family_defaults(family), self.families.get(family)):
+            if layer is not None:
+                changes |= layer.model_dump(exclude_none=True)
+        return self.model_copy(update=changes) if changes else self
+
 
 def placeholders(template: str) -> set[str]:
     return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
@@ -85,6 +111,15 @@ def _load_all() -> dict[str, StylePack]:
             raise ValueError(f"style file {path.name} declares name {pack.name!r}")
         packs[pack.name] = pack
     return packs
+
+
+@functools.cache
+def family_defaults(family: str) -> StyleDefaults | None:
+    """Every pack's settings on ``family`` (``styles/families/<family>.yaml``); None: the packs' own."""
+    path = FAMILY_DEFAULTS_DIR / f"{family}.yaml"
+    if not path.is_file():
+        return None
+    return StyleDefaults.model_validate(yaml.safe_load(path.read_text()))
 
 
 def list_styles() -> list[StylePack]:

@@ -73,6 +73,14 @@ class ModelFamily:
             raise InvalidConfig(f"the {self.name} family has no size for aspect {aspect!r}",
                                 {"known": sorted(self.sizes)}) from None
 
+    def size_at(self, aspect: str, resolution: int) -> tuple[int, int]:
+        """(width, height) of ``aspect`` for a preset whose square side is ``resolution`` (the engines' sizes)."""
+        sizes = self.scaled_sizes(resolution)
+        if aspect not in sizes:
+            raise InvalidConfig(f"unknown aspect {aspect!r}", {"aspect": aspect, "known": sorted(sizes)},
+                                code="unknown_aspect")
+        return sizes[aspect]
+
     def scaled_sizes(self, resolution: int) -> dict[str, tuple[int, int]]:
         """The aspect sizes for a preset whose square side is ``resolution`` (tiny presets), multiples of 8."""
         ratio = resolution / self.native_resolution

@@ -227,3 +227,13 @@ def _build_once(root: Path, build) -> None:
 
 def with_overrides(preset: ModelPreset, **changes) -> ModelPreset:
     return replace(preset, **changes)
+
+
+def preset_family(name: str):
+    """The model family of preset ``name``, read without building or loading anything (the API asks it
+    for a style's per-family defaults)."""
+    tiny = _tiny(Path())
+    described = {"sd15": SD15, "sdxl": SDXL, "tiny": tiny, "tiny-sdxl": _tiny_sdxl(Path(), tiny)}
+    if name not in described:
+        raise InvalidConfig(f"unknown model preset {name!r}", {"known": list(PRESET_NAMES)})
+    return described[name].family

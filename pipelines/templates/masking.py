@@ -149,6 +149,11 @@ class Region:
     crop: Square
     mask: np.ndarray
 
+    @classmethod
+    def around(cls, mask: np.ndarray, context: float = CONTEXT) -> Region:
+        """The region that redraws ``mask``, its crop square ``context`` times the mask's longer side."""
+        return cls(Square.around(_support(mask), context), mask)
+
     @property
     def mask_box(self) -> Box:
         """The bounding box of the pixels this pass may change (mask > 0)."""
@@ -221,9 +226,9 @@ def prepare_template(
     # 3. the template's pose
     keypoints = pose_keypoints(image, models.pose_estimator)
     progress.advance()
-    region = Region(Square.around(_support(mask)), mask)
+    region = Region.around(mask)
     face_mask = face_only_mask(image.size, face) * (mask > 0)
-    prepared = PreparedTemplate(image, face, region, Region(Square.around(_support(face_mask)), face_mask), keypoints)
+    prepared = PreparedTemplate(image, face, region, Region.around(face_mask), keypoints)
     progress.advance(message="placed")
     return prepared
 

@@ -49,6 +49,7 @@ class TemplateSpec(BaseModel):
     ranking: str = "identity"
     use_improved_vae: bool = True
     batch_size: int | None = None  # None: the engine's default
+    face_refine: bool = False  # redraw each candidate's face before ranking (pipelines.engine.face_refine)
 
     @property
     def first_pass_steps(self) -> int:

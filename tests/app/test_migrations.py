@@ -68,7 +68,7 @@ def test_embedded_sqlite_database_migrates_and_cascades(tmp_path):
 
 
 def test_template_jobs_get_their_template_photo_column_from_their_request(tmp_path):
-    """0006 fills ``jobs.template_photo_id`` of existing template jobs from ``request["source"]``."""
+    """0007 fills ``jobs.template_photo_id`` of existing template jobs from ``request["source"]``."""
     import sqlalchemy as sa
     from alembic import command
 
@@ -76,7 +76,7 @@ def test_template_jobs_get_their_template_photo_column_from_their_request(tmp_pa
     from core.db.session import get_engine, normalize_url
 
     url = f"sqlite:///{tmp_path / 'likeness.sqlite3'}"
-    command.upgrade(alembic_config(url), "0005_job_status_notify")
+    command.upgrade(alembic_config(url), "0006_sealed_webhook_secrets")
     engine = get_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO clients (id, name, role, api_key_hash, max_candidates, created_at) "

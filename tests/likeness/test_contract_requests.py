@@ -14,10 +14,12 @@ from likeness.contract.requests import (
     RequestRejected,
     ResolvedGenerate,
     ResolvedTrain,
+    TemplateRequest,
     TrainRequest,
     read_resolved,
     resolve_generate,
     resolve_generation,
+    resolve_templating,
     resolve_train,
 )
 from pipelines.errors import InvalidConfig
@@ -111,6 +113,39 @@ def test_defaults_come_from_the_style_and_the_request_overrides_them():
                                               upscale="none"))
     assert (spec.aspect, spec.steps, spec.controlnets, spec.upscale) == ("1:1", 4, (), None)
     assert resolve_generation(GenerateRequest(prompts=["{instance} {class}"])).steps == 25
+
+
+def test_one_style_pack_serves_every_family_with_that_familys_defaults():
+    style = get_style("studio_headshot")
+    sd15 = resolve_generation(GenerateRequest(style=style.name), preset="sd15")
+    sdxl = resolve_generation(GenerateRequest(style=style.name), preset="sdxl")
+    assert (sd15.steps, sd15.guidance_scale) == (style.steps, style.guidance_scale) == (25, 7.0)
+    assert (sdxl.steps, sdxl.guidance_scale) == (30, 6.0)  # styles/families/sdxl.yaml
+    assert sdxl.prompts == sd15.prompts and sdxl.negative_prompt == sd15.negative_prompt
+    assert sdxl.style_version == sd15.style_version == style.version  # the same pack, not a copy
+    # The request's own values win on every family; the tiny SDXL preset denoises briefly like tiny.
+    chosen = resolve_generation(GenerateRequest(style=style.name, steps=12, guidance_scale=3.0), preset="sdxl")
+    assert (chosen.steps, chosen.guidance_scale) == (12, 3.0)
+    assert resolve_generation(GenerateRequest(style=style.name), preset="tiny-sdxl").steps == 10
+
+
+def test_a_packs_own_family_block_wins_over_the_familys_defaults():
+    from pipelines.generation.styles import StyleDefaults
+
+    pack = get_style("bw_film").model_copy(
+        update={"families": {"sdxl": StyleDefaults(guidance_scale=4.5, negative_prompt="color")}})
+    on_sdxl = pack.for_family("sdxl")
+    assert (on_sdxl.steps, on_sdxl.guidance_scale, on_sdxl.negative_prompt) == (30, 4.5, "color")
+    assert pack.for_family("sd15") == pack
+
+
+def test_face_refinement_is_on_for_portrait_styles_and_templates_unless_turned_off():
+    assert resolve_generation(GenerateRequest(style="studio_headshot")).face_refine is True
+    assert resolve_generation(GenerateRequest(prompts=["{instance} {class} on a beach"])).face_refine is False
+    assert resolve_generation(GenerateRequest(prompts=["{instance} {class}"], face_refine="on")).face_refine is True
+    assert resolve_generation(GenerateRequest(style="studio_headshot", face_refine="off")).face_refine is False
+    assert resolve_templating(TemplateRequest(template="id_photo"))[1].face_refine is True
+    assert resolve_templating(TemplateRequest(template="id_photo", face_refine="off"))[1].face_refine is False
 
 
 def test_resolved_requests_round_trip_through_json_exactly():

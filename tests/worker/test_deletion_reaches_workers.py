@@ -41,7 +41,7 @@ def _trained_subject(http, headers, name: str) -> tuple[str, str]:  # noqa: ANN0
 
 
 def _local_copy(adapter_id: str):  # noqa: ANN202
-    """What a generation job leaves on its worker's disk (worker.phases downloads it there)."""
+    """What a generation job leaves on its worker's disk (the service edge downloads it there)."""
     from worker.adapter_cache import local_adapter_path
 
     folder = local_adapter_path(settings_with(), adapter_id)

@@ -47,8 +47,9 @@ def engine(fast_preset):
 
 
 def build_lora_adapter(folder: Path, preset, instance_token: str, seed: int) -> Path:
-    """A LoRA adapter in the project's format: random (non-zero) U-Net and text-encoder
-    LoRA and a random instance-token embedding, written by ``save_adapter``."""
+    """A LoRA adapter in the project's format for ``preset``'s model family: random (non-zero) U-Net
+    LoRA, LoRA on every text encoder of the family and a random instance-token embedding in each,
+    written by ``save_adapter``."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
     from transformers import CLIPTextModel
@@ -59,23 +60,27 @@ def build_lora_adapter(folder: Path, preset, instance_token: str, seed: int) -> 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(preset.base_model, subfolder="unet")
     unet.add_adapter(LoraConfig(**spec.peft_kwargs("unet"), init_lora_weights=False))
-    text_encoder = CLIPTextModel.from_pretrained(preset.base_model, subfolder="text_encoder")
-    text_encoder.add_adapter(LoraConfig(**spec.peft_kwargs("text_encoder"), init_lora_weights=False))
-    hidden = text_encoder.config.hidden_size
+    encoder_loras, hidden = {}, {}
+    for name in preset.family.encoder_names:
+        text_encoder = CLIPTextModel.from_pretrained(preset.base_model, subfolder=name)
+        text_encoder.add_adapter(LoraConfig(**spec.peft_kwargs("text_encoder"), init_lora_weights=False))
+        encoder_loras[name] = get_peft_model_state_dict(text_encoder)
+        hidden[name] = text_encoder.config.hidden_size
     manifest = AdapterManifest(
         mode="lora",
         base_model=preset.base_model,
         instance_token=instance_token,
         class_token="girl",
         tokens=(instance_token,),
+        family=preset.family.name,
         lora=spec,
     )
     return save_adapter(
         folder,
         manifest,
         unet_lora=get_peft_model_state_dict(unet),
-        text_encoder_lora=get_peft_model_state_dict(text_encoder),
-        token_embeddings={instance_token: torch.randn(hidden)},
+        text_encoder_lora=encoder_loras,
+        token_embeddings={instance_token: {name: torch.randn(width) for name, width in hidden.items()}},
     )
 
 

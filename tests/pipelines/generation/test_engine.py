@@ -169,7 +169,8 @@ def test_samplers_are_selectable(engine):
     }
     for name, scheduler in expected.items():
         spec = GenerationSpec(**{**FAST, "sampler": name})
-        assert type(engine._call_pipeline(spec).scheduler).__name__ == scheduler
+        pipe, _ = engine.pipeline("text_to_image", spec)
+        assert type(pipe.scheduler).__name__ == scheduler
     assert type(engine.pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # the base keeps its own
 
     images = {name: pixels(generate_one(engine, sampler=name, steps=4).image) for name in expected}

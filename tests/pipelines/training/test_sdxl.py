@@ -26,6 +26,8 @@ from pipelines.training import trainer as trainer_module
 from pipelines.types import CropGeometry, TrainingExample
 from tests.pipelines.training.helpers import TOKENS
 
+pytestmark = pytest.mark.slow  # each test trains or renders on CPU: more than ~20 s on 2 cores
+
 #: where intake cut the astronaut's crop: a 400 px square at (60, 20) of the 512 x 512 photo
 ASTRONAUT_CROP = CropGeometry(photo_width=512, photo_height=512, left=60, top=20, side=400)
 
