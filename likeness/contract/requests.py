@@ -83,7 +83,7 @@ class TrainRequest(_Body):
         None, description="Keep the training snapshot that looks most like the person (snapshots at 40/60/80/100 % "
                           "of the steps, each scored on a small validation set; the result's checkpoint_selection "
                           "says which). Default: on for LoRA (snapshots are a few MB), off for full mode (each "
-                          "snapshot is a copy of the U-Net and text encoders, ~3.4 GB on SD 1.5).")
+                          "snapshot is a copy of the U-Net and text encoders, ~4 GB on SD 1.5).")
     preset: Literal[PRESET_NAMES] | None = Field(  # type: ignore[valid-type]
         None, description="The model preset to train on (sd15: Stable Diffusion 1.5 at 512 px; sdxl: SDXL at "
                           "1024 px; tiny, tiny-sdxl: random weights for demos). Default: the deployment's. The "
