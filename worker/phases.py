@@ -59,7 +59,7 @@ from pipelines.intake.decode import decode_photo
 from pipelines.models.presets import get_preset
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, StageProgress, raise_if_canceled
 from pipelines.training.config import total_steps
-from pipelines.training.selection import snapshot_steps
+from pipelines.training.selection import select_snapshot, snapshot_steps, validate_snapshots, validation_set
 from worker.jobs import JobSnapshot
 from worker.models import ModelManager
 
@@ -278,8 +278,6 @@ def select_checkpoint(ctx: PhaseContext, base: Any, preset: Any, dataset: Datase
     :func:`pipelines.training.selection.select_snapshot` picks the one the subject keeps."""
     from pipelines.eval.metrics import IdentityScorer
     from pipelines.ranking import ranking_models
-    from pipelines.training.selection import select_snapshot, validate_snapshots, validation_set
-
     started = time.perf_counter()
     snapshots = sorted({**trained.snapshots, trained.steps: Path(trained.adapter_dir)}.items())
     tokens = dataset.token_spec()

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.progress import raise_if_canceled
+
 #: when the snapshots are taken, as fractions of the run's steps (1.0: the finished adapter)
 SNAPSHOT_FRACTIONS: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)
 #: a snapshot whose text alignment is below this fraction of the best one so far is overfit
@@ -147,8 +149,6 @@ def validate_snapshots(pipe, snapshots: Sequence[tuple[int, Path]], instance_tok
     they exist (the previews a client sees while the job runs)."""
     from pipelines.adapters import adapter_attached
     from pipelines.eval.metrics import without_token
-    from pipelines.progress import raise_if_canceled
-
     styled_text = without_token(config.styled_prompt.format(instance=instance_token, class_token=class_token),
                                 instance_token)
     scores = []

@@ -81,7 +81,9 @@ def test_the_subjects_adapter_and_export_are_the_selected_snapshot_bit_for_bit(s
         # the tiny CLIP's text alignment of noise is arbitrary: the overfitting guard must not decide here
         return [selection.SnapshotScore(s.step, SCRIPTED_IDENTITY[s.step], 0.3) for s in measured]
 
-    monkeypatch.setattr(selection, "validate_snapshots", scripted)
+    from worker import phases
+
+    monkeypatch.setattr(phases, "validate_snapshots", scripted)
     settings = settings_with(model_cache_dir=MODEL_CACHE, device="cpu")
     photos = [encode(variant, quality=92) for variant in person_variants(grace_hopper, 6)]
     job_id, subject_id = _train(settings, photos)
