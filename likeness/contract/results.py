@@ -65,8 +65,8 @@ class CheckpointCandidate(_Part):
     """One training snapshot's validation scores (None: not measurable, e.g. no face in the images)."""
 
     step: int
-    identity: float | None
-    text_alignment: float | None
+    identity: float | None = None  # stored results leave a None out
+    text_alignment: float | None = None
 
 
 class CheckpointSelection(_Part):

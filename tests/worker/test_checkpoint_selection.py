@@ -134,3 +134,13 @@ def test_selection_is_on_for_lora_off_for_full_and_can_be_turned_off():
     stored = resolve_train(TrainRequest(), preset="tiny").model_dump(mode="json")
     del stored["select_checkpoint"]
     assert read_resolved("train", stored).select_checkpoint is False
+
+
+def test_a_selection_without_identity_scores_reads_back():
+    """Random weights draw no face: every identity is None, which the stored result leaves out."""
+    from likeness.contract.results import CheckpointCandidate, CheckpointSelection, TrainResult, read_result
+
+    result = TrainResult(checkpoint_selection=CheckpointSelection(selected_step=10, candidates=[
+        CheckpointCandidate(step=4, identity=None, text_alignment=0.25),
+        CheckpointCandidate(step=10, identity=None, text_alignment=None)]))
+    assert read_result("train", result.stored()) == result
