@@ -13,9 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import likeness
 from app.admin import install as install_admin_dashboard
 from app.api import job_status
-from app.api.routes import account, admin, images, jobs, photos, subjects, templates
+from app.api.routes import account, admin, images, jobs, operation_id, photos, subjects, templates
 from app.api.routes._common import check_request_inputs
 from app.api.schemas import ErrorBody
 from app.auth_sync import AuthSubscriber
@@ -183,7 +184,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if listener is not None:
                 await listener.stop()
 
-    app = FastAPI(title="Likeness API", version="1.0.0", description=API_DESCRIPTION, lifespan=lifespan,
+    app = FastAPI(title="Likeness API", version=likeness.__version__, description=API_DESCRIPTION, lifespan=lifespan,
+                  generate_unique_id_function=operation_id,
                   responses={500: {"model": ErrorBody, "description": "Internal error (no details leak)."},
                              503: {"model": ErrorBody, "description": (
                                  "A dependency is down (`database_unavailable`, `storage_unavailable`); retry "

@@ -130,7 +130,7 @@ class RetentionCollector(Collector):
         except Exception:  # noqa: BLE001
             log.warning("retention metrics unavailable", exc_info=True)
             return
-        for kind in ("photos", "datasets", "images", "blobs", "runs"):
+        for kind in ("photos", "datasets", "templates", "images", "blobs", "orphans", "runs"):
             deleted.add_metric([kind], found.get(kind, (0, None))[0])
         if "runs" in found:
             last.add_metric([], found["runs"][1].timestamp())
@@ -190,6 +190,14 @@ def render(scrape: CollectorRegistry) -> bytes:
     return generate_latest(REGISTRY) + generate_latest(scrape)
 
 
+def _mount_template(scope: dict) -> str | None:
+    """A request a mounted app served (the dashboard's static files): the mount's path and ``/{path}``."""
+    if "endpoint" not in scope or "app_root_path" not in scope:
+        return None
+    mount = scope.get("root_path", "")[len(scope["app_root_path"]):]
+    return f"{mount}/{{path}}" if mount else None
+
+
 class RequestMetricsMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware overhead on the status-poll path)."""
 
@@ -216,5 +224,5 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or _mount_template(scope) or "unmatched"
             REQUEST_LATENCY.labels(scope["method"], template, str(status["code"])).observe(time.perf_counter() - start)

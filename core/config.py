@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.models.weights import resolve_preset
+
 #: The public placeholder once shipped as the default: refused anywhere but tests (anyone can sign with it).
 DEV_SECRET = "dev-insecure-secret-change-me"
 
@@ -41,6 +43,10 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
+    # Direct uploads (S3 mode): clients PUT photos to presigned URLs at this address (default: s3_endpoint_url),
+    # valid this long; the API then checks what arrived (app.services.direct_uploads).
+    s3_public_endpoint_url: str | None = None
+    direct_upload_expires_s: int = 900
 
     # Security
     # Signs download URLs and derives the key that encrypts webhook secrets at rest (core.sealed); every API
@@ -67,6 +73,9 @@ class Settings(BaseSettings):
     retain_training_data_days: int | None = 30  # uploads, crops, datasets: days after the training that used them
     retain_images_days: int | None = 90  # generated images: days after they were made
     purge_interval_s: int = 3600
+    # Blobs no row names (a process killed between storing files and committing) are deleted by the purge
+    # once they are this old; a write in progress is always younger.
+    orphan_blob_grace_s: int = 6 * 3600
 
     # Upload limits
     max_file_bytes: int = 25 * 1024 * 1024
@@ -76,10 +85,12 @@ class Settings(BaseSettings):
     max_candidates_per_request: int = 64
 
     # ML
-    model_preset: Literal["tiny", "sd15", "tiny-sdxl", "sdxl"] = "tiny"
+    # auto: sd15 when its weights are on this machine (`likeness models pull --preset sd15`), else tiny
+    model_preset: Literal["auto", "tiny", "sd15", "tiny-sdxl", "sdxl"] = "auto"
     model_cache_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_memory_budget: str = "auto"  # models a worker keeps loaded: bytes, "12GiB" or auto (90 % GPU / half RAM)
+    log_format: Literal["auto", "json", "text"] = "auto"  # worker logs; auto: JSON lines unless on a terminal
 
     # Jobs
     max_attempts: int = 3
@@ -91,6 +102,10 @@ class Settings(BaseSettings):
     job_requeue_after_s: int = 300  # a queued (or handed-over) job nobody took this long: its message is resent
     webhook_max_attempts: int = 6
     webhook_backoff_first_s: float = 10.0  # a failed delivery is retried after this, then 3x longer each time
+    # Fair share (worker.fair_share): a worker claims the waiting job of the least served client (recent
+    # seconds on the queue / the client's priority), then end user; off: first in, first out.
+    fair_share: bool = True
+    fair_share_window_s: float = 1800.0
 
     # API server
     host: str = "127.0.0.1"
@@ -155,6 +170,11 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return (self.model_cache_dir or self.data_dir / "models").resolve()
+
+    @property
+    def preset(self) -> str:
+        """The model preset jobs use: ``model_preset`` with ``auto`` resolved (once per process)."""
+        return resolve_preset(self.model_preset, self.resolved_model_cache_dir)
 
     def queue(self, name: str) -> str:
         """The broker's name of a job-plan queue (``cpu``/``gpu``), with this deployment's prefix."""

@@ -13,6 +13,8 @@ kept until deleted):
   left behind; normally they are deleted when the job ends). The trained adapter stays,
   so the subject can still generate (ranked without identity references once its crops are gone).
 * **generated images** (original and upscaled): ``retain_images_days`` after they were made.
+* **orphan blobs** (stored by a process killed before it committed their rows, partial ``.tmp-`` files
+  included): ``orphan_blob_grace_s`` after they were written (:mod:`core.orphans`).
 * **jobs** are kept with their request bodies and results (the dashboard's history; they hold no
   photo or image).
 
@@ -45,6 +47,7 @@ from core.db.models import (
 )
 from core.db.session import scrub_deleted
 from core.db.uow import UnitOfWork
+from core.orphans import sweep_orphan_blobs
 from core.storage import BlobStore, checkpoint_prefix, dataset_prefix, get_blob_store, photo_prefix
 from likeness.contract.plan import ACTIVE_STATES, TERMINAL_STATES, JobKind
 
@@ -63,6 +66,7 @@ class PurgeReport:
     templates: int = 0
     images: int = 0
     blobs: int = 0
+    orphans: int = 0  # blobs no row named (also counted in ``blobs``)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -90,8 +94,10 @@ def purge_expired(settings: Settings | None = None, store: BlobStore | None = No
             _purge_template_photos(settings, store, client_id, now - timedelta(days=data_days), report)
         if image_days is not None:
             _purge_images(settings, store, client_id, now - timedelta(days=image_days), report)
+    report.orphans = sweep_orphan_blobs(settings, store, now)
+    report.blobs += report.orphans
     _record(settings, report, now)
-    if report.photos or report.datasets or report.templates or report.images:
+    if report.photos or report.datasets or report.templates or report.images or report.orphans:
         log.info("retention purge: %s", report.as_dict())
         scrub_deleted(settings.resolved_database_url)  # no deleted row left in the SQLite file or its log
     return report

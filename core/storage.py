@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +23,7 @@ from core.private_files import private_dir
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 CHUNK = 1024 * 1024
+TEMP_PREFIX = ".tmp-"  # a local write in progress (or one a killed process left half-written)
 
 
 class BlobNotFound(KeyError):
@@ -96,6 +98,11 @@ def photo_original_key(subject_id: str, photo_id: str, extension: str = "jpg") -
     return f"subjects/{subject_id}/photos/{photo_id}/original.{extension}"
 
 
+def incoming_upload_key(subject_id: str, upload_id: str) -> str:
+    """Where a client's direct upload lands before the API checks it (under the subject: deleted with it)."""
+    return f"subjects/{subject_id}/incoming/{upload_id}"
+
+
 def photo_crop_key(subject_id: str, photo_id: str) -> str:
     return f"subjects/{subject_id}/photos/{photo_id}/crop.png"
 
@@ -161,9 +168,23 @@ class BlobStore(abc.ABC):
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix``, sorted."""
 
+    def presigned_put(self, key: str, content_length: int, expires_s: int) -> str | None:
+        """A URL a client can PUT exactly ``content_length`` bytes to, for ``expires_s`` seconds (None: this
+        store has no such URLs; the client uploads through the API)."""
+        return None
+
+    def size_of(self, key: str) -> int:
+        """The blob's size in bytes, without reading it (raises :class:`BlobNotFound`)."""
+        return len(self.get(key))
+
     @abc.abstractmethod
     def ping(self) -> None:
         """Raise if the store is unreachable (readiness probe)."""
+
+    @abc.abstractmethod
+    def list_with_times(self, prefix: str = "") -> list[tuple[str, datetime]]:
+        """Every blob under ``prefix`` with the time it was last written (UTC), including partial writes
+        (local ``.tmp-`` files) that :meth:`list` hides: what the orphan sweep looks at."""
 
     def size_of_prefix(self, prefix: str) -> int:
         """Bytes stored under ``prefix`` (backends override this with a listing that carries sizes)."""
@@ -196,7 +217,7 @@ class LocalBlobStore(BlobStore):
         path = self._path(key)
         with _storage_errors("write", key):
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -248,8 +269,21 @@ class LocalBlobStore(BlobStore):
             return []
         return sorted(
             p.relative_to(self.root).as_posix()
-            for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+            for p in base.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX)
         )
+
+    def list_with_times(self, prefix: str = "") -> list[tuple[str, datetime]]:
+        _validate_prefix(prefix)
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        found = []
+        for path in base.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # deleted or renamed while we walked
+                if path.is_file():
+                    written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                    found.append((path.relative_to(self.root).as_posix(), written))
+        return sorted(found)
 
     def ping(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK):
@@ -260,23 +294,29 @@ class LocalBlobStore(BlobStore):
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return 0
-        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX))
 
 
 class S3BlobStore(BlobStore):
     """S3 or any S3-compatible store (MinIO: set ``endpoint_url``)."""
 
     def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str = "us-east-1",
-                 access_key_id: str | None = None, secret_access_key: str | None = None, client=None):  # noqa: ANN001
+                 access_key_id: str | None = None, secret_access_key: str | None = None, client=None,  # noqa: ANN001
+                 public_endpoint_url: str | None = None):
+        """``public_endpoint_url``: the address clients reach the store at, for presigned URLs (default:
+        ``endpoint_url``; differs when the service reaches MinIO at e.g. ``http://minio:9000``)."""
         import boto3
         from botocore.config import Config
 
+        def make(endpoint: str | None):  # noqa: ANN202
+            return boto3.client("s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=access_key_id,
+                                aws_secret_access_key=secret_access_key,
+                                config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3},
+                                              signature_version="s3v4"))
+
         self.bucket = bucket
-        self.client = client or boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}),
-        )
+        self.client = client or make(endpoint_url)
+        self.presign_client = make(public_endpoint_url) if public_endpoint_url else self.client
 
     def _missing(self, exc: Exception) -> bool:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code")
@@ -342,10 +382,30 @@ class S3BlobStore(BlobStore):
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
 
+    def list_with_times(self, prefix: str = "") -> list[tuple[str, datetime]]:
+        _validate_prefix(prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted((obj["Key"], obj["LastModified"].astimezone(UTC))
+                      for page in pages for obj in page.get("Contents", []))
+
     def size_of_prefix(self, prefix: str) -> int:
         _validate_prefix(prefix)
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sum(obj.get("Size", 0) for page in pages for obj in page.get("Contents", []))
+
+    def presigned_put(self, key: str, content_length: int, expires_s: int) -> str | None:
+        params = {"Bucket": self.bucket, "Key": validate_key(key), "ContentLength": content_length}
+        with _storage_errors("sign", key):
+            return self.presign_client.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_s)
+
+    def size_of(self, key: str) -> int:
+        with _storage_errors("inspect", key):
+            try:
+                return int(self.client.head_object(Bucket=self.bucket, Key=validate_key(key))["ContentLength"])
+            except self.client.exceptions.ClientError as exc:
+                if self._missing(exc):
+                    raise BlobNotFound(key) from None
+                raise
 
     def ensure_bucket(self) -> None:
         try:
@@ -397,6 +457,7 @@ def get_blob_store(settings: Settings | None = None) -> BlobStore:
             _STORES[cache_key] = S3BlobStore(
                 settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
                 access_key_id=settings.s3_access_key_id, secret_access_key=settings.s3_secret_access_key,
+                public_endpoint_url=settings.s3_public_endpoint_url,
             )
         return _STORES[cache_key]
     cache_key = ("local", str(settings.resolved_storage_dir))

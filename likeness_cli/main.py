@@ -116,11 +116,11 @@ def create_client(
 # ---- processes ---------------------------------------------------------------------------------------------
 
 
-def worker_command(queues: list[str], concurrency: int, settings, loglevel: str = "info") -> list[str]:
+def worker_command(queues: list[str], concurrency: int, settings, loglevel: str = "info", tag: str = "") -> list[str]:
     names = ",".join(settings.queue(q) for q in queues)
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", names,
             "--concurrency", str(concurrency), "--loglevel", loglevel, "--without-gossip", "--without-mingle",
-            "-n", f"likeness-{'-'.join(queues)}-{os.getpid()}@%h"]
+            "-n", f"likeness-{'-'.join(queues)}{tag}-{os.getpid()}@%h"]
 
 
 @app.command()
@@ -128,12 +128,27 @@ def worker(
     queues: Annotated[str, typer.Option("--queues", "-q", help="Comma-separated: gpu, cpu.")] = "gpu,cpu",
     concurrency: Annotated[int | None, typer.Option(help="Default: 1 when serving gpu, else CPU count.")] = None,
     loglevel: str = "info",
+    gpus: Annotated[str | None, typer.Option(
+        help="all | 0,1,...: one worker process per GPU (each sees only its device: its own models and memory "
+             "budget, one job at a time).")] = None,
 ) -> None:
     """Start a Celery worker on the given queues (GPU workers run one job at a time)."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = set(names) - set(Queue)
     if unknown or not names:
         raise CliError(f"unknown queue(s) {sorted(unknown)}; use gpu and/or cpu")
+    if gpus is not None:
+        from likeness_cli.gpus import GpuSpecError, parse_gpus, per_gpu_children, supervise
+
+        try:
+            devices = parse_gpus(gpus)
+        except GpuSpecError as exc:
+            raise CliError(str(exc)) from None
+        settings = _settings()
+        private_umask()
+        console.print(f"starting {len(devices)} worker(s), one per GPU: {', '.join(devices)}")
+        code = supervise(per_gpu_children(devices, lambda d: worker_command(names, 1, settings, loglevel, f"-gpu{d}")))
+        raise typer.Exit(code)
     if concurrency is None:
         concurrency = 1 if Queue.GPU in names else (os.cpu_count() or 1)
     cmd = worker_command(names, concurrency, _settings(), loglevel)
@@ -198,6 +213,10 @@ def serve(
     """
     settings = _settings()
     host, port = host or settings.host, port or settings.port
+    _check_port_free(host, port)
+    preset = _checked_preset(settings.model_preset, settings)
+    console.print(_preset_banner(settings.model_preset, preset), highlight=False)
+    os.environ["LIKENESS_MODEL_PRESET"] = preset  # the API and the workers use the preset resolved here
     private_umask()  # the API's and workers' files (database, broker, blobs, keys) are the operator's alone
     private_dir(settings.data_dir)
     from core.db.migrate import upgrade_to_head
@@ -211,16 +230,17 @@ def serve(
         if embedded_worker:
             children.append(subprocess.Popen(worker_command([Queue.GPU], 1, settings, "warning")))
             children.append(subprocess.Popen(worker_command([Queue.CPU], cpu_concurrency, settings, "warning")))
-        children.append(subprocess.Popen(api_command(settings, host, port)))
+        api = subprocess.Popen(api_command(settings, host, port))
+        children.append(api)
         url = f"http://{host}:{port}"
         core = list(children)
+        _wait_listening(api, host, port)
         if os.environ.get("LIKENESS_TELEGRAM_TOKEN"):  # embedded: the Telegram bot runs beside the API
             children.append(_start_bot(settings, url))
         console.print(f"Likeness listening on [bold]{url}[/]  (API docs: {url}/docs)")
         console.print(f"admin dashboard: [bold]{url}/admin[/]  (log in with the admin API key)")
         mode = "embedded" if settings.embedded else "distributed"
-        console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, "
-                      f"preset: {settings.model_preset}")
+        console.print(f"mode: {mode}, data: {settings.data_dir.resolve()}, preset: {preset}")
         console.print(_secret_banner(settings), soft_wrap=True)
         if created:
             console.print("admin API key (created now, kept in data_dir/admin_api_key):")
@@ -238,6 +258,59 @@ def serve(
         console.print("stopping...")
     finally:
         _stop(children)
+
+
+def _checked_preset(name: str, settings) -> str:
+    """``name`` (``auto`` resolved) once its weights are known to be here: a missing one is one line now,
+    with the command that fetches it, rather than hub retries inside the first job."""
+    from pipelines.models.weights import require_weights, resolve_preset
+
+    preset = resolve_preset(name, settings.resolved_model_cache_dir)
+    require_weights(preset, settings.resolved_model_cache_dir)
+    return preset
+
+
+def _preset_banner(asked: str, preset: str) -> str:
+    from pipelines.models.presets import TINY_PRESETS
+
+    if preset in TINY_PRESETS:
+        why = " (auto: no real weights here; `likeness models pull --preset sd15` fetches them)" if asked == "auto" \
+            else ""
+        return f"model preset: {preset} - random weights, its images are noise{why}"
+    return f"model preset: {preset}" + (" (auto: its weights are on this machine)" if asked == "auto" else "")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line and a non-zero exit when another process holds the port (before anything starts)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a listener blocks it
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another `likeness serve`? "
+                           "choose a port with --port or LIKENESS_PORT)") from None
+
+
+def _wait_listening(api: subprocess.Popen, host: str, port: int, timeout_s: float = 120.0) -> None:
+    """Until the API answers ``/healthz`` (so "listening on" is printed when it is true)."""
+    import httpx
+
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/healthz"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if api.poll() is not None:
+            raise CliError(f"the API stopped before it listened on {host}:{port}; see its log above")
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise CliError(f"the API did not answer on {host}:{port} within {timeout_s:.0f} s; see its log above")
 
 
 def _secret_banner(settings) -> str:
@@ -289,11 +362,12 @@ def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
 @models_app.command("pull")
 def models_pull(
     preset: Annotated[str | None, typer.Option(
-        help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET).")] = None,
+        help="tiny | sd15 | tiny-sdxl | sdxl (default: LIKENESS_MODEL_PRESET; auto: sd15).")] = None,
 ) -> None:
     """Fetch every weight the preset needs into the local cache (tiny: build them)."""
     settings = _settings()
-    pull(preset or settings.model_preset, settings.resolved_model_cache_dir, console)
+    name = preset or settings.model_preset
+    pull("sd15" if name == "auto" else name, settings.resolved_model_cache_dir, console)
 
 
 @models_app.command("check")
@@ -303,8 +377,8 @@ def models_check(
 ) -> None:
     """Report what the preset still needs locally; exit 1 if anything is missing."""
     settings = _settings()
-    missing = check(preset or settings.model_preset, settings.resolved_model_cache_dir)
-    name = preset or settings.model_preset
+    name = preset or settings.preset
+    missing = check(name, settings.resolved_model_cache_dir)
     if missing:
         for item in missing:
             console.print(f"[red]missing[/] {item}")
@@ -390,18 +464,33 @@ def jobs_wait(
     """Follow a job with a progress bar until it ends; exit 1 unless it succeeded."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with _remote(api, key) as client, Progress(TextColumn("{task.description:<24}"), BarColumn(),
-                                               TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[eta]}"),
-                                               TimeElapsedColumn(), console=console) as bars:
-        task = bars.add_task("queued", total=100, eta="")
-        job = None
-        for job in client.wait(job_id, timeout_s=timeout):
-            eta = f"ETA {job.eta_s:.0f} s" if job.eta_s else ""
-            bars.update(task, completed=job.progress, description=job.stage or job.state.value, eta=eta)
-    assert job is not None
+    from likeness.client.errors import LikenessError
+
+    with _remote(api, key) as client:
+        try:  # the first answer before any progress bar: an unreachable API fails now, in one line
+            first = client.get_job(job_id)
+        except LikenessError as exc:
+            if exc.transient:
+                raise CliError(f"{exc} Is the service running? (--api or LIKENESS_API_URL)") from None
+            raise
+        with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                      TextColumn("{task.fields[eta]}"), TimeElapsedColumn(), console=console) as bars:
+            job = _follow(client, first, bars, timeout)
     if not job.succeeded:
         raise CliError(f"job {job.id} {job.state.value}: {job.error_message or ''} ({job.error_code})")
     console.print(f"job {job.id} ({job.kind.value}) succeeded")
+
+
+def _follow(client, first, bars, timeout: float | None):  # noqa: ANN001, ANN202 - a Client, a Job, a Progress
+    """Update one progress bar from the job's polls until it ends; returns the final job."""
+    task = bars.add_task(first.stage or first.state.value, total=100, completed=first.progress, eta="")
+    job = first
+    if not first.done:
+        for job in client.wait(first.id, timeout_s=timeout):  # noqa: B007 - the last one is the answer
+            eta = f"ETA {job.eta_s:.0f} s" if job.eta_s else ""
+            bars.update(task, completed=job.progress, description=job.stage or job.state.value, eta=eta)
+    bars.update(task, completed=job.progress)
+    return job
 
 
 class AdapterFormat(str, Enum):
@@ -412,7 +501,8 @@ class AdapterFormat(str, Enum):
 @adapters_app.command("download")
 def adapters_download(
     subject_id: str,
-    out: Annotated[Path, typer.Option("--out", help="A folder (the server's file name) or a file path.")] = Path("."),
+    out: Annotated[str, typer.Option("--out", help="A folder (an existing one, or a path ending in /: the server's "
+                                                   "file name) or a file path.")] = ".",
     format: Annotated[AdapterFormat, typer.Option("--format", help="diffusers: zip of the adapter folder; "  # noqa: A002
                                                                      "kohya: zip for A1111/ComfyUI.")]
     = AdapterFormat.diffusers,
@@ -422,7 +512,7 @@ def adapters_download(
 ) -> None:
     """Download a subject's trained adapter from the service."""
     with _remote(api, key) as client:
-        path = client.download_adapter(subject_id, out, format=format.value, version=version)
+        path = client.download_adapter(subject_id, out, format=format.value, version=version)  # str: keeps a "/"
     console.print(f"adapter written to {path} ({path.stat().st_size} bytes)")
     if format is AdapterFormat.kohya:
         _print_export_files(path)
@@ -492,8 +582,9 @@ def run(
     template: Annotated[str | None, typer.Option(
         help="Template mode instead of a style: a shipped template's name (pipelines/templates/library) or a "
              "photo file of one person to put the subject into.")] = None,
-    preset: Annotated[str, typer.Option(
-        help="tiny | tiny-sdxl (random weights: images are noise) | sd15 | sdxl")] = "tiny",
+    preset: Annotated[str | None, typer.Option(
+        help="tiny | tiny-sdxl (random weights: images are noise) | sd15 | sdxl | auto: sd15 when its weights are "
+             "here (default: LIKENESS_MODEL_PRESET)")] = None,
     n: Annotated[int, typer.Option(help="Candidates generated.")] = 8,
     k: Annotated[int, typer.Option(help="Best candidates kept (and upscaled).")] = 4,
     seed: int = 0,
@@ -507,13 +598,21 @@ def run(
                                                                     "higher resolution.")] = False,
 ) -> None:
     """Photos folder -> portraits folder, locally, through the same pipeline as the service."""
+    from core import logs
+
+    logs.quiet_libraries()  # before the ML libraries load: no weight-loading bars or TF Lite chatter
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from likeness.contract.requests import GenerateRequest, TrainRequest
+    from pipelines.templates.masking import TemplateRejected
     from worker.local import LocalRunConfig, run_local
 
     if (style is None) == (template is None):
         raise CliError("give --style STYLE or --template NAME_OR_FILE (one of them)")
+    settings = _settings()
+    asked = preset or settings.model_preset
+    preset = _checked_preset(asked, settings)  # before any photo is read or model loaded
+    console.print(_preset_banner(asked, preset), highlight=False)
     train = TrainRequest(steps=train_steps, select_checkpoint=False if no_checkpoint_selection else None)
     config = LocalRunConfig(train=train, preset=preset, device=device)
     if style is not None:
@@ -533,28 +632,36 @@ def run(
             bars.update(tasks[event.stage], completed=100 * event.fraction)
 
         try:
-            report = run_local(photos_dir, out, config, _settings().resolved_model_cache_dir,
+            report = run_local(photos_dir, out, config, settings.resolved_model_cache_dir,
                                on_progress=on_progress, on_verdicts=lambda rows: console.print(_verdict_table(rows)))
         except DatasetRejected as exc:
             raise CliError(f"{exc.message} Nothing was trained. Each photo's verdict and what to do about it: "
                            f"{out / 'report.json'}") from None
+        except TemplateRejected as exc:
+            raise CliError(f"{exc.message} ({exc.error_code}) Nothing was trained; see {out / 'report.json'}") from None
         for task_id in tasks.values():
             bars.update(task_id, completed=100)
     accepted = sum(1 for p in report["photos"] if p["accepted"])
     console.print(f"{accepted}/{len(report['photos'])} photos used, class token [bold]{report['class_token']}[/]; "
-                  f"{len(report['candidates'])} images and report.json in {out}")
+                  f"{_count(len(report['candidates']), 'image')} and report.json in {out}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _verdict_table(rows: list[dict]):
     """Intake's verdict per photo, printed before training starts (and for a rejected set)."""
     from rich.table import Table
 
-    used = sum(1 for row in rows if row["accepted"])
+    used = sum(1 for row in rows if row.get("used", row["accepted"]))
     table = Table(title=f"photos: {used} of {len(rows)} used", title_justify="left", show_edge=False)
     for column in ("photo", "verdict", "reason", "what to do"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        if row["accepted"]:
+        if row["accepted"] and not row.get("used", True):  # fine, but too few fine ones: nothing was trained
+            table.add_row(row["file"] or row["photo_id"], "[yellow]usable[/]", "", "")
+        elif row["accepted"]:
             table.add_row(row["file"] or row["photo_id"], "[green]used[/]", "", "")
         else:
             table.add_row(row["file"] or row["photo_id"], "[red]not used[/]", row["reason_code"], row["what_to_do"])

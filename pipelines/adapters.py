@@ -74,7 +74,7 @@ class LoraSpec:
 @dataclass(frozen=True)
 class AdapterManifest:
     mode: str  # "lora" | "full"
-    base_model: str
+    base_model: str  # the hub id, or the preset's name for a locally built base (never a path)
     instance_token: str
     class_token: str
     tokens: tuple[str, ...]  # every added token, in the order they were added

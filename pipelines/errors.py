@@ -58,3 +58,13 @@ class Canceled(PipelineError):
     """The caller asked to stop; raised at the next step boundary."""
 
     code = "canceled"
+
+
+class Preempted(Canceled):
+    """The process running the work is shutting down (spot instance, pod eviction); raised by ``should_stop``.
+
+    Not the caller's wish: the work is handed back, not ended. A training checkpoints the step it
+    reached first and records it in ``details["checkpoint_step"]``.
+    """
+
+    code = "preempted"

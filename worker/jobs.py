@@ -28,6 +28,8 @@ from core.db.uow import UnitOfWork
 from core.signing import signed_preview_url, signing_secret
 from core.webhooks import notify_job, queue_preview_event
 from likeness.contract.plan import TERMINAL_STATES, JobState, transition
+from likeness.contract.results import HandedBack
+from worker.fair_share import fairest_waiting
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +134,17 @@ def _locked(uow: UnitOfWork, job_id: str) -> Job | None:
     return uow.session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
 
 
-def claim(settings: Settings, job_id: str) -> Claim:
-    """Take ownership of ``job_id`` if it needs running; see :class:`ClaimOutcome`."""
+def claim(settings: Settings, job_id: str, queue: str | None = None) -> Claim:
+    """Take ownership of ``job_id`` if it needs running; see :class:`ClaimOutcome`.
+
+    ``queue`` (the logical queue the message came from) with ``settings.fair_share``: the message is a
+    wake-up; the fairest job waiting on that queue is claimed instead (:mod:`worker.fair_share`), and
+    ``job_id`` only when none waits (a redelivery, a takeover, a cancel).
+    """
     me, now = worker_id(), utcnow()
     with UnitOfWork(settings) as uow:
+        if queue is not None and settings.fair_share:
+            job_id = _fairest(uow, settings, queue) or job_id
         job = _locked(uow, job_id)
         if job is None:
             log.info("job %s no longer exists", job_id)
@@ -168,6 +177,19 @@ def claim(settings: Settings, job_id: str) -> Claim:
         job.worker = me
         job.heartbeat_at = now
         return Claim(ClaimOutcome.run, JobSnapshot.of(job), previous)
+
+
+def _fairest(uow: UnitOfWork, settings: Settings, queue: str, tries: int = 3) -> str | None:
+    """The fairest job waiting on ``queue``, locked and still waiting (where the database cannot lock the
+    waiting set, SQLite, another claimer may have taken the one picked: pick again)."""
+    for _ in range(tries):
+        chosen = fairest_waiting(uow.session, queue, settings.fair_share_window_s)
+        job = _locked(uow, chosen) if chosen else None
+        if job is None:
+            return None
+        if job.worker is None and job.state in (JobState.QUEUED, JobState.RUNNING):
+            return chosen
+    return None
 
 
 def fail_lost(uow: UnitOfWork, job: Job, now: datetime) -> None:
@@ -310,3 +332,21 @@ def release(settings: Settings, job_id: str) -> None:
     as a new attempt (its stage rows say so), as after a takeover from a lost worker."""
     with UnitOfWork(settings) as uow:
         uow.session.execute(_owned(job_id).values(worker=None, heartbeat_at=utcnow(), attempts=Job.attempts + 1))
+
+
+def hand_back(settings: Settings, job_id: str, checkpoint_step: int | None = None) -> bool:
+    """This worker is shutting down: release an owned job and queue it again in one transaction, so
+    another worker claims it at once (same attempt) instead of waiting out the lease. The job's
+    ``result.preempted`` says by whom, when, and at which step its training was checkpointed.
+    False when this process no longer owns the job."""
+    with UnitOfWork(settings) as uow:
+        job = _locked(uow, job_id)
+        if job is None or job.worker != worker_id() or job.state != JobState.RUNNING:
+            return False
+        job.heartbeat_at = now = utcnow()
+        _close_open_stages(uow.session, job_id, now)
+        handed_back = HandedBack(worker=job.worker, at=now.isoformat(), checkpoint_step=checkpoint_step)
+        job.result = {**(job.result or {}), "preempted": handed_back.model_dump(mode="json")}
+        job.worker = None
+        uow.enqueue_job(job)
+        return True

@@ -144,10 +144,19 @@ def read_template(config: LocalRunConfig):  # noqa: ANN201 - PIL image or None
                             code=f"template_{exc.reason.value}") from None
 
 
-def photo_verdicts(rows: list[dict[str, Any]], files: dict[str, str]) -> list[dict[str, Any]]:
-    """Intake's per-photo report rows with the file name and what the person can do about a refusal."""
-    return [{**row, "file": files.get(row["photo_id"]), "what_to_do": ReasonCode(row["reason_code"]).what_to_do}
-            for row in rows]
+def photo_verdicts(rows: list[dict[str, Any]], files: dict[str, str], trained: bool = True) -> list[dict[str, Any]]:
+    """Intake's per-photo report rows with the file name and what the person can do about a refusal;
+    ``used``: the photo went into training (never, when the set was rejected)."""
+    return [{**row, "file": files.get(row["photo_id"]), "used": trained and bool(row["accepted"]),
+             "what_to_do": ReasonCode(row["reason_code"]).what_to_do} for row in rows]
+
+
+def _write_rejection(out_dir: Path, exc: PipelineError, preset: str, **extra: Any) -> None:
+    """``report.json`` of a run refused before training (the photo set or the template)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps({
+        "status": "rejected", "error": {"code": exc.error_code, "message": exc.message}, "preset": preset, **extra,
+    }, indent=2, default=str))
 
 
 class FolderEdge:
@@ -169,7 +178,9 @@ class FolderEdge:
         return [PhotoInput(photo_id=photo.photo_id, data=photo.data) for photo in self._photos]
 
     def photos_judged(self, job: JobSnapshot, reports: list[dict[str, Any]], crops: dict[str, Any]) -> None:
-        self.verdicts = photo_verdicts(jsonable(reports), {p.photo_id: p.path.name for p in self._photos})
+        # no crops kept: the set was rejected, so no photo goes into training
+        self.verdicts = photo_verdicts(jsonable(reports), {p.photo_id: p.path.name for p in self._photos},
+                                       trained=bool(crops))
         if self._on_verdicts is not None:
             self._on_verdicts(self.verdicts)
 
@@ -276,7 +287,12 @@ def run_local(
     kind = JobKind.TEMPLATE if isinstance(second, ResolvedTemplate) else JobKind.GENERATE
     # 2. template mode: judge the template first (detectors only), as the service does at upload
     if template is not None:
-        place_template(manager, resolve_device(config.device), template, progress, should_stop)
+        try:
+            place_template(manager, resolve_device(config.device), template, progress, should_stop)
+        except PipelineError as exc:
+            if exc.user_error:  # a template refused once judged still leaves its report
+                _write_rejection(out_dir, exc, config.preset, template=exc.details)
+            raise
     # 3. the train job (intake, training), then the generate or template job
     report: dict[str, Any] = {"preset": config.preset, "device": resolve_device(config.device),
                               "request": {"train": train.model_dump(mode="json"),

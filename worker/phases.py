@@ -57,6 +57,7 @@ from pipelines.intake.config import IntakeConfig
 from pipelines.intake.dataset import Dataset, PhotoInput
 from pipelines.intake.decode import decode_photo
 from pipelines.models.presets import get_preset
+from pipelines.models.weights import require_weights
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, StageProgress, raise_if_canceled
 from pipelines.training.config import total_steps
 from pipelines.training.selection import select_snapshot, snapshot_steps, validate_snapshots, validation_set
@@ -148,6 +149,7 @@ class PhaseContext:
         return read_resolved(self.job.kind, self.job.request)
 
     def preset(self, name: str):  # noqa: ANN201 - pipelines.models.presets.ModelPreset
+        require_weights(name, self.model_cache_dir)  # missing weights: one line, before any work
         return get_preset(name, self.model_cache_dir)
 
 

@@ -2,18 +2,22 @@
 
 Each stage of a job kind owns a share of 0-100 in the job plan
 (:mod:`likeness.contract.plan`), so overall progress moves forward monotonically across
-stages. The ETA is measured, not promised: seconds per progress point, smoothed (an
-exponentially weighted average of time over work done, so one slow step moves it a
-little), for the running stage from its own steps and for the stages still to come from
-the job's pace so far, weighted by their shares in the plan. Reported ETAs never change
-by more than a factor of two from one report to the next. Writing to the job record is
-throttled; stage changes and completion always go out.
+stages. The ETA is measured, not promised. Where the history of earlier jobs like this one
+(same kind, preset and size: ``expected_s``, the median seconds of each stage, from
+:mod:`worker.stage_history`) is known, a stage that has not reported yet is estimated from it,
+and the running stage's rest moves from its history to its own measured pace as its work gets
+done. Without history: seconds per progress point, smoothed (an exponentially weighted average
+of time over work done, so one slow step moves it a little), for the running stage from its own
+steps and for the stages still to come from the job's pace so far, weighted by their shares in
+the plan. Reported ETAs never change by more than a factor of two from one report to the next.
+Writing to the job record is throttled; stage changes and completion always go out.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from likeness.contract.plan import plan_for
@@ -76,9 +80,11 @@ class JobProgress:
         start_eta: float | None = None,
         min_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        expected_s: Mapping[str, float] | None = None,
     ):
         """``start_progress``, ``start_eta``: where an earlier phase (another worker) left the job, so the
-        first ETA reported here is bounded by the last one reported there."""
+        first ETA reported here is bounded by the last one reported there. ``expected_s``: seconds each
+        stage took in earlier jobs like this one (stages without history are left out)."""
         plan = plan_for(kind)
         self.stages = [str(stage) for stage in plan.stages]
         self._share = {stage: plan.share(stage) for stage in self.stages}
@@ -91,6 +97,7 @@ class JobProgress:
         self._job_pace = Pace(clock(), self.progress)
         self._stage_pace: Pace | None = None
         self._last_eta: float | None = start_eta if start_eta else None
+        self._expected = {stage: float(seconds) for stage, seconds in (expected_s or {}).items() if seconds > 0}
 
     def stage_start(self, stage: str) -> float:
         return sum(self._share[s] for s in self.stages[: self.stages.index(stage)])
@@ -112,19 +119,39 @@ class JobProgress:
         if not stage_changed and fraction < 1.0 and now - self._last_write < self._min_interval:
             return
         self._last_write = now
-        if eta is not None and self._last_eta is not None:  # a person watching sees no wild swings
-            floor = max(self._last_eta, 1.0)
-            eta = min(max(eta, floor / MAX_ETA_CHANGE), floor * MAX_ETA_CHANGE)
         if eta is not None:
+            eta = round(eta, 1)  # as reported: the bound below holds between the numbers a person sees
+            if self._last_eta is not None:  # a person watching sees no wild swings
+                floor = max(self._last_eta, 1.0)
+                eta = min(max(eta, math.ceil(10 * floor / MAX_ETA_CHANGE) / 10),
+                          math.floor(10 * floor * MAX_ETA_CHANGE) / 10)
             self._last_eta = eta
-        self._write(JobProgressUpdate(str(event.stage), round(self.progress, 2),
-                                      None if eta is None else round(eta, 1), event.message,
+        self._write(JobProgressUpdate(str(event.stage), round(self.progress, 2), eta, event.message,
                                       stage_started=stage_changed))
 
     def _eta(self, stage: str, fraction: float) -> float | None:
-        """The running stage's rest at its own pace (the job's until it has run a while), later stages at the
-        job's pace by their shares in the plan."""
+        """The running stage's rest, then the stages still to come (None: nothing to go on yet)."""
         job = self._job_pace.seconds_per_point
+        later = self.stages[self.stages.index(stage) + 1:]
+        current = self._measured_rest(stage, fraction, job)
+        if stage in self._expected:  # its history, giving way to its own pace as its work gets done
+            prior = self._expected[stage] * (1.0 - fraction)
+            current = prior if current is None else fraction * current + (1.0 - fraction) * prior
+        if current is None:
+            return None
+        pace = job or (self._stage_pace.seconds_per_point if self._stage_pace else None)
+        rest = 0.0
+        for following in later:  # by their history, else at the job's pace by their shares
+            if following in self._expected:
+                rest += self._expected[following]
+            elif pace is not None:
+                rest += pace * self._share[following]
+            else:
+                return None
+        return current + rest
+
+    def _measured_rest(self, stage: str, fraction: float, job: float | None) -> float | None:
+        """The running stage's rest at its own pace (the job's until it has run a while)."""
         own = self._stage_pace.seconds_per_point if self._stage_pace else None
         if own is None and job is None:
             return None
@@ -135,8 +162,7 @@ class JobProgress:
         else:
             weight = min(fraction / OWN_PACE_FROM, 1.0)
             current = weight * own + (1 - weight) * job
-        later = sum(self._share[s] for s in self.stages[self.stages.index(stage) + 1 :])
-        return current * self._share[stage] * (1.0 - fraction) + (job or current) * later
+        return current * self._share[stage] * (1.0 - fraction)
 
 
 class Throttle:

@@ -20,17 +20,21 @@ from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
 from core.storage import StorageError, get_blob_store, purge_subject_blobs
 from likeness.contract.plan import JobKind, JobState, plan_for
-from pipelines.errors import Canceled, PipelineError
+from pipelines.errors import Canceled, PipelineError, Preempted
 from worker import jobs, registry
 from worker.checkpoints import discard_checkpoints
 from worker.jobs import through_db_outage
 from worker.models import get_manager, resolve_device
 from worker.phases import PHASE_RUNNERS, PhaseContext
+from worker.preemption import raise_if_draining
 from worker.progress import JobProgress, JobProgressUpdate, Throttle
 from worker.service_edge import ServiceEdge
+from worker.stage_history import expected_stage_seconds
 
 log = logging.getLogger(__name__)
+stage_log = logging.getLogger("likeness.jobs")  # one structured line per stage (job_id, kind, stage, preset)
 
+PREEMPTED = "preempted"  # the outcome of a job handed back at worker shutdown
 INTERNAL_ERROR_MESSAGE = "an internal error stopped this job; the operators have the details"
 
 class TransientError(Exception):
@@ -90,8 +94,12 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
-def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: Settings | None = None) -> str:
+def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: Settings | None = None,
+            queue: str | None = None) -> str:
     """Run what is left of ``job_id`` here; returns what happened (for logs and tests).
+
+    ``queue``: the queue the message came from; the worker then claims the fairest job waiting
+    there, which may be another one (:mod:`worker.fair_share`).
 
     ``consumes``: broker queue names this worker listens to; when the job's next phase runs on
     another queue, the job is handed over to it. None runs every phase here.
@@ -99,7 +107,7 @@ def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: S
     """
     settings = settings or get_settings()
     try:
-        claim = jobs.claim(settings, job_id)
+        claim = jobs.claim(settings, job_id, queue)
     except Exception as exc:
         if is_transient(exc):  # the database is away: the task retries later, the job stays queued
             raise TransientError(repr(exc)) from exc
@@ -108,6 +116,7 @@ def run_job(job_id: str, *, consumes: Collection[str] | None = None, settings: S
         _ended(settings, claim.job)
     if claim.outcome is not jobs.ClaimOutcome.run:
         return claim.outcome.value
+    job_id = claim.job.id
     registry.status.job(job_id)
     try:
         return _run_claimed(settings, claim.job, consumes)
@@ -126,6 +135,7 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
     workdir.mkdir(parents=True, exist_ok=True)
     cancel_check = Throttle(1.0)
     cancel_seen = False
+    preset = (job.request or {}).get("preset")
 
     with _Heartbeat(settings, job_id, settings.job_heartbeat_s) as beat:
 
@@ -133,6 +143,7 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
         # is skipped (the next one retries); the phase's record waits for the database (through_db_outage).
         def should_stop() -> bool:
             nonlocal cancel_seen
+            raise_if_draining()  # the worker is shutting down: Preempted
             if beat.lost.is_set():
                 return True
             if not cancel_seen and cancel_check.ready():
@@ -150,8 +161,11 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
         started: list[tuple[str, datetime]] = []
 
         def write(update: JobProgressUpdate) -> None:
-            if update.stage_started:
+            if update.stage_started:  # one line per stage: what a log reader follows a job by
                 started.append((update.stage, utcnow()))
+                stage_log.info("job %s %s: %s (preset %s, attempt %d)", job_id, job.kind, update.stage, preset,
+                               job.attempts, extra={"job_id": job_id, "kind": str(job.kind), "stage": update.stage,
+                                                    "preset": preset, "attempt": job.attempts})
             try:
                 owned = jobs.write_progress(settings, job_id, job.kind, update.stage, update.progress, update.eta_s,
                                             started=list(started), attempt=job.attempts)
@@ -165,7 +179,8 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
             if not owned:
                 beat.lost.set()
 
-        progress = JobProgress(job.kind, write, start_progress=job.progress, start_eta=job.eta_s)
+        progress = JobProgress(job.kind, write, start_progress=job.progress, start_eta=job.eta_s,
+                               expected_s=_stage_history(settings, job))
         edge = ServiceEdge(settings, get_blob_store(settings))
         ctx = PhaseContext(job, edge, get_manager(), resolve_device(settings.device),
                            settings.resolved_model_cache_dir, progress, should_stop, workdir)
@@ -189,6 +204,8 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
                 started.clear()
                 if hand_over:
                     return f"handed over to {settings.queue(following.queue)}"
+        except Preempted as exc:
+            outcome = _hand_back(settings, job_id, exc)
         except Canceled:
             outcome = "lost" if beat.lost.is_set() else _end(settings, job_id, JobState.CANCELED, "canceled",
                                                              "canceled by request", started=started)
@@ -211,16 +228,36 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
             outcome = outcome or _end(settings, job_id, JobState.SUCCEEDED, started=started)
     if outcome == "lost":
         _purge_if_subject_deleted(settings, edge.store, job, workdir)
-    else:  # a terminal job needs no scratch space nor checkpoints (a retry would have resumed from them)
+    elif outcome != PREEMPTED:  # terminal: no scratch space nor checkpoints needed
         shutil.rmtree(workdir, ignore_errors=True)
         _ended(settings, job, edge.store)
     return outcome
+
+
+def _hand_back(settings: Settings, job_id: str, exc: Preempted) -> str:
+    """The worker is shutting down: the job goes back to the queue with its lease released (its local
+    scratch space and mirrored checkpoints stay for the next attempt)."""
+    step = exc.details.get("checkpoint_step")
+    if not through_db_outage(f"job {job_id}: hand back", jobs.hand_back, settings, job_id, step):
+        return "lost"
+    log.warning("job %s handed back at shutdown (training checkpointed at step %s)", job_id, step)
+    return PREEMPTED
 
 
 def _ended(settings: Settings, job: jobs.JobSnapshot | None, store=None) -> None:  # noqa: ANN001
     """The job reached a final state: nothing will resume its training, so its mirrored checkpoints go."""
     if job is not None and job.kind == JobKind.TRAIN.value:
         discard_checkpoints(settings, job.subject_id, job.id, store)
+
+
+def _stage_history(settings: Settings, job: jobs.JobSnapshot) -> dict[str, float]:
+    """What each stage took in earlier jobs like this one (none while the database is away)."""
+    try:
+        return expected_stage_seconds(settings, job.kind, job.request)
+    except Exception as exc:
+        if not database_unavailable(exc):
+            raise
+        return {}
 
 
 def _purge_if_subject_deleted(settings: Settings, store, job: jobs.JobSnapshot, workdir) -> None:  # noqa: ANN001

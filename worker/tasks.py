@@ -11,7 +11,13 @@ from __future__ import annotations
 import logging
 
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from core.config import get_settings
 from core.db import session as db_session
@@ -26,6 +32,7 @@ from pipelines.models.presets import get_preset
 from worker.celery_app import celery_app
 from worker.jobs import worker_id
 from worker.models import get_manager, resolve_budget, resolve_device
+from worker.preemption import drain_pool, install_drain_handler
 from worker.recovery import PeriodicSweep
 from worker.registry import RegistryHeartbeat, status
 from worker.retention import PeriodicPurge
@@ -43,11 +50,18 @@ def _consumed_queues(task: Task) -> set[str] | None:
     return set(consumer) if consumer else None
 
 
+def _delivered_from(task: Task) -> str | None:
+    """The logical queue (``cpu``/``gpu``) the message came from, for the fair-share claim."""
+    key = (getattr(task.request, "delivery_info", None) or {}).get("routing_key")
+    settings = get_settings()
+    return next((queue.value for queue in Queue if key and settings.queue(queue) == key), None)
+
+
 @celery_app.task(name=TaskName.RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
                  max_retries=len(JOB_RETRY_BACKOFF_S))
 def run_job(self: Task, job_id: str) -> str:
     try:
-        return run(job_id, consumes=_consumed_queues(self))
+        return run(job_id, consumes=_consumed_queues(self), queue=_delivered_from(self))
     except TransientError as exc:
         if self.request.retries >= self.max_retries:
             fail_after_retries(job_id, str(exc))
@@ -101,6 +115,7 @@ def _start_pool_process(**_) -> None:
     global _registry
     for engine in list(db_session._ENGINES.values()):
         engine.dispose(close=False)
+    install_drain_handler()  # SIGTERM to the worker: this process's job is handed back (worker.preemption)
     settings = get_settings()
     queues = sorted(celery_app.amqp.queues.consume_from or ()) or [settings.queue(q) for q in Queue]
     device = resolve_device(settings.device)
@@ -117,10 +132,10 @@ def _preload_generation(manager, settings, device: str) -> None:  # noqa: ANN001
     from pipelines.generation.engine import generation_models  # torch: only a GPU worker pays for it
 
     try:
-        manager.preload(generation_models(get_preset(settings.model_preset, settings.resolved_model_cache_dir),
+        manager.preload(generation_models(get_preset(settings.preset, settings.resolved_model_cache_dir),
                                           device))
     except Exception:  # noqa: BLE001 - a job will report the missing model with its own clear error
-        log.exception("preloading the %s models failed; loading on demand", settings.model_preset)
+        log.exception("preloading the %s models failed; loading on demand", settings.preset)
     manager.mark_ready()
 
 
@@ -147,6 +162,12 @@ def _start_purge_timer(settings) -> None:  # noqa: ANN001
     consumed = set(celery_app.amqp.queues.consume_from or ())
     if settings.embedded and _purge_timer is None and (not consumed or settings.queue(Queue.CPU) in consumed):
         _purge_timer = PeriodicPurge(settings.purge_interval_s, settings).start()
+
+
+@worker_shutting_down.connect
+def _drain(**_) -> None:
+    """Warm shutdown (SIGTERM): running jobs checkpoint and go back to the queue now, not when they end."""
+    drain_pool()
 
 
 @worker_shutdown.connect

@@ -9,59 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.models.presets import TINY_PRESETS, ModelPreset, get_preset, tiny_dir, tiny_is_built, tiny_sdxl_dir
+from pipelines.errors import PipelineError
+from pipelines.models.presets import TINY_PRESETS, get_preset
+from pipelines.models.weights import ALLOW_PATTERNS, check, is_local, references, split_file
 
-# Only the files diffusers/transformers load: configs, tokenizers and the (possibly sharded) safetensors
-# weights named ``model`` / ``diffusion_pytorch_model``. Skips .ckpt/.bin copies, fp16 variants
-# (``*.fp16.safetensors``) and the single-file checkpoints base repositories also carry (SDXL's 6.9 GB
-# ``sd_xl_base_1.0.safetensors``, SD 1.5's ``v1-5-pruned*.safetensors``).
-ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*model.safetensors", "*model-*-of-*.safetensors"]
+__all__ = ["HubOffline", "check", "pull"]
 
 
-def references(preset: ModelPreset) -> list[str]:
-    refs = [preset.base_model, preset.clip, preset.aesthetic_head, preset.upscaler_x2, preset.upscaler_x4]
-    refs += [preset.vae] if preset.vae else []
-    refs += list(preset.controlnets.values())
-    return refs
-
-
-def _split_file(ref: str) -> tuple[str, str]:
-    owner, repo, filename = ref.removeprefix("hf://").split("/", 2)
-    return f"{owner}/{repo}", filename
-
-
-def is_local(ref: str) -> bool:
-    return not ref.startswith("hf://") and Path(ref).exists()
-
-
-def available(ref: str, revision: str | None = None) -> bool:
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    if is_local(ref):
-        return True
-    try:
-        if ref.startswith("hf://"):
-            repo, filename = _split_file(ref)
-            hf_hub_download(repo, filename, local_files_only=True)
-        else:
-            folder = Path(snapshot_download(ref, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                            local_files_only=True))
-            if not any(folder.rglob("*.safetensors")):
-                return False
-        return True
-    except Exception:
-        return False
-
-
-def check(name: str, cache_dir: Path) -> list[str]:
-    """References of ``name`` that are not available offline (empty: ready)."""
-    if name in TINY_PRESETS:
-        if tiny_is_built(cache_dir, name):
-            return []
-        folder = tiny_sdxl_dir(cache_dir) if name == "tiny-sdxl" else tiny_dir(cache_dir)
-        return [f"{name} models under {folder} (built by models pull)"]
-    preset = get_preset(name, cache_dir)
-    return [ref for ref in references(preset) if not available(ref, preset.revision)]
+class HubOffline(PipelineError):
+    code = "hub_offline"
 
 
 def pull(name: str, cache_dir: Path, console=None) -> None:
@@ -75,8 +31,11 @@ def pull(name: str, cache_dir: Path, console=None) -> None:
         console.print(f"{name} preset ready under {Path(preset.base_model).parent} "
                       "(random weights: its images are noise)")
         return
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
 
+    if constants.HF_HUB_OFFLINE:  # the settings say there is no hub: say so rather than retry it
+        raise HubOffline(f"HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it to pull preset {name} "
+                         "(or copy a Hugging Face cache that has it into HF_HOME)", {"preset": name})
     preset = get_preset(name, cache_dir)
     refs = references(preset)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -86,7 +45,7 @@ def pull(name: str, cache_dir: Path, console=None) -> None:
             bars.update(task, description=f"{name}: {ref}")
             if not is_local(ref):
                 if ref.startswith("hf://"):
-                    repo, filename = _split_file(ref)
+                    repo, filename = split_file(ref)
                     hf_hub_download(repo, filename)  # huggingface_hub shows a byte-level bar per file
                 else:
                     snapshot_download(ref, revision=preset.revision, allow_patterns=ALLOW_PATTERNS)

@@ -124,7 +124,8 @@ def admin_session(request: Request, uow: UoW) -> AdminSession:
             or not same_text(key_fingerprint(settings, client.api_key_hash), str(payload.get("kf")))):
         raise LoginRequired
     request.state.admin_csrf = csrf = csrf_token(settings, str(payload["sid"]))
-    return AdminSession(Caller.of(client), csrf, int(payload["exp"]))
+    request.state.admin_session = session = AdminSession(Caller.of(client), csrf, int(payload["exp"]))
+    return session  # on request.state too: an error page shows the navigation bar like any other
 
 
 AdminSessionDep = Annotated[AdminSession, Depends(admin_session)]

@@ -103,6 +103,29 @@ def stage_durations(stats: Sequence[StageStats]) -> Markup:
     return _svg(width, height, "Stage durations, p50 and p95", body)
 
 
+def class_word_fit(chosen: str | None, scores: Sequence[tuple[str, float]]) -> Markup:
+    """Horizontal bars, one per candidate class word, longest for the best fit (the lowest CLIP distance):
+    the chosen word's bar is drawn apart and labelled; every bar carries its distance."""
+    if not scores:
+        return Markup('<p class="muted">No class-word scores recorded.</p>')
+    width, row_h, left, right = 480, 24, 110, 150
+    best, worst = min(d for _, d in scores), max(d for _, d in scores)
+    spread = worst - best
+    body = []
+    for i, (word, distance) in enumerate(scores):
+        y = 4 + i * row_h
+        fit = 1.0 if spread <= 0 else 0.08 + 0.92 * (worst - distance) / spread  # the worst keeps a stub
+        picked = word == chosen
+        css = "chosen" if picked else "other"
+        body.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" class="label {css}">{escape(word)}</text>')
+        body.append(f'<rect x="{left}" y="{y + 4}" width="{fit * (width - left - right):.1f}" height="{row_h - 8}" '
+                    f'class="fit {css}"><title>{escape(word)}: distance {distance:.4g}</title></rect>')
+        body.append(f'<text x="{left + fit * (width - left - right) + 6:.1f}" y="{y + 15}" class="tick {css}">'
+                    f"{distance:.4g}{' · chosen' if picked else ''}</text>")
+    label = "How well each class word fits the photos: longer is better (CLIP distance, lower fits better)"
+    return _svg(width, row_h * len(scores) + 8, label, body)
+
+
 def line_chart(points: Sequence[tuple[float, float]], label: str, x_name: str = "step",
                y_name: str = "loss") -> Markup:
     """A line through ``(x, y)`` points with its ranges written on the axes."""

@@ -90,6 +90,8 @@ def render(request: Request, template: str, status: int = 200, headers: dict[str
     context.setdefault("csrf", getattr(request.state, "admin_csrf", None))
     context.setdefault("notice", None)
     context.setdefault("nav", None)
+    if (session := getattr(request.state, "admin_session", None)) is not None:
+        context.setdefault("admin", session)
     html = env.get_template(template).render(request=request, **context)
     return HTMLResponse(html, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
 

@@ -23,7 +23,7 @@ from app.api.deps import SettingsDep, StoreDep, UoW
 from app.api.schemas import ClientLimits
 from app.errors import InvalidRequest, NotFound
 from app.ratelimit import client_address
-from app.services import clients, images, jobs, overview, photos, subjects, webhooks
+from app.services import clients, images, jobs, overview, photos, subjects, thumbnails, webhooks
 from core.db.models import Job, Role
 from core.storage import BlobNotFound, preview_key
 from likeness.contract.plan import ACTIVE_STATES, JobKind, JobState, plan_for
@@ -222,7 +222,8 @@ def job_live(request: Request, job_id: str, admin: AdminSessionDep, uow: UoW):
     job = jobs.get_job(uow.session, None, job_id)
     if job.state not in ACTIVE_STATES and is_htmx(request):
         return Response(status_code=204, headers={"HX-Refresh": "true"})
-    return render(request, "_job_live.html", **_job_context(uow, job))
+    return render(request, "_job_live_update.html", client=clients.get_client(uow.session, job.client_id),
+                  subject=subjects.get_subject(uow.session, None, job.subject_id), **_job_context(uow, job))
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -325,6 +326,33 @@ def preview_file(job_id: str, step: int, admin: AdminSessionDep, uow: UoW, store
     if step not in {p.get("step") for p in (job.result or {}).get("previews") or []}:
         raise NotFound("This preview does not exist.", code="blob_not_found")
     return _stream(store, preview_key(job.subject_id, job.id, step), "preview")
+
+
+def _thumbnail(store, key: str | None, what: str) -> Response:  # noqa: ANN001
+    if not key:
+        raise NotFound(f"This {what} does not exist.", code="variant_not_found")
+    try:
+        data = thumbnails.thumbnail(store, key)
+    except BlobNotFound:
+        raise NotFound(f"The {what} file is gone.", code="blob_not_found") from None
+    return Response(data, media_type=thumbnails.MEDIA_TYPE, headers={
+        "Cache-Control": "private, max-age=86400, immutable", "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/media/photos/{photo_id}/{variant}/thumb")
+def photo_thumbnail(photo_id: str, variant: Literal["original", "crop", "mask"], admin: AdminSessionDep, uow: UoW,
+                    store: StoreDep):
+    """A small WebP of the photo (the pages show these; the link opens the file itself)."""
+    photo = photos.get_photo(uow.session, None, photo_id)
+    key = {"original": photo.original_key, "crop": photo.crop_key, "mask": photo.mask_key}[variant]
+    return _thumbnail(store, key, f"photo {variant}")
+
+
+@router.get("/media/images/{image_id}/{variant}/thumb")
+def image_thumbnail(image_id: str, variant: Literal["original", "upscaled"], admin: AdminSessionDep, uow: UoW,
+                    store: StoreDep):
+    image = images.get_image(uow.session, None, image_id)
+    return _thumbnail(store, images.image_blob_key(image, variant), f"{variant} image")
 
 
 @router.get("/media/images/{image_id}/{variant}")

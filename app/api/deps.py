@@ -7,12 +7,13 @@ task messages and webhooks the handler queued; it rolls back if the handler rais
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth_sync import auth_cache
 from app.errors import Forbidden, TooManyRequests, Unauthorized
@@ -35,11 +36,12 @@ def get_uow(request: Request) -> Iterator[UnitOfWork]:
         yield uow
 
 
-def _api_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth and auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
+# The two ways to send the key, declared as OpenAPI security schemes: Swagger UI gets its Authorize
+# button and generated clients send the key (auto_error=False: a missing key is our own 401 body).
+bearer_key = HTTPBearer(scheme_name="bearer", bearerFormat="API key", auto_error=False,
+                        description="`Authorization: Bearer <api key>`")
+header_key = APIKeyHeader(name="X-API-Key", scheme_name="api_key", auto_error=False,
+                          description="`X-API-Key: <api key>` (the same key)")
 
 
 def _lookup(api_key: str, settings: Settings) -> Caller | None:
@@ -90,14 +92,16 @@ def count_failure(request: Request) -> None:
         remember_headers(request, limiter.hit(_failures_key(request), per_minute))
 
 
-async def current_client(request: Request) -> Caller:
+async def current_client(request: Request,
+                         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_key)] = None,
+                         x_api_key: Annotated[str | None, Security(header_key)] = None) -> Caller:
     """The caller from its API key, within its requests-per-minute limit; an address that keeps sending
     wrong keys is refused for a while (:func:`refuse_failing_address`).
 
     A cache hit costs no thread hop, no query and no failure check (status polls); the cache is used
     only while this process hears about key changes made by the others (:mod:`app.auth_sync`).
     """
-    key = _api_key(request)
+    key = (bearer.credentials.strip() if bearer is not None else None) or x_api_key or None
     if key is None:
         refuse_failing_address(request)
         count_failure(request)
@@ -145,20 +149,31 @@ class Idempotency:
         self.caller, self.key, self.scope = caller, key, scope
         self._record = None
 
-    def replay(self, uow: UnitOfWork, payload: Any) -> JSONResponse | None:
+    def replay(self, uow: UnitOfWork, payload: Any, location: Locator | None = None) -> JSONResponse | None:
         if self.key is None:
             return None
         fp = idempotency.fingerprint(self.scope, payload)
         outcome = idempotency.begin(uow.session, self.caller.id, self.key, fp)
         if isinstance(outcome, idempotency.StoredResponse):
-            return JSONResponse(outcome.body, status_code=outcome.status, headers={"Idempotent-Replayed": "true"})
+            return _json(outcome.status, outcome.body, location, {"Idempotent-Replayed": "true"})
         self._record = outcome
         return None
 
-    def respond(self, status: int, body: Any) -> JSONResponse:
+    def respond(self, status: int, body: Any, location: Locator | None = None) -> JSONResponse:
+        """The answer (stored for replays); ``location`` names the created resource's URL from the body
+        (the ``Location`` header of a 201 or 202)."""
         if self._record is not None:
             idempotency.finish(self._record, idempotency.StoredResponse(status, body))
-        return JSONResponse(body, status_code=status)
+        return _json(status, body, location, {})
+
+
+Locator = Callable[[Any], str]
+
+
+def _json(status: int, body: Any, location: Locator | None, headers: dict[str, str]) -> JSONResponse:
+    if location is not None and status in (201, 202):
+        headers = {**headers, "Location": location(body)}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def get_idempotency(request: Request, caller: Annotated[Caller, Depends(current_client)],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import threading
@@ -70,6 +71,17 @@ def public_body(job, previews: list[dict] | None = None) -> bytes:  # noqa: ANN0
     if previews:
         content["previews"] = previews
     return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+
+
+def etag(body: bytes) -> str:
+    """A strong ETag of a status body: equal bodies, equal tags (whichever process serves the poll)."""
+    return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+
+
+def etag_matches(if_none_match: str, tag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``tag`` (``*``, a list, weak tags compared weakly)."""
+    sent = [t.strip() for t in if_none_match.split(",")]
+    return "*" in sent or tag in (t.removeprefix("W/") for t in sent)
 
 
 def read_job(settings: Settings, job_id: str) -> tuple[str, bytes] | None:

@@ -25,6 +25,7 @@ class ErrorBody(BaseModel):
 class Page(BaseModel, Generic[T]):
     data: list[T]
     count: int = Field(description="Total matching rows (for pagination).")
+    next: str | None = Field(None, description="URL of the next page (same filters and limit); null on the last.")
 
 
 class ORMModel(BaseModel):
@@ -64,6 +65,46 @@ class UploadResult(BaseModel):
     photo_id: str | None = None
     reason_code: str | None = Field(None, description="Why a file was rejected (see the intake reason codes).")
     message: str | None = None
+
+
+class DirectUploadFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = Field("", max_length=255)
+    size_bytes: int = Field(ge=1, le=2**40, description="The exact size: the URL accepts this many bytes.")
+
+
+class DirectUploadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"files": [{"filename": "selfie1.jpg", "size_bytes": 5242880}]}]})
+
+    files: list[DirectUploadFile] = Field(min_length=1, max_length=30)
+
+
+class DirectUploadSlot(BaseModel):
+    upload_id: str
+    filename: str
+    url: str = Field(description="PUT the file's bytes here (exactly size_bytes of them) before expires_at.")
+    method: Literal["PUT"] = "PUT"
+    expires_at: datetime
+
+
+class DirectUploadSlots(BaseModel):
+    data: list[DirectUploadSlot]
+    count: int
+
+
+class ArrivedUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    upload_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    filename: str = Field("", max_length=255)
+
+
+class DirectUploadCompletion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uploads: list[ArrivedUpload] = Field(min_length=1, max_length=30)
 
 
 class UploadResponse(BaseModel):
@@ -253,6 +294,8 @@ class ClientLimits(BaseModel):
         None, ge=1, le=36500, description="Days uploads, crops and datasets are kept after the training that used "
                                           "them (uploads never trained on: after upload).")
     retain_images_days: int | None = Field(None, ge=1, le=36500, description="Days generated images are kept.")
+    priority: float = Field(1.0, gt=0, le=1000, allow_inf_nan=False,
+                            description="Fair-share weight on the workers: 2 gets twice the GPU share of 1.")
 
 
 class ClientCreate(ClientLimits):
@@ -272,6 +315,7 @@ class ClientPublic(ORMModel):
     max_storage_bytes: int | None
     retain_training_data_days: int | None
     retain_images_days: int | None
+    priority: float
     revoked_at: datetime | None
     last_used_at: datetime | None
     created_at: datetime

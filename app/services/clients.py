@@ -23,6 +23,7 @@ LAST_USED_PRECISION = timedelta(minutes=1)  # last_used_at is written at most th
 LIMIT_FIELDS = ("max_candidates", "requests_per_minute", "max_concurrent_jobs", "max_trainings_per_day",
                 "max_storage_bytes")
 RETENTION_FIELDS = ("retain_training_data_days", "retain_images_days")
+SCHEDULING_FIELDS = ("priority",)  # worker.fair_share
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def set_limits(uow: UnitOfWork, client_id: str, **limits: Any) -> Client:
     is required); in force for the next request, in every API process."""
     client = get_client(uow.session, client_id)
     for name, value in limits.items():
-        if name not in LIMIT_FIELDS + RETENTION_FIELDS:
+        if name not in LIMIT_FIELDS + RETENTION_FIELDS + SCHEDULING_FIELDS:
             raise ValueError(name)
         setattr(client, name, value)
     uow.session.flush()

@@ -50,7 +50,7 @@ def create_train_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: Tra
         Job.subject_id == subject.id, Job.kind == JobKind.TRAIN, Job.state.in_(ACTIVE_STATES)))
     if active is not None:
         raise Conflict("This subject is already being trained.", {"job_id": active}, code="training_in_progress")
-    resolved = resolve_train(body, preset=settings.model_preset, class_token_override=subject.class_token_override)
+    resolved = resolve_train(body, preset=settings.preset, class_token_override=subject.class_token_override)
     return queue_job(uow, caller, subject.id, JobKind.TRAIN, resolved.model_dump(mode="json"), settings)
 
 
@@ -96,7 +96,7 @@ def create_generation_job(uow: UnitOfWork, caller: Caller, subject_id: str, body
     """A queued generation job; the subject needs a trained adapter (409 ``subject_not_trained``)."""
     subject = get_subject(uow.session, caller, subject_id)
     resolved = resolve_with_adapter(uow.session, subject.id, body.adapter_version, lambda version, token, preset: (
-        resolve_generate(body, preset=preset or settings.model_preset, adapter_version=version,
+        resolve_generate(body, preset=preset or settings.preset, adapter_version=version,
                          limits=generation_limits(caller, settings), instance_token=token)))
     return queue_job(uow, caller, subject.id, JobKind.GENERATE, resolved.model_dump(mode="json"), settings)
 

@@ -244,10 +244,11 @@ def train_results(trainings: list[Job]) -> list[tuple[Job, TrainResult]]:
 
 
 def word_scores(intake: IntakeSummary | None) -> tuple[str | None, list[tuple[str, float]]]:
-    """The class word an intake chose and every candidate word's CLIP score, best first."""
+    """The class word an intake chose and every candidate word's CLIP score (the mean cosine distance between
+    the crops and the word: lower fits better), best fit first."""
     if intake is None:
         return None, []
-    ranked = sorted(((str(k), float(v)) for k, v in intake.class_scores.items()), key=lambda kv: -kv[1])
+    ranked = sorted(((str(k), float(v)) for k, v in intake.class_scores.items()), key=lambda kv: kv[1])
     return intake.class_token, ranked
 
 

@@ -101,7 +101,8 @@ def clean_photo(upload: UploadedFile, limits: DecodeLimits) -> CleanPhoto | Phot
 
 def store_uploads(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
                   settings: Settings, key_for: Callable[[str, str, str], str],
-                  row_for: Callable[[str, str, str, str, CleanPhoto], object]) -> list[FileOutcome]:
+                  row_for: Callable[[str, str, str, str, CleanPhoto], object],
+                  budget: StorageBudget | None = None) -> list[FileOutcome]:
     """Store each usable file as sent minus its metadata; each bad file gets its own reason.
 
     ``key_for(subject_id, new_id, extension)`` names the blob, ``row_for(new_id, subject_id, key, filename,
@@ -113,7 +114,7 @@ def store_uploads(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
     session = uow.session
     subject = get_subject(session, caller, subject_id)
     limits = decode_limits(settings)
-    budget = StorageBudget.of(session, caller, settings, store)
+    budget = budget or StorageBudget.of(session, caller, settings, store)
     outcomes: list[FileOutcome] = []
     for upload in files:
         result = clean_photo(upload, limits)
@@ -133,14 +134,16 @@ def store_uploads(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[
     return outcomes
 
 
+def upload_row(photo_id: str, subject_id: str, key: str, _name: str, photo: CleanPhoto) -> Photo:
+    """The row of a subject's own photo, pending intake."""
+    return Photo(id=photo_id, subject_id=subject_id, original_key=key, format=photo.format, width=photo.width,
+                 height=photo.height, status=PhotoStatus.pending, size_bytes=len(photo.data))
+
+
 def upload_photos(uow: UnitOfWork, caller: Caller, subject_id: str, files: list[UploadedFile], store: BlobStore,
                   settings: Settings) -> list[FileOutcome]:
     """A subject's own photos, pending intake."""
-    def row(photo_id: str, subject_id: str, key: str, _name: str, photo: CleanPhoto) -> Photo:
-        return Photo(id=photo_id, subject_id=subject_id, original_key=key, format=photo.format, width=photo.width,
-                     height=photo.height, status=PhotoStatus.pending, size_bytes=len(photo.data))
-
-    return store_uploads(uow, caller, subject_id, files, store, settings, photo_original_key, row)
+    return store_uploads(uow, caller, subject_id, files, store, settings, photo_original_key, upload_row)
 
 
 def get_photo(session: Session, caller: Caller | None, photo_id: str) -> Photo:

@@ -76,6 +76,6 @@ def create_template_job(uow: UnitOfWork, caller: Caller, subject_id: str, body: 
         photo = get_template_photo(session, caller, subject.id, body.template_photo_id)
         verdict = TemplatePhotoVerdict(photo.id, photo.status.value, photo.reason_code, photo.message)
     resolved = resolve_with_adapter(session, subject.id, body.adapter_version, lambda version, _token, preset: (
-        resolve_template(body, preset=preset or settings.model_preset, adapter_version=version,
+        resolve_template(body, preset=preset or settings.preset, adapter_version=version,
                          limits=generation_limits(caller, settings), photo=verdict)))
     return queue_job(uow, caller, subject.id, JobKind.TEMPLATE, resolved.model_dump(mode="json"), settings)

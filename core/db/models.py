@@ -103,6 +103,8 @@ class Client(Base):
     # that used them; generated images after they were made (core.retention).
     retain_training_data_days: Mapped[int | None] = mapped_column(Integer)
     retain_images_days: Mapped[int | None] = mapped_column(Integer)
+    # Fair-share weight on the workers (worker.fair_share): 2 gets twice the share of 1 (paid tiers above free).
+    priority: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
     revoked_at: Mapped[datetime | None] = mapped_column()  # a revoked key is refused at once
     last_used_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = _created_at()

@@ -85,7 +85,8 @@ def build_router() -> Router:
 
     @router.message(Command("help"))
     async def help_(message: Message, ctx: Context) -> None:
-        await message.answer(texts.help_text())
+        s = ctx.settings
+        await message.answer(texts.help_text(s.bot_min_photos, s.bot_max_photos))
 
     @router.message(Command("status"))
     async def status(message: Message, ctx: Context) -> None:
@@ -93,7 +94,8 @@ def build_router() -> Router:
         await ctx.service.store.touch(user_id)
         subject = await ctx.service.subject(user_id)
         if subject is None:
-            await message.answer(_("You haven't sent any photos yet. Send 5 to 20 photos of yourself to begin."))
+            await message.answer(_("You haven't sent any photos yet. Send {min} to {max} photos of yourself to "
+                                   "begin.").format(min=ctx.settings.bot_min_photos, max=ctx.settings.bot_max_photos))
             return
         active = await ctx.service.active_jobs(subject.id)
         if active:
@@ -282,10 +284,15 @@ async def _train(message: Message, user_id: int, ctx: Context) -> None:
         await _follow(message, user_id, job.id, JobKind.TRAIN, None, ctx)
 
 
+def _train_first(ctx: Context) -> str:
+    return _("Train your model first: send {min} to {max} photos of yourself, then press Train.").format(
+        min=ctx.settings.bot_min_photos, max=ctx.settings.bot_max_photos)
+
+
 async def _offer_styles(message: Message, user_id: int, ctx: Context) -> None:
     subject = await ctx.service.subject(user_id)
     if subject is None or not await ctx.service.is_trained(subject.id):
-        await message.answer(_("Train your model first: send 5 to 20 photos of yourself, then press Train."))
+        await message.answer(_train_first(ctx))
         return
     await message.answer(_("Pick a style:"), reply_markup=keyboards.styles(await ctx.service.styles()))
 
@@ -300,7 +307,7 @@ async def _generate(message: Message, user_id: int, style_name: str, ctx: Contex
     async with service.lock(user_id):
         subject = await service.subject(user_id)
         if subject is None or not await service.is_trained(subject.id):
-            await message.answer(_("Train your model first: send 5 to 20 photos of yourself, then press Train."))
+            await message.answer(_train_first(ctx))
             return
         if wait := await service.wait_s(user_id, JobKind.GENERATE):
             await message.answer(_("You have made {limit} sets of portraits this hour. Next one in {time}.").format(

@@ -73,7 +73,7 @@ REASONS: dict[str, str] = {
 JOB_ERRORS: dict[str, str] = {
     "dataset_rejected": N_("Too few of your photos can be used for training. "
                            "Send a few more where you are alone and your face is clearly visible, then press Train."),
-    "no_photos": N_("There are no photos to train on. Send me 5 to 20 photos of yourself first."),
+    "no_photos": N_("There are no photos to train on. Send me photos of yourself first."),
     "worker_lost": N_("The server working on it stopped several times. Please try again later."),
     "canceled": N_("Canceled."),
     "subject_deleted": N_("Canceled: your data was deleted."),
@@ -136,16 +136,16 @@ def start_text(min_photos: int, max_photos: int, retention_days: float) -> str:
     ).format(min=min_photos, max=max_photos, days=f"{retention_days:g}")
 
 
-def help_text() -> str:
+def help_text(min_photos: int, max_photos: int) -> str:
     return _(
-        "Send photos of yourself (5 to 20), press Train, then pick a style.\n\n"
+        "Send photos of yourself ({min} to {max}), press Train, then pick a style.\n\n"
         "/start - what I do and what happens to your photos\n"
         "/status - what I'm working on for you\n"
         "/styles - pick a style (after training)\n"
         "/cancel - stop the current training or portraits\n"
         "/delete - erase your photos, model and portraits\n"
         "/help - this list"
-    )
+    ).format(min=min_photos, max=max_photos)
 
 
 def api_down_text() -> str:

@@ -182,7 +182,7 @@ class AsyncClient:
             if response.status_code >= 400:
                 await response.aread()
                 call.parse(response)
-            path = _destination(Path(dest), calls.filename_from(response, f"adapter-{subject_id}"))
+            path = _destination(dest, calls.filename_from(response, f"adapter-{subject_id}"))
             part = path.with_name(path.name + ".part")
             with part.open("wb") as out:
                 async for chunk in response.aiter_bytes(chunk_size):

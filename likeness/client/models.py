@@ -23,6 +23,7 @@ class _Answer(BaseModel):
 class Page(_Answer, Generic[T]):
     data: list[T]
     count: int
+    next: str | None = None  # the next page's URL; None on the last
 
 
 class Subject(_Answer):

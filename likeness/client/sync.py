@@ -220,7 +220,7 @@ class Client:
             if response.status_code >= 400:
                 response.read()
                 call.parse(response)
-            path = _destination(Path(dest), calls.filename_from(response, f"adapter-{subject_id}"))
+            path = _destination(dest, calls.filename_from(response, f"adapter-{subject_id}"))
             part = path.with_name(path.name + ".part")
             with part.open("wb") as out:
                 for chunk in response.iter_bytes(chunk_size):
@@ -257,8 +257,11 @@ def _progress_key(job: Job) -> tuple:
     return job.state, job.stage, round(job.progress, 1), job.eta_s is None, len(job.previews)
 
 
-def _destination(dest: Path, filename: str) -> Path:
-    if dest.is_dir() or str(dest).endswith(("/", os.sep)):
+def _destination(dest: str | Path, filename: str) -> Path:
+    """A folder (an existing one, or a path spelt with a trailing separator) gets the server's file name."""
+    folder = str(dest).endswith(("/", os.sep))  # read before Path() drops the separator
+    dest = Path(dest)
+    if folder or dest.is_dir():
         dest.mkdir(parents=True, exist_ok=True)
         return dest / filename
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from likeness.contract.plan import JobKind
 from pipelines.errors import InvalidConfig
@@ -47,6 +47,17 @@ UPSCALE_FACTORS = (2, 4)
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.0
 CLASS_WORD = r"^[a-z]+$"
+
+
+def _upscale_factor(value: Any) -> Any:
+    return 1 if value == "none" else value  # the older spelling of "no upscaling", still accepted
+
+
+#: The upscaling factor of the kept images: 2 or 4, or 1 for none. One JSON type (integer), so every
+#: client generator can type it; the string ``"none"`` of earlier versions is read as 1.
+Upscale = Annotated[Literal[1, 2, 4], BeforeValidator(_upscale_factor),
+                    Field(description='Upscale the kept images 2x or 4x (Real-ESRGAN); 1: keep them as generated '
+                                      '(the older "none" is still accepted).')]
 
 
 class RequestRejected(Exception):
@@ -179,7 +190,7 @@ class GenerateRequest(_Body):
     sampler: str = Field("euler", description=f"One of {', '.join(SAMPLERS)}.")
     controlnet: ControlNetIn | None = Field(None, description="Override the style's ControlNet template.")
     no_controlnet: bool = Field(False, description="Disable the style's ControlNet.")
-    upscale: Literal[2, 4, "none"] = 2
+    upscale: Upscale = 2
     ranking: str = Field("aesthetic", description="aesthetic (the method's choice) or balanced.")
     face_refine: Literal["auto", "on", "off"] = Field("auto", description=FACE_REFINE_HELP)
     allow_prompt_without_instance: bool = Field(False, description="Allow custom prompts that do not show the "
@@ -188,7 +199,7 @@ class GenerateRequest(_Body):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"style": "cinematic", "n": 8, "k": 4, "aspect": "4:5", "seed": 42, "upscale": 2},
-        {"prompts": ["a watercolor portrait of {instance} {class}"], "n": 4, "k": 2, "upscale": "none"}]})
+        {"prompts": ["a watercolor portrait of {instance} {class}"], "n": 4, "k": 2, "upscale": 1}]})
 
 
 class ResolvedGenerate(BaseModel):
@@ -256,7 +267,7 @@ def resolve_generation(body: GenerateRequest, *, limits: GenerationLimits | None
         style=style.name if style else None, style_version=style.version if style else None,
         prompts=templates, negative_prompt=negative, n=body.n, k=body.k, seed=body.seed, aspect=aspect,
         steps=steps, guidance_scale=guidance, sampler=body.sampler, controlnets=controlnets,
-        upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+        upscale=None if body.upscale == 1 else body.upscale, ranking=body.ranking,
         face_refine=body.face_refine == "on" or (body.face_refine == "auto" and style is not None and style.portrait),
     )
 
@@ -377,7 +388,7 @@ class TemplateRequest(_Body):
     pose_scale: float | None = Field(None, description="OpenPose ControlNet weight, 0-2 (default 0.8; 0: off).")
     edge_scale: float | None = Field(None, description="Canny ControlNet weight, 0-2 (default 0.5; 0: off).")
     color_transfer: bool = Field(True, description="Match the new face's colours to the template's.")
-    upscale: Literal[2, 4, "none"] = 2
+    upscale: Upscale = 2
     ranking: str = Field("identity", description="identity (default: likeness to the subject weighs most), "
                                                  "balanced or aesthetic.")
     face_refine: Literal["auto", "on", "off"] = Field("auto", description=FACE_REFINE_HELP)
@@ -486,7 +497,7 @@ def resolve_templating(body: TemplateRequest, *, limits: GenerationLimits | None
         negative_prompt=negative, n=body.n, k=body.k, seed=body.seed, steps=steps, strength=strength,
         guidance_scale=guidance, pose_scale=pose, edge_scale=edge, color_transfer=body.color_transfer,
         second_pass=body.second_pass, second_pass_strength=second,
-        upscale=None if body.upscale == "none" else body.upscale, ranking=body.ranking,
+        upscale=None if body.upscale == 1 else body.upscale, ranking=body.ranking,
         face_refine=body.face_refine != "off",  # auto: template jobs are portraits
     )
     return source, spec

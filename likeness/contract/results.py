@@ -82,10 +82,19 @@ class TrainingPreview(_Part):
     step: int
 
 
+class HandedBack(_Part):
+    """The job went back to the queue when its worker shut down (SIGTERM: a spot reclaim, a pod eviction)."""
+
+    worker: str
+    at: str  # ISO time
+    checkpoint_step: int | None = None  # the step its training was checkpointed at (None: not training)
+
+
 class _Result(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     error_details: dict[str, Any] | None = None  # a failed job: what the error code refers to
+    preempted: HandedBack | None = None  # the last time it was handed back (worker.preemption)
 
     def stored(self) -> dict[str, Any]:
         """The JSON merged into the job's ``result`` (parts not filled in are left out)."""

@@ -406,6 +406,10 @@ def _drop_identity_outliers(
 def _rejection_summary(report: list[PhotoReport], min_photos: int) -> str:
     accepted = sum(r.accepted for r in report)
     reasons = Counter(r.reason_code.value for r in report if not r.accepted)
+    if not reasons:  # every photo is fine: there are just too few
+        missing = min_photos - accepted
+        return (f"Only {accepted} photo{'s' if accepted != 1 else ''} given; at least {min_photos} are needed: add "
+                f"{missing} more of the same person.")
     why = ", ".join(f"{n} {code}" for code, n in sorted(reasons.items()))
     return f"Only {accepted} of {len(report)} photos are usable; at least {min_photos} are needed ({why})."
 

@@ -37,6 +37,13 @@ class ModelPreset:
     crop_size: int | None = None
 
     @property
+    def public_base_model(self) -> str:
+        """The base model as anyone can name it: the hub id, or the preset's name when it is a folder on this
+        machine (a manifest or a download never shows a server's paths)."""
+        local = self.base_model.startswith(("/", ".", "~")) or Path(self.base_model).expanduser().exists()
+        return self.name if local else self.base_model
+
+    @property
     def family(self):
         return get_family(self.family_name)
 

@@ -17,21 +17,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex  # CLIP's pre-tokenizer needs Unicode classes (\p{L}, \p{N}); the standard library's re has none
+
 VOCAB_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77  # positions of CLIP's text encoder, start and end tokens included
 START, END = "<|startoftext|>", "<|endoftext|>"
 _MERGES = 49152 - 256 - 2  # the merges CLIP uses (the file holds more)
 
-try:  # CLIP's own pre-tokenizer needs Unicode classes; the standard library's re approximates them
-    import regex as _re
-
-    _PIECES = _re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
-                          r"""[^\s\p{L}\p{N}]+""", _re.IGNORECASE)
-except ImportError:  # pragma: no cover - the API room may lack `regex`
-    import re as _re
-
-    _PIECES = _re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|"""
-                          r"""(?:[^\s\w]|_)+""", _re.IGNORECASE)
+_PIECES = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                        r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

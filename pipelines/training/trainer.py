@@ -28,7 +28,9 @@ How the worker calls it::
 ``mirror(folder)`` uploads ``folder`` (``step-000200/``; ``meta.json`` last) and may delete older
 uploads; a worker that picks the job up again downloads the newest mirrored folder into its
 ``checkpoint_dir`` before calling ``train``, which resumes from it (or ignores it if incomplete or
-from another config). A finished run deletes its local checkpoints; the mirrored ones are the
+from another config). ``should_stop`` may raise :class:`pipelines.errors.Preempted` (the worker is
+shutting down): the run then checkpoints the step it reached (``on_checkpoint`` mirrors it) and
+re-raises, so the next worker loses no step. A finished run deletes its local checkpoints; the mirrored ones are the
 worker's to delete. The lent base must be on ``device`` and, for ``mixed_precision="no"``, fp32
 (``"auto"`` on CUDA trains bf16 autocast over the manager's bf16 base, trainables in fp32).
 """
@@ -52,7 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.adapters import AdapterManifest, LoraSpec, save_adapter
-from pipelines.errors import InvalidConfig
+from pipelines.errors import InvalidConfig, Preempted
 from pipelines.models.loading import load_base_pipeline
 from pipelines.models.presets import default_cache_dir
 from pipelines.progress import CancelFn, ProgressFn, Stage, StageProgress, raise_if_canceled
@@ -587,7 +589,11 @@ class Trainer:
             meter = LossMeter(self.device)
             stage_started, stage_steps, unreported = time.perf_counter(), 0, 0
             while step < stage_end:
-                raise_if_canceled(self.should_stop)
+                try:
+                    raise_if_canceled(self.should_stop)
+                except Preempted as exc:  # handed back: the next worker continues from this very step
+                    exc.details["checkpoint_step"] = self.checkpoint_on_preemption(step, start_step)
+                    raise
                 meter.add(self.training_step(step))
                 step += 1
                 steps_done += 1
@@ -719,6 +725,16 @@ class Trainer:
             self.on_checkpoint(folder)
         return folder
 
+    def checkpoint_on_preemption(self, step: int, start_step: int) -> int | None:
+        """The worker is shutting down: checkpoint ``step`` unless one exists for it already; returns the
+        step the next run resumes from (None: nothing trained yet)."""
+        if step == 0:
+            return None
+        every = self.config.checkpoint_every
+        if step != start_step and not (every and step % every == 0):
+            self.save_checkpoint(step)
+        return step
+
     # ------------------------------------------------------------------ snapshots
 
     def save_snapshot(self, step: int) -> Path:
@@ -760,7 +776,7 @@ class Trainer:
             shutil.rmtree(adapter_dir)  # a rerun replaces, never mixes
         new_tokens = list(self.tokens.new_tokens)
         manifest = AdapterManifest(
-            mode=config.mode, base_model=self.preset.base_model, base_revision=self.preset.revision,
+            mode=config.mode, base_model=self.preset.public_base_model, base_revision=self.preset.revision,
             family=self.family.name, preset=self.preset.name,
             instance_token=self.tokens.instance_token, class_token=self.tokens.class_token, tokens=tuple(new_tokens),
             lora=self.lora_spec if config.mode == "lora" else None, training_config=config.to_dict(),

@@ -70,6 +70,7 @@ def configure_test_environment() -> None:
     os.environ.setdefault("LIKENESS_DATA_DIR", str(tmp))
     os.environ.setdefault("LIKENESS_STORAGE_DIR", str(tmp / "blobs"))
     os.environ.setdefault("LIKENESS_SECRET_KEY", "test-secret-" + run_id)
+    os.environ.setdefault("LIKENESS_MODEL_PRESET", "tiny")  # never `auto`: weights a developer pulled stay unused
     # Every test client shares one address and many tests one client: the shipped defaults (checked in
     # tests/app/test_keys_and_limits.py) are lifted; each limit's own test sets it.
     os.environ.setdefault("LIKENESS_AUTH_FAILURES_PER_MINUTE", "0")

@@ -5,12 +5,15 @@ The real-browser journeys are in ``tests/integration/test_admin_browser.py``.
 
 from __future__ import annotations
 
+import io
 import re
 import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.admin import auth
 from core.db.models import Client, Job, JobKind, JobState, Photo, PhotoStatus, Subject, WebhookDelivery
@@ -386,3 +389,78 @@ def test_redeliver_from_the_log(browser, operator, client_a):
         row = session.get(WebhookDelivery, delivery_id)
         assert (row.attempt, row.status_code, row.error, row.delivered_at) == (0, None, None, None)
         assert row.next_attempt_at is not None
+
+
+def test_the_job_page_header_updates_with_the_live_poll(browser, operator, client_a):
+    """Started, worker and heartbeat sit in the header: the live poll sends it again (out of band)."""
+    subject_id = create_subject(client_a)
+    with session_scope() as session:
+        job = Job(client_id=client_a.id, subject_id=subject_id, kind=JobKind.TRAIN, state=JobState.QUEUED,
+                  request={}, completed_stages=[])
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    page = browser.get(f"/admin/jobs/{job_id}").text
+    assert 'id="job-facts"' in page and "gpu-host-7" not in page
+    with session_scope() as session:  # a worker takes the job
+        job = session.get(Job, job_id)
+        job.state, job.worker = JobState.RUNNING, "gpu-host-7:4242"
+        job.started_at = job.heartbeat_at = datetime.now(UTC) - timedelta(seconds=3)
+    live = browser.get(f"/admin/jobs/{job_id}/live", headers={"HX-Request": "true"})
+    assert live.status_code == 200
+    header = re.search(r'<dl class="facts card" id="job-facts" hx-swap-oob="true">(.*?)</dl>', live.text, re.S)
+    assert header, live.text
+    assert "gpu-host-7:4242" in header.group(1)
+    assert re.search(r'data-field="heartbeat">[3-9]\.\d s ago<', header.group(1)), header.group(1)
+    assert "never" not in header.group(1)  # the heartbeat is shown, not the page's first state
+
+
+def test_pages_show_thumbnails_not_the_originals(browser, operator, client_a):
+    subject_id = create_subject(client_a)
+    original = jpeg(1024)
+    photo_id = upload(client_a, subject_id, [("big.jpg", original)]).json()["files"][0]["photo_id"]
+    page = browser.get(f"/admin/subjects/{subject_id}").text
+    assert f'<img src="/admin/media/photos/{photo_id}/original/thumb"' in page
+    assert f'href="/admin/media/photos/{photo_id}/original"' in page  # the link still opens the file itself
+    response = browser.get(f"/admin/media/photos/{photo_id}/original/thumb")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/webp"
+    assert "max-age=86400" in response.headers["cache-control"]
+    assert len(response.content) < len(original) / 5
+    with Image.open(io.BytesIO(response.content)) as thumb:
+        assert max(thumb.size) == 320
+    assert browser.get(f"/admin/media/photos/{photo_id}/original/thumb").content == response.content
+    assert browser.get(f"/admin/media/photos/{photo_id}/crop/thumb").status_code == 404  # no intake yet
+
+
+def test_the_class_word_chart_gives_the_longest_bar_to_the_best_fit_and_marks_the_chosen_word(browser, operator,
+                                                                                              client_a):
+    subject_id = create_subject(client_a)
+    with session_scope() as session:
+        session.add(Job(client_id=client_a.id, subject_id=subject_id, kind=JobKind.TRAIN, state=JobState.SUCCEEDED,
+                        request={}, completed_stages=[], progress=100.0, result={"intake": {
+                            "accepted": 5, "rejected": 0, "class_token": "man",
+                            "class_scores": {"woman": 0.27, "man": 0.21, "boy": 0.24}}}))
+    html = browser.get(f"/admin/subjects/{subject_id}").text
+    chart = re.search(r'<section class="card" id="class-word">(.*?)</section>', html, re.S).group(1)
+    bars = {word: float(width) for width, word in re.findall(
+        r'<rect x="\d+" y="[\d.]+" width="([\d.]+)" height="\d+" class="fit \w+"><title>(\w+):', chart)}
+    assert set(bars) == {"man", "woman", "boy"}
+    assert max(bars, key=bars.get) == "man" and bars["man"] > bars["boy"] > bars["woman"] > 0
+    assert 'class="fit chosen"><title>man:' in chart and "0.21 · chosen" in chart
+    assert "lower fits better" in chart
+
+
+def test_error_pages_keep_the_navigation_bar(browser, operator):
+    page = browser.get("/admin/jobs/no-such-job")
+    assert page.status_code == 404
+    assert '<header class="top">' in page.text and 'href="/admin/subjects"' in page.text and "Log out" in page.text
+
+
+def test_metrics_label_dashboard_requests_with_their_route(browser, operator, http):
+    assert browser.get("/admin/jobs/no-such-job").status_code == 404
+    assert browser.get("/admin/jobs").status_code == 200
+    assert browser.get("/admin/static/admin.css").status_code == 200  # every page loads it and htmx
+    text = http.get("/metrics").text
+    routes = set(re.findall(r'likeness_http_request_duration_seconds_count\{[^}]*route="([^"]+)"', text))
+    assert {"/admin/jobs/{job_id}", "/admin/jobs", "/admin/static/{path}"} <= routes, routes
+    assert "no-such-job" not in text

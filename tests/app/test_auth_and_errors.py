@@ -24,7 +24,7 @@ def test_admin_routes_need_admin_role(client_a, admin):
     assert created.status_code == 201
     key = created.json()["api_key"]
     me = admin.http.get("/v1/subjects", headers={"X-API-Key": key})
-    assert me.status_code == 200 and me.json() == {"data": [], "count": 0}
+    assert me.status_code == 200 and me.json() == {"data": [], "count": 0, "next": None}
     assert admin.get("/v1/admin/jobs").status_code == 200
 
 

@@ -18,6 +18,8 @@ MINIMAL_BODIES = {
     ("post", "/v1/subjects/{subject_id}/templates"): {"template": "id_photo"},
     ("post", "/v1/admin/clients"): {"name": "app-2"},
     ("put", "/v1/admin/clients/{client_id}/limits"): {},
+    ("post", "/v1/subjects/{subject_id}/photos/direct-uploads"): {"files": [{"size_bytes": 10}]},
+    ("post", "/v1/subjects/{subject_id}/photos/direct-uploads/complete"): {"uploads": [{"upload_id": "0" * 32}]},
 }
 
 

@@ -23,7 +23,7 @@ def test_training_needs_a_photo_and_only_one_runs_per_subject(client_a, settings
     assert job["kind"] == "train" and job["state"] == "queued" and job["progress"] == 0
     # The stored request is the resolved one: every training option, the preset it runs on.
     resolved = job["request"]
-    assert resolved["kind"] == "train" and resolved["preset"] == settings.model_preset
+    assert resolved["kind"] == "train" and resolved["preset"] == settings.preset
     assert resolved["training"]["mode"] == "lora" and resolved["training"]["max_train_steps"] == 100
     assert resolved["training"]["strategy"] == "staged" and resolved["training"]["stage1_fraction"] == 0.3
     assert _queued_messages(settings) == before + 1  # really sent to the broker, after the commit

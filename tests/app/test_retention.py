@@ -7,11 +7,23 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
 from core.db.models import Image, Job, JobKind, JobState, Photo, TemplatePhoto, utcnow
 from core.retention import purge_expired
-from core.storage import checkpoint_prefix, dataset_prefix, image_key, photo_crop_key, template_photo_key
+from core.storage import (
+    LocalBlobStore,
+    adapter_export_key,
+    adapter_prefix,
+    checkpoint_prefix,
+    dataset_prefix,
+    image_key,
+    photo_crop_key,
+    photo_original_key,
+    template_photo_key,
+    upscaled_image_key,
+)
 from tests.app.fixtures import session_scope
 from tests.app.helpers import add_adapter, subject_with_photo
 
@@ -154,3 +166,60 @@ def test_an_empty_or_none_setting_means_keep_forever(tmp_path):
 
     settings = Settings(retain_training_data_days="none", retain_images_days="", data_dir=tmp_path)
     assert (settings.retain_training_data_days, settings.retain_images_days) == (None, None)
+
+
+@pytest.fixture(params=["local", "s3"])
+def own_store(request, tmp_path):  # noqa: ANN001, ANN201
+    """A blob store of the test's own (so that the sweep sees only what the test planted)."""
+    from core.storage import LocalBlobStore, S3BlobStore
+
+    if request.param == "local":
+        yield LocalBlobStore(tmp_path / "blobs")
+        return
+    from moto import mock_aws
+
+    with mock_aws():
+        s3 = S3BlobStore("likeness-orphans", region="us-east-1", access_key_id="x", secret_access_key="y")
+        s3.ensure_bucket()
+        yield s3
+
+
+def test_blobs_no_row_names_are_swept_after_the_grace_period(client_a, own_store, settings, http):
+    """What a process killed between storing files and committing leaves (whole files and, locally, a
+    half-written ``.tmp-`` file) goes with the next purge once older than the grace period; every blob a
+    row names stays, and so does anything outside the key layout or still young."""
+    subject_id = subject_with_photo(client_a)
+    add_adapter(subject_id, 1)
+    image_id = _image(client_a.id, subject_id, 1, own_store)
+    with session_scope() as session:
+        photo = session.scalars(select(Photo).where(Photo.subject_id == subject_id)).one()
+        photo_key = photo.original_key
+    named = [photo_key, image_key(subject_id, image_id), adapter_prefix(subject_id, 1) + "lora.safetensors",
+             adapter_export_key(subject_id, 1, "kohya"), "elsewhere/kept.bin"]
+    orphans = [photo_original_key(subject_id, "killedupload1"), photo_crop_key(subject_id, "killedupload1"),
+               image_key(subject_id, "neverrecorded"), upscaled_image_key(subject_id, "neverrecorded"),
+               adapter_export_key(subject_id, 9, "kohya"), template_photo_key(subject_id, "neverrecorded"),
+               photo_original_key("deletedsubject", "p1")]
+    for key in named + orphans:
+        own_store.put(key, b"bytes")
+    if isinstance(own_store, LocalBlobStore):  # a write the kill cut short
+        partial = own_store.root / "subjects" / subject_id / "photos" / "killedupload2" / ".tmp-k9x2"
+        partial.parent.mkdir(parents=True)
+        partial.write_bytes(b"half a jpe")
+    stored = own_store.list_with_times("subjects/")
+
+    young = purge_expired(settings, own_store)
+    assert young.orphans == 0 and own_store.list_with_times("subjects/") == stored  # inside the grace period
+
+    later = utcnow() + timedelta(seconds=settings.orphan_blob_grace_s + 60)
+    report = purge_expired(settings, own_store, now=later)
+    expected_orphans = len(orphans) + isinstance(own_store, LocalBlobStore)
+    assert report.orphans == expected_orphans and report.blobs >= expected_orphans
+    assert own_store.list("") == sorted(named)
+    if isinstance(own_store, LocalBlobStore):
+        assert not partial.exists()
+    assert purge_expired(settings, own_store, now=later).orphans == 0
+    if isinstance(own_store, LocalBlobStore):
+        text = http.get("/metrics").text  # the metric counts them
+        deleted = dict(re.findall(r'likeness_retention_deleted_total\{kind="(\w+)"\} ([0-9.e+]+)', text))
+        assert float(deleted["orphans"]) >= expected_orphans

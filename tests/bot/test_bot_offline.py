@@ -33,7 +33,7 @@ def bot(tg, tmp_path_factory):
     """The bot in embedded mode (SQLite state), its API at an address where nothing listens."""
     data = tmp_path_factory.mktemp("bot")
     env = bot_env(tg, f"http://127.0.0.1:{_closed_port()}", "lk_unused", LIKENESS_DATA_DIR=str(data),
-                  LIKENESS_BOT_RETENTION_DAYS="14")
+                  LIKENESS_BOT_RETENTION_DAYS="14", LIKENESS_BOT_MIN_PHOTOS="3", LIKENESS_BOT_MAX_PHOTOS="12")
     with BotProcess(env, data / "bot.log") as process:
         yield process
     assert (data / "bot.sqlite3").exists()
@@ -49,13 +49,17 @@ def test_start_and_help_in_the_users_language(tg, bot):
     mark = tg.mark()
     tg.send_text(en, "/start")
     start = _reply(tg, en.id, mark).text
-    assert "5 to 20 photos" in start and "/delete" in start and "14 days" in start and "nobody else" in start
+    assert "3 to 12 photos" in start and "/delete" in start and "14 days" in start and "nobody else" in start
     mark = tg.mark()
     tg.send_text(ru, "/start")
-    assert "от 5 до 20" in _reply(tg, ru.id, mark).text
+    assert "от 3 до 12" in _reply(tg, ru.id, mark).text
     mark = tg.mark()
     tg.send_text(ru, "/help")
-    assert "/delete - удалить" in _reply(tg, ru.id, mark).text
+    help_ru = _reply(tg, ru.id, mark).text
+    assert "/delete - удалить" in help_ru and "от 3 до 12" in help_ru  # the limits this bot runs with
+    mark = tg.mark()
+    tg.send_text(en, "/help")
+    assert "(3 to 12)" in _reply(tg, en.id, mark).text
 
 
 def test_files_it_cannot_take_are_refused_without_downloading(tg, bot):

@@ -311,6 +311,13 @@ def test_training_progress_moves_without_a_reload_and_cancel_ends_it(admin_page,
     assert '"preset": "tiny"' in page.locator("#job-request").inner_text()  # the resolved request
     # The job page's live part follows the job through its stages too (no reload).
     page.locator("#job-live [data-field=stage]", has_text="training:stage1").wait_for(timeout=30_000)
+    # ... and so does its header: the worker that holds it and its heartbeat, from the same poll
+    page.evaluate("window.__same_document = true")
+    assert page.locator("#job-facts [data-field=worker]").inner_text() not in ("", "–")
+    beat = page.locator("#job-facts [data-field=heartbeat]").inner_text()
+    page.wait_for_function("""(beat) => document.querySelector('#job-facts [data-field=heartbeat]')
+                                        .textContent !== beat""", arg=beat, timeout=10_000)
+    assert page.evaluate("window.__same_document") is True
     assert page.locator("#stage-timeline tr").count() >= 4  # header, intake, caching, training:stage1
     screens(page, "job-running")
     page.click("#cancel-job")
@@ -364,6 +371,8 @@ def test_a_subject_shows_its_photos_verdicts_and_its_gallery(admin_page, app_cli
     loaded = page.evaluate("""() => [...document.querySelectorAll('#photos img, #gallery img')]
                                    .map(img => img.complete && img.naturalWidth > 0)""")
     assert loaded and all(loaded), "an image did not load through the admin media routes"
+    widths = page.evaluate("() => [...document.querySelectorAll('#photos img, #gallery img')].map(i => i.naturalWidth)")
+    assert max(widths) <= 320, widths  # thumbnails, not the originals
     screens(page, "subject")
 
 

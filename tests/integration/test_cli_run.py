@@ -186,7 +186,8 @@ def test_a_rejected_photo_set_still_gets_report_json_and_a_verdict_table(cli_env
     assert len(errors) == 1 and "Only 2 of 4 photos are usable" in errors[0], captured.err
     assert str(out / "report.json") in errors[0] and "Nothing was trained" in errors[0]
     table = " ".join(captured.out.split())
-    assert "photos: 2 of 4 used" in table and "not_an_image" in table and "not used" in table, captured.out
+    assert "photos: 0 of 4 used" in table and "not_an_image" in table and "not used" in table, captured.out
+    assert table.count("usable") == 2  # fine photos, but too few: nothing was trained on them
 
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "rejected" and report["error"]["code"] == "dataset_rejected"
@@ -198,3 +199,28 @@ def test_a_rejected_photo_set_still_gets_report_json_and_a_verdict_table(cli_env
         assert photo["message"] and photo["what_to_do"]
     assert verdicts["notes.jpg"]["what_to_do"] != verdicts["blank.png"]["what_to_do"]
     assert not (out / ".work" / "training").exists()
+
+
+@pytest.mark.slow
+def test_too_few_photos_say_how_many_more_and_mark_none_used(cli_env, grace_hopper, tmp_path, monkeypatch, capsys):
+    """Two good photos: nothing wrong with either, there are just too few; neither was used (nothing trained)."""
+    from likeness_cli import main as cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, variant in enumerate(person_variants(grace_hopper, 2)):
+        (photos / f"grace_{i}.jpg").write_bytes(encode(variant, quality=92))
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["likeness", "run", str(photos), "--style", STYLE, "--out", str(out),
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    captured = capsys.readouterr()
+    (error,) = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert "Only 2 photos given; at least 5 are needed: add 3 more" in error and "()" not in error, error
+    table = " ".join(captured.out.split())
+    assert "photos: 0 of 2 used" in table and table.count("usable") == 2, table
+    report = json.loads((out / "report.json").read_text())
+    assert [p["used"] for p in report["photos"]] == [False, False]
+    assert all(p["accepted"] for p in report["photos"])

@@ -51,13 +51,19 @@ def test_bad_templates_fail_in_one_line_before_intake(cli_env, photos_dir, tmp_p
     notes = tmp_path / "notes.jpg"
     notes.write_bytes(b"not an image")  # the upload's decode checks
     assert "template_not_an_image" in _fails_in_one_line([*run, "--template", str(notes)], capsys, monkeypatch)
+    assert not (out / "report.json").exists()  # refused before anything ran: the inputs themselves were wrong
     two = tmp_path / "two.jpg"
     two.write_bytes(encode(side_by_side(astronaut, grace_hopper), quality=90))
     assert "template_multiple_people" in _fails_in_one_line([*run, "--template", str(two)], capsys, monkeypatch)
+    assert json.loads((out / "report.json").read_text())["error"]["code"] == "template_multiple_people"
     empty = tmp_path / "empty.png"
     empty.write_bytes(encode(noise_image(300), "PNG"))
-    assert "template_no_person" in _fails_in_one_line([*run, "--template", str(empty)], capsys, monkeypatch)
-    assert not (out / "report.json").exists() and not (out / ".work").exists()
+    line = _fails_in_one_line([*run, "--template", str(empty)], capsys, monkeypatch)
+    assert "template_no_person" in line and str(out / "report.json") in line
+    report = json.loads((out / "report.json").read_text())  # judged, so the verdict is kept like a photo set's
+    assert report["status"] == "rejected" and report["error"]["code"] == "template_no_person"
+    assert report["error"]["message"] and report["template"]["reason"] == "no_person"
+    assert not (out / ".work").exists()
 
 
 @pytest.mark.slow

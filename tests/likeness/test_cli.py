@@ -70,3 +70,66 @@ def test_an_existing_data_folder_is_made_private(tmp_path):
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "likeness.sqlite3").stat().st_mode) == 0o600
+
+
+def test_help_shows_flags_without_a_type():
+    from typer.testing import CliRunner
+
+    from likeness_cli.main import app
+
+    for command in ([], ["run"], ["serve"], ["migrate"]):
+        result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "--help" in result.output
+        assert "<bool>" not in result.output, result.output
+
+
+def test_counts_are_spelt_in_the_singular_and_the_plural():
+    from likeness_cli.main import _count
+
+    assert (_count(1, "image"), _count(0, "image"), _count(4, "image")) == ("1 image", "0 images", "4 images")
+
+
+def test_jobs_wait_fails_at_once_when_the_api_is_unreachable(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "likeness", "jobs", "wait", "j1", "--api",
+                             f"http://127.0.0.1:{port}", "--key", "lk_x"], capture_output=True, text=True,
+                            env=clean_environ(COLUMNS="200"), timeout=120)
+    assert time.monotonic() - started < 20  # not the client's minute of waiting out an outage
+    assert result.returncode == 1 and "queued" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "running" in lines[0], result.stderr
+
+
+def test_run_with_missing_weights_fails_before_any_work(tmp_path):
+    import time
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    env = clean_environ(LIKENESS_DATA_DIR=str(tmp_path / "data"), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "likeness", "run", str(photos), "--preset", "sd15", "--style",
+                             "cinematic", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert time.monotonic() - started < 30  # no hub retries
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "preset sd15 is missing" in line and "likeness models pull --preset sd15" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_pull_says_the_hub_is_offline_instead_of_retrying_it(tmp_path):
+    import time
+
+    env = clean_environ(LIKENESS_DATA_DIR=str(tmp_path), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "likeness", "models", "pull", "--preset", "sd15"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert time.monotonic() - started < 30 and result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "HF_HUB_OFFLINE is set" in line and "Traceback" not in result.stderr

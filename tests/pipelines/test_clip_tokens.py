@@ -100,3 +100,10 @@ def test_the_tiny_tokenizer_counts_as_clip_and_never_warns_about_a_prompt_that_f
             assert len(ids) == clip_bpe.token_count(text, ADDED), what
     assert "longer than the specified maximum" not in caplog.text
     assert tokenizer("a photo of a cat")["input_ids"] == clip_bpe.encode("a photo of a cat")
+
+
+def test_letters_and_numbers_split_as_clip_splits_them():
+    """CLIP's pre-tokenizer splits on Unicode letter and number classes: a superscript two is a number,
+    so ``x²`` is ``x`` then ``²`` (the standard library's ``re`` would keep them together)."""
+    assert clip_bpe.tokenize("x²") == clip_bpe.tokenize("x") + clip_bpe.tokenize("²")
+    assert clip_bpe.tokenize("café42") == clip_bpe.tokenize("café") + clip_bpe.tokenize("4") + clip_bpe.tokenize("2")

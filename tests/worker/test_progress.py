@@ -110,3 +110,70 @@ def test_a_phase_on_another_worker_continues_the_eta_it_was_handed():
         counter.advance()
     first = next(w.eta_s for w in writes if w.eta_s is not None)
     assert 30.0 <= first <= 120.0
+
+
+# Reports (seconds since the job was queued, stage, fraction of the stage) of a tiny training job as the issue
+# recorded it: intake reports its first photos quickly and then waits on a long last step; the GPU phase loads
+# its models for 2.5 s, caching reports only its start and end, both training stages report every few steps.
+TRAIN_TRACE = [
+    (0.2, "intake", 0.0), (0.35, "intake", 0.125), (0.5, "intake", 0.25), (0.6, "intake", 0.375),
+    (0.75, "intake", 0.5), (0.9, "intake", 0.625), (1.0, "intake", 0.75), (1.1, "intake", 0.875),
+    (3.4, "intake", 1.0),
+    # the training phase, on a GPU worker
+    (6.5, "caching", 0.0), (11.0, "caching", 1.0),
+    (11.0, "training:stage1", 0.0), (13.2, "training:stage1", 0.25), (15.4, "training:stage1", 0.5),
+    (17.6, "training:stage1", 0.75), (19.8, "training:stage1", 1.0),
+    (19.8, "training:stage2", 0.0), (21.6, "training:stage2", 0.125), (23.3, "training:stage2", 0.25),
+    (25.1, "training:stage2", 0.375), (26.8, "training:stage2", 0.5), (28.6, "training:stage2", 0.625),
+    (30.4, "training:stage2", 0.75), (32.1, "training:stage2", 0.875), (33.9, "training:stage2", 1.0),
+]
+TRAIN_PHASES = {"intake": 0.0, "caching": 4.0}  # the first stage of each phase: when its worker took it
+# the p50 seconds of each stage over earlier jobs of the same kind, preset and size (worker.stage_history)
+TRAIN_HISTORY = {"intake": 3.0, "caching": 4.5, "training:stage1": 9.5, "training:stage2": 13.0}
+
+# A generation that the estimate without history started at "165 s" and that finished in 7.6 s.
+GENERATE_TRACE = [
+    (1.9, "generating", 0.0), (2.0, "generating", 0.02), (2.9, "generating", 0.25), (3.7, "generating", 0.5),
+    (4.5, "generating", 0.75), (5.2, "generating", 1.0), (5.2, "ranking", 0.0), (5.8, "ranking", 1.0),
+    (5.8, "upscaling", 0.0), (7.1, "upscaling", 1.0), (7.1, "delivering", 0.0), (7.6, "delivering", 1.0),
+]
+GENERATE_PHASES = {"generating": 0.0}
+GENERATE_HISTORY = {"generating": 3.6, "ranking": 0.7, "upscaling": 1.5, "delivering": 0.5}
+
+
+def _replay(kind: str, trace, phases, history) -> list[tuple[float, float | None]]:  # noqa: ANN001
+    """Replays ``trace`` through the estimator on a fake clock, a new JobProgress per phase (as each worker
+    makes one, handed the job's progress and last ETA); returns (reported ETA, true time left) per write."""
+    clock, made = FakeClock(), []
+    progress, end = None, trace[-1][0]
+    for at, stage, fraction in trace:
+        if stage in phases and (progress is None or progress._stage != stage):
+            clock.t = phases[stage]
+            last_eta = next((u.eta_s for _, u in reversed(made) if u.eta_s is not None), None)
+            progress = JobProgress(kind, lambda u: made.append((clock.t, u)), clock=clock, expected_s=history,
+                                   start_progress=made[-1][1].progress if made else 0.0, start_eta=last_eta)
+        clock.t = at
+        progress(ProgressEvent(stage, fraction))
+    return [(update.eta_s, end - t) for t, update in made]
+
+
+@pytest.mark.parametrize(("kind", "trace", "phases", "history"), [
+    ("train", TRAIN_TRACE, TRAIN_PHASES, TRAIN_HISTORY),
+    ("generate", GENERATE_TRACE, GENERATE_PHASES, GENERATE_HISTORY),
+])
+def test_the_eta_of_a_recorded_job_starts_near_the_truth_and_never_jumps_more_than_twice(kind, trace, phases,
+                                                                                         history):
+    reports = _replay(kind, trace, phases, history)
+    assert len(reports) >= 8
+    etas = [eta for eta, _ in reports]
+    assert None not in etas, reports  # an ETA from the first report on, through caching too
+    for before, after in zip(etas, etas[1:]):
+        floor = max(before, 1.0)
+        assert floor / 2 <= after <= floor * 2, (before, after)
+    for eta, left in reports:  # within a factor of two of the time truly left (a second's slack at the end)
+        assert left / 2 - 1.0 <= eta <= 2 * left + 1.0, (eta, left, reports)
+
+
+def test_without_history_the_eta_is_the_measured_one():
+    assert _replay("generate", GENERATE_TRACE, GENERATE_PHASES, {}) != _replay(
+        "generate", GENERATE_TRACE, GENERATE_PHASES, GENERATE_HISTORY)

@@ -292,3 +292,53 @@ def test_a_phase_run_again_after_a_transient_error_is_recorded_as_a_new_attempt(
     assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
     assert read_job(job_id).attempts == 2
     assert [(stage, attempt) for stage, attempt, _ in _stage_rows(job_id)] == [("intake", 1), ("intake", 2)]
+
+
+def test_a_job_whose_preset_lacks_weights_fails_in_its_first_phase_with_the_command(sqlite_db, tmp_path, monkeypatch,
+                                                                                     queue):
+    from likeness.contract.requests import TrainRequest, resolve_train
+    from tests.app.fixtures import session_scope
+    from worker import runner
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    job_id = make_job()
+    with session_scope() as session:
+        from core.db.models import Job
+
+        session.get(Job, job_id).request = resolve_train(TrainRequest(), preset="sd15").model_dump(mode="json")
+    assert runner.run_job(job_id, settings=settings_with()) == "failed"
+    job = read_job(job_id)
+    assert job.error_code == "weights_missing" and job.stage is None  # before any stage began
+    assert "likeness models pull --preset sd15" in job.error_message
+
+
+def test_each_stage_is_one_structured_log_line_with_the_job_id(sqlite_db, monkeypatch, queue, caplog):
+    import json
+    import logging
+
+    from core.db.models import Job
+    from core.logs import JsonFormatter
+    from likeness.contract.plan import JobKind, Stage
+    from tests.app.fixtures import session_scope
+    from worker import phases, runner
+
+    def training(ctx):
+        for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
+            for fraction in (0.0, 0.5, 1.0):  # many progress events, one line per stage
+                ctx.on_progress(ProgressEvent(stage, fraction))
+        return None
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"),
+                        lambda ctx: ctx.on_progress(ProgressEvent(Stage.INTAKE, 1.0)))
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
+    job_id = make_job()
+    with session_scope() as session:
+        session.get(Job, job_id).request = {"preset": "tiny"}
+    with caplog.at_level(logging.INFO, logger="likeness.jobs"):
+        assert runner.run_job(job_id, settings=settings_with()) == "succeeded"
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "likeness.jobs"]
+    assert [line["stage"] for line in lines] == ["intake", "caching", "training:stage1", "training:stage2"]
+    for line in lines:
+        assert line["job_id"] == job_id and line["kind"] == "train" and line["preset"] == "tiny"
+        assert line["attempt"] == 1 and job_id in line["msg"] and line["level"] == "info" and line["ts"]

@@ -7,8 +7,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.routing import APIRoute
 
+from app.api.routes import API_PREFIX
 from app.api.schemas import ErrorBody
 from app.errors import InvalidRequest
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}  # a download's content entry (raw bytes)
 
 _DESCRIPTIONS = {
     401: "Missing or unknown API key.",
@@ -27,6 +30,26 @@ def errors(*statuses: int, authenticated: bool = True) -> dict[int | str, dict[s
     (plus what every authenticated route can answer: 401, 422 and 429)."""
     common = (401, 422, 429) if authenticated else (422,)
     return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in (*common, *statuses)}
+
+
+def located(status: int, what: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry of a 201/202 answer that names its resource in a ``Location`` header."""
+    return {status: {"headers": {"Location": {"description": f"The URL of {what}.", "schema": {"type": "string"}}}}}
+
+
+def job_location(body: dict[str, Any]) -> str:
+    return f"{API_PREFIX}/jobs/{body['id']}"
+
+
+def page(request: Request, data: list[Any], count: int, offset: int = 0) -> dict[str, Any]:
+    """A :class:`~app.api.schemas.Page`: ``next`` is this request's URL at the next offset (same filters and
+    limit), or None on the last page."""
+    following = offset + len(data)
+    next_url = None
+    if data and following < count:
+        url = request.url.include_query_params(offset=following)
+        next_url = f"{url.path}?{url.query}"
+    return {"data": data, "count": count, "next": next_url}
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}

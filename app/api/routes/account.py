@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from app.api.deps import CurrentClient, SettingsDep, UoW
 from app.api.routes import API_PREFIX
-from app.api.routes._common import errors
+from app.api.routes._common import errors, page
 from app.api.schemas import DeliveryPublic, Page, StylePublic, WebhookIn, WebhookOut
 from app.services import webhooks
 from pipelines.generation.styles import list_styles as load_styles
@@ -31,10 +31,10 @@ def put_webhook(body: WebhookIn, caller: CurrentClient, uow: UoW, settings: Sett
 
 @router.get("/webhook/deliveries", response_model=Page[DeliveryPublic], responses=errors(),
             summary="Webhook delivery log (newest first)")
-def list_deliveries(caller: CurrentClient, uow: UoW, job_id: str | None = None,
+def list_deliveries(request: Request, caller: CurrentClient, uow: UoW, job_id: str | None = None,
                     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = webhooks.list_deliveries(uow.session, caller, job_id=job_id, limit=limit, offset=offset)
-    return {"data": [DeliveryPublic.model_validate(r) for r in rows], "count": count}
+    return page(request, [DeliveryPublic.model_validate(r) for r in rows], count, offset)
 
 
 @router.get("/styles", response_model=Page[StylePublic], responses=errors(), summary="Available style packs")

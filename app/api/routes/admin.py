@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from app.api import job_status
 from app.api.deps import AdminClient, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
-from app.api.routes._common import errors
+from app.api.routes._common import errors, page
 from app.api.schemas import AdminJobPublic, ClientCreate, ClientCreated, ClientLimits, ClientPublic, Page
 from app.services import clients, jobs
 from likeness.contract.plan import JobKind, JobState
 
-router = APIRouter(prefix=f"{API_PREFIX}/admin", tags=["admin"])
+# Operation ids admin_<handler> (admin_cancel_job beside the tenant's cancel_job): unique and readable.
+router = APIRouter(prefix=f"{API_PREFIX}/admin", tags=["admin"],
+                   generate_unique_id_function=lambda route: f"admin_{route.name}")
 
 
 @router.post("/clients", status_code=201, response_model=ClientCreated, responses=errors(403),
@@ -24,10 +26,10 @@ def create_client(body: ClientCreate, caller: AdminClient, uow: UoW):
 
 
 @router.get("/clients", response_model=Page[ClientPublic], responses=errors(403), summary="Every client")
-def list_clients(caller: AdminClient, uow: UoW, limit: int = Query(100, ge=1, le=1000),
+def list_clients(request: Request, caller: AdminClient, uow: UoW, limit: int = Query(100, ge=1, le=1000),
                  offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = clients.list_clients(uow.session, limit=limit, offset=offset)
-    return {"data": [ClientPublic.model_validate(c) for c in rows], "count": count}
+    return page(request, [ClientPublic.model_validate(c) for c in rows], count, offset)
 
 
 @router.post("/clients/{client_id}/rotate", response_model=ClientCreated, responses=errors(403, 404, 409),
@@ -58,12 +60,13 @@ def delete_client(client_id: str, caller: AdminClient, uow: UoW, store: StoreDep
 
 @router.get("/jobs", response_model=Page[AdminJobPublic], responses=errors(403),
             summary="Every client's jobs (dashboard)")
-def list_all_jobs(caller: AdminClient, uow: UoW, state: JobState | None = None, kind: JobKind | None = None,
+def list_all_jobs(request: Request, caller: AdminClient, uow: UoW, state: JobState | None = None,
+                  kind: JobKind | None = None,
                   client_id: str | None = None, subject_id: str | None = None,
                   limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = jobs.list_jobs(uow.session, None, state=state, kind=kind, client_id=client_id,
                                  subject_id=subject_id, limit=limit, offset=offset)
-    return {"data": [AdminJobPublic.model_validate(r) for r in rows], "count": count}
+    return page(request, [AdminJobPublic.model_validate(r) for r in rows], count, offset)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=AdminJobPublic, responses=errors(403, 404, 409),

@@ -17,7 +17,7 @@ from app.api.deps import (
     refuse_failing_address,
 )
 from app.api.routes import API_PREFIX
-from app.api.routes._common import errors
+from app.api.routes._common import BINARY, errors, page
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
 from app.errors import Forbidden, NotFound
 from app.services import adapters, images
@@ -26,7 +26,7 @@ from core.storage import BlobNotFound, BlobStore, InvalidKey
 
 router = APIRouter(prefix=API_PREFIX, tags=["images and adapters"])
 
-_IMAGE_RESPONSE = {200: {"content": {"image/png": {}}, "description": "The image bytes."}}
+_IMAGE_RESPONSE = {200: {"content": {"image/png": BINARY}, "description": "The image bytes (PNG)."}}
 
 
 def _stream(store: BlobStore, key: str, filename: str) -> StreamingResponse:
@@ -45,11 +45,11 @@ def _stream(store: BlobStore, key: str, filename: str) -> StreamingResponse:
             description="Ordered by rank (1 = best within its job), then newest job first, then id: `data[0]` is "
                         "the best image of the newest generation, and every rank 1 comes before any rank 2. "
                         "The order is total, so `offset` pages never repeat or skip an image.")
-def list_images(subject_id: str, caller: CurrentClient, uow: UoW, job_id: str | None = None,
+def list_images(request: Request, subject_id: str, caller: CurrentClient, uow: UoW, job_id: str | None = None,
                 limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0, le=1_000_000)):
     rows, count = images.list_images(uow.session, caller, subject_id, job_id=job_id, limit=limit, offset=offset)
     data = [ImagePublic.model_validate(i).model_copy(update={"has_upscaled": i.upscaled_key is not None}) for i in rows]
-    return {"data": data, "count": count}
+    return page(request, data, count, offset)
 
 
 @router.get("/images/{image_id}/download", response_class=StreamingResponse,
@@ -115,7 +115,7 @@ def signed_preview(request: Request, settings: SettingsDep, store: StoreDep, uow
 
 
 @router.get("/subjects/{subject_id}/adapter", response_class=StreamingResponse,
-            responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}},
+            responses={200: {"content": {"application/zip": BINARY, "application/octet-stream": BINARY},
                              "description": "diffusers: the adapter folder as a zip (load_lora_weights + "
                                             "load_textual_inversion); kohya: a zip for A1111/ComfyUI: the LoRA, "
                                             "one embedding per learned token and HOW-TO-PROMPT.txt."},

@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Response, UploadFile
 
 from app.api.deps import CurrentClient, IdempotencyDep, SettingsDep, StoreDep, UoW
 from app.api.routes import API_PREFIX
-from app.api.routes._common import errors
+from app.api.routes._common import BINARY, errors, job_location, located
 from app.api.routes.photos import _read_files, upload_answer
 from app.api.schemas import JobPublic, Page, TemplatePhotoPublic, TemplatePublic, UploadResponse
 from app.errors import InvalidRequest, NotFound
@@ -33,7 +33,7 @@ def list_templates(caller: CurrentClient):
 
 
 @router.get("/templates/{name}/thumbnail", response_class=Response, responses={
-    **errors(404), 200: {"content": {"image/jpeg": {}}, "description": "JPEG, long side 256 px."}},
+    **errors(404), 200: {"content": {"image/jpeg": BINARY}, "description": "JPEG, long side 256 px."}},
     summary="A shipped template's thumbnail")
 def template_thumbnail(name: str, caller: CurrentClient):
     try:
@@ -45,7 +45,8 @@ def template_thumbnail(name: str, caller: CurrentClient):
 
 @router.post(
     "/subjects/{subject_id}/templates/photos", status_code=201, response_model=UploadResponse,
-    responses=errors(404, 413), summary="Upload template photos to put the subject into; each file gets a verdict",
+    responses={**errors(404, 413), **located(201, "the subject's template photos")},
+    summary="Upload template photos to put the subject into; each file gets a verdict",
     description=("The same checks as subject photos (content sniffing, `decompression_bomb`, `not_an_image`, ...; "
                  "a bad file is rejected with its own `reason_code` while the good ones are stored, without "
                  "metadata; when every file is rejected the answer is 422 `all_files_rejected` with the same "
@@ -63,10 +64,14 @@ def upload_template_photos(subject_id: str, caller: CurrentClient, settings: Set
         raise InvalidRequest(f"Upload between 1 and {MAX_TEMPLATE_FILES} template photos per request.",
                              {"files": len(files), "max": MAX_TEMPLATE_FILES}, code="invalid_file_count")
     uploaded = _read_files(files)
-    if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded]):
+    if replay := idempotency.replay(uow, [f.fingerprint() for f in uploaded], _template_photos_location):
         return replay
     outcomes = templates.upload_template_photos(uow, caller, subject_id, uploaded, store, settings)
-    return upload_answer(idempotency, subject_id, outcomes)
+    return upload_answer(idempotency, subject_id, outcomes, _template_photos_location)
+
+
+def _template_photos_location(body: dict) -> str:
+    return f"{API_PREFIX}/subjects/{body['subject_id']}/templates/photos"
 
 
 @router.get("/subjects/{subject_id}/templates/photos", response_model=Page[TemplatePhotoPublic],
@@ -84,7 +89,8 @@ def delete_template_photo(subject_id: str, template_photo_id: str, caller: Curre
 
 
 @router.post("/subjects/{subject_id}/templates", status_code=202, response_model=JobPublic,
-             responses=errors(404, 409), summary="Put a trained subject into a template photo (best k of n)",
+             responses={**errors(404, 409), **located(202, "the job")},
+             summary="Put a trained subject into a template photo (best k of n)",
              description="A shipped template (`template`, GET /v1/templates) or an uploaded template photo "
                          "(`template_photo_id`). Checked before anything is queued: 422 with "
                          "`template_or_photo_required`, `unknown_template`, `k_greater_than_n`, "
@@ -93,7 +99,7 @@ def delete_template_photo(subject_id: str, template_photo_id: str, caller: Curre
                          "stages: masking, generating, ranking, upscaling, delivering.")
 def start_template_job(subject_id: str, body: TemplateRequest, caller: CurrentClient, settings: SettingsDep, uow: UoW,
                        idempotency: IdempotencyDep):
-    if replay := idempotency.replay(uow, body.model_dump(mode="json")):
+    if replay := idempotency.replay(uow, body.model_dump(mode="json"), job_location):
         return replay
     job = templates.create_template_job(uow, caller, subject_id, body, settings)
-    return idempotency.respond(202, JobPublic.model_validate(job).model_dump(mode="json"))
+    return idempotency.respond(202, JobPublic.model_validate(job).model_dump(mode="json"), job_location)

@@ -62,6 +62,9 @@ def test_adapters_download_writes_the_file(client_a, store, remote, tmp_path):
     assert "likeness-1a2b3c4d-v1.safetensors  the LoRA" in kohya.output
     assert "embeddings/likeness-1a2b3c4d-v1-subj.safetensors  a learned token" in kohya.output
     assert "HOW-TO-PROMPT.txt" in kohya.output
+    into = CliRunner().invoke(cli.app, ["adapters", "download", subject_id, "--out", f"{tmp_path / 'new'}/"])
+    assert into.exit_code == 0, into.output
+    assert (tmp_path / "new").is_dir() and len(list((tmp_path / "new").glob("*.zip"))) == 1  # a folder, as spelt
 
 
 def test_remote_commands_say_what_is_missing(monkeypatch):

@@ -116,6 +116,9 @@ def test_stage1_trains_text_encoder_and_unet_stage2_only_unet(examples, preset, 
     manifest = load_manifest(result.adapter_dir)
     assert manifest.tokens == ("<subj>", "<bg0>", "<bg1>") and manifest.components == ("unet", "text_encoder")
     assert manifest.training_config["strategy"] == "staged" and manifest.steps == 10
+    # what it was trained on, as anyone can name it: never this machine's model folder
+    assert (manifest.base_model, manifest.preset) == ("tiny", "tiny")
+    assert preset.base_model not in (result.adapter_dir / "manifest.json").read_text()
 
 
 def test_full_mode_changes_only_new_token_rows_and_saves_changed_components(examples, preset, tmp_path):
