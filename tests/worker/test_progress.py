@@ -126,10 +126,15 @@ TRAIN_TRACE = [
     (19.8, "training:stage2", 0.0), (21.6, "training:stage2", 0.125), (23.3, "training:stage2", 0.25),
     (25.1, "training:stage2", 0.375), (26.8, "training:stage2", 0.5), (28.6, "training:stage2", 0.625),
     (30.4, "training:stage2", 0.75), (32.1, "training:stage2", 0.875), (33.9, "training:stage2", 1.0),
+    # checkpoint selection (added to the recording): four snapshots validated, one report each
+    (33.9, "selecting", 0.0), (34.5, "selecting", 0.25), (35.1, "selecting", 0.5), (35.7, "selecting", 0.75),
+    (36.3, "selecting", 1.0),
 ]
 TRAIN_PHASES = {"intake": 0.0, "caching": 4.0}  # the first stage of each phase: when its worker took it
 # the p50 seconds of each stage over earlier jobs of the same kind, preset and size (worker.stage_history)
-TRAIN_HISTORY = {"intake": 3.0, "caching": 4.5, "training:stage1": 9.5, "training:stage2": 13.0}
+TRAIN_HISTORY = {"intake": 3.0, "caching": 4.5, "training:stage1": 9.5, "training:stage2": 13.0, "selecting": 2.4}
+#: history from before checkpoint selection existed (or from jobs that turned it off): no selecting stage in it
+TRAIN_HISTORY_WITHOUT_SELECTING = {k: v for k, v in TRAIN_HISTORY.items() if k != "selecting"}
 
 # A generation that the estimate without history started at "165 s" and that finished in 7.6 s.
 GENERATE_TRACE = [
@@ -159,6 +164,7 @@ def _replay(kind: str, trace, phases, history) -> list[tuple[float, float | None
 
 @pytest.mark.parametrize(("kind", "trace", "phases", "history"), [
     ("train", TRAIN_TRACE, TRAIN_PHASES, TRAIN_HISTORY),
+    ("train", TRAIN_TRACE, TRAIN_PHASES, TRAIN_HISTORY_WITHOUT_SELECTING),
     ("generate", GENERATE_TRACE, GENERATE_PHASES, GENERATE_HISTORY),
 ])
 def test_the_eta_of_a_recorded_job_starts_near_the_truth_and_never_jumps_more_than_twice(kind, trace, phases,
