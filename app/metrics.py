@@ -7,28 +7,46 @@
   ``job_stages`` from the job plan), so every API replica reports the same numbers, whichever
   worker ran the job;
 * ``likeness_queue_depth{queue}``: Redis ``LLEN`` of the job queues when the broker is Redis;
+* the signals to scale on, per queue, from the database in embedded and distributed mode alike
+  (:mod:`app.services.scaling`): ``likeness_queue_waiting_jobs``, ``likeness_queue_oldest_wait_seconds``,
+  ``likeness_queue_backlog_seconds`` (waiting work in one worker's seconds, from the measured stage
+  durations), ``likeness_queue_workers`` (live) and ``likeness_queue_drain_seconds`` (+Inf: nobody serves it);
 * ``likeness_outbox_messages``: task messages waiting for the broker (it was down);
 * ``likeness_worker_state{worker,state}`` (1 for the state each live worker process reported in
   the ``workers`` table, 0 for the others) and ``likeness_worker_loaded_model_bytes{worker}``;
 * ``likeness_retention_deleted_total{kind}``: what the retention purge deleted (``purge_totals``).
+
+Several API processes on one host (``uvicorn --workers 2``): set ``PROMETHEUS_MULTIPROC_DIR`` to a
+directory of that host (empty at start; compose and the Kubernetes manifests do) and every process
+writes its request counters there; ``/metrics`` then adds up all of them, whichever process answers
+the scrape (prometheus_client's multiprocess mode).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from app.services.scaling import queue_signals
 from core.db.models import Job, JobStage, OutboxMessage, WorkerRecord, utcnow
 from core.retention import totals
 from likeness.contract.plan import JobKind, JobState, Queue
 
 log = logging.getLogger(__name__)
+
+# prometheus_client reads the variable when it is imported; in multiprocess mode every labelled value is a
+# file in this directory, created on the value's first use: the directory must exist by then.
+MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if MULTIPROC_DIR:
+    Path(MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -175,19 +193,80 @@ class QueueDepthCollector(Collector):
         yield family
 
 
+class QueueSignalsCollector(Collector):
+    """Per queue: waiting jobs, the oldest one's wait, the backlog and the estimated drain time."""
+
+    def __init__(self, settings, session_factory):  # noqa: ANN001
+        self.settings, self.session_factory = settings, session_factory
+
+    def collect(self):  # noqa: ANN201
+        try:
+            with self.session_factory() as session:
+                signals = queue_signals(session, self.settings, utcnow())
+        except Exception:  # noqa: BLE001
+            log.warning("queue signals unavailable", exc_info=True)
+            return
+        families = {
+            "waiting": GaugeMetricFamily("likeness_queue_waiting_jobs", "Jobs waiting for the queue.",
+                                         labels=["queue"]),
+            "oldest_wait_s": GaugeMetricFamily("likeness_queue_oldest_wait_seconds",
+                                               "How long the oldest waiting job has waited.", labels=["queue"]),
+            "backlog_s": GaugeMetricFamily("likeness_queue_backlog_seconds",
+                                           "Waiting work in one worker's seconds (measured stage durations).",
+                                           labels=["queue"]),
+            "workers": GaugeMetricFamily("likeness_queue_workers", "Live worker processes serving the queue.",
+                                         labels=["queue"]),
+            "drain_s": GaugeMetricFamily("likeness_queue_drain_seconds",
+                                         "Estimated time for the live workers to run what waits now.",
+                                         labels=["queue"]),
+        }
+        for signal in signals.values():
+            for attribute, family in families.items():
+                family.add_metric([signal.queue], float(getattr(signal, attribute)))
+        yield from families.values()
+
+
 def scrape_registry(settings, session_factory) -> CollectorRegistry:  # noqa: ANN001
     """A registry with the DB- and broker-derived collectors (build once per app)."""
+    forget_dead_processes()  # once per process start
     registry = CollectorRegistry(auto_describe=False)
     registry.register(JobsCollector(session_factory))
     registry.register(WorkersCollector(session_factory, settings.job_stale_after_s))
     registry.register(RetentionCollector(session_factory))
     registry.register(QueueDepthCollector(settings))
+    registry.register(QueueSignalsCollector(settings, session_factory))
     return registry
+
+
+def process_registry() -> CollectorRegistry:
+    """This host's request metrics: every process's, added up, in multiprocess mode; else this process's."""
+    if not MULTIPROC_DIR:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=MULTIPROC_DIR)
+    return registry
+
+
+def forget_dead_processes() -> None:
+    """Drop the files of processes that are gone (a restarted container reuses the directory), so that their
+    counters stop adding to the host's; Prometheus reads the drop as a counter reset."""
+    if not MULTIPROC_DIR:
+        return
+    for path in Path(MULTIPROC_DIR).glob("*_*.db"):
+        try:
+            pid = int(path.stem.rsplit("_", 1)[1])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 def render(scrape: CollectorRegistry) -> bytes:
     """The exposition text: request latencies plus the DB- and broker-derived metrics."""
-    return generate_latest(REGISTRY) + generate_latest(scrape)
+    return generate_latest(process_registry()) + generate_latest(scrape)
 
 
 def _mount_template(scope: dict) -> str | None:

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from core.private_files import private_dir, private_umask
 from likeness.contract.plan import Queue
+from likeness_cli.health import health_app
 from pipelines.errors import DatasetRejected, PipelineError
 from worker.weights import check, pull
 
@@ -36,6 +37,7 @@ adapters_app = typer.Typer(help="Trained adapters: download from the service, co
 app.add_typer(adapters_app, name="adapters")
 jobs_app = typer.Typer(help="Jobs of a running service (remote, through the Python client).", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(health_app, name="health")
 
 console = Console()
 err = Console(stderr=True)

@@ -75,3 +75,69 @@ def sqlite_db(tmp_path, monkeypatch):
     yield get_settings().resolved_database_url
     dispose_engines()
     get_settings.cache_clear()
+
+
+# ---- parallel runs (pytest-xdist: ``-n auto --dist loadfile`` in pyproject's addopts) -------------------------
+#
+# A test module runs whole on one worker (its module and session fixtures are built once). Modules that
+# share an expensive session fixture are one unit of work (``SAME_WORKER``): they run one after the other
+# on one worker. Units with slow tests are handed out first, then those with integration tests, so that
+# quick ones fill the gaps at the end. (xdist's own ``xdist_group`` marker does not reach its scheduler
+# with pytest 9, whose node ids can no longer be renamed; hence the scheduler below.)
+
+#: module -> the unit of work it shares with other modules
+SAME_WORKER = {
+    # one `likeness serve` (tests/integration/embedded.py)
+    "tests/integration/test_embedded_queues.py": "embedded-serve",
+    "tests/integration/test_embedded_serve.py": "embedded-serve",
+    "tests/integration/test_readme_walkthrough.py": "embedded-serve",
+}
+
+
+def work_unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return SAME_WORKER.get(module, module)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):  # noqa: ANN001, ANN201
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesAndSharedUnits(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ModulesAndSharedUnits(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the order stays as collected
+        return
+    slow = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
+    integration = {work_unit(item.nodeid) for item in items if item.get_closest_marker("integration")}
+
+    def handed_out(item) -> int:  # noqa: ANN001
+        unit = work_unit(item.nodeid)
+        return 0 if unit in slow else 1 if unit in integration else 2
+
+    items.sort(key=handed_out)  # stable: each module keeps its order
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    """The figures the fault tests record (tests/faults: ``("fault recovery", (fault, figures))`` in a
+    test's user properties), read from the reports, where pytest-xdist workers send them too."""
+    recorded: dict[str, dict] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "fault recovery":
+                    fault, figures = value
+                    recorded[fault] = figures
+    if recorded:
+        terminalreporter.section("fault recovery")
+        for fault, figures in recorded.items():
+            terminalreporter.write_line(f"{fault}: " + ", ".join(
+                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from app.metrics import QueueDepthCollector
 from app.services import clients
 from app.services.quotas import stored_bytes
+from app.services.scaling import QueueSignal, queue_signals
 from core.config import Settings
 from core.db.models import Adapter, Image, Job, JobStage, OutboxMessage, Photo, Subject, WorkerRecord
 from core.storage import BlobStore, subject_prefix
@@ -191,6 +192,7 @@ class Overview:
     queues: dict[str, int] | None
     outbox: tuple[int, datetime | None]
     totals: dict[str, int] = field(default_factory=dict)
+    signals: dict[str, QueueSignal] = field(default_factory=dict)  # waiting, oldest wait, drain time per queue
 
 
 def overview(session: Session, settings: Settings, now: datetime | None = None, window: timedelta = WINDOW) -> Overview:
@@ -205,7 +207,7 @@ def overview(session: Session, settings: Settings, now: datetime | None = None, 
     return Overview(now=now, since=since, by_state=jobs_by_state(session, since), per_hour=jobs_per_hour(session, now),
                     stages=stage_durations(session, since), failed=failed_by_code(session, since),
                     workers=list_workers(session, settings, now), queues=queue_depths(settings),
-                    outbox=outbox_waiting(session), totals=totals)
+                    outbox=outbox_waiting(session), totals=totals, signals=queue_signals(session, settings, now))
 
 
 # ---- clients and subjects -----------------------------------------------------------------------------------

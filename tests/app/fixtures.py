@@ -58,24 +58,42 @@ def drop_database(dbname: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
+#: "<pid> <names>": the variables :func:`configure_test_environment` chose, and in which process
+_CHOSEN = "LIKENESS_TEST_ENV_CHOSEN_BY"
+
+
 def configure_test_environment() -> None:
-    """Point settings at a fresh test DB name, the local Redis, a random queue prefix and temp blobs."""
+    """Point settings at a fresh test DB name, the local Redis, a random queue prefix and temp blobs.
+
+    Each process gets its own: what another test process chose and this one inherited (a pytest-xdist
+    worker started by a controller that imported this) is chosen anew; what the user set is kept.
+    """
+    pid, _, names = os.environ.pop(_CHOSEN, "").partition(" ")
+    ours = pid == str(os.getpid())
+    if pid and not ours:
+        for name in names.split():
+            os.environ.pop(name, None)
     run_id = secrets.token_hex(4)
     tmp = Path(tempfile.mkdtemp(prefix=f"likeness-test-{run_id}-"))
-    os.environ.setdefault("LIKENESS_ENVIRONMENT", "test")
-    os.environ.setdefault("LIKENESS_DATABASE_URL", pg_url_for(f"likeness_test_{run_id}"))
-    os.environ.setdefault("LIKENESS_BROKER_URL", REDIS_URL)
-    os.environ.setdefault("LIKENESS_REDIS_URL", REDIS_URL)
-    os.environ.setdefault("LIKENESS_QUEUE_PREFIX", f"test-{run_id}-")
-    os.environ.setdefault("LIKENESS_DATA_DIR", str(tmp))
-    os.environ.setdefault("LIKENESS_STORAGE_DIR", str(tmp / "blobs"))
-    os.environ.setdefault("LIKENESS_SECRET_KEY", "test-secret-" + run_id)
-    os.environ.setdefault("LIKENESS_MODEL_PRESET", "tiny")  # never `auto`: weights a developer pulled stay unused
-    # Every test client shares one address and many tests one client: the shipped defaults (checked in
-    # tests/app/test_keys_and_limits.py) are lifted; each limit's own test sets it.
-    os.environ.setdefault("LIKENESS_AUTH_FAILURES_PER_MINUTE", "0")
-    for limit in ("REQUESTS_PER_MINUTE", "MAX_CONCURRENT_JOBS", "MAX_TRAININGS_PER_DAY", "MAX_STORAGE_BYTES"):
-        os.environ.setdefault(f"LIKENESS_DEFAULT_{limit}", "none")
+    defaults = {
+        "LIKENESS_ENVIRONMENT": "test",
+        "LIKENESS_DATABASE_URL": pg_url_for(f"likeness_test_{run_id}"),
+        "LIKENESS_BROKER_URL": REDIS_URL,
+        "LIKENESS_REDIS_URL": REDIS_URL,
+        "LIKENESS_QUEUE_PREFIX": f"test-{run_id}-",
+        "LIKENESS_DATA_DIR": str(tmp),
+        "LIKENESS_STORAGE_DIR": str(tmp / "blobs"),
+        "LIKENESS_SECRET_KEY": "test-secret-" + run_id,
+        "LIKENESS_MODEL_PRESET": "tiny",  # never `auto`: weights a developer pulled stay unused
+        # Every test client shares one address and many tests one client: the shipped defaults (checked in
+        # tests/app/test_keys_and_limits.py) are lifted; each limit's own test sets it.
+        "LIKENESS_AUTH_FAILURES_PER_MINUTE": "0",
+        **{f"LIKENESS_DEFAULT_{limit}": "none"
+           for limit in ("REQUESTS_PER_MINUTE", "MAX_CONCURRENT_JOBS", "MAX_TRAININGS_PER_DAY", "MAX_STORAGE_BYTES")},
+    }
+    chosen = [name for name in defaults if name not in os.environ]
+    os.environ.update({name: defaults[name] for name in chosen})
+    os.environ[_CHOSEN] = " ".join([str(os.getpid()), *(names.split() if ours else []), *chosen])
     from core.config import get_settings
 
     get_settings.cache_clear()

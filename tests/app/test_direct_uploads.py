@@ -1,7 +1,8 @@
 """Direct uploads in S3 mode: presigned PUT URLs, then the API checks and registers what arrived.
 
-moto's S3 (in-process, ``mock_aws``): the presigned URLs are real HTTP PUTs made with ``requests``,
-which moto answers; the API runs on the suite's PostgreSQL.
+moto's S3 server (a real HTTP server on a free loopback port, ``ThreadedMotoServer``): the presigned
+URLs are real HTTP PUTs made with ``requests``, as a phone would make them; the API runs on the
+suite's PostgreSQL.
 """
 
 from __future__ import annotations
@@ -16,23 +17,42 @@ from tests.app.helpers import create_subject, jpeg, jpeg_with_gps, png_bomb
 MAX_FILE_BYTES = 300_000
 
 
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's S3 server on a free 127.0.0.1 port for this module's tests."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def s3(settings):
-    """An API whose blob store is S3 (moto), and that store."""
+def s3(settings, moto_endpoint):
+    """An API whose blob store is S3 (a bucket of its own on moto's server), and that store."""
+    import uuid
+
     from fastapi.testclient import TestClient
-    from moto import mock_aws
 
     from app.main import create_app
     from core.storage import get_blob_store
 
     s3_settings = settings.model_copy(update=dict(
-        storage_backend="s3", s3_bucket="likeness-direct", s3_region="us-east-1", s3_endpoint_url=None,
-        s3_access_key_id="testing", s3_secret_access_key="testing", max_file_bytes=MAX_FILE_BYTES))
-    with mock_aws():
-        store = get_blob_store(s3_settings)
-        store.ensure_bucket()
-        with TestClient(create_app(s3_settings), raise_server_exceptions=False) as http:
-            yield http, store
+        storage_backend="s3", s3_bucket=f"likeness-direct-{uuid.uuid4().hex[:12]}", s3_region="us-east-1",
+        s3_endpoint_url=moto_endpoint, s3_access_key_id="testing", s3_secret_access_key="testing",
+        max_file_bytes=MAX_FILE_BYTES))
+    store = get_blob_store(s3_settings)
+    store.ensure_bucket()
+    with TestClient(create_app(s3_settings), raise_server_exceptions=False) as http:
+        yield http, store
 
 
 def _as(client, http):  # noqa: ANN001, ANN202
@@ -58,7 +78,7 @@ def _put(url: str, data: bytes) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_photos_put_to_presigned_urls_are_checked_and_registered_like_uploads(s3, client_a):
+def test_photos_put_to_presigned_urls_are_checked_and_registered_like_uploads(s3, client_a, moto_endpoint):
     http, store = s3
     api = _as(client_a, http)
     subject_id = create_subject(api)
@@ -66,7 +86,7 @@ def test_photos_put_to_presigned_urls_are_checked_and_registered_like_uploads(s3
     slots = _begin(api, subject_id, [("selfie.jpg", len(photo))])
     assert slots.status_code == 201, slots.text
     slot = slots.json()["data"][0]
-    assert slot["method"] == "PUT" and slot["filename"] == "selfie.jpg" and slot["url"].startswith("https://")
+    assert slot["method"] == "PUT" and slot["filename"] == "selfie.jpg" and slot["url"].startswith(moto_endpoint + "/")
     _put(slot["url"], photo)
 
     done = _complete(api, subject_id, [(slot["upload_id"], "selfie.jpg")])

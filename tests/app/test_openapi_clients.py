@@ -196,7 +196,8 @@ def openapi_typescript(tmp_path_factory, pytestconfig) -> Path:
     """openapi-typescript and tsc from the npm registry, installed once into pytest's cache folder."""
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed: the TypeScript client check needs Node.js and npm")
-    folder = pytestconfig.cache.mkdir("openapi-typescript")
+    cache = getattr(pytestconfig, "cache", None)  # None under -p no:cacheprovider: install for this run only
+    folder = cache.mkdir("openapi-typescript") if cache is not None else tmp_path_factory.mktemp("openapi-typescript")
     tools = folder / "node_modules" / ".bin"
     if not (tools / "openapi-typescript").exists() or not (tools / "tsc").exists():
         install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(folder),

@@ -192,3 +192,14 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 30, interval_s:
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def embedded_service(tmp_path_factory, grace_hopper):  # noqa: ANN001, ANN201
+    """One ``likeness serve`` in a new user's folder, shared by the embedded-mode tests (see
+    tests/integration/embedded.py; their modules are in its xdist group)."""
+    from tests.integration.embedded import newcomer_folder, start_service, stop_service
+
+    proc, service = start_service(newcomer_folder(tmp_path_factory.mktemp("newcomer"), grace_hopper))
+    yield service
+    stop_service(proc, service)

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import http.server
 import json
-import re
 import threading
 
 import httpx
 import pytest
 
-from tests.conftest import MODEL_CACHE
 from tests.faults.conftest import photos
-from tests.faults.servers import free_port
-from tests.integration.conftest import clean_environ, wait_for
-from tests.integration.test_embedded_serve import _interrupt, _serve, wait_until_ready
+from tests.integration.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,23 +29,18 @@ class _Hooks(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_intake_and_webhooks_do_not_wait_behind_a_training(tmp_path, grace_hopper):
-    port = free_port()
-    env = clean_environ(LIKENESS_DATA_DIR=str(tmp_path / "data"), LIKENESS_PORT=str(port),
-                        LIKENESS_MODEL_CACHE_DIR=str(MODEL_CACHE), LIKENESS_DEVICE="cpu", HF_HUB_OFFLINE="1",
-                        TRANSFORMERS_OFFLINE="1", LIKENESS_WEBHOOK_ALLOW_PRIVATE="true")
-    log = tmp_path / "serve.log"
-    proc = _serve(env, log)
+def test_intake_and_webhooks_do_not_wait_behind_a_training(embedded_service, grace_hopper):
     hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
     _Hooks.received = []
-    base = f"http://127.0.0.1:{port}"
+    client, long_job = None, None
     try:
-        wait_for(lambda: "lk_" in log.read_text(errors="replace"), 60, 0.2, "the admin key to be printed")
-        key = re.search(r"^(lk_\S+)$", log.read_text(errors="replace"), re.M).group(1)
-
-        wait_until_ready(base)
-        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        # a client of its own (the shared service's other tests have theirs)
+        with embedded_service.admin() as admin:
+            created = admin.post("/v1/admin/clients", json={"name": "queues", "role": "app"})
+            assert created.status_code == 201, created.text
+        client = httpx.Client(base_url=embedded_service.base, timeout=30,
+                              headers={"Authorization": f"Bearer {created.json()['api_key']}"})
         assert client.put("/v1/webhook", json={"url": f"http://127.0.0.1:{hooks.server_port}/hook"}).status_code == 200
 
         def subject(name: str) -> str:
@@ -69,7 +60,7 @@ def test_intake_and_webhooks_do_not_wait_behind_a_training(tmp_path, grace_hoppe
         try:
             wait_for(lambda: training(long_job), 120, 0.5, "the long job to reach training")
         except AssertionError:
-            print(log.read_text(errors="replace")[-5000:])
+            print(embedded_service.log()[-5000:])
             raise
 
         # Meanwhile another subject's intake runs on the cpu queue's worker and finishes.
@@ -92,13 +83,16 @@ def test_intake_and_webhooks_do_not_wait_behind_a_training(tmp_path, grace_hoppe
             wait_for(lambda: any(e["job_id"] == other_job and e["state"] == "canceled" for e in _Hooks.received),
                      30, 0.2, "the cancel's webhook while the training runs")
         except AssertionError:
-            print(client.get(f"/v1/jobs/{other_job}").json(), _Hooks.received, log.read_text(errors="replace")[-4000:])
+            print(client.get(f"/v1/jobs/{other_job}").json(), _Hooks.received, embedded_service.log()[-4000:])
             raise
         assert training(long_job) and client.get(f"/v1/jobs/{other_job}").json()["state"] == "canceled"
 
-        client.post(f"/v1/jobs/{long_job}/cancel")
+        assert client.post(f"/v1/jobs/{long_job}/cancel").status_code == 200
         wait_for(lambda: client.get(f"/v1/jobs/{long_job}").json()["state"] == "canceled", 60, 0.5,
                  "the long training to stop")
     finally:
         hooks.shutdown()
-        _interrupt(proc)
+        if long_job is not None:  # never leave the shared service's gpu worker busy for the next test
+            client.post(f"/v1/jobs/{long_job}/cancel")
+            wait_for(lambda: client.get(f"/v1/jobs/{long_job}").json()["state"] in ("canceled", "failed", "succeeded"),
+                     60, 0.5, "the long training to stop")

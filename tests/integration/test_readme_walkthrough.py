@@ -1,25 +1,22 @@
 """The README is a test: its REST walkthrough, run verbatim with bash, against ``likeness serve`` on the
 embedded default (SQLite, local blobs, a local worker, the tiny preset) started in an empty folder as a
-new user would, with real photos in ``photos/``. Any failed step fails the test.
+new user would, with real photos in ``photos/`` (the embedded-mode tests' shared service,
+tests/integration/embedded.py). Any failed step fails the test.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import MODEL_CACHE, encode
-from tests.integration.conftest import ROOT, clean_environ, wait_for
+from tests.integration import embedded
+from tests.integration.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,61 +31,19 @@ def walkthrough() -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def folder(embedded_service) -> Path:
+    """The user's folder ``likeness serve`` was started in: photos/ of one person, data/ from serve."""
+    return embedded_service.folder
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, grace_hopper) -> Path:
-    """A user's folder: photos/ of one person (Grace Hopper, public domain); data/ comes from serve."""
-    from tests.pipelines.intake.conftest import person_variants
-
-    home = tmp_path_factory.mktemp("newcomer")
-    (home / "photos").mkdir()
-    for i, variant in enumerate(person_variants(grace_hopper, 5)):
-        (home / "photos" / f"grace_{i}.jpg").write_bytes(encode(variant, quality=92))
-    return home
-
-
-def _user_env(**extra: str) -> dict[str, str]:
-    """A shell whose `python` and `likeness` are this checkout's (the venv's, with the repo first on the path)."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return clean_environ(PATH=path, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **extra)
-
-
-@pytest.fixture(scope="module")
-def service(folder):
-    """``likeness serve`` started in the user's folder (data dir ./data); yields its URL."""
-    port = _free_port()
-    # the tests' prebuilt tiny models: a fresh install builds the same ones in a few seconds on first use
-    env = _user_env(LIKENESS_PORT=str(port), LIKENESS_DEVICE="cpu", LIKENESS_MODEL_CACHE_DIR=str(MODEL_CACHE))
-    log = folder / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "likeness", "serve"], cwd=folder, env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(base + "/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, 90, 0.3, "likeness serve to be ready")
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-        if proc.returncode not in (0, 130, -2):
-            print((folder / "serve.log").read_text(errors="replace")[-20000:])
+def service(embedded_service) -> str:
+    return embedded_service.base
 
 
 def _run(script: str, folder: Path, api: str, timeout_s: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", script], cwd=folder, env=_user_env(API=api), capture_output=True,
+    return subprocess.run(["bash", "-c", script], cwd=folder, env=embedded.user_env(API=api), capture_output=True,
                           text=True, timeout=timeout_s)
 
 

@@ -176,24 +176,39 @@ def test_evict_leaves_borrowed_entries():
 # ---------------------------------------------------------------------------- locking
 
 
+class _WatchedLock:
+    """The entry's lock, telling when a borrower found it taken and started to wait."""
+
+    def __init__(self, lock):  # noqa: ANN001
+        self._lock, self.refused = lock, threading.Event()
+
+    def acquire(self, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        self.refused.set()
+        return self._lock.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
 def test_a_borrowed_entry_is_locked_and_a_second_borrower_waits():
     manager = ModelManager()
     base = spec("base", CountingLoader("base"))
     manager.preload(base)
+    watched = _WatchedLock(manager._entries[base.key].lock)
+    manager._entries[base.key].lock = watched
     order = []
-    second_started = threading.Event()
 
     def second_job():
-        second_started.set()
         with manager.borrow(base):
             order.append("second has it")
 
     with manager.borrow(base):
         worker = threading.Thread(target=second_job)
         worker.start()
-        second_started.wait(5)
-        time.sleep(0.2)
-        assert order == []  # still waiting
+        assert watched.refused.wait(5), "the second borrower never met the lock"
+        assert order == []  # refused, and waiting
         order.append("first releases")
     worker.join(5)
     assert order == ["first releases", "second has it"]

@@ -9,6 +9,7 @@ import json
 import socket
 import time
 import zipfile
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -236,16 +237,21 @@ def _scripted():
 FAST_POLL = Backoff(initial_s=0.01, factor=2.0, max_s=0.04)
 
 
-def test_wait_yields_each_change_once_outlasts_a_brief_outage_and_ends_final():
+def test_wait_yields_each_change_once_outlasts_a_brief_outage_and_ends_final(monkeypatch):
     transport, polls = _scripted()
+    pauses: list[float] = []  # what the client asked to sleep between polls (recorded, not slept)
+    monkeypatch.setattr("likeness.client.sync.time", SimpleNamespace(monotonic=time.monotonic, sleep=pauses.append))
     with Client("http://api", "k", http=httpx.Client(base_url="http://api", transport=transport),
                 retry=Retry(attempts=1)) as api:
         seen = [(j.state.value, j.stage, j.progress) for j in api.wait("j1", backoff=FAST_POLL)]
     assert seen == [("queued", None, 0), ("running", "intake", 5), ("running", "caching", 12),
                     ("succeeded", "training:stage2", 100)]
     assert len(polls) == len(SCRIPT)
-    gaps = [b - a for a, b in zip(polls, polls[1:])]
-    assert gaps[1] > gaps[0] * 1.5  # nothing changed: the next poll waits longer
+    # a change polls again soon (0.01 s); nothing changed or an outage doubles the pause, up to 0.04 s
+    assert pauses == pytest.approx([0.01, 0.02,  # queued, queued again
+                                    0.01, 0.02, 0.04, 0.04,  # running, then three 503s
+                                    0.04,  # running as before the outage: still no change
+                                    0.01])  # caching; then succeeded ends the wait without a pause
 
 
 def test_async_wait_and_timeouts():

@@ -10,7 +10,7 @@ import pytest
 
 from core import webhook_targets, webhooks
 from tests.app.helpers import subject_with_photo
-from tests.app.test_webhooks import Receiver, allow_private, receiver  # noqa: F401 - fixtures
+from tests.core.test_webhooks import Receiver, allow_private, receiver  # noqa: F401 - fixtures
 
 REFUSED = [
     "http://169.254.169.254/latest/meta-data/",  # cloud metadata (link-local)
