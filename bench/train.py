@@ -128,14 +128,44 @@ def run_trainer(args) -> dict:
     from pipelines.training import plan_stages
 
     config_stages = [p.name for p in plan_stages(config, len(examples))]
+    selection: dict = {}
     with tempfile.TemporaryDirectory() as out:
-        result = train(examples, tokens, config, preset, out, base=pipe, device=device, on_progress=on_progress)
+        snapshots = snapshot_steps(config.max_train_steps) if args.selection else []
+        result = train(examples, tokens, config, preset, out, base=pipe, device=device, on_progress=on_progress,
+                       snapshot_steps=snapshots)
+        if args.selection:
+            selection = run_selection(pipe, preset, examples, tokens, result, device)
     m = result.metrics
-    return {"loop": f"likeness {args.mode}", "steps": args.steps, "precision": m["mixed_precision"],
+    return {**selection, "snapshot_s": m.get("snapshot_s", 0.0), "trainer_wall_s": m["wall_s"],
+            "loop": f"likeness {args.mode}", "steps": args.steps, "precision": m["mixed_precision"],
             "steps_per_s": m["steps_per_s"], "load_s": load_s, "caching_s": m["caching_s"], "train_s": m["train_s"],
             "train_cpu_s": cpu["end"] - cpu["start"], "caching_cpu_s": cpu["cached"] - cpu["caching"],
             "vae_images": m["vae_images"], "restore_s": m["restore_s"], "process_cpu_s": time.process_time(),
             "wall_s": time.perf_counter() - _T0, "peak_mb": peak_memory_mb(args.device)}
+
+
+def snapshot_steps(total: int) -> list[int]:
+    from pipelines.training.selection import snapshot_steps as steps
+
+    return steps(total)
+
+
+def run_selection(pipe, preset, examples, tokens, result, device) -> dict:
+    """What the worker's selecting stage does after training: each snapshot renders the validation set on
+    the lent base and is scored (CLIP text alignment, face identity against the photos); the rule picks one.
+    The scorers are loaded before the clock starts (the worker borrows them, already loaded)."""
+    from pipelines.eval.metrics import IdentityScorer
+    from pipelines.models.clip import load_clip
+    from pipelines.training.selection import select_snapshot, validate_snapshots, validation_set
+
+    clip = load_clip(preset.clip, device=str(device))
+    identity = IdentityScorer([e.image for e in examples])
+    started = time.perf_counter()
+    snapshots = sorted({**result.snapshots, result.steps: result.adapter_dir}.items())
+    scores = validate_snapshots(pipe, snapshots, tokens.instance_token, tokens.class_token, identity, clip,
+                                preset.resolution, validation_set(preset.name))
+    selected = select_snapshot(scores)
+    return {"selection_s": time.perf_counter() - started, "selected_step": selected, "snapshots": len(snapshots)}
 
 
 # ---------------------------------------------------------------------------- the scripts' loop
@@ -322,7 +352,7 @@ def measure(args, loop: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--one", loop, "--mode", mode, "--device", args.device, "--arch", args.arch,
            *(["--script", str(args.script)] if args.script else []),
            "--steps", str(args.steps), "--photos", str(args.photos), "--cache", str(args.cache),
-           "--strategy", args.strategy,
+           "--strategy", args.strategy, *(["--selection"] if args.selection else []),
            "--resolution", str(args.resolution)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -377,6 +407,9 @@ def main(argv=None) -> None:
     parser.add_argument("--script", type=Path, default=None,
                         help="diffusers' train_dreambooth_lora_sdxl.py (kept outside this repository): the reference "
                              "for SDXL archs, run unchanged (lora mode only)")
+    parser.add_argument("--selection", action="store_true",
+                        help="also keep the snapshots and run checkpoint selection after training (likeness loop "
+                             "only); reports its added time as a share of the training time")
     parser.add_argument("--one", choices=("likeness", "reference", "script"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -415,6 +448,13 @@ def main(argv=None) -> None:
           f"photos={args.photos} strategy={args.strategy} batch=1 repeat={args.repeat} (best of each) "
           f"date={time.strftime('%Y-%m-%d')}")
     print(table(rows))
+    for r in rows:
+        if "selection_s" in r:
+            added = r["snapshot_s"] + r["selection_s"]
+            print(f"\nCheckpoint selection ({r['loop']}): {r['snapshots']} snapshots, saving them "
+                  f"{r['snapshot_s']:.2f} s + validating and choosing {r['selection_s']:.2f} s = {added:.2f} s, "
+                  f"{added / r['trainer_wall_s']:.2f}x the training's wall time ({r['trainer_wall_s']:.1f} s); "
+                  f"kept step {r['selected_step']}")
     print("\nWhole-process CPU s (loading, caching, training, saving): "
           + ", ".join(f"{r['loop']}: {r.get('process_cpu_s', float('nan')):.1f}" for r in rows))
     if not args.no_reference and not gpu and not args.script:

@@ -30,6 +30,8 @@ from core.private_files import private_dir
 SIGNED_PATH = "/v1/blobs/signed"
 SECRET_FILE = "secret_key"
 _PURPOSE = "likeness/v2/image"
+_PREVIEW_PURPOSE = "likeness/v2/preview"
+PREVIEW_PATH = "/v1/previews/signed"
 
 Variant = Literal["original", "upscaled"]
 
@@ -107,6 +109,33 @@ def check_image_signature(secret: str, client_id: str, subject_id: str, image_id
     """None when valid, else the error code (``invalid_signature`` or ``url_expired``)."""
     expected = _mac(secret, client_id, subject_id, image_id, variant, expires_at)
     if not same_text(expected, sig):
+        return "invalid_signature"
+    if expires_at < (now if now is not None else time.time()):
+        return "url_expired"
+    return None
+
+
+# ---- training previews -------------------------------------------------------------------------------------
+
+def _preview_mac(secret: str, client_id: str, subject_id: str, job_id: str, step: int, expires_at: int) -> str:
+    message = "\n".join((_PREVIEW_PURPOSE, client_id, subject_id, job_id, str(int(step)), str(expires_at)))
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def signed_preview_url(secret: str, client_id: str, subject_id: str, job_id: str, step: int, ttl_s: int,
+                       now: float | None = None) -> tuple[str, int]:
+    """A relative URL serving one training preview (the snapshot after ``step`` of ``client_id``'s train
+    job ``job_id``) until ``now + ttl_s``; signed for that purpose only (never valid as an image URL)."""
+    expires_at = int((now if now is not None else time.time()) + ttl_s)
+    query = urlencode({"client": client_id, "subject": subject_id, "job": job_id, "step": int(step),
+                       "exp": expires_at, "sig": _preview_mac(secret, client_id, subject_id, job_id, step, expires_at)})
+    return f"{PREVIEW_PATH}?{query}", expires_at
+
+
+def check_preview_signature(secret: str, client_id: str, subject_id: str, job_id: str, step: int, expires_at: int,
+                            sig: str, now: float | None = None) -> str | None:
+    """None when valid, else the error code (``invalid_signature`` or ``url_expired``)."""
+    if not same_text(_preview_mac(secret, client_id, subject_id, job_id, step, expires_at), sig):
         return "invalid_signature"
     if expires_at < (now if now is not None else time.time()):
         return "url_expired"

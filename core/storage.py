@@ -88,6 +88,11 @@ def checkpoint_prefix(subject_id: str, job_id: str) -> str:
     return f"subjects/{subject_id}/checkpoints/{job_id}/"
 
 
+def preview_key(subject_id: str, job_id: str, step: int) -> str:
+    """A validation image a train job showed while it ran (the snapshot after ``step``)."""
+    return f"subjects/{subject_id}/previews/{job_id}/step-{int(step):06d}.png"
+
+
 def photo_original_key(subject_id: str, photo_id: str, extension: str = "jpg") -> str:
     """The uploaded file as sent (minus its metadata); ``extension`` names its format."""
     return f"subjects/{subject_id}/photos/{photo_id}/original.{extension}"

@@ -74,6 +74,20 @@ def queue_job_event(session: Session, job: Job) -> str | None:
     return delivery.id
 
 
+def queue_preview_event(session: Session, job: Job, preview: dict[str, Any]) -> str | None:
+    """A ``job.preview`` delivery (a running train job showed a validation image: ``{step, url}``)
+    if the job's client has a webhook; returns its id. Same transaction rules as :func:`queue_job_event`."""
+    client = session.get(Client, job.client_id)
+    if client is None or not client.webhook_url:
+        return None
+    event = {**build_event(job), "type": "job.preview", "preview": preview}
+    delivery = WebhookDelivery(client_id=client.id, job_id=job.id, event=event["type"], payload=event,
+                               next_attempt_at=utcnow())
+    session.add(delivery)
+    session.flush()
+    return delivery.id
+
+
 def notify_job(uow: UnitOfWork, job: Job) -> None:
     """Queue the webhook of ``job``'s current state: a delivery row now, the send after the commit."""
     uow.notify(queue_job_event(uow.session, job))

@@ -592,6 +592,9 @@ def run(
     seed: int = 0,
     device: str = "auto",
     train_steps: Annotated[int | None, typer.Option(help="Override total training steps (quick demos).")] = None,
+    no_checkpoint_selection: Annotated[bool, typer.Option(
+        "--no-checkpoint-selection", help="Keep the finished adapter instead of the training snapshot that "
+                                          "looks most like the person (saves the selecting stage).")] = False,
     strength: Annotated[float | None, typer.Option(help="Template mode: denoising strength (default 0.45).")] = None,
     second_pass: Annotated[bool, typer.Option("--second-pass", help="Template mode: redraw the face alone at "
                                                                     "higher resolution.")] = False,
@@ -612,7 +615,8 @@ def run(
     asked = preset or settings.model_preset
     preset = _checked_preset(asked, settings)  # before any photo is read or model loaded
     console.print(_preset_banner(asked, preset), highlight=False)
-    config = LocalRunConfig(train=TrainRequest(steps=train_steps), preset=preset, device=device)
+    train = TrainRequest(steps=train_steps, select_checkpoint=False if no_checkpoint_selection else None)
+    config = LocalRunConfig(train=train, preset=preset, device=device)
     if style is not None:
         config = dataclasses.replace(config, generate=GenerateRequest(style=style, n=n, k=k, seed=seed))
     else:

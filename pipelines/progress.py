@@ -27,6 +27,7 @@ class Stage(StrEnum):
     CACHING = "caching"
     TRAINING_STAGE1 = "training:stage1"
     TRAINING_STAGE2 = "training:stage2"
+    SELECTING = "selecting"  # each training snapshot renders the validation set; the likest one is kept
     MASKING = "masking"  # template mode: find the template's face, mask face and hair, crop around it
     GENERATING = "generating"
     REFINING = "refining"  # the face-refinement pass (when the job asks for it)

@@ -25,7 +25,8 @@ from core.config import Settings
 from core.db.models import Job, JobStage, utcnow
 from core.db.session import database_unavailable
 from core.db.uow import UnitOfWork
-from core.webhooks import notify_job
+from core.signing import signed_preview_url, signing_secret
+from core.webhooks import notify_job, queue_preview_event
 from likeness.contract.plan import TERMINAL_STATES, JobState, transition
 from likeness.contract.results import HandedBack
 from worker.fair_share import fairest_waiting
@@ -247,6 +248,22 @@ def record_result(settings: Settings, job_id: str, values: dict[str, Any]) -> bo
             return False
         job.result = {**(job.result or {}), **values}
         job.heartbeat_at = utcnow()
+        return True
+
+
+def record_preview(settings: Settings, job_id: str, step: int) -> bool:
+    """A training preview of an owned running job: listed in its ``result.previews`` (the API signs a URL
+    for each) and announced by a ``job.preview`` webhook; False when this process no longer owns the job."""
+    with UnitOfWork(settings) as uow:
+        job = _locked(uow, job_id)
+        if job is None or job.worker != worker_id() or job.state != JobState.RUNNING:
+            return False
+        previews = [p for p in (job.result or {}).get("previews", []) if p.get("step") != step]
+        job.result = {**(job.result or {}), "previews": [*previews, {"step": int(step)}]}
+        job.heartbeat_at = utcnow()
+        url, _ = signed_preview_url(signing_secret(settings), job.client_id, job.subject_id, job.id, step,
+                                    settings.signed_url_ttl_s)
+        uow.notify(queue_preview_event(uow.session, job, {"step": int(step), "url": url}))
         return True
 
 

@@ -199,6 +199,12 @@ class FolderEdge:
     def training_resumed(self, job: JobSnapshot, resumed: Resumed) -> None:
         """Never (no checkpoints)."""
 
+    def training_preview(self, job: JobSnapshot, step: int, image) -> None:  # noqa: ANN001 - PIL image
+        """``previews/step-NNNNNN.png`` in the output folder."""
+        folder = self.out_dir / "previews"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"step-{step:06d}.png")
+
     def keep_adapter(self, job: JobSnapshot, adapter_dir: Path, manifest: dict[str, Any], workdir: Path) -> AdapterRef:
         self._adapter_dir = adapter_dir
         return AdapterRef(id=LOCAL_ADAPTER_ID, version=LOCAL_ADAPTER_VERSION)

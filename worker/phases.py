@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +38,15 @@ from likeness.contract.requests import (
 from likeness.contract.results import (
     AdapterRef,
     CandidateScore,
+    CheckpointCandidate,
+    CheckpointSelection,
     GenerateResult,
     IntakeSummary,
     JobResult,
     Resumed,
     TemplatePlacement,
     TemplateResult,
+    TrainingPreview,
     TrainingSummary,
     TrainResult,
     read_result,
@@ -55,6 +59,8 @@ from pipelines.intake.decode import decode_photo
 from pipelines.models.presets import get_preset
 from pipelines.models.weights import require_weights
 from pipelines.progress import CancelFn, ProgressEvent, ProgressFn, StageProgress, raise_if_canceled
+from pipelines.training.config import total_steps
+from pipelines.training.selection import select_snapshot, snapshot_steps, validate_snapshots, validation_set
 from worker.jobs import JobSnapshot
 from worker.models import ModelManager
 
@@ -104,6 +110,9 @@ class JobEdge(Protocol):
 
     def training_resumed(self, job: JobSnapshot, resumed: Resumed) -> None:
         """The training resumed from a checkpoint: tell the client while the job runs."""
+
+    def training_preview(self, job: JobSnapshot, step: int, image: Image) -> None:
+        """A validation image of the snapshot after ``step``, made while the job runs: show it now."""
 
     def keep_adapter(self, job: JobSnapshot, adapter_dir: Path, manifest: dict[str, Any], workdir: Path) -> AdapterRef:
         """The trained adapter; returns its id and version."""
@@ -231,6 +240,7 @@ def run_training(ctx: PhaseContext) -> TrainResult:
     # machine runs the next attempt resumes from the newest one (see worker.checkpoints).
     checkpoint_dir = ctx.edge.checkpoint_dir(job, ctx.workdir)
     curve: list[list[float]] = []
+    snapshots = snapshot_steps(total_steps(request.training, len(dataset.items))) if request.select_checkpoint else []
 
     def on_progress(event: ProgressEvent) -> None:  # (step, loss) of each report: the dashboard's loss curve
         if "loss" in event.metrics and "step" in event.metrics:
@@ -247,16 +257,49 @@ def run_training(ctx: PhaseContext) -> TrainResult:
                             ctx.workdir / "training", base=base, device=ctx.device, on_progress=on_progress,
                             should_stop=ctx.should_stop, checkpoint_dir=checkpoint_dir,
                             on_checkpoint=(lambda folder: ctx.edge.mirror_checkpoint(job, folder))
-                            if checkpoint_dir is not None else None)
+                            if checkpoint_dir is not None else None, snapshot_steps=snapshots)
+            selection = select_checkpoint(ctx, base, preset, dataset, trained) if request.select_checkpoint else None
     except BaseNotRestored:
         ctx.manager.evict(spec)  # never lend a base training could not put back
         raise
     adapter_dir = Path(trained.adapter_dir)
+    if selection is not None:
+        adapter_dir = {**trained.snapshots, trained.steps: adapter_dir}[selection.selected_step]
     manifest = json.loads((adapter_dir / "manifest.json").read_text())
     adapter = ctx.edge.keep_adapter(job, adapter_dir, manifest, ctx.workdir)
-    return TrainResult(adapter=adapter, training=TrainingSummary(
+    previews = [TrainingPreview(step=c.step) for c in selection.candidates] if selection is not None else None
+    return TrainResult(adapter=adapter, checkpoint_selection=selection, previews=previews, training=TrainingSummary(
         **{**jsonable(trained.metrics or {}), "steps": trained.steps,
            "loss_curve": curve[:: max(1, len(curve) // MAX_CURVE_POINTS)]}))
+
+
+def select_checkpoint(ctx: PhaseContext, base: Any, preset: Any, dataset: Dataset,  # noqa: ANN401
+                      trained: Any) -> CheckpointSelection:  # noqa: ANN401 - pipelines.training.TrainResult
+    """The ``selecting`` stage: every snapshot (and the finished adapter) renders the validation set on
+    the base training just gave back, each as soon as it is made shown as a preview; the rule of
+    :func:`pipelines.training.selection.select_snapshot` picks the one the subject keeps."""
+    from pipelines.eval.metrics import IdentityScorer
+    from pipelines.ranking import ranking_models
+    started = time.perf_counter()
+    snapshots = sorted({**trained.snapshots, trained.steps: Path(trained.adapter_dir)}.items())
+    tokens = dataset.token_spec()
+    progress = StageProgress(ctx.on_progress, Stage.SELECTING, total=len(snapshots), min_interval_s=0.0)
+    progress.start()
+
+    def shown(validation: Any) -> None:  # noqa: ANN401 - pipelines.training.selection.Validation
+        ctx.edge.training_preview(ctx.job, validation.step, validation.plain[0])
+        progress.advance(step=float(validation.step))
+
+    with ctx.manager.borrow(ranking_models(preset, ctx.device)) as ranking:
+        identity = IdentityScorer([item.crop for item in dataset.items], embedder=ranking.face_embedder,
+                                  face_detector=ranking.face_detector)
+        scores = validate_snapshots(base, snapshots, tokens.instance_token, tokens.class_token, identity, ranking.clip,
+                                    preset.resolution, validation_set(preset.name), on_validated=shown,
+                                    should_stop=ctx.should_stop)
+    selected = select_snapshot(scores)
+    trained.metrics["selection_s"] = time.perf_counter() - started
+    return CheckpointSelection(selected_step=selected, candidates=[
+        CheckpointCandidate(step=s.step, identity=s.identity, text_alignment=s.text_alignment) for s in scores])
 
 
 # ---- generate --------------------------------------------------------------------------------------------

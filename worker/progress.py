@@ -139,7 +139,7 @@ class JobProgress:
             current = prior if current is None else fraction * current + (1.0 - fraction) * prior
         if current is None:
             return None
-        pace = job or (self._stage_pace.seconds_per_point if self._stage_pace else None)
+        pace = job or (self._stage_pace.seconds_per_point if self._stage_pace else None) or self._history_pace()
         rest = 0.0
         for following in later:  # by their history, else at the job's pace by their shares
             if following in self._expected:
@@ -151,6 +151,12 @@ class JobProgress:
             else:
                 return None
         return current + rest
+
+    def _history_pace(self) -> float | None:
+        """Seconds per progress point of the stages with history (for a stage without any, such as one
+        that earlier jobs skipped, before this job has a pace of its own)."""
+        shares = sum(self._share[stage] for stage in self._expected if stage in self._share)
+        return sum(s for stage, s in self._expected.items() if stage in self._share) / shares if shares else None
 
     def _measured_rest(self, stage: str, fraction: float, job: float | None) -> float | None:
         """The running stage's rest at its own pace (the job's until it has run a while)."""

@@ -34,6 +34,7 @@ from core.storage import (
     image_key,
     photo_crop_key,
     photo_mask_key,
+    preview_key,
     upload_folder,
     upscaled_image_key,
 )
@@ -44,7 +45,7 @@ from pipelines.intake.dataset import Dataset, PhotoInput
 from pipelines.templates.catalog import open_template
 from worker.adapter_cache import local_adapter_path
 from worker.checkpoints import mirror_checkpoint, restore_checkpoint
-from worker.jobs import JobSnapshot, record_result, through_db_outage
+from worker.jobs import JobSnapshot, record_preview, record_result, through_db_outage
 from worker.phases import box, decode_template, jsonable
 
 
@@ -119,6 +120,11 @@ class ServiceEdge:
 
     def training_resumed(self, job: JobSnapshot, resumed: Resumed) -> None:
         record_result(self.settings, job.id, {"resumed": resumed.model_dump(mode="json")})
+
+    def training_preview(self, job: JobSnapshot, step: int, image) -> None:  # noqa: ANN001 - PIL image
+        """The image under the job's previews (deleted with the subject), then listed on the job and announced."""
+        self.store.put(preview_key(job.subject_id, job.id, step), png(image), "image/png")
+        record_preview(self.settings, job.id, step)
 
     def keep_adapter(self, job: JobSnapshot, adapter_dir: Path, manifest: dict[str, Any], workdir: Path) -> AdapterRef:
         """The ``adapters`` row (a rerun reuses its version and blob prefix), the blobs and the kohya export."""

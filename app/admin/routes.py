@@ -25,7 +25,7 @@ from app.errors import InvalidRequest, NotFound
 from app.ratelimit import client_address
 from app.services import clients, images, jobs, overview, photos, subjects, thumbnails, webhooks
 from core.db.models import Job, Role
-from core.storage import BlobNotFound
+from core.storage import BlobNotFound, preview_key
 from likeness.contract.plan import ACTIVE_STATES, JobKind, JobState, plan_for
 
 router = APIRouter(prefix="/admin", route_class=AdminRoute, include_in_schema=False)
@@ -198,7 +198,10 @@ def job_row(request: Request, job_id: str, admin: AdminSessionDep, uow: UoW):
 
 
 def _job_context(uow: UoW, job: Job) -> dict:
-    return {"job": job, "stage_runs": jobs.list_stage_runs(uow.session, job.id),
+    result = job.result or {}
+    previews = [int(p["step"]) for p in result.get("previews") or []] if job.kind == JobKind.TRAIN else []
+    return {"job": job, "stage_runs": jobs.list_stage_runs(uow.session, job.id), "previews": previews,
+            "selected_step": (result.get("checkpoint_selection") or {}).get("selected_step"),
             "plan_stages": [s.value for s in plan_for(job.kind).stages], "active": job.state in ACTIVE_STATES}
 
 
@@ -316,6 +319,15 @@ def photo_file(photo_id: str, variant: Literal["original", "crop", "mask"], admi
     photo = photos.get_photo(uow.session, None, photo_id)
     key = {"original": photo.original_key, "crop": photo.crop_key, "mask": photo.mask_key}[variant]
     return _stream(store, key, f"photo {variant}")
+
+
+@router.get("/media/previews/{job_id}/{step}")
+def preview_file(job_id: str, step: int, admin: AdminSessionDep, uow: UoW, store: StoreDep):
+    """A training preview the job lists (the job page shows them while it runs)."""
+    job = jobs.get_job(uow.session, None, job_id)
+    if step not in {p.get("step") for p in (job.result or {}).get("previews") or []}:
+        raise NotFound("This preview does not exist.", code="blob_not_found")
+    return _stream(store, preview_key(job.subject_id, job.id, step), "preview")
 
 
 def _thumbnail(store, key: str | None, what: str) -> Response:  # noqa: ANN001

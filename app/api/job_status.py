@@ -44,6 +44,7 @@ from app.errors import NotFound
 from core.config import Settings
 from core.db.models import Job
 from core.db.uow import UnitOfWork
+from core.signing import signed_preview_url, signing_secret
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _PROBE = "probe:"  # payloads the listeners send themselves; job ids are hex
 #: the longest wait between reconnect attempts (a database back from an outage is heard within it)
 RECONNECT_MAX_S = 5.0
 
-_COLUMNS = [getattr(Job, name) for name in JobPublic.model_fields] + [Job.client_id]
+_COLUMNS = [getattr(Job, name) for name in JobPublic.model_fields if name != "previews"] + [Job.client_id]
 
 
 class Entry(NamedTuple):
@@ -63,9 +64,12 @@ class Entry(NamedTuple):
     expires: float
 
 
-def public_body(job) -> bytes:  # noqa: ANN001 - a Job row or anything with JobPublic's attributes
-    """The response body of ``GET /v1/jobs/{id}``: what ``JSONResponse`` renders for ``response_model=JobPublic``."""
+def public_body(job, previews: list[dict] | None = None) -> bytes:  # noqa: ANN001 - a Job row or alike
+    """The response body of ``GET /v1/jobs/{id}``: what ``JSONResponse`` renders for ``response_model=JobPublic``
+    (``previews``: the job's signed preview links)."""
     content = JobPublic.model_validate(job).model_dump(mode="json")
+    if previews:
+        content["previews"] = previews
     return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
 
 
@@ -84,7 +88,19 @@ def read_job(settings: Settings, job_id: str) -> tuple[str, bytes] | None:
     """``(client id, public body)`` of the job, or None when there is no such job (runs in a thread)."""
     with UnitOfWork(settings) as uow:
         row = uow.session.execute(select(*_COLUMNS).where(Job.id == job_id)).one_or_none()
-    return None if row is None else (row.client_id, public_body(row))
+    return None if row is None else (row.client_id, public_body(row, preview_links(settings, row)))
+
+
+def preview_links(settings: Settings, job) -> list[dict]:  # noqa: ANN001 - a Job row
+    """``[{step, url}]`` of the previews a train job has shown so far, each URL signed for the job's owner.
+    (A cached body is at most ``JobStatusCache.ttl_s`` old, far less than the URLs' lifetime.)"""
+    previews = (job.result or {}).get("previews") or []
+    if not previews:
+        return []
+    secret = signing_secret(settings)
+    return [{"step": int(p["step"]), "url": signed_preview_url(secret, job.client_id, job.subject_id, job.id,
+                                                               int(p["step"]), settings.signed_url_ttl_s)[0]}
+            for p in previews]
 
 
 class JobStatusCache:

@@ -150,6 +150,11 @@ class PhotoPublic(ORMModel):
 
 # ---- jobs --------------------------------------------------------------------------------------------------
 
+class PreviewLink(BaseModel):
+    step: int = Field(description="The training snapshot the image shows (after this many steps).")
+    url: str = Field(description="Signed, short-lived URL of the PNG (no API key needed; expires).")
+
+
 class JobPublic(ORMModel):
     id: str
     subject_id: str
@@ -168,6 +173,9 @@ class JobPublic(ORMModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    previews: list[PreviewLink] = Field(
+        [], description="A train job's validation images, as they are made (before the job ends): one per kept "
+                        "training snapshot. Filled on GET /v1/jobs/{id} only (the owner's signed URLs).")
 
     model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
         "id": "5d2f...", "subject_id": "3f0c...", "kind": "train", "state": "running", "stage": "training:stage1",

@@ -11,6 +11,7 @@ from app.errors import NotFound
 from app.services.clients import Caller
 from app.services.subjects import get_subject
 from core.db.models import Client, Image, Job, Subject
+from core.storage import preview_key
 
 #: ``best``: every job's rank 1 first (newest job first among equal ranks), then every rank 2, ... so the
 #: first image is the best of the newest generation; ``by_job``: newest job first, each job's images best
@@ -53,6 +54,18 @@ def get_signed_image(session: Session, client_id: str, subject_id: str, image_id
     if image is None:
         raise NotFound("The image of this link is gone.", code="blob_not_found")
     return image
+
+
+def signed_preview_key(session: Session, client_id: str, subject_id: str, job_id: str, step: int) -> str:
+    """The blob of the training preview a signed URL names, only while the job (of that subject of that
+    unrevoked client) lists it."""
+    job = session.scalar(
+        select(Job).join(Client, Client.id == Job.client_id)
+        .where(Job.id == job_id, Job.subject_id == subject_id, Job.client_id == client_id, Client.revoked_at.is_(None))
+    )
+    if job is None or not any(p.get("step") == step for p in (job.result or {}).get("previews") or []):
+        raise NotFound("The preview of this link is gone.", code="blob_not_found")
+    return preview_key(subject_id, job_id, step)
 
 
 def image_blob_key(image: Image, variant: Literal["original", "upscaled"]) -> str:

@@ -37,6 +37,7 @@ class PendingJob:
     style: str | None = None
     percent: int = 0  # highest percent shown (never goes down, even across restarts)
     intake_reported: bool = False
+    preview_sent: bool = False  # one training preview ("how you look after N steps") per train job
     created_at: float = field(default_factory=time.time)
 
     def to_json(self) -> str:

@@ -90,6 +90,7 @@ STAGES: dict[Stage, str] = {
     Stage.CACHING: N_("preparing"),
     Stage.TRAINING_STAGE1: N_("learning your face (part 1 of 2)"),
     Stage.TRAINING_STAGE2: N_("learning your face (part 2 of 2)"),
+    Stage.SELECTING: N_("choosing the version that looks most like you"),
     Stage.GENERATING: N_("painting portraits"),
     Stage.REFINING: N_("refining faces"),
     Stage.RANKING: N_("picking the best ones"),

@@ -126,6 +126,8 @@ class Tracker:
             if pending.kind == JobKind.TRAIN and not pending.intake_reported and (job.done or job.stage not in (
                     None, Stage.INTAKE)):
                 await self._report_intake(pending, job)
+            if pending.kind == JobKind.TRAIN and not pending.preview_sent and job.previews:
+                await self._send_preview(pending, job)
             percent = 100 if job.succeeded else max(pending.percent, int(job.progress))
             text = status_text(pending, job, percent, style)
             throttled = time.monotonic() - last_edit < self.settings.bot_status_interval_s
@@ -176,6 +178,20 @@ class Tracker:
                         reason=texts.reason_text(photo.reason_code, photo.message)))
             await self.bot.send_message(pending.chat_id, "\n".join(lines))
         pending.intake_reported = True
+        await self.store.save_pending(pending)
+
+    async def _send_preview(self, pending: PendingJob, job: Job) -> None:
+        """The first training preview, once, while the model is being chosen."""
+        preview = job.previews[0]
+        try:
+            data = await self.service.api.download_preview(preview)
+        except LikenessError as exc:  # expired or gone: the next poll's list signs it again
+            log.info("preview of job %s not sent yet: %s", job.id, exc)
+            return
+        await self.bot.send_photo(pending.chat_id, BufferedInputFile(data, f"preview-{preview.step}.png"),
+                                  caption=_("How you look after {steps} steps of training").format(
+                                      steps=preview.step))
+        pending.preview_sent = True
         await self.store.save_pending(pending)
 
     async def _offer_styles(self, pending: PendingJob) -> None:

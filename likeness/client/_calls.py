@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -73,6 +73,8 @@ ENDPOINTS: dict[str, Endpoint] = {
                             query=("job_id", "limit", "offset"), safe_to_retry=True),
     "download_image": Endpoint("GET", "/v1/images/{image_id}/download", None, query=("variant",),
                                safe_to_retry=True),
+    "download_preview": Endpoint("GET", "/v1/previews/signed", None,
+                                 query=("client", "subject", "job", "step", "exp", "sig"), safe_to_retry=True),
     "image_url": Endpoint("POST", "/v1/images/{image_id}/url", SignedUrl, body=SignedUrlRequest, safe_to_retry=True),
     "download_adapter": Endpoint("GET", "/v1/subjects/{subject_id}/adapter", None, query=("format", "version"),
                                  safe_to_retry=True),
@@ -189,6 +191,11 @@ def generate(subject_id: str, request: GenerateRequest) -> Call:
 
 def upload_photos(subject_id: str, files: Iterable[FileLike]) -> Call:
     return Call("upload_photos", {"subject_id": subject_id}, files=read_files(files))
+
+
+def download_preview(url: str) -> Call:
+    """A preview's signed URL (``Job.previews``) as a call: its query is the signature."""
+    return Call("download_preview", params=dict(parse_qsl(urlsplit(url).query)))
 
 
 def image_url(image_id: str, variant: str) -> Call:

@@ -13,7 +13,7 @@ from likeness.client import _calls as calls
 from likeness.client._calls import Call, FileLike
 from likeness.client._policy import Backoff, Retry
 from likeness.client.errors import WAIT_TIMEOUT, LikenessError, from_transport
-from likeness.client.models import Image, Job, Page, Photo, SignedUrl, Style, Subject, UploadResult, Webhook
+from likeness.client.models import Image, Job, Page, Photo, Preview, SignedUrl, Style, Subject, UploadResult, Webhook
 from likeness.client.sync import (
     DEFAULT_TIMEOUT,
     Variant,
@@ -166,6 +166,9 @@ class AsyncClient:
 
     async def download_image(self, image_id: str, variant: Variant = "original") -> bytes:
         return await self._call(Call("download_image", {"image_id": image_id}, params={"variant": variant}))
+
+    async def download_preview(self, preview: Preview) -> bytes:
+        return await self._call(calls.download_preview(preview.url))
 
     async def image_url(self, image_id: str, variant: Variant = "original") -> SignedUrl:
         signed = await self._call(calls.image_url(image_id, variant))

@@ -74,6 +74,13 @@ class Photo(_Answer):
     created_at: datetime
 
 
+class Preview(_Answer):
+    """A validation image a train job showed while it ran: the snapshot after ``step`` steps."""
+
+    step: int
+    url: str  # signed, relative to the API's base URL, short-lived (download with download_preview)
+
+
 class Job(_Answer):
     id: str
     subject_id: str
@@ -92,6 +99,7 @@ class Job(_Answer):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime
+    previews: list[Preview] = Field(default_factory=list)  # a train job's, as they are made
 
     @property
     def done(self) -> bool:

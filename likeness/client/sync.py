@@ -15,7 +15,7 @@ from likeness.client import _calls as calls
 from likeness.client._calls import Call, FileLike
 from likeness.client._policy import Backoff, Retry
 from likeness.client.errors import WAIT_TIMEOUT, LikenessError, from_transport
-from likeness.client.models import Image, Job, Page, Photo, SignedUrl, Style, Subject, UploadResult, Webhook
+from likeness.client.models import Image, Job, Page, Photo, Preview, SignedUrl, Style, Subject, UploadResult, Webhook
 from likeness.contract.plan import JobKind, JobState
 from likeness.contract.requests import GenerateRequest, TrainRequest
 
@@ -201,6 +201,10 @@ class Client:
         """The image's PNG bytes (``upscaled``: the x2/x4 file)."""
         return self._call(Call("download_image", {"image_id": image_id}, params={"variant": variant}))
 
+    def download_preview(self, preview: Preview) -> bytes:
+        """A training preview's PNG bytes (``job.previews``; its URL expires a few minutes after the poll)."""
+        return self._call(calls.download_preview(preview.url))
+
     def image_url(self, image_id: str, variant: Variant = "original") -> SignedUrl:
         """A short-lived absolute URL that needs no API key (hand it to a browser or a chat)."""
         signed = self._call(calls.image_url(image_id, variant))
@@ -250,7 +254,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def _progress_key(job: Job) -> tuple:
-    return job.state, job.stage, round(job.progress, 1), job.eta_s is None
+    return job.state, job.stage, round(job.progress, 1), job.eta_s is None, len(job.previews)
 
 
 def _destination(dest: str | Path, filename: str) -> Path:

@@ -164,7 +164,8 @@ PLANS: dict[JobKind, JobPlan] = {
         Phase("training", Queue.GPU, (
             StageShare(Stage.CACHING, 5),
             StageShare(Stage.TRAINING_STAGE1, 30),
-            StageShare(Stage.TRAINING_STAGE2, 55),
+            StageShare(Stage.TRAINING_STAGE2, 47),
+            StageShare(Stage.SELECTING, 8),  # checkpoint selection (skipped when turned off)
         )),
     )),
     JobKind.GENERATE: JobPlan(JobKind.GENERATE, (

@@ -90,6 +90,11 @@ class TrainRequest(_Body):
     attention_loss: bool = Field(False, description="Masked cross-attention penalty: converges about twice as fast "
                                                     "but the model loses expressiveness (off by default).")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    select_checkpoint: bool | None = Field(
+        None, description="Keep the training snapshot that looks most like the person (snapshots at 40/60/80/100 % "
+                          "of the steps, each scored on a small validation set; the result's checkpoint_selection "
+                          "says which). Default: on for LoRA (snapshots are a few MB), off for full mode (each "
+                          "snapshot is a copy of the U-Net and text encoders, ~4 GB on SD 1.5).")
     preset: Literal[PRESET_NAMES] | None = Field(  # type: ignore[valid-type]
         None, description="The model preset to train on (sd15: Stable Diffusion 1.5 at 512 px; sdxl: SDXL at "
                           "1024 px; tiny, tiny-sdxl: random weights for demos). Default: the deployment's. The "
@@ -107,6 +112,7 @@ class ResolvedTrain(BaseModel):
     preset: str
     class_token: str | None = None  # None: CLIP chooses at intake
     training: TrainConfig
+    select_checkpoint: bool = False  # keep the snapshot that looks most like the person (pipelines.training.selection)
 
 
 FACE_REFINE_HELP = ("Redraw each candidate's face at the model's native resolution before ranking: on, off, or "
@@ -154,8 +160,9 @@ def resolve_train(body: TrainRequest, *, preset: str, class_token_override: str 
         # SD 1.5 (weights + Adam state): none by default; a lost worker restarts the training.
         values["optimizer_in_backward"] = True
         values["checkpoint_every"] = 0
+    select = body.select_checkpoint if body.select_checkpoint is not None else body.mode == "lora"
     return ResolvedTrain(preset=preset, class_token=body.class_token or class_token_override,
-                         training=TrainConfig(**values))
+                         training=TrainConfig(**values), select_checkpoint=select)
 
 
 # ---- generate -----------------------------------------------------------------------------------------------

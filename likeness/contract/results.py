@@ -61,6 +61,27 @@ class Resumed(_Part):
     message: str = ""
 
 
+class CheckpointCandidate(_Part):
+    """One training snapshot's validation scores (None: not measurable, e.g. no face in the images)."""
+
+    step: int
+    identity: float | None = None  # stored results leave a None out
+    text_alignment: float | None = None
+
+
+class CheckpointSelection(_Part):
+    """Which training snapshot the subject's adapter is (``pipelines.training.selection``'s rule)."""
+
+    selected_step: int
+    candidates: list[CheckpointCandidate]
+
+
+class TrainingPreview(_Part):
+    """A validation image rendered while the job runs (``GET /v1/jobs/{id}`` signs a URL for it)."""
+
+    step: int
+
+
 class HandedBack(_Part):
     """The job went back to the queue when its worker shut down (SIGTERM: a spot reclaim, a pod eviction)."""
 
@@ -86,6 +107,8 @@ class TrainResult(_Result):
     training: TrainingSummary | None = None
     adapter: AdapterRef | None = None
     resumed: Resumed | None = None
+    checkpoint_selection: CheckpointSelection | None = None
+    previews: list[TrainingPreview] | None = None  # in the order they were made
     dataset_purged_at: str | None = None  # retention deleted the training's dataset (ISO time)
 
 

@@ -78,6 +78,7 @@ class TrainResult:
     manifest: AdapterManifest
     metrics: dict[str, Any]
     steps: int
+    snapshots: dict[int, Path] = field(default_factory=dict)  # step -> adapter folder, before the finished one
 
 
 @dataclass
@@ -260,6 +261,7 @@ class Trainer:
         on_checkpoint: CheckpointFn | None = None,
         callbacks: Sequence[TrainCallback] = (),
         class_images_dir: str | Path | None = None,
+        snapshot_steps: Sequence[int] = (),
     ):
         check_inputs(examples, tokens, config, preset)
         self.examples, self.tokens, self.config, self.preset = list(examples), tokens, config, preset
@@ -278,6 +280,9 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.output_dir / "checkpoints"
         self.on_progress, self.should_stop, self.on_checkpoint = on_progress, should_stop, on_checkpoint
         self.callbacks = list(callbacks)
+        # Adapter snapshots before the end (checkpoint selection); the finished adapter is the last one.
+        self.snapshot_steps = sorted({int(s) for s in snapshot_steps if 0 < int(s) < self.total})
+        self.snapshots: dict[int, Path] = {}
         self.class_images_dir = class_images_dir
         # A checkpoint resumes only the same config and data on the same kind of device and precision.
         self.fingerprint = "-".join([config.fingerprint(), data_fingerprint(examples, tokens, preset),
@@ -312,6 +317,7 @@ class Trainer:
 
         self._started = started = time.perf_counter()
         raise_if_canceled(self.should_stop)
+        shutil.rmtree(self.output_dir / "snapshots", ignore_errors=True)  # an earlier run's are not this run's
         snapshot = None
         result = None
         try:
@@ -605,6 +611,8 @@ class Trainer:
                     unreported = 0
                 if self.config.checkpoint_every and step % self.config.checkpoint_every == 0 and step < self.total:
                     self.save_checkpoint(step)
+                if step in self.snapshot_steps:
+                    self.save_snapshot(step)
                 if self.callbacks and step < self.total:
                     self.run_callbacks(step, plan.name)
         if self.device.type == "cuda":
@@ -727,20 +735,43 @@ class Trainer:
             self.save_checkpoint(step)
         return step
 
+    # ------------------------------------------------------------------ snapshots
+
+    def save_snapshot(self, step: int) -> Path:
+        """The adapter as it is after ``step``, in ``output_dir/snapshots/step-NNNNNN`` (the same format
+        as the finished one; a LoRA snapshot is a few MB, a full-mode one a copy of every trained component)."""
+        started = time.perf_counter()
+        folder = self.output_dir / "snapshots" / f"step-{step:06d}"
+        self.write_adapter(folder, step)
+        self.snapshots[step] = folder
+        self.metrics["snapshot_s"] = self.metrics.get("snapshot_s", 0.0) + time.perf_counter() - started
+        return folder
+
     # ------------------------------------------------------------------ 7. save
 
     def save(self) -> TrainResult:
         """Write the adapter folder (replacing an older one) and remove the run's checkpoints."""
-        from peft.utils import get_peft_model_state_dict
-
         from pipelines.adapters import load_manifest
 
         started = time.perf_counter()
-        config, pipe = self.config, self.pipe
         self.metrics.update(final_loss=self.losses[-1] if self.losses else None,
                             stages={p.name: p.steps for p in self.plans}, mixed_precision=self.precision,
                             wall_s=time.perf_counter() - self._started)
         adapter_dir = self.output_dir / "adapter"
+        self.write_adapter(adapter_dir, self.total)
+        manifest = load_manifest(adapter_dir)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)  # the run is complete; nothing left to resume
+        self.metrics["save_s"] = time.perf_counter() - started
+        metrics = dict(self.metrics)
+        if self.eval_history:
+            metrics["eval"] = self.eval_history
+        return TrainResult(adapter_dir, manifest, metrics, self.total, dict(self.snapshots))
+
+    def write_adapter(self, adapter_dir: Path, steps: int) -> None:
+        """The adapter of the current weights in ``adapter_dir`` (replacing an older one there)."""
+        from peft.utils import get_peft_model_state_dict
+
+        config, pipe = self.config, self.pipe
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)  # a rerun replaces, never mixes
         new_tokens = list(self.tokens.new_tokens)
@@ -749,7 +780,7 @@ class Trainer:
             family=self.family.name, preset=self.preset.name,
             instance_token=self.tokens.instance_token, class_token=self.tokens.class_token, tokens=tuple(new_tokens),
             lora=self.lora_spec if config.mode == "lora" else None, training_config=config.to_dict(),
-            steps=self.total, metrics=dict(self.metrics),
+            steps=steps, metrics=dict(self.metrics),
         )
         token_rows = {token: {e.slot.encoder: e.embedding.rows[i].detach().float().cpu() for e in self.encoders}
                       for i, token in enumerate(new_tokens)}
@@ -771,13 +802,6 @@ class Trainer:
             finally:
                 for e in self.encoders:
                     e.encoder.set_input_embeddings(e.embedding)
-        manifest = load_manifest(adapter_dir)
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)  # the run is complete; nothing left to resume
-        self.metrics["save_s"] = time.perf_counter() - started
-        metrics = dict(self.metrics)
-        if self.eval_history:
-            metrics["eval"] = self.eval_history
-        return TrainResult(adapter_dir, manifest, metrics, self.total)
 
     # ------------------------------------------------------------------ after the run
 
@@ -818,6 +842,7 @@ def train(
     on_checkpoint: CheckpointFn | None = None,
     callbacks: Sequence[TrainCallback] = (),
     class_images_dir: str | Path | None = None,
+    snapshot_steps: Sequence[int] = (),
 ) -> TrainResult:
     """Fine-tune ``preset.base_model`` on ``examples``; the adapter lands in ``output_dir/adapter``.
 
@@ -828,10 +853,13 @@ def train(
     Checkpoints go to ``checkpoint_dir`` (default ``output_dir/checkpoints``) every
     ``config.checkpoint_every`` steps, each handed to ``on_checkpoint(folder)`` once written; a run
     continues from the newest compatible checkpoint found there when it starts.
+    ``snapshot_steps``: steps after which the adapter so far is also kept, in
+    ``output_dir/snapshots/step-NNNNNN`` (``TrainResult.snapshots``; a resumed run has those taken
+    after it resumed); see :mod:`pipelines.training.selection`.
     """
     trainer = Trainer(examples, tokens, config, preset, output_dir, device=device, checkpoint_dir=checkpoint_dir,
                       on_progress=on_progress, should_stop=should_stop, on_checkpoint=on_checkpoint,
-                      callbacks=callbacks, class_images_dir=class_images_dir)
+                      callbacks=callbacks, class_images_dir=class_images_dir, snapshot_steps=snapshot_steps)
     return trainer.run(base)
 
 

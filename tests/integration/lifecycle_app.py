@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from core.storage import dataset_prefix
 from likeness.contract.plan import JobKind, Stage
 from likeness.contract.results import IntakeSummary, TrainingSummary, TrainResult
@@ -53,6 +55,14 @@ def scripted_training(ctx: PhaseContext) -> TrainResult:
     ctx.edge.store.get(dataset_prefix(ctx.job.subject_id, ctx.job.id) + "dataset.json")  # intake's output
     for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
         _steps(ctx, stage)
+    # selecting: a preview per snapshot, as the real stage shows them (each a few steps' time apart)
+    progress = StageProgress(ctx.on_progress, Stage.SELECTING, total=2, min_interval_s=0.0)
+    progress.start()
+    for step in (STEPS, 2 * STEPS):
+        raise_if_canceled(ctx.should_stop)
+        ctx.edge.training_preview(ctx.job, step, Image.effect_noise((64, 64), 40 + step).convert("RGB"))
+        time.sleep(5 * STEP_S)
+        progress.advance()
     return TrainResult(training=TrainingSummary(steps=2 * STEPS))
 
 

@@ -329,6 +329,25 @@ def test_training_progress_moves_without_a_reload_and_cancel_ends_it(admin_page,
     screens(page, "job-canceled")
 
 
+def test_training_previews_appear_on_the_job_page_while_it_runs(admin_page, app_client, screens):
+    page = admin_page
+    _, client = app_client
+    subject_id = new_subject(client, "Grace", [_jpeg(Image.effect_noise((320, 320), 60).convert("RGB"))])
+    job_id = client.post(f"/v1/subjects/{subject_id}/train", json={}).json()["id"]
+    page.goto(f"/admin/jobs/{job_id}")
+    assert page.locator("#job-previews").count() == 0  # nothing made yet
+    page.evaluate("window.__same_document = true")  # gone if the page reloads (it does once the job ends)
+    first = page.locator("#job-previews figure").first
+    first.wait_for(timeout=60_000)
+    assert page.evaluate("window.__same_document") is True  # arrived with the live part, no reload
+    assert "selecting" in page.locator("#job-live [data-field=stage]").inner_text()
+    assert first.get_attribute("data-step") == "10" and "after 10 steps" in first.inner_text()
+    assert page.evaluate("document.querySelector('#job-previews img').naturalWidth") == 64  # the image loads
+    polled = client.get(f"/v1/jobs/{job_id}").json()
+    assert polled["state"] == "running" and polled["previews"][0]["step"] == 10  # the API's clients see it too
+    screens(page, "job-previews")
+
+
 def test_a_subject_shows_its_photos_verdicts_and_its_gallery(admin_page, app_client, portrait_subject, screens):
     page = admin_page
     client_id, _ = app_client

@@ -30,7 +30,7 @@ from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, wait_
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TRAIN_STAGES = ["intake", "caching", "training:stage1", "training:stage2"]
+TRAIN_STAGES = ["intake", "caching", "training:stage1", "training:stage2", "selecting"]
 GENERATE_STAGES = ["generating", "refining", "ranking", "upscaling", "delivering"]
 
 

@@ -78,10 +78,10 @@ def test_job_runs_through_named_stages_with_monotonic_progress(lifecycle_worker,
     job = read_job(pg_url, job_id)
     assert job.state == JobState.SUCCEEDED, (job.error_code, job.error_message, lifecycle_worker.log()[-3000:])
     assert job.progress == 100.0 and job.attempts == 1 and job.finished_at is not None
-    assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2"]
+    assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2", "selecting"]
     seen = [stage for _, stage, _ in samples if stage]
     order = list(dict.fromkeys(seen))
-    assert order == ["intake", "caching", "training:stage1", "training:stage2"][-len(order):]
+    assert order == ["intake", "caching", "training:stage1", "training:stage2", "selecting"][-len(order):]
     assert len(order) >= 3  # polled fast enough to see most stages
     progresses = [p for _, _, p in samples]
     assert progresses == sorted(progresses), "progress went backwards"
@@ -180,10 +180,14 @@ def test_webhook_is_retried_after_500_and_arrives_signed(lifecycle_worker, make_
         rows = wait_for(delivered, 30, 0.2, "every webhook delivered")
     finally:
         server.shutdown()
-    assert sorted(r.event for r in rows) == ["job.running", "job.succeeded"]
+    # the scripted training shows two previews while it selects its checkpoint
+    assert sorted(r.event for r in rows) == ["job.preview", "job.preview", "job.running", "job.succeeded"]
     assert max(r.attempt for r in rows) == 2  # the first POST got a 500 and was retried
     ok = [(headers, body) for status, headers, body in _Receiver.received if status == 200]
-    assert len(ok) == 2
+    assert len(ok) == 4
+    previews = [json.loads(body)["preview"] for _, body in ok if json.loads(body)["type"] == "job.preview"]
+    assert sorted(p["step"] for p in previews) == [10, 20]
+    assert all(p["url"].startswith("/v1/previews/signed?") for p in previews)
     for headers, body in ok:
         assert verify(body, secret, headers[SIGNATURE_HEADER])
         assert not verify(body, "wrong-secret", headers[SIGNATURE_HEADER])

@@ -31,8 +31,8 @@ def test_progress_is_monotonic_across_stages_and_throttled():
     clock.t += 1
     progress(ProgressEvent("caching", 0.2))  # a stage restarting its count never moves the job back
     clock.t += 1
-    progress(ProgressEvent("training:stage2", 1.0))
-    assert [w.stage for w in writes] == ["intake", "intake", "caching", "caching", "training:stage2"]
+    progress(ProgressEvent("selecting", 1.0))
+    assert [w.stage for w in writes] == ["intake", "intake", "caching", "caching", "selecting"]
     values = [w.progress for w in writes]
     assert values == sorted(values) and values[-1] == 100.0
     assert values[2] == pytest.approx(plan_for("train").progress("caching", 0.5))  # shares come from the plan
@@ -55,6 +55,7 @@ UNEVEN_TRAIN = [
     ("caching", [0.3] * 8),
     ("training:stage1", [0.2, 0.2, 1.4] * 15),
     ("training:stage2", [0.2, 0.2, 1.4] * 35),
+    ("selecting", [2.5, 3.5, 2.5, 3.5]),  # each snapshot renders and scores the validation set
 ]
 
 
@@ -91,6 +92,9 @@ def test_eta_never_jumps_by_more_than_twice_and_converges_on_uneven_steps():
     stage1 = [(eta, left) for _, eta, left, stage, done in etas if stage == "training:stage1" and
               done >= plan_for("train").progress("training:stage1", 0.5)]
     assert stage1 and all(0.5 * left <= eta <= 2.0 * left for eta, left in stage1), stage1
+    # the selecting stage is in the estimate from the start: at the end of stage 2 the ETA is its time
+    last_of_stage2 = [(eta, left) for _, eta, left, stage, _ in etas if stage == "training:stage2"][-1]
+    assert 0.5 * last_of_stage2[1] <= last_of_stage2[0] <= 2.0 * last_of_stage2[1], last_of_stage2
 
 
 def test_a_phase_on_another_worker_continues_the_eta_it_was_handed():
@@ -122,10 +126,15 @@ TRAIN_TRACE = [
     (19.8, "training:stage2", 0.0), (21.6, "training:stage2", 0.125), (23.3, "training:stage2", 0.25),
     (25.1, "training:stage2", 0.375), (26.8, "training:stage2", 0.5), (28.6, "training:stage2", 0.625),
     (30.4, "training:stage2", 0.75), (32.1, "training:stage2", 0.875), (33.9, "training:stage2", 1.0),
+    # checkpoint selection (added to the recording): four snapshots validated, one report each
+    (33.9, "selecting", 0.0), (34.5, "selecting", 0.25), (35.1, "selecting", 0.5), (35.7, "selecting", 0.75),
+    (36.3, "selecting", 1.0),
 ]
 TRAIN_PHASES = {"intake": 0.0, "caching": 4.0}  # the first stage of each phase: when its worker took it
 # the p50 seconds of each stage over earlier jobs of the same kind, preset and size (worker.stage_history)
-TRAIN_HISTORY = {"intake": 3.0, "caching": 4.5, "training:stage1": 9.5, "training:stage2": 13.0}
+TRAIN_HISTORY = {"intake": 3.0, "caching": 4.5, "training:stage1": 9.5, "training:stage2": 13.0, "selecting": 2.4}
+#: history from before checkpoint selection existed (or from jobs that turned it off): no selecting stage in it
+TRAIN_HISTORY_WITHOUT_SELECTING = {k: v for k, v in TRAIN_HISTORY.items() if k != "selecting"}
 
 # A generation that the estimate without history started at "165 s" and that finished in 7.6 s.
 GENERATE_TRACE = [
@@ -155,6 +164,7 @@ def _replay(kind: str, trace, phases, history) -> list[tuple[float, float | None
 
 @pytest.mark.parametrize(("kind", "trace", "phases", "history"), [
     ("train", TRAIN_TRACE, TRAIN_PHASES, TRAIN_HISTORY),
+    ("train", TRAIN_TRACE, TRAIN_PHASES, TRAIN_HISTORY_WITHOUT_SELECTING),
     ("generate", GENERATE_TRACE, GENERATE_PHASES, GENERATE_HISTORY),
 ])
 def test_the_eta_of_a_recorded_job_starts_near_the_truth_and_never_jumps_more_than_twice(kind, trace, phases,

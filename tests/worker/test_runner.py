@@ -26,7 +26,7 @@ def test_runner_hands_the_gpu_phase_to_the_gpu_queue(sqlite_db, monkeypatch, que
     assert runner.run_job(job_id, consumes={settings.queue("gpu")}, settings=settings) == "succeeded"
     assert ran == ["intake", "training"] and read_job(job_id).attempts == 1
     job = read_job(job_id)
-    assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2"]
+    assert job.completed_stages == ["intake", "caching", "training:stage1", "training:stage2", "selecting"]
 
 
 def test_a_cancel_during_intake_ends_the_job_instead_of_handing_it_over(sqlite_db, monkeypatch, queue):

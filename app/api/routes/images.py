@@ -21,7 +21,7 @@ from app.api.routes._common import BINARY, errors, page
 from app.api.schemas import ImagePublic, Page, SignedUrl, SignedUrlRequest
 from app.errors import Forbidden, NotFound
 from app.services import adapters, images
-from core.signing import check_image_signature, signed_image_url, signing_secret
+from core.signing import check_image_signature, check_preview_signature, signed_image_url, signing_secret
 from core.storage import BlobNotFound, BlobStore, InvalidKey
 
 router = APIRouter(prefix=API_PREFIX, tags=["images and adapters"])
@@ -92,6 +92,26 @@ def signed_blob(request: Request, settings: SettingsDep, store: StoreDep, uow: U
                         code=problem)
     key = images.image_blob_key(images.get_signed_image(uow.session, client, subject, image), variant)
     return _stream(store, key, f"{image}{'-upscaled' if variant == 'upscaled' else ''}.png")
+
+
+@router.get("/previews/signed", response_class=StreamingResponse,
+            responses={**_IMAGE_RESPONSE, **errors(403, 404, 429, authenticated=False)},
+            summary="Fetch a training preview through a signed URL (GET /v1/jobs/{id} lists them; expires)",
+            description="Serves only the preview the URL was made for, while its train job still lists it; needs "
+                        "no API key.")
+def signed_preview(request: Request, settings: SettingsDep, store: StoreDep, uow: UoW,
+                   client: str = Query(max_length=64), subject: str = Query(max_length=64),
+                   job: str = Query(max_length=64), step: int = Query(ge=0, le=1_000_000),
+                   exp: int = Query(ge=0, le=2**62), sig: str = Query(max_length=128)):
+    refuse_failing_address(request)
+    limit_address(request, "signed-links")
+    problem = check_preview_signature(signing_secret(settings), client, subject, job, step, exp, sig)
+    if problem is not None:
+        count_failure(request)
+        raise Forbidden("This link is invalid." if problem == "invalid_signature" else "This link has expired.",
+                        code=problem)
+    key = images.signed_preview_key(uow.session, client, subject, job, step)
+    return _stream(store, key, f"preview-{job[:8]}-step-{step}.png")
 
 
 @router.get("/subjects/{subject_id}/adapter", response_class=StreamingResponse,
