@@ -43,7 +43,9 @@ def test_template_results_name_the_template_by_its_source():
     result = read_result("template", stored)
     assert isinstance(result, TemplateResult) and result.template.photo_id == "p" * 32
     assert result.stored() == {**stored, "template": {**stored["template"], "face_box": [1.0, 2.0, 3.0, 4.0],
-                                                      "mask_box": [0.0, 0.0, 9.0, 9.0]}}
+                                                      "mask_box": [0.0, 0.0, 9.0, 9.0]},
+                               "candidates": [{**stored["candidates"][0], "face_refined": False}]}  # stored before
+    # the face pass existed: read as not refined
     assert isinstance(read_result("generate", {"images": 2}), GenerateResult)
 
 
