@@ -55,6 +55,7 @@ def _settings(db_url: str, data_dir: str, fair: bool):
 
 def _worker(db_url: str, data_dir: str, fair: bool, job_s: float, messages, ready) -> None:  # noqa: ANN001
     """One GPU worker: take a message, claim (the fairest job, or the named one), 'generate', finish."""
+    from core.db.models import utcnow
     from likeness.contract.plan import JobState
     from worker import jobs
 
@@ -65,7 +66,8 @@ def _worker(db_url: str, data_dir: str, fair: bool, job_s: float, messages, read
         claim = jobs.claim(settings, job_id, "gpu")
         if claim.outcome is not jobs.ClaimOutcome.run:
             continue
-        jobs.write_progress(settings, claim.job.id, "generate", "generating", 10.0, None, stage_started=True)
+        jobs.write_progress(settings, claim.job.id, "generate", "generating", 10.0, None,
+                            started=[("generating", utcnow())])
         time.sleep(job_s)
         jobs.finish(settings, claim.job.id, JobState.SUCCEEDED)
 

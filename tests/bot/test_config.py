@@ -21,7 +21,8 @@ def test_the_configured_options_are_what_the_bot_asks_for(monkeypatch):
     train = settings.train_request()
     assert (train.steps, train.class_token) == (40, "man")
     generate = settings.generate_request("cinematic", seed=11)
-    assert (generate.style, generate.n, generate.k, generate.upscale, generate.seed) == ("cinematic", 3, 2, "none", 11)
+    # "none" is read as x1
+    assert (generate.style, generate.n, generate.k, generate.upscale, generate.seed) == ("cinematic", 3, 2, 1, 11)
 
 
 def test_without_options_the_bot_asks_for_the_best_4_of_8(monkeypatch):

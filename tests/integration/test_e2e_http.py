@@ -141,8 +141,9 @@ def _dashboard_shows_the_subject(base: str, admin_key: str, sid: str, train_job:
         assert f"<b>{train_job['result']['intake']['class_token']}</b>" in page
         assert page.count('class="badge accepted"') >= 5 and 'class="badge rejected"' in page
         assert all(f'data-image="{image["id"]}"' in page for image in images)
-        crop = re.search(r'src="(/admin/media/photos/[0-9a-f]+/crop)"', page).group(1)
-        assert browser.get(crop).headers["content-type"] == "image/png"
+        thumb = re.search(r'src="(/admin/media/photos/[0-9a-f]+/crop/thumb)"', page).group(1)
+        assert browser.get(thumb).headers["content-type"] == "image/webp"  # a real thumbnail of the crop
+        assert browser.get(thumb.removesuffix("/thumb")).headers["content-type"] == "image/png"
 
 
 def _assert_webhooks(received: list, secret: str, jobs: list[dict]) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,10 +41,13 @@ NOISE = ("Loading weights", "Loading pipeline components", "torch_dtype", "infer
 
 
 def _run(mode: str) -> str:
+    from core.logs import LIBRARY_QUIET_ENV
     from pipelines.models.presets import tiny_dir
 
+    # a clean environment: a test before this one in the same process may have quieted the libraries
+    env = {k: v for k, v in os.environ.items() if k not in LIBRARY_QUIET_ENV}
     result = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(tiny_dir(MODEL_CACHE))], capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     return result.stderr
 
