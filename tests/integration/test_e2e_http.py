@@ -242,3 +242,54 @@ def test_upload_train_generate_download_delete(api, split_workers, grace_hopper,
     assert client.delete(f"/v1/subjects/{sid}").status_code == 204
     assert client.get(f"/v1/subjects/{sid}").status_code == 404
     assert not any(p.is_file() for p in subject_blobs.rglob("*"))
+
+
+def test_an_sdxl_subject_trains_and_generates_over_rest(api, split_workers, grace_hopper):
+    """The same REST flow on the second model family: the train request names ``tiny-sdxl`` (SDXL's layout),
+    the subject says which family it learned, its generations run on that family, and the A1111 download
+    carries the token for both text encoders."""
+    import zipfile
+
+    from safetensors.numpy import load as load_safetensors
+
+    base, admin_key = api
+    cpu, gpu = split_workers
+    admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
+    key = admin.post("/v1/admin/clients", json={"name": "sdxl-app", "role": "app"}).json()["api_key"]
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    sid = client.post("/v1/subjects", json={"name": "Grace XL"}).json()["id"]
+    upload = client.post(f"/v1/subjects/{sid}/photos", files=[("files", p) for p in _photos(grace_hopper)])
+    assert upload.status_code == 201, upload.text
+
+    train = client.post(f"/v1/subjects/{sid}/train", json={"preset": "tiny-sdxl", "steps": 10})
+    assert train.status_code == 202, train.text
+    job, _ = _poll(client, train.json()["id"], timeout_s=420)
+    _show_logs_unless(job["state"] == "succeeded", cpu, gpu)
+    assert job["state"] == "succeeded" and job["request"]["preset"] == "tiny-sdxl", job
+    model = client.get(f"/v1/subjects/{sid}").json()["model"]
+    assert model["family"] == "sdxl" and model["preset"] == "tiny-sdxl"
+
+    gen = client.post(f"/v1/subjects/{sid}/generations",
+                      json={"style": "studio_headshot", "n": 2, "k": 1, "seed": 3, "steps": 3, "no_controlnet": True})
+    assert gen.status_code == 202, gen.text
+    job, _ = _poll(client, gen.json()["id"], timeout_s=420)
+    _show_logs_unless(job["state"] == "succeeded", cpu, gpu)
+    assert job["state"] == "succeeded" and job["request"]["preset"] == "tiny-sdxl", job
+    (image,) = client.get(f"/v1/subjects/{sid}/images").json()["data"]
+    small = Image.open(io.BytesIO(client.get(f"/v1/images/{image['id']}/download",
+                                             params={"variant": "original"}).content))
+    big = Image.open(io.BytesIO(client.get(f"/v1/images/{image['id']}/download",
+                                           params={"variant": "upscaled"}).content))
+    assert small.size[0] == small.size[1] and big.size == (2 * small.size[0], 2 * small.size[1])
+
+    a1111 = client.get(f"/v1/subjects/{sid}/adapter", params={"format": "kohya"})
+    assert a1111.status_code == 200, a1111.text
+    with zipfile.ZipFile(io.BytesIO(a1111.content)) as archive:
+        names = archive.namelist()
+        (lora,) = [n for n in names if n.endswith(".safetensors") and "/" not in n]
+        keys = load_safetensors(archive.read(lora)).keys()
+        assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+        assert any(k.startswith("lora_unet_") for k in keys)
+        embeddings = [load_safetensors(archive.read(n)) for n in names if n.startswith("embeddings/")]
+        assert embeddings and all(set(e) == {"clip_l", "clip_g"} for e in embeddings)
+    assert client.delete(f"/v1/subjects/{sid}").status_code == 204
