@@ -119,5 +119,11 @@ def test_likeness_worker_gpus_starts_one_celery_worker_per_device(tmp_path):
         assert len({" ".join(w.cmdline()) for w in workers}) == 2  # distinct node names
     finally:
         parent.send_signal(signal.SIGTERM)
-        code = parent.wait(timeout=120)
+        try:
+            code = parent.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # show why the workers did not stop, and leave none behind
+            for process in [*psutil.Process(parent.pid).children(recursive=True), psutil.Process(parent.pid)]:
+                process.kill()
+            shown = "".join(lines)[-3000:]
+            raise AssertionError(f"the workers did not stop within 120 s of SIGTERM:\n{shown}") from None
     assert code == 0, "".join(lines)[-3000:]
