@@ -139,7 +139,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             "LIKENESS_DEVICE": "cpu",
             "LIKENESS_JOB_HEARTBEAT_S": "1",
             # a worker starved of CPU (a loaded machine; a model load can hold it for 20 s) is not taken for
-            # dead: lease takeover has tests of its own (tests/integration/test_fault_worker_killed.py)
+            # dead: lease takeover has tests of its own (tests/integration/test_fault_worker_lost.py)
             "LIKENESS_JOB_STALE_AFTER_S": "30",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
