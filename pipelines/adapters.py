@@ -281,7 +281,8 @@ def add_token_rows(tokenizer, text_encoder: nn.Module, rows: Mapping[str, torch.
     Returns ``(tokenizer, token_ids, old_embedding)``.
     """
     tokens = list(rows)
-    clashes = [t for t in tokens if t in tokenizer.get_vocab()]
+    vocabulary = tokenizer.get_vocab()  # built anew on every call: ~49k entries on a real CLIP tokenizer
+    clashes = [t for t in tokens if t in vocabulary]
     if clashes:
         raise InvalidConfig(f"tokens already in the vocabulary: {clashes}", {"tokens": clashes})
     new_tokenizer = copy.deepcopy(tokenizer)

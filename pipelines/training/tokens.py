@@ -72,7 +72,8 @@ def initial_rows(config: TrainConfig, tokenizer, embedding: nn.Embedding, instan
 
 def add_tokens(tokenizer, new_tokens: Sequence[str]):
     """A tokenizer copy with ``new_tokens`` added; returns (tokenizer, first new id)."""
-    clashes = [t for t in new_tokens if t in tokenizer.get_vocab()]
+    vocabulary = tokenizer.get_vocab()  # built anew on every call
+    clashes = [t for t in new_tokens if t in vocabulary]
     if clashes:
         raise InvalidConfig(f"tokens already in the base vocabulary: {clashes}; pick other token names",
                             {"tokens": clashes})
