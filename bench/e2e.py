@@ -8,6 +8,7 @@ next bottleneck is obvious.
     python bench/e2e.py                                  # tiny preset on CPU (images are noise)
     python bench/e2e.py --preset sd15 --device cuda      # real SD 1.5 weights (models pull first)
     python bench/e2e.py --n 8 --k 2 --train-steps 10     # a quick smoke run
+    python bench/e2e.py --no-selection --no-face-refine  # the stages an older build had, to compare with it
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=None, help="default: the preset's (tiny: 10 per photo)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the style's)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache (default: LIKENESS_MODEL_CACHE_DIR)")
+    parser.add_argument("--no-selection", action="store_true", help="keep the finished adapter (no selecting stage)")
+    parser.add_argument("--no-face-refine", action="store_true", help="no face-refinement pass (no refining stage)")
     parser.add_argument("--runs", type=int, default=2, help="jobs run one after the other on one warm manager")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -73,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = args.cache_dir or get_settings().resolved_model_cache_dir
     manager = ModelManager()  # one worker process: models stay loaded between its jobs
     config = LocalRunConfig(
-        train=TrainRequest(steps=args.train_steps),
-        generate=GenerateRequest(style=args.style, n=args.n, k=args.k, steps=args.steps, upscale=2),
+        train=TrainRequest(steps=args.train_steps, select_checkpoint=False if args.no_selection else None),
+        generate=GenerateRequest(style=args.style, n=args.n, k=args.k, steps=args.steps, upscale=2,
+                                 face_refine="off" if args.no_face_refine else "auto"),
         preset=args.preset, device=args.device,
     )
     figures = []

@@ -91,6 +91,9 @@ SAME_WORKER = {
     "tests/integration/test_embedded_queues.py": "embedded-serve",
     "tests/integration/test_embedded_serve.py": "embedded-serve",
     "tests/integration/test_readme_walkthrough.py": "embedded-serve",
+    # one uvicorn, one CPU-queue and one GPU-queue worker (tests/integration/conftest.py: api, split_workers)
+    "tests/integration/test_e2e_http.py": "split-service",
+    "tests/integration/test_bot_e2e.py": "split-service",
 }
 
 

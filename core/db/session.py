@@ -94,13 +94,24 @@ def dispose_engines() -> None:
         _ENGINES.clear()
 
 
+def _missing_schema(error: BaseException | None) -> bool:
+    """SQLite reports a missing table or column as an OperationalError (PostgreSQL: a ProgrammingError)."""
+    import sqlite3
+
+    return isinstance(error, sqlite3.OperationalError) and str(error).startswith(("no such table", "no such column"))
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """``exc`` says the database cannot be used right now (refused or lost connection, server shutting
     down, no free pooled connection), not that the statement was wrong: a retry later may succeed."""
     from sqlalchemy import exc as sa_exc
 
     if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+        if exc.connection_invalidated:
+            return True
+        if _missing_schema(exc.orig):  # an unmigrated database: waiting will not create its tables
+            return False
+        return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
     if isinstance(exc, sa_exc.TimeoutError):  # the pool's
         return True
     try:

@@ -6,17 +6,26 @@ EMPTY virtualenv for the image's ``VIRTUAL_ENV`` and runs every ``RUN pip ...`` 
 WORKDIR, the venv first on ``PATH``. Other RUN steps (apt-get, useradd, the venv itself) belong to the base
 system and are listed in ``skipped``. The result knows the image's ENV, CMD and HEALTHCHECK, and maps the
 image's absolute paths (``/opt/venv``, ``/srv/likeness``) to their places here.
+
+Like ``docker build``, a builder given a ``LayerCache`` keeps the venv its first ``pip`` step made (the
+dependency layer) under the key of that step's inputs: every instruction before it in the target's chain, the
+bytes of every file copied so far, this Python. A later build whose inputs match starts from that venv instead
+of running the step again; any change to the lock, pyproject.toml or those instructions makes a new key. A
+clean clone has no cache, so CI always installs from scratch.
 """
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
+import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import venv
 from dataclasses import dataclass, field
@@ -128,6 +137,8 @@ class BuiltImage:
     healthcheck: list[str] | None
     pip_steps: list[str]
     skipped: list[str]
+    cached_steps: list[str] = field(default_factory=list)  # pip steps whose venv came from the layer cache
+    _lock: object = None  # the cached layer's lock, held while this image is in use
 
     def host_path(self, image_path: str) -> str:
         """An absolute path of the image, where it lies here."""
@@ -176,9 +187,43 @@ def read_lock(path: Path) -> dict[str, str]:
                 and not line.startswith("#"))
 
 
+class LayerCache:
+    """Venvs of dependency layers, one folder per key; each taken under an exclusive lock while in use (a venv
+    cannot move, so it is built and used where it is kept). Keeps the newest entry of each layer."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def take(self, layer: str, key: str):  # noqa: ANN201 - (venv path, complete?, held lock)
+        self.root.mkdir(parents=True, exist_ok=True)
+        entry = self.root / key[:24]
+        lock = (self.root / f"{key[:24]}.lock").open("w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        complete = (entry / "complete").exists()
+        if not complete:
+            shutil.rmtree(entry, ignore_errors=True)
+            entry.mkdir()
+            (entry / "layer").write_text(layer)
+        return entry / "venv", complete, lock
+
+    def completed(self, venv_dir: Path) -> None:
+        entry = venv_dir.parent
+        (entry / "complete").write_text("")
+        layer = (entry / "layer").read_text()
+        for other in self.root.iterdir():  # older builds of the same layer: free their disk (GBs for the ML stack)
+            label = other / "layer"
+            if other != entry and label.is_file() and label.read_text() == layer:
+                with (self.root / f"{other.name}.lock").open("w") as lock:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # in use by another run
+                    shutil.rmtree(other, ignore_errors=True)
+
+
 class Builder:
-    def __init__(self, dockerfile: Path, context: Path, into: Path):
-        self.context, self.into = context, into
+    def __init__(self, dockerfile: Path, context: Path, into: Path, cache: LayerCache | None = None):
+        self.context, self.into, self.cache = context, into, cache
         self.args, self.stages = parse(dockerfile.read_text())
         self.ignore = read_dockerignore(context)
         self._trees: dict[str, tuple[Path, str]] = {}
@@ -201,22 +246,34 @@ class Builder:
         workdir = "/"
         cmd: list[str] = []
         healthcheck: list[str] | None = None
-        pip_steps, skipped = [], []
+        pip_steps, skipped, cached_steps = [], [], []
+        inputs = hashlib.sha256(sys.version.encode())  # what the next step's result depends on, as docker keys it
+        lock = None
         for stage in self.chain(target):
             for step in stage.steps:
+                inputs.update(f"{step.op} {step.args}\n".encode())
                 if step.op == "ENV":
                     env.update(parse_env(step.args, env))
                 elif step.op == "WORKDIR":
                     workdir = os.path.join(workdir, step.args)
                     (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
                 elif step.op == "COPY":
-                    self._copy(step.args, rootfs, workdir)
+                    self._copy(step.args, rootfs, workdir, inputs)
                 elif step.op == "RUN":
                     if step.args.startswith("pip "):
+                        pip_steps.append(step.args)
+                        if venv_dir is None and self.cache is not None:
+                            venv_dir, complete, lock = self.cache.take(stage.name, inputs.hexdigest())
+                            if complete:
+                                cached_steps.append(step.args)
+                                continue
+                            self._empty_venv(target, env, venv_dir)
+                            self._pip(step, rootfs / workdir.lstrip("/"), env, venv_dir, pip_timeout_s)
+                            self.cache.completed(venv_dir)
+                            continue
                         if venv_dir is None:
                             venv_dir = self._empty_venv(target, env)
                         self._pip(step, rootfs / workdir.lstrip("/"), env, venv_dir, pip_timeout_s)
-                        pip_steps.append(step.args)
                     else:
                         skipped.append(step.args)
                 elif step.op == "CMD":
@@ -227,13 +284,13 @@ class Builder:
         if venv_dir is None:
             venv_dir = self._empty_venv(target, env)
         return BuiltImage(target, rootfs, venv_dir, rootfs / workdir.lstrip("/"), workdir, env, cmd, healthcheck,
-                          pip_steps, skipped)
+                          pip_steps, skipped, cached_steps, lock)
 
-    def _empty_venv(self, target: str, env: dict[str, str]) -> Path:
+    def _empty_venv(self, target: str, env: dict[str, str], path: Path | None = None) -> Path:
         if "VIRTUAL_ENV" not in env:
             raise AssertionError("the image installs with pip before it sets VIRTUAL_ENV: pip would write into "
                                  "the system Python")
-        path = self.into / target / "venv"
+        path = path or self.into / target / "venv"
         venv.EnvBuilder(with_pip=True, clear=True).create(path)
         return path
 
@@ -266,7 +323,7 @@ class Builder:
             self._trees[stage] = (rootfs, workdir)
         return self._trees[stage]
 
-    def _copy(self, args: str, rootfs: Path, workdir: str) -> None:
+    def _copy(self, args: str, rootfs: Path, workdir: str, inputs=None) -> None:  # noqa: ANN001 - a hashlib hash
         words = shlex.split(args)
         flags = {w.split("=", 1)[0]: w.split("=", 1)[1] for w in words if w.startswith("--")}
         paths = [w for w in words if not w.startswith("--")]
@@ -285,13 +342,15 @@ class Builder:
             if not origin.exists():
                 raise AssertionError(f"COPY {source}: no such file in the build context")
             if origin.is_dir():
-                self._copy_tree(origin, dest_path, ignore, source.rstrip("/"))
+                self._copy_tree(origin, dest_path, ignore, source.rstrip("/"), inputs)
             else:
                 target = dest_path / origin.name if into_dir else dest_path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(origin, target)
+                if inputs is not None:
+                    inputs.update(f"{target.relative_to(rootfs)}\n".encode() + origin.read_bytes())
 
-    def _copy_tree(self, origin: Path, dest: Path, ignore: list[str], prefix: str) -> None:
+    def _copy_tree(self, origin: Path, dest: Path, ignore: list[str], prefix: str, inputs=None) -> None:  # noqa: ANN001
         for path in sorted(origin.rglob("*")):
             relative = path.relative_to(origin).as_posix()
             if ignore and ignored(f"{prefix}/{relative}" if prefix not in ("", ".") else relative, ignore):
@@ -302,4 +361,6 @@ class Builder:
             elif path.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
+                if inputs is not None:
+                    inputs.update(f"{prefix}/{relative}\n".encode() + path.read_bytes())
         dest.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,10 @@ check is run against it: healthy while it runs, unhealthy when it does not.
 
 The API and bot images install in about a minute. The worker image (torch with its CUDA libraries, about
 7 GB) took 3 min 53 s on the 2-core machine from the local wheel cache, over 10 min while other suites
-shared it: marked ``slow``, with a timeout of its own.
+shared it: marked ``slow``, with a timeout of its own. As ``docker build`` does, a developer's later runs reuse
+each image's dependency layer while the lock, pyproject.toml and the Dockerfile's steps before it are unchanged
+(``LIKENESS_TEST_IMAGE_CACHE``: default ``.likeness/image-cache``; ``off`` installs every time, as a clean
+clone and CI do).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import httpx
 import pytest
 
 from tests.deploy import compose
-from tests.deploy.imagebuild import Builder, BuiltImage, read_lock
+from tests.deploy.imagebuild import Builder, BuiltImage, LayerCache, read_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get("LIKENESS_TEST_PG_URL", "postgresql+psycopg://postgres@localhost:5432/postgres")
@@ -57,8 +60,13 @@ def build_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)  # the worker venv alone is ~7 GB
 
 
+def layer_cache() -> LayerCache | None:
+    where = os.environ.get("LIKENESS_TEST_IMAGE_CACHE", str(ROOT / ".likeness" / "image-cache"))
+    return None if where == "off" else LayerCache(Path(where))
+
+
 def build(target: str, into: Path) -> BuiltImage:
-    return Builder(ROOT / "Dockerfile", ROOT, into).build(target)
+    return Builder(ROOT / "Dockerfile", ROOT, into, layer_cache()).build(target)
 
 
 @pytest.fixture(scope="module")

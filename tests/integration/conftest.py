@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import MODEL_CACHE
@@ -182,6 +184,60 @@ def lifecycle_worker(it_env, it_settings, tmp_path_factory) -> Iterator[WorkerPr
     worker = WorkerProcess("tests.integration.lifecycle_app", it_env, queues, log_path).start()
     yield worker
     worker.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the production topology over HTTP: uvicorn, a CPU-queue and a GPU-queue worker -----------------------------
+
+
+@pytest.fixture(scope="session")
+def e2e_env(it_env) -> dict[str, str]:
+    """The run's environment with queues of its own: the scripted lifecycle worker never takes these jobs.
+    Shared, with ``api`` and ``split_workers``, by the modules of the ``split-service`` unit (tests/conftest.py)."""
+    return {**it_env, "LIKENESS_QUEUE_PREFIX": it_env["LIKENESS_QUEUE_PREFIX"].rstrip(".") + "e2e."}
+
+
+@pytest.fixture(scope="session")
+def api(e2e_env, pg_url, tmp_path_factory):
+    """uvicorn serving the real app with the run's environment; yields (base_url, admin key)."""
+    port = free_port()
+    admin_key = "lk_it_admin_" + os.urandom(8).hex()
+    env = clean_environ(**e2e_env, LIKENESS_BOOTSTRAP_ADMIN_KEY=admin_key)
+    log = open(tmp_path_factory.mktemp("logs") / "api.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port),
+                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(base + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 60, 0.2, "the API to start")
+        yield base, admin_key
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def split_workers(e2e_env, tmp_path_factory):
+    """A CPU-queue worker (intake) and a GPU-queue worker (training, generation): the production app."""
+    logs = tmp_path_factory.mktemp("worker-logs")
+    prefix = e2e_env["LIKENESS_QUEUE_PREFIX"]
+    cpu = WorkerProcess("worker.celery_app", e2e_env, f"{prefix}cpu", logs / "cpu.log").start()
+    gpu = WorkerProcess("worker.celery_app", e2e_env, f"{prefix}gpu", logs / "gpu.log").start()
+    yield cpu, gpu
+    cpu.stop()
+    gpu.stop()
+
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 30, interval_s: float = 0.1, what: str = "condition"):

@@ -25,8 +25,7 @@ from likeness.client import Client
 from tests.bot.process import BotProcess, bot_env
 from tests.bot.standin import BotApiStandIn, Call
 from tests.conftest import encode
-from tests.integration.conftest import ROOT, clean_environ, wait_for
-from tests.integration.test_e2e_http import _free_port, api, e2e_env, split_workers  # noqa: F401 - fixtures
+from tests.integration.conftest import ROOT, clean_environ, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +39,7 @@ def tg():
 
 
 @pytest.fixture(scope="module")
-def bot_key(api) -> str:  # noqa: F811 - the fixture imported above
+def bot_key(api) -> str:
     base, admin_key = api
     created = httpx.post(f"{base}/v1/admin/clients", json={"name": "telegram-bot", "role": "bot"},
                          headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
@@ -69,8 +68,7 @@ def _button(call: Call, data_prefix: str) -> str:
     return next(data for _, data in call.buttons if data.startswith(data_prefix))
 
 
-def test_bot_journey_restart_isolation_and_deletion(api, split_workers, tg, bot_key, e2e_env,  # noqa: F811
-                                                    grace_hopper, tmp_path):
+def test_bot_journey_restart_isolation_and_deletion(api, split_workers, tg, bot_key, e2e_env, grace_hopper, tmp_path):
     base, _ = api
     redis_prefix = f"{e2e_env['LIKENESS_QUEUE_PREFIX']}bot:"
     env = bot_env(tg, base, bot_key, LIKENESS_REDIS_URL=e2e_env["LIKENESS_REDIS_URL"],
@@ -204,10 +202,10 @@ def test_bot_journey_restart_isolation_and_deletion(api, split_workers, tg, bot_
         service.close()
 
 
-def test_api_stopped_mid_conversation_gets_a_friendly_message(e2e_env, pg_url, tg, bot_key, grace_hopper,  # noqa: F811
+def test_api_stopped_mid_conversation_gets_a_friendly_message(e2e_env, pg_url, tg, bot_key, grace_hopper,
                                                                tmp_path):
     """Its own API process (stopped and started again here); the bot keeps state in SQLite (embedded)."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "api.log", "ab")
 

@@ -12,10 +12,6 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,61 +22,12 @@ import pytest
 from PIL import Image
 
 from tests.conftest import encode
-from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, wait_for
+from tests.integration.conftest import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TRAIN_STAGES = ["intake", "caching", "training:stage1", "training:stage2", "selecting"]
 GENERATE_STAGES = ["generating", "refining", "ranking", "upscaling", "delivering"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def e2e_env(it_env) -> dict[str, str]:
-    """The run's environment with queues of its own: the scripted lifecycle worker never takes these jobs."""
-    return {**it_env, "LIKENESS_QUEUE_PREFIX": it_env["LIKENESS_QUEUE_PREFIX"].rstrip(".") + "e2e."}
-
-
-@pytest.fixture(scope="module")
-def api(e2e_env, pg_url, tmp_path_factory):
-    """uvicorn serving the real app with the run's environment; yields (base_url, admin key)."""
-    port = _free_port()
-    admin_key = "lk_it_admin_" + os.urandom(8).hex()
-    env = clean_environ(**e2e_env, LIKENESS_BOOTSTRAP_ADMIN_KEY=admin_key)
-    log = open(tmp_path_factory.mktemp("logs") / "api.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port),
-                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(base + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 60, 0.2, "the API to start")
-        yield base, admin_key
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
-@pytest.fixture(scope="module")
-def split_workers(e2e_env, tmp_path_factory):
-    """A CPU-queue worker (intake) and a GPU-queue worker (training, generation): the production app."""
-    logs = tmp_path_factory.mktemp("worker-logs")
-    prefix = e2e_env["LIKENESS_QUEUE_PREFIX"]
-    cpu = WorkerProcess("worker.celery_app", e2e_env, f"{prefix}cpu", logs / "cpu.log").start()
-    gpu = WorkerProcess("worker.celery_app", e2e_env, f"{prefix}gpu", logs / "gpu.log").start()
-    yield cpu, gpu
-    cpu.stop()
-    gpu.stop()
 
 
 def _photos(grace_hopper: Image.Image) -> list[tuple[str, bytes]]:

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import encode
-from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, wait_for
-from tests.integration.test_e2e_http import _free_port, _poll, _show_logs_unless, _stage_order
+from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, free_port, wait_for
+from tests.integration.test_e2e_http import _poll, _show_logs_unless, _stage_order
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def template_env(it_env) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def service(template_env, pg_url, tmp_path_factory):
     """uvicorn and one worker on both queues (embedded-like topology); yields (base_url, admin key, worker)."""
-    port = _free_port()
+    port = free_port()
     admin_key = "lk_it_admin_" + os.urandom(8).hex()
     logs = tmp_path_factory.mktemp("template-logs")
     env = clean_environ(**template_env, LIKENESS_BOOTSTRAP_ADMIN_KEY=admin_key)

@@ -122,8 +122,11 @@ def test_likeness_worker_gpus_starts_one_celery_worker_per_device(tmp_path):
         try:
             code = parent.wait(timeout=120)
         except subprocess.TimeoutExpired:  # show why the workers did not stop, and leave none behind
-            for process in [*psutil.Process(parent.pid).children(recursive=True), psutil.Process(parent.pid)]:
+            processes = [*psutil.Process(parent.pid).children(recursive=True), psutil.Process(parent.pid)]
+            alive = [f"{p.pid} {p.status()} {' '.join(p.cmdline())[:120]}" for p in processes]
+            for process in processes:
                 process.kill()
-            shown = "".join(lines)[-3000:]
+            (tmp_path / "output.log").write_text("".join(lines))
+            shown = "\n".join(alive) + "\n" + "".join(lines)[-6000:]
             raise AssertionError(f"the workers did not stop within 120 s of SIGTERM:\n{shown}") from None
     assert code == 0, "".join(lines)[-3000:]
