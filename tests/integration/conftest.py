@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -202,29 +203,37 @@ def e2e_env(it_env) -> dict[str, str]:
     return {**it_env, "LIKENESS_QUEUE_PREFIX": it_env["LIKENESS_QUEUE_PREFIX"].rstrip(".") + "e2e."}
 
 
+@contextmanager
+def uvicorn_app(env: dict[str, str], log_path: Path, log_level: str = "warning") -> Iterator[str]:
+    """uvicorn serving the real app with ``env`` (nothing else of this process's LIKENESS_*) on a free port;
+    yields its base URL once ``/healthz`` answers, and stops it after."""
+    base = f"http://127.0.0.1:{free_port()}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+                                 "--port", base.rsplit(":", 1)[1], "--log-level", log_level],
+                                cwd=ROOT, env=clean_environ(**env), stdout=log, stderr=log)
+
+        def up() -> bool:
+            try:
+                return httpx.get(base + "/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_for(up, 60, 0.2, "the API to start")
+            yield base
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
 @pytest.fixture(scope="session")
 def api(e2e_env, pg_url, tmp_path_factory):
     """uvicorn serving the real app with the run's environment; yields (base_url, admin key)."""
-    port = free_port()
     admin_key = "lk_it_admin_" + os.urandom(8).hex()
-    env = clean_environ(**e2e_env, LIKENESS_BOOTSTRAP_ADMIN_KEY=admin_key)
-    log = open(tmp_path_factory.mktemp("logs") / "api.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port),
-                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(base + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 60, 0.2, "the API to start")
+    with uvicorn_app({**e2e_env, "LIKENESS_BOOTSTRAP_ADMIN_KEY": admin_key},
+                     tmp_path_factory.mktemp("logs") / "api.log") as base:
         yield base, admin_key
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import subprocess
-import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -31,7 +28,7 @@ from core.db.models import Image as ImageRow
 from core.db.models import Job, JobKind, JobStage, JobState, Photo, PhotoStatus, WebhookDelivery, WorkerRecord, utcnow
 from core.storage import LocalBlobStore, image_key, photo_crop_key, photo_mask_key, upscaled_image_key
 from tests.app.fixtures import session_scope
-from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, wait_for
+from tests.integration.conftest import WorkerProcess, uvicorn_app, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -39,12 +36,6 @@ CHROMIUM = os.environ.get("LIKENESS_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 XSS = "<img src=x onerror=alert(1)>"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the service: its own queues, a slow scripted worker, uvicorn with its access log --------------------------
@@ -68,27 +59,10 @@ def dash_worker(dash_env, tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(dash_env, dash_worker, pg_url, tmp_path_factory):
     """uvicorn serving the app (access log on, to a file); yields (base_url, admin key, log path)."""
-    port = _free_port()
     admin_key = "lk_admin_" + uuid.uuid4().hex
     log_path = tmp_path_factory.mktemp("logs") / "admin-api.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port),
-                             "--log-level", "info"], cwd=ROOT, stdout=log, stderr=log,
-                            env=clean_environ(**dash_env, LIKENESS_BOOTSTRAP_ADMIN_KEY=admin_key))
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(base + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 60, 0.2, "the API to start")
+    with uvicorn_app({**dash_env, "LIKENESS_BOOTSTRAP_ADMIN_KEY": admin_key}, log_path, log_level="info") as base:
         yield base, admin_key, log_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -139,20 +139,25 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _running(pg_url: str, settings, sender, faces: list[Image.Image], steps: int, checkpoint_every: int):  # noqa: ANN001, ANN202
+    """A training job queued and taken by a worker: (its row, its checkpoints' blob prefix, the blob store)."""
+    from core.storage import checkpoint_prefix, get_blob_store
+
+    job_id = _training_job(pg_url, settings, faces, steps, checkpoint_every)
+    enqueue(sender, settings, job_id, "gpu")
+    job = wait_for(lambda: (j := _job(pg_url, job_id)).state == JobState.RUNNING and j.worker and j, 120, 0.2,
+                   "a worker to take the job")
+    return job, checkpoint_prefix(job.subject_id, job_id), get_blob_store(settings)
+
+
 def test_sigterm_hands_training_back_at_its_current_step_and_another_worker_resumes_within_seconds(
     gpu_workers, pg_url, lost_settings, lost_sender, faces
 ):
-    from core.storage import checkpoint_prefix, get_blob_store
     from worker.checkpoints import mirrored_steps
 
-    steps, checkpoint_every = 40, 6
-    job_id = _training_job(pg_url, lost_settings, faces, steps, checkpoint_every)
-    store = get_blob_store(lost_settings)
-    enqueue(lost_sender, lost_settings, job_id, "gpu")
-
-    job = wait_for(lambda: (j := _job(pg_url, job_id)).state == JobState.RUNNING and j.worker and j, 120, 0.2,
-                   "a worker to take the job")
-    prefix = checkpoint_prefix(job.subject_id, job_id)
+    steps = 40
+    job, prefix, store = _running(pg_url, lost_settings, lost_sender, faces, steps, checkpoint_every=6)
+    job_id = job.id
     wait_for(lambda: any(mirrored_steps(store, prefix).values()), 240, 0.05, "the first periodic checkpoint")
     at_checkpoint = _job(pg_url, job_id).progress
     wait_for(lambda: _job(pg_url, job_id).progress > at_checkpoint, 60, 0.05, "training to go on past it")
@@ -211,16 +216,9 @@ def test_sigterm_hands_training_back_at_its_current_step_and_another_worker_resu
 def test_sigkilled_gpu_worker_training_resumes_on_another_worker_from_its_checkpoint(
     gpu_workers, pg_url, lost_settings, lost_sender, faces
 ):
-    from core.storage import checkpoint_prefix, get_blob_store
-
     steps, checkpoint_every = 15, 3
-    job_id = _training_job(pg_url, lost_settings, faces, steps, checkpoint_every)
-    store = get_blob_store(lost_settings)
-    enqueue(lost_sender, lost_settings, job_id, "gpu")
-
-    job = wait_for(lambda: (j := _job(pg_url, job_id)).state == JobState.RUNNING and j.worker and j, 120, 0.2,
-                   "a worker to take the job")
-    prefix = checkpoint_prefix(job.subject_id, job_id)
+    job, prefix, store = _running(pg_url, lost_settings, lost_sender, faces, steps, checkpoint_every)
+    job_id = job.id
     wait_for(lambda: any(k.endswith("/meta.json") for k in store.list(prefix)), 180, 0.05,
              "the first checkpoint to be mirrored")
     job = _job(pg_url, job_id)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import encode
-from tests.integration.conftest import ROOT, WorkerProcess, clean_environ, free_port, wait_for
+from tests.integration.conftest import WorkerProcess, uvicorn_app
 from tests.integration.test_e2e_http import _poll, _show_logs_unless, _stage_order
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,31 +39,16 @@ def template_env(it_env) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def service(template_env, pg_url, tmp_path_factory):
     """uvicorn and one worker on both queues (embedded-like topology); yields (base_url, admin key, worker)."""
-    port = free_port()
     admin_key = "lk_it_admin_" + os.urandom(8).hex()
     logs = tmp_path_factory.mktemp("template-logs")
-    env = clean_environ(**template_env, LIKENESS_BOOTSTRAP_ADMIN_KEY=admin_key)
-    log = open(logs / "api.log", "wb")
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port),
-                            "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=log)
     prefix = template_env["LIKENESS_QUEUE_PREFIX"]
     worker = WorkerProcess("worker.celery_app", template_env, f"{prefix}gpu,{prefix}cpu", logs / "worker.log")
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
+    with uvicorn_app({**template_env, "LIKENESS_BOOTSTRAP_ADMIN_KEY": admin_key}, logs / "api.log") as base:
         try:
-            return httpx.get(base + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        worker.start()
-        wait_for(up, 60, 0.2, "the API to start")
-        yield base, admin_key, worker
-    finally:
-        worker.stop()
-        api.terminate()
-        api.wait(timeout=20)
+            worker.start()
+            yield base, admin_key, worker
+        finally:
+            worker.stop()
 
 
 def _seed_adapter(pg_url: str, storage_dir: Path, subject_id: str, tiny_preset, tmp_path: Path) -> None:
