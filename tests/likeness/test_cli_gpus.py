@@ -9,10 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 
-from tests.integration.conftest import clean_environ
+from tests.integration.conftest import REDIS_URL, clean_environ
 
 
 def test_gpu_lists_all_or_explicit_each_device_once(monkeypatch):
@@ -96,12 +97,21 @@ def test_cli_refuses_a_bad_gpu_list_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_likeness_worker_gpus_starts_one_celery_worker_per_device(tmp_path):
-    """The real command: two Celery workers (embedded broker, CPU device), CUDA_VISIBLE_DEVICES 0 and 1."""
+def test_likeness_worker_gpus_starts_one_celery_worker_per_device(tmp_path, request):
+    """The real command as a multi-GPU host runs it: two Celery workers on the shared Redis broker (a queue prefix
+    of their own; CPU device), CUDA_VISIBLE_DEVICES 0 and 1, after `likeness migrate`."""
     import psutil
+    import redis
 
+    prefix = f"gpus{uuid.uuid4().hex[:8]}."
     env = clean_environ(LIKENESS_DATA_DIR=str(tmp_path), LIKENESS_DEVICE="cpu", LIKENESS_MODEL_PRESET="tiny",
-                        LIKENESS_MODEL_MEMORY_BUDGET="1GB")
+                        LIKENESS_MODEL_MEMORY_BUDGET="1GB", LIKENESS_BROKER_URL=REDIS_URL,
+                        LIKENESS_REDIS_URL=REDIS_URL, LIKENESS_QUEUE_PREFIX=prefix)
+    migrated = subprocess.run([sys.executable, "-m", "likeness", "migrate"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    request.addfinalizer(lambda: [redis.Redis.from_url(REDIS_URL).delete(key)
+                                  for key in redis.Redis.from_url(REDIS_URL).scan_iter(prefix + "*")])
     parent = subprocess.Popen([sys.executable, "-m", "likeness", "worker", "--gpus", "0,1", "-q", "gpu",
                                "--loglevel", "info"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
