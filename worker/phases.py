@@ -240,14 +240,16 @@ def run_training(ctx: PhaseContext) -> TrainResult:
     # machine runs the next attempt resumes from the newest one (see worker.checkpoints).
     checkpoint_dir = ctx.edge.checkpoint_dir(job, ctx.workdir)
     curve: list[list[float]] = []
+    resumed: list[Resumed] = []  # also kept in the phase's result: the notice while running is best effort
     snapshots = snapshot_steps(total_steps(request.training, len(dataset.items))) if request.select_checkpoint else []
 
     def on_progress(event: ProgressEvent) -> None:  # (step, loss) of each report: the dashboard's loss curve
         if "loss" in event.metrics and "step" in event.metrics:
             curve.append([float(event.metrics["step"]), round(float(event.metrics["loss"]), 6)])
         if "resumed_from_step" in event.metrics:
-            ctx.edge.training_resumed(job, Resumed(from_step=int(event.metrics["resumed_from_step"]),
-                                                   attempt=job.attempts, message=event.message))
+            resumed.append(Resumed(from_step=int(event.metrics["resumed_from_step"]), attempt=job.attempts,
+                                   message=event.message))
+            ctx.edge.training_resumed(job, resumed[-1])
         ctx.on_progress(event)
 
     spec = base_spec(preset, ctx.device)  # the base generation borrows too: loaded once per worker
@@ -268,7 +270,8 @@ def run_training(ctx: PhaseContext) -> TrainResult:
     manifest = json.loads((adapter_dir / "manifest.json").read_text())
     adapter = ctx.edge.keep_adapter(job, adapter_dir, manifest, ctx.workdir)
     previews = [TrainingPreview(step=c.step) for c in selection.candidates] if selection is not None else None
-    return TrainResult(adapter=adapter, checkpoint_selection=selection, previews=previews, training=TrainingSummary(
+    return TrainResult(adapter=adapter, checkpoint_selection=selection, previews=previews,
+                       resumed=resumed[-1] if resumed else None, training=TrainingSummary(
         **{**jsonable(trained.metrics or {}), "steps": trained.steps,
            "loss_curve": curve[:: max(1, len(curve) // MAX_CURVE_POINTS)]}))
 
