@@ -5,7 +5,6 @@ distributed PostgreSQL), in /metrics and on the dashboard."""
 from __future__ import annotations
 
 import math
-import os
 import re
 import uuid
 from datetime import timedelta
@@ -16,8 +15,6 @@ from app.services.scaling import QueueSignal, queue_signals
 from core.config import Settings
 from core.db.models import Client, Job, JobKind, JobStage, JobState, Subject, WorkerRecord, utcnow
 from core.db.session import SessionLocal
-
-PG_ADMIN_URL = os.environ.get("LIKENESS_TEST_PG_URL", "postgresql+psycopg://postgres@localhost:5432/postgres")
 
 # Mean measured seconds per (kind, stage): two runs each, so that the mean (not the last run) is used.
 MEASURED = {("train", "intake"): (15, 25), ("train", "caching"): (5, 15), ("train", "training:stage1"): (90, 110),
@@ -34,20 +31,15 @@ def database(request, tmp_path):
         upgrade_to_head(url)
         yield url
         return
-    import psycopg
+    from core.db.session import dispose_engines
+    from tests.app.fixtures import create_database, drop_database
 
     name = f"likeness_scaling_{uuid.uuid4().hex[:10]}"
-    admin = PG_ADMIN_URL.replace("+psycopg", "")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    url = create_database(name)
     upgrade_to_head(url)
     yield url
-    from core.db.session import dispose_engines
-
     dispose_engines()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(name)
 
 
 @pytest.fixture

@@ -132,6 +132,25 @@ def test_report_scores_every_candidate(cli_run):
     assert len({c["seed"] for c in scored}) == N
 
 
+def _two_photos_of_grace(folder: Path, grace_hopper) -> Path:  # noqa: ANN001
+    folder.mkdir()
+    for i, variant in enumerate(person_variants(grace_hopper, 2)):
+        (folder / f"grace_{i}.jpg").write_bytes(encode(variant, quality=92))
+    return folder
+
+
+def _run_failing(photos: Path, out: Path, monkeypatch, capsys):  # noqa: ANN001, ANN202
+    """``likeness run`` as a user types it, expected to exit 1; returns what it printed."""
+    from likeness_cli import main as cli
+
+    monkeypatch.setattr(sys, "argv", ["likeness", "run", str(photos), "--style", STYLE, "--out", str(out),
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    return capsys.readouterr()
+
+
 def test_unknown_style_fails_in_one_line_before_training(cli_env, photos_dir, tmp_path, monkeypatch, capsys):
     from likeness_cli import main as cli
 
@@ -166,21 +185,11 @@ def test_a_rejected_photo_set_still_gets_report_json_and_a_verdict_table(cli_env
                                                                         monkeypatch, capsys):
     """Too few usable photos: exit 1 with one clear line, the verdicts printed, report.json saying per photo
     why and what to do; nothing trained."""
-    from likeness_cli import main as cli
-
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, variant in enumerate(person_variants(grace_hopper, 2)):
-        (photos / f"grace_{i}.jpg").write_bytes(encode(variant, quality=92))
+    photos = _two_photos_of_grace(tmp_path / "photos", grace_hopper)
     (photos / "blank.png").write_bytes(encode(Image.new("RGB", (400, 400), "white"), "PNG"))
     (photos / "notes.jpg").write_bytes(b"shopping list: milk, eggs\n")
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["likeness", "run", str(photos), "--style", STYLE, "--out", str(out),
-                                      "--device", "cpu"])
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    assert exited.value.code == 1
-    captured = capsys.readouterr()
+    captured = _run_failing(photos, out, monkeypatch, capsys)
     assert "Traceback" not in captured.err + captured.out
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]  # (model loaders log too)
     assert len(errors) == 1 and "Only 2 of 4 photos are usable" in errors[0], captured.err
@@ -204,19 +213,8 @@ def test_a_rejected_photo_set_still_gets_report_json_and_a_verdict_table(cli_env
 @pytest.mark.slow
 def test_too_few_photos_say_how_many_more_and_mark_none_used(cli_env, grace_hopper, tmp_path, monkeypatch, capsys):
     """Two good photos: nothing wrong with either, there are just too few; neither was used (nothing trained)."""
-    from likeness_cli import main as cli
-
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, variant in enumerate(person_variants(grace_hopper, 2)):
-        (photos / f"grace_{i}.jpg").write_bytes(encode(variant, quality=92))
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", ["likeness", "run", str(photos), "--style", STYLE, "--out", str(out),
-                                      "--device", "cpu"])
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    assert exited.value.code == 1
-    captured = capsys.readouterr()
+    captured = _run_failing(_two_photos_of_grace(tmp_path / "photos", grace_hopper), out, monkeypatch, capsys)
     (error,) = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert "Only 2 photos given; at least 5 are needed: add 3 more" in error and "()" not in error, error
     table = " ".join(captured.out.split())

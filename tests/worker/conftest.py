@@ -47,6 +47,29 @@ def make_job(attempts=0, max_attempts=3, state="queued", worker=None, heartbeat_
         return job.id
 
 
+def subject_with_photos(settings, photos: list[bytes]) -> tuple[str, str]:  # noqa: ANN001
+    """A client and a subject whose photos are stored as uploads leave them; returns (client id, subject id)."""
+    from core.db.models import Client, Photo, Subject
+    from core.storage import get_blob_store, photo_original_key
+    from tests.app.fixtures import session_scope
+
+    store = get_blob_store(settings)
+    with session_scope() as session:
+        client = Client(name="c", api_key_hash=os.urandom(16).hex())
+        session.add(client)
+        session.flush()
+        subject = Subject(client_id=client.id, name="s")
+        session.add(subject)
+        session.flush()
+        for data in photos:
+            photo = Photo(subject_id=subject.id, original_key="", format="jpeg", width=1, height=1)
+            session.add(photo)
+            session.flush()
+            photo.original_key = photo_original_key(subject.id, photo.id, "jpg")
+            store.put(photo.original_key, data)
+        return client.id, subject.id
+
+
 def read_job(job_id):
     from core.db.models import Job
     from tests.app.fixtures import session_scope

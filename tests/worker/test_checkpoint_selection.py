@@ -5,7 +5,6 @@ validation, since random weights draw no faces)."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import zipfile
 
@@ -14,7 +13,7 @@ import torch
 
 from tests.conftest import MODEL_CACHE, encode
 from tests.pipelines.intake.conftest import person_variants
-from tests.worker.conftest import read_job, settings_with
+from tests.worker.conftest import read_job, settings_with, subject_with_photos
 
 STEPS = 10
 #: identity per snapshot step: the 6-step snapshot looks most like the person
@@ -22,32 +21,19 @@ SCRIPTED_IDENTITY = {4: 0.30, 6: 0.90, 8: 0.60, 10: 0.50}
 
 
 def _train(settings, photos: list[bytes], **request) -> tuple[str, str]:  # noqa: ANN003
-    from core.db.models import Client, Job, JobKind, JobState, Photo, Subject
-    from core.storage import get_blob_store, photo_original_key
+    from core.db.models import Job, JobKind, JobState
     from likeness.contract.requests import TrainRequest, resolve_train
     from tests.app.fixtures import session_scope
     from worker import runner
 
-    store = get_blob_store(settings)
+    client_id, subject_id = subject_with_photos(settings, photos)
     with session_scope() as session:
-        client = Client(name="c", api_key_hash=os.urandom(16).hex())
-        session.add(client)
-        session.flush()
-        subject = Subject(client_id=client.id, name="s")
-        session.add(subject)
-        session.flush()
-        for data in photos:
-            photo = Photo(subject_id=subject.id, original_key="", format="jpeg", width=1, height=1)
-            session.add(photo)
-            session.flush()
-            photo.original_key = photo_original_key(subject.id, photo.id, "jpg")
-            store.put(photo.original_key, data)
         resolved = resolve_train(TrainRequest(steps=STEPS, seed=3, **request), preset="tiny")
-        job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.TRAIN, state=JobState.QUEUED,
+        job = Job(client_id=client_id, subject_id=subject_id, kind=JobKind.TRAIN, state=JobState.QUEUED,
                   request=resolved.model_dump(mode="json"), completed_stages=[])
         session.add(job)
         session.flush()
-        job_id, subject_id = job.id, subject.id
+        job_id = job.id
     assert runner.run_job(job_id, settings=settings) == "succeeded", read_job(job_id).error_message
     return job_id, subject_id
 

@@ -5,14 +5,13 @@ phases, the same typed results and the same number of images (tiny preset, CPU, 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from sqlalchemy import select
 
 from tests.conftest import MODEL_CACHE, encode
 from tests.pipelines.intake.conftest import person_variants
-from tests.worker.conftest import read_job, settings_with
+from tests.worker.conftest import read_job, settings_with, subject_with_photos
 
 N, K, STEPS = 3, 2, 10
 
@@ -36,28 +35,14 @@ def _requests():
 
 def _through_the_service(settings, photos: list[bytes]) -> tuple[str, str]:
     """A subject with ``photos`` uploaded, its training then a generation, run by the worker's runner."""
-    from core.db.models import Client, Job, JobKind, JobState, Photo, Subject
-    from core.storage import get_blob_store, photo_original_key
+    from core.db.models import Job, JobKind, JobState
     from likeness.contract.requests import resolve_generate, resolve_train
     from tests.app.fixtures import session_scope
     from worker import runner
 
     train, generate = _requests()
-    store = get_blob_store(settings)
-    with session_scope() as session:
-        client = Client(name="c", api_key_hash=os.urandom(16).hex())
-        session.add(client)
-        session.flush()
-        subject = Subject(client_id=client.id, name="s")
-        session.add(subject)
-        session.flush()
-        for data in photos:
-            photo = Photo(subject_id=subject.id, original_key="", format="jpeg", width=1, height=1)
-            session.add(photo)
-            session.flush()
-            photo.original_key = photo_original_key(subject.id, photo.id, "jpg")
-            store.put(photo.original_key, data)
-        ids = {"client_id": client.id, "subject_id": subject.id}
+    client_id, subject_id = subject_with_photos(settings, photos)
+    ids = {"client_id": client_id, "subject_id": subject_id}
 
     def run(kind: JobKind, request) -> str:  # noqa: ANN001
         with session_scope() as session:
