@@ -139,28 +139,30 @@ def worker(
     unknown = set(names) - set(Queue)
     if unknown or not names:
         raise CliError(f"unknown queue(s) {sorted(unknown)}; use gpu and/or cpu")
-    settings = _settings()
-    if settings.embedded:  # its own SQLite database, as `likeness serve` prepares it (distributed: `likeness migrate`)
-        from core.db.migrate import upgrade_to_head
-
-        private_umask()
-        private_dir(settings.data_dir)
-        upgrade_to_head()
+    devices = None
     if gpus is not None:
-        from likeness_cli.gpus import GpuSpecError, parse_gpus, per_gpu_children, supervise
+        from likeness_cli.gpus import GpuSpecError, parse_gpus
 
         try:
             devices = parse_gpus(gpus)
         except GpuSpecError as exc:
             raise CliError(str(exc)) from None
-        private_umask()
+    settings = _settings()
+    private_umask()  # the files a worker writes (embedded database and broker, blobs, adapter copies) stay private
+    if settings.embedded:  # its own SQLite database, as `likeness serve` prepares it (distributed: `likeness migrate`)
+        from core.db.migrate import upgrade_to_head
+
+        private_dir(settings.data_dir)
+        upgrade_to_head()
+    if devices is not None:
+        from likeness_cli.gpus import per_gpu_children, supervise
+
         console.print(f"starting {len(devices)} worker(s), one per GPU: {', '.join(devices)}")
         code = supervise(per_gpu_children(devices, lambda d: worker_command(names, 1, settings, loglevel, f"-gpu{d}")))
         raise typer.Exit(code)
     if concurrency is None:
         concurrency = 1 if Queue.GPU in names else (os.cpu_count() or 1)
     cmd = worker_command(names, concurrency, settings, loglevel)
-    private_umask()  # the files a worker writes (embedded broker, blobs, local adapter copies) stay private
     os.execv(sys.executable, cmd)
 
 
