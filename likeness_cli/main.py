@@ -9,6 +9,7 @@ API of ``api``; the image stack and torch of ``worker``; aiogram of ``bot``), so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -364,6 +365,33 @@ def _stop(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    _reap_process_group()
+
+
+def _reap_process_group(timeout_s: float = 10.0) -> None:
+    """What the children left in this process group (a Celery pool process whose parent was killed): given
+    ``timeout_s`` to exit, then killed, so that Ctrl-C or SIGTERM leaves no process behind."""
+    group, me = os.getpgid(0), os.getpid()
+    if group != me:  # not a group of our own (a pipeline, a supervisor's group): its other members are not ours
+        return
+
+    def members() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if entry.isdigit() and int(entry) != me:
+                try:
+                    if os.getpgid(int(entry)) == group:
+                        found.append(int(entry))
+                except (ProcessLookupError, PermissionError):
+                    continue
+        return found
+
+    deadline = time.monotonic() + timeout_s
+    while members() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in members():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ---- models ------------------------------------------------------------------------------------------------
