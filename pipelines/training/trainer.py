@@ -578,12 +578,13 @@ class Trainer:
                 continue
             self.begin_stage(index, stage_start)
             progress = StageProgress(self.on_progress, plan.name, plan.steps)
-            resuming = start_step > step
+            # the first stage run after a checkpoint, also when the checkpoint is exactly where this stage begins
+            resuming = start_step > 0 and start_step >= stage_start
             if resuming:
                 progress.start(f"resumed from checkpoint at step {start_step}", resumed_from_step=float(start_step))
             else:
                 progress.start()
-            if resuming:
+            if start_step > step:
                 progress.advance(start_step - step)
                 step = start_step
             meter = LossMeter(self.device)

@@ -40,30 +40,32 @@ def test_training_lost_on_one_machine_resumes_on_another_from_the_blob_store(tmp
     config = TrainConfig(max_train_steps=8, checkpoint_every=2, unet_rank=4, text_encoder_rank=4, progress_every=2)
     calls = []
 
-    def machine_a_dies_after_five_steps() -> bool:
+    def machine_a_dies_after_three_steps() -> bool:
         calls.append(1)
-        return len(calls) > 8  # three checks before the first step, then one per step
+        return len(calls) > 6  # three checks before the first step, then one per step
 
     machine_a = tmp_path / "machine-a"
     with pytest.raises(Canceled):
         train(examples, tokens, config, preset, machine_a / "training", device="cpu",
-              checkpoint_dir=machine_a / "checkpoints", should_stop=machine_a_dies_after_five_steps,
+              checkpoint_dir=machine_a / "checkpoints", should_stop=machine_a_dies_after_three_steps,
               on_checkpoint=lambda folder: mirror_checkpoint(store, PREFIX, folder))
-    # only the newest mirrored checkpoint is kept, complete
-    assert store.list(PREFIX) == [PREFIX + "step-000004/meta.json", PREFIX + "step-000004/state.pt"]
+    # only the newest mirrored checkpoint is kept, complete: step 2, where stage 1 (30 % of 8 steps) ends
+    assert store.list(PREFIX) == [PREFIX + "step-000002/meta.json", PREFIX + "step-000002/state.pt"]
 
     machine_b = tmp_path / "machine-b"
-    assert restore_checkpoint(store, PREFIX, machine_b / "checkpoints") == 4
+    assert restore_checkpoint(store, PREFIX, machine_b / "checkpoints") == 2
     assert restore_checkpoint(store, PREFIX, machine_b / "checkpoints") is None  # already here: no download
     events = []
     result = train(examples, tokens, config, preset, machine_b / "training", device="cpu",
                    checkpoint_dir=machine_b / "checkpoints", on_progress=events.append,
                    on_checkpoint=lambda folder: mirror_checkpoint(store, PREFIX, folder))
-    assert result.metrics["resumed_from_step"] == 4 and result.steps == 8
+    assert result.metrics["resumed_from_step"] == 2 and result.steps == 8
+    # announced although the checkpoint is exactly at a stage boundary (stage 1 is skipped, stage 2 starts fresh)
     resumed = [e for e in events if "resumed_from_step" in e.metrics]
-    assert [(e.metrics["resumed_from_step"], e.message) for e in resumed] == [
-        (4.0, "resumed from checkpoint at step 4")]
-    assert min(e.metrics["step"] for e in events if "step" in e.metrics) > 4  # steps 1-4 were not trained again
+    assert [(e.stage, e.metrics["resumed_from_step"], e.message) for e in resumed] == [
+        ("training:stage2", 2.0, "resumed from checkpoint at step 2")]
+    assert "training:stage1" not in {e.stage for e in events}
+    assert min(e.metrics["step"] for e in events if "step" in e.metrics) > 2  # steps 1-2 were not trained again
 
 
 def test_a_half_uploaded_checkpoint_is_never_used(tmp_path, store):
