@@ -5,6 +5,7 @@ service edge, called here as the selecting stage calls it)."""
 from __future__ import annotations
 
 import io
+import time
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from PIL import Image
@@ -24,6 +25,18 @@ def _running_train_job(client, settings):  # noqa: ANN001, ANN202
     return claimed.job
 
 
+def _poll_until_listed(client, job_id: str, steps: list[int]) -> dict:  # noqa: ANN001
+    """Poll as a client does. A cached status may be one change behind for the moment until the database's
+    notification of the write reaches the API (app/api/job_status.py), so the listing shows on a later poll."""
+    deadline = time.monotonic() + 10
+    while True:
+        polled = client.get(f"/v1/jobs/{job_id}").json()
+        if [p["step"] for p in polled["previews"]] == steps:
+            return polled
+        assert time.monotonic() < deadline, f"previews {steps} never listed: {polled['previews']}"
+        time.sleep(0.05)
+
+
 def test_previews_appear_on_a_polled_job_before_it_succeeds(client_a, client_b, http, settings, store):
     from worker.service_edge import ServiceEdge
 
@@ -32,13 +45,11 @@ def test_previews_appear_on_a_polled_job_before_it_succeeds(client_a, client_b, 
     edge = ServiceEdge(settings, store)
     images = {4: noise_image(32, 1), 8: noise_image(32, 2)}
     edge.training_preview(job, 4, images[4])
-
-    polled = client_a.get(f"/v1/jobs/{job.id}").json()
+    polled = _poll_until_listed(client_a, job.id, [4])
     assert polled["state"] == "running"
-    assert [p["step"] for p in polled["previews"]] == [4]
     edge.training_preview(job, 8, images[8])
-    polled = client_a.get(f"/v1/jobs/{job.id}").json()
-    assert polled["state"] == "running" and [p["step"] for p in polled["previews"]] == [4, 8]
+    polled = _poll_until_listed(client_a, job.id, [4, 8])
+    assert polled["state"] == "running"
 
     # each URL serves its own image, with no API key
     for preview in polled["previews"]:

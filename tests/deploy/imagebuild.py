@@ -7,18 +7,19 @@ WORKDIR, the venv first on ``PATH``. Other RUN steps (apt-get, useradd, the venv
 system and are listed in ``skipped``. The result knows the image's ENV, CMD and HEALTHCHECK, and maps the
 image's absolute paths (``/opt/venv``, ``/srv/likeness``) to their places here.
 
-Like ``docker build``, a builder given a ``LayerCache`` keeps the venv its first ``pip`` step made (the
-dependency layer) under the key of that step's inputs: every instruction before it in the target's chain, the
-bytes of every file copied so far, this Python. A later build whose inputs match starts from that venv instead
-of running the step again; any change to the lock, pyproject.toml or those instructions makes a new key. A
-clean clone has no cache, so CI always installs from scratch.
+A builder given a ``Seed`` (the distributions installed in this test run's own virtualenv) installs
+faster and installs the same: before a ``pip install`` step runs, pip resolves that very step without
+installing (``--dry-run --report``), every resolved distribution the seed holds at the resolved version is
+hard-linked into the empty venv from the seed's files (as a wheel cache would unpack the same wheel), and then
+the step runs unchanged: pip finds those requirements satisfied and installs the rest (the project itself,
+anything the seed lacks). A distribution the step does not resolve is never lent, so a dependency missing
+from the image's extras still fails the build.
 """
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
-import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import venv
 from dataclasses import dataclass, field
@@ -137,8 +139,7 @@ class BuiltImage:
     healthcheck: list[str] | None
     pip_steps: list[str]
     skipped: list[str]
-    cached_steps: list[str] = field(default_factory=list)  # pip steps whose venv came from the layer cache
-    _lock: object = None  # the cached layer's lock, held while this image is in use
+    lent: list[str] = field(default_factory=list)  # name==version of each distribution linked from the seed
 
     def host_path(self, image_path: str) -> str:
         """An absolute path of the image, where it lies here."""
@@ -176,6 +177,11 @@ class BuiltImage:
         pins.pop("likeness", None)
         return pins
 
+    def distributions(self) -> set[str]:
+        """``name==version`` of every distribution in the venv (pip and setuptools included)."""
+        return {f"{normalise_pin(dist.metadata['Name'] + '==')[0]}=={dist.version}"
+                for dist in importlib.metadata.distributions(path=[str(site_packages(self.venv))])}
+
 
 def normalise_pin(line: str) -> tuple[str, str]:
     name, _, version = line.strip().partition("==")
@@ -187,43 +193,77 @@ def read_lock(path: Path) -> dict[str, str]:
                 and not line.startswith("#"))
 
 
-class LayerCache:
-    """Venvs of dependency layers, one folder per key; each taken under an exclusive lock while in use (a venv
-    cannot move, so it is built and used where it is kept). Keeps the newest entry of each layer."""
+class Seed:
+    """The distributions installed in a virtualenv, lent file by file (hard links) to the venvs built here."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, prefix: Path):
+        self.prefix = prefix
+        self.site = site_packages(prefix)
+        self.installed = {normalise_pin(f"{dist.metadata['Name']}==")[0]: dist
+                          for dist in importlib.metadata.distributions(path=[str(self.site)])}
 
-    def take(self, layer: str, key: str):  # noqa: ANN201 - (venv path, complete?, held lock)
-        self.root.mkdir(parents=True, exist_ok=True)
-        entry = self.root / key[:24]
-        lock = (self.root / f"{key[:24]}.lock").open("w")
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        complete = (entry / "complete").exists()
-        if not complete:
-            shutil.rmtree(entry, ignore_errors=True)
-            entry.mkdir()
-            (entry / "layer").write_text(layer)
-        return entry / "venv", complete, lock
+    @classmethod
+    def of_this_python(cls) -> Seed | None:
+        """This interpreter's virtualenv (None outside one: nothing to lend)."""
+        return cls(Path(sys.prefix)) if sys.prefix != sys.base_prefix else None
 
-    def completed(self, venv_dir: Path) -> None:
-        entry = venv_dir.parent
-        (entry / "complete").write_text("")
-        layer = (entry / "layer").read_text()
-        for other in self.root.iterdir():  # older builds of the same layer: free their disk (GBs for the ML stack)
-            label = other / "layer"
-            if other != entry and label.is_file() and label.read_text() == layer:
-                with (self.root / f"{other.name}.lock").open("w") as lock:
-                    try:
-                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # in use by another run
-                    shutil.rmtree(other, ignore_errors=True)
+    def lend(self, resolved: list[dict], venv_dir: Path) -> list[str]:
+        """Link every resolved distribution this seed holds at the resolved version into ``venv_dir``;
+        the ``name==version`` of each lent one."""
+        lent = []
+        for item in resolved:
+            if "dir_info" in item.get("download_info", {}):
+                continue  # a local project (the image's own): pip builds and installs it
+            name, version = normalise_pin(f"{item['metadata']['name']}==")[0], item["metadata"]["version"]
+            dist = self.installed.get(name)
+            if dist is not None and dist.version == version and dist.files:
+                self._link(dist, venv_dir)
+                lent.append(f"{name}=={version}")
+        return lent
+
+    def _link(self, dist: importlib.metadata.Distribution, venv_dir: Path) -> None:
+        target_site = site_packages(venv_dir)
+        seed_python = str(self.prefix).encode()
+        for file in dist.files or ():
+            source = Path(os.path.normpath(self.site / file))
+            if not source.is_file():
+                continue  # listed but not there (a .pyc never written)
+            target = Path(os.path.normpath(target_site / file))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)  # a path two distributions share (opencv variants): the later wins, as pip
+            head = source.open("rb").read(256)
+            if head.startswith(b"#!") and seed_python in head.split(b"\n", 1)[0]:
+                # a console script: its first line names the seed's interpreter
+                target.write_bytes(source.read_bytes().replace(seed_python, str(venv_dir).encode(), 1))
+                target.chmod(source.stat().st_mode)
+                continue
+            try:
+                os.link(source, target)
+            except OSError:  # another file system
+                shutil.copy2(source, target)
+
+
+def site_packages(prefix: Path) -> Path:
+    return Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
+
+
+def resolve_without_installing(step: str, cwd: Path, env: dict[str, str], timeout_s: float) -> list[dict] | None:
+    """What ``step`` (a plain ``pip install``) would install, from pip's own resolver; None for another step."""
+    if not re.fullmatch(r"pip install [^;&|`$<>]*", step) or "--no-deps" in step:
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "report.json"
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                               f"{step} --dry-run --quiet --report {shlex.quote(str(report))}"],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            return None  # the step itself will fail and say why
+        return json.loads(report.read_text())["install"]
 
 
 class Builder:
-    def __init__(self, dockerfile: Path, context: Path, into: Path, cache: LayerCache | None = None):
-        self.context, self.into, self.cache = context, into, cache
+    def __init__(self, dockerfile: Path, context: Path, into: Path, seed: Seed | None = None):
+        self.context, self.into, self.seed = context, into, seed
         self.args, self.stages = parse(dockerfile.read_text())
         self.ignore = read_dockerignore(context)
         self._trees: dict[str, tuple[Path, str]] = {}
@@ -246,34 +286,22 @@ class Builder:
         workdir = "/"
         cmd: list[str] = []
         healthcheck: list[str] | None = None
-        pip_steps, skipped, cached_steps = [], [], []
-        inputs = hashlib.sha256(sys.version.encode())  # what the next step's result depends on, as docker keys it
-        lock = None
+        pip_steps, skipped, lent = [], [], []
         for stage in self.chain(target):
             for step in stage.steps:
-                inputs.update(f"{step.op} {step.args}\n".encode())
                 if step.op == "ENV":
                     env.update(parse_env(step.args, env))
                 elif step.op == "WORKDIR":
                     workdir = os.path.join(workdir, step.args)
                     (rootfs / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
                 elif step.op == "COPY":
-                    self._copy(step.args, rootfs, workdir, inputs)
+                    self._copy(step.args, rootfs, workdir)
                 elif step.op == "RUN":
                     if step.args.startswith("pip "):
                         pip_steps.append(step.args)
-                        if venv_dir is None and self.cache is not None:
-                            venv_dir, complete, lock = self.cache.take(stage.name, inputs.hexdigest())
-                            if complete:
-                                cached_steps.append(step.args)
-                                continue
-                            self._empty_venv(target, env, venv_dir)
-                            self._pip(step, rootfs / workdir.lstrip("/"), env, venv_dir, pip_timeout_s)
-                            self.cache.completed(venv_dir)
-                            continue
                         if venv_dir is None:
                             venv_dir = self._empty_venv(target, env)
-                        self._pip(step, rootfs / workdir.lstrip("/"), env, venv_dir, pip_timeout_s)
+                        lent += self._pip(step, rootfs / workdir.lstrip("/"), env, venv_dir, pip_timeout_s)
                     else:
                         skipped.append(step.args)
                 elif step.op == "CMD":
@@ -284,17 +312,19 @@ class Builder:
         if venv_dir is None:
             venv_dir = self._empty_venv(target, env)
         return BuiltImage(target, rootfs, venv_dir, rootfs / workdir.lstrip("/"), workdir, env, cmd, healthcheck,
-                          pip_steps, skipped, cached_steps, lock)
+                          pip_steps, skipped, lent)
 
-    def _empty_venv(self, target: str, env: dict[str, str], path: Path | None = None) -> Path:
+    def _empty_venv(self, target: str, env: dict[str, str]) -> Path:
         if "VIRTUAL_ENV" not in env:
             raise AssertionError("the image installs with pip before it sets VIRTUAL_ENV: pip would write into "
                                  "the system Python")
-        path = path or self.into / target / "venv"
+        path = self.into / target / "venv"
         venv.EnvBuilder(with_pip=True, clear=True).create(path)
         return path
 
-    def _pip(self, step: Instruction, cwd: Path, image_env: dict[str, str], venv_dir: Path, timeout_s: float) -> None:
+    def _pip(self, step: Instruction, cwd: Path, image_env: dict[str, str], venv_dir: Path,
+             timeout_s: float) -> list[str]:
+        """Run the step (after lending the seed's copies of what it resolves); what was lent."""
         env = dict(os.environ)
         for key in [k for k in env if k.startswith(("LIKENESS_", "PYTHON"))]:
             del env[key]
@@ -302,11 +332,14 @@ class Builder:
         env["VIRTUAL_ENV"] = str(venv_dir)  # PIP_NO_CACHE_DIR dropped: here pip may reuse the local wheel cache
         env["PIP_NO_COMPILE"] = "1"  # no .pyc written at install: the same packages, installed faster
         env["PATH"] = f"{venv_dir}/bin:{os.environ['PATH']}"
+        resolved = resolve_without_installing(step.args, cwd, env, timeout_s) if self.seed is not None else None
+        lent = self.seed.lend(resolved, venv_dir) if resolved else []
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", step.args], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=timeout_s)
         if done.returncode != 0:
             raise AssertionError(f"Dockerfile line {step.line}: `RUN {step.args}` failed ({done.returncode}):\n"
                                  f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return lent
 
     def _tree(self, stage: str) -> tuple[Path, str]:
         """A stage's files (for COPY --from): its COPY steps only, built once."""
@@ -323,7 +356,7 @@ class Builder:
             self._trees[stage] = (rootfs, workdir)
         return self._trees[stage]
 
-    def _copy(self, args: str, rootfs: Path, workdir: str, inputs=None) -> None:  # noqa: ANN001 - a hashlib hash
+    def _copy(self, args: str, rootfs: Path, workdir: str) -> None:
         words = shlex.split(args)
         flags = {w.split("=", 1)[0]: w.split("=", 1)[1] for w in words if w.startswith("--")}
         paths = [w for w in words if not w.startswith("--")]
@@ -342,15 +375,13 @@ class Builder:
             if not origin.exists():
                 raise AssertionError(f"COPY {source}: no such file in the build context")
             if origin.is_dir():
-                self._copy_tree(origin, dest_path, ignore, source.rstrip("/"), inputs)
+                self._copy_tree(origin, dest_path, ignore, source.rstrip("/"))
             else:
                 target = dest_path / origin.name if into_dir else dest_path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(origin, target)
-                if inputs is not None:
-                    inputs.update(f"{target.relative_to(rootfs)}\n".encode() + origin.read_bytes())
 
-    def _copy_tree(self, origin: Path, dest: Path, ignore: list[str], prefix: str, inputs=None) -> None:  # noqa: ANN001
+    def _copy_tree(self, origin: Path, dest: Path, ignore: list[str], prefix: str) -> None:
         for path in sorted(origin.rglob("*")):
             relative = path.relative_to(origin).as_posix()
             if ignore and ignored(f"{prefix}/{relative}" if prefix not in ("", ".") else relative, ignore):
@@ -361,6 +392,4 @@ class Builder:
             elif path.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
-                if inputs is not None:
-                    inputs.update(f"{prefix}/{relative}\n".encode() + path.read_bytes())
         dest.mkdir(parents=True, exist_ok=True)

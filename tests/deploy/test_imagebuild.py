@@ -1,11 +1,14 @@
-"""The daemon-free image builder's layer cache: reused while a step's inputs hold, rebuilt when they change."""
+"""The daemon-free image builder's seed: what a pip step resolves is lent from this run's venv, the rest installed."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import subprocess
+import sys
 from pathlib import Path
 
-from tests.deploy.imagebuild import Builder, LayerCache
+from tests.deploy.imagebuild import Builder, Seed, site_packages
 
 DOCKERFILE = """\
 FROM python:3.11-slim AS base
@@ -15,7 +18,7 @@ COPY pyproject.toml ./
 COPY hello.py ./
 
 FROM base AS deps
-RUN pip install --no-deps .
+RUN pip install .
 """
 
 PYPROJECT = """\
@@ -24,44 +27,36 @@ requires = ["setuptools"]
 build-backend = "setuptools.build_meta"
 
 [project]
-name = "hello-layer"
-version = "{version}"
+name = "hello-seed"
+version = "1.0"
+dependencies = ["{dependency}"]
 
 [tool.setuptools]
 py-modules = ["hello"]
 """
 
 
-def _context(folder: Path, version: str) -> Path:
-    folder.mkdir(exist_ok=True)
-    (folder / "Dockerfile").write_text(DOCKERFILE)
-    (folder / "pyproject.toml").write_text(PYPROJECT.format(version=version))
-    (folder / "hello.py").write_text(f"VERSION = {version!r}\n")
-    return folder
+def test_a_seeded_build_links_what_the_step_resolves_and_pip_installs_the_rest(tmp_path):
+    pygments = importlib.metadata.version("pygments")  # in the seed: pytest depends on it
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(DOCKERFILE)
+    (context / "pyproject.toml").write_text(PYPROJECT.format(dependency=f"pygments=={pygments}"))
+    (context / "hello.py").write_text("import pygments\nVERSION = '1.0'\n")
+    seed = Seed(Path(sys.prefix))
 
+    image = Builder(context / "Dockerfile", context, tmp_path / "build", seed).build("deps")
 
-def _version(image) -> str:  # noqa: ANN001 - BuiltImage
+    assert image.lent == [f"pygments=={pygments}"]
+    # only what the step resolved: nothing else the seed holds (pytest, torch, ...) came along
+    assert image.frozen() == {"pygments": pygments}
+    linked = site_packages(image.venv) / "pygments" / "__init__.py"
+    assert os.path.samefile(linked, seed.site / "pygments" / "__init__.py")
+    # the console script runs on the new venv's interpreter, not the seed's
+    script = image.venv / "bin" / "pygmentize"
+    assert script.read_text().splitlines()[0].startswith(f"#!{image.venv}/bin/python")
+    assert subprocess.run([str(script), "-V"], capture_output=True, text=True, check=True).stdout.startswith("Pygments")
+    # the project itself, which no seed holds, was built and installed by the step's own pip
     done = subprocess.run([str(image.venv / "bin" / "python"), "-c", "import hello; print(hello.VERSION)"],
                           cwd="/", capture_output=True, text=True, check=True)
-    return done.stdout.strip()
-
-
-def test_a_dependency_layer_is_reused_until_its_inputs_change_and_the_old_one_is_freed(tmp_path):
-    context = _context(tmp_path / "context", "1.0")
-    cache = LayerCache(tmp_path / "cache")
-
-    def build(run: str):  # noqa: ANN202
-        return Builder(context / "Dockerfile", context, tmp_path / run, cache).build("deps")
-
-    first = build("a")
-    assert first.cached_steps == [] and _version(first) == "1.0"
-    first._lock.close()  # the first run is over: its layer is free
-    again = build("b")
-    assert again.cached_steps == again.pip_steps and again.venv == first.venv and _version(again) == "1.0"
-    again._lock.close()
-
-    _context(context, "2.0")  # a copied file changed: a new key, the step runs again
-    changed = build("c")
-    assert changed.cached_steps == [] and changed.venv != first.venv and _version(changed) == "2.0"
-    assert not first.venv.exists()  # the superseded build of the same layer is gone
-    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [changed.venv.parent.name]
+    assert done.stdout.strip() == "1.0"
