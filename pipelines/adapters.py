@@ -26,7 +26,6 @@ pipeline class that packs LoRA files) is read from :mod:`pipelines.models.family
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import re
 import time
@@ -40,6 +39,7 @@ from torch import nn
 
 from pipelines.errors import InvalidConfig, ModelNotFound
 from pipelines.models.family import ModelFamily, get_family
+from pipelines.text.added_tokens import with_added_tokens
 
 FORMAT = "likeness-adapter"
 VERSION = 1
@@ -274,20 +274,14 @@ def load_tokens_with_diffusers(pipe, folder: str | Path) -> None:
 
 
 def add_token_rows(tokenizer, text_encoder: nn.Module, rows: Mapping[str, torch.Tensor]):
-    """Return a copy of ``tokenizer`` with ``rows``' tokens added, and give ``text_encoder``
-    a new, larger embedding module holding those rows; the old module object is untouched
+    """Return ``tokenizer`` with ``rows``' tokens added (a copy: :mod:`pipelines.text.added_tokens`), and give
+    ``text_encoder`` a new, larger embedding module holding those rows; the old module object is untouched
     (``text_encoder.set_input_embeddings(old)`` undoes this exactly).
 
     Returns ``(tokenizer, token_ids, old_embedding)``.
     """
     tokens = list(rows)
-    vocabulary = tokenizer.get_vocab()  # built anew on every call: ~49k entries on a real CLIP tokenizer
-    clashes = [t for t in tokens if t in vocabulary]
-    if clashes:
-        raise InvalidConfig(f"tokens already in the vocabulary: {clashes}", {"tokens": clashes})
-    new_tokenizer = copy.deepcopy(tokenizer)
-    new_tokenizer.add_tokens(tokens)
-    ids = new_tokenizer.convert_tokens_to_ids(tokens)
+    new_tokenizer, ids = with_added_tokens(tokenizer, tokens)
     old = text_encoder.get_input_embeddings()
     size = max(old.num_embeddings, max(ids) + 1)
     new = nn.Embedding(size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from pipelines.errors import InvalidConfig
+from pipelines.text.added_tokens import with_added_tokens
 from pipelines.training.config import RARE_TOKEN, TrainConfig
 
 
@@ -71,15 +71,8 @@ def initial_rows(config: TrainConfig, tokenizer, embedding: nn.Embedding, instan
 
 
 def add_tokens(tokenizer, new_tokens: Sequence[str]):
-    """A tokenizer copy with ``new_tokens`` added; returns (tokenizer, first new id)."""
-    vocabulary = tokenizer.get_vocab()  # built anew on every call
-    clashes = [t for t in new_tokens if t in vocabulary]
-    if clashes:
-        raise InvalidConfig(f"tokens already in the base vocabulary: {clashes}; pick other token names",
-                            {"tokens": clashes})
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.add_tokens(list(new_tokens))
-    ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
+    """A tokenizer with ``new_tokens`` added (``tokenizer`` itself unchanged); returns (tokenizer, first new id)."""
+    tokenizer, ids = with_added_tokens(tokenizer, new_tokens)
     if ids != list(range(ids[0], ids[0] + len(ids))):
         raise InvalidConfig("new token ids are not contiguous", {"ids": ids})
     return tokenizer, ids[0]
