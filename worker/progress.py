@@ -187,3 +187,7 @@ class Throttle:
             self._last = now
             return True
         return False
+
+    def reset(self) -> None:
+        """The next call is True whenever it comes."""
+        self._last = float("-inf")

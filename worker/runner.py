@@ -161,7 +161,10 @@ def _run_claimed(settings: Settings, job: jobs.JobSnapshot, consumes: Collection
         started: list[tuple[str, datetime]] = []
 
         def write(update: JobProgressUpdate) -> None:
-            if update.stage_started:  # one line per stage: what a log reader follows a job by
+            if update.stage_started:
+                # a cancel asked for during a stage shorter than the throttle's second is seen before this one works
+                cancel_check.reset()
+                # one line per stage: what a log reader follows a job by
                 started.append((update.stage, utcnow()))
                 stage_log.info("job %s %s: %s (preset %s, attempt %d)", job_id, job.kind, update.stage, preset,
                                job.attempts, extra={"job_id": job_id, "kind": str(job.kind), "stage": update.stage,

@@ -103,7 +103,8 @@ def _training_job(pg_url: str, settings, faces: list[Image.Image], steps: int, c
     from likeness.contract.requests import TrainRequest, resolve_train
     from pipelines.intake.dataset import Dataset, DatasetItem
 
-    resolved = resolve_train(TrainRequest(mode="lora", steps=steps), preset="tiny")
+    # no checkpoint selection after training: what is tested ends with the training
+    resolved = resolve_train(TrainRequest(mode="lora", steps=steps, select_checkpoint=False), preset="tiny")
     resolved = resolved.model_copy(update={"training": dataclasses.replace(
         resolved.training, checkpoint_every=checkpoint_every, progress_every=1)})
     with session_scope(pg_url) as session:

@@ -50,6 +50,34 @@ def test_a_cancel_during_intake_ends_the_job_instead_of_handing_it_over(sqlite_d
     assert [task for task, _, q in queue.sent] == ["likeness.deliver_webhook"] * len(queue.sent)
 
 
+def test_a_cancel_asked_for_during_a_short_stage_is_seen_as_the_next_stage_begins(sqlite_db, monkeypatch, queue):
+    """Cancel checks are throttled (one read a second), but not across a stage boundary: a cancel that came
+    during a stage shorter than that is seen before the next stage does its work (a tiny generation's
+    candidates and ranking take less than a second; it delivered before)."""
+    from core.db.models import Job
+    from likeness.contract.plan import JobKind, Stage
+    from pipelines.progress import raise_if_canceled
+    from tests.app.fixtures import session_scope
+    from worker import phases, runner
+
+    stages_run = []
+
+    def training(ctx):
+        for stage in (Stage.CACHING, Stage.TRAINING_STAGE1, Stage.TRAINING_STAGE2):
+            ctx.on_progress(ProgressEvent(stage, 0.0))
+            raise_if_canceled(ctx.should_stop)
+            stages_run.append(stage)
+            if stage == Stage.CACHING:  # asked for right after the stage's first check, well within a second
+                with session_scope() as session:
+                    session.get(Job, ctx.job.id).cancel_requested = True
+
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "intake"), lambda ctx: None)
+    monkeypatch.setitem(phases.PHASE_RUNNERS, (JobKind.TRAIN, "training"), training)
+    job_id = make_job()
+    assert runner.run_job(job_id, settings=settings_with()) == "canceled"
+    assert stages_run == [Stage.CACHING] and read_job(job_id).state.value == "canceled"
+
+
 def test_stage_runs_are_recorded_with_their_durations(sqlite_db, monkeypatch, queue):
     from sqlalchemy import select
 
