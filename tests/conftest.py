@@ -13,6 +13,12 @@ from PIL import Image
 # Never reach a model hub from tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One compute thread per process, here and in every worker, API and CLI process a test starts (they inherit
+# it): the suite already runs a process per core (pytest-xdist) beside the workers its tests start, and torch's
+# default of a thread per core in each of them oversubscribes the cores, its OpenMP threads spinning while
+# they wait for one. tests/pipelines/training on 2 cores: 146 s and 272 CPU-s -> 45 s and 72 CPU-s. Set before
+# anything imports torch (OpenMP reads it once); an explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 MODEL_CACHE = Path(os.environ.get("LIKENESS_TEST_MODEL_CACHE",
                                   Path(__file__).resolve().parent.parent / ".likeness" / "test-models"))
