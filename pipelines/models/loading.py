@@ -63,10 +63,10 @@ def local_tokenizers(folder: Path) -> dict[str, object]:
     if not index.is_file():
         return {}
     found = {}
-    for name, (library, class_name) in ((k, v) for k, v in json.loads(index.read_text()).items()
-                                        if k.startswith("tokenizer") and isinstance(v, list) and len(v) == 2):
-        if library == "transformers" and (folder / name).is_dir():
-            found[name] = copy_tokenizer(_read_tokenizer(str(folder / name), class_name, _stamp(folder / name)))
+    for name, entry in json.loads(index.read_text()).items():  # "tokenizer": ["transformers", "CLIPTokenizer"]
+        if name.startswith("tokenizer") and isinstance(entry, list) and entry[:1] == ["transformers"] \
+                and (folder / name).is_dir():
+            found[name] = copy_tokenizer(_read_tokenizer(str(folder / name), entry[1], _stamp(folder / name)))
     return found
 
 

@@ -135,6 +135,19 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         yield uow.session
 
 
+def client_and_subject(session: Session, client_name: str = "c", subject_name: str = "s"):  # noqa: ANN201
+    """A client row (a random key hash) and a subject of it, flushed: ``(client, subject)``."""
+    from core.db.models import Client, Subject
+
+    client = Client(name=client_name, api_key_hash=os.urandom(16).hex())
+    session.add(client)
+    session.flush()
+    subject = Subject(client_id=client.id, name=subject_name)
+    session.add(subject)
+    session.flush()
+    return client, subject
+
+
 def new_api_client(http, role: str = "app", name: str | None = None, max_candidates: int = 64) -> ApiClient:  # noqa: ANN001
     from app.services.clients import create_client
 

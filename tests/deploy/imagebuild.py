@@ -231,7 +231,8 @@ class Seed:
             target = Path(os.path.normpath(target_site / file))
             target.parent.mkdir(parents=True, exist_ok=True)
             target.unlink(missing_ok=True)  # a path two distributions share (opencv variants): the later wins, as pip
-            head = source.open("rb").read(256)
+            with source.open("rb") as opened:
+                head = opened.read(256)
             if head.startswith(b"#!") and seed_python in head.split(b"\n", 1)[0]:
                 # a console script: its first line names the seed's interpreter
                 target.write_bytes(source.read_bytes().replace(seed_python, str(venv_dir).encode(), 1))

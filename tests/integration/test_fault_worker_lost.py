@@ -31,8 +31,8 @@ import pytest
 from PIL import Image, ImageOps
 from sqlalchemy import select
 
-from core.db.models import Client, Job, JobKind, JobStage, JobState, Subject
-from tests.app.fixtures import session_scope
+from core.db.models import Job, JobKind, JobStage, JobState
+from tests.app.fixtures import client_and_subject, session_scope
 from tests.integration.conftest import WorkerProcess, enqueue, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -127,12 +127,7 @@ def _training_job(lost_db: str, settings, faces: list[Image.Image], steps: int, 
     resolved = resolved.model_copy(update={"training": dataclasses.replace(
         resolved.training, checkpoint_every=checkpoint_every, progress_every=1)})
     with session_scope(lost_db) as session:
-        client = Client(name="fault", api_key_hash=os.urandom(16).hex())
-        session.add(client)
-        session.flush()
-        subject = Subject(client_id=client.id, name="grace")
-        session.add(subject)
-        session.flush()
+        client, subject = client_and_subject(session, "fault", "grace")
         job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.TRAIN,
                   request=resolved.model_dump(mode="json"), completed_stages=["intake"], max_attempts=3)
         session.add(job)

@@ -29,16 +29,11 @@ def sqlite_db(tmp_path, monkeypatch):
 
 
 def make_job(attempts=0, max_attempts=3, state="queued", worker=None, heartbeat_age_s=None) -> str:
-    from core.db.models import Client, Job, JobKind, JobState, Subject, utcnow
-    from tests.app.fixtures import session_scope
+    from core.db.models import Job, JobKind, JobState, utcnow
+    from tests.app.fixtures import client_and_subject, session_scope
 
     with session_scope() as session:
-        client = Client(name="c", api_key_hash=os.urandom(16).hex())
-        session.add(client)
-        session.flush()
-        subject = Subject(client_id=client.id, name="s")
-        session.add(subject)
-        session.flush()
+        client, subject = client_and_subject(session)
         job = Job(client_id=client.id, subject_id=subject.id, kind=JobKind.TRAIN, state=JobState(state),
                   attempts=attempts, max_attempts=max_attempts, worker=worker, completed_stages=[],
                   heartbeat_at=None if heartbeat_age_s is None else utcnow() - timedelta(seconds=heartbeat_age_s))
@@ -49,18 +44,13 @@ def make_job(attempts=0, max_attempts=3, state="queued", worker=None, heartbeat_
 
 def subject_with_photos(settings, photos: list[bytes]) -> tuple[str, str]:  # noqa: ANN001
     """A client and a subject whose photos are stored as uploads leave them; returns (client id, subject id)."""
-    from core.db.models import Client, Photo, Subject
+    from core.db.models import Photo
     from core.storage import get_blob_store, photo_original_key
-    from tests.app.fixtures import session_scope
+    from tests.app.fixtures import client_and_subject, session_scope
 
     store = get_blob_store(settings)
     with session_scope() as session:
-        client = Client(name="c", api_key_hash=os.urandom(16).hex())
-        session.add(client)
-        session.flush()
-        subject = Subject(client_id=client.id, name="s")
-        session.add(subject)
-        session.flush()
+        client, subject = client_and_subject(session)
         for data in photos:
             photo = Photo(subject_id=subject.id, original_key="", format="jpeg", width=1, height=1)
             session.add(photo)

@@ -5,8 +5,6 @@ the photo's row. (A template job that succeeds runs over HTTP in tests/integrati
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from sqlalchemy import select
 
@@ -21,19 +19,14 @@ def settings(sqlite_db):
 
 def _subject_with_adapter(settings, tiny_preset, tmp_path) -> str:
     """A trained subject, as a finished training leaves it: adapter blobs and row."""
-    from core.db.models import Adapter, Client, Subject
+    from core.db.models import Adapter
     from core.storage import adapter_prefix, get_blob_store, upload_folder
-    from tests.app.fixtures import session_scope
+    from tests.app.fixtures import client_and_subject, session_scope
     from tests.pipelines.generation.conftest import build_lora_adapter
 
     folder = build_lora_adapter(tmp_path / "adapter", tiny_preset, "<subj>", seed=11)
     with session_scope() as session:
-        client = Client(name="c", api_key_hash=os.urandom(16).hex())
-        session.add(client)
-        session.flush()
-        subject = Subject(client_id=client.id, name="s")
-        session.add(subject)
-        session.flush()
+        client, subject = client_and_subject(session)
         session.add(Adapter(subject_id=subject.id, version=1, mode="lora", blob_prefix=adapter_prefix(subject.id, 1),
                             manifest={"instance_token": "<subj>"}))
         subject_id = subject.id
