@@ -48,10 +48,14 @@ def test_the_embedded_worker_purges_on_its_own_timer(sqlite_db, tmp_path):
         key = photo.original_key
     store.put(key, b"jpeg")
 
+    def photo_rows() -> list:
+        with session_scope() as session:
+            return session.scalars(select(Photo)).all()
+
     timer = PeriodicPurge(3600, settings, first_delay_s=0).start()
-    try:
+    try:  # the purge deletes the blob, then the row: wait for both
         deadline = time.monotonic() + 30
-        while store.exists(key) and time.monotonic() < deadline:
+        while (store.exists(key) or photo_rows()) and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         timer.stop()
