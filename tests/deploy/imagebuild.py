@@ -8,12 +8,13 @@ system and are listed in ``skipped``. The result knows the image's ENV, CMD and 
 image's absolute paths (``/opt/venv``, ``/srv/likeness``) to their places here.
 
 A builder given a ``Seed`` (the distributions installed in this test run's own virtualenv) installs
-faster and installs the same: before a ``pip install`` step runs, pip resolves that very step without
-installing (``--dry-run --report``), every resolved distribution the seed holds at the resolved version is
-hard-linked into the empty venv from the seed's files (as a wheel cache would unpack the same wheel), and then
-the step runs unchanged: pip finds those requirements satisfied and installs the rest (the project itself,
-anything the seed lacks). A distribution the step does not resolve is never lent, so a dependency missing
-from the image's extras still fails the build.
+faster and installs the same: before a ``pip install`` step runs, the step's requirements are followed through
+the project's own metadata (the extras it names) and the seed's installed metadata, markers evaluated as pip
+evaluates them; every distribution reached that the seed holds at a version the step's constraints and the
+requiring specifier allow is hard-linked into the empty venv from the seed's files (as a wheel cache would
+unpack the same wheel). Then the step runs unchanged: pip finds those requirements satisfied and resolves and
+installs the rest (the project itself, anything the seed lacks or holds at another version). A distribution
+the step does not require is never lent, so a dependency missing from the image's extras still fails the build.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import tomllib
 import venv
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import InvalidRequirement, Requirement
 
 
 @dataclass
@@ -179,13 +184,17 @@ class BuiltImage:
 
     def distributions(self) -> set[str]:
         """``name==version`` of every distribution in the venv (pip and setuptools included)."""
-        return {f"{normalise_pin(dist.metadata['Name'] + '==')[0]}=={dist.version}"
+        return {f"{canonical(dist.metadata['Name'])}=={dist.version}"
                 for dist in importlib.metadata.distributions(path=[str(site_packages(self.venv))])}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def normalise_pin(line: str) -> tuple[str, str]:
     name, _, version = line.strip().partition("==")
-    return re.sub(r"[-_.]+", "-", name).lower(), version
+    return canonical(name), version
 
 
 def read_lock(path: Path) -> dict[str, str]:
@@ -199,7 +208,7 @@ class Seed:
     def __init__(self, prefix: Path):
         self.prefix = prefix
         self.site = site_packages(prefix)
-        self.installed = {normalise_pin(f"{dist.metadata['Name']}==")[0]: dist
+        self.installed = {canonical(dist.metadata["Name"]): dist
                           for dist in importlib.metadata.distributions(path=[str(self.site)])}
 
     @classmethod
@@ -207,14 +216,11 @@ class Seed:
         """This interpreter's virtualenv (None outside one: nothing to lend)."""
         return cls(Path(sys.prefix)) if sys.prefix != sys.base_prefix else None
 
-    def lend(self, resolved: list[dict], venv_dir: Path) -> list[str]:
-        """Link every resolved distribution this seed holds at the resolved version into ``venv_dir``;
-        the ``name==version`` of each lent one."""
+    def lend(self, wanted: dict[str, str], venv_dir: Path) -> list[str]:
+        """Link every ``name -> version`` this seed holds at that version into ``venv_dir``; the
+        ``name==version`` of each lent one."""
         lent = []
-        for item in resolved:
-            if "dir_info" in item.get("download_info", {}):
-                continue  # a local project (the image's own): pip builds and installs it
-            name, version = normalise_pin(f"{item['metadata']['name']}==")[0], item["metadata"]["version"]
+        for name, version in sorted(wanted.items()):
             dist = self.installed.get(name)
             if dist is not None and dist.version == version and dist.files:
                 self._link(dist, venv_dir)
@@ -248,18 +254,70 @@ def site_packages(prefix: Path) -> Path:
     return Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
 
 
-def resolve_without_installing(step: str, cwd: Path, env: dict[str, str], timeout_s: float) -> list[dict] | None:
-    """What ``step`` (a plain ``pip install``) would install, from pip's own resolver; None for another step."""
-    if not re.fullmatch(r"pip install [^;&|`$<>]*", step) or "--no-deps" in step:
-        return None
-    with tempfile.TemporaryDirectory() as scratch:
-        report = Path(scratch) / "report.json"
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c",
-                               f"{step} --dry-run --quiet --report {shlex.quote(str(report))}"],
-                              cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0:
-            return None  # the step itself will fail and say why
-        return json.loads(report.read_text())["install"]
+def required_from_seed(step: str, cwd: Path, seed: Seed) -> dict[str, str]:
+    """What the seed can lend to ``step`` (a plain ``pip install`` of local projects or named requirements,
+    with ``-c`` constraint files): ``name -> version`` of every distribution the step requires, followed
+    from the projects' ``pyproject.toml`` through the seed's own metadata, that the seed holds at a version
+    the requirement and the constraints allow. Empty for any other step (pip then installs everything)."""
+    words = shlex.split(step)
+    if words[:2] != ["pip", "install"]:
+        return {}
+    constraints: dict[str, Requirement] = {}
+    requested: list[Requirement] = []
+    projects: dict[str, dict] = {}
+    rest = iter(words[2:])
+    for word in rest:
+        if word in ("-c", "--constraint"):
+            for line in (cwd / next(rest)).read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    constraint = Requirement(line)
+                    constraints[canonical(constraint.name)] = constraint
+        elif word.startswith("-"):
+            return {}  # --no-deps, -e, -r, an index option: not a step to second-guess
+        else:
+            path, _, extras = word.partition("[")
+            if (cwd / path / "pyproject.toml").is_file():
+                project = tomllib.loads((cwd / path / "pyproject.toml").read_text())["project"]
+                projects[canonical(project["name"])] = project
+                requested.append(Requirement(f"{project['name']}[{extras}" if extras else project["name"]))
+            else:
+                try:
+                    requested.append(Requirement(word))
+                except InvalidRequirement:
+                    return {}
+    found: dict[str, str] = {}
+    seen: set[tuple[str, frozenset[str]]] = set()
+    queue = list(requested)
+    while queue:
+        requirement = queue.pop()
+        name, extras = canonical(requirement.name), frozenset(canonical(e) for e in requirement.extras)
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        if name in projects:  # the image's own project: its dependencies and the extras asked for
+            project = projects[name]
+            lines = list(project.get("dependencies", []))
+            for extra in extras:
+                lines += project.get("optional-dependencies", {}).get(extra, [])
+            queue += [Requirement(line) for line in lines if _applies(Requirement(line), frozenset())]
+            continue
+        dist = seed.installed.get(name)
+        if dist is None or not requirement.specifier.contains(dist.version, prereleases=True):
+            continue
+        if name in constraints and not constraints[name].specifier.contains(dist.version, prereleases=True):
+            continue
+        found[name] = dist.version
+        queue += [r for r in map(Requirement, dist.requires or ()) if _applies(r, extras)]
+    return found
+
+
+def _applies(requirement: Requirement, extras: frozenset[str]) -> bool:
+    """Whether a dependency line applies on this interpreter with ``extras`` asked of its distribution."""
+    if requirement.marker is None:
+        return True
+    return any(requirement.marker.evaluate({**default_environment(), "extra": extra})
+               for extra in (extras | {""}))
 
 
 class Builder:
@@ -333,8 +391,7 @@ class Builder:
         env["VIRTUAL_ENV"] = str(venv_dir)  # PIP_NO_CACHE_DIR dropped: here pip may reuse the local wheel cache
         env["PIP_NO_COMPILE"] = "1"  # no .pyc written at install: the same packages, installed faster
         env["PATH"] = f"{venv_dir}/bin:{os.environ['PATH']}"
-        resolved = resolve_without_installing(step.args, cwd, env, timeout_s) if self.seed is not None else None
-        lent = self.seed.lend(resolved, venv_dir) if resolved else []
+        lent = self.seed.lend(required_from_seed(step.args, cwd, self.seed), venv_dir) if self.seed else []
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", step.args], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=timeout_s)
         if done.returncode != 0:
