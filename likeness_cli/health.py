@@ -42,12 +42,14 @@ def http_problem(url: str, timeout_s: float = 3.0) -> str | None:
 
 
 def worker_problem(hostname: str | None = None, timeout_s: float = 5.0) -> str | None:
-    """None when a worker node named ``*@<hostname>`` answers a ping, else why not."""
+    """None when a worker node named ``*@<hostname>`` answers a ping, else why not. The first answer is
+    enough: a healthy worker is reported at once, only a missing one waits out ``timeout_s``."""
     from worker.celery_app import celery_app
 
     hostname = hostname or socket.gethostname()
     try:
-        replies = celery_app.control.inspect(pattern=f"*@{hostname}", matcher="glob", timeout=timeout_s).ping()
+        replies = celery_app.control.inspect(pattern=f"*@{hostname}", matcher="glob", timeout=timeout_s,
+                                             limit=1).ping()
     except Exception as exc:  # noqa: BLE001 - the broker is away: say so
         return f"broker unreachable: {type(exc).__name__}: {exc}"
     if not replies:

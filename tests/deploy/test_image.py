@@ -6,11 +6,11 @@ service that runs that image starts its own command from that tree and venv (not
 ``sys.path``) against a scratch PostgreSQL database and a Redis key prefix of its own, and its compose health
 check is run against it: healthy while it runs, unhealthy when it does not.
 
-Every distribution an image's pip steps resolve that this run's own virtualenv holds at the same version is
+Every distribution an image's pip steps require that this run's own virtualenv holds at the same version is
 hard-linked from it (``Seed`` in tests/deploy/imagebuild.py); pip installs the rest. Unseeded, the worker image
 (torch with its CUDA libraries, about 7 GB) took 3-4 min on the 2-core machine, over 10 min while other suites
-shared it; seeded from this run's venv it builds in 45 s (resolving 140 distributions takes 28 s of it) and
-the whole test takes 80 s. Marked ``slow``, with a timeout of its own.
+shared it; seeded from this run's venv it builds in about 20 s and the whole test takes about 45 s. Marked
+``slow``, with a timeout of its own.
 """
 
 from __future__ import annotations
@@ -330,9 +330,10 @@ def test_worker_image_runs_both_workers_and_their_health_check_follows_them(buil
     for name in ("cpu-worker", "gpu-worker"):
         service = services[name]
         env = service_env(image, service, local_services, LIKENESS_DEVICE="cpu")  # no GPU here
-        before = run_healthcheck(image, service, env)
-        assert before.returncode == 1 and "no worker" in before.stderr, before.stderr
         with Running(image, service["command"], env, build_dir / f"{name}.log") as worker:
             worker.wait_until(lambda: "ready." in worker.output(), "ready", timeout_s=240)
             healthy = run_healthcheck(image, service, env)
             assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    # both stopped: the check (the same for both services) waits out its ping and says so
+    after = run_healthcheck(image, service, env)
+    assert after.returncode == 1 and "no worker" in after.stderr, after.stderr
