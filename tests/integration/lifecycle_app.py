@@ -24,7 +24,7 @@ from worker import phases
 from worker.celery_app import celery_app  # noqa: F401  (the -A target)
 from worker.phases import PhaseContext
 
-STEP_S = float(os.environ.get("LIFECYCLE_STEP_S", "0.2"))
+STEP_S = float(os.environ.get("LIFECYCLE_STEP_S", "0.1"))
 STEPS = int(os.environ.get("LIFECYCLE_STEPS", "10"))
 
 
