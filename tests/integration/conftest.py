@@ -49,14 +49,16 @@ def _reachable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh, migrated database for this run."""
+@contextmanager
+def own_database(label: str) -> Iterator[str]:
+    """A fresh, migrated database, dropped after. Give one to each set of workers a test may leave with a stale
+    job: workers sharing a database see each other's jobs, and the recovery sweep of one set (the suite's 4 s
+    lease, queues of its own) would take another set's lost job and run it with its own job plan."""
     import psycopg
 
     if problem := _reachable():
         pytest.fail(problem)
-    name = f"likeness_it_{uuid.uuid4().hex[:10]}"
+    name = f"likeness_{label}_{uuid.uuid4().hex[:10]}"
     admin = PG_ADMIN_URL.replace("+psycopg", "")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -70,6 +72,13 @@ def pg_url() -> Iterator[str]:
     dispose_engines()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated database for this run."""
+    with own_database("it") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -175,16 +184,6 @@ class WorkerProcess:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill_all()
-
-
-@pytest.fixture(scope="session")
-def lifecycle_worker(it_env, it_settings, tmp_path_factory) -> Iterator[WorkerProcess]:
-    """One worker on both queues running the scripted job plan, shared by the lifecycle tests."""
-    queues = f"{it_settings.queue('gpu')},{it_settings.queue('cpu')}"
-    log_path = tmp_path_factory.mktemp("logs") / "lifecycle-worker.log"
-    worker = WorkerProcess("tests.integration.lifecycle_app", it_env, queues, log_path).start()
-    yield worker
-    worker.stop()
 
 
 def free_port() -> int:

@@ -22,7 +22,6 @@ import dataclasses
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ from sqlalchemy import select
 
 from core.db.models import Job, JobKind, JobStage, JobState
 from tests.app.fixtures import client_and_subject, session_scope
-from tests.integration.conftest import WorkerProcess, enqueue, wait_for
+from tests.integration.conftest import WorkerProcess, enqueue, own_database, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,18 +42,9 @@ RESUME_WITHIN_S = 5.0
 
 @pytest.fixture(scope="module")
 def lost_db() -> Iterator[str]:
-    """A database of this module's own. In the run's shared one, the recovery sweep of another module's
-    workers (the suite's 4 s lease, its own queues) would take this module's lost job before these workers do."""
-    from core.db.migrate import upgrade_to_head
-    from core.db.session import dispose_engines
-    from tests.app.fixtures import create_database, drop_database
-
-    name = f"likeness_lost_{uuid.uuid4().hex[:10]}"
-    url = create_database(name)
-    upgrade_to_head(url)
-    yield url
-    dispose_engines()
-    drop_database(name)
+    """A database of this module's own (its workers are killed: see ``own_database``)."""
+    with own_database("lost") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
