@@ -43,3 +43,17 @@ def test_each_load_of_a_local_base_gets_its_own_tokenizer(tiny_preset):
     first.add_tokens(["<only-here>"])  # what diffusers' load_textual_inversion does to a pipeline's tokenizer
     assert len(first) == len(second) + 1 and "<only-here>" not in second.get_vocab()
     assert local_tokenizers(Path("stable-diffusion-v1-5/stable-diffusion-v1-5")) == {}  # a hub id: diffusers reads it
+
+
+def test_loads_of_one_base_share_the_tokenizers_with_tokens_unless_theirs_was_changed(tiny_preset):
+    first = local_tokenizers(Path(tiny_preset.base_model))["tokenizer"]
+    second = local_tokenizers(Path(tiny_preset.base_model))["tokenizer"]
+    changed = local_tokenizers(Path(tiny_preset.base_model))["tokenizer"]
+    changed.add_tokens(["<elsewhere>"])  # as diffusers' load_textual_inversion would
+
+    added, ids = with_added_tokens(first, ["<subj>"])
+
+    assert with_added_tokens(second, ["<subj>"]) == (added, ids)  # a base loaded again: not copied again
+    own, own_ids = with_added_tokens(changed, ["<subj>"])
+    assert own is not added and own_ids == [ids[0] + 1] and "<elsewhere>" in own.get_vocab()
+    assert "<elsewhere>" not in added.get_vocab() and "<subj>" not in first.get_vocab()
