@@ -234,7 +234,9 @@ def test_sigkilled_gpu_worker_training_resumes_on_another_worker_from_its_checkp
     first_owner, victim = job.worker, _owner(gpu_workers, job)
     survivor = next(w for w in gpu_workers if w is not victim)
     victim.kill_all()
-    killed_at, progress_at_kill = time.monotonic(), job.progress
+    killed_at = time.monotonic()
+    job = _job(lost_db, job_id)  # read again: the victim went on writing progress until the kill
+    progress_at_kill = job.progress
     assert job.state == JobState.RUNNING and job.progress < 100, "the training ended before the kill"
 
     taken = wait_for(lambda: (j := _job(lost_db, job_id)).worker not in (None, first_owner) and j, 90, 0.1,
