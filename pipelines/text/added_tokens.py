@@ -44,9 +44,8 @@ def with_added_tokens(tokenizer: Any, tokens: Sequence[str]) -> tuple[Any, list[
     key = tuple(tokens)
     with _lock:
         origin = _origins.get(tokenizer)
-    if origin is not None and len(origin) == len(tokenizer):  # an unchanged copy: its origin's tokenizers serve
-        tokenizer = origin
-    with _lock:
+        if origin is not None and len(origin) == len(tokenizer):  # an unchanged copy: its origin's tokenizers serve
+            tokenizer = origin
         kept = _copies.setdefault(tokenizer, {})
         if key in kept:
             kept[key] = kept.pop(key)  # the most recently asked for goes last

@@ -300,7 +300,7 @@ def required_from_seed(step: str, cwd: Path, seed: Seed) -> dict[str, str]:
             lines = list(project.get("dependencies", []))
             for extra in extras:
                 lines += project.get("optional-dependencies", {}).get(extra, [])
-            queue += [Requirement(line) for line in lines if _applies(Requirement(line), frozenset())]
+            queue += [r for r in map(Requirement, lines) if _applies(r, frozenset())]
             continue
         dist = seed.installed.get(name)
         if dist is None or not requirement.specifier.contains(dist.version, prereleases=True):
