@@ -12,6 +12,7 @@ descriptor 2. Call it before the libraries load.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ def quiet_libraries() -> None:
 
 
 _FILTER: dict[str, object] = {}
+_DRAINED = b"\0likeness: native stderr drained\0"  # the exit's marker line (never shown)
 
 
 def _on_fd2(stream) -> bool:  # noqa: ANN001
@@ -101,18 +103,33 @@ def _filter_native_stderr() -> None:
         sys.stderr = open(original, "w", buffering=1, encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
                           closefd=False)
 
+    drained, owner = threading.Event(), os.getpid()
+
     def forward() -> None:
         with open(read_end, "rb", buffering=0) as native:
             pending = b""
             while chunk := native.read(65536):
                 lines = (pending + chunk).split(b"\n")
                 pending = lines.pop()
-                kept = b"".join(line + b"\n" for line in lines if not any(n in line for n in NATIVE_NOISE))
+                kept = b"".join(line + b"\n" for line in lines
+                                if line != _DRAINED and not any(n in line for n in NATIVE_NOISE))
                 if kept:
                     os.write(original, kept)
+                if _DRAINED in lines:
+                    drained.set()
             if pending:
                 os.write(original, pending)
 
     thread = threading.Thread(target=forward, name="native-stderr-filter", daemon=True)
     thread.start()
     _FILTER.update(original=original, thread=thread)
+
+    def drain() -> None:
+        """At exit, pass on what native code wrote last: the reader is a daemon thread that nobody waits for,
+        so a marker goes through the pipe after everything written so far, and the exit waits for it."""
+        if os.getpid() != owner:  # a forked child: the reader (and its event) are its parent's
+            return
+        os.write(2, _DRAINED + b"\n")
+        drained.wait(timeout=2)
+
+    atexit.register(drain)
