@@ -99,6 +99,7 @@ def _filter_native_stderr() -> None:
     sys.stderr.flush()
     os.dup2(write_end, 2)
     os.close(write_end)
+    pipe = (os.fstat(2).st_dev, os.fstat(2).st_ino)
     if _on_fd2(sys.stderr):  # else (a test's capture, a redirect) Python's stderr is not fd 2 already
         sys.stderr = open(original, "w", buffering=1, encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
                           closefd=False)
@@ -128,6 +129,8 @@ def _filter_native_stderr() -> None:
         """At exit, pass on what native code wrote last: the reader is a daemon thread that nobody waits for,
         so a marker goes through the pipe after everything written so far, and the exit waits for it."""
         if os.getpid() != owner:  # a forked child: the reader (and its event) are its parent's
+            return
+        if (os.fstat(2).st_dev, os.fstat(2).st_ino) != pipe:  # fd 2 was pointed elsewhere since (pytest's capture)
             return
         os.write(2, _DRAINED + b"\n")
         drained.wait(timeout=2)
